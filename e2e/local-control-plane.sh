@@ -1,0 +1,609 @@
+#!/usr/bin/env bash
+# Local Kubernetes control plane (etcd + kube-apiserver + kube-controller-manager)
+# built entirely from Debian packages, for dbportal's integration tests.
+#
+#   local-control-plane.sh build [--node]   build/cache the Kubernetes binaries
+#   local-control-plane.sh start DIR        start a control plane with all state in DIR
+#   local-control-plane.sh stop DIR         stop the control plane started in DIR
+#   local-control-plane.sh env DIR          print `export KUBECONFIG=...` lines
+#   local-control-plane.sh bin-dir          print the directory holding the binaries
+#
+# See e2e/README.md for details.
+set -euo pipefail
+
+readonly K8S_VERSION=1.20.2
+# Bump whenever the build steps below change: it invalidates the binary stamp.
+readonly BUILD_RECIPE=1
+# Bump whenever the source preparation (unpack + vendor fix-ups) changes.
+readonly SOURCE_RECIPE=1
+
+readonly CACHE_ROOT=${DBPORTAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dbportal}
+readonly K8S_CACHE=$CACHE_ROOT/k8s-$K8S_VERSION
+readonly SRC_DIR=$K8S_CACHE/src
+readonly GO_BUILD_CACHE=$K8S_CACHE/go-build
+readonly BIN_DIR=$K8S_CACHE/bin
+readonly BUILD_LOG=$K8S_CACHE/build.log
+
+readonly CONTROL_PLANE_BINS=(kube-apiserver kube-controller-manager kubectl)
+readonly NODE_BINS=(kube-scheduler kubelet kube-proxy)
+
+# Service network of the (future) single-node cluster; its first address is
+# the in-cluster `kubernetes.default` service IP and is in the serving cert.
+readonly SERVICE_CIDR=10.244.0.0/24
+readonly SERVICE_IP=10.244.0.1
+
+START_TIMEOUT=${DBPORTAL_LCP_START_TIMEOUT:-60}
+
+PROG=$(basename "$0")
+readonly PROG
+
+log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+usage() {
+    sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------------------
+# Debian packages
+# ---------------------------------------------------------------------------
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_update_once() {
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        log "apt-get update"
+        as_root apt-get update -qq >&2
+        APT_UPDATED=1
+    fi
+}
+
+# ensure_tools CHECK=PACKAGE...
+# CHECK is a command name, or an absolute path that must exist.
+ensure_tools() {
+    local spec check pkg missing=()
+    for spec in "$@"; do
+        check=${spec%%=*}
+        pkg=${spec#*=}
+        if [[ $check == /* ]]; then
+            [[ -e $check ]] && continue
+        else
+            command -v "$check" >/dev/null && continue
+        fi
+        missing+=("$pkg")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    log "installing Debian packages: ${missing[*]}"
+    apt_update_once
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+readonly REFLECT2_DIR=/usr/share/gocode/src/github.com/modern-go/reflect2
+
+ensure_build_tools() {
+    ensure_tools /usr/lib/go/bin/go=golang-go make=make rsync=rsync \
+        dpkg-source=dpkg-dev "$REFLECT2_DIR/reflect2.go=golang-github-modern-go-reflect2-dev"
+}
+
+ensure_runtime_tools() {
+    ensure_tools etcd=etcd-server etcdctl=etcd-client openssl=openssl \
+        python3=python3 setsid=util-linux flock=util-linux base64=coreutils
+}
+
+# Make `apt-get source kubernetes` work: add a deb-src entry if none exists.
+ensure_deb_src() {
+    if apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Package: kubernetes$'; then
+        return 0
+    fi
+    log "adding a deb-src entry (/etc/apt/sources.list.d/dbportal-src.sources)"
+    local codename
+    # shellcheck source=/dev/null
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+    as_root tee /etc/apt/sources.list.d/dbportal-src.sources >/dev/null <<EOF
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: $codename
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    APT_UPDATED=0
+    apt_update_once
+}
+
+# ---------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------
+
+go_toolchain_id() { /usr/lib/go/bin/go version; }
+
+# Unpack Debian's `kubernetes` source package into $SRC_DIR and fix up vendor/.
+prepare_source() {
+    local stamp=$SRC_DIR/.dbportal-source-recipe
+    if [[ -f $stamp && $(<"$stamp") == "$SOURCE_RECIPE" ]]; then
+        return 0
+    fi
+    ensure_deb_src
+    local tmp=$K8S_CACHE/src.tmp
+    rm -rf "$tmp" "$SRC_DIR"
+    mkdir -p "$tmp"
+    log "fetching Debian source package 'kubernetes' into $tmp"
+    # apt's download sandbox user must be able to write here when run as root.
+    chmod 0777 "$tmp"
+    (cd "$tmp" && apt-get source -qq kubernetes >&2)
+    local unpacked
+    unpacked=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
+    [[ -n $unpacked && -f $unpacked/hack/lib/golang.sh ]] ||
+        die "apt-get source kubernetes did not produce a kubernetes-* tree in $tmp"
+    grep -q "tag: v$K8S_VERSION'" "$unpacked/hack/lib/version.sh" ||
+        die "unexpected Kubernetes version in $unpacked (want v$K8S_VERSION)"
+
+    # The vendored reflect2 1.0.1 crashes under Go >= 1.18 (first request that
+    # goes through json-iterator, e.g. a CRD); use Debian's 1.0.2 instead.
+    local vendored=$unpacked/vendor/github.com/modern-go/reflect2
+    cp "$vendored/LICENSE" "$tmp/reflect2.LICENSE"
+    rm -rf "$vendored"
+    cp -a "$REFLECT2_DIR" "$vendored"
+    rm -f "$vendored/go.mod"
+    cp "$tmp/reflect2.LICENSE" "$vendored/LICENSE"
+
+    mv "$unpacked" "$SRC_DIR"
+    rm -rf "$tmp"
+    echo "$SOURCE_RECIPE" >"$stamp"
+}
+
+# build_binaries STAMP_NAME BIN...
+build_binaries() {
+    local name=$1
+    shift
+    local stamp=$BIN_DIR/.stamp-$name
+    local want
+    want="recipe=$BUILD_RECIPE source=$SOURCE_RECIPE k8s=v$K8S_VERSION bins=$*"
+    if [[ -f $stamp && $(<"$stamp") == "$want"* ]]; then
+        local b ok=1
+        for b in "$@"; do [[ -x $BIN_DIR/$b ]] || ok=0; done
+        if [[ $ok -eq 1 ]]; then
+            log "$name binaries are up to date in $BIN_DIR"
+            return 0
+        fi
+    fi
+
+    ensure_build_tools
+    prepare_source
+
+    local what=() b
+    for b in "$@"; do what+=("cmd/$b"); done
+    mkdir -p "$GO_BUILD_CACHE" "$SRC_DIR/_output/local/go" "$BIN_DIR"
+    # hack/lib/golang.sh pins GOCACHE to _output/local/go/cache; keep it
+    # outside the source tree so it survives a re-unpack.
+    ln -sfn "$GO_BUILD_CACHE" "$SRC_DIR/_output/local/go/cache"
+
+    log "building ${what[*]} (log: $BUILD_LOG); a fresh build takes 10+ minutes"
+    local started=$SECONDS
+    if ! (
+        cd "$SRC_DIR"
+        export PATH=/usr/lib/go/bin:$PATH
+        export CGO_ENABLED=0 GO111MODULE=off GOFLAGS=
+        # Build everything statically (also kubelet): no C toolchain needed
+        # and a single set of compiled packages is shared by all binaries.
+        export KUBE_STATIC_OVERRIDES=kubelet
+        echo "=== $(date -u +%FT%TZ) make WHAT='${what[*]}'"
+        make WHAT="${what[*]}"
+    ) >>"$BUILD_LOG" 2>&1; then
+        tail -n 40 "$BUILD_LOG" >&2
+        die "build failed; see $BUILD_LOG"
+    fi
+
+    for b in "$@"; do
+        install -m 0755 "$SRC_DIR/_output/local/bin/linux/amd64/$b" "$BIN_DIR/.$b.tmp"
+        mv -f "$BIN_DIR/.$b.tmp" "$BIN_DIR/$b"
+    done
+    echo "$want go=$(go_toolchain_id)" >"$stamp"
+    log "built $* in $((SECONDS - started)) s"
+}
+
+cmd_build() {
+    local node=0
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --node) node=1 ;;
+            *) usage ;;
+        esac
+        shift
+    done
+    [[ $(uname -m) == x86_64 ]] || die "only linux/amd64 is supported"
+    mkdir -p "$K8S_CACHE"
+    # Serialise concurrent builds (e.g. parallel test binaries).
+    exec 9>"$K8S_CACHE/.lock"
+    flock 9
+    build_binaries control-plane "${CONTROL_PLANE_BINS[@]}"
+    if [[ $node -eq 1 ]]; then
+        build_binaries node "${NODE_BINS[@]}"
+    fi
+}
+
+cmd_bin_dir() { echo "$BIN_DIR"; }
+
+# ---------------------------------------------------------------------------
+# start / stop / env
+# ---------------------------------------------------------------------------
+
+# Component names, in start order (stop goes in reverse).
+readonly COMPONENTS=(etcd kube-apiserver kube-controller-manager)
+
+abs_dir() {
+    [[ -n ${1:-} ]] || usage
+    mkdir -p "$1"
+    (cd "$1" && pwd -P)
+}
+
+# free_ports N: print N distinct free TCP ports on 127.0.0.1.
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# pid_alive PID DIR: true if PID runs and its command line mentions DIR
+# (guards against PID reuse).
+pid_alive() {
+    local pid=$1 dir=$2 state
+    [[ -r /proc/$pid/cmdline ]] || return 1
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+    [[ $state != Z ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$dir"
+}
+
+# spawn NAME DIR CMD...: start CMD detached (own session, no inherited stdio),
+# logging to DIR/NAME.log, PID in DIR/NAME.pid.
+spawn() {
+    local name=$1 dir=$2
+    shift 2
+    setsid "$@" </dev/null >>"$dir/$name.log" 2>&1 &
+    echo $! >"$dir/$name.pid"
+}
+
+fail_start() {
+    local dir=$1 name=$2 msg=$3
+    log "error: $msg"
+    if [[ -f $dir/$name.log ]]; then
+        log "last lines of $dir/$name.log:"
+        tail -n 30 "$dir/$name.log" >&2
+    fi
+    cmd_stop "$dir" >/dev/null 2>&1 || true
+    exit 1
+}
+
+# wait_for NAME DIR DEADLINE CMD...: retry CMD until it succeeds, the
+# component NAME dies or DEADLINE (in $SECONDS) passes.
+wait_for() {
+    local name=$1 dir=$2 deadline=$3
+    shift 3
+    local pid
+    pid=$(<"$dir/$name.pid")
+    until "$@" >/dev/null 2>&1; do
+        pid_alive "$pid" "$dir" || return 2
+        [[ $SECONDS -lt $deadline ]] || return 1
+        sleep 0.2
+    done
+}
+
+port_in_use_error() { grep -qE 'address already in use' "$1" 2>/dev/null; }
+
+gen_pki() {
+    local dir=$1 pki=$1/pki
+    mkdir -p "$pki"
+    chmod 0700 "$pki"
+    cat >"$pki/openssl.cnf" <<EOF
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign, digitalSignature
+subjectKeyIdentifier = hash
+[serving]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = IP:127.0.0.1, IP:$SERVICE_IP, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
+EOF
+    local ossl=(openssl)
+    "${ossl[@]}" genrsa -out "$pki/ca.key" 2048 2>/dev/null
+    "${ossl[@]}" req -config "$pki/openssl.cnf" -new -x509 -sha256 -days 3650 \
+        -key "$pki/ca.key" -subj "/CN=dbportal-local-ca" -extensions ca \
+        -out "$pki/ca.crt"
+    "${ossl[@]}" genrsa -out "$pki/apiserver.key" 2048 2>/dev/null
+    "${ossl[@]}" req -config "$pki/openssl.cnf" -new -sha256 \
+        -key "$pki/apiserver.key" -subj "/CN=kube-apiserver" -out "$pki/apiserver.csr"
+    "${ossl[@]}" x509 -req -sha256 -days 3650 -in "$pki/apiserver.csr" \
+        -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
+        -extfile "$pki/openssl.cnf" -extensions serving -out "$pki/apiserver.crt" 2>/dev/null
+    # Service-account token signing key pair.
+    "${ossl[@]}" genrsa -out "$pki/sa.key" 2048 2>/dev/null
+    "${ossl[@]}" rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+    rm -f "$pki/apiserver.csr"
+}
+
+readonly OPERATOR_USER=system:serviceaccount:dbportal-system:dbportal-operator
+readonly OPERATOR_GROUPS=system:serviceaccounts,system:serviceaccounts:dbportal-system,system:authenticated
+
+gen_tokens() {
+    local dir=$1 admin kcm operator
+    admin=$(openssl rand -hex 24)
+    kcm=$(openssl rand -hex 24)
+    operator=$(openssl rand -hex 24)
+    # token,user,uid,"group1,group2"
+    cat >"$dir/pki/tokens.csv" <<EOF
+$admin,admin,admin,"system:masters"
+$kcm,system:kube-controller-manager,system:kube-controller-manager
+$operator,$OPERATOR_USER,dbportal-operator,"$OPERATOR_GROUPS"
+EOF
+    chmod 0600 "$dir/pki/tokens.csv"
+    printf '%s\n' "$admin" >"$dir/pki/admin.token"
+    printf '%s\n' "$kcm" >"$dir/pki/kube-controller-manager.token"
+    printf '%s\n' "$operator" >"$dir/pki/operator.token"
+}
+
+# write_kubeconfig FILE SERVER USER TOKEN
+write_kubeconfig() {
+    local file=$1 server=$2 user=$3 token=$4 ca
+    ca=$(base64 -w0 <"$(dirname "$file")/pki/ca.crt")
+    cat >"$file.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: dbportal-local
+  cluster:
+    server: $server
+    certificate-authority-data: $ca
+users:
+- name: $user
+  user:
+    token: $token
+contexts:
+- name: $user@dbportal-local
+  context:
+    cluster: dbportal-local
+    user: $user
+    namespace: default
+current-context: $user@dbportal-local
+EOF
+    chmod 0600 "$file.tmp"
+    mv -f "$file.tmp" "$file"
+}
+
+start_etcd() {
+    local dir=$1 client_port=$2 peer_port=$3
+    mkdir -p "$dir/etcd"
+    chmod 0700 "$dir/etcd"
+    spawn etcd "$dir" etcd \
+        --name=dbportal-local \
+        --data-dir="$dir/etcd" \
+        --listen-client-urls="http://127.0.0.1:$client_port" \
+        --advertise-client-urls="http://127.0.0.1:$client_port" \
+        --listen-peer-urls="http://127.0.0.1:$peer_port" \
+        --initial-advertise-peer-urls="http://127.0.0.1:$peer_port" \
+        --initial-cluster="dbportal-local=http://127.0.0.1:$peer_port" \
+        --listen-metrics-urls= \
+        --unsafe-no-fsync=true \
+        --log-level=warn --logger=zap
+}
+
+start_apiserver() {
+    local dir=$1 port=$2 etcd_port=$3 pki=$1/pki
+    spawn kube-apiserver "$dir" "$BIN_DIR/kube-apiserver" \
+        --bind-address=127.0.0.1 \
+        --secure-port="$port" \
+        --advertise-address=127.0.0.1 \
+        --endpoint-reconciler-type=none \
+        --etcd-servers="http://127.0.0.1:$etcd_port" \
+        --cert-dir="$dir/apiserver" \
+        --tls-cert-file="$pki/apiserver.crt" \
+        --tls-private-key-file="$pki/apiserver.key" \
+        --client-ca-file="$pki/ca.crt" \
+        --token-auth-file="$pki/tokens.csv" \
+        --authorization-mode=Node,RBAC \
+        --service-account-key-file="$pki/sa.pub" \
+        --service-account-signing-key-file="$pki/sa.key" \
+        --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+        --service-cluster-ip-range="$SERVICE_CIDR" \
+        --allow-privileged=true \
+        --profiling=false \
+        --v="${DBPORTAL_LCP_VERBOSITY:-0}"
+}
+
+start_controller_manager() {
+    local dir=$1 pki=$1/pki
+    spawn kube-controller-manager "$dir" "$BIN_DIR/kube-controller-manager" \
+        --kubeconfig="$dir/kube-controller-manager.kubeconfig" \
+        --bind-address=127.0.0.1 \
+        --secure-port=0 \
+        --port=0 \
+        --leader-elect=false \
+        --controllers='*,-cloud-node-lifecycle,-service,-route' \
+        --service-account-private-key-file="$pki/sa.key" \
+        --root-ca-file="$pki/ca.crt" \
+        --use-service-account-credentials=true \
+        --cluster-signing-cert-file="$pki/ca.crt" \
+        --cluster-signing-key-file="$pki/ca.key" \
+        --service-cluster-ip-range="$SERVICE_CIDR" \
+        --kube-api-qps=100 --kube-api-burst=200 \
+        --profiling=false \
+        --v="${DBPORTAL_LCP_VERBOSITY:-0}"
+}
+
+# True once the default service account exists and has its token secret
+# (proves the serviceaccount and serviceaccount-token controllers run).
+default_sa_ready() {
+    local secrets
+    secrets=$(kc "$1" -n default get serviceaccount default \
+        -o 'jsonpath={.secrets[*].name}' 2>/dev/null) || return 1
+    [[ -n $secrets ]]
+}
+
+kc() {
+    local dir=$1
+    shift
+    "$BIN_DIR/kubectl" --kubeconfig="$dir/admin.kubeconfig" --request-timeout=5s "$@"
+}
+
+cmd_start() {
+    [[ $# -eq 1 ]] || usage
+    local dir
+    dir=$(abs_dir "$1")
+    local b
+    for b in "${CONTROL_PLANE_BINS[@]}"; do
+        [[ -x $BIN_DIR/$b ]] || die "$BIN_DIR/$b missing; run '$0 build' first"
+    done
+    ensure_runtime_tools
+    for b in "${COMPONENTS[@]}"; do
+        if [[ -f $dir/$b.pid ]] && pid_alive "$(<"$dir/$b.pid")" "$dir"; then
+            die "a control plane is already running in $dir (stop it first)"
+        fi
+    done
+
+    local t0=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
+    gen_pki "$dir"
+    gen_tokens "$dir"
+
+    local attempt etcd_port etcd_peer_port api_port rc
+    for attempt in 1 2 3 4 5; do
+        read -r etcd_port etcd_peer_port api_port <<<"$(free_ports 3)"
+
+        : >"$dir/etcd.log"
+        start_etcd "$dir" "$etcd_port" "$etcd_peer_port"
+        rc=0
+        wait_for etcd "$dir" "$deadline" \
+            etcdctl --endpoints="http://127.0.0.1:$etcd_port" --dial-timeout=1s \
+            --command-timeout=2s endpoint health || rc=$?
+        if [[ $rc -eq 2 ]] && port_in_use_error "$dir/etcd.log"; then
+            log "etcd: port clash, retrying with other ports (attempt $attempt)"
+            rm -rf "$dir/etcd"
+            continue
+        fi
+        [[ $rc -eq 0 ]] || fail_start "$dir" etcd "etcd did not become healthy"
+
+        write_kubeconfig "$dir/admin.kubeconfig" "https://127.0.0.1:$api_port" \
+            admin "$(<"$dir/pki/admin.token")"
+        : >"$dir/kube-apiserver.log"
+        start_apiserver "$dir" "$api_port" "$etcd_port"
+        rc=0
+        wait_for kube-apiserver "$dir" "$deadline" kc "$dir" get --raw /readyz || rc=$?
+        if [[ $rc -eq 2 ]] && port_in_use_error "$dir/kube-apiserver.log"; then
+            log "kube-apiserver: port clash, retrying with other ports (attempt $attempt)"
+            cmd_stop "$dir" >/dev/null
+            rm -rf "$dir/etcd"
+            continue
+        fi
+        [[ $rc -eq 0 ]] || fail_start "$dir" kube-apiserver "kube-apiserver did not become ready"
+        break
+    done
+    [[ -f $dir/kube-apiserver.pid ]] || fail_start "$dir" kube-apiserver "could not find free ports"
+
+    local server=https://127.0.0.1:$api_port
+    write_kubeconfig "$dir/kube-controller-manager.kubeconfig" "$server" \
+        system:kube-controller-manager "$(<"$dir/pki/kube-controller-manager.token")"
+    write_kubeconfig "$dir/operator.kubeconfig" "$server" \
+        dbportal-operator "$(<"$dir/pki/operator.token")"
+
+    : >"$dir/kube-controller-manager.log"
+    start_controller_manager "$dir"
+
+    wait_for kube-apiserver "$dir" "$deadline" kc "$dir" get namespace default ||
+        fail_start "$dir" kube-apiserver "namespace 'default' did not appear"
+    wait_for kube-controller-manager "$dir" "$deadline" default_sa_ready "$dir" ||
+        fail_start "$dir" kube-controller-manager \
+            "service account 'default' (with token) did not appear"
+
+    cat >"$dir/env" <<EOF
+KUBECONFIG=$dir/admin.kubeconfig
+DBPORTAL_OPERATOR_KUBECONFIG=$dir/operator.kubeconfig
+DBPORTAL_APISERVER_URL=$server
+DBPORTAL_K8S_BIN_DIR=$BIN_DIR
+DBPORTAL_ETCD_ENDPOINT=http://127.0.0.1:$etcd_port
+EOF
+    log "control plane up at $server in $((SECONDS - t0)) s (state: $dir)"
+    echo "$dir/admin.kubeconfig"
+}
+
+cmd_stop() {
+    [[ $# -eq 1 ]] || usage
+    [[ -d $1 ]] || return 0
+    local dir
+    dir=$(cd "$1" && pwd -P)
+    local i name pid pidfile
+    for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+        name=${COMPONENTS[i]}
+        pidfile=$dir/$name.pid
+        [[ -f $pidfile ]] || continue
+        pid=$(<"$pidfile")
+        if [[ $pid =~ ^[0-9]+$ ]] && pid_alive "$pid" "$dir"; then
+            kill -TERM "$pid" 2>/dev/null || true
+            local waited=0
+            while pid_alive "$pid" "$dir"; do
+                if [[ $waited -eq 100 ]]; then
+                    log "$name ($pid) ignored SIGTERM for 10 s; sending SIGKILL"
+                    kill -KILL "$pid" 2>/dev/null || true
+                fi
+                sleep 0.1
+                waited=$((waited + 1))
+            done
+            log "stopped $name ($pid)"
+        fi
+        rm -f "$pidfile"
+    done
+}
+
+cmd_env() {
+    [[ $# -eq 1 ]] || usage
+    local dir
+    dir=$(cd "$1" && pwd -P) || die "no such directory: $1"
+    [[ -f $dir/env ]] || die "no control plane was started in $dir"
+    local line
+    while IFS= read -r line; do
+        printf 'export %s=%q\n' "${line%%=*}" "${line#*=}"
+    done <"$dir/env"
+}
+
+main() {
+    [[ $# -ge 1 ]] || usage
+    local cmd=$1
+    shift
+    case $cmd in
+        build) cmd_build "$@" ;;
+        start) cmd_start "$@" ;;
+        stop) cmd_stop "$@" ;;
+        env) cmd_env "$@" ;;
+        bin-dir) cmd_bin_dir "$@" ;;
+        -h | --help | help) usage ;;
+        *) usage ;;
+    esac
+}
+
+# `exit` in the same compound command: bash never reads past this point, so
+# editing the file while a long build runs cannot confuse the running shell.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+    exit $?
+fi

@@ -1,0 +1,614 @@
+//! The `DatabasePortal` resource: one type that is both the CRD's spec and the portal's
+//! standalone configuration file (portal-only keys are left out of the CRD schema).
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+use super::Duration;
+
+/// Pattern of a backend address: `host:port`, IPv6 in brackets (`[::1]:6379`).
+pub const ADDRESS_PATTERN: &str =
+    r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):[0-9]{1,5}$";
+/// Pattern of a DNS label (RFC 1123), used for backend names.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// A portal in front of a database: two highly available, TLS-terminating, allow-listed
+/// connection strings that follow the database's writable leader.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "dbportal.dev",
+    version = "v1alpha1",
+    kind = "DatabasePortal",
+    plural = "databaseportals",
+    shortname = "dbp",
+    namespaced,
+    status = "DatabasePortalStatus",
+    printcolumn = r#"{"name":"Engine","type":"string","jsonPath":".spec.engine","description":"Database engine"}"#,
+    printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader","description":"Backend the ready portals agree leads"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Ready portals / desired portals"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A portal in front of a database cluster: portal pods with one Service each, TLS, an allow-list of client networks, connection limits and timeouts, following the cluster's leader."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabasePortalSpec {
+    /// The database engine behind the portal. It selects the health probe, the default port
+    /// and how TLS is terminated (PostgreSQL and MySQL negotiate TLS inside their protocol).
+    pub engine: Engine,
+
+    /// Port of the portal Services and of the portal listener. Default by engine: redis 6379,
+    /// postgres 5432, mysql 3306, etcd 2379; required for tcp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+
+    /// The database nodes, in priority order (1 to 16, names unique DNS labels).
+    #[schemars(length(min = 1, max = 16))]
+    pub backends: Vec<BackendSpec>,
+
+    /// Which backend receives new client sessions.
+    #[serde(default)]
+    pub routing: Routing,
+
+    /// How backends are probed for health and role.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+
+    /// Connection limits of each portal.
+    #[serde(default)]
+    pub limits: Limits,
+
+    /// Inactivity and connect deadlines.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+
+    /// Client networks allowed to connect, as CIDRs (IPv4 or IPv6; a bare address is a
+    /// single host). Empty or absent: everyone may connect.
+    #[serde(
+        default,
+        rename = "allowedCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub allowed_cidrs: Vec<String>,
+
+    /// TLS between clients and the portal.
+    #[serde(default)]
+    pub tls: Tls,
+
+    /// The portal pods.
+    #[serde(default)]
+    pub portal: PortalPods,
+
+    /// PROXY protocol on the client side (from a load balancer) and towards the backends.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+
+    /// Standalone portal only: listen address (default `0.0.0.0:<port>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub listen: Option<String>,
+
+    /// Standalone portal only: address of the HTTP admin endpoint (default `0.0.0.0:8404`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub admin: Option<String>,
+
+    /// Standalone portal only: how long SIGTERM waits for open sessions (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub drain_timeout: Option<Duration>,
+}
+
+/// The database engine behind the portal.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Redis, KeyDB or Valkey.
+    Redis,
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+    /// etcd (v3, HTTP health endpoint).
+    Etcd,
+    /// Any TCP service; health is a connect (or custom steps).
+    Tcp,
+}
+
+impl Engine {
+    /// The engine's well-known port; `None` for tcp, which has none.
+    pub fn default_port(self) -> Option<u16> {
+        match self {
+            Engine::Redis => Some(6379),
+            Engine::Postgres => Some(5432),
+            Engine::Mysql => Some(3306),
+            Engine::Etcd => Some(2379),
+            Engine::Tcp => None,
+        }
+    }
+
+    /// The routing mode used when `routing.mode` is absent.
+    pub fn default_routing(self) -> RoutingMode {
+        match self {
+            Engine::Tcp => RoutingMode::First,
+            _ => RoutingMode::Leader,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Redis => "redis",
+            Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+            Engine::Etcd => "etcd",
+            Engine::Tcp => "tcp",
+        }
+    }
+}
+
+/// One database node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct BackendSpec {
+    /// Unique name of the node (a DNS label), used in status, metrics and logs.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub name: String,
+    /// `host:port` of the node; IPv6 addresses in brackets, as `[::1]:6379`.
+    #[schemars(length(min = 3, max = 261), regex(pattern = ADDRESS_PATTERN))]
+    pub address: String,
+}
+
+/// Which backend receives new client sessions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Routing {
+    /// leader: only the node the engine probe reports as the writable leader; first: the first
+    /// healthy node in list order; roundrobin; leastconn: fewest open sessions; source: hash of
+    /// the client IP. Default: leader (tcp engine: first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RoutingMode>,
+    /// Cut every session to a node at once when it stops being the leader, so that no client
+    /// keeps writing to a demoted node. Default true.
+    #[serde(default = "yes")]
+    pub close_sessions_on_leader_change: bool,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            mode: None,
+            close_sessions_on_leader_change: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How new sessions are spread over healthy backends.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// Only the node that the engine probe reports as the writable leader.
+    Leader,
+    /// The first healthy node in list order (the others are backups).
+    First,
+    /// Each healthy node in turn.
+    Roundrobin,
+    /// The healthy node with the fewest open sessions.
+    Leastconn,
+    /// A hash of the client IP, so one client keeps reaching one node.
+    Source,
+}
+
+impl RoutingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Leader => "leader",
+            RoutingMode::First => "first",
+            RoutingMode::Roundrobin => "roundrobin",
+            RoutingMode::Leastconn => "leastconn",
+            RoutingMode::Source => "source",
+        }
+    }
+}
+
+/// How backends are probed for health and role.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Time between two probes of one backend. Default 1s.
+    #[serde(default = "HealthCheck::default_interval")]
+    pub interval: Duration,
+    /// Consecutive successes that mark a node up. Default 2.
+    #[serde(default = "HealthCheck::default_rise")]
+    #[schemars(range(min = 1, max = 100))]
+    pub rise: u32,
+    /// Consecutive failures that mark a node down. Default 3.
+    #[serde(default = "HealthCheck::default_fall")]
+    #[schemars(range(min = 1, max = 100))]
+    pub fall: u32,
+    /// Optional Secret (same namespace) with keys `username` and `password`, used by the Redis
+    /// (AUTH), PostgreSQL and MySQL probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// Standalone portal only: probe credentials, inline or as the path of a YAML file with
+    /// `username` and `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub credentials: Option<Credentials>,
+    /// Optional custom probe replacing the engine's built-in one: each step sends `send` (if
+    /// set) and waits until what arrives contains `expect` (if set), within `timeouts.check`.
+    /// `\r`, `\n`, `\t`, `\\` and `\xNN` escapes are understood.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub steps: Vec<ProbeStep>,
+}
+
+impl HealthCheck {
+    fn default_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_rise() -> u32 {
+        2
+    }
+    fn default_fall() -> u32 {
+        3
+    }
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Self::default_interval(),
+            rise: Self::default_rise(),
+            fall: Self::default_fall(),
+            credentials_secret: None,
+            credentials: None,
+            steps: Vec::new(),
+        }
+    }
+}
+
+/// Probe credentials of the standalone portal.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Credentials {
+    /// Given inline.
+    Inline {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        username: Option<String>,
+        password: String,
+    },
+    /// The path of a YAML file with `username` and `password`.
+    File(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Inline { username, .. } => f
+                .debug_struct("Inline")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// One step of a custom probe.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ProbeStep {
+    /// Bytes to send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    /// A substring that must arrive before `timeouts.check` runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+}
+
+/// Connection limits of each portal.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Sessions per portal. Past it a new client is closed at once; open sessions are not
+    /// affected. Default 2000.
+    #[serde(default = "Limits::default_max")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: u32,
+    /// Sessions per client IP address; 0 means unlimited (default).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_connections_per_client: u32,
+}
+
+impl Limits {
+    fn default_max() -> u32 {
+        2000
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: Self::default_max(),
+            max_connections_per_client: 0,
+        }
+    }
+}
+
+/// Inactivity and connect deadlines, written like 500ms, 30s, 1m, 24h or 1d.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// A session is closed when its client sends nothing for this long. Default 1d.
+    #[serde(default = "Timeouts::one_day")]
+    pub client: Duration,
+    /// A session is closed when its database sends nothing for this long. Default 1d.
+    #[serde(default = "Timeouts::one_day")]
+    pub server: Duration,
+    /// Deadline of the portal's connection to a database node, across all nodes it tries.
+    /// Default 1m.
+    #[serde(default = "Timeouts::one_minute")]
+    pub connect: Duration,
+    /// Deadline of one health check, connect and exchange. Default 2s.
+    #[serde(default = "Timeouts::two_seconds")]
+    pub check: Duration,
+}
+
+impl Timeouts {
+    fn one_day() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    fn one_minute() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn two_seconds() -> Duration {
+        Duration::from_secs(2)
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client: Self::one_day(),
+            server: Self::one_day(),
+            connect: Self::one_minute(),
+            check: Self::two_seconds(),
+        }
+    }
+}
+
+/// TLS between clients and the portal.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    /// terminate: the portal serves TLS (engine-aware for PostgreSQL and MySQL); passthrough:
+    /// bytes pass untouched; disabled: plaintext. Default terminate.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// The cert-manager issuer that signs the portal's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+    /// An existing `kubernetes.io/tls` Secret to serve instead of a cert-manager certificate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_name: String,
+    /// Extra DNS names for the certificate; the portal Services' names are always included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// Lowest TLS version accepted: "1.2" (default) or "1.3".
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// TLS from the portal to the database nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendTls>,
+    /// Standalone portal only: PEM certificate chain file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub cert_file: Option<String>,
+    /// Standalone portal only: PEM private key file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub key_file: Option<String>,
+    /// Standalone portal only: PEM CA bundle; when set, clients must present a certificate
+    /// signed by it.
+    #[serde(
+        default,
+        rename = "clientCAFile",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(skip)]
+    pub client_ca_file: Option<String>,
+}
+
+/// How the portal treats TLS from clients.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// The portal terminates TLS (default).
+    #[default]
+    Terminate,
+    /// Bytes pass untouched end to end.
+    Passthrough,
+    /// Plaintext.
+    Disabled,
+}
+
+/// Lowest accepted TLS version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// A cert-manager issuer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct IssuerRef {
+    /// Name of the Issuer or ClusterIssuer.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Issuer (same namespace, default) or ClusterIssuer.
+    #[serde(default)]
+    pub kind: IssuerKind,
+    /// API group of the issuer. Default cert-manager.io.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// Kind of a cert-manager issuer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum IssuerKind {
+    /// A namespaced Issuer.
+    #[default]
+    Issuer,
+    /// A cluster-wide ClusterIssuer.
+    ClusterIssuer,
+}
+
+/// TLS from the portal to the database nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendTls {
+    /// Encrypt the portal's connections to the nodes (PostgreSQL: by SSLRequest).
+    #[serde(default)]
+    pub enabled: bool,
+    /// PEM CA bundle that signs the nodes' certificates (default: the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Name to verify in the nodes' certificates (default: the host of each address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Skip verification of the nodes' certificates. Default false; for tests only.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// The portal pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortalPods {
+    /// Number of portal pods, each with its own Service and connection string. Default 2.
+    #[serde(default = "PortalPods::default_replicas")]
+    #[schemars(range(min = 1, max = 8))]
+    pub replicas: i32,
+    /// Portal image; default: the operator's own matching portal image.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// Compute resources of the portal container. Default: requests cpu 50m, memory 64Mi;
+    /// limit memory 64Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Type of the portal Services: ClusterIP (default), NodePort or LoadBalancer.
+    #[serde(default)]
+    pub service_type: ServiceType,
+}
+
+impl PortalPods {
+    fn default_replicas() -> i32 {
+        2
+    }
+}
+
+impl Default for PortalPods {
+    fn default() -> Self {
+        PortalPods {
+            replicas: Self::default_replicas(),
+            image: String::new(),
+            resources: None,
+            service_type: ServiceType::default(),
+        }
+    }
+}
+
+/// Type of the portal Services.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// PROXY protocol settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub struct ProxyProtocol {
+    /// Expect a PROXY protocol v1 or v2 header from a load balancer in front of the portal, and
+    /// apply allowedCIDRs and per-client limits to the client address it carries. A connection
+    /// without a valid header is closed.
+    #[serde(default)]
+    pub accept: bool,
+    /// Send a PROXY protocol v2 header to the database so it sees the real client.
+    #[serde(default)]
+    pub send: bool,
+}
+
+/// What the operator reports about a DatabasePortal.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabasePortalStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The backend that the ready portals agree leads ("" when none).
+    #[serde(default)]
+    pub leader: String,
+    /// Number of portal pods that are ready.
+    #[serde(default)]
+    pub ready_portals: i32,
+    /// Ready portals over desired portals, as "2/2".
+    #[serde(default)]
+    pub ready: String,
+    /// One connection string per portal Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// What each portal reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub portals: Vec<PortalReport>,
+    /// Ready, and Degraded with a reason (LeaderDisagreement, NoHealthyBackend,
+    /// CertificateNotReady, CertManagerMissing, InvalidSpec, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One portal's own view.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct PortalReport {
+    /// Name of the portal pod.
+    pub name: String,
+    /// Whether the portal is ready (has a configuration and a routable backend).
+    #[serde(default)]
+    pub ready: bool,
+    /// The leader this portal sees ("" when none).
+    #[serde(default)]
+    pub leader: String,
+}
+
+/// Conditions as a list keyed by type, so server-side apply merges them by type.
+fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema
+}

@@ -1,0 +1,227 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+engine: redis
+backends:
+  - {name: orders-0, address: "127.0.0.1:6379"}
+tls: {mode: disabled}
+"#;
+
+#[test]
+fn defaults_follow_the_contract() {
+    let c = parse_yaml(MINIMAL).unwrap().validate_standalone().unwrap();
+    assert_eq!(c.port, 6379);
+    assert_eq!(c.routing, RoutingMode::Leader);
+    assert!(c.close_sessions_on_leader_change);
+    assert_eq!(c.health.interval, std::time::Duration::from_secs(1));
+    assert_eq!((c.health.rise, c.health.fall), (2, 3));
+    assert_eq!(c.max_connections, 2000);
+    assert_eq!(c.max_connections_per_client, 0);
+    assert_eq!(c.timeouts.client, std::time::Duration::from_secs(86_400));
+    assert_eq!(c.timeouts.server, std::time::Duration::from_secs(86_400));
+    assert_eq!(c.timeouts.connect, std::time::Duration::from_secs(60));
+    assert_eq!(c.timeouts.check, std::time::Duration::from_secs(2));
+    assert!(c.allowed_cidrs.is_empty());
+    assert_eq!(c.listen, "0.0.0.0:6379".parse().unwrap());
+    assert_eq!(c.admin, "0.0.0.0:8404".parse().unwrap());
+    assert_eq!(c.drain_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(c.spec.portal.replicas, 2);
+    assert_eq!(c.spec.tls.min_version, TlsVersion::V1_2);
+    assert!(!c.proxy_protocol.accept && !c.proxy_protocol.send);
+}
+
+#[test]
+fn engine_defaults() {
+    for (engine, port) in [("postgres", 5432), ("mysql", 3306), ("etcd", 2379)] {
+        let yaml = MINIMAL.replace("redis", engine);
+        let c = parse_yaml(&yaml).unwrap().validate().unwrap();
+        assert_eq!(c.port, port, "{engine}");
+        assert_eq!(c.routing, RoutingMode::Leader);
+    }
+    let tcp = parse_yaml(&format!("{}port: 9000\n", MINIMAL.replace("redis", "tcp")))
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!((tcp.port, tcp.routing), (9000, RoutingMode::First));
+}
+
+#[test]
+fn full_spec_parses_and_round_trips() {
+    let yaml = r#"
+engine: redis
+port: 7000
+backends:
+  - {name: orders-0, address: "orders-0.orders-db.shop.svc:6379"}
+  - {name: orders-1, address: "[::1]:6380"}
+routing: {mode: source, closeSessionsOnLeaderChange: false}
+healthCheck:
+  interval: 500ms
+  rise: 1
+  fall: 2
+  credentialsSecret: orders-probe
+  steps:
+    - {send: "PING\r\n", expect: "+PONG"}
+    - {send: 'INFO replication\r\n', expect: 'role:master'}
+limits: {maxConnections: 10, maxConnectionsPerClient: 2}
+timeouts: {client: 30s, server: 1h30m, connect: 5s, check: 1s}
+allowedCIDRs: ["10.0.0.0/8", "2001:db8::/32", "192.168.1.7", "10.1.2.3/16"]
+tls:
+  mode: terminate
+  issuerRef: {name: letsencrypt, kind: ClusterIssuer}
+  dnsNames: [db.example.com, "*.example.org"]
+  minVersion: "1.3"
+  certFile: /tls/tls.crt
+  keyFile: /tls/tls.key
+portal: {replicas: 3, image: "dbportal/portal:1", serviceType: LoadBalancer}
+proxyProtocol: {accept: true, send: true}
+listen: "127.0.0.1:7000"
+admin: "[::1]:9000"
+drainTimeout: 5s
+"#;
+    let spec = parse_yaml(yaml).unwrap();
+    let c = spec.validate_standalone().unwrap();
+    assert_eq!(c.backends[1].address.host, "::1");
+    assert_eq!(c.routing, RoutingMode::Source);
+    assert!(!c.close_sessions_on_leader_change);
+    assert_eq!(c.health.steps[0].send, b"PING\r\n");
+    assert_eq!(c.health.steps[1].send, b"INFO replication\r\n");
+    assert_eq!(c.health.steps[1].expect, b"role:master");
+    assert_eq!(c.timeouts.server, std::time::Duration::from_secs(5_400));
+    let cidrs: Vec<String> = c.allowed_cidrs.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        cidrs,
+        [
+            "10.0.0.0/8",
+            "2001:db8::/32",
+            "192.168.1.7/32",
+            "10.1.0.0/16"
+        ]
+    );
+    assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
+    assert_eq!(c.admin, "[::1]:9000".parse().unwrap());
+    assert_eq!(c.drain_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(c.spec.tls.min_version, TlsVersion::V1_3);
+
+    // What the operator writes into the ConfigMap must read back to the same spec.
+    let written = serde_yaml::to_string(&spec).unwrap();
+    assert_eq!(parse_yaml(&written).unwrap(), spec);
+}
+
+#[test]
+fn standalone_credentials_inline_or_file() {
+    let inline = parse_yaml(&format!(
+        "{MINIMAL}healthCheck: {{credentials: {{username: probe, password: s3cret}}}}\n"
+    ))
+    .unwrap();
+    match &inline.health_check.credentials {
+        Some(Credentials::Inline { username, password }) => {
+            assert_eq!(
+                (username.as_deref(), password.as_str()),
+                (Some("probe"), "s3cret")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let file = parse_yaml(&format!(
+        "{MINIMAL}healthCheck: {{credentials: /run/secrets/probe.yaml}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        file.health_check.credentials,
+        Some(Credentials::File("/run/secrets/probe.yaml".into()))
+    );
+    assert!(!format!("{:?}", inline.health_check.credentials).contains("s3cret"));
+}
+
+/// Each invalid configuration must be refused with a message naming the field at fault.
+#[test]
+fn invalid_configurations_name_the_field() {
+    let base = |extra: &str| format!("{MINIMAL}{extra}");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("bad CIDR", base("allowedCIDRs: [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n"), "allowedCIDRs[1]"),
+        ("garbage CIDR", base("allowedCIDRs: [\"everyone\"]\n"), "allowedCIDRs[0]"),
+        ("bad duration", base("timeouts: {client: 10 minutes}\n"), "timeouts.client"),
+        ("duration without unit", base("healthCheck: {interval: \"10\"}\n"), "healthCheck.interval"),
+        ("zero duration", base("timeouts: {connect: 0s}\n"), "timeouts.connect"),
+        ("unknown field", base("timeout: {client: 1s}\n"), "timeout"),
+        ("unknown nested field", base("limits: {maxConnection: 5}\n"), "limits.maxConnection"),
+        ("empty backends", "engine: redis\nbackends: []\ntls: {mode: disabled}\n".into(), "backends"),
+        ("missing backends", "engine: redis\ntls: {mode: disabled}\n".into(), "backends"),
+        (
+            "duplicate names",
+            "engine: redis\ntls: {mode: disabled}\nbackends:\n  - {name: a, address: \"h:1\"}\n  - {name: a, address: \"h:2\"}\n".into(),
+            "backends[1].name",
+        ),
+        ("bad backend name", MINIMAL.replace("orders-0", "Orders_0"), "backends[0].name"),
+        ("bad address", MINIMAL.replace("127.0.0.1:6379", "127.0.0.1"), "backends[0].address"),
+        ("unbracketed IPv6", MINIMAL.replace("127.0.0.1:6379", "::1:6379"), "backends[0].address"),
+        ("port 0", base("port: 0\n"), "port"),
+        ("port too large", base("port: 70000\n"), "port"),
+        ("tcp without port", MINIMAL.replace("redis", "tcp"), "port"),
+        ("unknown engine", MINIMAL.replace("redis", "mongodb"), "engine"),
+        ("missing engine", MINIMAL.replace("engine: redis\n", ""), "engine"),
+        ("unknown routing mode", base("routing: {mode: random}\n"), "routing.mode"),
+        ("leader for tcp", format!("{}port: 1\nrouting: {{mode: leader}}\n", MINIMAL.replace("redis", "tcp")), "routing.mode"),
+        ("rise 0", base("healthCheck: {rise: 0}\n"), "healthCheck.rise"),
+        ("fall negative", base("healthCheck: {fall: -1}\n"), "healthCheck.fall"),
+        ("empty probe step", base("healthCheck: {steps: [{}]}\n"), "healthCheck.steps[0]"),
+        ("bad escape", base("healthCheck: {steps: [{send: 'PING\\q'}]}\n"), "healthCheck.steps[0].send"),
+        ("maxConnections 0", base("limits: {maxConnections: 0}\n"), "limits.maxConnections"),
+        ("negative limit", base("limits: {maxConnectionsPerClient: -3}\n"), "limits.maxConnectionsPerClient"),
+        ("bad tls mode", MINIMAL.replace("mode: disabled", "mode: sometimes"), "tls.mode"),
+        ("bad tls version", MINIMAL.replace("mode: disabled", "mode: disabled, minVersion: \"1.1\""), "tls.minVersion"),
+        ("terminate without files", MINIMAL.replace("tls: {mode: disabled}\n", ""), "tls.certFile"),
+        ("bad dns name", MINIMAL.replace("mode: disabled", "mode: disabled, dnsNames: [\"bad name\"]"), "tls.dnsNames[0]"),
+        ("replicas 9", base("portal: {replicas: 9}\n"), "portal.replicas"),
+        ("bad listen", base("listen: \"localhost\"\n"), "listen"),
+        ("bad admin", base("admin: \"0.0.0.0:99999\"\n"), "admin"),
+        ("bad service type", base("portal: {serviceType: Ingress}\n"), "portal.serviceType"),
+        ("not a map", "- engine: redis\n".into(), "(document)"),
+        ("empty file", "".into(), "(document)"),
+    ];
+    assert!(cases.len() >= 15);
+    for (what, yaml, field) in cases {
+        let err = parse_yaml(&yaml)
+            .and_then(|spec| spec.validate_standalone())
+            .expect_err(what);
+        let message = err.to_string();
+        assert!(
+            err.fields().iter().any(|f| *f == field),
+            "{what}: expected field {field:?} in {:?} ({message})",
+            err.fields()
+        );
+        assert!(message.contains(field), "{what}: {message}");
+    }
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let yaml = r#"
+engine: redis
+backends:
+  - {name: a, address: "nohost"}
+  - {name: a, address: "h:1"}
+allowedCIDRs: [bad]
+limits: {maxConnections: 0}
+tls: {mode: disabled}
+"#;
+    let err = parse_yaml(yaml).unwrap().validate().unwrap_err();
+    assert_eq!(
+        err.fields(),
+        [
+            "backends[0].address",
+            "backends[1].name",
+            "limits.maxConnections",
+            "allowedCIDRs[0]"
+        ]
+    );
+}
+
+#[test]
+fn unescape_handles_every_escape() {
+    assert_eq!(unescape(r"a\r\n\t\0\\\x41").unwrap(), b"a\r\n\t\0\\A");
+    assert!(unescape(r"\x4").unwrap_err().contains("byte 0"));
+    assert!(unescape("abc\\")
+        .unwrap_err()
+        .contains("lone backslash at byte 3"));
+}
