@@ -2,3 +2,4 @@
 //! networks, connection limits, timeouts and leader following.
 
 pub mod config;
+pub mod health;

@@ -186,7 +186,7 @@ fn invalid_configurations_name_the_field() {
             .expect_err(what);
         let message = err.to_string();
         assert!(
-            err.fields().iter().any(|f| *f == field),
+            err.fields().contains(&field),
             "{what}: expected field {field:?} in {:?} ({message})",
             err.fields()
         );
