@@ -58,3 +58,24 @@ impl HealthView {
         self.backends.iter().find(|b| b.name == name)
     }
 }
+
+/// Starts the health checker for the configurations published on `config` and returns the
+/// channel its views are published on. The checker follows configuration changes and stops
+/// when `config`'s sender is dropped.
+pub fn spawn(
+    mut config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
+) -> tokio::sync::watch::Receiver<HealthView> {
+    let view_of = |c: &crate::config::Config| {
+        HealthView::assume_up(c.backends.iter().map(|b| b.name.as_str()))
+    };
+    let (tx, rx) = tokio::sync::watch::channel(view_of(&config.borrow_and_update()));
+    tokio::spawn(async move {
+        while config.changed().await.is_ok() {
+            let view = view_of(&config.borrow_and_update());
+            if tx.send(view).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
