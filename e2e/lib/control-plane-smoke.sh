@@ -172,7 +172,7 @@ YAML
 k -n smoke delete widget w1 --wait=true
 gone() { ! k -n smoke get cm owned-by-w1 >/dev/null 2>&1; }
 t=$SECONDS
-retry 30 gone || fail "owned ConfigMap was not garbage-collected"
+retry 90 gone || fail "owned ConfigMap was not garbage-collected"
 echo "owned ConfigMap collected after ~$((SECONDS - t)) s" >&2
 
 step "StatefulSet controller creates Pods"
