@@ -3,7 +3,10 @@
 # built entirely from Debian packages, for dbportal's integration tests.
 #
 #   local-control-plane.sh build [--node]   build/cache the Kubernetes binaries
-#   local-control-plane.sh start DIR        start a control plane with all state in DIR
+#   local-control-plane.sh start DIR [MANIFEST...]
+#                                           start a control plane with all state in DIR;
+#                                           MANIFESTs (e.g. CRDs) are applied before the
+#                                           controller manager starts
 #   local-control-plane.sh stop DIR         stop the control plane started in DIR
 #   local-control-plane.sh env DIR          print `export KUBECONFIG=...` lines
 #   local-control-plane.sh bin-dir          print the directory holding the binaries
@@ -41,7 +44,7 @@ log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
@@ -260,14 +263,20 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# pid_alive PID DIR: true if PID runs and its command line mentions DIR
-# (guards against PID reuse).
+# pid_alive PID DIR: true if PID runs and its command line mentions DIR/
+# (every process started here has such an argument; guards against PID reuse).
 pid_alive() {
-    local pid=$1 dir=$2 state
-    [[ -r /proc/$pid/cmdline ]] || return 1
-    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-    [[ $state != Z ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$dir"
+    local pid=$1 dir=$2
+    process_running "$pid" || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$dir/"
+}
+
+# process_running PID: true if PID exists and is not a zombie.
+process_running() {
+    local stat
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
 }
 
 # spawn NAME DIR CMD...: start CMD detached (own session, no inherited stdio),
@@ -322,27 +331,30 @@ keyUsage = critical, keyCertSign, cRLSign, digitalSignature
 subjectKeyIdentifier = hash
 [serving]
 basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
+keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 subjectAltName = IP:127.0.0.1, IP:$SERVICE_IP, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
 EOF
-    local ossl=(openssl)
-    "${ossl[@]}" genrsa -out "$pki/ca.key" 2048 2>/dev/null
-    "${ossl[@]}" req -config "$pki/openssl.cnf" -new -x509 -sha256 -days 3650 \
+    # ECDSA P-256 keys: generated in milliseconds (RSA takes ~0.5 s each).
+    local key
+    for key in ca apiserver sa; do
+        openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+            -out "$pki/$key.key" 2>/dev/null
+    done
+    openssl req -config "$pki/openssl.cnf" -new -x509 -sha256 -days 3650 \
         -key "$pki/ca.key" -subj "/CN=dbportal-local-ca" -extensions ca \
         -out "$pki/ca.crt"
-    "${ossl[@]}" genrsa -out "$pki/apiserver.key" 2048 2>/dev/null
-    "${ossl[@]}" req -config "$pki/openssl.cnf" -new -sha256 \
+    openssl req -config "$pki/openssl.cnf" -new -sha256 \
         -key "$pki/apiserver.key" -subj "/CN=kube-apiserver" -out "$pki/apiserver.csr"
-    "${ossl[@]}" x509 -req -sha256 -days 3650 -in "$pki/apiserver.csr" \
+    openssl x509 -req -sha256 -days 3650 -in "$pki/apiserver.csr" \
         -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
         -extfile "$pki/openssl.cnf" -extensions serving -out "$pki/apiserver.crt" 2>/dev/null
-    # Service-account token signing key pair.
-    "${ossl[@]}" genrsa -out "$pki/sa.key" 2048 2>/dev/null
-    "${ossl[@]}" rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
     rm -f "$pki/apiserver.csr"
+    # Service-account token signing key pair (ES256 tokens).
+    openssl pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+    chmod 0600 "$pki"/*.key
 }
 
 readonly OPERATOR_USER=system:serviceaccount:dbportal-system:dbportal-operator
@@ -468,22 +480,75 @@ kc() {
     "$BIN_DIR/kubectl" --kubeconfig="$dir/admin.kubeconfig" --request-timeout=5s "$@"
 }
 
+now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
+
+# Absolute path of this script (the watchdog re-executes it).
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/$(basename "${BASH_SOURCE[0]}")
+readonly SELF
+
+# apply_manifests DIR DEADLINE FILE...: apply manifests (typically CRDs)
+# before the controller manager starts, so that its first API discovery
+# already covers them (garbage collection of custom-resource owners then
+# works right away instead of after the next 30 s rediscovery).
+apply_manifests() {
+    local dir=$1 deadline=$2
+    shift 2
+    local m
+    for m in "$@"; do
+        kc "$dir" apply -f "$m" >&2 ||
+            fail_start "$dir" kube-apiserver "applying $m failed"
+    done
+    if [[ -n $(kc "$dir" get customresourcedefinitions -o name 2>/dev/null) ]]; then
+        kc "$dir" wait --for=condition=Established --all customresourcedefinitions \
+            --timeout="$((deadline > SECONDS ? deadline - SECONDS : 1))s" >/dev/null ||
+            fail_start "$dir" kube-apiserver "CustomResourceDefinitions not established"
+    fi
+}
+
+# Hidden subcommand run by the watchdog: stop the control plane in DIR once
+# process OWNER is gone.
+cmd_watch() {
+    local owner=$1 dir=$2
+    while process_running "$owner"; do
+        sleep 1
+    done
+    log "owner process $owner exited; stopping the control plane in $dir"
+    cmd_stop "$dir"
+}
+
+start_watchdog() {
+    local dir=$1 owner=$2
+    if ! [[ $owner =~ ^[0-9]+$ ]] || ! process_running "$owner"; then
+        die "DBPORTAL_LCP_WATCH_PID=$owner is not a running process"
+    fi
+    spawn watchdog "$dir" "$SELF" __watch "$owner" "$dir/"
+}
+
 cmd_start() {
-    [[ $# -eq 1 ]] || usage
+    [[ $# -ge 1 ]] || usage
     local dir
     dir=$(abs_dir "$1")
-    local b
+    shift
+    local manifests=("$@") m b
+    for m in "${manifests[@]}"; do
+        [[ -e $m ]] || die "no such manifest: $m"
+    done
     for b in "${CONTROL_PLANE_BINS[@]}"; do
-        [[ -x $BIN_DIR/$b ]] || die "$BIN_DIR/$b missing; run '$0 build' first"
+        [[ -x $BIN_DIR/$b ]] || die "$BIN_DIR/$b missing; run '$SELF build' first"
     done
     ensure_runtime_tools
-    for b in "${COMPONENTS[@]}"; do
+    for b in "${COMPONENTS[@]}" watchdog; do
         if [[ -f $dir/$b.pid ]] && pid_alive "$(<"$dir/$b.pid")" "$dir"; then
             die "a control plane is already running in $dir (stop it first)"
         fi
     done
+    rm -rf "$dir/etcd" "$dir/pki" "$dir/env"
 
-    local t0=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
+    local t0 deadline=$((SECONDS + START_TIMEOUT))
+    t0=$(now_ms)
+    if [[ -n ${DBPORTAL_LCP_WATCH_PID:-} ]]; then
+        start_watchdog "$dir" "$DBPORTAL_LCP_WATCH_PID"
+    fi
     gen_pki "$dir"
     gen_tokens "$dir"
 
@@ -503,6 +568,7 @@ cmd_start() {
             continue
         fi
         [[ $rc -eq 0 ]] || fail_start "$dir" etcd "etcd did not become healthy"
+        log "etcd ready on 127.0.0.1:$etcd_port after $(($(now_ms) - t0)) ms"
 
         write_kubeconfig "$dir/admin.kubeconfig" "https://127.0.0.1:$api_port" \
             admin "$(<"$dir/pki/admin.token")"
@@ -512,11 +578,12 @@ cmd_start() {
         wait_for kube-apiserver "$dir" "$deadline" kc "$dir" get --raw /readyz || rc=$?
         if [[ $rc -eq 2 ]] && port_in_use_error "$dir/kube-apiserver.log"; then
             log "kube-apiserver: port clash, retrying with other ports (attempt $attempt)"
-            cmd_stop "$dir" >/dev/null
+            stop_components "$dir"
             rm -rf "$dir/etcd"
             continue
         fi
         [[ $rc -eq 0 ]] || fail_start "$dir" kube-apiserver "kube-apiserver did not become ready"
+        log "kube-apiserver ready on 127.0.0.1:$api_port after $(($(now_ms) - t0)) ms"
         break
     done
     [[ -f $dir/kube-apiserver.pid ]] || fail_start "$dir" kube-apiserver "could not find free ports"
@@ -526,6 +593,11 @@ cmd_start() {
         system:kube-controller-manager "$(<"$dir/pki/kube-controller-manager.token")"
     write_kubeconfig "$dir/operator.kubeconfig" "$server" \
         dbportal-operator "$(<"$dir/pki/operator.token")"
+
+    if [[ ${#manifests[@]} -gt 0 ]]; then
+        apply_manifests "$dir" "$deadline" "${manifests[@]}"
+        log "manifests applied after $(($(now_ms) - t0)) ms"
+    fi
 
     : >"$dir/kube-controller-manager.log"
     start_controller_manager "$dir"
@@ -543,8 +615,35 @@ DBPORTAL_APISERVER_URL=$server
 DBPORTAL_K8S_BIN_DIR=$BIN_DIR
 DBPORTAL_ETCD_ENDPOINT=http://127.0.0.1:$etcd_port
 EOF
-    log "control plane up at $server in $((SECONDS - t0)) s (state: $dir)"
+    log "control plane up at $server after $(($(now_ms) - t0)) ms (state: $dir)"
     echo "$dir/admin.kubeconfig"
+}
+
+# stop_pid NAME DIR: stop the process recorded in DIR/NAME.pid, if it is ours.
+stop_pid() {
+    local name=$1 dir=$2 pidfile=$2/$1.pid pid waited=0
+    [[ -f $pidfile ]] || return 0
+    pid=$(<"$pidfile")
+    if [[ $pid =~ ^[0-9]+$ && $pid -ne $$ ]] && pid_alive "$pid" "$dir"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        while pid_alive "$pid" "$dir"; do
+            if [[ $waited -eq 100 ]]; then
+                log "$name ($pid) ignored SIGTERM for 10 s; sending SIGKILL"
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+            sleep 0.1
+            waited=$((waited + 1))
+        done
+        log "stopped $name ($pid)"
+    fi
+    rm -f "$pidfile"
+}
+
+stop_components() {
+    local dir=$1 i
+    for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+        stop_pid "${COMPONENTS[i]}" "$dir"
+    done
 }
 
 cmd_stop() {
@@ -552,27 +651,8 @@ cmd_stop() {
     [[ -d $1 ]] || return 0
     local dir
     dir=$(cd "$1" && pwd -P)
-    local i name pid pidfile
-    for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-        name=${COMPONENTS[i]}
-        pidfile=$dir/$name.pid
-        [[ -f $pidfile ]] || continue
-        pid=$(<"$pidfile")
-        if [[ $pid =~ ^[0-9]+$ ]] && pid_alive "$pid" "$dir"; then
-            kill -TERM "$pid" 2>/dev/null || true
-            local waited=0
-            while pid_alive "$pid" "$dir"; do
-                if [[ $waited -eq 100 ]]; then
-                    log "$name ($pid) ignored SIGTERM for 10 s; sending SIGKILL"
-                    kill -KILL "$pid" 2>/dev/null || true
-                fi
-                sleep 0.1
-                waited=$((waited + 1))
-            done
-            log "stopped $name ($pid)"
-        fi
-        rm -f "$pidfile"
-    done
+    stop_pid watchdog "$dir"
+    stop_components "$dir"
 }
 
 cmd_env() {
@@ -596,6 +676,7 @@ main() {
         stop) cmd_stop "$@" ;;
         env) cmd_env "$@" ;;
         bin-dir) cmd_bin_dir "$@" ;;
+        __watch) cmd_watch "$@" ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac
