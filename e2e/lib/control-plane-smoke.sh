@@ -69,16 +69,40 @@ spec:
               size:
                 type: integer
                 minimum: 1
+              note:
+                type: string
+                default: ""
+              ports:
+                type: array
+                x-kubernetes-list-type: map
+                x-kubernetes-list-map-keys: [name]
+                items:
+                  type: object
+                  required: [name]
+                  properties:
+                    name:
+                      type: string
+                    port:
+                      type: integer
           status:
             type: object
             properties:
               phase:
                 type: string
+              leader:
+                type: string
+                default: ""
 YAML
 
 step "start"
 t0=$(date +%s%N)
-KUBECONFIG=$("$LCP" start "$DIR" "$DIR/crd.yaml" | tail -n1)
+# The project's own CRDs, when present, must install too.
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+manifests=("$DIR/crd.yaml")
+for f in "$REPO"/crds/*.yaml; do
+    [[ -f $f ]] && manifests+=("$f")
+done
+KUBECONFIG=$("$LCP" start "$DIR" "${manifests[@]}" | tail -n1)
 export KUBECONFIG
 echo "start took $((($(date +%s%N) - t0) / 1000000)) ms; KUBECONFIG=$KUBECONFIG" >&2
 eval "$("$LCP" env "$DIR")"
@@ -105,6 +129,9 @@ metadata:
   name: w1
 spec:
   size: 3
+  note: ""
+  ports:
+  - {name: sql, port: 0}
 YAML
 if k -n smoke apply -f - 2>/dev/null <<'YAML'
 apiVersion: smoke.dbportal.io/v1alpha1
@@ -115,10 +142,22 @@ spec:
   size: 0
 YAML
 then fail "schema validation did not reject size: 0"; fi
+# Defaulting, including an empty-string default.
+k -n smoke create -f - <<'YAML'
+apiVersion: smoke.dbportal.io/v1alpha1
+kind: Widget
+metadata:
+  name: w2
+spec:
+  size: 1
+YAML
+k -n smoke get widget w2 -o json |
+    python3 -c 'import json,sys; o=json.load(sys.stdin); assert o["spec"]["note"] == "", o["spec"]' ||
+    fail "CRD default (empty string) not applied"
 # Status goes through the /status subresource only.
 base=/apis/smoke.dbportal.io/v1alpha1/namespaces/smoke/widgets/w1
 k get --raw "$base" |
-    python3 -c 'import json,sys; o=json.load(sys.stdin); o["status"]={"phase":"Ready"}; o["spec"]["size"]=9; print(json.dumps(o))' \
+    python3 -c 'import json,sys; o=json.load(sys.stdin); o["status"]={"phase":"Ready","leader":""}; o["spec"]["size"]=9; print(json.dumps(o))' \
         >"$DIR/w1-status.json"
 k replace --raw "$base/status" -f "$DIR/w1-status.json" >/dev/null
 [[ $(k -n smoke get widget w1 -o 'jsonpath={.status.phase}/{.spec.size}') == Ready/3 ]] ||
