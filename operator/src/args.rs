@@ -1,0 +1,101 @@
+//! Command line and environment of the operator binary.
+
+use std::net::SocketAddr;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+use crate::build::Settings;
+
+/// dbportal operator: reconciles DatabasePortals into portal pods, Services, ConfigMaps and
+/// Certificates.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "operator", version)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Namespace to watch; empty watches all namespaces.
+    #[arg(long, env = "DBPORTAL_WATCH_NAMESPACE", default_value = "")]
+    pub namespace: String,
+
+    /// Portal image for DatabasePortals that name none.
+    #[arg(long, env = "DBPORTAL_PORTAL_IMAGE", default_value_t = Settings::default_portal_image())]
+    pub portal_image: String,
+
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "DBPORTAL_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub metrics_address: SocketAddr,
+
+    /// Elect one active replica through a Lease (turn off for a single replica).
+    #[arg(long, env = "DBPORTAL_LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "DBPORTAL_LEASE_NAME", default_value = "dbportal-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "dbportal-system")]
+    pub lease_namespace: String,
+
+    /// This replica's identity in the Lease; default: the pod name, else host name and PID.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// DatabasePortals reconciled at the same time.
+    #[arg(long, env = "DBPORTAL_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+}
+
+#[derive(Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Print the DatabasePortal CustomResourceDefinition as YAML.
+    Crd,
+}
+
+impl Args {
+    /// The namespace to watch, None for all.
+    pub fn watch_namespace(&self) -> Option<&str> {
+        Some(self.namespace.as_str()).filter(|ns| !ns.is_empty())
+    }
+
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "operator".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            portal_image: self.portal_image.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_subcommand() {
+        let args = Args::try_parse_from(["operator"]).unwrap();
+        assert!(args.leader_election);
+        assert_eq!(args.watch_namespace(), None);
+        assert!(args.portal_image.ends_with(env!("CARGO_PKG_VERSION")));
+        let args = Args::try_parse_from([
+            "operator",
+            "--namespace",
+            "shop",
+            "--leader-election",
+            "false",
+            "crd",
+        ])
+        .unwrap();
+        assert!(!args.leader_election);
+        assert_eq!(args.watch_namespace(), Some("shop"));
+        assert!(matches!(args.command, Some(Command::Crd)));
+    }
+}

@@ -1,0 +1,555 @@
+//! `build`: turns a validated DatabasePortal into every child object, without touching the
+//! network. Names and labels follow the contract in `spec/api.md`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use portal::config::{DatabasePortalSpec, IssuerKind, TlsMode};
+
+use crate::certificate::{Certificate, CertificateIssuerRef, CertificateSpec, SecretTemplate};
+use crate::validate::Validated;
+use crate::{DatabasePortal, Error, Result};
+
+/// Field manager of every server-side apply the operator makes.
+pub const MANAGER: &str = "dbportal-operator";
+/// ConfigMap key holding the portal configuration.
+pub const CONFIG_KEY: &str = "portal.yaml";
+/// Port of the portal's HTTP admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`).
+pub const ADMIN_PORT: u16 = 8404;
+/// Label the StatefulSet controller puts on each pod, used by the per-portal Services.
+pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
+/// Name of the portal container.
+pub const CONTAINER: &str = "portal";
+/// UID the portal runs as (the image is static and needs no user database).
+const PORTAL_UID: i64 = 65532;
+
+/// What `build` needs from the operator's own settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Portal image used when `spec.portal.image` is empty.
+    pub portal_image: String,
+}
+
+impl Settings {
+    /// The portal image published with this operator's version.
+    pub fn default_portal_image() -> String {
+        format!("ghcr.io/dbportal/portal:{}", env!("CARGO_PKG_VERSION"))
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            portal_image: Self::default_portal_image(),
+        }
+    }
+}
+
+/// Names of the children of DatabasePortal `name`.
+pub mod names {
+    /// ConfigMap, StatefulSet, Service for all portals, ServiceAccount, Role, RoleBinding,
+    /// Certificate and PodDisruptionBudget.
+    pub fn portal(name: &str) -> String {
+        format!("{name}-portal")
+    }
+    /// Pod `i` and its own Service.
+    pub fn portal_pod(name: &str, i: i32) -> String {
+        format!("{name}-portal-{i}")
+    }
+    /// The Secret cert-manager writes.
+    pub fn tls_secret(name: &str) -> String {
+        format!("{name}-portal-tls")
+    }
+}
+
+/// The four labels every child carries.
+pub fn labels(instance: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(instance);
+    labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
+    labels
+}
+
+/// The labels that select one DatabasePortal's portal pods.
+pub fn selector_labels(instance: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "dbportal"),
+        ("app.kubernetes.io/instance", instance),
+        ("app.kubernetes.io/component", "portal"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Label selector for every child of DatabasePortal `instance`.
+pub fn children_selector(instance: &str) -> String {
+    labels(instance)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Every child of one DatabasePortal. `apply` names each field, so none is forgotten.
+#[derive(Clone, Debug)]
+pub struct Children {
+    pub config_map: ConfigMap,
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    pub stateful_set: StatefulSet,
+    /// The Service for all portals first, then one per portal.
+    pub services: Vec<Service>,
+    /// Only when TLS is terminated with a cert-manager issuer.
+    pub certificate: Option<Certificate>,
+    /// Typed as policy/v1; applied as whichever policy version the server serves.
+    pub pdb: PodDisruptionBudget,
+}
+
+/// The TLS Secret the portal serves, if it terminates TLS.
+pub fn tls_secret_name(dp: &DatabasePortal) -> Option<String> {
+    let tls = &dp.spec.tls;
+    match tls.mode {
+        TlsMode::Terminate if !tls.secret_name.is_empty() => Some(tls.secret_name.clone()),
+        TlsMode::Terminate if tls.issuer_ref.is_some() => Some(names::tls_secret(&dp.name())),
+        _ => None,
+    }
+}
+
+trait NameOf {
+    fn name(&self) -> String;
+}
+impl NameOf for DatabasePortal {
+    fn name(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+}
+
+/// Every child object of `dp`.
+pub fn build(dp: &DatabasePortal, valid: &Validated, settings: &Settings) -> Result<Children> {
+    let owner = dp
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let b = Builder {
+        dp,
+        valid,
+        settings,
+        owner,
+    };
+    Ok(Children {
+        config_map: b.config_map()?,
+        service_account: ServiceAccount {
+            metadata: b.meta(names::portal(&valid.name)),
+            ..Default::default()
+        },
+        role: b.role(),
+        role_binding: b.role_binding(),
+        stateful_set: b.stateful_set(),
+        services: b.services(),
+        certificate: b.certificate(),
+        pdb: b.pdb(),
+    })
+}
+
+struct Builder<'a> {
+    dp: &'a DatabasePortal,
+    valid: &'a Validated,
+    settings: &'a Settings,
+    owner: OwnerReference,
+}
+
+impl Builder<'_> {
+    fn name(&self) -> &str {
+        &self.valid.name
+    }
+
+    fn meta(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.valid.namespace.clone()),
+            labels: Some(labels(self.name())),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..Default::default()
+        }
+    }
+
+    fn replicas(&self) -> i32 {
+        self.dp.spec.portal.replicas
+    }
+
+    fn config_map(&self) -> Result<ConfigMap> {
+        let text =
+            portal_yaml(&self.dp.spec, self.valid.config.port).map_err(|e| Error::Serialize {
+                kind: "ConfigMap",
+                message: e.to_string(),
+            })?;
+        let header = format!(
+            "# Written by {MANAGER} from DatabasePortal {}/{}; edit the DatabasePortal instead.\n",
+            self.valid.namespace,
+            self.name()
+        );
+        Ok(ConfigMap {
+            metadata: self.meta(names::portal(self.name())),
+            data: Some([(CONFIG_KEY.to_string(), header + &text)].into()),
+            ..Default::default()
+        })
+    }
+
+    fn role(&self) -> Role {
+        let name = self.name();
+        let mut secrets: Vec<String> = tls_secret_name(self.dp).into_iter().collect();
+        if let Some(creds) = &self.dp.spec.health_check.credentials_secret {
+            if !secrets.contains(creds) {
+                secrets.push(creds.clone());
+            }
+        }
+        let rule = |resource: &str, verbs: &[&str], names: Vec<String>| PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec![resource.to_string()]),
+            resource_names: Some(names),
+            verbs: verbs.iter().map(|v| v.to_string()).collect(),
+            ..Default::default()
+        };
+        let mut rules = vec![rule(
+            "configmaps",
+            &["get", "list", "watch"],
+            vec![names::portal(name)],
+        )];
+        if !secrets.is_empty() {
+            rules.push(rule("secrets", &["get", "list", "watch"], secrets));
+        }
+        // Each portal reports its own view on its own Pod.
+        rules.push(rule(
+            "pods",
+            &["get", "patch"],
+            (0..self.replicas())
+                .map(|i| names::portal_pod(name, i))
+                .collect(),
+        ));
+        Role {
+            metadata: self.meta(names::portal(name)),
+            rules: Some(rules),
+        }
+    }
+
+    fn role_binding(&self) -> RoleBinding {
+        let name = names::portal(self.name());
+        RoleBinding {
+            metadata: self.meta(name.clone()),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: name.clone(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name,
+                namespace: Some(self.valid.namespace.clone()),
+                ..Default::default()
+            }]),
+        }
+    }
+
+    fn services(&self) -> Vec<Service> {
+        let port = self.valid.config.port;
+        let service = |name: String, pod: Option<String>| {
+            let mut selector = selector_labels(self.name());
+            if let Some(pod) = pod {
+                selector.insert(POD_NAME_LABEL.into(), pod);
+            }
+            Service {
+                metadata: self.meta(name),
+                spec: Some(ServiceSpec {
+                    type_: Some(self.dp.spec.portal.service_type.as_str().into()),
+                    selector: Some(selector),
+                    ports: Some(vec![ServicePort {
+                        name: Some("portal".into()),
+                        protocol: Some("TCP".into()),
+                        port: port.into(),
+                        target_port: Some(IntOrString::String("portal".into())),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        std::iter::once(service(names::portal(self.name()), None))
+            .chain((0..self.replicas()).map(|i| {
+                let pod = names::portal_pod(self.name(), i);
+                service(pod.clone(), Some(pod))
+            }))
+            .collect()
+    }
+
+    fn certificate(&self) -> Option<Certificate> {
+        let tls = &self.dp.spec.tls;
+        let issuer = match (&tls.mode, &tls.issuer_ref) {
+            (TlsMode::Terminate, Some(issuer)) if tls.secret_name.is_empty() => issuer,
+            _ => return None,
+        };
+        let mut dns_names = Vec::new();
+        for service in self.services() {
+            let short = service.metadata.name.unwrap_or_default();
+            let ns = &self.valid.namespace;
+            for name in [
+                short.clone(),
+                format!("{short}.{ns}"),
+                format!("{short}.{ns}.svc"),
+                format!("{short}.{ns}.svc.cluster.local"),
+            ] {
+                if !dns_names.contains(&name) {
+                    dns_names.push(name);
+                }
+            }
+        }
+        for extra in &tls.dns_names {
+            if !dns_names.contains(extra) {
+                dns_names.push(extra.clone());
+            }
+        }
+        Some(Certificate {
+            metadata: self.meta(names::portal(self.name())),
+            spec: CertificateSpec {
+                secret_name: names::tls_secret(self.name()),
+                dns_names,
+                issuer_ref: CertificateIssuerRef {
+                    name: issuer.name.clone(),
+                    kind: Some(
+                        match issuer.kind {
+                            IssuerKind::Issuer => "Issuer",
+                            IssuerKind::ClusterIssuer => "ClusterIssuer",
+                        }
+                        .into(),
+                    ),
+                    group: Some(
+                        issuer
+                            .group
+                            .clone()
+                            .unwrap_or_else(|| "cert-manager.io".into()),
+                    ),
+                },
+                secret_template: Some(SecretTemplate {
+                    labels: labels(self.name()),
+                }),
+            },
+            status: None,
+        })
+    }
+
+    fn pdb(&self) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(names::portal(self.name())),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(self.name())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The pod template depends only on what needs new pods (image, resources, port, TLS
+    /// source, service account), never on the configuration the portal reloads live.
+    fn stateful_set(&self) -> StatefulSet {
+        let name = self.name();
+        let spec = &self.dp.spec;
+        let image = if spec.portal.image.is_empty() {
+            self.settings.portal_image.clone()
+        } else {
+            spec.portal.image.clone()
+        };
+        let mut args = vec!["--configmap".to_string(), names::portal(name)];
+        if let Some(secret) = tls_secret_name(self.dp) {
+            args.extend(["--tls-secret".to_string(), secret]);
+        }
+        let field_env = |env: &str, path: &str| EnvVar {
+            name: env.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: path.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let probe = |path: &str, period: i32, failures: i32| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(path.into()),
+                port: IntOrString::String("admin".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(period),
+            failure_threshold: Some(failures),
+            timeout_seconds: Some(1),
+            ..Default::default()
+        };
+        let drain = spec
+            .drain_timeout
+            .map(|d| d.get().as_secs() as i64)
+            .unwrap_or(30);
+        let container = Container {
+            name: CONTAINER.into(),
+            image: Some(image),
+            args: Some(args),
+            env: Some(vec![
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ]),
+            ports: Some(vec![
+                ContainerPort {
+                    name: Some("portal".into()),
+                    container_port: self.valid.config.port.into(),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ContainerPort {
+                    name: Some("admin".into()),
+                    container_port: ADMIN_PORT.into(),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]),
+            readiness_probe: Some(probe("/readyz", 2, 2)),
+            liveness_probe: Some(probe("/healthz", 10, 3)),
+            resources: Some(
+                spec.portal
+                    .resources
+                    .clone()
+                    .unwrap_or_else(default_resources),
+            ),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let selector = selector_labels(name);
+        let pod = PodSpec {
+            service_account_name: Some(names::portal(name)),
+            automount_service_account_token: Some(true),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(drain + 5),
+            containers: vec![container],
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(PORTAL_UID),
+                run_as_group: Some(PORTAL_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            // Preferred, not required: a single-node cluster still runs every portal.
+            affinity: Some(Affinity {
+                pod_anti_affinity: Some(PodAntiAffinity {
+                    preferred_during_scheduling_ignored_during_execution: Some(vec![
+                        WeightedPodAffinityTerm {
+                            weight: 100,
+                            pod_affinity_term: PodAffinityTerm {
+                                topology_key: "kubernetes.io/hostname".into(),
+                                label_selector: Some(LabelSelector {
+                                    match_labels: Some(selector.clone()),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: "topology.kubernetes.io/zone".into(),
+                when_unsatisfiable: "ScheduleAnyway".into(),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(selector.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        StatefulSet {
+            metadata: self.meta(names::portal(name)),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(self.replicas()),
+                service_name: Some(names::portal(name)),
+                // Pods start together; updates still replace one pod at a time, each waiting
+                // for the previous one to be ready.
+                pod_management_policy: Some("Parallel".into()),
+                update_strategy: Some(StatefulSetUpdateStrategy {
+                    type_: Some("RollingUpdate".into()),
+                    rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                        partition: Some(0),
+                        ..Default::default()
+                    }),
+                }),
+                selector: LabelSelector {
+                    match_labels: Some(selector),
+                    ..Default::default()
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels(name)),
+                        ..Default::default()
+                    }),
+                    spec: Some(pod),
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Requests cpu 50m, memory 64Mi; limit memory 64Mi.
+pub fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_string(), Quantity("50m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ]
+            .into(),
+        ),
+        limits: Some([("memory".to_string(), Quantity("64Mi".into()))].into()),
+        ..Default::default()
+    }
+}
+
+/// The portal's configuration file: the spec plus what an in-cluster portal needs
+/// (`listen`, `admin`). `portal::config::parse_yaml` reads it back to the same spec.
+pub fn portal_yaml(spec: &DatabasePortalSpec, port: u16) -> Result<String, serde_yaml::Error> {
+    let mut spec = spec.clone();
+    spec.listen = Some(format!("0.0.0.0:{port}"));
+    spec.admin = Some(format!("0.0.0.0:{ADMIN_PORT}"));
+    serde_yaml::to_string(&spec)
+}

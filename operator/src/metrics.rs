@@ -1,0 +1,136 @@
+//! Prometheus metrics of the operator: reconciles, failures by error kind (the `Error`
+//! variant's name), reconcile duration, leadership.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::Error;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    error: &'static str,
+}
+
+/// The operator's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    reconciles: Counter,
+    failures: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("dbportal_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        // 1 ms .. ~16 s
+        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by error kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader-election lease (or runs without election)",
+            leader.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            reconciles,
+            failures,
+            duration,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconcile_started(&self) {
+        self.reconciles.inc();
+    }
+
+    pub fn reconcile_finished(&self, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn failure(&self, error: &Error) {
+        self.failures
+            .get_or_create(&ErrorLabels {
+                error: error.metric_label(),
+            })
+            .inc();
+    }
+
+    pub fn failures(&self, label: &'static str) -> u64 {
+        self.failures
+            .get_or_create(&ErrorLabels { error: label })
+            .get()
+    }
+
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.get()
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(leader as i64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_labelled_by_error_variant() {
+        let m = Metrics::default();
+        m.reconcile_started();
+        m.failure(&Error::InvalidSpec(vec![]));
+        m.failure(&Error::MissingObjectKey("uid"));
+        m.reconcile_finished(Duration::from_millis(3));
+        let text = m.encode();
+        assert!(
+            text.contains("dbportal_operator_reconciles_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"dbportal_operator_reconcile_failures_total{error="InvalidSpec"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"dbportal_operator_reconcile_failures_total{error="MissingObjectKey"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("dbportal_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,617 @@
+//! Unit tests of `validate`, `build` and `status`, fed by inline YAML.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+
+use crate::build::{build, names, Children, Settings, ADMIN_PORT, CONFIG_KEY};
+use crate::fixtures::{from_yaml, orders, PortalFixture};
+use crate::status::{self, reason, Observation};
+use crate::validate::validate;
+use crate::{DatabasePortal, Error};
+
+fn children(dp: &DatabasePortal) -> Children {
+    let valid = validate(dp).unwrap();
+    build(dp, &valid, &Settings::default()).unwrap()
+}
+
+fn invalid_fields(dp: &DatabasePortal) -> Vec<String> {
+    match validate(dp) {
+        Err(Error::InvalidSpec(errors)) => errors.into_iter().map(|e| e.field).collect(),
+        other => panic!("expected InvalidSpec, got {other:?}"),
+    }
+}
+
+fn every_meta(c: &Children) -> Vec<(&'static str, &kube::api::ObjectMeta)> {
+    let mut all: Vec<(&'static str, &kube::api::ObjectMeta)> = vec![
+        ("ConfigMap", c.config_map.meta()),
+        ("ServiceAccount", c.service_account.meta()),
+        ("Role", c.role.meta()),
+        ("RoleBinding", c.role_binding.meta()),
+        ("StatefulSet", c.stateful_set.meta()),
+        ("PodDisruptionBudget", c.pdb.meta()),
+    ];
+    all.extend(c.services.iter().map(|s| ("Service", s.meta())));
+    all.extend(c.certificate.iter().map(|s| ("Certificate", s.meta())));
+    all
+}
+
+#[test]
+fn the_contract_example_is_valid() {
+    let valid = validate(&orders()).unwrap();
+    assert_eq!(valid.name, "orders");
+    assert_eq!(valid.namespace, "shop");
+    assert_eq!(valid.config.port, 6379);
+}
+
+#[test]
+fn a_bad_cidr_is_invalid_spec_naming_the_field() {
+    let dp = orders().patch_spec(r#"allowedCIDRs: ["10.0.0.0/8", "10.0.0.0/99"]"#);
+    assert_eq!(invalid_fields(&dp), ["allowedCIDRs[1]"]);
+}
+
+#[test]
+fn a_bad_address_is_invalid_spec_naming_the_field() {
+    let dp = orders()
+        .patch_spec(r#"backends: [{name: a, address: "a:6379"}, {name: b, address: "b:99999"}]"#);
+    assert_eq!(invalid_fields(&dp), ["backends[1].address"]);
+}
+
+#[test]
+fn terminate_without_a_certificate_source_is_invalid() {
+    let mut dp = orders();
+    dp.spec.tls.issuer_ref = None;
+    assert_eq!(invalid_fields(&dp), ["tls.issuerRef"]);
+    // Terminate is the default mode.
+    let dp = from_yaml(
+        r#"
+metadata: {name: cache, namespace: shop, uid: u1}
+spec: {engine: redis, backends: [{name: a, address: "a:6379"}]}
+"#,
+    );
+    assert_eq!(invalid_fields(&dp), ["tls.issuerRef"]);
+    assert!(validate(&dp.with_tls_secret("cache-tls")).is_ok());
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let dp = orders().patch_spec(r#"{allowedCIDRs: ["nope"], port: 0, tls: {issuerRef: null}}"#);
+    let fields = invalid_fields(&dp);
+    for f in ["allowedCIDRs[0]", "port", "tls.issuerRef"] {
+        assert!(
+            fields.contains(&f.to_string()),
+            "{f} missing from {fields:?}"
+        );
+    }
+}
+
+#[test]
+fn names_that_cannot_make_service_names_are_invalid() {
+    let mut dp = orders();
+    dp.metadata.name = Some("a".repeat(46));
+    assert_eq!(invalid_fields(&dp), ["metadata.name"]);
+    dp.metadata.name = Some("1orders".into());
+    assert_eq!(invalid_fields(&dp), ["metadata.name"]);
+    dp.metadata.name = Some("a".repeat(45));
+    assert!(validate(&dp).is_ok());
+}
+
+#[test]
+fn every_child_has_its_contract_name() {
+    let c = children(&orders());
+    assert_eq!(c.config_map.name_any(), "orders-portal");
+    assert_eq!(c.stateful_set.name_any(), "orders-portal");
+    assert_eq!(c.service_account.name_any(), "orders-portal");
+    assert_eq!(c.role.name_any(), "orders-portal");
+    assert_eq!(c.role_binding.name_any(), "orders-portal");
+    assert_eq!(c.pdb.name_any(), "orders-portal");
+    assert_eq!(c.certificate.as_ref().unwrap().name_any(), "orders-portal");
+    let services: Vec<_> = c.services.iter().map(|s| s.name_any()).collect();
+    assert_eq!(
+        services,
+        ["orders-portal", "orders-portal-0", "orders-portal-1"]
+    );
+}
+
+#[test]
+fn every_child_has_the_labels_owner_and_namespace() {
+    let dp = orders();
+    let c = children(&dp);
+    let expected: BTreeMap<String, String> = [
+        ("app.kubernetes.io/name", "dbportal"),
+        ("app.kubernetes.io/instance", "orders"),
+        ("app.kubernetes.io/component", "portal"),
+        ("app.kubernetes.io/managed-by", "dbportal-operator"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.into(), v.into()))
+    .collect();
+    let all = every_meta(&c);
+    assert_eq!(all.len(), 10);
+    for (kind, meta) in all {
+        assert_eq!(meta.labels.as_ref(), Some(&expected), "{kind}");
+        assert_eq!(meta.namespace.as_deref(), Some("shop"), "{kind}");
+        let owners = meta.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1, "{kind}");
+        let o = &owners[0];
+        assert_eq!(
+            (o.api_version.as_str(), o.kind.as_str()),
+            ("dbportal.dev/v1alpha1", "DatabasePortal")
+        );
+        assert_eq!(o.name, "orders");
+        assert_eq!(o.uid, dp.uid().unwrap());
+        assert_eq!(o.controller, Some(true), "{kind}");
+    }
+}
+
+fn port_of(s: &Service) -> (i32, Option<IntOrString>) {
+    let p = &s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    (p.port, p.target_port.clone())
+}
+
+#[test]
+fn services_select_their_portal_on_the_engine_port() {
+    let c = children(&orders());
+    for svc in &c.services {
+        assert_eq!(
+            port_of(svc),
+            (6379, Some(IntOrString::String("portal".into())))
+        );
+        assert_eq!(
+            svc.spec.as_ref().unwrap().type_.as_deref(),
+            Some("ClusterIP")
+        );
+    }
+    let both = c.services[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .as_ref()
+        .unwrap();
+    assert!(!both.contains_key("statefulset.kubernetes.io/pod-name"));
+    assert_eq!(both["app.kubernetes.io/instance"], "orders");
+    for i in 0..2 {
+        let sel = c.services[i + 1]
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            sel["statefulset.kubernetes.io/pod-name"],
+            format!("orders-portal-{i}")
+        );
+        assert_eq!(sel["app.kubernetes.io/instance"], "orders");
+    }
+    let tcp = from_yaml(
+        r#"
+metadata: {name: raw, namespace: ns, uid: u}
+spec: {engine: tcp, port: 7000, backends: [{name: a, address: "a:7"}], tls: {mode: disabled}, portal: {serviceType: LoadBalancer}}
+"#,
+    );
+    let c = children(&tcp);
+    assert_eq!(port_of(&c.services[1]).0, 7000);
+    assert_eq!(
+        c.services[1].spec.as_ref().unwrap().type_.as_deref(),
+        Some("LoadBalancer")
+    );
+}
+
+#[test]
+fn replicas_make_one_service_each() {
+    let c = children(&orders().with_replicas(3));
+    assert_eq!(c.services.len(), 4);
+    assert_eq!(c.services[3].name_any(), "orders-portal-2");
+    assert_eq!(c.stateful_set.spec.as_ref().unwrap().replicas, Some(3));
+}
+
+#[test]
+fn the_configmap_round_trips_into_the_portal_config() {
+    let dp = orders();
+    let c = children(&dp);
+    let text = &c.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let spec = portal::config::parse_yaml(text).unwrap();
+    let config = spec.validate().unwrap();
+    assert_eq!(config.listen.to_string(), "0.0.0.0:6379");
+    assert_eq!(config.admin.port(), ADMIN_PORT);
+    assert_eq!(config.allowed_cidrs.len(), 2);
+    let mut expected = dp.spec.clone();
+    expected.listen = Some("0.0.0.0:6379".into());
+    expected.admin = Some(format!("0.0.0.0:{ADMIN_PORT}"));
+    assert_eq!(spec, expected);
+}
+
+#[test]
+fn a_config_only_change_leaves_the_pod_template_alone() {
+    let before = children(&orders());
+    let after = children(&orders().patch_spec(
+        r#"
+allowedCIDRs: ["192.168.0.0/16"]
+backends: [{name: x, address: "x:6379"}]
+timeouts: {client: 1h}
+limits: {maxConnections: 10}
+routing: {mode: first}
+healthCheck: {interval: 5s, steps: [{send: "PING\r\n", expect: "+PONG"}]}
+tls: {dnsNames: [other.example.com]}
+"#,
+    ));
+    assert_ne!(before.config_map.data, after.config_map.data);
+    assert_eq!(
+        before.stateful_set.spec.as_ref().unwrap().template,
+        after.stateful_set.spec.as_ref().unwrap().template
+    );
+    // A change that needs new pods does change it.
+    let image = children(&orders().patch_spec("portal: {image: example/portal:2}"));
+    assert_ne!(
+        before.stateful_set.spec.as_ref().unwrap().template,
+        image.stateful_set.spec.as_ref().unwrap().template
+    );
+}
+
+#[test]
+fn the_statefulset_runs_the_portals_safely() {
+    let c = children(&orders());
+    let sts = c.stateful_set.spec.as_ref().unwrap();
+    assert_eq!(sts.replicas, Some(2));
+    assert_eq!(sts.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(
+        sts.update_strategy.as_ref().unwrap().type_.as_deref(),
+        Some("RollingUpdate")
+    );
+    let selector = sts.selector.match_labels.as_ref().unwrap();
+    let template_labels = sts
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref()
+        .unwrap();
+    for (k, v) in selector {
+        assert_eq!(template_labels.get(k), Some(v));
+    }
+    let pod = sts.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("orders-portal"));
+    let anti = pod
+        .affinity
+        .as_ref()
+        .unwrap()
+        .pod_anti_affinity
+        .as_ref()
+        .unwrap();
+    let term = &anti
+        .preferred_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        term.pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some(Settings::default().portal_image.as_str())
+    );
+    assert_eq!(
+        container.args.as_deref().unwrap(),
+        [
+            "--configmap",
+            "orders-portal",
+            "--tls-secret",
+            "orders-portal-tls"
+        ]
+    );
+    let env: Vec<_> = container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e.name.as_str(),
+                e.value_from
+                    .as_ref()
+                    .unwrap()
+                    .field_ref
+                    .as_ref()
+                    .unwrap()
+                    .field_path
+                    .as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace")
+        ]
+    );
+    let ready = container
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    assert_eq!(ready.port, IntOrString::String("admin".into()));
+    let live = container
+        .liveness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(live.path.as_deref(), Some("/healthz"));
+    let ports: Vec<_> = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("portal".to_string(), 6379), ("admin".to_string(), 8404)]
+    );
+    let res = container.resources.as_ref().unwrap();
+    assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "50m");
+    assert_eq!(res.requests.as_ref().unwrap()["memory"].0, "64Mi");
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "64Mi");
+    assert!(!res.limits.as_ref().unwrap().contains_key("cpu"));
+    // Images and resources from the spec win.
+    let custom = children(
+        &orders().patch_spec("portal: {image: example/p:1, resources: {limits: {memory: 128Mi}}}"),
+    );
+    let c = &custom
+        .stateful_set
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(c.image.as_deref(), Some("example/p:1"));
+    assert_eq!(
+        c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+        "128Mi"
+    );
+}
+
+#[test]
+fn the_certificate_names_every_portal_service() {
+    let c = children(&orders());
+    let cert = c.certificate.unwrap();
+    assert_eq!(cert.spec.secret_name, "orders-portal-tls");
+    assert_eq!(cert.spec.issuer_ref.name, "letsencrypt");
+    assert_eq!(cert.spec.issuer_ref.kind.as_deref(), Some("ClusterIssuer"));
+    assert_eq!(
+        cert.spec.issuer_ref.group.as_deref(),
+        Some("cert-manager.io")
+    );
+    let mut expected = Vec::new();
+    for svc in ["orders-portal", "orders-portal-0", "orders-portal-1"] {
+        expected.extend([
+            svc.to_string(),
+            format!("{svc}.shop"),
+            format!("{svc}.shop.svc"),
+            format!("{svc}.shop.svc.cluster.local"),
+        ]);
+    }
+    expected.push("orders.example.com".into());
+    assert_eq!(cert.spec.dns_names, expected);
+}
+
+#[test]
+fn no_certificate_without_cert_manager_tls() {
+    assert!(children(&orders().with_tls_disabled())
+        .certificate
+        .is_none());
+    let c = children(&orders().with_tls_secret("mine"));
+    assert!(c.certificate.is_none());
+    let args = c
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(
+        args,
+        ["--configmap", "orders-portal", "--tls-secret", "mine"]
+    );
+    let c = children(&orders().with_tls_disabled());
+    let args = c
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args, ["--configmap", "orders-portal"]);
+}
+
+#[test]
+fn the_pdb_allows_one_portal_down() {
+    let c = children(&orders());
+    let spec = c.pdb.spec.unwrap();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        spec.selector.unwrap().match_labels.unwrap()["app.kubernetes.io/instance"],
+        "orders"
+    );
+}
+
+#[test]
+fn the_portal_role_reaches_its_own_objects_only() {
+    let dp = orders().patch_spec("healthCheck: {credentialsSecret: orders-probe}");
+    let c = children(&dp);
+    let rules = c.role.rules.unwrap();
+    let find = |res: &str| {
+        rules
+            .iter()
+            .find(|r| r.resources.as_deref() == Some(&[res.to_string()][..]))
+            .unwrap()
+    };
+    let cm = find("configmaps");
+    assert_eq!(cm.resource_names.as_deref().unwrap(), ["orders-portal"]);
+    assert_eq!(cm.verbs, ["get", "list", "watch"]);
+    let secrets = find("secrets");
+    assert_eq!(
+        secrets.resource_names.as_deref().unwrap(),
+        ["orders-portal-tls", "orders-probe"]
+    );
+    assert_eq!(secrets.verbs, ["get", "list", "watch"]);
+    let pods = find("pods");
+    assert_eq!(
+        pods.resource_names.as_deref().unwrap(),
+        ["orders-portal-0", "orders-portal-1"]
+    );
+    assert_eq!(pods.verbs, ["get", "patch"]);
+    assert_eq!(rules.len(), 3);
+    for r in &rules {
+        assert!(r.resource_names.as_ref().is_some_and(|n| !n.is_empty()));
+        assert_eq!(r.api_groups.as_deref().unwrap(), [""]);
+    }
+    let rb = c.role_binding;
+    assert_eq!(rb.role_ref.name, "orders-portal");
+    assert_eq!(rb.role_ref.kind, "Role");
+    let subject = &rb.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", "orders-portal")
+    );
+    assert_eq!(subject.namespace.as_deref(), Some("shop"));
+    // No TLS, no credentials: no Secret at all.
+    let rules = children(&orders().with_tls_disabled()).role.rules.unwrap();
+    assert!(rules
+        .iter()
+        .all(|r| r.resources.as_deref() != Some(&["secrets".to_string()][..])));
+}
+
+#[test]
+fn status_reports_endpoints_readiness_and_degradation() {
+    let dp = orders().with_generation(3);
+    let now = Timestamp::now();
+    let obs = Observation {
+        ready_portals: 1,
+        degraded: vec![],
+    };
+    let s = status::reconciled(&dp, 6379, &obs, now);
+    assert_eq!(s.observed_generation, Some(3));
+    assert_eq!(s.ready, "1/2");
+    assert_eq!(s.ready_portals, 1);
+    assert_eq!(
+        s.endpoints,
+        [
+            "orders-portal-0.shop.svc:6379",
+            "orders-portal-1.shop.svc:6379"
+        ]
+    );
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reason::PORTALS_NOT_READY)
+    );
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("False", reason::AS_EXPECTED)
+    );
+
+    let obs = Observation {
+        ready_portals: 2,
+        degraded: vec![(reason::CERT_MANAGER_MISSING, "install it".into())],
+    };
+    let mut dp2 = dp.clone();
+    dp2.status = Some(s.clone());
+    let later = now + k8s_openapi::jiff::SignedDuration::from_secs(60);
+    let s2 = status::reconciled(&dp2, 6379, &obs, later);
+    assert_eq!(s2.ready, "2/2");
+    let ready = s2.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "True");
+    assert_eq!(ready.last_transition_time.0, later);
+    let degraded = s2
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", reason::CERT_MANAGER_MISSING)
+    );
+    // Unchanged conditions keep their transition time.
+    let mut dp3 = dp.clone();
+    dp3.status = Some(s2.clone());
+    let s3 = status::reconciled(
+        &dp3,
+        6379,
+        &obs,
+        later + k8s_openapi::jiff::SignedDuration::from_secs(60),
+    );
+    assert_eq!(s3.conditions, s2.conditions);
+}
+
+#[test]
+fn invalid_status_names_the_field_and_keeps_the_rest() {
+    let dp = orders().patch_spec(r#"allowedCIDRs: ["10.0.0.0/99"]"#);
+    let Err(Error::InvalidSpec(errors)) = validate(&dp) else {
+        panic!()
+    };
+    let s = status::invalid(&dp, &errors, Timestamp::now());
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "InvalidSpec")
+    );
+    assert!(
+        degraded.message.contains("allowedCIDRs[0]"),
+        "{}",
+        degraded.message
+    );
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+}
+
+#[test]
+fn the_committed_crd_is_current() {
+    let committed = include_str!("../../crds/databaseportal.yaml");
+    assert_eq!(
+        crate::crd_yaml(),
+        committed,
+        "run `cargo run -p dbportal-operator -- crd > crds/databaseportal.yaml`"
+    );
+}
+
+#[test]
+fn the_chart_carries_the_same_crd() {
+    let chart = include_str!("../../charts/dbportal/crds/databaseportal.yaml");
+    assert_eq!(
+        chart,
+        include_str!("../../crds/databaseportal.yaml"),
+        "copy crds/databaseportal.yaml into charts/dbportal/crds/"
+    );
+}
+
+#[test]
+fn names_follow_the_contract() {
+    assert_eq!(names::portal("orders"), "orders-portal");
+    assert_eq!(names::portal_pod("orders", 1), "orders-portal-1");
+    assert_eq!(names::tls_secret("orders"), "orders-portal-tls");
+}
