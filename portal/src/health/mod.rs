@@ -1,38 +1,110 @@
-//! Health and role of the backends: the view the health checker publishes through a `watch`
-//! channel and the data plane routes by.
+//! Health and role of the backends: the engine probes, the checker that runs them (rise/fall,
+//! leader election, fast failover) and the view it publishes through a `watch` channel for the
+//! data plane to route by.
+//!
+//! For the data plane:
+//! - [`spawn_checker`] returns a [`HealthHandle`]: [`HealthHandle::view`] gives the
+//!   `watch::Receiver<HealthView>`; [`HealthHandle::report_connect_failure`] tells the checker
+//!   that a session could not reach a backend, which starts fast probing (cheap; call it on
+//!   every failed backend connect).
+//! - In `leader` routing, new sessions go to `view.leader` only; `None` (no leader, or a
+//!   `conflict`) means wait for the next view, up to `timeouts.connect`.
+//! - When `view.leader` changes away from a node, sessions to that node are to be cut when
+//!   `closeSessionsOnLeaderChange` is on ([`HealthView::leader_name`] compares by name, which
+//!   survives configuration changes that reorder the backends).
+//! - `view.stats` holds the counters for `/status` and `/metrics`.
+
+mod checker;
+pub mod credentials;
+pub mod probe;
+mod state;
+
+use std::time::{Duration, SystemTime};
+
+pub use checker::{spawn_checker, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT};
+pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials};
+pub use state::{elect, Election, NodeState};
 
 /// The role a probe reported for a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Role {
-    /// Not probed yet, or the engine has no notion of role (tcp, etcd members).
+    /// Not probed yet, or the engine has no notion of role (tcp without steps).
     #[default]
     Unknown,
-    /// The node accepts writes.
+    /// The node accepts writes and must be the only one that does (a Redis `master`, a
+    /// PostgreSQL primary, a MySQL node with `read_only` off, a node passing custom `steps`).
+    /// Two such nodes at once are a conflict.
     Leader,
+    /// The node accepts writes alongside others of its kind: a KeyDB `active-replica`, an etcd
+    /// member. Any of them may be the leader; the checker keeps the current one while it stays
+    /// healthy, so sessions are not moved around for nothing.
+    SharedLeader,
     /// A healthy node that does not accept writes.
     Replica,
+}
+
+impl Role {
+    /// Lower-case name for status and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unknown => "unknown",
+            Role::Leader => "leader",
+            Role::SharedLeader => "shared-leader",
+            Role::Replica => "replica",
+        }
+    }
+
+    /// Whether a node with this role accepts writes.
+    pub fn writable(self) -> bool {
+        matches!(self, Role::Leader | Role::SharedLeader)
+    }
 }
 
 /// What is known of one backend, in the order of the configuration's backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendHealth {
     pub name: String,
-    /// Routable: marked up by `rise` successes (or assumed up before any probe).
+    /// Routable: marked up by `rise` successes (or assumed up before its first probe).
     pub up: bool,
+    /// The role of the latest successful probe.
     pub role: Role,
     /// Why the latest probe failed, if it did.
     pub last_error: Option<String>,
+}
+
+/// Counters about the leader, for `/status`, `/metrics` and logs.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct LeaderStats {
+    /// Times the leader moved to another node (the first election does not count).
+    pub changes: u64,
+    /// When the leader last moved (or was first elected).
+    pub last_change: Option<SystemTime>,
+    /// Since when there has been no usable leader (none, or a conflict); `None` while there is one.
+    pub leaderless_since: Option<SystemTime>,
+    /// Times a leader was found again after none was known.
+    pub failovers: u64,
+    /// Duration of the latest gap without a leader.
+    pub last_failover: Option<Duration>,
+    /// Longest gap without a leader.
+    pub max_failover: Option<Duration>,
+    /// Sum of all gaps without a leader (with `failovers`, a Prometheus summary).
+    pub failover_total: Duration,
+    /// Times a leader conflict (several nodes claiming to lead) began.
+    pub conflicts: u64,
+    /// Probing at [`FAST_INTERVAL`] right now (a leader was lost or a node is changing state).
+    pub fast_probing: bool,
 }
 
 /// The checker's view of all backends.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct HealthView {
     pub backends: Vec<BackendHealth>,
-    /// Index of the one healthy node that leads; `None` when there is none, or several claim
-    /// to lead (`conflict`).
+    /// Index of the node that leads; `None` when there is none, or several claim to lead
+    /// (`conflict`).
     pub leader: Option<usize>,
     /// More than one healthy node claims to be the leader: route to neither.
     pub conflict: bool,
+    pub stats: LeaderStats,
 }
 
 impl HealthView {
@@ -50,6 +122,7 @@ impl HealthView {
                 .collect(),
             leader: None,
             conflict: false,
+            stats: LeaderStats::default(),
         }
     }
 
@@ -57,25 +130,20 @@ impl HealthView {
     pub fn get(&self, name: &str) -> Option<&BackendHealth> {
         self.backends.iter().find(|b| b.name == name)
     }
+
+    /// Name of the leader, if there is one.
+    pub fn leader_name(&self) -> Option<&str> {
+        self.leader
+            .and_then(|i| self.backends.get(i))
+            .map(|b| b.name.as_str())
+    }
 }
 
-/// Starts the health checker for the configurations published on `config` and returns the
-/// channel its views are published on. The checker follows configuration changes and stops
-/// when `config`'s sender is dropped.
+/// Starts the health checker with the standalone credentials (`healthCheck.credentials`) and
+/// returns the channel its views are published on. Use [`spawn_checker`] to get a handle that
+/// also takes connect-failure reports and other credential sources.
 pub fn spawn(
-    mut config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
+    config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
 ) -> tokio::sync::watch::Receiver<HealthView> {
-    let view_of = |c: &crate::config::Config| {
-        HealthView::assume_up(c.backends.iter().map(|b| b.name.as_str()))
-    };
-    let (tx, rx) = tokio::sync::watch::channel(view_of(&config.borrow_and_update()));
-    tokio::spawn(async move {
-        while config.changed().await.is_ok() {
-            let view = view_of(&config.borrow_and_update());
-            if tx.send(view).is_err() {
-                break;
-            }
-        }
-    });
-    rx
+    spawn_checker(config, std::sync::Arc::new(StandaloneCredentials)).view()
 }

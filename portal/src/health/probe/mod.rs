@@ -1,0 +1,208 @@
+//! The engine probes: one connection to one backend, bounded by `timeouts.check` (connect and
+//! exchange), answering healthy with a role, or why not.
+
+mod etcd;
+mod mysql;
+mod postgres;
+mod redis;
+mod steps;
+pub mod tls;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::{credentials::CredentialsSource, Role};
+use crate::config::{Address, Config, Engine, RoutingMode, Step};
+
+/// Why a probe failed; the text goes to the view's `last_error`, the log and `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?} (timeouts.check)")]
+    Timeout(Duration),
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("login refused: {0}")]
+    Auth(String),
+    #[error("still loading its data set")]
+    Loading,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("io: {0}")]
+    Io(String),
+}
+
+impl From<std::io::Error> for ProbeError {
+    fn from(e: std::io::Error) -> Self {
+        ProbeError::Io(e.to_string())
+    }
+}
+
+/// Everything a probe needs besides the address, built once per configuration.
+#[derive(Clone)]
+pub struct ProbeSettings {
+    pub engine: Engine,
+    /// Custom send/expect steps; empty = the engine's own probe.
+    pub steps: Vec<Step>,
+    /// Role given to a node that passes custom `steps`: `Leader` for engines with a role (the
+    /// steps are then expected to pass on the leader only, as HAProxy's `role:master` check
+    /// does), `Unknown` for `tcp`.
+    pub steps_role: Role,
+    /// `timeouts.check`: one probe, connect and exchange.
+    pub timeout: Duration,
+    /// TLS to the backends, when `tls.backend.enabled`; an error when it cannot be set up
+    /// (every probe then fails with it).
+    pub tls: Option<Result<tls::BackendTls, String>>,
+    pub health: crate::config::Health,
+    pub credentials: Arc<dyn CredentialsSource>,
+}
+
+impl std::fmt::Debug for ProbeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeSettings")
+            .field("engine", &self.engine)
+            .field("steps", &self.steps.len())
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl ProbeSettings {
+    pub fn new(config: &Config, credentials: Arc<dyn CredentialsSource>) -> Self {
+        let tls = config
+            .tls
+            .backend
+            .as_ref()
+            .filter(|b| b.enabled)
+            .map(tls::BackendTls::new);
+        let steps_role = if config.engine == Engine::Tcp && config.routing != RoutingMode::Leader {
+            Role::Unknown
+        } else {
+            Role::Leader
+        };
+        ProbeSettings {
+            engine: config.engine,
+            steps: config.health.steps.clone(),
+            steps_role,
+            timeout: config.timeouts.check,
+            tls,
+            health: config.health.clone(),
+            credentials,
+        }
+    }
+
+    /// Whether probes on these settings and `other` behave alike (credentials excepted, they
+    /// are read at each probe).
+    pub fn same_probe(&self, other: &ProbeSettings) -> bool {
+        self.engine == other.engine
+            && self.steps == other.steps
+            && self.steps_role == other.steps_role
+    }
+}
+
+/// Probes `address` once: healthy with a role, or why not. Never takes longer than
+/// `settings.timeout`.
+pub async fn probe(settings: &ProbeSettings, address: &Address) -> Result<Role, ProbeError> {
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    match tokio::time::timeout_at(deadline, run(settings, address, deadline)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Timeout(settings.timeout)),
+    }
+}
+
+async fn run(
+    settings: &ProbeSettings,
+    address: &Address,
+    deadline: tokio::time::Instant,
+) -> Result<Role, ProbeError> {
+    let tls = match &settings.tls {
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(e)) => return Err(ProbeError::Tls(e.clone())),
+    };
+    if !settings.steps.is_empty() {
+        let mut stream = connect_maybe_tls(address, tls).await?;
+        steps::run(&mut stream, &settings.steps, deadline).await?;
+        return Ok(settings.steps_role);
+    }
+    let credentials = || {
+        settings
+            .credentials
+            .credentials(&settings.health)
+            .map_err(ProbeError::Credentials)
+    };
+    match settings.engine {
+        Engine::Tcp => {
+            connect_maybe_tls(address, tls).await?;
+            Ok(Role::Unknown)
+        }
+        Engine::Redis => {
+            let creds = credentials()?;
+            let mut stream = connect_maybe_tls(address, tls).await?;
+            redis::probe(&mut stream, creds.as_ref()).await
+        }
+        Engine::Etcd => {
+            let mut stream = connect_maybe_tls(address, tls).await?;
+            etcd::probe(&mut stream, address).await
+        }
+        Engine::Postgres => {
+            let creds = credentials()?;
+            let stream = connect(address).await?;
+            postgres::probe(stream, address, tls, creds.as_ref()).await
+        }
+        Engine::Mysql => {
+            let creds = credentials()?;
+            mysql::probe(address, tls, creds.as_ref()).await
+        }
+    }
+}
+
+/// A byte stream to a backend, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn connect(address: &Address) -> Result<TcpStream, ProbeError> {
+    let stream = TcpStream::connect((address.host.as_str(), address.port))
+        .await
+        .map_err(|e| ProbeError::Connect(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect_maybe_tls(
+    address: &Address,
+    tls: Option<&tls::BackendTls>,
+) -> Result<Box<dyn Io>, ProbeError> {
+    let stream = connect(address).await?;
+    match tls {
+        None => Ok(Box::new(stream)),
+        Some(tls) => Ok(Box::new(tls.connect(address, stream).await?)),
+    }
+}
+
+/// Printable excerpt of bytes from a backend, for error messages.
+pub(crate) fn excerpt(bytes: &[u8]) -> String {
+    const MAX: usize = 80;
+    let mut out = String::new();
+    for &b in bytes.iter().take(MAX) {
+        match b {
+            b'\r' => out.push_str("\\r"),
+            b'\n' => out.push_str("\\n"),
+            b'\\' => out.push_str("\\\\"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    if bytes.len() > MAX {
+        out.push('…');
+    }
+    out
+}

@@ -1,0 +1,101 @@
+//! The MySQL / MariaDB probe: a login and the `read_only` variables; a node with `read_only`
+//! and `super_read_only` (MySQL only; MariaDB has no such variable) off is the leader.
+
+use mysql_async::{prelude::Queryable, OptsBuilder, SslOpts};
+
+use super::{tls::BackendTls, ProbeError};
+use crate::{
+    config::Address,
+    health::{ProbeCredentials, Role},
+};
+
+pub(crate) async fn probe(
+    address: &Address,
+    tls: Option<&BackendTls>,
+    credentials: Option<&ProbeCredentials>,
+) -> Result<Role, ProbeError> {
+    let mut opts = OptsBuilder::default()
+        .ip_or_hostname(address.host.clone())
+        .tcp_port(address.port)
+        .prefer_socket(false)
+        .stmt_cache_size(0)
+        .user(Some(
+            credentials
+                .and_then(|c| c.username.clone())
+                .unwrap_or_else(|| "root".into()),
+        ))
+        .pass(credentials.map(|c| c.password.clone()));
+    if let Some(tls) = tls {
+        let mut ssl = SslOpts::default()
+            .with_danger_accept_invalid_certs(tls.spec.insecure_skip_verify)
+            .with_danger_skip_domain_validation(tls.spec.insecure_skip_verify);
+        if let Some(ca) = &tls.spec.ca_file {
+            ssl = ssl.with_root_certs(vec![std::path::PathBuf::from(ca).into()]);
+        }
+        if let Some(name) = &tls.spec.server_name {
+            ssl = ssl.with_danger_tls_hostname_override(Some(name.clone()));
+        }
+        opts = opts.ssl_opts(ssl);
+    }
+    let mut conn = mysql_async::Conn::new(opts).await.map_err(login_error)?;
+    let rows: Result<Vec<(String, String)>, _> = conn
+        .query("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'super_read_only')")
+        .await;
+    let _ = conn.disconnect().await;
+    let rows = rows.map_err(|e| ProbeError::Protocol(format!("read_only: {e}")))?;
+    judge(&rows)
+}
+
+fn judge(rows: &[(String, String)]) -> Result<Role, ProbeError> {
+    if !rows
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("read_only"))
+    {
+        return Err(ProbeError::Protocol(
+            "the server has no read_only variable".into(),
+        ));
+    }
+    let on = |v: &str| matches!(v.to_ascii_uppercase().as_str(), "ON" | "1" | "TRUE");
+    if rows.iter().any(|(_, value)| on(value)) {
+        Ok(Role::Replica)
+    } else {
+        Ok(Role::Leader)
+    }
+}
+
+fn login_error(e: mysql_async::Error) -> ProbeError {
+    match &e {
+        // ER_ACCESS_DENIED_ERROR, ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR
+        mysql_async::Error::Server(s) if matches!(s.code, 1044 | 1045 | 1698) => {
+            ProbeError::Auth(s.message.clone())
+        }
+        mysql_async::Error::Io(io) => ProbeError::Connect(io.to_string()),
+        _ => ProbeError::Protocol(format!("login: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn judges_read_only() {
+        assert_eq!(judge(&rows(&[("read_only", "OFF")])), Ok(Role::Leader));
+        assert_eq!(
+            judge(&rows(&[("read_only", "OFF"), ("super_read_only", "OFF")])),
+            Ok(Role::Leader)
+        );
+        assert_eq!(
+            judge(&rows(&[("read_only", "OFF"), ("super_read_only", "ON")])),
+            Ok(Role::Replica)
+        );
+        assert_eq!(judge(&rows(&[("read_only", "ON")])), Ok(Role::Replica));
+        assert!(judge(&[]).is_err());
+    }
+}

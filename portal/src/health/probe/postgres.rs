@@ -1,0 +1,91 @@
+//! The PostgreSQL probe: a real login (SCRAM-SHA-256, md5 or trust, with or without TLS) and
+//! `SELECT pg_is_in_recovery()`; a node out of recovery is the leader.
+
+use tokio::net::TcpStream;
+use tokio_postgres::{config::SslMode, NoTls, SimpleQueryMessage};
+
+use super::{tls::BackendTls, ProbeError};
+use crate::{
+    config::Address,
+    health::{ProbeCredentials, Role},
+};
+
+pub(crate) async fn probe(
+    stream: TcpStream,
+    address: &Address,
+    tls: Option<&BackendTls>,
+    credentials: Option<&ProbeCredentials>,
+) -> Result<Role, ProbeError> {
+    let mut config = tokio_postgres::Config::new();
+    let user = credentials
+        .and_then(|c| c.username.as_deref())
+        .unwrap_or("postgres");
+    config
+        .user(user)
+        .dbname("postgres")
+        .application_name("dbportal-probe");
+    if let Some(c) = credentials {
+        config.password(c.password.as_bytes());
+    }
+    let client = match tls {
+        Some(tls) => {
+            config.ssl_mode(SslMode::Require);
+            let (client, connection) = config
+                .connect_raw(stream, tls.postgres(address)?)
+                .await
+                .map_err(login_error)?;
+            tokio::spawn(connection);
+            client
+        }
+        None => {
+            config.ssl_mode(SslMode::Disable);
+            let (client, connection) = config
+                .connect_raw(stream, NoTls)
+                .await
+                .map_err(login_error)?;
+            tokio::spawn(connection);
+            client
+        }
+    };
+    let messages = client
+        .simple_query("SELECT pg_is_in_recovery()")
+        .await
+        .map_err(|e| {
+            ProbeError::Protocol(format!("SELECT pg_is_in_recovery(): {}", describe(&e)))
+        })?;
+    let value = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_string()),
+        _ => None,
+    });
+    match value.as_deref() {
+        Some("f") => Ok(Role::Leader),
+        Some("t") => Ok(Role::Replica),
+        other => Err(ProbeError::Protocol(format!(
+            "pg_is_in_recovery() answered {other:?}"
+        ))),
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+fn login_error(e: tokio_postgres::Error) -> ProbeError {
+    let text = describe(&e);
+    match e.as_db_error().map(|d| d.code().code()) {
+        // invalid_authorization_specification, invalid_password
+        Some("28000") | Some("28P01") => ProbeError::Auth(text),
+        _ => ProbeError::Protocol(format!("login: {text}")),
+    }
+}

@@ -1,0 +1,576 @@
+//! Real database servers for tests, started from the Debian packages on free loopback ports in
+//! private temporary directories, and stopped by PID when dropped: Redis, PostgreSQL (as the
+//! `postgres` user when run as root), MariaDB and etcd.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `program` can be run (tests skip a server that is not installed).
+pub fn installed(program: &str) -> bool {
+    Path::new(program).exists()
+        || std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|dir| dir.join(program).exists())
+        })
+}
+
+/// A private directory, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "dbportal-{prefix}-{}-{n}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process stopped by its PID when dropped: `signal` first, SIGKILL after 5 s.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    signal: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(mut command: Command, signal: &'static str) -> Proc {
+        command.stdin(Stdio::null());
+        if std::env::var_os("DBPORTAL_TEST_SERVER_LOGS").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Proc {
+            child: Some(child),
+            signal,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` to the process and waits for it to end (SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id().to_string();
+        let _ = Command::new("kill")
+            .args([&format!("-{}", self.signal), &pid])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL at once, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `ready` every 50 ms until it holds or `within` passes.
+pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} not ready within {within:?}");
+}
+
+/// A `redis-server` without persistence.
+#[derive(Debug)]
+pub struct Redis {
+    pub port: u16,
+    dir: TempDir,
+    proc: Proc,
+    extra: Vec<String>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// A replica of the server on `leader_port`.
+    pub fn replica_of(leader_port: u16) -> Redis {
+        Redis::start_with(&["--replicaof", "127.0.0.1", &leader_port.to_string()])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let dir = TempDir::new("redis");
+        let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc = Redis::spawn(port, &dir, &extra);
+        let redis = Redis {
+            port,
+            dir,
+            proc,
+            extra,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    fn spawn(port: u16, dir: &TempDir, extra: &[String]) -> Proc {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir.path().display().to_string(),
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
+        cmd.args(extra);
+        Proc::spawn(cmd, "TERM")
+    }
+
+    fn wait_ready(&self) {
+        wait_until("redis-server", Duration::from_secs(10), || {
+            // PONG, or NOAUTH when a password is required: either way it answers.
+            self.try_cli(&["PING"]).is_some_and(|r| !r.is_empty())
+        });
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Runs a command with redis-cli and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} on port {} failed", self.port))
+    }
+
+    /// Crash: SIGKILL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts again on the same port with the same arguments (and an empty data set).
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        self.proc = Redis::spawn(self.port, &self.dir, &self.extra);
+        self.wait_ready();
+    }
+
+    /// Starts again on the same port with other arguments.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
+    pub fn wait_replicating(&self) {
+        wait_until("replication link", Duration::from_secs(10), || {
+            self.try_cli(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"))
+        });
+    }
+}
+
+/// Runs `program` as the `postgres` user when we are root (PostgreSQL refuses to run as root).
+fn as_postgres(program: &str) -> Command {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        // setpriv execs in place, so the PID we hold is the server's own.
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            program,
+        ]);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL 15 server with SCRAM-SHA-256 authentication; superuser `postgres`.
+#[derive(Debug)]
+pub struct Postgres {
+    pub port: u16,
+    pub password: String,
+    dir: TempDir,
+    proc: Option<Proc>,
+}
+
+impl Postgres {
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn new_dir() -> TempDir {
+        let dir = TempDir::new("postgres");
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres", &dir.path().display().to_string()])
+            .status();
+        dir
+    }
+
+    /// A primary, initialised with `initdb --auth=scram-sha-256`.
+    pub fn primary(password: &str) -> Postgres {
+        let dir = Postgres::new_dir();
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, password).unwrap();
+        let _ = Command::new("chown")
+            .args(["postgres:postgres", &pwfile.display().to_string()])
+            .status();
+        let status = as_postgres(&format!("{PG_BIN}/initdb"))
+            .args(["-D", &dir.path().join("data").display().to_string()])
+            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        let mut pg = Postgres {
+            port: free_port(),
+            password: password.into(),
+            dir,
+            proc: None,
+        };
+        pg.start();
+        pg
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`).
+    pub fn standby_of(primary: &Postgres) -> Postgres {
+        let dir = Postgres::new_dir();
+        let data = dir.path().join("data");
+        let status = as_postgres(&format!("{PG_BIN}/pg_basebackup"))
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args(["-U", "postgres", "-D", &data.display().to_string(), "-R"])
+            .args(["--no-sync", "-X", "stream"])
+            .env("PGPASSWORD", &primary.password)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_basebackup failed");
+        let mut pg = Postgres {
+            port: free_port(),
+            password: primary.password.clone(),
+            dir,
+            proc: None,
+        };
+        pg.start();
+        pg
+    }
+
+    pub fn start(&mut self) {
+        let mut cmd = as_postgres(&format!("{PG_BIN}/postgres"));
+        cmd.args(["-D", &self.data().display().to_string()])
+            .args(["-p", &self.port.to_string()])
+            .args(["-k", &self.dir.path().display().to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]);
+        self.proc = Some(Proc::spawn(cmd, "INT"));
+        wait_until("postgres", Duration::from_secs(20), || {
+            self.try_psql("postgres", &self.password, "SELECT 1")
+                .is_some()
+        });
+    }
+
+    /// Fast shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn promote(&self) {
+        let status = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .args(["promote", "-w", "-D", &self.data().display().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl promote failed");
+    }
+
+    pub fn try_psql(&self, user: &str, password: &str, sql: &str) -> Option<String> {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", user, "-d", "postgres", "-XAtq", "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "2")
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Runs SQL as `postgres`.
+    pub fn psql(&self, sql: &str) -> String {
+        self.try_psql("postgres", &self.password, sql)
+            .unwrap_or_else(|| panic!("psql {sql:?} on port {} failed", self.port))
+    }
+
+    /// Adds a line at the top of pg_hba.conf and reloads.
+    pub fn hba_first(&self, line: &str) {
+        let path = self.data().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{line}\n{old}")).unwrap();
+        self.psql("SELECT pg_reload_conf()");
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A MariaDB server with a user that may log in over TCP.
+#[derive(Debug)]
+pub struct Mariadb {
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    dir: TempDir,
+    proc: Proc,
+}
+
+impl Mariadb {
+    pub fn start(user: &str, password: &str) -> Mariadb {
+        let dir = TempDir::new("mariadb");
+        let data = dir.path().join("data");
+        let status = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--user=root", "--skip-test-db"])
+            .arg(format!("--datadir={}", data.display()))
+            .arg("--auth-root-authentication-method=normal")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mariadb-install-db failed");
+        let init = dir.path().join("init.sql");
+        std::fs::write(
+            &init,
+            format!(
+                "CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{password}';\n\
+                 GRANT ALL PRIVILEGES ON *.* TO '{user}'@'%' WITH GRANT OPTION;\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("mariadbd");
+        cmd.args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", dir.path().join("sock").display()))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!("--init-file={}", init.display()))
+            .args(["--skip-log-bin", "--innodb-buffer-pool-size=16M"]);
+        let db = Mariadb {
+            port,
+            user: user.into(),
+            password: password.into(),
+            proc: Proc::spawn(cmd, "TERM"),
+            dir,
+        };
+        wait_until("mariadbd", Duration::from_secs(30), || {
+            db.try_sql("SELECT 1").is_some()
+        });
+        db
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Option<String> {
+        let out = Command::new("mariadb")
+            .args([
+                "--no-defaults",
+                "-h",
+                "127.0.0.1",
+                "-P",
+                &self.port.to_string(),
+            ])
+            .args(["-u", &self.user, &format!("-p{}", self.password)])
+            .args(["--connect-timeout=2", "-N", "-B", "-e", sql])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        self.try_sql(sql)
+            .unwrap_or_else(|| panic!("mariadb {sql:?} on port {} failed", self.port))
+    }
+}
+
+/// One member of an etcd cluster.
+#[derive(Debug)]
+pub struct EtcdMember {
+    pub name: String,
+    pub client_port: u16,
+    proc: Option<Proc>,
+}
+
+impl EtcdMember {
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Stops the member (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+}
+
+/// An etcd cluster of `n` members on loopback.
+#[derive(Debug)]
+pub struct Etcd {
+    pub members: Vec<EtcdMember>,
+    dir: TempDir,
+}
+
+impl Etcd {
+    pub fn cluster(n: usize) -> Etcd {
+        let dir = TempDir::new("etcd");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let mut cmd = Command::new("etcd");
+            cmd.arg(format!("--name=m{i}"))
+                .arg(format!(
+                    "--data-dir={}",
+                    dir.path().join(format!("m{i}")).display()
+                ))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                ))
+                .arg(format!("--initial-cluster={initial}"))
+                .arg("--initial-cluster-state=new")
+                .arg("--initial-cluster-token=dbportal-test");
+            members.push(EtcdMember {
+                name: format!("m{i}"),
+                client_port: *client,
+                proc: Some(Proc::spawn(cmd, "TERM")),
+            });
+        }
+        let etcd = Etcd { members, dir };
+        for m in &etcd.members {
+            wait_until("etcd member", Duration::from_secs(20), || {
+                http_get(m.client_port, "/health").is_some_and(|b| b.contains("\"true\""))
+            });
+        }
+        etcd
+    }
+}
+
+/// A tiny blocking HTTP GET on loopback, for readiness checks.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
