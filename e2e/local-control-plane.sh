@@ -439,7 +439,8 @@ start_etcd() {
 }
 
 start_apiserver() {
-    local dir=$1 port=$2 etcd_port=$3 pki=$1/pki
+    local dir=$1 port=$2 etcd_port=$3 pki=$1/pki extra=()
+    read -r -a extra <<<"${DBPORTAL_LCP_APISERVER_FLAGS:-}"
     spawn kube-apiserver "$dir" "$BIN_DIR/kube-apiserver" \
         --bind-address=127.0.0.1 \
         --secure-port="$port" \
@@ -458,11 +459,13 @@ start_apiserver() {
         --service-cluster-ip-range="$SERVICE_CIDR" \
         --allow-privileged=true \
         --profiling=false \
-        --v="${DBPORTAL_LCP_VERBOSITY:-0}"
+        --v="${DBPORTAL_LCP_VERBOSITY:-0}" \
+        "${extra[@]}"
 }
 
 start_controller_manager() {
-    local dir=$1 pki=$1/pki
+    local dir=$1 pki=$1/pki extra=()
+    read -r -a extra <<<"${DBPORTAL_LCP_CONTROLLER_MANAGER_FLAGS:-}"
     spawn kube-controller-manager "$dir" "$BIN_DIR/kube-controller-manager" \
         --kubeconfig="$dir/kube-controller-manager.kubeconfig" \
         --bind-address=127.0.0.1 \
@@ -478,7 +481,8 @@ start_controller_manager() {
         --service-cluster-ip-range="$SERVICE_CIDR" \
         --kube-api-qps=100 --kube-api-burst=200 \
         --profiling=false \
-        --v="${DBPORTAL_LCP_VERBOSITY:-0}"
+        --v="${DBPORTAL_LCP_VERBOSITY:-0}" \
+        "${extra[@]}"
 }
 
 # True once the default service account exists and has its token secret
