@@ -138,7 +138,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.retry_period) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
         }
     }
     if *leader.borrow() {

@@ -87,8 +87,8 @@ pub async fn run(
 
     let mut stop = stop_rx.clone();
     tokio::select! {
-        _ = leader_rx.wait_for(|l| *l) => {}
-        _ = stop.wait_for(|s| *s) => {
+        _ = async { let _ = leader_rx.wait_for(|l| *l).await; } => {}
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
             if let Some(e) = election { let _ = e.await; }
             return Ok(());
         }
@@ -101,8 +101,8 @@ pub async fn run(
     let (mut stop2, mut leader2) = (stop_rx.clone(), leader_rx.clone());
     let stopping = async move {
         tokio::select! {
-            _ = stop2.wait_for(|s| *s) => {}
-            _ = leader2.wait_for(|l| !*l) => {}
+            _ = async { let _ = stop2.wait_for(|s| *s).await; } => {}
+            _ = async { let _ = leader2.wait_for(|l| !*l).await; } => {}
         }
     };
     controller::run_controller(controller, ctx, stopping).await;

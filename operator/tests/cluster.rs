@@ -1,0 +1,713 @@
+//! The operator against a real kube-apiserver, etcd and kube-controller-manager (Kubernetes
+//! 1.20, started privately for this test binary), running with exactly the chart's RBAC.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use common::{eventually, ControlPlane, OPERATOR_NAMESPACE};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use operator::apply::ApiSupport;
+use operator::certificate::Certificate;
+use operator::DatabasePortal;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct RunningOperator {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), operator::RunError>>,
+    http: SocketAddr,
+}
+
+impl RunningOperator {
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await???;
+        Ok(())
+    }
+}
+
+async fn start_operator(plane: &ControlPlane, identity: &str) -> anyhow::Result<RunningOperator> {
+    let client = plane.operator().await?;
+    let args = <operator::Args as clap::Parser>::try_parse_from([
+        "operator",
+        "--leader-election=true",
+        "--lease-namespace",
+        OPERATOR_NAMESPACE,
+        "--identity",
+        identity,
+        "--portal-image",
+        "example.test/portal:test",
+        "--namespace",
+        "",
+    ])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(operator::run(client, args, listener, async move {
+        let _ = stopped.await;
+    }));
+    Ok(RunningOperator {
+        stop: Some(stop),
+        task,
+        http,
+    })
+}
+
+fn portal(ns: &str, spec: serde_json::Value) -> DatabasePortal {
+    let mut base = json!({
+        "apiVersion": "dbportal.dev/v1alpha1",
+        "kind": "DatabasePortal",
+        "metadata": {"name": "orders", "namespace": ns},
+        "spec": {
+            "engine": "redis",
+            "backends": [
+                {"name": "orders-0", "address": "orders-0.orders-db.shop.svc:6379"},
+                {"name": "orders-1", "address": "orders-1.orders-db.shop.svc:6379"}
+            ],
+            "tls": {"mode": "disabled"}
+        }
+    });
+    for (k, v) in spec.as_object().unwrap() {
+        base["spec"][k] = v.clone();
+    }
+    serde_json::from_value(base).unwrap()
+}
+
+async fn create(admin: &Client, dp: &DatabasePortal) -> anyhow::Result<DatabasePortal> {
+    let ns = dp.namespace().unwrap();
+    common::create_namespace(admin, &ns).await?;
+    Ok(Api::<DatabasePortal>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), dp)
+        .await?)
+}
+
+async fn patch_spec(
+    admin: &Client,
+    ns: &str,
+    spec: serde_json::Value,
+) -> anyhow::Result<DatabasePortal> {
+    Ok(Api::<DatabasePortal>::namespaced(admin.clone(), ns)
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await?)
+}
+
+/// Waits until the operator reported on `generation`.
+async fn observed(admin: &Client, ns: &str, generation: i64) -> anyhow::Result<DatabasePortal> {
+    let api = Api::<DatabasePortal>::namespaced(admin.clone(), ns);
+    eventually(
+        &format!("{ns}: status for generation {generation}"),
+        WAIT,
+        || async {
+            let dp = api.get("orders").await?;
+            let seen = dp.status.as_ref().and_then(|s| s.observed_generation);
+            ensure!(seen == Some(generation), "observedGeneration {seen:?}");
+            Ok(dp)
+        },
+    )
+    .await
+}
+
+fn condition(dp: &DatabasePortal, type_: &str) -> (String, String, String) {
+    dp.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+fn check_meta(kind: &str, meta: &ObjectMeta, dp: &DatabasePortal) -> anyhow::Result<()> {
+    let labels = meta.labels.clone().unwrap_or_default();
+    let expected: BTreeMap<String, String> = [
+        ("app.kubernetes.io/name", "dbportal"),
+        ("app.kubernetes.io/instance", "orders"),
+        ("app.kubernetes.io/component", "portal"),
+        ("app.kubernetes.io/managed-by", "dbportal-operator"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.into(), v.into()))
+    .collect();
+    for (k, v) in &expected {
+        ensure!(
+            labels.get(k) == Some(v),
+            "{kind}: label {k} is {:?}",
+            labels.get(k)
+        );
+    }
+    let owners = meta.owner_references.clone().unwrap_or_default();
+    ensure!(
+        owners.iter().any(|o| o.uid == dp.uid().unwrap()
+            && o.controller == Some(true)
+            && o.kind == "DatabasePortal"),
+        "{kind}: no controller owner reference to the DatabasePortal: {owners:?}"
+    );
+    Ok(())
+}
+
+async fn events(admin: &Client, ns: &str, reason: &str) -> anyhow::Result<Vec<Event>> {
+    let list = Api::<Event>::namespaced(admin.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("orders")
+        })
+        .collect())
+}
+
+async fn gone<K>(api: &Api<K>, name: &str) -> anyhow::Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    ensure!(api.get_opt(name).await?.is_none(), "{name} still exists");
+    Ok(())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// The contract's example (TLS from a cert-manager issuer) while cert-manager is absent:
+/// every other child per the contract, condition CertManagerMissing.
+async fn children_and_status(admin: Client) -> anyhow::Result<()> {
+    let ns = "alpha";
+    let dp = create(
+        &admin,
+        &portal(
+            ns,
+            json!({
+                "allowedCIDRs": ["10.0.0.0/8", "2001:db8::/32"],
+                "tls": {"mode": "terminate", "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}, "dnsNames": ["orders.example.com"]}
+            }),
+        ),
+    )
+    .await?;
+    let dp_status = observed(&admin, ns, 1).await?;
+    let status = dp_status.status.clone().unwrap();
+    ensure!(status.ready == "0/2", "ready {}", status.ready);
+    ensure!(status.ready_portals == 0);
+    ensure!(
+        status.endpoints
+            == [
+                "orders-portal-0.alpha.svc:6379",
+                "orders-portal-1.alpha.svc:6379"
+            ],
+        "endpoints {:?}",
+        status.endpoints
+    );
+    let degraded = condition(&dp_status, "Degraded");
+    ensure!(
+        degraded.0 == "True" && degraded.1 == "CertManagerMissing",
+        "Degraded {degraded:?}"
+    );
+    let ready = condition(&dp_status, "Ready");
+    ensure!(
+        ready.0 == "False" && ready.1 == "PortalsNotReady",
+        "Ready {ready:?}"
+    );
+
+    let cm = Api::<ConfigMap>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    check_meta("ConfigMap", &cm.metadata, &dp)?;
+    let text = &cm.data.as_ref().unwrap()["portal.yaml"];
+    let spec = portal::config::parse_yaml(text)?;
+    spec.validate()?;
+    ensure!(spec.allowed_cidrs == dp.spec.allowed_cidrs);
+
+    let sts = Api::<StatefulSet>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    check_meta("StatefulSet", &sts.metadata, &dp)?;
+    let sts_spec = sts.spec.unwrap();
+    ensure!(sts_spec.replicas == Some(2));
+    let pod = sts_spec.template.spec.unwrap();
+    ensure!(pod.service_account_name.as_deref() == Some("orders-portal"));
+    ensure!(pod.containers[0].image.as_deref() == Some("example.test/portal:test"));
+
+    let services = Api::<Service>::namespaced(admin.clone(), ns);
+    for name in ["orders-portal", "orders-portal-0", "orders-portal-1"] {
+        let svc = services
+            .get(name)
+            .await
+            .with_context(|| format!("Service {name}"))?;
+        check_meta("Service", &svc.metadata, &dp)?;
+        let spec = svc.spec.unwrap();
+        ensure!(spec.ports.unwrap()[0].port == 6379);
+        let selector = spec.selector.unwrap();
+        if name != "orders-portal" {
+            ensure!(
+                selector
+                    .get("statefulset.kubernetes.io/pod-name")
+                    .map(String::as_str)
+                    == Some(name)
+            );
+        }
+    }
+    let sa = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    check_meta("ServiceAccount", &sa.metadata, &dp)?;
+    let role = Api::<Role>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    check_meta("Role", &role.metadata, &dp)?;
+    let rb = Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    check_meta("RoleBinding", &rb.metadata, &dp)?;
+
+    // Kubernetes 1.20 serves PodDisruptionBudgets only as policy/v1beta1.
+    let support = ApiSupport::discover(&admin).await?;
+    let pdb_resource = support.pdb.context("no PodDisruptionBudget API")?;
+    ensure!(pdb_resource.version == "v1beta1", "{pdb_resource:?}");
+    let pdb = Api::<DynamicObject>::namespaced_with(admin.clone(), ns, &pdb_resource)
+        .get("orders-portal")
+        .await?;
+    check_meta("PodDisruptionBudget", &pdb.metadata, &dp)?;
+    ensure!(pdb.data["spec"]["maxUnavailable"] == 1, "{:?}", pdb.data);
+
+    eventually("Created event", WAIT, || async {
+        ensure!(
+            !events(&admin, ns, "Created").await?.is_empty(),
+            "no Created event"
+        );
+        ensure!(
+            !events(&admin, ns, "CertManagerMissing").await?.is_empty(),
+            "no CertManagerMissing event"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Deleting or editing a child by hand is undone.
+async fn children_are_restored(admin: Client) -> anyhow::Result<()> {
+    let ns = "bravo";
+    create(&admin, &portal(ns, json!({}))).await?;
+    observed(&admin, ns, 1).await?;
+    let services = Api::<Service>::namespaced(admin.clone(), ns);
+    let old = services.get("orders-portal-0").await?.uid();
+    services
+        .delete("orders-portal-0", &DeleteParams::default())
+        .await?;
+    eventually("Service orders-portal-0 recreated", WAIT, || async {
+        let svc = services.get("orders-portal-0").await?;
+        ensure!(svc.uid() != old, "still the old one");
+        Ok(())
+    })
+    .await?;
+
+    let cms = Api::<ConfigMap>::namespaced(admin.clone(), ns);
+    let original = cms.get("orders-portal").await?.data;
+    cms.patch(
+        "orders-portal",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"portal.yaml": "not: [valid"}})),
+    )
+    .await?;
+    eventually("ConfigMap restored", WAIT, || async {
+        ensure!(
+            cms.get("orders-portal").await?.data == original,
+            "not restored"
+        );
+        Ok(())
+    })
+    .await?;
+
+    let sts = Api::<StatefulSet>::namespaced(admin.clone(), ns);
+    sts.delete("orders-portal", &DeleteParams::default())
+        .await?;
+    eventually("StatefulSet recreated", WAIT, || async {
+        let s = sts.get("orders-portal").await?;
+        ensure!(s.metadata.deletion_timestamp.is_none(), "being deleted");
+        Ok(())
+    })
+    .await?;
+
+    let roles = Api::<Role>::namespaced(admin.clone(), ns);
+    roles
+        .patch(
+            "orders-portal",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}]})),
+        )
+        .await?;
+    eventually("Role rules restored", WAIT, || async {
+        let rules = roles.get("orders-portal").await?.rules.unwrap_or_default();
+        ensure!(
+            rules.iter().all(|r| r.resource_names.is_some()),
+            "{rules:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// A spec change rewrites the ConfigMap only; shrinking removes the extra Service.
+async fn spec_edit_keeps_the_pods(admin: Client) -> anyhow::Result<()> {
+    let ns = "charlie";
+    create(&admin, &portal(ns, json!({"allowedCIDRs": ["10.0.0.0/8"]}))).await?;
+    observed(&admin, ns, 1).await?;
+    let sts_api = Api::<StatefulSet>::namespaced(admin.clone(), ns);
+    let before = sts_api.get("orders-portal").await?;
+
+    patch_spec(
+        &admin,
+        ns,
+        json!({"allowedCIDRs": ["192.168.0.0/16"], "timeouts": {"client": "1h"}}),
+    )
+    .await?;
+    let cms = Api::<ConfigMap>::namespaced(admin.clone(), ns);
+    eventually("ConfigMap carries the new CIDR", WAIT, || async {
+        let cm = cms.get("orders-portal").await?;
+        let text = cm
+            .data
+            .unwrap_or_default()
+            .remove("portal.yaml")
+            .unwrap_or_default();
+        let spec = portal::config::parse_yaml(&text)?;
+        ensure!(
+            spec.allowed_cidrs == ["192.168.0.0/16"],
+            "{:?}",
+            spec.allowed_cidrs
+        );
+        Ok(())
+    })
+    .await?;
+    observed(&admin, ns, 2).await?;
+    let after = sts_api.get("orders-portal").await?;
+    ensure!(
+        before.spec.as_ref().unwrap().template == after.spec.as_ref().unwrap().template,
+        "the pod template changed"
+    );
+    ensure!(
+        before.metadata.generation == after.metadata.generation,
+        "the StatefulSet changed"
+    );
+    eventually("Updated event", WAIT, || async {
+        ensure!(
+            !events(&admin, ns, "Updated").await?.is_empty(),
+            "no Updated event"
+        );
+        Ok(())
+    })
+    .await?;
+
+    patch_spec(&admin, ns, json!({"portal": {"replicas": 1}})).await?;
+    let dp = observed(&admin, ns, 3).await?;
+    ensure!(dp.status.unwrap().endpoints == ["orders-portal-0.charlie.svc:6379"]);
+    let services = Api::<Service>::namespaced(admin.clone(), ns);
+    eventually("Service orders-portal-1 removed", WAIT, || {
+        gone(&services, "orders-portal-1")
+    })
+    .await?;
+    ensure!(services.get_opt("orders-portal-0").await?.is_some());
+    let replicas = sts_api.get("orders-portal").await?.spec.unwrap().replicas;
+    ensure!(replicas == Some(1), "replicas {replicas:?}");
+    Ok(())
+}
+
+/// A spec the schema accepts but that cannot work: InvalidSpec, a Warning, no child.
+async fn invalid_spec(admin: Client) -> anyhow::Result<()> {
+    let ns = "delta";
+    create(
+        &admin,
+        &portal(ns, json!({"allowedCIDRs": ["10.0.0.0/8", "10.0.0.0/99"]})),
+    )
+    .await?;
+    let dp = observed(&admin, ns, 1).await?;
+    let degraded = condition(&dp, "Degraded");
+    ensure!(
+        degraded.0 == "True" && degraded.1 == "InvalidSpec",
+        "{degraded:?}"
+    );
+    ensure!(
+        degraded.2.contains("allowedCIDRs[1]"),
+        "message {:?}",
+        degraded.2
+    );
+    ensure!(condition(&dp, "Ready").0 == "False");
+    ensure!(Api::<ConfigMap>::namespaced(admin.clone(), ns)
+        .get_opt("orders-portal")
+        .await?
+        .is_none());
+    ensure!(Api::<StatefulSet>::namespaced(admin.clone(), ns)
+        .get_opt("orders-portal")
+        .await?
+        .is_none());
+    ensure!(Api::<Service>::namespaced(admin.clone(), ns)
+        .list(&Default::default())
+        .await?
+        .items
+        .is_empty());
+    eventually("InvalidSpec warning", WAIT, || async {
+        let warnings = events(&admin, ns, "InvalidSpec").await?;
+        ensure!(
+            warnings
+                .iter()
+                .any(|e| e.type_.as_deref() == Some("Warning")),
+            "no warning"
+        );
+        Ok(())
+    })
+    .await?;
+
+    patch_spec(&admin, ns, json!({"allowedCIDRs": ["10.0.0.0/8"]})).await?;
+    let dp = observed(&admin, ns, 2).await?;
+    ensure!(
+        condition(&dp, "Degraded").0 == "False",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+    ensure!(Api::<ConfigMap>::namespaced(admin.clone(), ns)
+        .get_opt("orders-portal")
+        .await?
+        .is_some());
+    Ok(())
+}
+
+/// Deleting the DatabasePortal lets the garbage collector remove every child.
+async fn garbage_collection(admin: Client) -> anyhow::Result<()> {
+    let ns = "echo";
+    create(&admin, &portal(ns, json!({}))).await?;
+    observed(&admin, ns, 1).await?;
+    Api::<DatabasePortal>::namespaced(admin.clone(), ns)
+        .delete("orders", &DeleteParams::default())
+        .await?;
+    let support = ApiSupport::discover(&admin).await?;
+    let pdbs =
+        Api::<DynamicObject>::namespaced_with(admin.clone(), ns, support.pdb.as_ref().unwrap());
+    eventually("children garbage-collected", WAIT, || async {
+        gone(
+            &Api::<ConfigMap>::namespaced(admin.clone(), ns),
+            "orders-portal",
+        )
+        .await?;
+        gone(
+            &Api::<StatefulSet>::namespaced(admin.clone(), ns),
+            "orders-portal",
+        )
+        .await?;
+        gone(
+            &Api::<ServiceAccount>::namespaced(admin.clone(), ns),
+            "orders-portal",
+        )
+        .await?;
+        gone(&Api::<Role>::namespaced(admin.clone(), ns), "orders-portal").await?;
+        gone(
+            &Api::<RoleBinding>::namespaced(admin.clone(), ns),
+            "orders-portal",
+        )
+        .await?;
+        gone(&pdbs, "orders-portal").await?;
+        let services = Api::<Service>::namespaced(admin.clone(), ns);
+        for s in ["orders-portal", "orders-portal-0", "orders-portal-1"] {
+            gone(&services, s).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// TLS from an existing Secret needs no cert-manager.
+async fn tls_from_a_secret(admin: Client) -> anyhow::Result<()> {
+    let ns = "foxtrot";
+    create(
+        &admin,
+        &portal(
+            ns,
+            json!({"tls": {"mode": "terminate", "secretName": "mine"}}),
+        ),
+    )
+    .await?;
+    let dp = observed(&admin, ns, 1).await?;
+    ensure!(
+        condition(&dp, "Degraded").1 == "AsExpected",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+    let role = Api::<Role>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let secrets = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .find(|r| r.resources.as_deref() == Some(&["secrets".to_string()][..]))
+        .context("no secrets rule")?;
+    ensure!(secrets.resource_names.as_deref() == Some(&["mine".to_string()][..]));
+    Ok(())
+}
+
+/// cert-manager installed later: the Certificate appears; TLS turned off: it goes.
+async fn cert_manager_appears(admin: Client) -> anyhow::Result<()> {
+    common::install_crd(&admin, common::cert_manager_crd()?).await?;
+    let ns = "alpha";
+    let certs = Api::<Certificate>::namespaced(admin.clone(), ns);
+    let cert = eventually("Certificate created", WAIT, || async {
+        Ok(certs.get("orders-portal").await?)
+    })
+    .await?;
+    ensure!(cert.spec.secret_name == "orders-portal-tls");
+    for name in [
+        "orders-portal",
+        "orders-portal-1.alpha.svc.cluster.local",
+        "orders-portal-0.alpha.svc",
+        "orders.example.com",
+    ] {
+        ensure!(
+            cert.spec.dns_names.iter().any(|n| n == name),
+            "{name} not in {:?}",
+            cert.spec.dns_names
+        );
+    }
+    let api = Api::<DatabasePortal>::namespaced(admin.clone(), ns);
+    eventually("condition CertificateNotReady", WAIT, || async {
+        let dp = api.get("orders").await?;
+        let degraded = condition(&dp, "Degraded");
+        ensure!(degraded.1 == "CertificateNotReady", "{degraded:?}");
+        Ok(())
+    })
+    .await?;
+    patch_spec(
+        &admin,
+        ns,
+        json!({"tls": {"mode": "disabled", "issuerRef": null, "dnsNames": null}}),
+    )
+    .await?;
+    eventually("Certificate removed", WAIT, || {
+        gone(&certs, "orders-portal")
+    })
+    .await?;
+    let dp = observed(&admin, ns, 2).await?;
+    ensure!(
+        condition(&dp, "Degraded").1 == "AsExpected",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+    Ok(())
+}
+
+async fn lease_holder(admin: &Client) -> anyhow::Result<String> {
+    let lease = Api::<Lease>::namespaced(admin.clone(), OPERATOR_NAMESPACE)
+        .get("dbportal-operator")
+        .await?;
+    Ok(lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default())
+}
+
+#[test]
+fn operator_on_a_real_apiserver() {
+    let plane = ControlPlane::start("operator").expect("control plane");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(async {
+        let admin = plane.admin().await?;
+        common::install(&admin).await?;
+        let primary = start_operator(&plane, "primary").await?;
+        eventually("primary leads", WAIT, || async {
+            ensure!(lease_holder(&admin).await? == "primary", "not yet");
+            Ok(())
+        })
+        .await?;
+        let standby = start_operator(&plane, "standby").await?;
+
+        let (a, b, c, d, e, f) = tokio::join!(
+            children_and_status(admin.clone()),
+            children_are_restored(admin.clone()),
+            spec_edit_keeps_the_pods(admin.clone()),
+            invalid_spec(admin.clone()),
+            garbage_collection(admin.clone()),
+            tls_from_a_secret(admin.clone()),
+        );
+        let mut failures = Vec::new();
+        for (name, r) in [
+            ("children_and_status", a),
+            ("children_are_restored", b),
+            ("spec_edit_keeps_the_pods", c),
+            ("invalid_spec", d),
+            ("garbage_collection", e),
+            ("tls_from_a_secret", f),
+        ] {
+            match r {
+                Ok(()) => eprintln!("ok: {name}"),
+                Err(e) => failures.push(format!("{name}: {e:#}")),
+            }
+        }
+        if let Err(e) = cert_manager_appears(admin.clone()).await {
+            failures.push(format!("cert_manager_appears: {e:#}"));
+        } else {
+            eprintln!("ok: cert_manager_appears");
+        }
+
+        let metrics = http_get(primary.http, "/metrics").await?;
+        let healthz = http_get(primary.http, "/healthz").await?;
+        let readyz = http_get(primary.http, "/readyz").await?;
+        if !(metrics.contains("dbportal_operator_reconciles_total")
+            && metrics
+                .contains(r#"dbportal_operator_reconcile_failures_total{error="InvalidSpec"}"#)
+            && metrics.contains("dbportal_operator_reconcile_duration_seconds_bucket")
+            && metrics.contains("dbportal_operator_leader 1")
+            && healthz.starts_with("HTTP/1.1 200")
+            && readyz.starts_with("HTTP/1.1 200"))
+        {
+            failures.push(format!("metrics endpoint: {metrics}"));
+        }
+        let standby_metrics = http_get(standby.http, "/metrics").await?;
+        if !standby_metrics.contains("dbportal_operator_leader 0") {
+            failures.push(format!("the standby leads too: {standby_metrics}"));
+        }
+
+        // Leader election: the standby takes over when the primary stops.
+        ensure!(lease_holder(&admin).await? == "primary");
+        primary.stop().await?;
+        eventually("standby takes over", WAIT, || async {
+            ensure!(lease_holder(&admin).await? == "standby", "not yet");
+            Ok(())
+        })
+        .await?;
+        create(&admin, &portal("golf", json!({}))).await?;
+        observed(&admin, "golf", 1)
+            .await
+            .context("the new leader reconciles")?;
+        standby.stop().await?;
+        ensure!(failures.is_empty(), "\n{}", failures.join("\n"));
+        Ok::<(), anyhow::Error>(())
+    });
+    drop(runtime);
+    drop(plane);
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}
