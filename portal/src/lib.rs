@@ -3,3 +3,13 @@
 
 pub mod config;
 pub mod health;
+pub mod admin;
+pub mod allow;
+pub mod error;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod reload;
+pub mod route;
+pub mod server;
+pub mod session;
+pub mod splice;

@@ -1,0 +1,376 @@
+//! One client session, in one task and one span: (PROXY header) → admission → (TLS / engine
+//! negotiation hook) → backend connect → splice, watching configuration and health changes.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    time::{timeout, Instant},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    allow,
+    config::{Address, Config, TlsMode},
+    health::HealthView,
+    metrics::{BackendStats, CloseReason, Rejection},
+    proxy_protocol::{self, Header},
+    route,
+    server::{admit, ClientPermit, ConnectionPermit, Shared},
+    splice::Splice,
+};
+
+/// Longest wait for a PROXY header (the client timeout applies when it is shorter).
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a session comes from and arrives at, as seen by admission and the PROXY header we
+/// send.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// The client: the TCP peer, or the source of its PROXY header.
+    pub client: SocketAddr,
+    /// The portal address the client connected to.
+    pub local: Option<SocketAddr>,
+}
+
+/// Whether an open session may go on under a new configuration or health view.
+pub fn keep_session(
+    config: &Config,
+    health: &HealthView,
+    client: IpAddr,
+    backend: &str,
+) -> Result<(), CloseReason> {
+    if !allow::is_allowed(&config.allowed_cidrs, client) {
+        return Err(CloseReason::Policy);
+    }
+    if !backend_keeps_sessions(config, health, backend) {
+        return Err(CloseReason::Backend);
+    }
+    Ok(())
+}
+
+/// Whether sessions open on `backend` stay open. Backends marked down, or removed from the
+/// configuration, keep their open sessions (they fail on their own if the node is gone). In
+/// `leader` routing with `closeSessionsOnLeaderChange`, a node that is no longer the leader
+/// (demoted, or one of several claiming to lead) loses its sessions at once, so no client
+/// keeps writing to it.
+pub fn backend_keeps_sessions(config: &Config, health: &HealthView, backend: &str) -> bool {
+    if config.routing != crate::config::RoutingMode::Leader
+        || !config.close_sessions_on_leader_change
+    {
+        return true;
+    }
+    !health.conflict && health.leader_name() == Some(backend)
+}
+
+/// A connection already admitted by the accept loop.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permits: (ConnectionPermit, ClientPermit),
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let local = if config.proxy_protocol.send {
+        stream.local_addr().ok()
+    } else {
+        None
+    };
+    let peer = Peer {
+        client: peer,
+        local,
+    };
+    negotiate(stream, peer, Vec::new(), permits, config, shared).await
+}
+
+/// A connection whose client address comes from a PROXY header: read it (bounded), then
+/// admit.
+pub async fn serve_proxied(
+    mut stream: TcpStream,
+    tcp_peer: SocketAddr,
+    permit: ConnectionPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let state = &shared.state;
+    let deadline = PROXY_HEADER_TIMEOUT.min(config.timeouts.client);
+    let read = Box::pin(timeout(deadline, proxy_protocol::read_header(&mut stream))).await;
+    let (header, early) = match read {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            state.metrics.reject(Rejection::ProxyHeader);
+            debug!(error = %e, "closed: no valid PROXY header");
+            return;
+        }
+        Err(_) => {
+            state.metrics.reject(Rejection::ProxyHeader);
+            debug!("closed: no PROXY header within {deadline:?}");
+            return;
+        }
+    };
+    let peer = match header {
+        Header::Proxy {
+            source,
+            destination,
+        } => Peer {
+            client: source,
+            local: Some(destination),
+        },
+        Header::Local => Peer {
+            client: tcp_peer,
+            local: stream.local_addr().ok(),
+        },
+    };
+    tracing::Span::current().record("client", tracing::field::display(peer.client));
+    let client = match admit(state, &config, peer.client.ip()) {
+        Ok(c) => c,
+        Err(why) => {
+            state.metrics.reject(why);
+            debug!(
+                reason = why.as_str(),
+                "closed before any backend connection"
+            );
+            return;
+        }
+    };
+    negotiate(stream, peer, early, (permit, client), config, shared).await
+}
+
+/// The hook where TLS termination and engine-specific negotiation (PostgreSQL SSLRequest,
+/// MySQL) turn the TCP stream into the client stream; `proxy` takes any
+/// `AsyncRead + AsyncWrite`.
+async fn negotiate(
+    stream: TcpStream,
+    peer: Peer,
+    early: Vec<u8>,
+    permits: (ConnectionPermit, ClientPermit),
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    match config.tls.mode {
+        TlsMode::Disabled | TlsMode::Passthrough => {
+            proxy(stream, peer, early, permits, config, shared).await
+        }
+        TlsMode::Terminate => {
+            // TLS termination plugs in here: accept the handshake (bounded), then
+            // `proxy(tls_stream, ...)`. Without it, failing closed beats serving plaintext.
+            shared.state.metrics.reject(Rejection::Handshake);
+            warn!("closed: tls.mode is terminate but TLS termination is not available");
+        }
+    }
+}
+
+/// Connects to a backend and copies bytes both ways until the session ends.
+pub async fn proxy<C>(
+    client: C,
+    peer: Peer,
+    early: Vec<u8>,
+    permits: (ConnectionPermit, ClientPermit),
+    config: Arc<Config>,
+    mut shared: Shared,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let state = shared.state.clone();
+    let health = match wait_for_route(&config, &mut shared).await {
+        Some(health) => health,
+        None => {
+            warn!("no backend is routable");
+            state.metrics.reject(Rejection::NoBackend);
+            return;
+        }
+    };
+    let connected = Box::pin(connect(&config, &health, peer.client.ip(), &shared)).await;
+    let Some((server, backend)) = connected else {
+        state.metrics.reject(Rejection::NoBackend);
+        return;
+    };
+    let (name, stats) = backend;
+    let mut to_server = Vec::new();
+    if config.proxy_protocol.send {
+        let local = peer
+            .local
+            .or_else(|| server.local_addr().ok())
+            .unwrap_or(peer.client);
+        to_server = proxy_protocol::encode_v2(peer.client, local);
+    }
+    to_server.extend_from_slice(&early);
+    drop(early);
+
+    let metrics = &state.metrics;
+    metrics.sessions.fetch_add(1, Relaxed);
+    metrics.active_sessions.fetch_add(1, Relaxed);
+    stats.active.fetch_add(1, Relaxed);
+    stats.sessions.fetch_add(1, Relaxed);
+    debug!("session open");
+
+    let splice = Splice::new(
+        client,
+        server,
+        config.timeouts.client,
+        config.timeouts.server,
+        to_server,
+        metrics.clone(),
+    );
+    drop(config);
+    tokio::pin!(splice);
+    let client_ip = peer.client.ip();
+    let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
+    let reason = loop {
+        tokio::select! {
+            outcome = &mut splice => {
+                if let crate::splice::Outcome::Error(e) = &outcome {
+                    debug!(error = %e, "session failed");
+                }
+                break outcome.reason();
+            }
+            r = shared.config.changed(), if config_open => {
+                if r.is_err() { config_open = false; continue; }
+                let c = shared.config.borrow_and_update().clone();
+                if let Err(why) = keep_session(&c, &shared.health.borrow(), client_ip, &name) {
+                    break why;
+                }
+            }
+            r = shared.health.changed(), if health_open => {
+                if r.is_err() { health_open = false; continue; }
+                let h = shared.health.borrow_and_update().clone();
+                if let Err(why) = keep_session(&shared.config.borrow(), &h, client_ip, &name) {
+                    break why;
+                }
+            }
+            r = shared.kill.changed(), if kill_open => {
+                if r.is_err() { kill_open = false; continue; }
+                if *shared.kill.borrow() { break CloseReason::Shutdown; }
+            }
+        }
+    };
+    metrics.closed(reason);
+    metrics.active_sessions.fetch_sub(1, Relaxed);
+    stats.active.fetch_sub(1, Relaxed);
+    drop(permits);
+    debug!(reason = reason.as_str(), "session closed");
+}
+
+type Chosen = (String, Arc<BackendStats>);
+
+/// The health view to route a new session by. In `leader` routing without a leader (failover
+/// under way, or a conflict), waits up to `timeouts.connect` for one instead of refusing at
+/// once; other modes do not wait.
+async fn wait_for_route(config: &Config, shared: &mut Shared) -> Option<HealthView> {
+    let routable = |h: &HealthView| !route::eligible(config, h).is_empty();
+    let now = shared.health.borrow_and_update().clone();
+    if routable(&now) {
+        return Some(now);
+    }
+    if config.routing != crate::config::RoutingMode::Leader {
+        return Some(now);
+    }
+    debug!("no leader; waiting for one");
+    match timeout(config.timeouts.connect, shared.health.wait_for(|h| routable(h))).await {
+        Ok(Ok(h)) => Some(h.clone()),
+        _ => None,
+    }
+}
+
+/// Tries the candidates of the routing mode in order within `timeouts.connect` overall. Each
+/// attempt gets an equal share of what is left, so a node that does not answer cannot use up
+/// the time of the ones after it; a refused node costs nothing.
+async fn connect(
+    config: &Config,
+    health: &HealthView,
+    client: IpAddr,
+    shared: &Shared,
+) -> Option<(TcpStream, Chosen)> {
+    let state = &shared.state;
+    let eligible = route::eligible(config, health);
+    if eligible.is_empty() {
+        warn!("no backend is routable");
+        return None;
+    }
+    let stats: Vec<Arc<BackendStats>> = config
+        .backends
+        .iter()
+        .map(|b| state.metrics.backend(&b.name))
+        .collect();
+    let order = route::order(config.routing, &eligible, client, state.ticket(), |i| {
+        stats[i].active.load(Relaxed)
+    });
+    let deadline = Instant::now() + config.timeouts.connect;
+    for (k, &i) in order.iter().enumerate() {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let share = (deadline - now) / (order.len() - k) as u32;
+        let backend = &config.backends[i];
+        let error = match timeout(share, connect_one(&backend.address)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                tracing::Span::current().record(
+                    "backend",
+                    tracing::field::display(format_args!("{}/{}", backend.name, backend.address)),
+                );
+                return Some((stream, (backend.name.clone(), stats[i].clone())));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {share:?}"),
+            ),
+        };
+        stats[i].connect_errors.fetch_add(1, Relaxed);
+        if let Some(checker) = &shared.checker {
+            checker.report_connect_failure(&backend.name);
+        }
+        debug!(backend = %backend.name, address = %backend.address, error = %error, "backend connect failed; trying the next");
+    }
+    warn!(
+        tried = order.len(),
+        "every candidate backend refused or timed out"
+    );
+    None
+}
+
+async fn connect_one(address: &Address) -> io::Result<TcpStream> {
+    if let Some(ip) = address.ip() {
+        return TcpStream::connect((ip, address.port)).await;
+    }
+    let mut last = None;
+    for addr in tokio::net::lookup_host((address.host.as_str(), address.port)).await? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the name has no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_session_follows_the_allow_list() {
+        let yaml = "engine: redis\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\nallowedCIDRs: [127.0.0.2/32]\n";
+        let c = crate::config::parse_yaml(yaml).unwrap().validate().unwrap();
+        let h = HealthView::default();
+        assert_eq!(
+            keep_session(&c, &h, "127.0.0.2".parse().unwrap(), "a"),
+            Ok(())
+        );
+        assert_eq!(
+            keep_session(&c, &h, "127.0.0.3".parse().unwrap(), "a"),
+            Err(CloseReason::Policy)
+        );
+        assert_eq!(
+            keep_session(&c, &h, "::ffff:127.0.0.2".parse().unwrap(), "a"),
+            Ok(())
+        );
+    }
+}
