@@ -30,10 +30,14 @@ readonly BUILD_LOG=$K8S_CACHE/build.log
 readonly CONTROL_PLANE_BINS=(kube-apiserver kube-controller-manager kubectl)
 readonly NODE_BINS=(kube-scheduler kubelet kube-proxy)
 
-# Service network of the (future) single-node cluster; its first address is
-# the in-cluster `kubernetes.default` service IP and is in the serving cert.
-readonly SERVICE_CIDR=10.244.0.0/24
-readonly SERVICE_IP=10.244.0.1
+# Service network; its first address is the in-cluster `kubernetes.default`
+# service IP and is in the serving cert. local-node.sh overrides it.
+readonly SERVICE_CIDR=${DBPORTAL_LCP_SERVICE_CIDR:-10.244.0.0/24}
+# Address the API server listens on and advertises. Default: loopback, with
+# no endpoints for the `kubernetes` Service. local-node.sh sets the pod
+# bridge's host address so that pods can reach the API server.
+readonly ADVERTISE_ADDRESS=${DBPORTAL_LCP_ADVERTISE_ADDRESS:-}
+readonly LISTEN_ADDRESS=${ADVERTISE_ADDRESS:-127.0.0.1}
 
 START_TIMEOUT=${DBPORTAL_LCP_START_TIMEOUT:-60}
 
@@ -266,14 +270,15 @@ abs_dir() {
     (cd "$1" && pwd -P)
 }
 
-# free_ports N: print N distinct free TCP ports on 127.0.0.1.
+# free_ports N [ADDRESS]: print N distinct free TCP ports on ADDRESS
+# (default 127.0.0.1).
 free_ports() {
-    python3 - "$1" <<'EOF'
+    python3 - "$1" "${2:-127.0.0.1}" <<'EOF'
 import socket, sys
 socks = []
 for _ in range(int(sys.argv[1])):
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((sys.argv[2], 0))
     socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
@@ -331,8 +336,17 @@ wait_for() {
 
 port_in_use_error() { grep -qE 'address already in use' "$1" 2>/dev/null; }
 
+# first_ip CIDR: the first host address of CIDR.
+first_ip() {
+    python3 -c 'import ipaddress, sys; print(next(ipaddress.ip_network(sys.argv[1]).hosts()))' "$1"
+}
+
 gen_pki() {
-    local dir=$1 pki=$1/pki
+    local dir=$1 pki=$1/pki service_ip extra_san=
+    service_ip=$(first_ip "$SERVICE_CIDR")
+    if [[ -n $ADVERTISE_ADDRESS && $ADVERTISE_ADDRESS != "$service_ip" ]]; then
+        extra_san=", IP:$ADVERTISE_ADDRESS"
+    fi
     mkdir -p "$pki"
     chmod 0700 "$pki"
     cat >"$pki/openssl.cnf" <<EOF
@@ -351,7 +365,7 @@ keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
-subjectAltName = IP:127.0.0.1, IP:$SERVICE_IP, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
+subjectAltName = IP:127.0.0.1, IP:$service_ip$extra_san, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
 EOF
     # ECDSA P-256 keys: generated in milliseconds (RSA takes ~0.5 s each).
     local key
@@ -387,6 +401,10 @@ $admin,admin,admin,"system:masters"
 $kcm,system:kube-controller-manager,system:kube-controller-manager
 $operator,$OPERATOR_USER,dbportal-operator,"$OPERATOR_GROUPS"
 EOF
+    # More identities (local-node.sh: kubelet, scheduler, kube-proxy).
+    if [[ -n ${DBPORTAL_LCP_EXTRA_TOKENS:-} ]]; then
+        cat "$DBPORTAL_LCP_EXTRA_TOKENS" >>"$dir/pki/tokens.csv"
+    fi
     chmod 0600 "$dir/pki/tokens.csv"
     printf '%s\n' "$admin" >"$dir/pki/admin.token"
     printf '%s\n' "$kcm" >"$dir/pki/kube-controller-manager.token"
@@ -439,13 +457,15 @@ start_etcd() {
 }
 
 start_apiserver() {
-    local dir=$1 port=$2 etcd_port=$3 pki=$1/pki extra=()
+    local dir=$1 port=$2 etcd_port=$3 pki=$1/pki extra=() reconciler=()
     read -r -a extra <<<"${DBPORTAL_LCP_APISERVER_FLAGS:-}"
+    # Loopback is useless as the `kubernetes` Service's endpoint.
+    [[ -n $ADVERTISE_ADDRESS ]] || reconciler=(--endpoint-reconciler-type=none)
     spawn kube-apiserver "$dir" "$BIN_DIR/kube-apiserver" \
-        --bind-address=127.0.0.1 \
+        --bind-address="$LISTEN_ADDRESS" \
         --secure-port="$port" \
-        --advertise-address=127.0.0.1 \
-        --endpoint-reconciler-type=none \
+        --advertise-address="$LISTEN_ADDRESS" \
+        "${reconciler[@]}" \
         --etcd-servers="http://127.0.0.1:$etcd_port" \
         --cert-dir="$dir/apiserver" \
         --tls-cert-file="$pki/apiserver.crt" \
@@ -574,7 +594,8 @@ cmd_start() {
 
     local attempt etcd_port etcd_peer_port api_port rc
     for attempt in 1 2 3 4 5; do
-        read -r etcd_port etcd_peer_port api_port <<<"$(free_ports 3)"
+        read -r etcd_port etcd_peer_port <<<"$(free_ports 2)"
+        api_port=$(free_ports 1 "$LISTEN_ADDRESS")
 
         : >"$dir/etcd.log"
         start_etcd "$dir" "$etcd_port" "$etcd_peer_port"
@@ -590,7 +611,7 @@ cmd_start() {
         [[ $rc -eq 0 ]] || fail_start "$dir" etcd "etcd did not become healthy"
         log "etcd ready on 127.0.0.1:$etcd_port after $(($(now_ms) - t0)) ms"
 
-        write_kubeconfig "$dir/admin.kubeconfig" "https://127.0.0.1:$api_port" \
+        write_kubeconfig "$dir/admin.kubeconfig" "https://$LISTEN_ADDRESS:$api_port" \
             admin "$(<"$dir/pki/admin.token")"
         : >"$dir/kube-apiserver.log"
         start_apiserver "$dir" "$api_port" "$etcd_port"
@@ -603,12 +624,12 @@ cmd_start() {
             continue
         fi
         [[ $rc -eq 0 ]] || fail_start "$dir" kube-apiserver "kube-apiserver did not become ready"
-        log "kube-apiserver ready on 127.0.0.1:$api_port after $(($(now_ms) - t0)) ms"
+        log "kube-apiserver ready on $LISTEN_ADDRESS:$api_port after $(($(now_ms) - t0)) ms"
         break
     done
     [[ -f $dir/kube-apiserver.pid ]] || fail_start "$dir" kube-apiserver "could not find free ports"
 
-    local server=https://127.0.0.1:$api_port
+    local server=https://$LISTEN_ADDRESS:$api_port
     write_kubeconfig "$dir/kube-controller-manager.kubeconfig" "$server" \
         system:kube-controller-manager "$(<"$dir/pki/kube-controller-manager.token")"
     write_kubeconfig "$dir/operator.kubeconfig" "$server" \
