@@ -13,3 +13,4 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod splice;
+pub mod tls;

@@ -1,0 +1,271 @@
+//! Engine-aware TLS termination for one connection, in two phases around the backend connect.
+
+use std::{sync::Arc, time::Duration};
+
+use rustls::ServerConfig;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+};
+
+use super::{mysql, postgres, BackendConnector, CertStore, MaybeTls, Rewind, Served, TlsError};
+use crate::config::{Config, Engine, TlsMode};
+
+/// How long a client has to finish its TLS negotiation (and, for MySQL, the authentication
+/// exchange that the portal relays). Long enough for a slow client on a bad network, short
+/// enough that a silent scanner does not hold a connection slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a connection does about TLS, for one configuration. Cheap to clone; the served
+/// certificate is read from the store's `watch` channel at each `accept`, so a rotation
+/// reaches new handshakes without a new `Terminator`.
+#[derive(Clone)]
+pub struct Terminator {
+    engine: Engine,
+    mode: TlsMode,
+    certs: Option<watch::Receiver<Arc<Served>>>,
+    backend: Option<BackendConnector>,
+    handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for Terminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminator")
+            .field("engine", &self.engine)
+            .field("mode", &self.mode)
+            .field("backend_tls", &self.backend.is_some())
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
+}
+
+/// A client after the first phase.
+pub struct Accepted<C> {
+    state: State<C>,
+}
+
+enum State<C> {
+    Ready(MaybeTls<Rewind<C>>),
+    /// MySQL: the server speaks first, so nothing happens until the backend is connected.
+    Mysql(C, Option<Arc<ServerConfig>>),
+}
+
+impl<C> Accepted<C> {
+    /// The client stream, once negotiated (`None` for MySQL before [`Terminator::connect`]).
+    pub fn stream(&self) -> Option<&MaybeTls<Rewind<C>>> {
+        match &self.state {
+            State::Ready(s) => Some(s),
+            State::Mysql(..) => None,
+        }
+    }
+}
+
+/// Both streams, ready for the byte pump.
+pub struct Established<C, B> {
+    pub client: MaybeTls<Rewind<C>>,
+    pub backend: MaybeTls<B>,
+}
+
+impl Terminator {
+    pub fn new(
+        engine: Engine,
+        mode: TlsMode,
+        certs: Option<watch::Receiver<Arc<Served>>>,
+        backend: Option<BackendConnector>,
+    ) -> Self {
+        Terminator {
+            engine,
+            mode,
+            certs,
+            backend,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// The terminator for a configuration. `certs` is required when `tls.mode` is
+    /// `terminate`. Backend TLS is ignored in passthrough mode, where the client's own TLS
+    /// goes through to the backend.
+    pub fn from_config(config: &Config, certs: Option<&CertStore>) -> Result<Self, TlsError> {
+        let mode = config.tls.mode;
+        let certs = match (mode, certs) {
+            (TlsMode::Terminate, None) => {
+                return Err(TlsError::BadCertificate(
+                    "tls.mode is terminate but no certificate is loaded".into(),
+                ))
+            }
+            (TlsMode::Terminate, Some(store)) => Some(store.subscribe()),
+            _ => None,
+        };
+        let backend = match mode {
+            TlsMode::Passthrough => None,
+            _ => BackendConnector::from_settings(config.tls.backend.as_ref())?,
+        };
+        Ok(Terminator::new(config.engine, mode, certs, backend))
+    }
+
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Nothing to negotiate on either side: the data plane may pump the raw sockets.
+    pub fn is_transparent(&self) -> bool {
+        match self.mode {
+            TlsMode::Passthrough => true,
+            TlsMode::Disabled => self.backend.is_none(),
+            TlsMode::Terminate => false,
+        }
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    pub fn mode(&self) -> TlsMode {
+        self.mode
+    }
+
+    /// The server config new handshakes use now.
+    fn served(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.certs
+            .as_ref()
+            .map(|rx| rx.borrow().config.clone())
+            .ok_or_else(|| TlsError::BadCertificate("no certificate loaded".into()))
+    }
+
+    /// Phase one, before a backend is chosen: the TLS handshake (or PostgreSQL's negotiation),
+    /// within the handshake deadline. A client that fails here never costs a backend
+    /// connection.
+    pub async fn accept<C>(&self, client: C) -> Result<Accepted<C>, TlsError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let plain = |c| {
+            Ok(Accepted {
+                state: State::Ready(MaybeTls::Plain(Rewind::new(c))),
+            })
+        };
+        match (self.mode, self.engine) {
+            (TlsMode::Passthrough, _) => plain(client),
+            (TlsMode::Disabled, _) if self.backend.is_none() => plain(client),
+            (TlsMode::Disabled, Engine::Postgres) => {
+                // Backend TLS only: decline the client's SSLRequest so it starts up in
+                // plaintext, which the portal then encrypts.
+                let stream = self.deadline(postgres::accept(client, None, false)).await?;
+                Ok(Accepted {
+                    state: State::Ready(stream),
+                })
+            }
+            (TlsMode::Disabled, Engine::Mysql) => Ok(Accepted {
+                state: State::Mysql(client, None),
+            }),
+            (TlsMode::Disabled, _) => plain(client),
+            (TlsMode::Terminate, Engine::Mysql) => Ok(Accepted {
+                state: State::Mysql(client, Some(self.served()?)),
+            }),
+            (TlsMode::Terminate, Engine::Postgres) => {
+                let config = self.served()?;
+                let stream = self
+                    .deadline(postgres::accept(client, Some(&config), true))
+                    .await?;
+                Ok(Accepted {
+                    state: State::Ready(stream),
+                })
+            }
+            (TlsMode::Terminate, Engine::Redis | Engine::Etcd | Engine::Tcp) => {
+                let config = self.served()?;
+                let tls = self
+                    .deadline(async {
+                        tokio_rustls::TlsAcceptor::from(config)
+                            .accept(Rewind::new(client))
+                            .await
+                            .map_err(|e| TlsError::Handshake(e.to_string()))
+                    })
+                    .await?;
+                Ok(Accepted {
+                    state: State::Ready(MaybeTls::Tls(Box::new(tls.into()))),
+                })
+            }
+        }
+    }
+
+    /// Phase two, on an open backend connection: MySQL's in-protocol upgrade and TLS to the
+    /// backend, within the handshake deadline. `backend_host` is the host of the node's
+    /// address, the name verified in its certificate unless `serverName` is set.
+    pub async fn connect<C, B>(
+        &self,
+        accepted: Accepted<C>,
+        mut backend: B,
+        backend_host: &str,
+    ) -> Result<Established<C, B>, TlsError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let backend_tls = match &self.backend {
+            Some(connector) => Some((connector, connector.server_name_for(backend_host)?)),
+            None => None,
+        };
+        match accepted.state {
+            State::Mysql(client, config) => {
+                let (client, backend) = self
+                    .deadline(mysql::negotiate(
+                        client,
+                        backend,
+                        config.as_ref(),
+                        backend_tls,
+                    ))
+                    .await?;
+                Ok(Established { client, backend })
+            }
+            State::Ready(client) => {
+                let Some((connector, name)) = backend_tls else {
+                    return Ok(Established {
+                        client,
+                        backend: MaybeTls::Plain(backend),
+                    });
+                };
+                // etcd serves gRPC (h2) and HTTP/1.1 on one port and picks by ALPN: offer the
+                // backend what the client chose.
+                let alpn = match self.engine {
+                    Engine::Etcd | Engine::Tcp => client.alpn().map(<[u8]>::to_vec),
+                    _ => None,
+                };
+                let engine = self.engine;
+                let backend = self
+                    .deadline(async move {
+                        if engine == Engine::Postgres {
+                            postgres::ssl_request(&mut backend).await?;
+                        }
+                        connector.handshake(backend, name, alpn.as_deref()).await
+                    })
+                    .await?;
+                Ok(Established { client, backend })
+            }
+        }
+    }
+
+    /// Both phases at once, for callers that already hold the backend connection.
+    pub async fn establish<C, B>(
+        &self,
+        client: C,
+        backend: B,
+        backend_host: &str,
+    ) -> Result<Established<C, B>, TlsError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let accepted = self.accept(client).await?;
+        self.connect(accepted, backend, backend_host).await
+    }
+
+    async fn deadline<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, TlsError>>,
+    ) -> Result<T, TlsError> {
+        tokio::time::timeout(self.handshake_timeout, work)
+            .await
+            .unwrap_or(Err(TlsError::HandshakeTimeout(self.handshake_timeout)))
+    }
+}
