@@ -4,7 +4,7 @@
 #
 #   build-images.sh [--only LIST] [--no-cargo] [DIR]
 #
-#   LIST       comma-separated subset of pause,portal,operator (default: all)
+#   LIST       comma-separated subset of pause,portal,operator,toolbox (default: all)
 #   --no-cargo use the binaries already in the target directory
 #   DIR        state directory of a node started by local-node.sh: the images
 #              are imported into its containerd (namespace k8s.io)
@@ -13,6 +13,8 @@
 #   dbportal/pause:dev     Kubernetes' pause.c, gcc -static (pod sandbox image)
 #   dbportal/portal:dev    the portal binary, statically linked
 #   dbportal/operator:dev  the operator binary, statically linked
+#   dbportal/toolbox:dev   test clients for pods: busybox (static), curl and
+#                          redis-cli with the shared libraries they load
 # The portal and operator images hold the binary, /etc/ssl/certs and /tmp,
 # and run as UID/GID 65532, like the Dockerfile's runtime stage.
 set -euo pipefail
@@ -30,7 +32,7 @@ readonly NONROOT=65532:65532
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage() {
-    sed -n '2,17s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,19s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
@@ -167,6 +169,34 @@ build_rust_image() {
         "tmp=DIR:1777" >/dev/null
 }
 
+# shared_object_specs BIN...: DEST=SRC:MODE specs for BINs and every shared
+# library `ldd` lists for them (including the dynamic loader), at the same
+# paths as on this machine.
+shared_object_specs() {
+    local f
+    {
+        printf '%s\n' "$@"
+        ldd "$@" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// && $1 !~ /:$/ { print $1 }'
+    } | sort -u | while IFS= read -r f; do
+        printf '%s=%s:0755\n' "${f#/}" "$(readlink -f "$f")"
+    done
+}
+
+build_toolbox() {
+    local specs=() bb=/bin/busybox
+    if [[ ! -x $bb ]] || ! is_static "$bb"; then
+        log "installing busybox-static"
+        apt-get install -y -qq --no-install-recommends busybox-static >&2
+    fi
+    command -v curl >/dev/null || apt-get install -y -qq --no-install-recommends curl >&2
+    command -v redis-cli >/dev/null ||
+        apt-get install -y -qq --no-install-recommends redis-tools >&2
+    mapfile -t specs < <(shared_object_specs "$(command -v curl)" "$(command -v redis-cli)")
+    write_image "$IMAGE_DIR/toolbox.tar" dbportal/toolbox:dev '["/bin/busybox"]' "" \
+        "bin/busybox=$bb:0755" "${specs[@]}" \
+        "etc/ssl/certs/ca-certificates.crt=$(ca_bundle):0644" "tmp=DIR:1777" >/dev/null
+}
+
 import_images() {
     local dir=$1
     shift
@@ -181,7 +211,7 @@ import_images() {
 }
 
 main() {
-    local only=pause,portal,operator cargo=1 dir=
+    local only=pause,portal,operator,toolbox cargo=1 dir=
     while [[ $# -gt 0 ]]; do
         case $1 in
             --only) only=${2:?}; shift ;;
@@ -196,7 +226,7 @@ main() {
     local images=() name
     IFS=, read -r -a images <<<"$only"
     for name in "${images[@]}"; do
-        case $name in pause | portal | operator) ;; *) die "unknown image: $name" ;; esac
+        case $name in pause | portal | operator | toolbox) ;; *) die "unknown image: $name" ;; esac
     done
     mkdir -p "$IMAGE_DIR"
     local t0
@@ -208,6 +238,7 @@ main() {
     for name in "${images[@]}"; do
         case $name in
             pause) build_pause ;;
+            toolbox) build_toolbox ;;
             *) build_rust_image "$name" ;;
         esac
         log "built dbportal/$name:dev ($IMAGE_DIR/$name.tar, $(du -h "$IMAGE_DIR/$name.tar" | cut -f1))"

@@ -378,7 +378,10 @@ cmd_node_start() {
     # `kubernetes` Service), node identities in its token file.
     gen_node_tokens "$dir"
     local kubeconfig
+    # The API server reaches the kubelet (logs, exec) by the node's IP: the
+    # node name would be looked up in DNS.
     kubeconfig=$(env -u DBPORTAL_LCP_WATCH_PID DBPORTAL_LCP_EXTRA_TOKENS="$dir/node/tokens.csv" \
+        DBPORTAL_LCP_APISERVER_FLAGS="--kubelet-preferred-address-types=InternalIP ${DBPORTAL_LCP_APISERVER_FLAGS:-}" \
         "$LCP" start "$dir" "$@" | tail -n1) || fail_node "$dir" none "control plane did not start"
     local server
     server=$(sed -n 's/^DBPORTAL_APISERVER_URL=//p' "$dir/env")
@@ -461,6 +464,24 @@ unmount_below() {
         sed 's/\\040/ /g' | sort -r -u)
 }
 
+# Remove the iptables rules and chains kube-proxy created: `--cleanup`
+# removes the service rules but keeps its canary and KUBE-MARK-* chains.
+remove_proxy_rules() {
+    "$BIN_DIR/kube-proxy" --cleanup --proxy-mode=iptables >/dev/null 2>&1 || true
+    local table chain
+    for table in filter nat mangle; do
+        for chain in KUBE-PROXY-CANARY KUBE-MARK-DROP KUBE-MARK-MASQ; do
+            iptables -w -t "$table" -n -L "$chain" >/dev/null 2>&1 || continue
+            # Only if nothing jumps to it any more.
+            if iptables -w -t "$table" -S 2>/dev/null | grep -qE -- "-j $chain( |$)"; then
+                continue
+            fi
+            iptables -w -t "$table" -F "$chain" 2>/dev/null || true
+            iptables -w -t "$table" -X "$chain" 2>/dev/null || true
+        done
+    done
+}
+
 cmd_node_stop() {
     [[ $# -eq 1 ]] || usage
     [[ -d $1 ]] || return 0
@@ -476,8 +497,7 @@ cmd_node_stop() {
     stop_pid containerd "$dir"
     stop_shims "$dir"
     if [[ -f $dir/node/tokens.csv ]]; then
-        # Removes the iptables rules and chains kube-proxy created.
-        "$BIN_DIR/kube-proxy" --cleanup --proxy-mode=iptables >/dev/null 2>&1 || true
+        remove_proxy_rules
     fi
     "$LCP" stop "$dir"
     unmount_below "$dir"
