@@ -205,6 +205,7 @@ makeIPTablesUtilChains: false
 resolvConf: $k/resolv.conf
 clusterDomain: cluster.local
 volumePluginDir: $k/volume-plugins
+nodeStatusUpdateFrequency: 2s
 syncFrequency: 10s
 fileCheckFrequency: 10s
 serializeImagePulls: false
