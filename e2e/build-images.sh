@@ -2,10 +2,13 @@
 # Builds dbportal's container images FROM scratch, without a registry or a
 # container engine, and imports them into the local node's containerd.
 #
-#   build-images.sh [--only LIST] [--no-cargo] [DIR]
+#   build-images.sh [--only LIST] [--no-cargo] [--dynamic] [DIR]
 #
 #   LIST       comma-separated subset of pause,portal,operator,toolbox (default: all)
 #   --no-cargo use the binaries already in the target directory
+#   --dynamic  use `cargo build --release` binaries (target/release, shared
+#              with other release builds) plus the shared libraries they load,
+#              instead of a separate static build
 #   DIR        state directory of a node started by local-node.sh: the images
 #              are imported into its containerd (namespace k8s.io)
 #
@@ -32,7 +35,7 @@ readonly NONROOT=65532:65532
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage() {
-    sed -n '2,19s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,22s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
@@ -149,6 +152,12 @@ ca_bundle() {
 }
 
 cargo_build() {
+    if [[ $DYNAMIC -eq 1 ]]; then
+        log "cargo build --release"
+        (cd "$REPO_DIR" &&
+            cargo build --release --locked -p dbportal-portal -p dbportal-operator >&2)
+        return
+    fi
     log "cargo build (static, $RUST_TARGET)"
     # `--target` keeps the crt-static flags away from build scripts and
     # proc-macros, and the output in its own directory under target/.
@@ -159,14 +168,25 @@ cargo_build() {
 }
 
 build_rust_image() {
-    local name=$1 target_dir bin
+    local name=$1 target_dir bin libs=()
     target_dir=${CARGO_TARGET_DIR:-$REPO_DIR/target}
-    bin=$target_dir/$RUST_TARGET/release/$name
-    [[ -x $bin ]] || die "$bin missing (run without --no-cargo)"
-    is_static "$bin" || die "$bin is dynamically linked; it would not run FROM scratch"
+    if [[ $DYNAMIC -eq 1 ]]; then
+        bin=$target_dir/release/$name
+        [[ -x $bin ]] || die "$bin missing (run without --no-cargo)"
+        # Snapshot: other builds may replace the file at any time.
+        cp "$bin" "$IMAGE_DIR/$name.bin"
+        bin=$IMAGE_DIR/$name.bin
+        if ! is_static "$bin"; then
+            mapfile -t libs < <(shared_object_specs "$bin" | grep -v "^${bin#/}=")
+        fi
+    else
+        bin=$target_dir/$RUST_TARGET/release/$name
+        [[ -x $bin ]] || die "$bin missing (run without --no-cargo)"
+        is_static "$bin" || die "$bin is dynamically linked; it would not run FROM scratch"
+    fi
     write_image "$IMAGE_DIR/$name.tar" "dbportal/$name:dev" "[\"/$name\"]" "$NONROOT" \
-        "$name=$bin:0755" "etc/ssl/certs/ca-certificates.crt=$(ca_bundle):0644" \
-        "tmp=DIR:1777" >/dev/null
+        "$name=$bin:0755" "${libs[@]}" \
+        "etc/ssl/certs/ca-certificates.crt=$(ca_bundle):0644" "tmp=DIR:1777" >/dev/null
 }
 
 # shared_object_specs BIN...: DEST=SRC:MODE specs for BINs and every shared
@@ -210,6 +230,8 @@ import_images() {
     done
 }
 
+DYNAMIC=0
+
 main() {
     local only=pause,portal,operator,toolbox cargo=1 dir=
     while [[ $# -gt 0 ]]; do
@@ -217,6 +239,7 @@ main() {
             --only) only=${2:?}; shift ;;
             --only=*) only=${1#--only=} ;;
             --no-cargo) cargo=0 ;;
+            --dynamic) DYNAMIC=1 ;;
             -h | --help) usage ;;
             -*) usage ;;
             *) [[ -z $dir ]] || usage; dir=$1 ;;
