@@ -231,6 +231,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "generation": state.generation(),
             "reload": state.reload.snapshot(),
         },
+        "tls": shared.tls.status_json(),
     })
 }
 
@@ -478,5 +479,6 @@ pub fn metrics(shared: &Shared) -> String {
         "1 while shutting down.",
         &one(b(state.draining())),
     );
+    shared.tls.render_metrics(&mut out);
     out
 }

@@ -22,6 +22,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// TLS could not be set up (certificate, key, CA files).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A signal handler could not be installed.
     #[error("cannot install the {signal} handler: {source}")]
     Signal {

@@ -169,6 +169,8 @@ pub struct Shared {
     pub checker: Option<health::HealthHandle>,
     /// Becomes `true` when the drain timeout ran out: close now.
     pub kill: watch::Receiver<bool>,
+    /// TLS termination: the certificate in force and the engine negotiation.
+    pub tls: Arc<crate::tls::TlsRuntime>,
 }
 
 /// Serves client connections from `listener` and the admin endpoint on `admin` with the
@@ -187,12 +189,15 @@ pub async fn run(
     let state = Arc::new(State::new(reload));
     let (kill_tx, kill) = watch::channel(false);
     let (admin_stop, admin_stopped) = watch::channel(false);
+    let tls = crate::tls::TlsRuntime::new_or_closed(&config.borrow());
+    let tls_task = tls.spawn(config.clone(), crate::tls::CERT_POLL_INTERVAL);
     let shared = Shared {
         state: state.clone(),
         config,
         health: health.view,
         checker: health.checker,
         kill,
+        tls,
     };
     let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stopped));
     let generations = tokio::spawn(count_generations(shared.config.clone(), state.clone()));
@@ -218,6 +223,7 @@ pub async fn run(
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
     generations.abort();
+    tls_task.abort();
 }
 
 async fn count_generations(mut config: watch::Receiver<Arc<Config>>, state: Arc<State>) {
@@ -369,9 +375,8 @@ pub async fn standalone(
         backends = config.backends.len(),
         "portal listening"
     );
-    if config.tls.mode == crate::config::TlsMode::Terminate {
-        warn!("tls.mode terminate: TLS termination is not available in this build; client connections will be refused");
-    }
+    // A portal that cannot load its certificate does not start.
+    crate::tls::TlsRuntime::new(&config)?;
     let status = ReloadStatus::loaded(origin);
     let (tx, rx) = watch::channel(Arc::new(config));
     let health = health::spawn_checker(rx.clone(), Arc::new(health::StandaloneCredentials));

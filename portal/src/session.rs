@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::AsyncWriteExt,
     net::TcpStream,
     time::{timeout, Instant},
 };
@@ -17,13 +17,14 @@ use tracing::{debug, warn};
 
 use crate::{
     allow,
-    config::{Address, Config, TlsMode},
+    config::{Address, Config},
     health::HealthView,
     metrics::{BackendStats, CloseReason, Rejection},
     proxy_protocol::{self, Header},
     route,
     server::{admit, ClientPermit, ConnectionPermit, Shared},
     splice::Splice,
+    tls::{Negotiation, Pending, Untouched},
 };
 
 /// Longest wait for a PROXY header (the client timeout applies when it is shorter).
@@ -153,29 +154,45 @@ async fn negotiate(
     config: Arc<Config>,
     shared: Shared,
 ) {
-    match config.tls.mode {
-        TlsMode::Disabled | TlsMode::Passthrough => {
-            proxy(stream, peer, early, permits, config, shared).await
+    let Some(terminator) = shared.tls.terminator() else {
+        // TLS is required but no certificate could be loaded: failing closed beats serving
+        // plaintext.
+        shared.state.metrics.reject(Rejection::Handshake);
+        warn!("closed: tls.mode is terminate but no certificate is available");
+        return;
+    };
+    if terminator.is_transparent() {
+        return proxy(Untouched(stream), peer, early, permits, config, shared).await;
+    }
+    // Phase one (TLS handshake, PostgreSQL negotiation) before any backend is used; MySQL's
+    // in-protocol upgrade waits for the backend's greeting in `proxy`.
+    match terminator.accept_with(stream, early).await {
+        Ok(accepted) => {
+            let pending = Pending {
+                terminator,
+                accepted,
+            };
+            proxy(pending, peer, Vec::new(), permits, config, shared).await
         }
-        TlsMode::Terminate => {
-            // TLS termination plugs in here: accept the handshake (bounded), then
-            // `proxy(tls_stream, ...)`. Without it, failing closed beats serving plaintext.
+        Err(e) => {
             shared.state.metrics.reject(Rejection::Handshake);
-            warn!("closed: tls.mode is terminate but TLS termination is not available");
+            shared.tls.record_failure(&e);
+            debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
         }
     }
 }
 
-/// Connects to a backend and copies bytes both ways until the session ends.
-pub async fn proxy<C>(
-    client: C,
+/// Connects to a backend, finishes the client's negotiation (TLS, engine) against it, and
+/// copies bytes both ways until the session ends.
+pub async fn proxy<N>(
+    client: N,
     peer: Peer,
     early: Vec<u8>,
     permits: (ConnectionPermit, ClientPermit),
     config: Arc<Config>,
     mut shared: Shared,
 ) where
-    C: AsyncRead + AsyncWrite + Unpin,
+    N: Negotiation<TcpStream>,
 {
     let state = shared.state.clone();
     let health = match wait_for_route(&config, &mut shared).await {
@@ -202,6 +219,39 @@ pub async fn proxy<C>(
     }
     to_server.extend_from_slice(&early);
     drop(early);
+    let (client, server) = if N::NEGOTIATES {
+        let mut server = server;
+        // The PROXY header precedes the engine's own bytes (a greeting, an SSLRequest).
+        if !to_server.is_empty() {
+            let write = timeout(config.timeouts.connect, server.write_all(&to_server)).await;
+            if !matches!(write, Ok(Ok(()))) {
+                state.metrics.reject(Rejection::NoBackend);
+                debug!("closed: the PROXY header could not be sent");
+                return;
+            }
+            to_server = Vec::new();
+        }
+        let host = config
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| b.address.host.clone())
+            .unwrap_or_default();
+        match client.finish(server, host).await {
+            Ok(streams) => streams,
+            Err(e) => {
+                state.metrics.reject(Rejection::Handshake);
+                shared.tls.record_failure(&e);
+                debug!(error = %e, reason = e.label(), "closed: negotiation with the backend failed");
+                return;
+            }
+        }
+    } else {
+        match client.finish(server, String::new()).await {
+            Ok(streams) => streams,
+            Err(_) => return,
+        }
+    };
 
     let metrics = &state.metrics;
     metrics.sessions.fetch_add(1, Relaxed);

@@ -11,6 +11,7 @@ mod backend;
 mod certs;
 mod mysql;
 mod postgres;
+mod runtime;
 mod store;
 mod stream;
 mod terminate;
@@ -24,9 +25,12 @@ pub use certs::{
 };
 pub use mysql::{negotiate as mysql_negotiate, CLIENT_SSL};
 pub use postgres::{accept as postgres_accept, error_response as postgres_error_response};
+pub use runtime::{TlsRuntime, CERT_POLL_INTERVAL};
 pub use store::{CertStore, Refusal, Reload, Served, TlsStatus};
 pub use stream::{MaybeTls, Rewind};
-pub use terminate::{Accepted, Established, Terminator, HANDSHAKE_TIMEOUT};
+pub use terminate::{
+    Accepted, Established, Negotiation, Pending, Terminator, Untouched, HANDSHAKE_TIMEOUT,
+};
 
 /// The crypto provider for every TLS config the portal builds, server and client.
 ///

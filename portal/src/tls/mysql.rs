@@ -121,7 +121,7 @@ fn set_caps(response: &mut [u8], caps: u32) {
 /// `backend_tls`, the portal upgrades its connection to the backend. Returns both streams at
 /// the start of the command phase, or, when nothing needs relaying, wherever the handshake is.
 pub async fn negotiate<C, B>(
-    mut client: C,
+    mut client: Rewind<C>,
     mut backend: B,
     tls: Option<&Arc<ServerConfig>>,
     backend_tls: Option<(&BackendConnector, ServerName<'static>)>,
@@ -180,7 +180,7 @@ where
                 return Err(TlsError::TlsRequired("MySQL handshake without SSLRequest"));
             }
             let tls_client = tokio_rustls::TlsAcceptor::from(config.clone())
-                .accept(Rewind::new(client))
+                .accept(client)
                 .await
                 .map_err(|e| TlsError::Handshake(e.to_string()))?;
             let mut client = MaybeTls::Tls(Box::new(tls_client.into()));
@@ -198,7 +198,7 @@ where
                     "MySQL SSLRequest although the portal offered no TLS".into(),
                 ));
             }
-            (MaybeTls::Plain(Rewind::new(client)), first)
+            (MaybeTls::Plain(client), first)
         }
     };
     if caps_of(&response.payload) & CLIENT_PROTOCOL_41 == 0 {

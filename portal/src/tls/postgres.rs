@@ -30,7 +30,7 @@ const MAX_STARTUP: u32 = 10_000;
 /// backend pid and a random key, libpq before 17 always sends it in plaintext, and refusing it
 /// would leave a client unable to cancel a runaway query.
 pub async fn accept<S>(
-    mut stream: S,
+    mut stream: Rewind<S>,
     tls: Option<&Arc<ServerConfig>>,
     require_tls: bool,
 ) -> Result<MaybeTls<Rewind<S>>, TlsError>
@@ -49,7 +49,8 @@ where
                     "PostgreSQL direct TLS to a portal without TLS".into(),
                 ));
             };
-            let stream = handshake(Rewind::with_prefix(stream, header.to_vec()), config).await?;
+            stream.unread(&header);
+            let stream = handshake(stream, config).await?;
             if stream.alpn() != Some(ALPN) {
                 // PostgreSQL 17 requires ALPN in direct mode, so that a TLS connection meant
                 // for another protocol cannot be replayed against the database.
@@ -64,20 +65,18 @@ where
         match (len, code) {
             (8, SSL_REQUEST) => match tls {
                 Some(config) => {
-                    // Read exactly the 8 bytes, nothing more: plaintext sent behind the
-                    // SSLRequest must not be taken as if it came over TLS (CVE-2021-23214).
+                    // Bytes the client sent behind the SSLRequest go into the TLS decoder, never
+                    // into the session as if they had come over TLS (CVE-2021-23214).
                     stream.write_all(b"S").await?;
                     stream.flush().await?;
-                    return handshake(Rewind::new(stream), config).await;
+                    return handshake(stream, config).await;
                 }
                 None => stream.write_all(b"N").await?,
             },
             (8, GSSENC_REQUEST) => stream.write_all(b"N").await?,
             (16, CANCEL_REQUEST) => {
-                return Ok(MaybeTls::Plain(Rewind::with_prefix(
-                    stream,
-                    header.to_vec(),
-                )))
+                stream.unread(&header);
+                return Ok(MaybeTls::Plain(stream));
             }
             (len, version) if version >> 16 == 3 && (8..=MAX_STARTUP).contains(&len) => {
                 if require_tls {
@@ -92,10 +91,8 @@ where
                     let _ = stream.shutdown().await;
                     return Err(TlsError::TlsRequired("PostgreSQL plaintext startup"));
                 }
-                return Ok(MaybeTls::Plain(Rewind::with_prefix(
-                    stream,
-                    header.to_vec(),
-                )));
+                stream.unread(&header);
+                return Ok(MaybeTls::Plain(stream));
             }
             (len, code) => {
                 return Err(TlsError::Malformed(format!(

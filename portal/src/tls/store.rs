@@ -80,19 +80,19 @@ impl TlsStatus {
         let expiry = self.not_after_unix as f64 - certs::unix_secs(now) as f64;
         let _ = writeln!(
             out,
-            "# HELP portal_tls_certificate_expiry_seconds Seconds until the served TLS certificate expires.\n\
-             # TYPE portal_tls_certificate_expiry_seconds gauge\n\
-             portal_tls_certificate_expiry_seconds {expiry}\n\
-             # HELP portal_tls_certificate_not_after_seconds Expiry of the served TLS certificate, unix time.\n\
-             # TYPE portal_tls_certificate_not_after_seconds gauge\n\
-             portal_tls_certificate_not_after_seconds {}\n\
-             # HELP portal_tls_reloads_total Certificate reloads by result.\n\
-             # TYPE portal_tls_reloads_total counter\n\
-             portal_tls_reloads_total{{result=\"ok\"}} {}\n\
-             portal_tls_reloads_total{{result=\"refused\"}} {}\n\
-             # HELP portal_tls_reload_refused Whether the latest certificate reload was refused (the previous certificate is still served).\n\
-             # TYPE portal_tls_reload_refused gauge\n\
-             portal_tls_reload_refused {}",
+            "# HELP dbportal_tls_certificate_expiry_seconds Seconds until the served TLS certificate expires.\n\
+             # TYPE dbportal_tls_certificate_expiry_seconds gauge\n\
+             dbportal_tls_certificate_expiry_seconds {expiry}\n\
+             # HELP dbportal_tls_certificate_not_after_seconds Expiry of the served TLS certificate, unix time.\n\
+             # TYPE dbportal_tls_certificate_not_after_seconds gauge\n\
+             dbportal_tls_certificate_not_after_seconds {}\n\
+             # HELP dbportal_tls_reloads_total Certificate reloads by result.\n\
+             # TYPE dbportal_tls_reloads_total counter\n\
+             dbportal_tls_reloads_total{{result=\"ok\"}} {}\n\
+             dbportal_tls_reloads_total{{result=\"refused\"}} {}\n\
+             # HELP dbportal_tls_reload_refused Whether the latest certificate reload was refused (the previous certificate is still served).\n\
+             # TYPE dbportal_tls_reload_refused gauge\n\
+             dbportal_tls_reload_refused {}",
             self.not_after_unix,
             self.reloads_ok,
             self.reloads_refused,

@@ -157,6 +157,15 @@ impl<S> Rewind<S> {
         }
     }
 
+    /// Puts `bytes` back in front of what is still to be replayed.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        let mut prefix = Vec::with_capacity(bytes.len() + self.prefix.len() - self.pos);
+        prefix.extend_from_slice(bytes);
+        prefix.extend_from_slice(&self.prefix[self.pos..]);
+        self.prefix = prefix;
+        self.pos = 0;
+    }
+
     /// Bytes still to be replayed.
     pub fn pending(&self) -> &[u8] {
         &self.prefix[self.pos..]

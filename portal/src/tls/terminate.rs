@@ -47,7 +47,7 @@ pub struct Accepted<C> {
 enum State<C> {
     Ready(MaybeTls<Rewind<C>>),
     /// MySQL: the server speaks first, so nothing happens until the backend is connected.
-    Mysql(C, Option<Arc<ServerConfig>>),
+    Mysql(Rewind<C>, Option<Arc<ServerConfig>>),
 }
 
 impl<C> Accepted<C> {
@@ -140,9 +140,19 @@ impl Terminator {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
+        self.accept_with(client, Vec::new()).await
+    }
+
+    /// [`accept`](Self::accept) for a client whose first bytes were already read (behind a
+    /// PROXY header): `early` is replayed before the stream.
+    pub async fn accept_with<C>(&self, client: C, early: Vec<u8>) -> Result<Accepted<C>, TlsError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let client = Rewind::with_prefix(client, early);
         let plain = |c| {
             Ok(Accepted {
-                state: State::Ready(MaybeTls::Plain(Rewind::new(c))),
+                state: State::Ready(MaybeTls::Plain(c)),
             })
         };
         match (self.mode, self.engine) {
@@ -177,7 +187,7 @@ impl Terminator {
                 let tls = self
                     .deadline(async {
                         tokio_rustls::TlsAcceptor::from(config)
-                            .accept(Rewind::new(client))
+                            .accept(client)
                             .await
                             .map_err(|e| TlsError::Handshake(e.to_string()))
                     })
@@ -267,5 +277,68 @@ impl Terminator {
         tokio::time::timeout(self.handshake_timeout, work)
             .await
             .unwrap_or(Err(TlsError::HandshakeTimeout(self.handshake_timeout)))
+    }
+}
+
+/// The part of a session's negotiation that needs the backend connection: the data plane
+/// calls [`finish`](Negotiation::finish) once it has connected, and pumps the streams it gets.
+/// [`Untouched`] costs nothing, so the plain-TCP path keeps its raw sockets.
+pub trait Negotiation<S>: Send + Sized {
+    type Client: AsyncRead + AsyncWrite + Unpin + Send;
+    type Server: AsyncRead + AsyncWrite + Unpin + Send;
+    /// Whether `finish` talks to the backend (then anything that must precede the engine's
+    /// own bytes, such as a PROXY header, is written before it).
+    const NEGOTIATES: bool;
+
+    fn finish(
+        self,
+        server: S,
+        backend_host: String,
+    ) -> impl std::future::Future<Output = Result<(Self::Client, Self::Server), TlsError>> + Send;
+}
+
+/// No TLS and no engine negotiation: the streams as they are.
+#[derive(Debug)]
+pub struct Untouched<C>(pub C);
+
+impl<C, S> Negotiation<S> for Untouched<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    type Client = C;
+    type Server = S;
+    const NEGOTIATES: bool = false;
+
+    async fn finish(self, server: S, _backend_host: String) -> Result<(C, S), TlsError> {
+        Ok((self.0, server))
+    }
+}
+
+/// A client past [`Terminator::accept`], waiting for its backend.
+pub struct Pending<C> {
+    pub terminator: Arc<Terminator>,
+    pub accepted: Accepted<C>,
+}
+
+impl<C, S> Negotiation<S> for Pending<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    type Client = MaybeTls<Rewind<C>>;
+    type Server = MaybeTls<S>;
+    const NEGOTIATES: bool = true;
+
+    async fn finish(
+        self,
+        server: S,
+        backend_host: String,
+    ) -> Result<(Self::Client, Self::Server), TlsError> {
+        let Established { client, backend } = self
+            .terminator
+            .connect(self.accepted, server, &backend_host)
+            .await?;
+        Ok((client, backend))
     }
 }

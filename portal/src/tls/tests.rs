@@ -199,9 +199,12 @@ async fn rotation_swaps_good_pairs_and_refuses_broken_ones() {
 
     let mut metrics = String::new();
     status.render_metrics(&mut metrics, std::time::SystemTime::now());
-    assert!(metrics.contains("portal_tls_reload_refused 1"), "{metrics}");
     assert!(
-        metrics.contains("portal_tls_certificate_expiry_seconds 8"),
+        metrics.contains("dbportal_tls_reload_refused 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dbportal_tls_certificate_expiry_seconds 8"),
         "{metrics}"
     );
     let json = status.to_json();
