@@ -73,8 +73,8 @@ cmd_install() {
         --set image.pullPolicy=Never \
         --set portalImage="$PORTAL_IMAGE" \
         --wait --timeout 5m
-    kubectl --kubeconfig "$KUBECONFIG_FILE" -n "$NAMESPACE" rollout status \
-        deployment --timeout 3m
+    kubectl --kubeconfig "$KUBECONFIG_FILE" -n "$NAMESPACE" wait \
+        --for=condition=Available deployment --all --timeout=3m
 }
 
 cmd_test() {

@@ -167,6 +167,7 @@ disabled_plugins = [
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "$c/state/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$dir/cni/net.d"
@@ -273,6 +274,7 @@ start_node_components() {
         --config="$dir/kubelet/config.yaml" \
         --kubeconfig="$dir/kubelet.kubeconfig" \
         --root-dir="$dir/kubelet/root" \
+        --volume-plugin-dir="$dir/kubelet/volume-plugins" \
         --cert-dir="$dir/kubelet/pki" \
         --container-runtime=remote \
         --container-runtime-endpoint="unix://$dir/containerd/containerd.sock" \
@@ -301,25 +303,30 @@ fail_node() {
     exit 1
 }
 
-# Directories the kubelet of Kubernetes 1.20 always writes to (not
-# configurable); their entries are removed again by `stop`.
-readonly HOST_LOG_DIRS=(/var/log/pods /var/log/containers)
+# Host directories written to whatever the settings: the kubelet's pod
+# logs and device-plugin socket, libcni's result cache, containerd's shim
+# sockets (all fixed paths in these versions), and the kubelet's default
+# volume plugin directory as a safety net. `stop` removes what was added.
+readonly HOST_DIRS=(/var/log/pods /var/log/containers /var/lib/kubelet /var/lib/cni
+    /run/containerd /usr/libexec/kubernetes)
+
+host_dir_record() { echo "$1/node/before${2//\//_}"; }
 
 remember_host_dirs() {
     local dir=$1 d
-    for d in "${HOST_LOG_DIRS[@]}"; do
+    for d in "${HOST_DIRS[@]}"; do
         if [[ -d $d ]]; then
-            find "$d" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort >"$dir/node/$(basename "$d").before"
+            find "$d" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort >"$(host_dir_record "$dir" "$d")"
         else
-            echo "__created__" >"$dir/node/$(basename "$d").before"
+            echo "__created__" >"$(host_dir_record "$dir" "$d")"
         fi
     done
 }
 
 forget_host_dirs() {
     local dir=$1 d before entry
-    for d in "${HOST_LOG_DIRS[@]}"; do
-        before=$dir/node/$(basename "$d").before
+    for d in "${HOST_DIRS[@]}"; do
+        before=$(host_dir_record "$dir" "$d")
         [[ -f $before && -d $d ]] || continue
         if [[ $(head -n1 "$before") == __created__ ]]; then
             rm -rf "$d"
@@ -351,6 +358,12 @@ cmd_node_start() {
         fi
         log "cleaning up after a node cluster in $other that was not stopped"
         cmd_node_stop "$other" || true
+        if [[ -f $MARKER ]]; then
+            # Its DIR is gone: undo what does not need it.
+            ip link del "$BRIDGE" 2>/dev/null || true
+            remove_proxy_rules
+            rm -f "$MARKER"
+        fi
     fi
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
         die "network interface $BRIDGE exists already; is another node cluster running?"
