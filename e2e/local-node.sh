@@ -455,17 +455,27 @@ kill_containers() {
     done
 }
 
-# Stop shims left behind (their PIDs are recorded in containerd's state dir).
-stop_shims() {
-    local dir=$1 pidfile pid
+# Containers and shims left behind (containerd died, or a task would not
+# go): each task's init PID is recorded in containerd's state dir; its
+# parent is the shim, recognised by our containerd socket on its command line.
+stop_leftover_tasks() {
+    local dir=$1 pidfile pid shim shims=()
     while IFS= read -r pidfile; do
         pid=$(<"$pidfile")
-        [[ $pid =~ ^[0-9]+$ ]] || continue
-        if pid_alive "$pid" "$dir"; then
-            log "stopping shim $pid"
-            kill -KILL "$pid" 2>/dev/null || true
+        if ! [[ $pid =~ ^[0-9]+$ ]] || ! process_running "$pid"; then continue; fi
+        shim=$(awk '/^PPid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+        pid_alive "$shim" "$dir" || continue
+        log "killing container process $pid (shim $shim)"
+        kill -KILL "$pid" 2>/dev/null || true
+        shims+=("$shim")
+    done < <(find "$dir/containerd/state" -name init.pid 2>/dev/null)
+    for shim in "${shims[@]}"; do
+        sleep 0.2
+        if pid_alive "$shim" "$dir"; then
+            log "stopping shim $shim"
+            kill -KILL "$shim" 2>/dev/null || true
         fi
-    done < <(find "$dir/containerd/state" -name shim.pid 2>/dev/null)
+    done
 }
 
 # Unmount everything below DIR (overlay root filesystems, /dev/shm, network
@@ -509,7 +519,7 @@ cmd_node_stop() {
         kill_containers "$dir"
     fi
     stop_pid containerd "$dir"
-    stop_shims "$dir"
+    stop_leftover_tasks "$dir"
     if [[ -f $dir/node/tokens.csv ]]; then
         remove_proxy_rules
     fi
