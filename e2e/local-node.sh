@@ -30,7 +30,8 @@ readonly MARKER=/run/dbportal-local-node
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 readonly E2E_DIR
 readonly LCP=$E2E_DIR/local-control-plane.sh
-SELF=$E2E_DIR/$(basename "${BASH_SOURCE[0]}")
+NODE_SELF=$E2E_DIR/$(basename "${BASH_SOURCE[0]}")
+readonly NODE_SELF
 
 # The control plane's helpers (log, spawn, stop_pid, write_kubeconfig, ...)
 # and its settings; the node's service range and API address are passed
@@ -48,7 +49,7 @@ readonly NODE_COMPONENTS=(containerd kube-scheduler kube-proxy kubelet)
 export AWS_EC2_METADATA_DISABLED=true
 
 usage() {
-    sed -n '2,14s/^# \{0,1\}//p' "$SELF" >&2
+    sed -n '2,14s/^# \{0,1\}//p' "$NODE_SELF" >&2
     exit 2
 }
 
@@ -354,7 +355,7 @@ cmd_node_start() {
         local other
         other=$(<"$MARKER")
         if [[ -f $other/containerd.pid ]] && pid_alive "$(<"$other/containerd.pid")" "$other"; then
-            die "a node cluster is already running in $other (stop it first: $SELF stop $other)"
+            die "a node cluster is already running in $other (stop it first: $NODE_SELF stop $other)"
         fi
         log "cleaning up after a node cluster in $other that was not stopped"
         cmd_node_stop "$other" || true
@@ -382,7 +383,7 @@ cmd_node_start() {
     if [[ -n ${DBPORTAL_LCP_WATCH_PID:-} ]]; then
         local owner=$DBPORTAL_LCP_WATCH_PID
         process_running "$owner" || die "DBPORTAL_LCP_WATCH_PID=$owner is not a running process"
-        spawn node-watchdog "$dir" "$SELF" __watch "$owner" "$dir/"
+        spawn node-watchdog "$dir" "$NODE_SELF" __watch "$owner" "$dir/"
     fi
 
     setup_network "$dir" || fail_node "$dir" none "network setup failed"
