@@ -354,14 +354,19 @@ pub fn metrics(shared: &Shared) -> String {
             .iter()
             .flat_map(|be| {
                 let r = health.get(&be.name).map(|h| h.role).unwrap_or_default();
-                [Role::Leader, Role::SharedLeader, Role::Replica, Role::Unknown]
-                    .into_iter()
-                    .map(move |x| {
-                        (
-                            format!("{{backend=\"{}\",role=\"{}\"}}", be.name, x.as_str()),
-                            b(r == x),
-                        )
-                    })
+                [
+                    Role::Leader,
+                    Role::SharedLeader,
+                    Role::Replica,
+                    Role::Unknown,
+                ]
+                .into_iter()
+                .map(move |x| {
+                    (
+                        format!("{{backend=\"{}\",role=\"{}\"}}", be.name, x.as_str()),
+                        b(r == x),
+                    )
+                })
             })
             .collect::<Vec<_>>(),
     );

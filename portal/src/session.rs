@@ -322,7 +322,12 @@ async fn wait_for_route(config: &Config, shared: &mut Shared) -> Option<HealthVi
         return Some(now);
     }
     debug!("no leader; waiting for one");
-    match timeout(config.timeouts.connect, shared.health.wait_for(|h| routable(h))).await {
+    match timeout(
+        config.timeouts.connect,
+        shared.health.wait_for(|h| routable(h)),
+    )
+    .await
+    {
         Ok(Ok(h)) => Some(h.clone()),
         _ => None,
     }
@@ -407,7 +412,7 @@ mod tests {
 
     #[test]
     fn keep_session_follows_the_allow_list() {
-        let yaml = "engine: redis\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\nallowedCIDRs: [127.0.0.2/32]\n";
+        let yaml = "engine: redis\nrouting: {mode: first}\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\nallowedCIDRs: [127.0.0.2/32]\n";
         let c = crate::config::parse_yaml(yaml).unwrap().validate().unwrap();
         let h = HealthView::default();
         assert_eq!(
@@ -422,5 +427,28 @@ mod tests {
             keep_session(&c, &h, "::ffff:127.0.0.2".parse().unwrap(), "a"),
             Ok(())
         );
+    }
+
+    #[test]
+    fn sessions_of_a_node_that_stops_leading_are_cut() {
+        let yaml = |close: bool| {
+            format!("engine: redis\ntls: {{mode: disabled}}\nrouting: {{closeSessionsOnLeaderChange: {close}}}\nbackends: [{{name: a, address: \"127.0.0.1:1\"}}, {{name: b, address: \"127.0.0.1:2\"}}]\n")
+        };
+        let c = crate::config::parse_yaml(&yaml(true))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let mut h = HealthView::assume_up(["a", "b"]);
+        h.leader = Some(0);
+        assert!(backend_keeps_sessions(&c, &h, "a"));
+        assert!(!backend_keeps_sessions(&c, &h, "b"));
+        h.conflict = true;
+        h.leader = None;
+        assert!(!backend_keeps_sessions(&c, &h, "a"), "a conflict cuts too");
+        let keep = crate::config::parse_yaml(&yaml(false))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(backend_keeps_sessions(&keep, &h, "a"));
     }
 }

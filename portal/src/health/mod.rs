@@ -147,3 +147,29 @@ pub fn spawn(
 ) -> tokio::sync::watch::Receiver<HealthView> {
     spawn_checker(config, std::sync::Arc::new(StandaloneCredentials)).view()
 }
+
+/// What the data plane receives from the health side: the views, and the checker's handle
+/// when a real checker runs (tests may drive the views by hand and have none).
+#[derive(Debug)]
+pub struct HealthSource {
+    pub view: tokio::sync::watch::Receiver<HealthView>,
+    pub checker: Option<HealthHandle>,
+}
+
+impl From<tokio::sync::watch::Receiver<HealthView>> for HealthSource {
+    fn from(view: tokio::sync::watch::Receiver<HealthView>) -> Self {
+        HealthSource {
+            view,
+            checker: None,
+        }
+    }
+}
+
+impl From<HealthHandle> for HealthSource {
+    fn from(handle: HealthHandle) -> Self {
+        HealthSource {
+            view: handle.view(),
+            checker: Some(handle),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Leader following through the standalone portal (real checker) in front of real Redis
+//! servers on loopback: switchover, sessions cut, no writes on the demoted node, waiting for a
+//! leader, split brain, and what `/status` and `/metrics` say about it.
+
+#[path = "common/servers.rs"]
+mod servers;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use servers::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+};
+
+struct Standalone {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: TempDir,
+}
+
+impl Standalone {
+    async fn start(backends: &[&Redis], extra: &str) -> Standalone {
+        let dir = TempDir::new("portal");
+        let (port, admin) = (free_port(), free_port());
+        let mut yaml = format!(
+            "engine: redis\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\ntls: {{mode: disabled}}\nbackends:\n"
+        );
+        for (i, b) in backends.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{name: r{i}, address: \"{}\"}}\n",
+                b.address()
+            ));
+        }
+        yaml.push_str(extra);
+        let path = dir.path().join("portal.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            portal::server::standalone(Some(path), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let p = Standalone {
+            addr,
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(p.admin).await.is_err() {
+            assert!(Instant::now() < deadline, "portal did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        let body = http(self.admin, "/status").await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn http(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Sends one command on `s` and reads one reply line (enough for SET / PING / errors).
+async fn command(s: &mut TcpStream, args: &[&str]) -> std::io::Result<String> {
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"))??;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed",
+        ));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// One write on a fresh connection through the portal.
+async fn write_once(portal: SocketAddr, key: &str) -> bool {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(portal)).await
+    else {
+        return false;
+    };
+    matches!(command(&mut s, &["SET", key, "1"]).await, Ok(r) if r == "+OK")
+}
+
+/// Waits for the portal's `/status` to satisfy `ok`.
+async fn wait_status(
+    p: &Standalone,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = p.status().await;
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} not seen: {s:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_cuts_sessions_and_no_write_reaches_the_demoted_node() {
+    if !installed("redis-server") {
+        return;
+    }
+    let a = Redis::start();
+    let b = Redis::replica_of(a.port);
+    b.wait_replicating();
+    let p = Standalone::start(&[&a, &b], "").await;
+    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
+        s["leader"] == "r0"
+    })
+    .await;
+
+    let mut session = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(
+        command(&mut session, &["SET", "before", "1"])
+            .await
+            .unwrap(),
+        "+OK"
+    );
+    assert_eq!(a.cli(&["GET", "before"]), "1");
+
+    // Switchover: b is promoted, a is demoted (to a replica of nothing: its keyspace stays
+    // as it is, so any write that reached it would show).
+    b.cli(&["REPLICAOF", "NO", "ONE"]);
+    let dead = free_port().to_string();
+    a.cli(&["REPLICAOF", "127.0.0.1", &dead]);
+    let keys_on_a = a.cli(&["DBSIZE"]);
+
+    // The open session to the demoted node is cut.
+    let cut = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match command(&mut session, &["PING"]).await {
+                Err(_) => break,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the session to the demoted leader stayed open");
+
+    // Writes through the portal succeed again, on b only.
+    let started = Instant::now();
+    let mut n = 0;
+    for i in 0..200 {
+        if write_once(p.addr, &format!("after:{i}")).await {
+            n += 1;
+            if n == 20 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(n, 20, "writes through the portal did not resume");
+    eprintln!("writes resumed within {:?}", started.elapsed());
+    assert_eq!(
+        a.cli(&["DBSIZE"]),
+        keys_on_a,
+        "a write reached the demoted node"
+    );
+    assert_eq!(a.cli(&["EXISTS", "after:0", "after:1", "after:2"]), "0");
+    assert!(b.cli(&["DBSIZE"]).parse::<u32>().unwrap() >= 20);
+
+    let s = wait_status(&p, Duration::from_secs(3), "leader r1", |s| {
+        s["leader"] == "r1"
+    })
+    .await;
+    assert_eq!(s["leaderConflict"], false);
+    let metrics = http(p.admin, "/metrics").await;
+    assert!(
+        metrics.contains("dbportal_leader_changes_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dbportal_leader_sessions_cut_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_of_the_primary_and_clients_waiting_for_a_leader() {
+    if !installed("redis-server") {
+        return;
+    }
+    let mut a = Redis::start();
+    let b = Redis::replica_of(a.port);
+    b.wait_replicating();
+    let p = Standalone::start(&[&a, &b], "timeouts: {connect: 10s}\n").await;
+    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
+        s["leader"] == "r0"
+    })
+    .await;
+
+    a.kill();
+    wait_status(&p, Duration::from_secs(5), "no leader", |s| {
+        s["leader"].is_null()
+    })
+    .await;
+    // A client arriving now waits for a leader instead of being refused.
+    let client = tokio::spawn(write_once(p.addr, "waited"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let promoted = Instant::now();
+    b.cli(&["REPLICAOF", "NO", "ONE"]);
+    assert!(client.await.unwrap(), "the waiting client's write failed");
+    eprintln!(
+        "the waiting client wrote {:?} after the promotion",
+        promoted.elapsed()
+    );
+    assert_eq!(b.cli(&["GET", "waited"]), "1");
+    let s = p.status().await;
+    assert_eq!(s["leader"], "r1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_routes_nowhere_until_resolved() {
+    if !installed("redis-server") {
+        return;
+    }
+    let a = Redis::start();
+    let b = Redis::start();
+    let p = Standalone::start(&[&a, &b], "timeouts: {connect: 500ms}\n").await;
+    let s = wait_status(&p, Duration::from_secs(5), "conflict", |s| {
+        s["leaderConflict"] == true
+    })
+    .await;
+    assert!(s["leader"].is_null());
+    assert!(
+        !write_once(p.addr, "nowhere").await,
+        "a write was routed during split brain"
+    );
+    assert_eq!(a.cli(&["DBSIZE"]), "0");
+    assert_eq!(b.cli(&["DBSIZE"]), "0");
+    let metrics = http(p.admin, "/metrics").await;
+    assert!(metrics.contains("dbportal_leader_conflict 1"), "{metrics}");
+
+    b.cli(&["REPLICAOF", "127.0.0.1", &a.port.to_string()]);
+    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
+        s["leader"] == "r0" && s["leaderConflict"] == false
+    })
+    .await;
+    assert!(write_once(p.addr, "resolved").await);
+}
