@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Operator benchmark: converge N DatabasePortals (default 1000) on a private local control
+# plane; prints the time and the operator's memory. Figures are recorded in bench/OPERATOR.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p dbportal-operator --bin operator --example converge
+exec target/release/examples/converge "${1:-1000}"
