@@ -180,6 +180,9 @@ impl Redis {
             "yes",
             "--repl-diskless-sync-delay",
             "0",
+            // Replicas load from the socket: no dump.rdb left behind to reload on restart.
+            "--repl-diskless-load",
+            "swapdb",
         ]);
         cmd.args(extra);
         Proc::spawn(cmd, "TERM")
