@@ -51,10 +51,18 @@ fn portal(ns: &str, i: usize) -> DatabasePortal {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(1000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1000);
     let exe = std::env::current_exe()?;
     let operator_bin = exe.parent().unwrap().parent().unwrap().join("operator");
-    anyhow::ensure!(operator_bin.exists(), "build the operator binary first: {}", operator_bin.display());
+    anyhow::ensure!(
+        operator_bin.exists(),
+        "build the operator binary first: {}",
+        operator_bin.display()
+    );
 
     let plane = common::ControlPlane::start("bench")?;
     let admin = plane.admin().await?;
@@ -64,7 +72,9 @@ async fn main() -> anyhow::Result<()> {
         common::create_namespace(&admin, ns).await?;
     }
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut child = Command::new(&operator_bin)
         .env("KUBECONFIG", &plane.operator_kubeconfig)
         .env("POD_NAMESPACE", common::OPERATOR_NAMESPACE)
@@ -110,25 +120,48 @@ async fn main() -> anyhow::Result<()> {
         if done == n {
             break started.elapsed();
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "only {done}/{n} converged in 10 min");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "only {done}/{n} converged in 10 min"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let managed = ListParams::default().labels("app.kubernetes.io/managed-by=dbportal-operator");
-    let configmaps = Api::<ConfigMap>::all(admin.clone()).list_metadata(&managed).await?.items.len();
-    let services = Api::<Service>::all(admin.clone()).list_metadata(&managed).await?.items.len();
+    let configmaps = Api::<ConfigMap>::all(admin.clone())
+        .list_metadata(&managed)
+        .await?
+        .items
+        .len();
+    let services = Api::<Service>::all(admin.clone())
+        .list_metadata(&managed)
+        .await?
+        .items
+        .len();
     // Let the operator settle (StatefulSet status updates trigger more reconciles), then measure.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss, hwm) = rss_kib(pid);
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
     let _ = child.wait();
 
     println!("DatabasePortals:        {n} (in {NAMESPACES} namespaces)");
     println!("created in:             {:.1} s", created.as_secs_f64());
-    println!("converged in:           {:.1} s (all status.observedGeneration = 1)", converged.as_secs_f64());
+    println!(
+        "converged in:           {:.1} s (all status.observedGeneration = 1)",
+        converged.as_secs_f64()
+    );
     println!("children:               {configmaps} ConfigMaps, {services} Services");
-    println!("operator RSS idle:      {:.1} MiB", idle_rss as f64 / 1024.0);
+    println!(
+        "operator RSS idle:      {:.1} MiB",
+        idle_rss as f64 / 1024.0
+    );
     println!("operator RSS after:     {:.1} MiB", rss as f64 / 1024.0);
-    println!("operator RSS peak:      {:.1} MiB (VmHWM)", hwm.max(peak_rss) as f64 / 1024.0);
+    println!(
+        "operator RSS peak:      {:.1} MiB (VmHWM)",
+        hwm.max(peak_rss) as f64 / 1024.0
+    );
     drop(plane);
     Ok(())
 }

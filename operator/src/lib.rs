@@ -17,6 +17,8 @@ pub mod validate;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
+mod mock_tests;
+#[cfg(test)]
 mod tests;
 
 use std::future::Future;

@@ -615,6 +615,12 @@ async fn cert_manager_appears(admin: Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = std::time::Instant::now();
+    let out = f.await;
+    (out, started.elapsed())
+}
+
 async fn lease_holder(admin: &Client) -> anyhow::Result<String> {
     let lease = Api::<Lease>::namespaced(admin.clone(), OPERATOR_NAMESPACE)
         .get("dbportal-operator")
@@ -644,12 +650,12 @@ fn operator_on_a_real_apiserver() {
         let standby = start_operator(&plane, "standby").await?;
 
         let (a, b, c, d, e, f) = tokio::join!(
-            children_and_status(admin.clone()),
-            children_are_restored(admin.clone()),
-            spec_edit_keeps_the_pods(admin.clone()),
-            invalid_spec(admin.clone()),
-            garbage_collection(admin.clone()),
-            tls_from_a_secret(admin.clone()),
+            timed(children_and_status(admin.clone())),
+            timed(children_are_restored(admin.clone())),
+            timed(spec_edit_keeps_the_pods(admin.clone())),
+            timed(invalid_spec(admin.clone())),
+            timed(garbage_collection(admin.clone())),
+            timed(tls_from_a_secret(admin.clone())),
         );
         let mut failures = Vec::new();
         for (name, r) in [
@@ -661,14 +667,13 @@ fn operator_on_a_real_apiserver() {
             ("tls_from_a_secret", f),
         ] {
             match r {
-                Ok(()) => eprintln!("ok: {name}"),
-                Err(e) => failures.push(format!("{name}: {e:#}")),
+                (Ok(()), took) => eprintln!("ok: {name} ({took:.1?})"),
+                (Err(e), _) => failures.push(format!("{name}: {e:#}")),
             }
         }
-        if let Err(e) = cert_manager_appears(admin.clone()).await {
-            failures.push(format!("cert_manager_appears: {e:#}"));
-        } else {
-            eprintln!("ok: cert_manager_appears");
+        match timed(cert_manager_appears(admin.clone())).await {
+            (Ok(()), took) => eprintln!("ok: cert_manager_appears ({took:.1?})"),
+            (Err(e), _) => failures.push(format!("cert_manager_appears: {e:#}")),
         }
 
         let metrics = http_get(primary.http, "/metrics").await?;
@@ -690,6 +695,7 @@ fn operator_on_a_real_apiserver() {
         }
 
         // Leader election: the standby takes over when the primary stops.
+        let takeover = std::time::Instant::now();
         ensure!(lease_holder(&admin).await? == "primary");
         primary.stop().await?;
         eventually("standby takes over", WAIT, || async {
@@ -701,6 +707,7 @@ fn operator_on_a_real_apiserver() {
         observed(&admin, "golf", 1)
             .await
             .context("the new leader reconciles")?;
+        eprintln!("ok: leader_election_takeover ({:.1?})", takeover.elapsed());
         standby.stop().await?;
         ensure!(failures.is_empty(), "\n{}", failures.join("\n"));
         Ok::<(), anyhow::Error>(())
