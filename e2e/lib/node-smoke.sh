@@ -151,34 +151,37 @@ spec:
         -H "Authorization: Bearer \$(/bin/busybox cat \$sa/token)" \\
         "https://\$KUBERNETES_SERVICE_HOST:\$KUBERNETES_SERVICE_PORT/api/v1/namespaces/default/pods/portal" \\
         -o /tmp/pod.json
-      echo "API: portal pod phase \$(/bin/busybox grep -o '"phase":"[A-Za-z]*"' /tmp/pod.json)"
+      echo "API: portal pod phase \$(/bin/busybox grep -o '"phase": *"[A-Za-z]*"' /tmp/pod.json)"
 EOF
 retry 60 bash -c "[[ \$('$DBPORTAL_K8S_BIN_DIR/kubectl' get pod client -o jsonpath='{.status.phase}') =~ Succeeded|Failed ]]" ||
     fail "client pod did not finish"
 kc logs client >&2
 [[ $(kc get pod client -o jsonpath='{.status.phase}') == Succeeded ]] || fail "client pod failed"
 kc logs client | grep -q 'redis via Service: ok' || fail "pod could not reach the Service"
-kc logs client | grep -q '"phase":"Running"' || fail "pod could not read from the API"
+kc logs client | grep -q '"phase": *"Running"' || fail "pod could not read from the API"
 
 step "memory (RSS)"
+rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 total=0
-for f in "$DIR"/*.pid "$DIR"/containerd/state/io.containerd.runtime.v2.task/k8s.io/*/shim.pid; do
-    [[ -f $f ]] || continue
+for f in "$DIR"/*.pid; do
     pid=$(<"$f")
-    rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
-    name=$(basename "$f" .pid)
-    [[ $name == shim ]] && name="shim $(basename "$(dirname "$f")" | cut -c1-12)"
-    printf '%-28s %6d MB\n' "$name" $((rss / 1024)) >&2
+    rss=$(rss_kb "$pid")
+    printf '%-24s %6d MB\n' "$(basename "$f" .pid)" $((rss / 1024)) >&2
     total=$((total + rss))
 done
-# Container processes (children of the shims).
+# Containers (init PIDs recorded by containerd) and their shims (parents).
+containers=0 shims=() shim_rss=0
 for f in "$DIR"/containerd/state/io.containerd.runtime.v2.task/k8s.io/*/init.pid; do
     [[ -f $f ]] || continue
     pid=$(<"$f")
-    rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
-    total=$((total + rss))
+    containers=$((containers + $(rss_kb "$pid")))
+    shim=$(awk '/^PPid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+    [[ -z $shim || " ${shims[*]} " == *" $shim "* ]] || shims+=("$shim")
 done
-printf '%-28s %6d MB\n' total $((total / 1024)) >&2
+for shim in "${shims[@]}"; do shim_rss=$((shim_rss + $(rss_kb "$shim"))); done
+printf '%-24s %6d MB\n' "shims (${#shims[@]})" $((shim_rss / 1024)) "containers" $((containers / 1024)) >&2
+total=$((total + shim_rss + containers))
+printf '%-24s %6d MB\n' total $((total / 1024)) >&2
 
 step "stop and check that nothing is left"
 t=$(now_ms)
