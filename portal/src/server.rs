@@ -376,7 +376,7 @@ pub async fn standalone(
         "portal listening"
     );
     // A portal that cannot load its certificate does not start.
-    crate::tls::TlsRuntime::new(&config)?;
+    crate::tls::TlsRuntime::check(&config)?;
     let status = ReloadStatus::loaded(origin);
     let (tx, rx) = watch::channel(Arc::new(config));
     let health = health::spawn_checker(rx.clone(), Arc::new(health::StandaloneCredentials));

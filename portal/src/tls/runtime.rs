@@ -57,6 +57,22 @@ impl TlsRuntime {
         Ok(Arc::new(runtime))
     }
 
+    /// Whether a configuration's TLS can be set up (certificate, key, CA files), without
+    /// setting it up: a standalone portal checks this before it starts serving.
+    pub fn check(config: &Config) -> Result<(), TlsError> {
+        if let Some(settings) = ServerSettings::from_config(config) {
+            super::certs::load(&settings, SystemTime::now())?;
+        } else if config.tls.mode == TlsMode::Terminate {
+            return Err(TlsError::BadCertificate(
+                "tls.mode is terminate but no certificate is configured (tls.certFile, tls.keyFile)".into(),
+            ));
+        }
+        if config.tls.mode != TlsMode::Passthrough {
+            BackendConnector::from_settings(config.tls.backend.as_ref())?;
+        }
+        Ok(())
+    }
+
     /// Like [`new`](Self::new), but a failure leaves the portal refusing TLS clients (logged,
     /// and shown in `/status`) instead of failing.
     pub fn new_or_closed(config: &Config) -> Arc<Self> {

@@ -822,3 +822,58 @@ async fn transparent_modes_touch_nothing() {
         assert_eq!(got, pg_request(80_877_103));
     }
 }
+
+// --- the runtime ---
+
+#[tokio::test]
+async fn runtime_follows_configuration_and_keeps_the_last_good_tls() {
+    let dir = TempDir::new("tls-unit-runtime");
+    let ca = TestCa::new("ca");
+    let (cert, key) = ca.server("one", &["localhost"]).write(dir.path(), "p");
+    let yaml = |key: &std::path::Path, min: &str| {
+        format!(
+            "engine: postgres\nbackends: [{{name: a, address: \"127.0.0.1:5432\"}}]\n\
+             tls: {{certFile: \"{}\", keyFile: \"{}\", minVersion: \"{min}\"}}\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let config = |text: String| {
+        crate::config::parse_yaml(&text)
+            .unwrap()
+            .validate_standalone()
+            .unwrap()
+    };
+    let good = config(yaml(&key, "1.2"));
+    TlsRuntime::check(&good).unwrap();
+    let runtime = TlsRuntime::new(&good).unwrap();
+    let first = runtime.terminator().unwrap();
+    assert_eq!(first.engine(), Engine::Postgres);
+
+    // A new minimum version is applied to the same store.
+    runtime.apply(&config(yaml(&key, "1.3"))).unwrap();
+    assert!(!Arc::ptr_eq(&first, &runtime.terminator().unwrap()));
+
+    // A key file that does not exist: refused, the terminator in force stays.
+    let before = runtime.terminator().unwrap();
+    let missing = dir.path().join("missing.key");
+    assert!(TlsRuntime::check(&config(yaml(&missing, "1.2"))).is_err());
+    assert!(runtime.apply(&config(yaml(&missing, "1.2"))).is_err());
+    assert!(Arc::ptr_eq(&before, &runtime.terminator().unwrap()));
+    let status = runtime.status_json();
+    assert!(
+        status["error"].as_str().unwrap().contains("missing.key"),
+        "{status}"
+    );
+    let mut metrics = String::new();
+    runtime.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("dbportal_tls_settings_refused 1"),
+        "{metrics}"
+    );
+
+    // A portal that could not load its certificate refuses TLS clients instead of serving
+    // plaintext.
+    let closed = TlsRuntime::new_or_closed(&config(yaml(&missing, "1.2")));
+    assert!(closed.terminator().is_none());
+}
