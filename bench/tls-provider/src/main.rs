@@ -44,10 +44,7 @@ fn handshake(client: &mut Connection, server: &mut Connection) {
     transfer(server, client);
 }
 
-fn pair(
-    cc: &Arc<ClientConfig>,
-    sc: &Arc<ServerConfig>,
-) -> (Connection, Connection) {
+fn pair(cc: &Arc<ClientConfig>, sc: &Arc<ServerConfig>) -> (Connection, Connection) {
     let c = ClientConnection::new(cc.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
     let s = ServerConnection::new(sc.clone()).unwrap();
     (Connection::Client(c), Connection::Server(s))
