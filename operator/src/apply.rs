@@ -1,21 +1,24 @@
-//! `apply`: server-side apply of every child with one field manager, and removal of the
-//! children the spec no longer needs (found by label, confirmed by owner).
+//! `apply`: server-side apply of every child with one field manager (skipped for a child
+//! nobody touched since this process applied the same object, see `track`), and removal of
+//! the children the spec no longer needs (found in the watched children, confirmed by owner).
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
 };
 use kube::{Client, Resource, ResourceExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::{debug, info};
 
-use crate::build::{children_selector, Children, MANAGER};
+use crate::build::{Children, MANAGER};
 use crate::certificate::Certificate;
 use crate::error::api_code;
+use crate::track::{self, hash_of, must_apply, ChildKey, Kind, Record, Stores};
 use crate::{Error, Result};
 
 /// Which optional APIs the server serves, found once at start.
@@ -87,7 +90,45 @@ fn params() -> PatchParams {
     PatchParams::apply(MANAGER).force()
 }
 
-async fn ssa<K>(client: &Client, namespace: &str, object: &K) -> Result<K>
+/// What the operator knows without asking: the watched children and its own last applies.
+#[derive(Clone, Copy)]
+pub struct Known<'a> {
+    pub stores: &'a Stores,
+    pub applied: &'a track::Applied,
+}
+
+impl Known<'_> {
+    /// The hash of `object` when it must be applied, `None` when the watched child is still
+    /// what the last apply of this same object returned.
+    fn needs_apply<T: Serialize>(&self, key: &ChildKey, object: &T) -> Option<u64> {
+        let hash = hash_of(object);
+        let last = self.applied.get(key);
+        let observed = self.stores.resource_version(key);
+        must_apply(last.as_ref(), hash, observed.as_deref()).then_some(hash)
+    }
+
+    fn record(&self, key: ChildKey, hash: u64, resource_version: Option<String>) {
+        match resource_version {
+            Some(resource_version) => self.applied.record(
+                key,
+                Record {
+                    hash,
+                    resource_version,
+                },
+            ),
+            None => self.applied.forget(&key),
+        }
+    }
+}
+
+/// Server-side apply of `object`, unless nothing changed since the last one (`Ok(None)`).
+async fn ssa<K>(
+    client: &Client,
+    known: Known<'_>,
+    kind: Kind,
+    namespace: &str,
+    object: &K,
+) -> Result<Option<K>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Serialize
@@ -95,21 +136,61 @@ where
         + Clone
         + Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let name = object.name_any();
-    api.patch(&name, &params(), &Patch::Apply(object))
+    let key = ChildKey::new(kind, namespace, &name);
+    let Some(hash) = known.needs_apply(&key, object) else {
+        return Ok(None);
+    };
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let applied = api
+        .patch(&name, &params(), &Patch::Apply(object))
         .await
         .map_err(|source| Error::Apply {
             kind: K::kind(&()).to_string(),
             name,
             source,
-        })
+        })?;
+    known.record(key, hash, applied.resource_version());
+    Ok(Some(applied))
 }
 
-/// Applies every child of one DatabasePortal and removes the ones it no longer needs.
+/// Like [`ssa`], but returns the object (as applied, or as watched when left alone).
+async fn ssa_observed<K>(
+    client: &Client,
+    known: Known<'_>,
+    kind: Kind,
+    namespace: &str,
+    object: &K,
+    watched: impl Fn() -> Option<Arc<K>>,
+) -> Result<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    if let Some(applied) = ssa(client, known, kind, namespace, object).await? {
+        return Ok(applied);
+    }
+    if let Some(watched) = watched() {
+        return Ok((*watched).clone());
+    }
+    // Gone from the store since the check: apply it again.
+    known
+        .applied
+        .forget(&ChildKey::new(kind, namespace, &object.name_any()));
+    ssa(client, known, kind, namespace, object)
+        .await?
+        .ok_or(Error::MissingObjectKey("metadata.resourceVersion"))
+}
+
+/// Applies every child of one DatabasePortal and removes the ones it no longer needs. Children
+/// nobody changed since this process last applied them are left alone.
 pub async fn apply(
     client: &Client,
     support: &ApiSupport,
+    known: Known<'_>,
     owner_uid: &str,
     children: &Children,
 ) -> Result<Applied> {
@@ -132,11 +213,19 @@ pub async fn apply(
     // Independent objects, applied concurrently; the StatefulSet controller retries pods
     // whose ServiceAccount is not there yet.
     let rbac = async {
-        ssa(client, ns, service_account).await?;
-        ssa(client, ns, role).await?;
-        ssa(client, ns, role_binding).await
+        ssa(client, known, Kind::ServiceAccount, ns, service_account).await?;
+        ssa(client, known, Kind::Role, ns, role).await?;
+        ssa(client, known, Kind::RoleBinding, ns, role_binding).await
     };
-    let services_applied = try_join_all(services.iter().map(|s| ssa(client, ns, s)));
+    let services_applied = try_join_all(
+        services
+            .iter()
+            .map(|s| ssa(client, known, Kind::Service, ns, s)),
+    );
+    let stateful_set_applied =
+        ssa_observed(client, known, Kind::StatefulSet, ns, stateful_set, || {
+            known.stores.stateful_set(ns, &stateful_set.name_any())
+        });
     let pdb_applied = async {
         let Some(resource) = &support.pdb else {
             return Ok(true);
@@ -146,58 +235,53 @@ pub async fn apply(
             message: e.to_string(),
         })?;
         value["apiVersion"] = resource.api_version.clone().into();
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
         let name = pdb.name_any();
-        api.patch(&name, &params(), &Patch::Apply(&value))
+        let key = ChildKey::new(Kind::PodDisruptionBudget, ns, &name);
+        let Some(hash) = known.needs_apply(&key, &value) else {
+            return Ok(false);
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+        let applied = api
+            .patch(&name, &params(), &Patch::Apply(&value))
             .await
             .map_err(|source| Error::Apply {
                 kind: "PodDisruptionBudget".into(),
                 name,
                 source,
             })?;
+        known.record(key, hash, applied.resource_version());
         Ok(false)
     };
     let certificate_applied = async {
         match certificate {
             None => {
-                remove_orphan_certificates(client, ns, owner_uid, config_map.labels()).await?;
+                remove_orphan_certificates(client, known, ns, owner_uid).await?;
                 Ok(CertificateState::NotNeeded)
             }
-            Some(cert) => match ssa(client, ns, cert).await {
-                Ok(applied) => Ok(CertificateState::Applied(Box::new(applied))),
-                Err(e) if e.api_code() == Some(404) => Ok(CertificateState::CrdMissing),
-                Err(e) => Err(e),
-            },
+            Some(cert) => {
+                let watched = || known.stores.certificate(ns, &cert.name_any());
+                match ssa_observed(client, known, Kind::Certificate, ns, cert, watched).await {
+                    Ok(applied) => Ok(CertificateState::Applied(Box::new(applied))),
+                    Err(e) if e.api_code() == Some(404) => Ok(CertificateState::CrdMissing),
+                    Err(e) => Err(e),
+                }
+            }
         }
     };
-    let (_, _, stateful_set, applied_services, pdb_skipped, certificate) = futures::try_join!(
-        ssa(client, ns, config_map),
+    let (_, _, stateful_set, _, pdb_skipped, certificate) = futures::try_join!(
+        ssa(client, known, Kind::ConfigMap, ns, config_map),
         rbac,
-        ssa(client, ns, stateful_set),
+        stateful_set_applied,
         services_applied,
         pdb_applied,
         certificate_applied,
     )?;
-    remove_orphan_services(
-        client,
-        ns,
-        owner_uid,
-        &applied_services,
-        config_map.labels(),
-    )
-    .await?;
+    remove_orphan_services(client, known, ns, owner_uid, services).await?;
     Ok(Applied {
         stateful_set,
         certificate,
         pdb_skipped,
     })
-}
-
-fn instance(labels: &std::collections::BTreeMap<String, String>) -> &str {
-    labels
-        .get("app.kubernetes.io/instance")
-        .map(String::as_str)
-        .unwrap_or_default()
 }
 
 fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
@@ -207,55 +291,64 @@ fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
         .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
-/// Per-portal Services above `replicas` (after the spec shrank).
+/// Per-portal Services above `replicas` (after the spec shrank), found in the watched Services
+/// (one the watch has not reported yet is removed when it does, as that triggers a reconcile).
 async fn remove_orphan_services(
     client: &Client,
+    known: Known<'_>,
     ns: &str,
     owner_uid: &str,
     wanted: &[Service],
-    labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
+    let stale: Vec<String> = known
+        .stores
+        .services
+        .state()
+        .iter()
+        .filter(|svc| svc.namespace().as_deref() == Some(ns) && owned_by(&svc.metadata, owner_uid))
+        .map(|svc| svc.name_any())
+        .filter(|name| !wanted.iter().any(|w| w.name_any() == *name))
+        .collect();
     let api: Api<Service> = Api::namespaced(client.clone(), ns);
-    let cleanup = |source| Error::Cleanup {
-        kind: "Service",
-        source,
-    };
-    let lp = ListParams::default().labels(&children_selector(instance(labels)));
-    let existing = api.list_metadata(&lp).await.map_err(cleanup)?;
-    for svc in existing {
-        let name = svc.name_any();
-        if owned_by(&svc.metadata, owner_uid) && !wanted.iter().any(|w| w.name_any() == name) {
-            info!(service = %name, "removing Service the spec no longer needs");
-            delete(&api, &name).await.map_err(cleanup)?;
-        }
+    for name in stale {
+        info!(service = %name, "removing Service the spec no longer needs");
+        delete(&api, &name).await.map_err(|source| Error::Cleanup {
+            kind: "Service",
+            source,
+        })?;
+        known
+            .applied
+            .forget(&ChildKey::new(Kind::Service, ns, &name));
     }
     Ok(())
 }
 
-/// A Certificate left from when TLS used cert-manager.
+/// A Certificate left from when TLS used cert-manager (found in the watched Certificates;
+/// none while cert-manager is not installed).
 async fn remove_orphan_certificates(
     client: &Client,
+    known: Known<'_>,
     ns: &str,
     owner_uid: &str,
-    labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
+    let stale: Vec<String> = known
+        .stores
+        .certificates
+        .state()
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(ns) && owned_by(c.meta(), owner_uid))
+        .map(|c| c.name_any())
+        .collect();
     let api: Api<Certificate> = Api::namespaced(client.clone(), ns);
-    let cleanup = |source| Error::Cleanup {
-        kind: "Certificate",
-        source,
-    };
-    let lp = ListParams::default().labels(&children_selector(instance(labels)));
-    let existing = match api.list_metadata(&lp).await {
-        Ok(list) => list,
-        // cert-manager is not installed, so there is nothing to remove.
-        Err(e) if api_code(&e) == Some(404) => return Ok(()),
-        Err(e) => return Err(cleanup(e)),
-    };
-    for cert in existing {
-        if owned_by(&cert.metadata, owner_uid) {
-            info!(certificate = %cert.name_any(), "removing Certificate the spec no longer needs");
-            delete(&api, &cert.name_any()).await.map_err(cleanup)?;
-        }
+    for name in stale {
+        info!(certificate = %name, "removing Certificate the spec no longer needs");
+        delete(&api, &name).await.map_err(|source| Error::Cleanup {
+            kind: "Certificate",
+            source,
+        })?;
+        known
+            .applied
+            .forget(&ChildKey::new(Kind::Certificate, ns, &name));
     }
     Ok(())
 }

@@ -5,25 +5,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use std::fmt::Debug;
+
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::apply::{apply, ApiSupport, CertificateState};
+use crate::apply::{apply, ApiSupport, CertificateState, Known};
 use crate::build::{build, Settings, MANAGER};
 use crate::certificate::Certificate;
 use crate::metrics::Metrics;
 use crate::status::{self, reason, Observation, DEGRADED};
+use crate::track::{self, ChildKey, Kind, Stores, Writers};
 use crate::validate::validate;
-use crate::{DatabasePortal, Error, Result};
+use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
 
 /// Requeue of a healthy DatabasePortal: a safety net; watches do the real work.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -37,6 +42,10 @@ pub struct Context {
     pub support: ApiSupport,
     pub metrics: Metrics,
     pub recorder: Recorder,
+    /// The watched children (filled by the controller's reflectors).
+    pub stores: Stores,
+    /// What this process last applied to each child.
+    pub applied: Arc<track::Applied>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -48,6 +57,7 @@ impl Context {
         support: ApiSupport,
         metrics: Metrics,
         identity: &str,
+        watched: Watched,
     ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -59,8 +69,35 @@ impl Context {
             settings,
             support,
             metrics,
+            stores: watched.stores,
+            applied: watched.applied,
             failures: Mutex::default(),
         }
+    }
+
+    fn known(&self) -> Known<'_> {
+        Known {
+            stores: &self.stores,
+            applied: &self.applied,
+        }
+    }
+
+    /// Publishes an event without holding up the reconcile.
+    fn publish_later(
+        self: &Arc<Self>,
+        dp: &DatabasePortal,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let (ctx, dp, reason, action) = (
+            self.clone(),
+            dp.clone(),
+            reason.to_string(),
+            action.to_string(),
+        );
+        tokio::spawn(async move { ctx.publish(&dp, type_, &reason, &action, note).await });
     }
 
     async fn publish(
@@ -105,7 +142,7 @@ pub async fn reconcile(dp: Arc<DatabasePortal>, ctx: Arc<Context>) -> Result<Act
     result
 }
 
-async fn reconcile_inner(dp: &DatabasePortal, ctx: &Context) -> Result<Action> {
+async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Action> {
     if dp.meta().deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove every child.
         return Ok(Action::await_change());
@@ -116,21 +153,20 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Context) -> Result<Action> {
         Ok(valid) => valid,
         Err(Error::InvalidSpec(errors)) => {
             let new = status::invalid(dp, &errors, Timestamp::now());
-            status::write(&ctx.client, dp, &new).await?;
+            write_status(ctx, dp, &new).await?;
             let err = Error::InvalidSpec(errors);
             ctx.metrics.failure(&err);
             let degraded = new.conditions.iter().find(|c| c.type_ == DEGRADED);
             let now_degraded = degraded.map(|c| (c.reason.clone(), c.message.clone()));
             if now_degraded != previous_degraded {
                 warn!(portal = %key(dp), %err, "invalid spec; no child touched");
-                ctx.publish(
+                ctx.publish_later(
                     dp,
                     EventType::Warning,
                     reason::INVALID_SPEC,
                     "Validate",
                     err.to_string(),
-                )
-                .await;
+                );
             }
             // Permanent until the spec changes, which the watch reports.
             return Ok(Action::await_change());
@@ -139,10 +175,10 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Context) -> Result<Action> {
     };
     let uid = dp.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let children = build(dp, &valid, &ctx.settings)?;
-    let applied = apply(&ctx.client, &ctx.support, &uid, &children).await?;
+    let applied = apply(&ctx.client, &ctx.support, ctx.known(), &uid, &children).await?;
     let observation = Observation::from_applied(dp, &applied);
     let new = status::reconciled(dp, valid.config.port, &observation, Timestamp::now());
-    status::write(&ctx.client, dp, &new).await?;
+    write_status(ctx, dp, &new).await?;
 
     let observed = dp.status.as_ref().and_then(|s| s.observed_generation);
     if observed.is_none() {
@@ -154,28 +190,38 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Context) -> Result<Action> {
             children.services.len(),
             if children.certificate.is_some() { ", Certificate" } else { "" }
         );
-        ctx.publish(dp, EventType::Normal, "Created", "Create", note)
-            .await;
+        ctx.publish_later(dp, EventType::Normal, "Created", "Create", note);
     } else if observed != dp.meta().generation {
         info!(portal = %key(dp), generation = ?dp.meta().generation, "applied spec change");
         let note = format!(
             "applied generation {}",
             dp.meta().generation.unwrap_or_default()
         );
-        ctx.publish(dp, EventType::Normal, "Updated", "Update", note)
-            .await;
+        ctx.publish_later(dp, EventType::Normal, "Updated", "Update", note);
     }
     if let Some((reason, message)) = observation.degraded.first() {
         if previous_degraded.as_ref().map(|(r, _)| r.as_str()) != Some(*reason) {
             warn!(portal = %key(dp), reason, "degraded: {message}");
-            ctx.publish(dp, EventType::Warning, reason, "Reconcile", message.clone())
-                .await;
+            ctx.publish_later(dp, EventType::Warning, reason, "Reconcile", message.clone());
         }
     }
     Ok(match applied.certificate {
         CertificateState::CrdMissing => Action::requeue(CERT_MANAGER_RECHECK),
         _ => Action::requeue(RESYNC),
     })
+}
+
+/// Writes `new` unless it is the status the DatabasePortal already has (condition transition
+/// times only move when a condition's status does, so an unchanged status compares equal).
+async fn write_status(
+    ctx: &Context,
+    dp: &DatabasePortal,
+    new: &DatabasePortalStatus,
+) -> Result<()> {
+    if dp.status.as_ref() == Some(new) {
+        return Ok(());
+    }
+    status::write(&ctx.client, dp, new).await
 }
 
 /// Transient errors: requeue with a per-object exponential backoff, count, and tell the user.
@@ -214,36 +260,192 @@ where
     }
 }
 
+/// The watched children and the record of applies, shared by the controller's watches and
+/// the reconciles.
+#[derive(Clone)]
+pub struct Watched {
+    pub stores: Stores,
+    pub applied: Arc<track::Applied>,
+}
+
+impl Watched {
+    /// Nothing watched: every reconcile applies every child.
+    pub fn none() -> Self {
+        Watched {
+            stores: Stores::empty(),
+            applied: Arc::default(),
+        }
+    }
+}
+
+/// A child watch: reflects into `writer` (after `strip`), forgets the record of a deleted
+/// child, backs off on its own when failing (the Certificate watch fails while cert-manager is
+/// not installed), and yields the touched children for `owns_stream`.
+fn child_watch<K>(
+    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    writer: Writer<K>,
+    kind: Kind,
+    applied: Arc<track::Applied>,
+    strip: fn(&mut K),
+) -> impl Stream<Item = watcher::Result<K>> + Send + 'static
+where
+    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    stream
+        .default_backoff()
+        .modify(strip)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(child)) = event {
+                let key = ChildKey::new(
+                    kind,
+                    child.meta().namespace.as_deref().unwrap_or_default(),
+                    child.meta().name.as_deref().unwrap_or_default(),
+                );
+                applied.forget(&key);
+            }
+        })
+        .reflect(writer)
+        .touched_objects()
+        // Errors are retried above; passing them on would pause every trigger.
+        .filter(move |r| {
+            if let Err(e) = r {
+                debug!(error = %e, ?kind, "child watch");
+            }
+            futures::future::ready(r.is_ok())
+        })
+}
+
+fn strip_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// Only the StatefulSet's status is read from the store.
+fn strip_stateful_set(sts: &mut StatefulSet) {
+    sts.metadata.managed_fields = None;
+    sts.metadata.annotations = None;
+    sts.spec = None;
+}
+
+fn metadata<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+) -> impl Stream<Item = watcher::Result<watcher::Event<PartialObjectMeta<K>>>> + Send + 'static
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(
+        api::<PartialObjectMeta<K>>(client, namespace),
+        config.clone(),
+    )
+}
+
 /// The controller: DatabasePortals, and every child kind, so a deleted or edited child is
-/// put back. `namespace` None watches all namespaces.
+/// put back; the child watches fill the stores returned in [`Watched`]. `namespace` None
+/// watches all namespaces.
 pub fn controller(
     client: &Client,
     namespace: Option<&str>,
     support: &ApiSupport,
     concurrency: u16,
-) -> Controller<DatabasePortal> {
-    let children =
+) -> (Controller<DatabasePortal>, Watched) {
+    let config =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let (stores, writers) = Stores::new(support.pdb.as_ref());
+    let applied = Arc::<track::Applied>::default();
+    let Writers {
+        config_maps,
+        service_accounts,
+        roles,
+        role_bindings,
+        stateful_sets,
+        services,
+        certificates,
+        pdbs,
+    } = writers;
+    let a = || applied.clone();
     let mut controller = Controller::new(
         api::<DatabasePortal>(client, namespace),
         watcher::Config::default(),
     )
-    .owns(api::<ConfigMap>(client, namespace), children.clone())
-    .owns(api::<ServiceAccount>(client, namespace), children.clone())
-    .owns(api::<Role>(client, namespace), children.clone())
-    .owns(api::<RoleBinding>(client, namespace), children.clone())
-    .owns(api::<StatefulSet>(client, namespace), children.clone())
-    .owns(api::<Service>(client, namespace), children.clone())
-    // Fails (and retries with backoff) while cert-manager is not installed.
-    .owns(api::<Certificate>(client, namespace), children.clone());
-    if let Some(resource) = &support.pdb {
+    .owns_stream(child_watch(
+        metadata::<ConfigMap>(client, namespace, &config),
+        config_maps,
+        Kind::ConfigMap,
+        a(),
+        strip_managed_fields,
+    ))
+    .owns_stream(child_watch(
+        metadata::<ServiceAccount>(client, namespace, &config),
+        service_accounts,
+        Kind::ServiceAccount,
+        a(),
+        strip_managed_fields,
+    ))
+    .owns_stream(child_watch(
+        metadata::<Role>(client, namespace, &config),
+        roles,
+        Kind::Role,
+        a(),
+        strip_managed_fields,
+    ))
+    .owns_stream(child_watch(
+        metadata::<RoleBinding>(client, namespace, &config),
+        role_bindings,
+        Kind::RoleBinding,
+        a(),
+        strip_managed_fields,
+    ))
+    .owns_stream(child_watch(
+        watcher(api::<StatefulSet>(client, namespace), config.clone()),
+        stateful_sets,
+        Kind::StatefulSet,
+        a(),
+        strip_stateful_set,
+    ))
+    .owns_stream(child_watch(
+        metadata::<Service>(client, namespace, &config),
+        services,
+        Kind::Service,
+        a(),
+        strip_managed_fields,
+    ))
+    .owns_stream(child_watch(
+        watcher(api::<Certificate>(client, namespace), config.clone()),
+        certificates,
+        Kind::Certificate,
+        a(),
+        strip_managed_fields,
+    ));
+    if let (Some(resource), Some(writer)) = (&support.pdb, pdbs) {
         let pdbs = match namespace {
-            Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, resource),
-            None => Api::<DynamicObject>::all_with(client.clone(), resource),
+            Some(ns) => Api::<PartialObjectMeta<DynamicObject>>::namespaced_with(
+                client.clone(),
+                ns,
+                resource,
+            ),
+            None => Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), resource),
         };
-        controller = controller.owns_with(pdbs, resource.clone(), children);
+        controller = controller.owns_stream_with(
+            child_watch(
+                watcher(pdbs, config),
+                writer,
+                Kind::PodDisruptionBudget,
+                a(),
+                strip_managed_fields,
+            ),
+            resource.clone(),
+        );
     }
-    controller.with_config(ControllerConfig::default().concurrency(concurrency))
+    let controller = controller.with_config(ControllerConfig::default().concurrency(concurrency));
+    (controller, Watched { stores, applied })
 }
 
 /// Runs the controller until `stop` resolves.

@@ -12,6 +12,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod status;
+pub mod track;
 pub mod validate;
 
 #[cfg(test)]
@@ -70,13 +71,6 @@ pub async fn run(
 
     let support = apply::ApiSupport::discover(&client).await?;
     let identity = args.identity();
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        args.settings(),
-        support.clone(),
-        metrics.clone(),
-        &identity,
-    ));
     readiness.set(true);
 
     let (leader_tx, mut leader_rx) = watch::channel(!args.leader_election);
@@ -98,8 +92,16 @@ pub async fn run(
     info!(%identity, namespace = args.watch_namespace().unwrap_or("(all)"), "leading; starting the controller");
     metrics.set_leader(true);
 
-    let controller =
+    let (controller, watched) =
         controller::controller(&client, args.watch_namespace(), &support, args.concurrency);
+    let ctx = Arc::new(controller::Context::new(
+        client.clone(),
+        args.settings(),
+        support.clone(),
+        metrics.clone(),
+        &identity,
+        watched,
+    ));
     let (mut stop2, mut leader2) = (stop_rx.clone(), leader_rx.clone());
     let stopping = async move {
         tokio::select! {

@@ -27,6 +27,7 @@ fn context() -> (Arc<Context>, Handle) {
         ApiSupport::default(),
         Metrics::default(),
         "test",
+        crate::controller::Watched::none(),
     );
     (Arc::new(ctx), handle)
 }
