@@ -2,14 +2,19 @@
 //! negotiation hook) → backend connect → splice, watching configuration and health changes.
 
 use std::{
+    future::Future,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    task::{Context, Poll, Wake, Waker},
     time::Duration,
 };
 
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     time::{timeout, Instant},
 };
@@ -269,42 +274,104 @@ pub async fn proxy<N>(
         metrics.clone(),
     );
     drop(config);
-    tokio::pin!(splice);
     let client_ip = peer.client.ip();
-    let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
-    let reason = loop {
-        tokio::select! {
-            outcome = &mut splice => {
-                if let crate::splice::Outcome::Error(e) = &outcome {
-                    debug!(error = %e, "session failed");
-                }
-                break outcome.reason();
-            }
-            r = shared.config.changed(), if config_open => {
-                if r.is_err() { config_open = false; continue; }
-                let c = shared.config.borrow_and_update().clone();
-                if let Err(why) = keep_session(&c, &shared.health.borrow(), client_ip, &name) {
-                    break why;
-                }
-            }
-            r = shared.health.changed(), if health_open => {
-                if r.is_err() { health_open = false; continue; }
-                let h = shared.health.borrow_and_update().clone();
-                if let Err(why) = keep_session(&shared.config.borrow(), &h, client_ip, &name) {
-                    break why;
-                }
-            }
-            r = shared.kill.changed(), if kill_open => {
-                if r.is_err() { kill_open = false; continue; }
-                if *shared.kill.borrow() { break CloseReason::Shutdown; }
-            }
-        }
-    };
+    let control = watch_control(&mut shared, client_ip, &name);
+    let reason = run_gated(splice, control).await;
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
     stats.active.fetch_sub(1, Relaxed);
     drop(permits);
     debug!(reason = reason.as_str(), "session closed");
+}
+
+/// Resolves when a configuration or health change means the session must close, or when the
+/// drain timeout ran out.
+async fn watch_control(shared: &mut Shared, client_ip: IpAddr, backend: &str) -> CloseReason {
+    let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
+    loop {
+        tokio::select! {
+            r = shared.config.changed(), if config_open => {
+                if r.is_err() { config_open = false; continue; }
+                let c = shared.config.borrow_and_update().clone();
+                if let Err(why) = keep_session(&c, &shared.health.borrow(), client_ip, backend) {
+                    return why;
+                }
+            }
+            r = shared.health.changed(), if health_open => {
+                if r.is_err() { health_open = false; continue; }
+                let h = shared.health.borrow_and_update().clone();
+                if let Err(why) = keep_session(&shared.config.borrow(), &h, client_ip, backend) {
+                    return why;
+                }
+            }
+            r = shared.kill.changed(), if kill_open => {
+                if r.is_err() { kill_open = false; continue; }
+                if *shared.kill.borrow() { return CloseReason::Shutdown; }
+            }
+            else => return std::future::pending().await,
+        }
+    }
+}
+
+/// Wakes the session for its control future only, and records that it did.
+#[derive(Debug, Default)]
+struct Gate {
+    woken: AtomicBool,
+    session: Mutex<Option<Waker>>,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// Runs the splice until it ends or `control` resolves. The control future (watch channels
+/// shared by every session) is polled only when one of its own wakers fired, not on every
+/// data wake-up of the session: polling it costs a lock on each channel's waiter list.
+async fn run_gated<C, S>(
+    splice: Splice<C, S>,
+    control: impl Future<Output = CloseReason>,
+) -> CloseReason
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::pin!(splice);
+    tokio::pin!(control);
+    let gate = Arc::new(Gate {
+        woken: AtomicBool::new(true),
+        session: Mutex::new(None),
+    });
+    let gate_waker = Waker::from(gate.clone());
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(outcome) = splice.as_mut().poll(cx) {
+            if let crate::splice::Outcome::Error(e) = &outcome {
+                debug!(error = %e, "session failed");
+            }
+            return Poll::Ready(outcome.reason());
+        }
+        if gate.woken.swap(false, Ordering::AcqRel) {
+            *gate.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            if let Poll::Ready(why) = control.as_mut().poll(&mut Context::from_waker(&gate_waker)) {
+                return Poll::Ready(why);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 type Chosen = (String, Arc<BackendStats>);
