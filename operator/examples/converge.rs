@@ -140,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
     // Let the operator settle (StatefulSet status updates trigger more reconciles), then measure.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss, hwm) = rss_kib(pid);
+    let metrics = scrape(port).await.unwrap_or_default();
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(pid.to_string())
@@ -162,6 +163,26 @@ async fn main() -> anyhow::Result<()> {
         "operator RSS peak:      {:.1} MiB (VmHWM)",
         hwm.max(peak_rss) as f64 / 1024.0
     );
+    for name in [
+        "dbportal_operator_reconciles_total",
+        "dbportal_operator_child_applies_total",
+        "dbportal_operator_status_writes_total",
+    ] {
+        for line in metrics.lines().filter(|l| l.starts_with(name)) {
+            println!("operator metric:        {line}");
+        }
+    }
     drop(plane);
     Ok(())
+}
+
+/// The operator's Prometheus text (`/metrics`).
+async fn scrape(port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    Ok(body)
 }

@@ -18,6 +18,7 @@ use tracing::{debug, info};
 use crate::build::{Children, MANAGER};
 use crate::certificate::Certificate;
 use crate::error::api_code;
+use crate::metrics::Metrics;
 use crate::track::{self, hash_of, must_apply, ChildKey, Kind, Record, Stores};
 use crate::{Error, Result};
 
@@ -95,6 +96,7 @@ fn params() -> PatchParams {
 pub struct Known<'a> {
     pub stores: &'a Stores,
     pub applied: &'a track::Applied,
+    pub metrics: &'a Metrics,
 }
 
 impl Known<'_> {
@@ -104,7 +106,9 @@ impl Known<'_> {
         let hash = hash_of(object);
         let last = self.applied.get(key);
         let observed = self.stores.resource_version(key);
-        must_apply(last.as_ref(), hash, observed.as_deref()).then_some(hash)
+        let apply = must_apply(last.as_ref(), hash, observed.as_deref());
+        self.metrics.child_apply(apply);
+        apply.then_some(hash)
     }
 
     fn record(&self, key: ChildKey, hash: u64, resource_version: Option<String>) {

@@ -79,6 +79,7 @@ impl Context {
         Known {
             stores: &self.stores,
             applied: &self.applied,
+            metrics: &self.metrics,
         }
     }
 
@@ -218,7 +219,9 @@ async fn write_status(
     dp: &DatabasePortal,
     new: &DatabasePortalStatus,
 ) -> Result<()> {
-    if dp.status.as_ref() == Some(new) {
+    let changed = dp.status.as_ref() != Some(new);
+    ctx.metrics.status_write(changed);
+    if !changed {
         return Ok(());
     }
     status::write(&ctx.client, dp, new).await

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the operator: reconciles, failures by error kind (the `Error`
-//! variant's name), reconcile duration, leadership.
+//! variant's name), reconcile duration, child applies and status writes sent or skipped,
+//! leadership.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,18 @@ struct ErrorLabels {
     error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    /// `sent`, or `skipped` (nothing changed since the last one).
+    result: &'static str,
+}
+
+fn result(sent: bool) -> WriteLabels {
+    WriteLabels {
+        result: if sent { "sent" } else { "skipped" },
+    }
+}
+
 /// The operator's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,6 +38,8 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    applies: Family<WriteLabels, Counter>,
+    status_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
 }
 
@@ -36,6 +51,8 @@ impl Default for Metrics {
         // 1 ms .. ~16 s
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let leader = Gauge::default();
+        let applies = Family::<WriteLabels, Counter>::default();
+        let status_writes = Family::<WriteLabels, Counter>::default();
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -48,6 +65,16 @@ impl Default for Metrics {
             duration.clone(),
         );
         registry.register(
+            "child_applies",
+            "Server-side applies of children, sent or skipped (unchanged since the last one)",
+            applies.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "DatabasePortal status writes, sent or skipped (unchanged)",
+            status_writes.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this replica holds the leader-election lease (or runs without election)",
             leader.clone(),
@@ -57,6 +84,8 @@ impl Default for Metrics {
             reconciles,
             failures,
             duration,
+            applies,
+            status_writes,
             leader,
         }
     }
@@ -89,6 +118,18 @@ impl Metrics {
         self.reconciles.get()
     }
 
+    pub fn child_apply(&self, sent: bool) {
+        self.applies.get_or_create(&result(sent)).inc();
+    }
+
+    pub fn child_applies(&self, sent: bool) -> u64 {
+        self.applies.get_or_create(&result(sent)).get()
+    }
+
+    pub fn status_write(&self, sent: bool) {
+        self.status_writes.get_or_create(&result(sent)).inc();
+    }
+
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(leader as i64);
     }
@@ -113,7 +154,19 @@ mod tests {
         m.failure(&Error::InvalidSpec(vec![]));
         m.failure(&Error::MissingObjectKey("uid"));
         m.reconcile_finished(Duration::from_millis(3));
+        m.child_apply(true);
+        m.child_apply(false);
+        m.child_apply(false);
+        m.status_write(false);
         let text = m.encode();
+        assert!(
+            text.contains(r#"dbportal_operator_child_applies_total{result="skipped"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"dbportal_operator_status_writes_total{result="skipped"} 1"#),
+            "{text}"
+        );
         assert!(
             text.contains("dbportal_operator_reconciles_total 1"),
             "{text}"
