@@ -87,16 +87,17 @@ restore_sysctls() {
 
 setup_network() {
     local dir=$1
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$NODE_IP/${POD_SUBNET#*/}" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
+    # (Called in a `||` list, where `set -e` does not apply.)
+    ip link add "$BRIDGE" type bridge || return 1
+    ip addr add "$NODE_IP/${POD_SUBNET#*/}" dev "$BRIDGE" || return 1
+    ip link set "$BRIDGE" up || return 1
     # Host -> ClusterIP traffic leaves with the bridge address and never
     # takes the default route (kube-proxy DNATs it to a pod or rejects it).
-    ip route add "$NODE_SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP"
+    ip route add "$NODE_SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP" || return 1
     # Pod -> ClusterIP -> pod on the same bridge is routed through the host;
     # br_netfilter makes the replies see kube-proxy's NAT.
-    set_sysctl "$dir" net.ipv4.ip_forward 1
-    set_sysctl "$dir" net.bridge.bridge-nf-call-iptables 1
+    set_sysctl "$dir" net.ipv4.ip_forward 1 || return 1
+    set_sysctl "$dir" net.bridge.bridge-nf-call-iptables 1 || return 1
 }
 
 write_cni_config() {
@@ -371,6 +372,10 @@ cmd_node_start() {
     fi
     ensure_node_tools
     ensure_runtime_tools
+    local owner=${DBPORTAL_LCP_WATCH_PID:-}
+    if [[ -n $owner ]] && ! process_running "$owner"; then
+        die "DBPORTAL_LCP_WATCH_PID=$owner is not a running process"
+    fi
 
     local t0 deadline=$((SECONDS + ${DBPORTAL_NODE_START_TIMEOUT:-120}))
     t0=$(now_ms)
@@ -380,9 +385,7 @@ cmd_node_start() {
     mkdir -p "$dir/node"
     echo "$dir" >"$MARKER"
     remember_host_dirs "$dir"
-    if [[ -n ${DBPORTAL_LCP_WATCH_PID:-} ]]; then
-        local owner=$DBPORTAL_LCP_WATCH_PID
-        process_running "$owner" || die "DBPORTAL_LCP_WATCH_PID=$owner is not a running process"
+    if [[ -n $owner ]]; then
         spawn node-watchdog "$dir" "$NODE_SELF" __watch "$owner" "$dir/"
     fi
 
