@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DynamicObject, PartialObjectMeta};
+use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::store::Writer;
@@ -319,15 +319,32 @@ where
         })
 }
 
-fn strip_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
+/// Keeps only what the skip decision, the cleanup and the owner triggers read: name,
+/// namespace, `resourceVersion`, owner references (10,000 children stay a few MiB).
+fn keep_identity(meta: &mut ObjectMeta) {
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        resource_version: meta.resource_version.take(),
+        owner_references: meta.owner_references.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+fn strip_metadata<K>(object: &mut PartialObjectMeta<K>) {
+    object.types = None;
+    keep_identity(&mut object.metadata);
 }
 
 /// Only the StatefulSet's status is read from the store.
 fn strip_stateful_set(sts: &mut StatefulSet) {
-    sts.metadata.managed_fields = None;
-    sts.metadata.annotations = None;
+    keep_identity(&mut sts.metadata);
     sts.spec = None;
+}
+
+/// The Certificate's spec and status are small; its status gives readiness.
+fn strip_certificate(cert: &mut Certificate) {
+    keep_identity(&mut cert.metadata);
 }
 
 fn metadata<K>(
@@ -383,28 +400,28 @@ pub fn controller(
         config_maps,
         Kind::ConfigMap,
         a(),
-        strip_managed_fields,
+        strip_metadata,
     ))
     .owns_stream(child_watch(
         metadata::<ServiceAccount>(client, namespace, &config),
         service_accounts,
         Kind::ServiceAccount,
         a(),
-        strip_managed_fields,
+        strip_metadata,
     ))
     .owns_stream(child_watch(
         metadata::<Role>(client, namespace, &config),
         roles,
         Kind::Role,
         a(),
-        strip_managed_fields,
+        strip_metadata,
     ))
     .owns_stream(child_watch(
         metadata::<RoleBinding>(client, namespace, &config),
         role_bindings,
         Kind::RoleBinding,
         a(),
-        strip_managed_fields,
+        strip_metadata,
     ))
     .owns_stream(child_watch(
         watcher(api::<StatefulSet>(client, namespace), config.clone()),
@@ -418,14 +435,14 @@ pub fn controller(
         services,
         Kind::Service,
         a(),
-        strip_managed_fields,
+        strip_metadata,
     ))
     .owns_stream(child_watch(
         watcher(api::<Certificate>(client, namespace), config.clone()),
         certificates,
         Kind::Certificate,
         a(),
-        strip_managed_fields,
+        strip_certificate,
     ));
     if let (Some(resource), Some(writer)) = (&support.pdb, pdbs) {
         let pdbs = match namespace {
@@ -442,7 +459,7 @@ pub fn controller(
                 writer,
                 Kind::PodDisruptionBudget,
                 a(),
-                strip_managed_fields,
+                strip_metadata,
             ),
             resource.clone(),
         );
