@@ -160,6 +160,19 @@ kc logs client >&2
 kc logs client | grep -q 'redis via Service: ok' || fail "pod could not reach the Service"
 kc logs client | grep -q '"phase": *"Running"' || fail "pod could not read from the API"
 
+if ctr --address "$DBPORTAL_CONTAINERD_ADDRESS" -n k8s.io images ls -q |
+    grep -x docker.io/dbportal/operator:dev >/dev/null; then
+    step "the operator image starts"
+    kc run operator-help --image=dbportal/operator:dev --image-pull-policy=Never \
+        --restart=Never -- --help >&2
+    retry 60 bash -c "[[ \$('$DBPORTAL_K8S_BIN_DIR/kubectl' get pod operator-help -o jsonpath='{.status.phase}') =~ Succeeded|Failed ]]" ||
+        fail "operator pod did not finish"
+    kc logs operator-help >"$DIR/operator-help.log"
+    head -n 3 "$DIR/operator-help.log" >&2
+    [[ $(kc get pod operator-help -o jsonpath='{.status.phase}') == Succeeded ]] ||
+        fail "operator --help failed"
+fi
+
 step "memory (RSS)"
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 total=0
