@@ -187,6 +187,7 @@ build_rust_image() {
     write_image "$IMAGE_DIR/$name.tar" "dbportal/$name:dev" "[\"/$name\"]" "$NONROOT" \
         "$name=$bin:0755" "${libs[@]}" \
         "etc/ssl/certs/ca-certificates.crt=$(ca_bundle):0644" "tmp=DIR:1777" >/dev/null
+    rm -f "$IMAGE_DIR/$name.bin"
 }
 
 # shared_object_specs BIN...: DEST=SRC:MODE specs for BINs and every shared
