@@ -40,6 +40,14 @@ usage() {
 }
 now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
 
+# apt_install PACKAGE...: install Debian packages (package lists refreshed
+# if the first attempt fails, e.g. on a fresh machine).
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "$@" >&2 ||
+        { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends "$@" >&2; }
+}
+
 # write_image OUT REF ENTRYPOINT_JSON USER DEST=SRC:MODE...
 # Writes a single-layer image as a `docker save` archive (what
 # `ctr images import` and `docker load` read). Files are root-owned with
@@ -146,7 +154,7 @@ ca_bundle() {
     local f=/etc/ssl/certs/ca-certificates.crt
     if [[ ! -f $f ]]; then
         log "installing ca-certificates"
-        apt-get install -y -qq --no-install-recommends ca-certificates >&2
+        apt_install ca-certificates
     fi
     echo "$f"
 }
@@ -207,11 +215,11 @@ build_toolbox() {
     local specs=() bb=/bin/busybox
     if [[ ! -x $bb ]] || ! is_static "$bb"; then
         log "installing busybox-static"
-        apt-get install -y -qq --no-install-recommends busybox-static >&2
+        apt_install busybox-static
     fi
-    command -v curl >/dev/null || apt-get install -y -qq --no-install-recommends curl >&2
+    command -v curl >/dev/null || apt_install curl
     command -v redis-cli >/dev/null ||
-        apt-get install -y -qq --no-install-recommends redis-tools >&2
+        apt_install redis-tools
     mapfile -t specs < <(shared_object_specs "$(command -v curl)" "$(command -v redis-cli)")
     write_image "$IMAGE_DIR/toolbox.tar" dbportal/toolbox:dev '["/bin/busybox"]' "" \
         "bin/busybox=$bb:0755" "${specs[@]}" \
