@@ -5,6 +5,7 @@ pub mod config;
 pub mod health;
 pub mod admin;
 pub mod allow;
+pub mod cluster;
 pub mod error;
 pub mod metrics;
 pub mod proxy_protocol;

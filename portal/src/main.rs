@@ -1,4 +1,5 @@
-//! The portal binary: parses arguments, sets up logging and runs the standalone portal.
+//! The portal binary: parses arguments, sets up logging and runs the portal, standalone (a
+//! file) or in a cluster (a ConfigMap).
 
 use std::path::PathBuf;
 
@@ -11,8 +12,25 @@ struct Args {
     /// Configuration file (YAML, the DatabasePortal spec plus listen, admin, drainTimeout). It
     /// is re-read when it changes and on SIGHUP. Without it, an embedded default serves
     /// 127.0.0.1:6380 in front of a redis-server on 127.0.0.1:6379.
-    #[arg(long, env = "PORTAL_CONFIG")]
+    #[arg(long, env = "PORTAL_CONFIG", conflicts_with = "configmap")]
     config: Option<PathBuf>,
+    /// In a cluster: the ConfigMap whose `portal.yaml` is the configuration, watched through
+    /// the Kubernetes API (in-cluster credentials, or KUBECONFIG) and applied live.
+    #[arg(long)]
+    configmap: Option<String>,
+    /// Namespace of the ConfigMap and Secrets (default: the pod's, else the kubeconfig's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// In a cluster: the `kubernetes.io/tls` Secret with the served certificate, swapped live.
+    #[arg(long, requires = "configmap")]
+    tls_secret: Option<String>,
+    /// In a cluster: the Secret with the probes' `username` and `password` (default: the
+    /// configuration's `healthCheck.credentialsSecret`).
+    #[arg(long, requires = "configmap")]
+    credentials_secret: Option<String>,
+    /// In a cluster: this portal's Pod, where it reports its view in an annotation.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,7 +51,23 @@ fn main() -> anyhow::Result<()> {
                 std::future::pending::<()>().await;
             }
         };
-        portal::server::standalone(args.config, shutdown).await
+        match args.configmap {
+            Some(configmap) => {
+                let client = kube::Client::try_default().await?;
+                let namespace = args
+                    .namespace
+                    .unwrap_or_else(|| client.default_namespace().to_string());
+                let options = portal::cluster::Options {
+                    namespace,
+                    configmap,
+                    tls_secret: args.tls_secret,
+                    credentials_secret: args.credentials_secret,
+                    pod_name: args.pod_name,
+                };
+                portal::cluster::run(client, options, shutdown).await
+            }
+            None => Ok(portal::server::standalone(args.config, shutdown).await?),
+        }
     })?;
     Ok(())
 }

@@ -109,6 +109,13 @@ pub fn parse_standalone(text: &str) -> Result<Config, ConfigError> {
     parse_yaml(text)?.validate_standalone()
 }
 
+/// Parses and validates the configuration of a portal in a cluster (a ConfigMap's
+/// `portal.yaml`): the same rules as the operator's, without the standalone portal's
+/// certificate files (the certificate comes from the TLS Secret).
+pub fn parse_cluster(text: &str) -> Result<Config, ConfigError> {
+    parse_yaml(text)?.validate()
+}
+
 /// Watches `path` until `tx` has no receivers: every [`POLL_INTERVAL`], and at once on SIGHUP,
 /// the file is read and compared with `last_text`; a changed text that validates is
 /// published, one that does not is refused (logged with its fields, recorded in `status`)
@@ -164,7 +171,19 @@ pub fn apply(
     tx: &watch::Sender<Arc<Config>>,
     status: &ReloadStatus,
 ) -> bool {
-    match parse_standalone(text) {
+    publish(parse_standalone(text), source, tx, status)
+}
+
+/// Publishes a parsed configuration on `tx` if it differs from the current one, or records
+/// and logs why it was refused (the last good configuration keeps serving). Shared by the
+/// file and the ConfigMap watches.
+pub fn publish(
+    parsed: Result<Config, ConfigError>,
+    source: &str,
+    tx: &watch::Sender<Arc<Config>>,
+    status: &ReloadStatus,
+) -> bool {
+    match parsed {
         Ok(config) => {
             let current = tx.borrow().clone();
             if *current == config {

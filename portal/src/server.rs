@@ -185,11 +185,25 @@ pub async fn run(
     reload: ReloadStatus,
     shutdown: impl Future<Output = ()>,
 ) {
+    let tls = crate::tls::TlsRuntime::new_or_closed(&config.borrow());
+    run_with_tls(listener, admin, config, health, reload, tls, shutdown).await
+}
+
+/// [`run`] with a TLS runtime made by the caller, who may feed it certificates (a portal in a
+/// cluster hands over its TLS Secret's pair).
+pub async fn run_with_tls(
+    listener: TcpListener,
+    admin: TcpListener,
+    config: watch::Receiver<Arc<Config>>,
+    health: impl Into<health::HealthSource>,
+    reload: ReloadStatus,
+    tls: Arc<crate::tls::TlsRuntime>,
+    shutdown: impl Future<Output = ()>,
+) {
     let health = health.into();
     let state = Arc::new(State::new(reload));
     let (kill_tx, kill) = watch::channel(false);
     let (admin_stop, admin_stopped) = watch::channel(false);
-    let tls = crate::tls::TlsRuntime::new_or_closed(&config.borrow());
     let tls_task = tls.spawn(config.clone(), crate::tls::CERT_POLL_INTERVAL);
     let shared = Shared {
         state: state.clone(),

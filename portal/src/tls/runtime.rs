@@ -11,7 +11,9 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{BackendConnector, CertStore, Reload, ServerSettings, Terminator, TlsError};
+use super::{
+    BackendConnector, CaSource, CertSource, CertStore, Reload, ServerSettings, Terminator, TlsError,
+};
 use crate::config::{Config, TlsMode};
 
 /// How often the certificate files are compared with what is served.
@@ -32,6 +34,42 @@ struct Inner {
     error: Option<String>,
     /// What the terminator was built from, to rebuild only on a relevant change.
     built_from: Option<(crate::config::Engine, crate::config::Tls)>,
+    /// The served pair when it does not come from the configuration's files (a portal in a
+    /// cluster gets it from its TLS Secret).
+    cert: Option<CertSource>,
+    /// The configuration applied last, to rebuild when `cert` changes.
+    config: Option<Config>,
+}
+
+impl Inner {
+    fn empty(cert: Option<CertSource>) -> Self {
+        Inner {
+            store: None,
+            terminator: None,
+            error: None,
+            built_from: None,
+            cert,
+            config: None,
+        }
+    }
+
+    /// The server settings of `config`, with the certificate from `cert` when one is set.
+    fn settings(&self, config: &Config) -> Option<ServerSettings> {
+        match &self.cert {
+            Some(cert) if config.tls.mode == TlsMode::Terminate => Some(ServerSettings {
+                engine: config.engine,
+                min_version: config.tls.min_version,
+                cert: cert.clone(),
+                client_ca: config
+                    .tls
+                    .client_ca_file
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .map(|p| CaSource::File(p.into())),
+            }),
+            _ => ServerSettings::from_config(config),
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsRuntime {
@@ -45,12 +83,7 @@ impl TlsRuntime {
     /// standalone portal does not start without one.
     pub fn new(config: &Config) -> Result<Arc<Self>, TlsError> {
         let runtime = TlsRuntime {
-            inner: Mutex::new(Inner {
-                store: None,
-                terminator: None,
-                error: None,
-                built_from: None,
-            }),
+            inner: Mutex::new(Inner::empty(None)),
             failures: Mutex::new(BTreeMap::new()),
         };
         runtime.apply(config)?;
@@ -76,13 +109,14 @@ impl TlsRuntime {
     /// Like [`new`](Self::new), but a failure leaves the portal refusing TLS clients (logged,
     /// and shown in `/status`) instead of failing.
     pub fn new_or_closed(config: &Config) -> Arc<Self> {
+        Self::new_or_closed_with(config, None)
+    }
+
+    /// Like [`new_or_closed`](Self::new_or_closed), with the served pair from `cert` (PEM from
+    /// a Secret) instead of the configuration's files when it is given.
+    pub fn new_or_closed_with(config: &Config, cert: Option<CertSource>) -> Arc<Self> {
         let runtime = TlsRuntime {
-            inner: Mutex::new(Inner {
-                store: None,
-                terminator: None,
-                error: None,
-                built_from: None,
-            }),
+            inner: Mutex::new(Inner::empty(cert)),
             failures: Mutex::new(BTreeMap::new()),
         };
         if let Err(e) = runtime.apply(config) {
@@ -101,6 +135,7 @@ impl TlsRuntime {
     /// why; the refusal is also kept for `/status`.
     pub fn apply(&self, config: &Config) -> Result<(), TlsError> {
         let mut inner = self.lock();
+        inner.config = Some(config.clone());
         let key = (config.engine, config.tls.clone());
         if inner.built_from.as_ref() == Some(&key) {
             return Ok(());
@@ -121,8 +156,35 @@ impl TlsRuntime {
         result
     }
 
+    /// A new served pair from outside the configuration (an updated TLS Secret): swapped in
+    /// for new handshakes if it is good; refused otherwise (logged, shown in `/status`), and
+    /// the pair in force keeps serving.
+    pub fn set_cert(&self, cert: CertSource) -> Result<(), TlsError> {
+        let mut inner = self.lock();
+        if inner.cert.as_ref() == Some(&cert) {
+            return Ok(());
+        }
+        let previous = inner.cert.replace(cert);
+        let Some(config) = inner.config.clone() else {
+            return Ok(());
+        };
+        match self.build(&mut inner, &config) {
+            Ok(()) => {
+                inner.error = None;
+                inner.built_from = Some((config.engine, config.tls.clone()));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS certificate from the Secret refused; the previous one stays in force");
+                inner.cert = previous;
+                inner.error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
     fn build(&self, inner: &mut Inner, config: &Config) -> Result<(), TlsError> {
-        let store = match ServerSettings::from_config(config) {
+        let store = match inner.settings(config) {
             Some(settings) => match &inner.store {
                 Some(store) if store.settings() == settings => Some(store.clone()),
                 Some(store) => match store.set_settings(settings) {

@@ -1,0 +1,538 @@
+//! The portal in a cluster: its configuration comes from a ConfigMap (key `portal.yaml`) and its
+//! certificate from a `kubernetes.io/tls` Secret, both watched through the Kubernetes API and
+//! applied live with the same validation and keep-last-good rule as the standalone file; probe
+//! credentials may come from a Secret too. The portal reports its own view (ready, leader,
+//! backends) in an annotation of its own Pod.
+//!
+//! Watches select one object by name (`metadata.name=NAME`), which a Role limited to that
+//! object by `resourceNames` allows for `list` and `watch`. On API outages the portal keeps
+//! serving what it has; the watches reconnect with kube's default backoff.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::{stream::BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{watcher, WatchStreamExt},
+    Api, Client,
+};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, ConfigError, FieldError, Health},
+    error::Error,
+    health::{self, CredentialsSource, HealthView, ProbeCredentials, StandaloneCredentials},
+    reload::{self, ReloadStatus},
+    route,
+    tls::{CertSource, TlsRuntime},
+};
+
+/// The ConfigMap key holding the configuration.
+pub const CONFIG_KEY: &str = "portal.yaml";
+/// The annotation of the portal's own Pod that carries its [`Report`] (JSON).
+pub const REPORT_ANNOTATION: &str = "dbportal.dev/report";
+/// The least time between two patches of the report.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where a portal in a cluster finds its configuration, certificate and identity.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub namespace: String,
+    /// The ConfigMap with the configuration under [`CONFIG_KEY`].
+    pub configmap: String,
+    /// The `kubernetes.io/tls` Secret with the served pair (`tls.crt`, `tls.key`).
+    pub tls_secret: Option<String>,
+    /// The Secret with the probes' `username` and `password`; without it, the one named by the
+    /// first configuration's `healthCheck.credentialsSecret`, if any.
+    pub credentials_secret: Option<String>,
+    /// The portal's own Pod, where it reports its view; no report without it.
+    pub pod_name: Option<String>,
+}
+
+/// What a portal reports about itself on its Pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// A configuration is served and some backend is routable.
+    pub ready: bool,
+    /// The leader this portal sees (none while there is a conflict).
+    pub leader: Option<String>,
+    pub backends: Vec<BackendReport>,
+    /// The ConfigMap holds a configuration that was refused; an older one is served.
+    pub config_stale: bool,
+}
+
+/// One backend as a portal sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendReport {
+    pub name: String,
+    pub up: bool,
+    pub role: &'static str,
+}
+
+impl Report {
+    /// The report of a portal serving `config` with the health view `health`.
+    pub fn new(config: &Config, health: &HealthView, reload: &reload::ReloadState) -> Self {
+        Report {
+            ready: !route::eligible(config, health).is_empty(),
+            leader: health
+                .leader
+                .filter(|_| !health.conflict)
+                .and_then(|i| health.backends.get(i))
+                .map(|b| b.name.clone()),
+            backends: health
+                .backends
+                .iter()
+                .map(|b| BackendReport {
+                    name: b.name.clone(),
+                    up: b.up,
+                    role: b.role.as_str(),
+                })
+                .collect(),
+            config_stale: reload.stale,
+        }
+    }
+}
+
+type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// A watch of the one object named `name`, reconnecting with kube's default backoff.
+fn watch_named<K>(api: Api<K>, name: &str) -> Events<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config).default_backoff().boxed()
+}
+
+/// What an event says about the watched object.
+enum Change<K> {
+    Applied(K),
+    Deleted,
+    /// The initial listing is complete.
+    Listed,
+}
+
+/// The next change of the watched object; watch errors are logged (the stream retries with
+/// backoff). `None` only if the stream ends.
+async fn next_change<K>(events: &mut Events<K>, what: &str) -> Option<Change<K>> {
+    loop {
+        match events.next().await? {
+            Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
+                return Some(Change::Applied(k))
+            }
+            Ok(watcher::Event::Delete(_)) => return Some(Change::Deleted),
+            Ok(watcher::Event::InitDone) => return Some(Change::Listed),
+            Ok(watcher::Event::Init) => {}
+            Err(e) => {
+                warn!(object = what, error = %e, "watch failed; keeping the current state and retrying with backoff");
+            }
+        }
+    }
+}
+
+/// The object as the initial listing has it (`None`: it does not exist yet).
+async fn initial<K>(events: &mut Events<K>, what: &str) -> Option<K> {
+    let mut current = None;
+    loop {
+        match next_change(events, what).await {
+            Some(Change::Applied(k)) => current = Some(k),
+            Some(Change::Deleted) => current = None,
+            Some(Change::Listed) | None => return current,
+        }
+    }
+}
+
+/// The configuration text of the ConfigMap.
+fn config_text(cm: &ConfigMap) -> Result<String, ConfigError> {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY))
+        .cloned()
+        .ok_or_else(|| {
+            ConfigError::Parse(FieldError {
+                field: CONFIG_KEY.into(),
+                message: format!("the ConfigMap has no key {CONFIG_KEY}"),
+            })
+        })
+}
+
+/// The pair of a TLS Secret.
+fn secret_cert(secret: &Secret) -> Result<CertSource, String> {
+    let data = secret.data.as_ref();
+    let get = |key: &str| {
+        data.and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| format!("the Secret has no {key}"))
+    };
+    Ok(CertSource::from_pem(get("tls.crt")?, get("tls.key")?))
+}
+
+/// Probe credentials from a Secret's `username` (optional) and `password`.
+fn secret_credentials(secret: &Secret) -> Result<ProbeCredentials, String> {
+    let data = secret.data.as_ref();
+    let get = |key: &str| {
+        data.and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    let password = get("password").ok_or("the credentials Secret has no password")?;
+    Ok(ProbeCredentials {
+        username: get("username").filter(|u| !u.is_empty()),
+        password,
+    })
+}
+
+/// Probe credentials kept current by a watch of one Secret.
+#[derive(Debug)]
+pub struct SecretCredentials {
+    secret: Option<String>,
+    current: Mutex<Result<ProbeCredentials, String>>,
+}
+
+impl SecretCredentials {
+    fn new(secret: Option<String>) -> Self {
+        let why = match &secret {
+            Some(name) => format!("the credentials Secret {name} was not found"),
+            None => "no credentials Secret is watched".into(),
+        };
+        SecretCredentials {
+            secret,
+            current: Mutex::new(Err(why)),
+        }
+    }
+
+    fn set(&self, value: Result<ProbeCredentials, String>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
+impl CredentialsSource for SecretCredentials {
+    fn credentials(&self, health: &Health) -> Result<Option<ProbeCredentials>, String> {
+        match &health.credentials_secret {
+            Some(name) if self.secret.as_ref() == Some(name) => self
+                .current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .map(Some),
+            Some(name) => Err(format!(
+                "the credentials Secret {name} is not watched by this portal (it watches {})",
+                self.secret.as_deref().unwrap_or("none")
+            )),
+            None => StandaloneCredentials.credentials(health),
+        }
+    }
+}
+
+/// Runs a portal in a cluster until `shutdown` resolves: waits for a valid configuration in the
+/// ConfigMap, listens on its addresses, and follows the ConfigMap, the Secrets and its own
+/// health, reporting on its Pod.
+pub async fn run(
+    client: Client,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let ns = options.namespace.clone();
+    let source = format!("ConfigMap {ns}/{}", options.configmap);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    // The first valid configuration: nothing can be served before it.
+    let mut cm_events = watch_named(configmaps, &options.configmap);
+    let startup = async {
+        loop {
+            match next_change(&mut cm_events, &source).await {
+                Some(Change::Applied(cm)) => {
+                    match config_text(&cm).and_then(|t| reload::parse_cluster(&t).map(|c| (c, t))) {
+                        Ok(found) => return Ok(found),
+                        Err(e) => error!(
+                            source = %source,
+                            error = %e,
+                            fields = ?e.fields(),
+                            "configuration refused; waiting for a valid one"
+                        ),
+                    }
+                }
+                Some(Change::Deleted) => warn!(source = %source, "the ConfigMap was deleted"),
+                Some(Change::Listed) => {
+                    info!(source = %source, "waiting for the ConfigMap to hold a valid configuration")
+                }
+                None => anyhow::bail!("the watch of {source} ended"),
+            }
+        }
+    };
+    let (config, mut last_text) = tokio::select! {
+        r = startup => r?,
+        _ = &mut shutdown => return Ok(()),
+    };
+
+    // The Secrets as they are now; a missing one is picked up when it appears.
+    let mut tls_events = options
+        .tls_secret
+        .as_ref()
+        .map(|name| (name.clone(), watch_named(secrets.clone(), name)));
+    let mut cert = None;
+    if let Some((name, events)) = tls_events.as_mut() {
+        let what = format!("Secret {ns}/{name}");
+        match initial(events, &what).await.map(|s| secret_cert(&s)) {
+            Some(Ok(c)) => cert = Some(c),
+            Some(Err(e)) => warn!(secret = %what, error = %e, "TLS Secret refused"),
+            None => warn!(secret = %what, "the TLS Secret does not exist yet"),
+        }
+    }
+    let creds_name = options
+        .credentials_secret
+        .clone()
+        .or_else(|| config.health.credentials_secret.clone());
+    let credentials = Arc::new(SecretCredentials::new(creds_name.clone()));
+    let mut creds_events = creds_name
+        .as_ref()
+        .map(|name| (name.clone(), watch_named(secrets.clone(), name)));
+    if let Some((name, events)) = creds_events.as_mut() {
+        let what = format!("Secret {ns}/{name}");
+        if let Some(s) = initial(events, &what).await {
+            credentials.set(secret_credentials(&s));
+        }
+    }
+
+    let listener = bind(config.listen, "clients").await?;
+    let admin = bind(config.admin, "the admin endpoint").await?;
+    info!(
+        config = %source,
+        listen = %config.listen,
+        admin = %config.admin,
+        engine = config.engine.as_str(),
+        backends = config.backends.len(),
+        "portal listening"
+    );
+    let tls = TlsRuntime::new_or_closed_with(&config, cert);
+    let status = ReloadStatus::loaded(source.clone());
+    let (tx, rx) = watch::channel(Arc::new(config));
+    let checker = health::spawn_checker(rx.clone(), credentials.clone());
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+
+    // Follow the ConfigMap.
+    {
+        let status = status.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    c = next_change(&mut cm_events, &source) => c,
+                    _ = tx.closed() => return,
+                };
+                match change {
+                    Some(Change::Applied(cm)) => match config_text(&cm) {
+                        Ok(text) if text == last_text => {}
+                        Ok(text) => {
+                            reload::publish(reload::parse_cluster(&text), &source, &tx, &status);
+                            last_text = text;
+                        }
+                        Err(e) => {
+                            last_text.clear();
+                            reload::publish(Err(e), &source, &tx, &status);
+                        }
+                    },
+                    Some(Change::Deleted) => warn!(
+                        source = %source,
+                        "the ConfigMap was deleted; keeping the current configuration"
+                    ),
+                    Some(Change::Listed) => {}
+                    None => return,
+                }
+            }
+        }));
+    }
+    // Follow the TLS Secret.
+    if let Some((name, mut events)) = tls_events {
+        let tls = tls.clone();
+        let what = format!("Secret {ns}/{name}");
+        tasks.push(tokio::spawn(async move {
+            while let Some(change) = next_change(&mut events, &what).await {
+                match change {
+                    Change::Applied(secret) => match secret_cert(&secret) {
+                        Ok(cert) => {
+                            let _ = tls.set_cert(cert);
+                        }
+                        Err(e) => warn!(secret = %what, error = %e, "TLS Secret refused; the certificate in force keeps serving"),
+                    },
+                    Change::Deleted => warn!(secret = %what, "the TLS Secret was deleted; the certificate in force keeps serving"),
+                    Change::Listed => {}
+                }
+            }
+        }));
+    }
+    // Follow the credentials Secret.
+    if let Some((name, mut events)) = creds_events {
+        let credentials = credentials.clone();
+        let what = format!("Secret {ns}/{name}");
+        tasks.push(tokio::spawn(async move {
+            while let Some(change) = next_change(&mut events, &what).await {
+                match change {
+                    Change::Applied(secret) => credentials.set(secret_credentials(&secret)),
+                    Change::Deleted => {
+                        credentials.set(Err(format!("the credentials {what} was deleted")))
+                    }
+                    Change::Listed => {}
+                }
+            }
+        }));
+    }
+    // Report on the Pod.
+    match &options.pod_name {
+        Some(pod) => {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            tasks.push(tokio::spawn(report(
+                pods,
+                pod.clone(),
+                rx.clone(),
+                checker.view(),
+                status.clone(),
+            )));
+        }
+        None => info!("no pod name (POD_NAME): the portal does not report its view"),
+    }
+
+    crate::server::run_with_tls(listener, admin, rx, checker, status, tls, shutdown).await;
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// Patches the portal's [`Report`] onto its Pod whenever it changes, at most once per
+/// [`REPORT_INTERVAL`]; a failed patch is retried at the next interval.
+async fn report(
+    pods: Api<Pod>,
+    pod: String,
+    mut config: watch::Receiver<Arc<Config>>,
+    mut health: watch::Receiver<HealthView>,
+    status: ReloadStatus,
+) {
+    let mut sent: Option<Report> = None;
+    let mut failing = false;
+    loop {
+        let now = {
+            let c = config.borrow_and_update().clone();
+            let h = health.borrow_and_update().clone();
+            Report::new(&c, &h, &status.snapshot())
+        };
+        if sent.as_ref() != Some(&now) {
+            match patch_report(&pods, &pod, &now).await {
+                Ok(()) => {
+                    if failing {
+                        info!(pod = %pod, "reporting on the Pod again");
+                    }
+                    failing = false;
+                    sent = Some(now);
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(pod = %pod, error = %e, "cannot report on the Pod; retrying");
+                    }
+                    failing = true;
+                }
+            }
+        }
+        tokio::time::sleep(REPORT_INTERVAL).await;
+        // Wake on a change, or after an interval (the reload status has no notification).
+        tokio::select! {
+            r = config.changed() => if r.is_err() { return },
+            r = health.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+        }
+    }
+}
+
+async fn patch_report(pods: &Api<Pod>, pod: &str, report: &Report) -> anyhow::Result<()> {
+    let value = serde_json::to_string(report)?;
+    let patch = serde_json::json!({ "metadata": { "annotations": { REPORT_ANNOTATION: value } } });
+    pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("patching Pod {pod}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::ByteString;
+
+    use super::*;
+
+    fn secret(pairs: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_configmap_without_the_key_is_refused_naming_it() {
+        let e = config_text(&ConfigMap::default()).unwrap_err();
+        assert_eq!(e.fields(), vec![CONFIG_KEY]);
+    }
+
+    #[test]
+    fn tls_secret_needs_both_keys() {
+        assert!(secret_cert(&secret(&[("tls.crt", "x")])).is_err());
+        assert_eq!(
+            secret_cert(&secret(&[("tls.crt", "c"), ("tls.key", "k")])).unwrap(),
+            CertSource::from_pem("c", "k")
+        );
+    }
+
+    #[test]
+    fn credentials_come_from_the_watched_secret_only() {
+        let config = reload::parse_cluster(
+            "engine: redis\nbackends: [{name: a, address: \"127.0.0.1:6379\"}]\nhealthCheck: {credentialsSecret: creds}\n",
+        )
+        .unwrap();
+        let source = SecretCredentials::new(Some("creds".into()));
+        assert!(source.credentials(&config.health).is_err());
+        source.set(secret_credentials(&secret(&[("password", "pw")])));
+        let creds = source.credentials(&config.health).unwrap().unwrap();
+        assert_eq!((creds.username, creds.password.as_str()), (None, "pw"));
+        let other = SecretCredentials::new(Some("other".into()));
+        assert!(other.credentials(&config.health).is_err());
+        assert!(secret_credentials(&secret(&[("username", "u")])).is_err());
+    }
+
+    #[test]
+    fn report_names_the_leader_unless_in_conflict() {
+        let config = reload::parse_cluster(
+            "engine: redis\nbackends: [{name: a, address: \"127.0.0.1:6379\"}, {name: b, address: \"127.0.0.1:6380\"}]\n",
+        )
+        .unwrap();
+        let mut view = HealthView::assume_up(["a", "b"]);
+        view.leader = Some(1);
+        let state = reload::ReloadState::default();
+        let r = Report::new(&config, &view, &state);
+        assert_eq!(r.leader.as_deref(), Some("b"));
+        assert!(r.ready);
+        view.conflict = true;
+        assert_eq!(Report::new(&config, &view, &state).leader, None);
+        let json = serde_json::to_value(Report::new(&config, &view, &state)).unwrap();
+        assert_eq!(json["backends"][0]["role"], "unknown");
+        assert!(json.get("configStale").is_some());
+    }
+}
