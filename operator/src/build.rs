@@ -1,5 +1,5 @@
 //! `build`: turns a validated DatabasePortal into every child object, without touching the
-//! network. Names and labels follow the contract in `spec/api.md`.
+//! network. Names and labels follow the DatabasePortal contract (README).
 
 use std::collections::BTreeMap;
 
