@@ -1,12 +1,12 @@
 //! dbportal's portal: a TCP proxy in front of database nodes with TLS, an allow-list of client
 //! networks, connection limits, timeouts and leader following.
 
-pub mod config;
-pub mod health;
 pub mod admin;
 pub mod allow;
 pub mod cluster;
+pub mod config;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod reload;
