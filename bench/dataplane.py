@@ -15,8 +15,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-PORTAL = os.path.join(TARGET, "release", "portal")
-LOADGEN = os.path.join(TARGET, "release", "examples", "loadgen")
+PORTAL = os.environ.get("PORTAL_BIN", os.path.join(TARGET, "release", "portal"))
+LOADGEN = os.environ.get("LOADGEN_BIN", os.path.join(TARGET, "release", "examples", "loadgen"))
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 REPS = int(os.environ.get("REPS", "3"))
 THREADS = int(os.environ.get("THREADS", "2"))
@@ -162,7 +162,7 @@ def main():
     kinds = ["direct", "haproxy", "portal"]
     ops = {}    # (kind, test, pipeline) -> [(rps, p50, p99)]
     bulk = {}   # kind -> [(gbit, cpu)]
-    for rep in range(REPS):
+    for rep in range(0 if os.environ.get("ONLY_IDLE") else REPS):
         order = kinds[rep % 3:] + kinds[:rep % 3]
         for kind in order:
             proxy, port = (None, redis_port) if kind == "direct" else start_proxy(kind, redis_port)
@@ -192,6 +192,9 @@ def main():
     p(f"Loopback, {os.cpu_count()} CPUs, proxies with {THREADS} worker threads, {REPS} repetitions (medians), "
       f"{time.strftime('%Y-%m-%d')}. redis-benchmark -c {CLIENTS}, SET/GET, -n {REQUESTS[1]} (P1) / {REQUESTS[16]} (P16).")
     p("")
+    if not ops:
+        ops = {(k, t, pl): [(float("nan"),) * 3] for k in kinds for t in ("SET", "GET") for pl in (1, 16)}
+        bulk = {k: [(float("nan"), float("nan"))] for k in kinds}
     p("| test | direct ops/s | HAProxy ops/s | portal ops/s | portal/HAProxy | HAProxy p50/p99 ms | portal p50/p99 ms |")
     p("|---|---|---|---|---|---|---|")
     for pipeline in (1, 16):
@@ -242,7 +245,7 @@ def main():
     p(f"| sessions still open when measured (min) | {h['opened'][0]} / {h['opened'][1]} | {q['opened'][0]} / {q['opened'][1]} | |")
     text = "\n".join(out)
     print(text)
-    with open(os.path.join(ROOT, "bench", "last-run.md"), "w") as f:
+    with open(os.path.join(TMP, "..", "dbportal-bench-last-run.md"), "w") as f:
         f.write(text + "\n")
 
 

@@ -3,7 +3,7 @@
 #   bench/dataplane.sh            # 3 repetitions, medians (about 6 minutes)
 #   REPS=1 bench/dataplane.sh     # quicker
 # Needs: redis-server, redis-tools (redis-benchmark), haproxy, python3, a Rust toolchain.
-# Prints figures (and writes them to bench/last-run.md); it is not a test.
+# Prints figures (Markdown; a copy goes to $TMPDIR/dbportal-bench-last-run.md); it is not a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # 20,000 idle sessions need 40,000 descriptors in one proxy; raise the soft limit as far as

@@ -5,6 +5,7 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering, Ordering::Relaxed},
         Arc, Mutex,
@@ -18,7 +19,7 @@ use tokio::{
     net::TcpStream,
     time::{timeout, Instant},
 };
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::{
     allow,
@@ -167,17 +168,27 @@ async fn negotiate(
         return;
     };
     if terminator.is_transparent() {
-        return proxy(Untouched(stream), peer, early, permits, config, shared).await;
+        // Each phase is boxed: an async fn's future is as large as its largest state, and a
+        // plaintext session must not carry the room of a TLS handshake while it idles.
+        return Box::pin(proxy(
+            Untouched(stream),
+            peer,
+            early,
+            permits,
+            config,
+            shared,
+        ))
+        .await;
     }
     // Phase one (TLS handshake, PostgreSQL negotiation) before any backend is used; MySQL's
     // in-protocol upgrade waits for the backend's greeting in `proxy`.
-    match terminator.accept_with(stream, early).await {
+    match Box::pin(terminator.accept_with(stream, early)).await {
         Ok(accepted) => {
             let pending = Pending {
                 terminator,
                 accepted,
             };
-            proxy(pending, peer, Vec::new(), permits, config, shared).await
+            Box::pin(proxy(pending, peer, Vec::new(), permits, config, shared)).await
         }
         Err(e) => {
             shared.state.metrics.reject(Rejection::Handshake);
@@ -198,9 +209,11 @@ pub async fn proxy<N>(
     mut shared: Shared,
 ) where
     N: Negotiation<TcpStream>,
+    N::Client: 'static,
+    N::Server: 'static,
 {
     let state = shared.state.clone();
-    let health = match wait_for_route(&config, &mut shared).await {
+    let health = match Box::pin(wait_for_route(&config, &mut shared)).await {
         Some(health) => health,
         None => {
             warn!("no backend is routable");
@@ -228,7 +241,11 @@ pub async fn proxy<N>(
         let mut server = server;
         // The PROXY header precedes the engine's own bytes (a greeting, an SSLRequest).
         if !to_server.is_empty() {
-            let write = timeout(config.timeouts.connect, server.write_all(&to_server)).await;
+            let write = Box::pin(timeout(
+                config.timeouts.connect,
+                server.write_all(&to_server),
+            ))
+            .await;
             if !matches!(write, Ok(Ok(()))) {
                 state.metrics.reject(Rejection::NoBackend);
                 debug!("closed: the PROXY header could not be sent");
@@ -242,7 +259,7 @@ pub async fn proxy<N>(
             .find(|b| b.name == name)
             .map(|b| b.address.host.clone())
             .unwrap_or_default();
-        match client.finish(server, host).await {
+        match Box::pin(client.finish(server, host)).await {
             Ok(streams) => streams,
             Err(e) => {
                 state.metrics.reject(Rejection::Handshake);
@@ -252,7 +269,7 @@ pub async fn proxy<N>(
             }
         }
     } else {
-        match client.finish(server, String::new()).await {
+        match Box::pin(client.finish(server, String::new())).await {
             Ok(streams) => streams,
             Err(_) => return,
         }
@@ -274,33 +291,40 @@ pub async fn proxy<N>(
         metrics.clone(),
     );
     drop(config);
-    let client_ip = peer.client.ip();
-    let control = watch_control(&mut shared, client_ip, &name);
-    let reason = run_gated(splice, control).await;
-    metrics.closed(reason);
-    metrics.active_sessions.fetch_sub(1, Relaxed);
-    stats.active.fetch_sub(1, Relaxed);
-    drop(permits);
-    debug!(reason = reason.as_str(), "session closed");
+    let control = watch_control(shared, peer.client.ip(), name);
+    let established = Established {
+        splice,
+        control,
+        gate: Arc::new(Gate {
+            woken: AtomicBool::new(true),
+            session: Mutex::new(None),
+        }),
+        metrics: state.metrics.clone(),
+        stats,
+        permits: Some(permits),
+    };
+    // The open session runs as a task of its own, sized to what it holds while it idles; the
+    // setup's states (connect, negotiation) are freed with this one.
+    tokio::spawn(established.instrument(tracing::Span::current()));
 }
 
 /// Resolves when a configuration or health change means the session must close, or when the
 /// drain timeout ran out.
-async fn watch_control(shared: &mut Shared, client_ip: IpAddr, backend: &str) -> CloseReason {
+async fn watch_control(mut shared: Shared, client_ip: IpAddr, backend: String) -> CloseReason {
     let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
     loop {
         tokio::select! {
             r = shared.config.changed(), if config_open => {
                 if r.is_err() { config_open = false; continue; }
                 let c = shared.config.borrow_and_update().clone();
-                if let Err(why) = keep_session(&c, &shared.health.borrow(), client_ip, backend) {
+                if let Err(why) = keep_session(&c, &shared.health.borrow(), client_ip, &backend) {
                     return why;
                 }
             }
             r = shared.health.changed(), if health_open => {
                 if r.is_err() { health_open = false; continue; }
                 let h = shared.health.borrow_and_update().clone();
-                if let Err(why) = keep_session(&shared.config.borrow(), &h, client_ip, backend) {
+                if let Err(why) = keep_session(&shared.config.borrow(), &h, client_ip, &backend) {
                     return why;
                 }
             }
@@ -338,40 +362,59 @@ impl Wake for Gate {
     }
 }
 
-/// Runs the splice until it ends or `control` resolves. The control future (watch channels
-/// shared by every session) is polled only when one of its own wakers fired, not on every
-/// data wake-up of the session: polling it costs a lock on each channel's waiter list.
-async fn run_gated<C, S>(
-    splice: Splice<C, S>,
-    control: impl Future<Output = CloseReason>,
-) -> CloseReason
+pin_project_lite::pin_project! {
+    /// An open session: the splice until it ends or `control` resolves. The control future
+    /// (watch channels shared by every session) is polled only when one of its own wakers
+    /// fired, not on every data wake-up: polling it costs a lock on each channel's waiter list.
+    struct Established<C, S, F> {
+        #[pin]
+        splice: Splice<C, S>,
+        #[pin]
+        control: F,
+        gate: Arc<Gate>,
+        metrics: Arc<crate::metrics::Metrics>,
+        stats: Arc<BackendStats>,
+        permits: Option<(ConnectionPermit, ClientPermit)>,
+    }
+}
+
+impl<C, S, F> Future for Established<C, S, F>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = CloseReason>,
 {
-    tokio::pin!(splice);
-    tokio::pin!(control);
-    let gate = Arc::new(Gate {
-        woken: AtomicBool::new(true),
-        session: Mutex::new(None),
-    });
-    let gate_waker = Waker::from(gate.clone());
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(outcome) = splice.as_mut().poll(cx) {
-            if let crate::splice::Outcome::Error(e) = &outcome {
-                debug!(error = %e, "session failed");
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let reason = match this.splice.poll(cx) {
+            Poll::Ready(outcome) => {
+                if let crate::splice::Outcome::Error(e) = &outcome {
+                    debug!(error = %e, "session failed");
+                }
+                outcome.reason()
             }
-            return Poll::Ready(outcome.reason());
-        }
-        if gate.woken.swap(false, Ordering::AcqRel) {
-            *gate.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
-            if let Poll::Ready(why) = control.as_mut().poll(&mut Context::from_waker(&gate_waker)) {
-                return Poll::Ready(why);
+            Poll::Pending => {
+                if !this.gate.woken.swap(false, Ordering::AcqRel) {
+                    return Poll::Pending;
+                }
+                *this.gate.session.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(cx.waker().clone());
+                let waker = Waker::from(this.gate.clone());
+                match this.control.poll(&mut Context::from_waker(&waker)) {
+                    Poll::Ready(why) => why,
+                    Poll::Pending => return Poll::Pending,
+                }
             }
-        }
-        Poll::Pending
-    })
-    .await
+        };
+        this.metrics.closed(reason);
+        this.metrics.active_sessions.fetch_sub(1, Relaxed);
+        this.stats.active.fetch_sub(1, Relaxed);
+        this.permits.take();
+        debug!(reason = reason.as_str(), "session closed");
+        Poll::Ready(())
+    }
 }
 
 type Chosen = (String, Arc<BackendStats>);
@@ -517,5 +560,61 @@ mod tests {
             .validate()
             .unwrap();
         assert!(backend_keeps_sessions(&keep, &h, "a"));
+    }
+
+    /// What an open, idle session holds in its task besides its sockets' kernel state.
+    #[tokio::test]
+    async fn an_open_session_task_stays_small() {
+        use crate::{reload::ReloadStatus, server::State};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let yaml = format!("engine: tcp\nport: 1\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"{addr}\"}}]\n");
+        let config = Arc::new(
+            crate::config::parse_yaml(&yaml)
+                .unwrap()
+                .validate()
+                .unwrap(),
+        );
+        let state = Arc::new(State::new(ReloadStatus::default()));
+        let (_c, config_rx) = tokio::sync::watch::channel(config.clone());
+        let (_h, health) = tokio::sync::watch::channel(HealthView::default());
+        let (_k, kill) = tokio::sync::watch::channel(false);
+        let shared = Shared {
+            state: state.clone(),
+            config: config_rx,
+            health,
+            checker: None,
+            kill,
+            tls: crate::tls::TlsRuntime::new_or_closed(&config),
+        };
+        let permits = (
+            state.try_connection(10).unwrap(),
+            state.try_client(peer.ip(), 0).unwrap(),
+        );
+        let splice = Splice::new(
+            client,
+            server,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Vec::new(),
+            state.metrics.clone(),
+        );
+        let established = Established {
+            splice,
+            control: watch_control(shared, peer.ip(), "a".into()),
+            gate: Arc::new(Gate::default()),
+            metrics: state.metrics.clone(),
+            stats: state.metrics.backend("a"),
+            permits: Some(permits),
+        }
+        .instrument(tracing::Span::none());
+        let size = std::mem::size_of_val(&established);
+        println!("open session task future: {size} bytes");
+        assert!(
+            size <= 1280,
+            "an open session's future grew to {size} bytes"
+        );
     }
 }
