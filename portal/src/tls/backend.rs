@@ -39,28 +39,7 @@ impl BackendConnector {
         let Some(settings) = settings.filter(|s| s.enabled) else {
             return Ok(None);
         };
-        let builder = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-        let config = if settings.insecure_skip_verify {
-            tracing::warn!("tls.backend.insecureSkipVerify: backend certificates are not verified");
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerification))
-                .with_no_client_auth()
-        } else {
-            let roots = match &settings.ca_file {
-                Some(path) if !path.is_empty() => {
-                    let pem = std::fs::read(path).map_err(|e| TlsError::Read {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?;
-                    roots_from_pem(&pem)?
-                }
-                _ => system_roots()?,
-            };
-            builder.with_root_certificates(roots).with_no_client_auth()
-        };
+        let config = client_config(settings)?;
         let server_name = settings
             .server_name
             .as_deref()
@@ -129,6 +108,34 @@ impl BackendConnector {
             .map_err(|e| TlsError::Backend(format!("TLS handshake: {e}")))?;
         Ok(MaybeTls::Tls(Box::new(tls.into())))
     }
+}
+
+/// The rustls client configuration `tls.backend` describes: the CA file's roots, the system's
+/// roots, or no verification (`insecureSkipVerify`). Shared by the data plane and the probes.
+pub(crate) fn client_config(settings: &BackendTls) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let config = if settings.insecure_skip_verify {
+        tracing::warn!("tls.backend.insecureSkipVerify: backend certificates are not verified");
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification))
+            .with_no_client_auth()
+    } else {
+        let roots = match &settings.ca_file {
+            Some(path) if !path.is_empty() => {
+                let pem = std::fs::read(path).map_err(|e| TlsError::Read {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                roots_from_pem(&pem)?
+            }
+            _ => system_roots()?,
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(config)
 }
 
 fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, TlsError> {

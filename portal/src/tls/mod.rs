@@ -7,7 +7,7 @@
 //! upgrade, and TLS to the backend). Both are generic over the streams, so tests drive them
 //! with in-memory pipes and real clients alike.
 
-mod backend;
+pub(crate) mod backend;
 mod certs;
 mod mysql;
 mod postgres;

@@ -9,11 +9,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
@@ -30,38 +26,7 @@ pub struct BackendTls {
 impl BackendTls {
     /// Builds the client; the error names what could not be loaded.
     pub fn new(spec: &Spec) -> Result<Self, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
-        let config = if spec.insecure_skip_verify {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-                .with_no_client_auth()
-        } else {
-            let mut roots = RootCertStore::empty();
-            match &spec.ca_file {
-                Some(path) => {
-                    let pem = std::fs::read(path)
-                        .map_err(|e| format!("tls.backend.caFile {path}: {e}"))?;
-                    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                        let cert = cert.map_err(|e| format!("tls.backend.caFile {path}: {e}"))?;
-                        roots
-                            .add(cert)
-                            .map_err(|e| format!("tls.backend.caFile {path}: {e}"))?;
-                    }
-                    if roots.is_empty() {
-                        return Err(format!("tls.backend.caFile {path}: no certificate found"));
-                    }
-                }
-                None => {
-                    let found = rustls_native_certs::load_native_certs();
-                    roots.add_parsable_certificates(found.certs);
-                }
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        };
+        let config = crate::tls::backend::client_config(spec).map_err(|e| e.to_string())?;
         Ok(BackendTls {
             spec: spec.clone(),
             connector: TlsConnector::from(Arc::new(config)),
@@ -92,55 +57,6 @@ impl BackendTls {
             connector: self.connector.clone(),
             name: self.server_name(address)?,
         })
-    }
-}
-
-/// Accepts any certificate (`insecureSkipVerify`), still checking the handshake signatures.
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
