@@ -193,6 +193,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "role": role(h.map(|h| h.role).unwrap_or_default()),
                 "routable": eligible.contains(&i),
                 "lastError": h.and_then(|h| h.last_error.clone()),
+                "engineLeader": h.and_then(|h| h.engine_leader),
                 "activeSessions": s.active.load(Relaxed),
                 "sessionsTotal": s.sessions.load(Relaxed),
                 "connectErrors": s.connect_errors.load(Relaxed),

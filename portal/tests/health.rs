@@ -5,6 +5,8 @@
 mod fake_redis;
 #[path = "common/servers.rs"]
 mod servers;
+#[path = "common/tls.rs"]
+mod tlsca;
 
 use std::{
     sync::Arc,
@@ -15,16 +17,22 @@ use fake_redis::{Fake, FakeRedis};
 use portal::{
     config::{Address, Config},
     health::{
-        probe::{probe, ProbeError, ProbeSettings},
+        probe::{probe, probe_node, ProbeError, ProbeSettings},
         spawn_checker, HealthHandle, HealthView, ProbeCredentials, Role, StandaloneCredentials,
     },
 };
 use servers::*;
 use tokio::sync::watch;
 
-/// A validated configuration for `engine` with these backends and extra YAML.
+/// A validated configuration for `engine` with these backends and extra YAML (plaintext
+/// clients unless `extra` has a `tls:` of its own).
 fn config(engine: &str, backends: &[String], extra: &str) -> Config {
-    let mut yaml = format!("engine: {engine}\nport: 7000\ntls: {{mode: disabled}}\nbackends:\n");
+    let tls = if extra.contains("tls:") {
+        ""
+    } else {
+        "tls: {mode: disabled}\n"
+    };
+    let mut yaml = format!("engine: {engine}\nport: 7000\n{tls}backends:\n");
     for (i, b) in backends.iter().enumerate() {
         yaml.push_str(&format!("  - {{name: n{i}, address: \"{b}\"}}\n"));
     }
@@ -468,7 +476,7 @@ async fn mariadb_read_only_moves_the_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_stopped_member_drops_out() {
+async fn etcd_member_status_raft_leader_and_quorum_loss() {
     if !installed("etcd") {
         eprintln!("etcd not installed; skipped");
         return;
@@ -476,23 +484,277 @@ async fn etcd_stopped_member_drops_out() {
     let mut etcd = Etcd::cluster(3);
     let addrs: Vec<String> = etcd.members.iter().map(EtcdMember::address).collect();
     let c = config("etcd", &addrs, "healthCheck: {interval: 200ms}\n");
-    assert_eq!(probe_one(&c, None, &addrs[0]).await, Ok(Role::SharedLeader));
+    // Every member may serve; exactly one is raft leader.
+    let mut raft_leaders = 0;
+    for a in &addrs {
+        let p = probe_node(&settings(&c, None), &addr(a)).await.unwrap();
+        assert_eq!(p.role, Role::SharedLeader);
+        assert!(p.engine_leader.is_some(), "member status read: {p:?}");
+        raft_leaders += usize::from(p.engine_leader == Some(true));
+    }
+    assert_eq!(raft_leaders, 1);
+
     let (_cfg, handle) = start(c);
     let mut rx = handle.view();
     let v = wait_view(&mut rx, Duration::from_secs(5), "all up", |v| {
         v.leader.is_some()
             && v.backends
                 .iter()
-                .all(|b| b.up && b.role == Role::SharedLeader)
+                .all(|b| b.up && b.role == Role::SharedLeader && b.engine_leader.is_some())
     })
     .await;
-    // Stop the member sessions go to: another one takes over.
-    let first = v.leader.unwrap();
-    etcd.members[first].stop();
-    let v = wait_view(&mut rx, Duration::from_secs(5), "member down", |v| {
-        !v.backends[first].up
+    let raft = v
+        .backends
+        .iter()
+        .position(|b| b.engine_leader == Some(true))
+        .unwrap();
+    assert_eq!(
+        v.backends
+            .iter()
+            .filter(|b| b.engine_leader == Some(true))
+            .count(),
+        1,
+        "{v:?}"
+    );
+
+    // Stop the raft leader: it drops out, another member becomes raft leader, and sessions go
+    // to a member that is up.
+    etcd.members[raft].stop();
+    let v = wait_view(&mut rx, Duration::from_secs(10), "raft leader moved", |v| {
+        !v.backends[raft].up
+            && v.backends
+                .iter()
+                .enumerate()
+                .any(|(i, b)| i != raft && b.up && b.engine_leader == Some(true))
     })
     .await;
-    assert!(v.leader.is_some_and(|l| l != first), "{v:?}");
+    assert!(v.leader.is_some_and(|l| l != raft), "{v:?}");
     assert!(!v.conflict);
+
+    // Stop one more: the survivor has no quorum, hence no raft leader, and is not healthy.
+    let other = (0..3).find(|&i| i != raft).unwrap();
+    let survivor = (0..3).find(|&i| i != raft && i != other).unwrap();
+    etcd.members[other].stop();
+    let v = wait_view(&mut rx, Duration::from_secs(10), "no member up", |v| {
+        v.backends.iter().all(|b| !b.up)
+    })
+    .await;
+    assert_eq!(v.leader, None);
+    let error = v.backends[survivor].last_error.clone().unwrap_or_default();
+    assert!(error.contains("no raft leader"), "survivor: {error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_nospace_alarm_makes_a_member_unhealthy() {
+    if !installed("etcd") || !installed("etcdctl") {
+        eprintln!("etcd not installed; skipped");
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(|| {
+        Etcd::start(
+            1,
+            &EtcdOptions {
+                extra: vec!["--quota-backend-bytes=200000".into()],
+                ..EtcdOptions::default()
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let a = etcd.members[0].address();
+    let c = config("etcd", std::slice::from_ref(&a), "");
+    let p = probe_node(&settings(&c, None), &addr(&a)).await.unwrap();
+    assert_eq!(p.engine_leader, Some(true), "a lone member leads raft");
+
+    // Fill the quota until etcd refuses writes and raises NOSPACE (bounded: 40 writes).
+    let member = &etcd.members[0];
+    let value = "x".repeat(30_000);
+    let refused = (0..40).find(|i| member.etcdctl(&["put", &format!("k{i}"), &value]).is_none());
+    assert!(refused.is_some(), "the quota never filled");
+    let alarms = member.etcdctl(&["alarm", "list"]).unwrap_or_default();
+    assert!(alarms.contains("NOSPACE"), "{alarms}");
+
+    let err = probe_node(&settings(&c, None), &addr(&a))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NOSPACE"), "{err}");
+}
+
+// ---- TLS to real backends ----------------------------------------------------------------
+
+/// A CA that signs the database servers' certificate (for 127.0.0.1 and localhost), another CA
+/// that signs nothing here, and their files.
+struct BackendPki {
+    _dir: TempDir,
+    ca: std::path::PathBuf,
+    wrong_ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl BackendPki {
+    fn new() -> BackendPki {
+        let dir = TempDir::new("backend-pki");
+        let ca = tlsca::TestCa::new("database CA");
+        let (cert, key) = ca
+            .server("db", &["127.0.0.1", "localhost"])
+            .write(dir.path(), "db");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, &ca.cert_pem).unwrap();
+        let wrong_ca = dir.path().join("wrong-ca.pem");
+        std::fs::write(&wrong_ca, tlsca::TestCa::new("another CA").cert_pem).unwrap();
+        BackendPki {
+            _dir: dir,
+            ca: ca_path,
+            wrong_ca,
+            cert,
+            key,
+        }
+    }
+
+    /// `tls:` with backend TLS verified against `ca`, plaintext clients.
+    fn yaml(ca: &std::path::Path, extra: &str) -> String {
+        format!(
+            "tls: {{mode: disabled, backend: {{enabled: true, caFile: \"{}\"}}}}\n{extra}",
+            ca.display()
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_probe_over_tls_verifies_the_ca() {
+    if !installed(&format!("{PG_BIN}/postgres")) {
+        eprintln!("postgresql 15 not installed; skipped");
+        return;
+    }
+    let pki = BackendPki::new();
+    let (cert, key) = (pki.cert.clone(), pki.key.clone());
+    let pg = tokio::task::spawn_blocking(move || {
+        let pg = Postgres::primary("pgpw");
+        pg.enable_tls(&cert, &key, true);
+        pg.psql("SET password_encryption = 'md5'; CREATE ROLE probe_md5 LOGIN PASSWORD 'md5pw'");
+        pg.hba_first("hostssl all probe_md5 127.0.0.1/32 md5");
+        pg
+    })
+    .await
+    .unwrap();
+    let a = pg.address();
+    let pg_creds = creds(Some("postgres"), "pgpw");
+
+    // TLS verified against the right CA: SCRAM-SHA-256 and md5 logins.
+    let c = config(
+        "postgres",
+        std::slice::from_ref(&a),
+        &BackendPki::yaml(&pki.ca, ""),
+    );
+    assert_eq!(probe_one(&c, pg_creds.clone(), &a).await, Ok(Role::Leader));
+    assert_eq!(
+        probe_one(&c, creds(Some("probe_md5"), "md5pw"), &a).await,
+        Ok(Role::Leader)
+    );
+
+    // Without TLS the server refuses the login (hostnossl ... reject).
+    let plain = config("postgres", std::slice::from_ref(&a), "");
+    let err = probe_one(&plain, pg_creds.clone(), &a).await.unwrap_err();
+    assert!(
+        matches!(err, ProbeError::Auth(_)) && err.to_string().contains("no encryption"),
+        "{err}"
+    );
+
+    // A CA that did not sign the server's certificate: a TLS error that says why.
+    let wrong = config(
+        "postgres",
+        std::slice::from_ref(&a),
+        &BackendPki::yaml(&pki.wrong_ca, ""),
+    );
+    let err = probe_one(&wrong, pg_creds, &a).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_probe_over_tls_with_secure_transport_required() {
+    if !installed("mariadbd") {
+        eprintln!("mariadb not installed; skipped");
+        return;
+    }
+    let pki = BackendPki::new();
+    let (cert, key, ca) = (pki.cert.clone(), pki.key.clone(), pki.ca.clone());
+    let db =
+        tokio::task::spawn_blocking(move || Mariadb::start_tls("probe", "mypw", &cert, &key, &ca))
+            .await
+            .unwrap();
+    assert_eq!(db.sql("SELECT @@require_secure_transport"), "1");
+    let a = db.address();
+    let my = creds(Some("probe"), "mypw");
+
+    let c = config(
+        "mysql",
+        std::slice::from_ref(&a),
+        &BackendPki::yaml(&pki.ca, ""),
+    );
+    assert_eq!(probe_one(&c, my.clone(), &a).await, Ok(Role::Leader));
+    db.sql("SET GLOBAL read_only = 1");
+    assert_eq!(probe_one(&c, my.clone(), &a).await, Ok(Role::Replica));
+
+    let plain = config("mysql", std::slice::from_ref(&a), "");
+    // MariaDB refuses a plaintext login when secure transport is required.
+    let err = probe_one(&plain, my.clone(), &a).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Auth(_)), "{err}");
+
+    let wrong = config(
+        "mysql",
+        std::slice::from_ref(&a),
+        &BackendPki::yaml(&pki.wrong_ca, ""),
+    );
+    let err = probe_one(&wrong, my, &a).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_probe_over_https() {
+    if !installed("etcd") || !installed("etcdctl") {
+        eprintln!("etcd not installed; skipped");
+        return;
+    }
+    let pki = BackendPki::new();
+    let tls = (pki.cert.clone(), pki.key.clone(), pki.ca.clone());
+    let etcd = tokio::task::spawn_blocking(move || {
+        Etcd::start(
+            1,
+            &EtcdOptions {
+                tls: Some(tls),
+                ..EtcdOptions::default()
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let a = etcd.members[0].address();
+    let c = config(
+        "etcd",
+        std::slice::from_ref(&a),
+        &BackendPki::yaml(&pki.ca, ""),
+    );
+    let p = probe_node(&settings(&c, None), &addr(&a)).await.unwrap();
+    assert_eq!(p.role, Role::SharedLeader);
+    assert_eq!(p.engine_leader, Some(true), "member status read over HTTPS");
+
+    let plain = config("etcd", std::slice::from_ref(&a), "");
+    let err = probe_one(&plain, None, &a).await.unwrap_err().to_string();
+    assert!(
+        err.contains("without answering"),
+        "plaintext HTTP to an HTTPS port: {err}"
+    );
+
+    let wrong = config(
+        "etcd",
+        std::slice::from_ref(&a),
+        &BackendPki::yaml(&pki.wrong_ca, ""),
+    );
+    let err = probe_one(&wrong, None, &a).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 }

@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     credentials::CredentialsSource,
-    probe::{probe, ProbeError, ProbeSettings},
+    probe::{probe_node, ProbeError, ProbeSettings, Probed},
     state::{elect, NodeState},
     BackendHealth, HealthView, LeaderStats, Role,
 };
@@ -111,7 +111,7 @@ impl Drop for Slot {
     }
 }
 
-type ProbeResult = (u64, Result<Role, ProbeError>);
+type ProbeResult = (u64, Result<Probed, ProbeError>);
 
 struct Checker {
     config: Arc<Config>,
@@ -217,7 +217,7 @@ impl Checker {
         self.config = new;
     }
 
-    fn on_result(&mut self, id: u64, result: Result<Role, ProbeError>) {
+    fn on_result(&mut self, id: u64, result: Result<Probed, ProbeError>) {
         let (rise, fall) = (self.config.health.rise, self.config.health.fall);
         let Some(index) = self.slots.iter().position(|s| s.id == id) else {
             return; // a removed backend's last probe
@@ -228,10 +228,17 @@ impl Checker {
         let before = slot.state.clone();
         let name = slot.backend.name.clone();
         let lost_leadership = match result {
-            Ok(role) => {
+            Ok(Probed {
+                role,
+                engine_leader,
+            }) => {
                 slot.state.success(role, rise);
+                slot.state.engine_leader = engine_leader;
                 if before.role != role && !before.unconfirmed {
                     tracing::info!(backend = %name, from = before.role.as_str(), to = role.as_str(), "role changed");
+                }
+                if engine_leader == Some(true) && before.engine_leader != Some(true) {
+                    tracing::info!(backend = %name, "the engine's own leader (etcd: raft leader)");
                 }
                 is_leader && !role.writable()
             }
@@ -354,6 +361,7 @@ impl Checker {
                     up: s.state.up,
                     role: s.state.role,
                     last_error: s.state.last_error.clone(),
+                    engine_leader: s.state.engine_leader,
                 })
                 .collect(),
             leader: election.leader,
@@ -397,7 +405,7 @@ async fn prober(
     loop {
         let current = settings.borrow().clone();
         let start = Instant::now();
-        let result = probe(&current, &address).await;
+        let result = probe_node(&current, &address).await;
         if results.send((id, result)).await.is_err() {
             return;
         }

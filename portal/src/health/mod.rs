@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 pub use checker::{spawn_checker, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT};
 pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials};
+pub use probe::Probed;
 pub use state::{elect, Election, NodeState};
 
 /// The role a probe reported for a node.
@@ -37,7 +38,8 @@ pub enum Role {
     Leader,
     /// The node accepts writes alongside others of its kind: a KeyDB `active-replica`, an etcd
     /// member. Any of them may be the leader; the checker keeps the current one while it stays
-    /// healthy, so sessions are not moved around for nothing.
+    /// healthy, so sessions are not moved around for nothing. (etcd's own raft leader is
+    /// reported beside the role, in [`BackendHealth::engine_leader`].)
     SharedLeader,
     /// A healthy node that does not accept writes.
     Replica,
@@ -70,6 +72,11 @@ pub struct BackendHealth {
     pub role: Role,
     /// Why the latest probe failed, if it did.
     pub last_error: Option<String>,
+    /// Whether the engine counts the node as its own leader, where routing goes by another
+    /// notion: etcd's raft leader (`Some(true)`) or a follower (`Some(false)`), from the latest
+    /// successful probe, while every healthy member is a [`Role::SharedLeader`]. `None` for the
+    /// other engines (their `role` says it) and before the first answer.
+    pub engine_leader: Option<bool>,
 }
 
 /// Counters about the leader, for `/status`, `/metrics` and logs.
@@ -118,6 +125,7 @@ impl HealthView {
                     up: true,
                     role: Role::Unknown,
                     last_error: None,
+                    engine_leader: None,
                 })
                 .collect(),
             leader: None,

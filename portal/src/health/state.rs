@@ -10,6 +10,9 @@ pub struct NodeState {
     pub up: bool,
     /// Role of the latest successful probe.
     pub role: Role,
+    /// The engine's own leadership beside the role, from the latest successful probe
+    /// ([`super::Probed::engine_leader`]).
+    pub engine_leader: Option<bool>,
     /// Consecutive successes (reset by a failure).
     pub successes: u32,
     /// Consecutive failures (reset by a success).
@@ -27,6 +30,7 @@ impl Default for NodeState {
         NodeState {
             up: true,
             role: Role::Unknown,
+            engine_leader: None,
             successes: 0,
             failures: 0,
             last_error: None,

@@ -136,6 +136,8 @@ pub struct Redis {
     dir: TempDir,
     proc: Proc,
     extra: Vec<String>,
+    /// redis-cli's TLS arguments, for a TLS-only server.
+    cli_tls: Vec<String>,
 }
 
 impl Redis {
@@ -158,6 +160,7 @@ impl Redis {
             dir,
             proc,
             extra,
+            cli_tls: Vec::new(),
         };
         redis.wait_ready();
         redis
@@ -199,8 +202,43 @@ impl Redis {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// A server that accepts TLS only on its `port` (`--tls-port`, the plaintext port off),
+    /// with the certificate, key and CA files given; clients need no certificate. [`Redis::cli`]
+    /// talks to it with `--tls --cacert ca`.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Redis {
+        let dir = TempDir::new("redis");
+        let port = free_port();
+        let path = |p: &Path| p.display().to_string();
+        // `--port 0` after the `--port` that `spawn` puts first: the later one wins.
+        let extra: Vec<String> = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(cert),
+            "--tls-key-file".into(),
+            path(key),
+            "--tls-ca-cert-file".into(),
+            path(ca),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        let proc = Redis::spawn(port, &dir, &extra);
+        let redis = Redis {
+            port,
+            dir,
+            proc,
+            extra,
+            cli_tls: vec!["--tls".into(), "--cacert".into(), path(ca)],
+        };
+        redis.wait_ready();
+        redis
+    }
+
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("redis-cli")
+            .args(&self.cli_tls)
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
             .stderr(Stdio::null())
@@ -394,6 +432,34 @@ impl Postgres {
             .unwrap_or_else(|| panic!("psql {sql:?} on port {} failed", self.port))
     }
 
+    /// Turns TLS on (`ssl = on`, reloaded) with this certificate and key, copied into the data
+    /// directory; with `require`, pg_hba.conf refuses TCP clients that do not use it. The
+    /// helper's own psql prefers TLS, so it keeps working either way.
+    pub fn enable_tls(&self, cert: &Path, key: &Path, require: bool) {
+        let data = self.data();
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(name);
+            std::fs::copy(from, &to).unwrap();
+            let to = to.display().to_string();
+            let _ = Command::new("chown")
+                .args(["postgres:postgres", &to])
+                .status();
+            let _ = Command::new("chmod").args(["0600", &to]).status();
+        }
+        self.psql("ALTER SYSTEM SET ssl_cert_file = 'server.crt'");
+        self.psql("ALTER SYSTEM SET ssl_key_file = 'server.key'");
+        self.psql("ALTER SYSTEM SET ssl = on");
+        if require {
+            self.hba_first("hostnossl all all 0.0.0.0/0 reject");
+        } else {
+            self.psql("SELECT pg_reload_conf()");
+        }
+        wait_until("postgres ssl = on", Duration::from_secs(10), || {
+            self.try_psql("postgres", &self.password, "SHOW ssl")
+                .is_some_and(|v| v == "on")
+        });
+    }
+
     /// Adds a line at the top of pg_hba.conf and reloads.
     pub fn hba_first(&self, line: &str) {
         let path = self.data().join("pg_hba.conf");
@@ -417,10 +483,22 @@ pub struct Mariadb {
     pub password: String,
     dir: TempDir,
     proc: Proc,
+    /// The server requires TLS: the helper's client uses it.
+    client_tls: bool,
 }
 
 impl Mariadb {
     pub fn start(user: &str, password: &str) -> Mariadb {
+        Mariadb::start_with(user, password, None)
+    }
+
+    /// A server with TLS (`ssl_cert`, `ssl_key`, `ssl_ca`) that refuses plaintext clients
+    /// (`require_secure_transport = ON`); the helper's own client uses TLS.
+    pub fn start_tls(user: &str, password: &str, cert: &Path, key: &Path, ca: &Path) -> Mariadb {
+        Mariadb::start_with(user, password, Some((cert, key, ca)))
+    }
+
+    fn start_with(user: &str, password: &str, tls: Option<(&Path, &Path, &Path)>) -> Mariadb {
         let dir = TempDir::new("mariadb");
         let data = dir.path().join("data");
         let status = Command::new("mariadb-install-db")
@@ -450,12 +528,19 @@ impl Mariadb {
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
             .arg(format!("--init-file={}", init.display()))
             .args(["--skip-log-bin", "--innodb-buffer-pool-size=16M"]);
+        if let Some((cert, key, ca)) = tls {
+            cmd.arg(format!("--ssl-cert={}", cert.display()))
+                .arg(format!("--ssl-key={}", key.display()))
+                .arg(format!("--ssl-ca={}", ca.display()))
+                .arg("--require-secure-transport=ON");
+        }
         let db = Mariadb {
             port,
             user: user.into(),
             password: password.into(),
             proc: Proc::spawn(cmd, "TERM"),
             dir,
+            client_tls: tls.is_some(),
         };
         wait_until("mariadbd", Duration::from_secs(30), || {
             db.try_sql("SELECT 1").is_some()
@@ -477,6 +562,7 @@ impl Mariadb {
                 &self.port.to_string(),
             ])
             .args(["-u", &self.user, &format!("-p{}", self.password)])
+            .args(if self.client_tls { &["--ssl"][..] } else { &[] })
             .args(["--connect-timeout=2", "-N", "-B", "-e", sql])
             .stderr(Stdio::null())
             .output()
@@ -498,11 +584,19 @@ pub struct EtcdMember {
     pub name: String,
     pub client_port: u16,
     proc: Option<Proc>,
+    /// The CA of the member's HTTPS client URL, when it has one.
+    ca: Option<PathBuf>,
 }
 
 impl EtcdMember {
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client URL, `http://` or `https://`.
+    pub fn url(&self) -> String {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Stops the member (SIGTERM).
@@ -511,6 +605,31 @@ impl EtcdMember {
             p.stop();
         }
     }
+
+    /// Runs `etcdctl` against this member alone; its output on success.
+    pub fn etcdctl(&self, args: &[&str]) -> Option<String> {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.url()))
+            .arg("--command-timeout=3s");
+        if let Some(ca) = &self.ca {
+            cmd.arg(format!("--cacert={}", ca.display()));
+        }
+        let out = cmd.args(args).stderr(Stdio::null()).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+/// How to start an etcd cluster besides its size.
+#[derive(Debug, Default, Clone)]
+pub struct EtcdOptions {
+    /// Serve clients over HTTPS with this certificate, key and (for the helper's etcdctl) CA;
+    /// peers stay on HTTP.
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// More flags for every member (e.g. `--quota-backend-bytes=...`).
+    pub extra: Vec<String>,
 }
 
 /// An etcd cluster of `n` members on loopback.
@@ -522,6 +641,10 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn cluster(n: usize) -> Etcd {
+        Etcd::start(n, &EtcdOptions::default())
+    }
+
+    pub fn start(n: usize, options: &EtcdOptions) -> Etcd {
         let dir = TempDir::new("etcd");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
@@ -530,6 +653,11 @@ impl Etcd {
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect();
         let initial = initial.join(",");
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let mut cmd = Command::new("etcd");
@@ -538,25 +666,36 @@ impl Etcd {
                     "--data-dir={}",
                     dir.path().join(format!("m{i}")).display()
                 ))
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!(
+                    "--listen-client-urls={scheme}://127.0.0.1:{client}"
+                ))
+                .arg(format!(
+                    "--advertise-client-urls={scheme}://127.0.0.1:{client}"
+                ))
                 .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
                 .arg(format!(
                     "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
                 ))
                 .arg(format!("--initial-cluster={initial}"))
                 .arg("--initial-cluster-state=new")
-                .arg("--initial-cluster-token=dbportal-test");
+                .arg("--initial-cluster-token=dbportal-test")
+                .args(&options.extra);
+            if let Some((cert, key, _)) = &options.tls {
+                cmd.arg(format!("--cert-file={}", cert.display()))
+                    .arg(format!("--key-file={}", key.display()));
+            }
             members.push(EtcdMember {
                 name: format!("m{i}"),
                 client_port: *client,
                 proc: Some(Proc::spawn(cmd, "TERM")),
+                ca: options.tls.as_ref().map(|(_, _, ca)| ca.clone()),
             });
         }
         let etcd = Etcd { members, dir };
         for m in &etcd.members {
-            wait_until("etcd member", Duration::from_secs(20), || {
-                http_get(m.client_port, "/health").is_some_and(|b| b.contains("\"true\""))
+            wait_until("etcd member", Duration::from_secs(20), || match &m.ca {
+                None => http_get(m.client_port, "/health").is_some_and(|b| b.contains("\"true\"")),
+                Some(_) => m.etcdctl(&["endpoint", "health"]).is_some(),
             });
         }
         etcd

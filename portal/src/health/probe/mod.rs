@@ -108,9 +108,34 @@ impl ProbeSettings {
     }
 }
 
+/// What a successful probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probed {
+    /// The role routing goes by.
+    pub role: Role,
+    /// Whether the engine counts the node as its own leader, where that is not what `role`
+    /// says: etcd's raft leader (`Some(true)`) or follower (`Some(false)`), while every healthy
+    /// member is a [`Role::SharedLeader`]. `None` for the other engines.
+    pub engine_leader: Option<bool>,
+}
+
+impl From<Role> for Probed {
+    fn from(role: Role) -> Self {
+        Probed {
+            role,
+            engine_leader: None,
+        }
+    }
+}
+
 /// Probes `address` once: healthy with a role, or why not. Never takes longer than
 /// `settings.timeout`.
 pub async fn probe(settings: &ProbeSettings, address: &Address) -> Result<Role, ProbeError> {
+    probe_node(settings, address).await.map(|p| p.role)
+}
+
+/// [`probe`], with what the engine says beside the role ([`Probed::engine_leader`]).
+pub async fn probe_node(settings: &ProbeSettings, address: &Address) -> Result<Probed, ProbeError> {
     let deadline = tokio::time::Instant::now() + settings.timeout;
     match tokio::time::timeout_at(deadline, run(settings, address, deadline)).await {
         Ok(result) => result,
@@ -122,7 +147,7 @@ async fn run(
     settings: &ProbeSettings,
     address: &Address,
     deadline: tokio::time::Instant,
-) -> Result<Role, ProbeError> {
+) -> Result<Probed, ProbeError> {
     let tls = match &settings.tls {
         None => None,
         Some(Ok(tls)) => Some(tls),
@@ -131,7 +156,7 @@ async fn run(
     if !settings.steps.is_empty() {
         let mut stream = connect_maybe_tls(address, tls).await?;
         steps::run(&mut stream, &settings.steps, deadline).await?;
-        return Ok(settings.steps_role);
+        return Ok(settings.steps_role.into());
     }
     let credentials = || {
         settings
@@ -142,12 +167,14 @@ async fn run(
     match settings.engine {
         Engine::Tcp => {
             connect_maybe_tls(address, tls).await?;
-            Ok(Role::Unknown)
+            Ok(Role::Unknown.into())
         }
         Engine::Redis => {
             let creds = credentials()?;
             let mut stream = connect_maybe_tls(address, tls).await?;
-            redis::probe(&mut stream, creds.as_ref()).await
+            redis::probe(&mut stream, creds.as_ref())
+                .await
+                .map(Into::into)
         }
         Engine::Etcd => {
             let mut stream = connect_maybe_tls(address, tls).await?;
@@ -156,11 +183,15 @@ async fn run(
         Engine::Postgres => {
             let creds = credentials()?;
             let stream = connect(address).await?;
-            postgres::probe(stream, address, tls, creds.as_ref()).await
+            postgres::probe(stream, address, tls, creds.as_ref())
+                .await
+                .map(Into::into)
         }
         Engine::Mysql => {
             let creds = credentials()?;
-            mysql::probe(address, tls, creds.as_ref()).await
+            mysql::probe(address, tls, creds.as_ref())
+                .await
+                .map(Into::into)
         }
     }
 }

@@ -29,8 +29,11 @@ pub(crate) async fn probe(
         let mut ssl = SslOpts::default()
             .with_danger_accept_invalid_certs(tls.spec.insecure_skip_verify)
             .with_danger_skip_domain_validation(tls.spec.insecure_skip_verify);
-        if let Some(ca) = &tls.spec.ca_file {
-            ssl = ssl.with_root_certs(vec![std::path::PathBuf::from(ca).into()]);
+        if let Some(ca) = tls.spec.ca_file.as_deref().filter(|c| !c.is_empty()) {
+            // The configured CA alone, as for the data plane.
+            ssl = ssl
+                .with_root_certs(vec![std::path::PathBuf::from(ca).into()])
+                .with_disable_built_in_roots(true);
         }
         if let Some(name) = &tls.spec.server_name {
             ssl = ssl.with_danger_tls_hostname_override(Some(name.clone()));
@@ -68,6 +71,14 @@ fn login_error(e: mysql_async::Error) -> ProbeError {
         // ER_ACCESS_DENIED_ERROR, ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR
         mysql_async::Error::Server(s) if matches!(s.code, 1044 | 1045 | 1698) => {
             ProbeError::Auth(s.message.clone())
+        }
+        mysql_async::Error::Io(mysql_async::IoError::Tls(tls)) => ProbeError::Tls(tls.to_string()),
+        mysql_async::Error::Io(mysql_async::IoError::Io(io))
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>()) =>
+        {
+            ProbeError::Tls(io.to_string())
         }
         mysql_async::Error::Io(io) => ProbeError::Connect(io.to_string()),
         _ => ProbeError::Protocol(format!("login: {e}")),

@@ -86,6 +86,28 @@ fn login_error(e: tokio_postgres::Error) -> ProbeError {
     match e.as_db_error().map(|d| d.code().code()) {
         // invalid_authorization_specification, invalid_password
         Some("28000") | Some("28P01") => ProbeError::Auth(text),
+        // The SSLRequest refused, or the handshake failed (an untrusted certificate, say).
+        None if is_tls_failure(&e) => ProbeError::Tls(text),
         _ => ProbeError::Protocol(format!("login: {text}")),
     }
+}
+
+/// Whether the error is tokio-postgres' "error performing TLS handshake" (its error kinds are
+/// not public) or carries a rustls error.
+fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+    if e.to_string().contains("TLS handshake") {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<rustls::Error>()
+            || s.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }

@@ -1,0 +1,326 @@
+//! TLS from the portal to real TLS databases (`tls.backend`): the data plane re-encrypts
+//! plaintext clients, or clients whose TLS it terminates, to a TLS-only redis-server
+//! (`--tls-port`) and to PostgreSQL with `ssl = on` that refuses plaintext; the real checker
+//! probes the same nodes over TLS, and a wrong CA fails visibly.
+
+mod common;
+#[path = "common/servers.rs"]
+mod servers;
+#[path = "common/tls.rs"]
+mod tlsca;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+};
+
+use common::Portal;
+use portal::health::{spawn_checker, HealthHandle, HealthView, StandaloneCredentials};
+use tokio::sync::watch;
+
+/// The databases' CA and certificate, a CA that signed nothing here, and the portal's own
+/// certificate for its clients (from the databases' CA, to keep one trust file).
+struct Pki {
+    _dir: tlsca::TempDir,
+    ca: PathBuf,
+    wrong_ca: PathBuf,
+    db_cert: PathBuf,
+    db_key: PathBuf,
+    portal_cert: PathBuf,
+    portal_key: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = tlsca::TempDir::new(tag);
+        let ca = tlsca::TestCa::new("database CA");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        let wrong_ca = dir.path().join("wrong-ca.pem");
+        std::fs::write(&wrong_ca, tlsca::TestCa::new("another CA").cert_pem).unwrap();
+        let (db_cert, db_key) = ca
+            .server("db", &["127.0.0.1", "localhost"])
+            .write(dir.path(), "db");
+        let (portal_cert, portal_key) = ca
+            .server("portal", &["127.0.0.1", "localhost"])
+            .write(dir.path(), "portal");
+        Pki {
+            _dir: dir,
+            ca: ca_file,
+            wrong_ca,
+            db_cert,
+            db_key,
+            portal_cert,
+            portal_key,
+        }
+    }
+
+    /// A portal configuration for `engine` in front of `backend`, TLS to it verified against
+    /// `backend_ca`; clients plaintext, or TLS terminated with the portal's certificate.
+    fn yaml(
+        &self,
+        engine: &str,
+        backend: &str,
+        backend_ca: &Path,
+        client_tls: bool,
+        extra: &str,
+    ) -> String {
+        let clients = if client_tls {
+            format!(
+                "mode: terminate, certFile: \"{}\", keyFile: \"{}\"",
+                self.portal_cert.display(),
+                self.portal_key.display()
+            )
+        } else {
+            "mode: disabled".into()
+        };
+        format!(
+            "engine: {engine}\nport: 7000\nlisten: \"127.0.0.1:0\"\nadmin: \"127.0.0.1:0\"\n\
+             drainTimeout: 1s\nrouting: {{mode: leader}}\n\
+             timeouts: {{connect: 3s}}\nhealthCheck: {{interval: 200ms}}\n\
+             backends:\n  - {{name: db0, address: \"{backend}\"}}\n\
+             tls: {{{clients}, backend: {{enabled: true, caFile: \"{}\"}}}}\n{extra}",
+            backend_ca.display()
+        )
+    }
+}
+
+/// The portal in-process with the real checker (probing over the same backend TLS).
+async fn portal_with_checker(
+    yaml: &str,
+) -> (
+    Portal,
+    HealthHandle,
+    watch::Sender<Arc<portal::config::Config>>,
+) {
+    let config = common::config(yaml);
+    let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+    let checker = spawn_checker(config_rx, Arc::new(StandaloneCredentials));
+    let (unused, _) = watch::channel(HealthView::default());
+    let portal = Portal::start_with(config, unused, checker.view()).await;
+    (portal, checker, config_tx)
+}
+
+/// Waits until the checker's view satisfies `ok`; panics with the last view otherwise.
+async fn wait_view(
+    checker: &HealthHandle,
+    what: &str,
+    ok: impl Fn(&HealthView) -> bool,
+) -> HealthView {
+    let mut view = checker.view();
+    let seen = match tokio::time::timeout(common::STEP, view.wait_for(|v| ok(v))).await {
+        Ok(Ok(v)) => Some(v.clone()),
+        _ => None,
+    };
+    seen.unwrap_or_else(|| panic!("{what} not seen; last view: {:#?}", *view.borrow()))
+}
+
+/// Waits until the checker's view says `db0` is up and leads.
+async fn wait_leader(checker: &HealthHandle) {
+    wait_view(checker, "db0 leads", |v| v.leader_name() == Some("db0")).await;
+}
+
+/// Runs a client program (at most 30 s) off the runtime: (success, stdout, stderr).
+async fn run(program: &str, args: &[String], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("30").arg(program).args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn skip_without(programs: &[&str]) -> bool {
+    let missing: Vec<_> = programs.iter().filter(|p| !servers::installed(p)).collect();
+    if !missing.is_empty() {
+        eprintln!("skipped: {missing:?} not installed");
+        return true;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
+    if skip_without(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let pki = Pki::new("backend-tls-redis");
+    let (cert, key, ca) = (pki.db_cert.clone(), pki.db_key.clone(), pki.ca.clone());
+    let redis = tokio::task::spawn_blocking(move || servers::Redis::start_tls(&cert, &key, &ca))
+        .await
+        .unwrap();
+    // The server takes TLS only: plaintext gets no PONG.
+    let (_, out, _) = run(
+        "redis-cli",
+        &strings(&["-h", "127.0.0.1", "-p", &redis.port.to_string(), "PING"]),
+        &[],
+    )
+    .await;
+    assert_ne!(out, "PONG", "the server must refuse plaintext");
+
+    // Plaintext clients, re-encrypted by the portal; the checker probes over TLS too.
+    let (portal, checker, _config) =
+        portal_with_checker(&pki.yaml("redis", &redis.address(), &pki.ca, false, "")).await;
+    wait_leader(&checker).await;
+    let port = portal.addr.port().to_string();
+    let cli = |tls: bool, cmd: &[&str]| {
+        let mut args = if tls {
+            strings(&["--tls", "--cacert", &pki.ca.display().to_string()])
+        } else {
+            Vec::new()
+        };
+        args.extend(strings(&["-h", "127.0.0.1", "-p", &port]));
+        args.extend(strings(cmd));
+        async move { run("redis-cli", &args, &[]).await }
+    };
+    let (ok, out, err) = cli(false, &["SET", "k", "through-tls"]).await;
+    assert!(ok && out == "OK", "{out} {err}");
+    assert_eq!(cli(false, &["GET", "k"]).await.1, "through-tls");
+    assert_eq!(redis.cli(&["GET", "k"]), "through-tls");
+    let status = portal.status().await;
+    assert_eq!(status["backends"][0]["role"], "leader", "{status}");
+    portal.stop().await;
+
+    // Client TLS terminated by the portal, then TLS again to the server.
+    let (portal, checker, _config) =
+        portal_with_checker(&pki.yaml("redis", &redis.address(), &pki.ca, true, "")).await;
+    wait_leader(&checker).await;
+    let port = portal.addr.port().to_string();
+    let cli = |tls: bool, cmd: &[&str]| {
+        let mut args = if tls {
+            strings(&["--tls", "--cacert", &pki.ca.display().to_string()])
+        } else {
+            Vec::new()
+        };
+        args.extend(strings(&["-h", "127.0.0.1", "-p", &port]));
+        args.extend(strings(cmd));
+        async move { run("redis-cli", &args, &[]).await }
+    };
+    let (ok, out, err) = cli(true, &["GET", "k"]).await;
+    assert!(ok && out == "through-tls", "{out} {err}");
+    portal.stop().await;
+
+    // A CA that did not sign the server: the probe says so, and no session gets through.
+    let (portal, checker, _config) =
+        portal_with_checker(&pki.yaml("redis", &redis.address(), &pki.wrong_ca, false, "")).await;
+    wait_view(&checker, "db0 down", |v| {
+        v.get("db0").is_some_and(|b| !b.up)
+    })
+    .await;
+    let status = portal.status().await;
+    let error = status["backends"][0]["lastError"].as_str().unwrap_or("");
+    assert!(error.contains("UnknownIssuer"), "{status}");
+    let port = portal.addr.port().to_string();
+    let (_, out, _) = run(
+        "redis-cli",
+        &strings(&["-h", "127.0.0.1", "-p", &port, "PING"]),
+        &[],
+    )
+    .await;
+    assert_ne!(out, "PONG");
+    portal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
+    if skip_without(&["psql", &format!("{}/postgres", servers::PG_BIN)]) {
+        return;
+    }
+    let pki = Pki::new("backend-tls-pg");
+    let (cert, key) = (pki.db_cert.clone(), pki.db_key.clone());
+    let pg = tokio::task::spawn_blocking(move || {
+        let pg = servers::Postgres::primary("pgpw");
+        pg.enable_tls(&cert, &key, true);
+        pg.psql("SET password_encryption = 'md5'; CREATE ROLE app_md5 LOGIN PASSWORD 'md5pw'");
+        pg.hba_first("hostssl all app_md5 127.0.0.1/32 md5");
+        pg
+    })
+    .await
+    .unwrap();
+    let ssl_query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    // psql as `user` (password `password`) with `sslmode` and more conninfo; (ok, out, err).
+    let psql = |port: u16, user: &str, password: &str, conninfo: &str| {
+        let conninfo = format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user={user} dbname=postgres \
+             sslrootcert={} connect_timeout=10 {conninfo}",
+            pki.ca.display()
+        );
+        let password = password.to_string();
+        async move {
+            run(
+                "psql",
+                &strings(&[&conninfo, "-XAtq", "-c", ssl_query]),
+                &[("PGPASSWORD", &password)],
+            )
+            .await
+        }
+    };
+    // The server refuses plaintext.
+    let (ok, out, err) = psql(pg.port, "postgres", "pgpw", "sslmode=disable").await;
+    assert!(!ok, "plaintext must be refused: {out}");
+    assert!(err.contains("no encryption"), "{err}");
+
+    let credentials =
+        "healthCheck: {interval: 200ms, credentials: {username: postgres, password: pgpw}}\n";
+    let with_credentials = |client_tls: bool| {
+        pki.yaml("postgres", &pg.address(), &pki.ca, client_tls, "")
+            .replace("healthCheck: {interval: 200ms}\n", credentials)
+    };
+
+    // A plaintext client; the portal speaks TLS to the server, which sees an SSL session.
+    // (md5: a plaintext libpq client refuses the SCRAM-SHA-256-PLUS that a TLS server offers,
+    // since channel binding cannot work through a proxy that re-encrypts.)
+    let (portal, checker, _config) = portal_with_checker(&with_credentials(false)).await;
+    wait_leader(&checker).await;
+    let port = portal.addr.port();
+    let (ok, out, err) = psql(port, "app_md5", "md5pw", "sslmode=disable").await;
+    assert!(ok && out == "t", "{out} {err}");
+    portal.stop().await;
+
+    // The client's TLS terminated by the portal (verify-full), TLS again to the server, SCRAM
+    // without channel binding (the client's binding would name the portal's certificate).
+    let (portal, checker, _config) = portal_with_checker(&with_credentials(true)).await;
+    wait_leader(&checker).await;
+    let port = portal.addr.port();
+    let (ok, out, err) = psql(
+        port,
+        "postgres",
+        "pgpw",
+        "sslmode=verify-full channel_binding=disable",
+    )
+    .await;
+    assert!(ok && out == "t", "{out} {err}");
+    let (ok, out, err) = psql(port, "app_md5", "md5pw", "sslmode=require").await;
+    assert!(ok && out == "t", "{out} {err}");
+    portal.stop().await;
+
+    // A wrong CA: the probe fails with the reason, the client is not let through.
+    let wrong = pki
+        .yaml("postgres", &pg.address(), &pki.wrong_ca, false, "")
+        .replace("healthCheck: {interval: 200ms}\n", credentials);
+    let (portal, checker, _config) = portal_with_checker(&wrong).await;
+    let view = wait_view(&checker, "db0 down", |v| {
+        v.get("db0").is_some_and(|b| !b.up)
+    })
+    .await;
+    let error = view
+        .get("db0")
+        .and_then(|b| b.last_error.clone())
+        .unwrap_or_default();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    let (ok, out, _) = psql(portal.addr.port(), "app_md5", "md5pw", "sslmode=disable").await;
+    assert!(!ok && out.is_empty(), "{out}");
+    portal.stop().await;
+}
