@@ -1,7 +1,8 @@
 //! TLS from the portal to real TLS databases (`tls.backend`): the data plane re-encrypts
 //! plaintext clients, or clients whose TLS it terminates, to a TLS-only redis-server
-//! (`--tls-port`) and to PostgreSQL with `ssl = on` that refuses plaintext; the real checker
-//! probes the same nodes over TLS, and a wrong CA fails visibly.
+//! (`--tls-port`), to PostgreSQL with `ssl = on` that refuses plaintext, and to an etcd member
+//! serving HTTPS; the real checker probes the same nodes over TLS, and a wrong CA fails
+//! visibly.
 
 mod common;
 #[path = "common/servers.rs"]
@@ -17,7 +18,10 @@ use std::{
 
 use common::Portal;
 use portal::health::{spawn_checker, HealthHandle, HealthView, StandaloneCredentials};
-use tokio::sync::watch;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::watch,
+};
 
 /// The databases' CA and certificate, a CA that signed nothing here, and the portal's own
 /// certificate for its clients (from the databases' CA, to keep one trust file).
@@ -322,5 +326,49 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     assert!(error.contains("UnknownIssuer"), "{error}");
     let (ok, out, _) = psql(portal.addr.port(), "app_md5", "md5pw", "sslmode=disable").await;
     assert!(!ok && out.is_empty(), "{out}");
+    portal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_https_through_the_portal_with_its_raft_leader_in_status() {
+    if skip_without(&["etcd", "etcdctl"]) {
+        return;
+    }
+    let pki = Pki::new("backend-tls-etcd");
+    let tls = (pki.db_cert.clone(), pki.db_key.clone(), pki.ca.clone());
+    let etcd = tokio::task::spawn_blocking(move || {
+        servers::Etcd::start(
+            1,
+            &servers::EtcdOptions {
+                tls: Some(tls),
+                ..servers::EtcdOptions::default()
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let (portal, checker, _config) =
+        portal_with_checker(&pki.yaml("etcd", &etcd.members[0].address(), &pki.ca, false, ""))
+            .await;
+    wait_leader(&checker).await;
+    let status = portal.status().await;
+    assert_eq!(status["backends"][0]["role"], "shared-leader", "{status}");
+    assert_eq!(status["backends"][0]["engineLeader"], true, "{status}");
+
+    // Plain HTTP/1.1 from the client, HTTPS from the portal to the member.
+    let body = common::within("GET /version through the portal", async {
+        let mut s = tokio::net::TcpStream::connect(portal.addr).await.unwrap();
+        s.write_all(b"GET /version HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    })
+    .await;
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.contains("etcdserver"),
+        "{body}"
+    );
     portal.stop().await;
 }
