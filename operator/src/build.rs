@@ -368,7 +368,8 @@ impl Builder<'_> {
     }
 
     /// The pod template depends only on what needs new pods (image, resources, port, TLS
-    /// source, service account), never on the configuration the portal reloads live.
+    /// source, credentials Secret, service account), never on the configuration the portal
+    /// reloads live.
     fn stateful_set(&self) -> StatefulSet {
         let name = self.name();
         let spec = &self.dp.spec;
@@ -380,6 +381,10 @@ impl Builder<'_> {
         let mut args = vec!["--configmap".to_string(), names::portal(name)];
         if let Some(secret) = tls_secret_name(self.dp) {
             args.extend(["--tls-secret".to_string(), secret]);
+        }
+        // The portal watches the one credentials Secret it was started with.
+        if let Some(secret) = &spec.health_check.credentials_secret {
+            args.extend(["--credentials-secret".to_string(), secret.clone()]);
         }
         let field_env = |env: &str, path: &str| EnvVar {
             name: env.into(),

@@ -1,5 +1,6 @@
 //! The reconciler: `validate -> build -> apply -> status` for one DatabasePortal, the error
-//! policy (backoff), events, and the kube-runtime `Controller` with a watch on every child kind.
+//! policy (backoff), events, and the kube-runtime `Controller` with a watch on every child kind
+//! and on the portal Pods, whose reports feed the status.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,9 @@ use std::fmt::Debug;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event as EventsV1;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -22,18 +25,33 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::apply::{apply, ApiSupport, CertificateState, Known};
-use crate::build::{build, Settings, MANAGER};
+use crate::build::{build, names, Settings, MANAGER};
 use crate::certificate::Certificate;
 use crate::metrics::Metrics;
+use crate::portals::{self, Aggregate, PortalPod};
 use crate::status::{self, reason, Observation, DEGRADED};
 use crate::track::{self, ChildKey, Kind, Stores, Writers};
-use crate::validate::validate;
+use crate::validate::{validate, Validated};
 use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
 
 /// Requeue of a healthy DatabasePortal: a safety net; watches do the real work.
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue while cert-manager is missing, to notice when it is installed.
 pub const CERT_MANAGER_RECHECK: Duration = Duration::from_secs(10);
+/// How long a reconcile waits for the first listing of the portal Pods (after a start), so
+/// the status is never computed from an empty view (which would announce a lost leader).
+pub const PODS_LISTED_WAIT: Duration = Duration::from_secs(10);
+/// Requeue when the portal Pods were not listed in time.
+pub const PODS_RECHECK: Duration = Duration::from_secs(5);
+
+/// What this process last wrote in a DatabasePortal's status: the reconcile after a status
+/// write may still read the older status from the watch, and must not announce the same
+/// change twice.
+#[derive(Clone, Debug, PartialEq)]
+struct Written {
+    leader: String,
+    degraded: Option<(String, String)>,
+}
 
 /// Everything a reconcile needs.
 pub struct Context {
@@ -42,12 +60,16 @@ pub struct Context {
     pub support: ApiSupport,
     pub metrics: Metrics,
     pub recorder: Recorder,
+    /// Who publishes events (the recorder's reporter).
+    reporter: Reporter,
     /// The watched children (filled by the controller's reflectors).
     pub stores: Stores,
     /// What this process last applied to each child.
     pub applied: Arc<track::Applied>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Per DatabasePortal UID, what this process last wrote in its status.
+    written: Mutex<HashMap<String, Written>>,
 }
 
 impl Context {
@@ -64,7 +86,8 @@ impl Context {
             instance: Some(identity.into()),
         };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             settings,
             support,
@@ -72,7 +95,77 @@ impl Context {
             stores: watched.stores,
             applied: watched.applied,
             failures: Mutex::default(),
+            written: Mutex::default(),
         }
+    }
+
+    /// The leader and Degraded condition last written for `dp`: this process's record, else
+    /// the status as read.
+    fn last_written(&self, dp: &DatabasePortal) -> Written {
+        let uid = dp.uid().unwrap_or_default();
+        if let Some(w) = self.written.lock().unwrap().get(&uid) {
+            return w.clone();
+        }
+        Written {
+            leader: dp
+                .status
+                .as_ref()
+                .map(|s| s.leader.clone())
+                .unwrap_or_default(),
+            degraded: status::find(dp, DEGRADED).map(|c| (c.reason.clone(), c.message.clone())),
+        }
+    }
+
+    fn record_written(&self, dp: &DatabasePortal, new: &DatabasePortalStatus) {
+        let degraded = new
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED)
+            .map(|c| (c.reason.clone(), c.message.clone()));
+        let written = Written {
+            leader: new.leader.clone(),
+            degraded,
+        };
+        self.written
+            .lock()
+            .unwrap()
+            .insert(dp.uid().unwrap_or_default(), written);
+    }
+
+    /// The portal Pods' views of `dp`: `Ok(None)` when no Pod is watched (tests without
+    /// watches), `Err(())` when the Pods have not been listed yet.
+    async fn portal_views(
+        &self,
+        dp: &DatabasePortal,
+        valid: &Validated,
+    ) -> std::result::Result<Option<Aggregate>, ()> {
+        match tokio::time::timeout(PODS_LISTED_WAIT, self.stores.pods.wait_until_ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Ok(None),
+            Err(_) => return Err(()),
+        }
+        let pods: Vec<(String, Option<Arc<PortalPod>>)> = (0..dp.spec.portal.replicas)
+            .map(|i| {
+                let name = names::portal_pod(&valid.name, i);
+                let pod = self.stores.pod(&valid.namespace, &name);
+                (name, pod)
+            })
+            .collect();
+        let pods: Vec<(String, Option<&PortalPod>)> = pods
+            .iter()
+            .map(|(name, pod)| (name.clone(), pod.as_deref()))
+            .collect();
+        let backends: Vec<&str> = valid
+            .config
+            .backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        Ok(Some(portals::aggregate(
+            valid.config.routing,
+            &backends,
+            &pods,
+        )))
     }
 
     fn known(&self) -> Known<'_> {
@@ -99,6 +192,43 @@ impl Context {
             action.to_string(),
         );
         tokio::spawn(async move { ctx.publish(&dp, type_, &reason, &action, note).await });
+    }
+
+    /// Publishes an event of its own without holding up the reconcile. The recorder folds
+    /// events of one reason about one object into a series that keeps the first note; a
+    /// change (old and new leader) needs its own note, so this one is never folded.
+    fn publish_distinct_later(self: &Arc<Self>, dp: &DatabasePortal, reason: &str, note: String) {
+        let now = Timestamp::now();
+        let reference = dp.object_ref(&());
+        let event = EventsV1 {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", dp.name_any(), now.as_nanosecond())),
+                namespace: dp.namespace(),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some("Normal".into()),
+            reason: Some(reason.into()),
+            action: Some("Observe".into()),
+            note: Some(note),
+            regarding: Some(reference),
+            reporting_controller: Some(self.reporter.controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| self.reporter.controller.clone()),
+            ),
+            ..EventsV1::default()
+        };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let ns = event.metadata.namespace.clone().unwrap_or_default();
+            let api: Api<EventsV1> = Api::namespaced(client, &ns);
+            if let Err(e) = api.create(&Default::default(), &event).await {
+                warn!(error = %e, "could not publish event");
+            }
+        });
     }
 
     async fn publish(
@@ -146,15 +276,20 @@ pub async fn reconcile(dp: Arc<DatabasePortal>, ctx: Arc<Context>) -> Result<Act
 async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Action> {
     if dp.meta().deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove every child.
+        ctx.written
+            .lock()
+            .unwrap()
+            .remove(&dp.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
-    let previous_degraded =
-        status::find(dp, DEGRADED).map(|c| (c.reason.clone(), c.message.clone()));
+    let previous = ctx.last_written(dp);
+    let previous_degraded = previous.degraded.clone();
     let valid = match validate(dp) {
         Ok(valid) => valid,
         Err(Error::InvalidSpec(errors)) => {
             let new = status::invalid(dp, &errors, Timestamp::now());
             write_status(ctx, dp, &new).await?;
+            ctx.record_written(dp, &new);
             let err = Error::InvalidSpec(errors);
             ctx.metrics.failure(&err);
             let degraded = new.conditions.iter().find(|c| c.type_ == DEGRADED);
@@ -177,9 +312,19 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
     let uid = dp.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let children = build(dp, &valid, &ctx.settings)?;
     let applied = apply(&ctx.client, &ctx.support, ctx.known(), &uid, &children).await?;
-    let observation = Observation::from_applied(dp, &applied);
+    let mut observation = Observation::from_applied(dp, &applied);
+    let views = ctx.portal_views(dp, &valid).await;
+    if let Ok(Some(aggregate)) = views.clone() {
+        observation = observation.with_portals(aggregate);
+    }
     let new = status::reconciled(dp, valid.config.port, &observation, Timestamp::now());
     write_status(ctx, dp, &new).await?;
+    ctx.record_written(dp, &new);
+    if observation.portals.is_some() && new.leader != previous.leader {
+        let note = portals::leader_change_note(&previous.leader, &new.leader);
+        info!(portal = %key(dp), "{note}");
+        ctx.publish_distinct_later(dp, reason::LEADER_CHANGED, note);
+    }
 
     let observed = dp.status.as_ref().and_then(|s| s.observed_generation);
     if observed.is_none() {
@@ -206,8 +351,9 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
             ctx.publish_later(dp, EventType::Warning, reason, "Reconcile", message.clone());
         }
     }
-    Ok(match applied.certificate {
-        CertificateState::CrdMissing => Action::requeue(CERT_MANAGER_RECHECK),
+    Ok(match (applied.certificate, views) {
+        (CertificateState::CrdMissing, _) => Action::requeue(CERT_MANAGER_RECHECK),
+        (_, Err(())) => Action::requeue(PODS_RECHECK),
         _ => Action::requeue(RESYNC),
     })
 }
@@ -295,25 +441,39 @@ where
     K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    let forget = move |event: &watcher::Result<watcher::Event<K>>| {
+        if let Ok(watcher::Event::Delete(child)) = event {
+            let key = ChildKey::new(
+                kind,
+                child.meta().namespace.as_deref().unwrap_or_default(),
+                child.meta().name.as_deref().unwrap_or_default(),
+            );
+            applied.forget(&key);
+        }
+    };
+    reflected(stream.inspect(forget), writer, strip, kind)
+}
+
+/// A watch reflected into `writer` after `strip`, backing off on its own, yielding the
+/// touched objects (errors are logged: passed on, they would pause every trigger).
+fn reflected<K>(
+    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    writer: Writer<K>,
+    strip: fn(&mut K),
+    what: impl Debug + Send + 'static,
+) -> impl Stream<Item = watcher::Result<K>> + Send + 'static
+where
+    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
     stream
         .default_backoff()
         .modify(strip)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(child)) = event {
-                let key = ChildKey::new(
-                    kind,
-                    child.meta().namespace.as_deref().unwrap_or_default(),
-                    child.meta().name.as_deref().unwrap_or_default(),
-                );
-                applied.forget(&key);
-            }
-        })
         .reflect(writer)
         .touched_objects()
-        // Errors are retried above; passing them on would pause every trigger.
         .filter(move |r| {
             if let Err(e) = r {
-                debug!(error = %e, ?kind, "child watch");
+                debug!(error = %e, ?what, "watch");
             }
             futures::future::ready(r.is_ok())
         })
@@ -389,6 +549,7 @@ pub fn controller(
         services,
         certificates,
         pdbs,
+        pods,
     } = writers;
     let a = || applied.clone();
     let mut controller = Controller::new(
@@ -444,6 +605,17 @@ pub fn controller(
         a(),
         strip_certificate,
     ));
+    // A portal's report (or its Pod's readiness) changed: reconcile its DatabasePortal.
+    let pod_config = watcher::Config::default().labels(&portals::pod_selector());
+    controller = controller.watches_stream(
+        reflected(
+            watcher(api::<PortalPod>(client, namespace), pod_config),
+            pods,
+            portals::strip,
+            "portal pods",
+        ),
+        portals::owner,
+    );
     if let (Some(resource), Some(writer)) = (&support.pdb, pdbs) {
         let pdbs = match namespace {
             Some(ns) => Api::<PartialObjectMeta<DynamicObject>>::namespaced_with(

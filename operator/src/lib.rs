@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod portals;
 pub mod status;
 pub mod track;
 pub mod validate;

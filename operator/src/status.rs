@@ -1,5 +1,6 @@
 //! `status`: what the operator reports on a DatabasePortal, computed purely from what the
-//! apply returned, then written through the status subresource with server-side apply.
+//! apply returned and what the portals report ([`crate::portals`]), then written through the
+//! status subresource with server-side apply.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -9,6 +10,7 @@ use portal::config::FieldError;
 
 use crate::apply::{Applied, CertificateState};
 use crate::build::{names, MANAGER};
+use crate::portals::Aggregate;
 use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
 
 /// Condition types.
@@ -24,14 +26,39 @@ pub mod reason {
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const ALL_PORTALS_READY: &str = "AllPortalsReady";
     pub const PORTALS_NOT_READY: &str = "PortalsNotReady";
+    pub const LEADER_DISAGREEMENT: &str = "LeaderDisagreement";
+    pub const NO_HEALTHY_BACKEND: &str = "NoHealthyBackend";
+    pub const CONFIG_STALE: &str = "ConfigStale";
+
+    /// Event reason of a change of `status.leader`.
+    pub const LEADER_CHANGED: &str = "LeaderChanged";
+
+    /// Rank of a Degraded reason: the condition carries the most important one (lowest);
+    /// InvalidSpec, which stops the reconcile before anything else, comes first.
+    pub fn rank(reason: &str) -> u8 {
+        match reason {
+            INVALID_SPEC => 0,
+            NO_HEALTHY_BACKEND => 1,
+            LEADER_DISAGREEMENT => 2,
+            CERT_MANAGER_MISSING => 3,
+            CERTIFICATE_NOT_READY => 4,
+            CONFIG_STALE => 5,
+            PDB_UNSUPPORTED => 6,
+            _ => 7,
+        }
+    }
 }
 
 /// What was observed while applying, reduced to what the status needs.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
+    /// From the StatefulSet; replaced by the portals' own count when they were observed.
     pub ready_portals: i32,
     /// (reason, message), most important first.
     pub degraded: Vec<(&'static str, String)>,
+    /// The portal Pods' views; `None` when the Pods are not watched (yet): `leader` and
+    /// `portals` are then kept as they are.
+    pub portals: Option<Aggregate>,
 }
 
 impl Observation {
@@ -65,7 +92,18 @@ impl Observation {
         Observation {
             ready_portals,
             degraded,
+            portals: None,
         }
+    }
+
+    /// Adds what the portal Pods report: their count of ready portals replaces the
+    /// StatefulSet's, and their Degraded reasons join the others by rank.
+    pub fn with_portals(mut self, portals: Aggregate) -> Self {
+        self.ready_portals = portals.ready_portals;
+        self.degraded.extend(portals.degraded.iter().cloned());
+        self.degraded.sort_by_key(|(r, _)| reason::rank(r));
+        self.portals = Some(portals);
+        self
     }
 }
 
@@ -87,10 +125,17 @@ pub fn reconciled(
             format!("{}/{replicas} portals ready", obs.ready_portals),
         )
     } else {
+        let detail = obs
+            .portals
+            .as_ref()
+            .map(|p| p.not_ready_detail())
+            .filter(|d| !d.is_empty())
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
         (
             "False",
             reason::PORTALS_NOT_READY,
-            format!("{}/{replicas} portals ready", obs.ready_portals),
+            format!("{}/{replicas} portals ready{detail}", obs.ready_portals),
         )
     };
     let degraded = match obs.degraded.first() {
@@ -110,15 +155,19 @@ pub fn reconciled(
         ),
     };
     let previous = dp.status.clone().unwrap_or_default();
+    let (leader, portals) = match &obs.portals {
+        Some(p) => (p.leader.clone(), p.portals.clone()),
+        None => (previous.leader.clone(), previous.portals.clone()),
+    };
     DatabasePortalStatus {
         observed_generation: dp.meta().generation,
-        leader: previous.leader.clone(),
+        leader,
         ready_portals: obs.ready_portals,
         ready: format!("{}/{replicas}", obs.ready_portals),
         endpoints: (0..replicas)
             .map(|i| format!("{}.{ns}.svc:{port}", names::portal_pod(&name, i)))
             .collect(),
-        portals: previous.portals.clone(),
+        portals,
         conditions: vec![
             condition(dp, &previous.conditions, READY, ready, now),
             condition(dp, &previous.conditions, DEGRADED, degraded, now),

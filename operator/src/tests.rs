@@ -512,6 +512,7 @@ fn status_reports_endpoints_readiness_and_degradation() {
     let obs = Observation {
         ready_portals: 1,
         degraded: vec![],
+        portals: None,
     };
     let s = status::reconciled(&dp, 6379, &obs, now);
     assert_eq!(s.observed_generation, Some(3));
@@ -538,6 +539,7 @@ fn status_reports_endpoints_readiness_and_degradation() {
     let obs = Observation {
         ready_portals: 2,
         degraded: vec![(reason::CERT_MANAGER_MISSING, "install it".into())],
+        portals: None,
     };
     let mut dp2 = dp.clone();
     dp2.status = Some(s.clone());
@@ -566,6 +568,103 @@ fn status_reports_endpoints_readiness_and_degradation() {
         later + k8s_openapi::jiff::SignedDuration::from_secs(60),
     );
     assert_eq!(s3.conditions, s2.conditions);
+}
+
+#[test]
+fn the_portal_watches_the_credentials_secret_it_is_given() {
+    let dp = orders().patch_spec("healthCheck: {credentialsSecret: orders-probe}");
+    let args = children(&dp)
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(
+        args,
+        [
+            "--configmap",
+            "orders-portal",
+            "--tls-secret",
+            "orders-portal-tls",
+            "--credentials-secret",
+            "orders-probe"
+        ]
+    );
+}
+
+#[test]
+fn status_takes_leader_and_portals_from_the_reports() {
+    use crate::portals::Aggregate;
+    use portal::config::PortalReport;
+
+    let mut dp = orders().with_generation(2);
+    dp.status = Some(crate::DatabasePortalStatus {
+        leader: "orders-0".into(),
+        ..Default::default()
+    });
+    let now = Timestamp::now();
+    let entry = |i: i32, ready: bool, leader: &str, message: &str| PortalReport {
+        name: names::portal_pod("orders", i),
+        ready,
+        leader: leader.into(),
+        message: message.into(),
+    };
+    let aggregate = Aggregate {
+        portals: vec![
+            entry(0, true, "orders-1", ""),
+            entry(1, false, "", "Pod not Ready; no report yet"),
+        ],
+        ready_portals: 1,
+        leader: "orders-1".into(),
+        degraded: vec![(reason::CONFIG_STALE, "orders-portal-0 refused".into())],
+    };
+    let obs = Observation {
+        ready_portals: 2,
+        degraded: vec![(reason::PDB_UNSUPPORTED, "no PDB".into())],
+        portals: None,
+    }
+    .with_portals(aggregate.clone());
+    let s = status::reconciled(&dp, 6379, &obs, now);
+    assert_eq!(s.leader, "orders-1");
+    assert_eq!(s.portals, aggregate.portals);
+    // The portals' count, not the StatefulSet's.
+    assert_eq!((s.ready_portals, s.ready.as_str()), (1, "1/2"));
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        ready.message,
+        "1/2 portals ready (orders-portal-1: Pod not Ready; no report yet)"
+    );
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(
+        degraded.reason,
+        reason::CONFIG_STALE,
+        "ranked before the PDB"
+    );
+    assert_eq!(degraded.message, "orders-portal-0 refused; no PDB");
+
+    // A disagreement outranks the certificate; no view of the Pods keeps leader and portals.
+    let obs = Observation {
+        ready_portals: 0,
+        degraded: vec![(reason::CERTIFICATE_NOT_READY, "cert".into())],
+        portals: None,
+    }
+    .with_portals(Aggregate {
+        degraded: vec![(reason::LEADER_DISAGREEMENT, "split".into())],
+        ..Default::default()
+    });
+    assert_eq!(obs.degraded[0].0, reason::LEADER_DISAGREEMENT);
+    let obs = Observation {
+        ready_portals: 2,
+        degraded: vec![],
+        portals: None,
+    };
+    let s = status::reconciled(&dp, 6379, &obs, now);
+    assert_eq!((s.leader.as_str(), s.ready_portals), ("orders-0", 2));
 }
 
 #[test]

@@ -23,6 +23,7 @@ use kube::Resource;
 use serde::Serialize;
 
 use crate::certificate::Certificate;
+use crate::portals::PortalPod;
 
 /// Every kind of child.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,6 +127,8 @@ pub struct Stores {
     pub certificates: Store<Certificate>,
     /// PodDisruptionBudgets in the served policy version.
     pub pdbs: Option<(MetaStore<DynamicObject>, ApiResource)>,
+    /// The portal Pods, reduced to their report and Ready condition (`portals::strip`).
+    pub pods: Store<PortalPod>,
 }
 
 /// The write halves of [`Stores`], for the controller's reflectors.
@@ -138,6 +141,7 @@ pub struct Writers {
     pub services: Writer<PartialObjectMeta<Service>>,
     pub certificates: Writer<Certificate>,
     pub pdbs: Option<Writer<PartialObjectMeta<DynamicObject>>>,
+    pub pods: Writer<PortalPod>,
 }
 
 impl Stores {
@@ -152,6 +156,7 @@ impl Stores {
             services: Writer::default(),
             certificates: Writer::default(),
             pdbs: pdb.map(|r| Writer::new(r.clone())),
+            pods: Writer::default(),
         };
         let stores = Stores {
             config_maps: writers.config_maps.as_reader(),
@@ -166,11 +171,12 @@ impl Stores {
                 .as_ref()
                 .zip(pdb)
                 .map(|(w, r)| (w.as_reader(), r.clone())),
+            pods: writers.pods.as_reader(),
         };
         (stores, writers)
     }
 
-    /// Stores nothing ever fills: every child is applied.
+    /// Stores nothing ever fills: every child is applied, no portal Pod is seen.
     pub fn empty() -> Stores {
         Stores::new(None).0
     }
@@ -199,6 +205,10 @@ impl Stores {
 
     pub fn certificate(&self, ns: &str, name: &str) -> Option<Arc<Certificate>> {
         get(&self.certificates, &(), ns, name)
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Arc<PortalPod>> {
+        get(&self.pods, &(), ns, name)
     }
 }
 

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context as _};
 use common::{eventually, ControlPlane, OPERATOR_NAMESPACE};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
@@ -615,6 +615,294 @@ async fn cert_manager_appears(admin: Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A portal's report as the portal writes it on its Pod.
+fn report(ready: bool, leader: Option<&str>, up: bool) -> String {
+    let role = |b: &str| match leader {
+        Some(l) if l == b => "leader",
+        _ if up => "replica",
+        _ => "unknown",
+    };
+    json!({
+        "ready": ready,
+        "leader": leader,
+        "backends": [
+            {"name": "orders-0", "up": up, "role": role("orders-0")},
+            {"name": "orders-1", "up": up, "role": role("orders-1")}
+        ],
+        "configStale": false
+    })
+    .to_string()
+}
+
+/// Does what the kubelet and the portal of Pod `name` would: sets its Ready condition and
+/// its report annotation.
+async fn portal_says(
+    pods: &Api<Pod>,
+    name: &str,
+    pod_ready: bool,
+    report: &str,
+) -> anyhow::Result<()> {
+    let ready = if pod_ready { "True" } else { "False" };
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": [{"type": "Ready", "status": ready}]}})),
+    )
+    .await
+    .with_context(|| format!("Ready condition of {name}"))?;
+    pods.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"dbportal.dev/report": report}}})),
+    )
+    .await
+    .with_context(|| format!("report of {name}"))?;
+    Ok(())
+}
+
+/// Polls (every 25 ms) until the status satisfies `check`; returns it and the time taken.
+async fn status_until(
+    api: &Api<DatabasePortal>,
+    what: &str,
+    check: impl Fn(&DatabasePortal) -> anyhow::Result<()>,
+) -> anyhow::Result<(DatabasePortal, Duration)> {
+    let started = std::time::Instant::now();
+    loop {
+        let dp = api.get("orders").await?;
+        match check(&dp) {
+            Ok(()) => return Ok((dp, started.elapsed())),
+            Err(e) if started.elapsed() > WAIT => {
+                return Err(e.context(format!("{what}: not within {WAIT:?}")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+fn leader_is(dp: &DatabasePortal, leader: &str, ready: i32) -> anyhow::Result<()> {
+    let s = dp.status.as_ref().context("no status")?;
+    ensure!(
+        s.leader == leader && s.ready_portals == ready,
+        "leader {:?}, readyPortals {}, portals {:?}, conditions {:?}",
+        s.leader,
+        s.ready_portals,
+        s.portals,
+        s.conditions
+    );
+    Ok(())
+}
+
+/// The `kubectl get dbp` row of `orders`: (column name, cell) pairs.
+async fn printed_row(admin: &Client, ns: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let request = http::Request::get(format!(
+        "/apis/dbportal.dev/v1alpha1/namespaces/{ns}/databaseportals/orders"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())?;
+    let table: serde_json::Value = serde_json::from_str(&admin.request_text(request).await?)?;
+    let columns = table["columnDefinitions"]
+        .as_array()
+        .context("no columns")?
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_string());
+    let cells = table["rows"][0]["cells"]
+        .as_array()
+        .context("no row")?
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| c.to_string())
+        });
+    Ok(columns.zip(cells).collect())
+}
+
+/// The status follows what the portals report on their Pods (the test plays kubelet and
+/// portal: no Pod runs here): leader, portals, readyPortals, LeaderDisagreement,
+/// NoHealthyBackend, and one LeaderChanged event per change.
+async fn portal_reports(admin: Client) -> anyhow::Result<()> {
+    let ns = "hotel";
+    create(&admin, &portal(ns, json!({}))).await?;
+    observed(&admin, ns, 1).await?;
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    let api = Api::<DatabasePortal>::namespaced(admin.clone(), ns);
+    let (p0, p1) = ("orders-portal-0", "orders-portal-1");
+    eventually("the StatefulSet's Pods", WAIT, || async {
+        pods.get(p0).await?;
+        pods.get(p1).await?;
+        Ok(())
+    })
+    .await?;
+
+    // Pods without a report: not ready, not degraded, no leader.
+    let (dp, _) = status_until(&api, "portals listed", |dp| {
+        let s = dp.status.as_ref().context("no status")?;
+        ensure!(s.portals.len() == 2, "portals {:?}", s.portals);
+        Ok(())
+    })
+    .await?;
+    let status = dp.status.clone().unwrap();
+    ensure!(status.leader.is_empty() && status.ready == "0/2");
+    ensure!(
+        status.portals[0].message.contains("no report yet"),
+        "{:?}",
+        status.portals
+    );
+    ensure!(
+        condition(&dp, "Degraded").1 == "AsExpected",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+
+    // Both see orders-0.
+    let leads0 = report(true, Some("orders-0"), true);
+    portal_says(&pods, p0, true, &leads0).await?;
+    portal_says(&pods, p1, true, &leads0).await?;
+    let (dp, took) =
+        status_until(&api, "leader orders-0", |dp| leader_is(dp, "orders-0", 2)).await?;
+    eprintln!("portal_reports: both reports -> status.leader in {took:.0?}");
+    let status = dp.status.clone().unwrap();
+    ensure!(status.ready == "2/2", "ready {}", status.ready);
+    ensure!(
+        status
+            .portals
+            .iter()
+            .map(|p| (p.name.as_str(), p.ready, p.leader.as_str()))
+            .collect::<Vec<_>>()
+            == [(p0, true, "orders-0"), (p1, true, "orders-0")],
+        "portals {:?}",
+        status.portals
+    );
+    ensure!(
+        condition(&dp, "Ready").0 == "True",
+        "{:?}",
+        condition(&dp, "Ready")
+    );
+    ensure!(
+        condition(&dp, "Degraded").1 == "AsExpected",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+    let row = printed_row(&admin, ns).await?;
+    ensure!(
+        row.iter().any(|(c, v)| c == "Leader" && v == "orders-0")
+            && row.iter().any(|(c, v)| c == "Ready" && v == "2/2"),
+        "kubectl get dbp row {row:?}"
+    );
+
+    // A reconcile with nothing new (an unrelated annotation) announces nothing.
+    pods.patch(
+        p0,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"example.test/touch": "1"}}})),
+    )
+    .await?;
+
+    // Failover: both see orders-1; one event per change.
+    let leads1 = report(true, Some("orders-1"), true);
+    let changed = std::time::Instant::now();
+    portal_says(&pods, p0, true, &leads1).await?;
+    portal_says(&pods, p1, true, &leads1).await?;
+    status_until(&api, "leader orders-1", |dp| leader_is(dp, "orders-1", 2)).await?;
+    eprintln!(
+        "portal_reports: failover reports -> status.leader in {:.0?}",
+        changed.elapsed()
+    );
+
+    // They disagree.
+    portal_says(&pods, p0, true, &leads0).await?;
+    let (dp, _) = status_until(&api, "LeaderDisagreement", |dp| {
+        leader_is(dp, "", 2)?;
+        ensure!(
+            condition(dp, "Degraded").1 == "LeaderDisagreement",
+            "{:?}",
+            condition(dp, "Degraded")
+        );
+        Ok(())
+    })
+    .await?;
+    let message = condition(&dp, "Degraded").2;
+    ensure!(
+        message.contains("orders-portal-0 sees orders-0")
+            && message.contains("orders-portal-1 sees orders-1"),
+        "message {message:?}"
+    );
+
+    // Nothing is healthy: the portals say so and their Pods are not Ready.
+    let down = report(false, None, false);
+    portal_says(&pods, p0, false, &down).await?;
+    portal_says(&pods, p1, false, &down).await?;
+    let (dp, _) = status_until(&api, "NoHealthyBackend", |dp| {
+        leader_is(dp, "", 0)?;
+        ensure!(
+            condition(dp, "Degraded").1 == "NoHealthyBackend",
+            "{:?}",
+            condition(dp, "Degraded")
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(condition(&dp, "Ready").0 == "False");
+
+    // An unreadable report counts as none; the other portal leads the status.
+    portal_says(&pods, p0, true, "{not json").await?;
+    portal_says(&pods, p1, true, &leads1).await?;
+    let (dp, _) = status_until(&api, "leader orders-1 again", |dp| {
+        leader_is(dp, "orders-1", 1)
+    })
+    .await?;
+    let status = dp.status.clone().unwrap();
+    ensure!(
+        !status.portals[0].ready && status.portals[0].message.contains("unreadable"),
+        "portals {:?}",
+        status.portals
+    );
+    ensure!(
+        condition(&dp, "Degraded").1 == "AsExpected",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+
+    // One LeaderChanged event per change of status.leader, none repeated: in time order,
+    // each starts where the previous one ended (the test's Pods change one at a time, so
+    // the status passes through the states in between).
+    eventually("LeaderChanged events", WAIT, || async {
+        let mut events = events(&admin, ns, "LeaderChanged").await?;
+        events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        let mut changes = Vec::new();
+        for e in &events {
+            ensure!(e.type_.as_deref() == Some("Normal"), "{e:?}");
+            ensure!(e.series.is_none(), "repeated: {e:?}");
+            let note = e.note.as_deref().unwrap_or_default();
+            let (from, to) = note
+                .strip_prefix("leader changed from ")
+                .and_then(|rest| rest.split_once(" to "))
+                .with_context(|| format!("note {note:?}"))?;
+            changes.push((from.to_string(), to.to_string()));
+        }
+        ensure!(changes.len() >= 4, "changes {changes:?}");
+        ensure!(
+            changes[0] == ("none".into(), "orders-0".into()),
+            "changes {changes:?}"
+        );
+        for pair in changes.windows(2) {
+            ensure!(pair[0].1 == pair[1].0, "not a chain: {changes:?}");
+        }
+        ensure!(
+            changes.last().unwrap().1 == "orders-1",
+            "changes {changes:?}"
+        );
+        for seen in ["orders-0", "orders-1", "none"] {
+            ensure!(
+                changes.iter().any(|(_, to)| to == seen),
+                "never to {seen}: {changes:?}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
     let started = std::time::Instant::now();
     let out = f.await;
@@ -649,13 +937,14 @@ fn operator_on_a_real_apiserver() {
         .await?;
         let standby = start_operator(&plane, "standby").await?;
 
-        let (a, b, c, d, e, f) = tokio::join!(
+        let (a, b, c, d, e, f, g) = tokio::join!(
             timed(children_and_status(admin.clone())),
             timed(children_are_restored(admin.clone())),
             timed(spec_edit_keeps_the_pods(admin.clone())),
             timed(invalid_spec(admin.clone())),
             timed(garbage_collection(admin.clone())),
             timed(tls_from_a_secret(admin.clone())),
+            timed(portal_reports(admin.clone())),
         );
         let mut failures = Vec::new();
         for (name, r) in [
@@ -665,6 +954,7 @@ fn operator_on_a_real_apiserver() {
             ("invalid_spec", d),
             ("garbage_collection", e),
             ("tls_from_a_secret", f),
+            ("portal_reports", g),
         ] {
             match r {
                 (Ok(()), took) => eprintln!("ok: {name} ({took:.1?})"),

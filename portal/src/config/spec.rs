@@ -600,6 +600,9 @@ pub struct PortalReport {
     /// The leader this portal sees ("" when none).
     #[serde(default)]
     pub leader: String,
+    /// Why the portal is not ready, or what else is wrong with it ("" when nothing).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// Conditions as a list keyed by type, so server-side apply merges them by type.
