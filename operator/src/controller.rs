@@ -70,6 +70,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Per DatabasePortal UID, what this process last wrote in its status.
     written: Mutex<HashMap<String, Written>>,
+    /// Per DatabasePortal UID, since when its ready portals disagree on the leader.
+    disagreeing: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -96,6 +98,7 @@ impl Context {
             applied: watched.applied,
             failures: Mutex::default(),
             written: Mutex::default(),
+            disagreeing: Mutex::default(),
         }
     }
 
@@ -166,6 +169,29 @@ impl Context {
             &backends,
             &pods,
         )))
+    }
+
+    /// Holds back a disagreement younger than [`portals::DISAGREEMENT_GRACE`]; returns when
+    /// to look again.
+    fn hold_disagreement(
+        &self,
+        dp: &DatabasePortal,
+        aggregate: &mut Aggregate,
+    ) -> Option<Duration> {
+        let uid = dp.uid().unwrap_or_default();
+        let mut disagreeing = self.disagreeing.lock().unwrap();
+        let mut since = disagreeing.get(&uid).copied();
+        let recheck = portals::hold_disagreement(
+            aggregate,
+            &mut since,
+            Instant::now(),
+            portals::DISAGREEMENT_GRACE,
+        );
+        match since {
+            Some(t) => disagreeing.insert(uid, t),
+            None => disagreeing.remove(&uid),
+        };
+        recheck
     }
 
     fn known(&self) -> Known<'_> {
@@ -276,10 +302,9 @@ pub async fn reconcile(dp: Arc<DatabasePortal>, ctx: Arc<Context>) -> Result<Act
 async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Action> {
     if dp.meta().deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove every child.
-        ctx.written
-            .lock()
-            .unwrap()
-            .remove(&dp.uid().unwrap_or_default());
+        let uid = dp.uid().unwrap_or_default();
+        ctx.written.lock().unwrap().remove(&uid);
+        ctx.disagreeing.lock().unwrap().remove(&uid);
         return Ok(Action::await_change());
     }
     let previous = ctx.last_written(dp);
@@ -314,7 +339,9 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
     let applied = apply(&ctx.client, &ctx.support, ctx.known(), &uid, &children).await?;
     let mut observation = Observation::from_applied(dp, &applied);
     let views = ctx.portal_views(dp, &valid).await;
-    if let Ok(Some(aggregate)) = views.clone() {
+    let mut recheck = None;
+    if let Ok(Some(mut aggregate)) = views.clone() {
+        recheck = ctx.hold_disagreement(dp, &mut aggregate);
         observation = observation.with_portals(aggregate);
     }
     let new = status::reconciled(dp, valid.config.port, &observation, Timestamp::now());
@@ -351,11 +378,12 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
             ctx.publish_later(dp, EventType::Warning, reason, "Reconcile", message.clone());
         }
     }
-    Ok(match (applied.certificate, views) {
-        (CertificateState::CrdMissing, _) => Action::requeue(CERT_MANAGER_RECHECK),
-        (_, Err(())) => Action::requeue(PODS_RECHECK),
-        _ => Action::requeue(RESYNC),
-    })
+    let next = match (applied.certificate, views) {
+        (CertificateState::CrdMissing, _) => CERT_MANAGER_RECHECK,
+        (_, Err(())) => PODS_RECHECK,
+        _ => RESYNC,
+    };
+    Ok(Action::requeue(recheck.map_or(next, |r| r.min(next))))
 }
 
 /// Writes `new` unless it is the status the DatabasePortal already has (condition transition

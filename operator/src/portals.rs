@@ -26,6 +26,7 @@
 //! - a missing or unreadable annotation is "no report" and the portal's `message` says which.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
@@ -403,6 +404,37 @@ fn agreed_leader(
     String::new()
 }
 
+/// How long the ready portals may disagree on the leader before it is a degradation: in a
+/// switchover each portal sees the new leader at its own next probes (a second or two apart).
+pub const DISAGREEMENT_GRACE: Duration = Duration::from_secs(5);
+
+/// Holds back `LeaderDisagreement` until the disagreement has lasted `grace` (`since`: when
+/// it began, kept by the caller between reconciles). Returns how long until it counts, while
+/// it is held back.
+pub fn hold_disagreement(
+    aggregate: &mut Aggregate,
+    since: &mut Option<Instant>,
+    now: Instant,
+    grace: Duration,
+) -> Option<Duration> {
+    let disagree = aggregate
+        .degraded
+        .iter()
+        .any(|(r, _)| *r == reason::LEADER_DISAGREEMENT);
+    if !disagree {
+        *since = None;
+        return None;
+    }
+    let lasted = now.saturating_duration_since(*since.get_or_insert(now));
+    if lasted >= grace {
+        return None;
+    }
+    aggregate
+        .degraded
+        .retain(|(r, _)| *r != reason::LEADER_DISAGREEMENT);
+    Some(grace - lasted)
+}
+
 /// The note of a LeaderChanged event: "leader changed from orders-0 to orders-1" (an empty
 /// name is "none").
 pub fn leader_change_note(old: &str, new: &str) -> String {
@@ -535,6 +567,60 @@ mod tests {
                 && message.contains("orders-portal-1 sees orders-1"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_short_disagreement_is_no_degradation() {
+        let split = run(
+            RoutingMode::Leader,
+            &[
+                pod(0, true, Some(&leads("orders-0"))),
+                pod(1, true, Some(&leads("orders-1"))),
+            ],
+        );
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut since = None;
+        let mut a = split.clone();
+        assert_eq!(
+            hold_disagreement(&mut a, &mut since, t0, grace),
+            Some(grace)
+        );
+        assert!(a.degraded.is_empty());
+        assert_eq!(a.leader, "", "the leader is still not agreed");
+        let mut a = split.clone();
+        let t1 = t0 + Duration::from_secs(3);
+        assert_eq!(
+            hold_disagreement(&mut a, &mut since, t1, grace),
+            Some(Duration::from_secs(2))
+        );
+        assert!(a.degraded.is_empty());
+        let mut a = split.clone();
+        assert_eq!(
+            hold_disagreement(&mut a, &mut since, t0 + grace, grace),
+            None
+        );
+        assert_eq!(reasons(&a), [reason::LEADER_DISAGREEMENT]);
+        // Agreement again: the clock starts over.
+        let mut agreed = run(
+            RoutingMode::Leader,
+            &[
+                pod(0, true, Some(&leads("orders-1"))),
+                pod(1, true, Some(&leads("orders-1"))),
+            ],
+        );
+        assert_eq!(
+            hold_disagreement(&mut agreed, &mut since, t0 + grace, grace),
+            None
+        );
+        assert_eq!(since, None);
+        let mut a = split;
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            hold_disagreement(&mut a, &mut since, later, grace),
+            Some(grace)
+        );
+        assert_eq!(since, Some(later));
     }
 
     #[test]
