@@ -4,7 +4,8 @@
 #   e2e/kind.sh [all|up|install|test|down]
 #
 #   up       create the kind cluster, build the images from the Dockerfile
-#            and load them into the cluster (kind load docker-image)
+#            (and the suite's toolbox from e2e/toolbox.Dockerfile) and load
+#            them into the cluster (kind load docker-image)
 #   install  install (or upgrade) the chart from charts/dbportal
 #   test     run the suite against the cluster
 #   down     delete the cluster
@@ -24,13 +25,14 @@ readonly NAMESPACE=dbportal-system
 readonly RELEASE=dbportal
 readonly OPERATOR_IMAGE=dbportal/operator:dev
 readonly PORTAL_IMAGE=dbportal/portal:dev
+readonly TOOLBOX_IMAGE=dbportal/toolbox:dev
 KUBECONFIG_FILE=${KIND_KUBECONFIG:-$REPO_DIR/target/kind-$CLUSTER.kubeconfig}
 readonly KUBECONFIG_FILE
 
 log() { printf 'kind.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage() {
-    sed -n '2,19s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,18s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
@@ -58,7 +60,9 @@ cmd_up() {
     log "building $PORTAL_IMAGE and $OPERATOR_IMAGE from the Dockerfile"
     DOCKER_BUILDKIT=1 docker build --target portal -t "$PORTAL_IMAGE" "$REPO_DIR"
     DOCKER_BUILDKIT=1 docker build --target operator -t "$OPERATOR_IMAGE" "$REPO_DIR"
-    kind load docker-image --name "$CLUSTER" "$PORTAL_IMAGE" "$OPERATOR_IMAGE"
+    DOCKER_BUILDKIT=1 docker build -f "$REPO_DIR/e2e/toolbox.Dockerfile" -t "$TOOLBOX_IMAGE" \
+        "$REPO_DIR/e2e"
+    kind load docker-image --name "$CLUSTER" "$PORTAL_IMAGE" "$OPERATOR_IMAGE" "$TOOLBOX_IMAGE"
 }
 
 cmd_install() {
@@ -82,7 +86,8 @@ cmd_test() {
     local suite=${DBPORTAL_E2E_SUITE:-$REPO_DIR/e2e/suite.sh}
     [[ -x ${suite%% *} ]] || die "suite command $suite not found (set DBPORTAL_E2E_SUITE)"
     # The suite runs against whatever KUBECONFIG points to; these say what
-    # kind of cluster it is and which images and operator are in place.
+    # kind of cluster it is and which images and operator are in place. The
+    # databases run as pods of the toolbox image (the host cannot reach pods).
     # shellcheck disable=SC2086 # DBPORTAL_E2E_SUITE may carry arguments
     KUBECONFIG=$KUBECONFIG_FILE \
         DBPORTAL_E2E_PLATFORM=kind \
@@ -90,6 +95,9 @@ cmd_test() {
         DBPORTAL_E2E_OPERATOR_NAMESPACE=$NAMESPACE \
         DBPORTAL_PORTAL_IMAGE=$PORTAL_IMAGE \
         DBPORTAL_OPERATOR_IMAGE=$OPERATOR_IMAGE \
+        DBPORTAL_E2E_DB=pod \
+        DBPORTAL_E2E_TOOLBOX_IMAGE=$TOOLBOX_IMAGE \
+        DBPORTAL_E2E_DB_IMAGE=$TOOLBOX_IMAGE \
         $suite
 }
 
