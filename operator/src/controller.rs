@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as EventsV1;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -38,8 +38,8 @@ use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue while cert-manager is missing, to notice when it is installed.
 pub const CERT_MANAGER_RECHECK: Duration = Duration::from_secs(10);
-/// How long a reconcile waits for the first listing of the portal Pods (after a start), so
-/// the status is never computed from an empty view (which would announce a lost leader).
+/// How long after a start reconciles wait for the first listing of the portal Pods, so the
+/// status is never computed from an empty view (which would announce a lost leader).
 pub const PODS_LISTED_WAIT: Duration = Duration::from_secs(10);
 /// Requeue when the portal Pods were not listed in time.
 pub const PODS_RECHECK: Duration = Duration::from_secs(5);
@@ -50,7 +50,15 @@ pub const PODS_RECHECK: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq)]
 struct Written {
     leader: String,
-    degraded: Option<(String, String)>,
+    /// The Degraded condition's reason and a hash of its message.
+    degraded: Option<(String, u64)>,
+}
+
+fn degraded_of(conditions: &[Condition]) -> Option<(String, u64)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == DEGRADED)
+        .map(|c| (c.reason.clone(), track::hash_of(&c.message)))
 }
 
 /// Everything a reconcile needs.
@@ -72,6 +80,8 @@ pub struct Context {
     written: Mutex<HashMap<String, Written>>,
     /// Per DatabasePortal UID, since when its ready portals disagree on the leader.
     disagreeing: Mutex<HashMap<String, Instant>>,
+    /// Until when reconciles wait for the first listing of the portal Pods.
+    pods_listed_by: Instant,
 }
 
 impl Context {
@@ -99,6 +109,7 @@ impl Context {
             failures: Mutex::default(),
             written: Mutex::default(),
             disagreeing: Mutex::default(),
+            pods_listed_by: Instant::now() + PODS_LISTED_WAIT,
         }
     }
 
@@ -115,19 +126,14 @@ impl Context {
                 .as_ref()
                 .map(|s| s.leader.clone())
                 .unwrap_or_default(),
-            degraded: status::find(dp, DEGRADED).map(|c| (c.reason.clone(), c.message.clone())),
+            degraded: degraded_of(dp.status.as_ref().map_or(&[], |s| &s.conditions)),
         }
     }
 
     fn record_written(&self, dp: &DatabasePortal, new: &DatabasePortalStatus) {
-        let degraded = new
-            .conditions
-            .iter()
-            .find(|c| c.type_ == DEGRADED)
-            .map(|c| (c.reason.clone(), c.message.clone()));
         let written = Written {
             leader: new.leader.clone(),
-            degraded,
+            degraded: degraded_of(&new.conditions),
         };
         self.written
             .lock()
@@ -142,7 +148,10 @@ impl Context {
         dp: &DatabasePortal,
         valid: &Validated,
     ) -> std::result::Result<Option<Aggregate>, ()> {
-        match tokio::time::timeout(PODS_LISTED_WAIT, self.stores.pods.wait_until_ready()).await {
+        let wait = self
+            .pods_listed_by
+            .saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, self.stores.pods.wait_until_ready()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(None),
             Err(_) => return Err(()),
@@ -317,9 +326,7 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
             ctx.record_written(dp, &new);
             let err = Error::InvalidSpec(errors);
             ctx.metrics.failure(&err);
-            let degraded = new.conditions.iter().find(|c| c.type_ == DEGRADED);
-            let now_degraded = degraded.map(|c| (c.reason.clone(), c.message.clone()));
-            if now_degraded != previous_degraded {
+            if degraded_of(&new.conditions) != previous_degraded {
                 warn!(portal = %key(dp), %err, "invalid spec; no child touched");
                 ctx.publish_later(
                     dp,
