@@ -3,9 +3,10 @@
 # to the change being enforced by both of its portals, on the local
 # single-node cluster (e2e/local-node.sh) with the operator in-cluster.
 #
-#   bench/propagation.sh [--changes N] [--no-cargo] [--keep]
+#   bench/propagation.sh [--changes N] [--no-cargo] [--keep] [--dir DIR]
 #
-# Starts the node with e2e/local.sh up (images and binaries cached), one
+# Starts the node with e2e/local.sh up (images and binaries cached; with
+# --dir, uses the node already running there from `e2e/local.sh up DIR`), one
 # redis-server on the bridge address, and a DatabasePortal `bench` with two
 # portals; then N times (default 50) applies the DatabasePortal with a new
 # limits.maxConnections (1001, 1002, ...) and polls each portal pod's admin
@@ -17,13 +18,14 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 readonly REPO
-changes=50 cargo=1 keep=0
+changes=50 cargo=1 keep=0 dir=
 while [[ $# -gt 0 ]]; do
     case $1 in
         --changes) changes=${2:?}; shift ;;
         --no-cargo) cargo=0 ;;
         --keep) keep=1 ;;
-        *) sed -n '2,15s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+        --dir) dir=${2:?}; shift ;;
+        *) sed -n '2,16s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
     esac
     shift
 done
@@ -32,11 +34,17 @@ done
     exit 2
 }
 
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/dbportal-e2e.XXXXXX")
+if [[ -n $dir ]]; then
+    DIR=$(cd "$dir" && pwd -P)
+    keep=1
+else
+    DIR=$(mktemp -d "${TMPDIR:-/tmp}/dbportal-e2e.XXXXXX")
+fi
 REDIS_PID=
 cleanup() {
     set +e
     [[ -z $REDIS_PID ]] || { kill "$REDIS_PID"; wait "$REDIS_PID"; } 2>/dev/null
+    "$kubectl" delete namespace "$ns" --wait=false >/dev/null 2>&1
     if [[ $keep == 1 ]]; then
         echo "node kept: KUBECONFIG=$DIR/admin.kubeconfig; stop: e2e/local.sh down $DIR" >&2
     else
@@ -47,20 +55,23 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-up_args=(up "$DIR")
-[[ $cargo == 1 ]] || up_args+=(--no-cargo)
-# Owner watchdog: a killed benchmark does not leave the node behind.
-DBPORTAL_LCP_WATCH_PID=$([[ $keep == 1 ]] || echo $$) "$REPO/e2e/local.sh" "${up_args[@]}"
+kubectl=kubectl
+ns=bench-propagation-$$
+if [[ -z $dir ]]; then
+    up_args=(up "$DIR")
+    [[ $cargo == 1 ]] || up_args+=(--no-cargo)
+    # Owner watchdog: a killed benchmark does not leave the node behind.
+    DBPORTAL_LCP_WATCH_PID=$([[ $keep == 1 ]] || echo $$) "$REPO/e2e/local.sh" "${up_args[@]}"
+fi
 eval "$("$REPO/e2e/local-node.sh" env "$DIR")"
 kubectl=$DBPORTAL_K8S_BIN_DIR/kubectl
-ns=bench-propagation
 
 port=$(python3 -c 'import socket, sys
 s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$DBPORTAL_NODE_IP")
 redis-server --bind "$DBPORTAL_NODE_IP" --port "$port" --save '' --appendonly no \
     --protected-mode no --dir "$DIR" </dev/null >"$DIR/redis.log" 2>&1 &
 REDIS_PID=$!
-echo "$REDIS_PID" >"$DIR/e2e-redis.pids"
+echo "$REDIS_PID" >>"$DIR/e2e-redis.pids"
 
 "$kubectl" create namespace "$ns" >/dev/null
 
@@ -113,7 +124,7 @@ else:
     sys.exit("portal pods not Ready within 180 s")
 print(f"portals {ips[0]}, {ips[1]} Ready; {changes} changes of limits.maxConnections", flush=True)
 
-both, each, applies, missed = [], [[], []], [], 0
+both, each, applies, after_apply, missed = [], [[], []], [], [], 0
 for i in range(1, changes + 1):
     value = 1000 + i
     t0 = time.monotonic()
@@ -137,6 +148,7 @@ for i in range(1, changes + 1):
     for k in (0, 1):
         each[k].append(seen[k])
     both.append(max(seen))
+    after_apply.append(max(seen) - applies[-1])
     time.sleep(0.1)
 
 def pct(xs, p):
@@ -155,6 +167,9 @@ print(row("apply -> both portals enforce", both))
 print(row("apply -> portal A enforces", each[0]))
 print(row("apply -> portal B enforces", each[1]))
 print(row("kubectl apply itself", applies))
+print(row("apply returned -> both enforce", after_apply))
+with open("/proc/loadavg") as f:
+    print("load average:", " ".join(f.read().split()[:3]))
 print(f"changes: {changes}, enforced: {len(both)}, missed: {missed}; target p99 <= 1000 ms: "
       + ("met" if both and pct(both, 99) <= 1.0 and not missed else "MISSED"))
 PYEOF

@@ -41,7 +41,7 @@ kill_recorded_redis() {
     [[ -f $dir/e2e-redis.pids ]] || return 0
     while IFS= read -r pid; do
         [[ $pid =~ ^[0-9]+$ ]] || continue
-        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^redis-server 10\.244\.0\.1:'; then
+        if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q '^redis-server 10\.244\.0\.1:'; then
             log "killing redis-server $pid left by an earlier run"
             kill "$pid" 2>/dev/null || true
         fi

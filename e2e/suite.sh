@@ -661,7 +661,7 @@ scenario_configmap() {
         bad "$failed of 5 rounds of PING through both portals failed after the break"
     cm_is_good() { [[ $(kn get configmap "$DP-portal" -o jsonpath='{.data.portal\.yaml}') == "$good" ]]; }
     if wait_until 30 cm_is_good; then
-        saw "the operator restored the ConfigMap (seen $(($(now_ms) - t0)) ms after the break)"
+        saw "the operator restored the ConfigMap (checked after the PING rounds, $(($(now_ms) - t0)) ms after the break)"
     else
         bad "ConfigMap not restored within 30 s: $(kn get configmap "$DP-portal" -o jsonpath='{.data.portal\.yaml}')"
     fi
@@ -671,6 +671,9 @@ scenario_configmap() {
         wait_until 10 portal_fresh "$pod" || true
         st=$(portal_status "$pod" | json '"reloadsFailed=%s stale=%s lastError=%s" % (d["config"]["reload"]["reloadsFailed"], d["config"]["reload"]["stale"], (d["config"]["reload"]["lastError"] or "")[:120])')
         saw "$pod reload state: $st (reloadsFailed before: ${failed0[$pod]})"
+        # The portal's watch delivers every version, so it saw the broken one and refused it.
+        [[ $st =~ reloadsFailed=([0-9]+) && ${BASH_REMATCH[1]} -gt ${failed0[$pod]:-0} ]] ||
+            bad "$pod did not refuse the broken configuration (reloadsFailed unchanged)"
         [[ $st == *"stale=False"* ]] || bad "$pod still serves a stale configuration after the restore"
     done
     check "both portals serve after the restore" eval 'pong "$P0" client-a && pong "$P1" client-a'
