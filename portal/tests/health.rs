@@ -530,6 +530,18 @@ async fn etcd_member_status_raft_leader_and_quorum_loss() {
     .await;
     assert!(v.leader.is_some_and(|l| l != raft), "{v:?}");
     assert!(!v.conflict);
+    assert_eq!(
+        v.backends[raft].engine_leader, None,
+        "down: no longer reported"
+    );
+    assert_eq!(
+        v.backends
+            .iter()
+            .filter(|b| b.engine_leader == Some(true))
+            .count(),
+        1,
+        "{v:?}"
+    );
 
     // Stop one more: the survivor has no quorum, hence no raft leader, and is not healthy.
     let other = (0..3).find(|&i| i != raft).unwrap();

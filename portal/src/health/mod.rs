@@ -75,7 +75,7 @@ pub struct BackendHealth {
     /// Whether the engine counts the node as its own leader, where routing goes by another
     /// notion: etcd's raft leader (`Some(true)`) or a follower (`Some(false)`), from the latest
     /// successful probe, while every healthy member is a [`Role::SharedLeader`]. `None` for the
-    /// other engines (their `role` says it) and before the first answer.
+    /// other engines (their `role` says it), before the first answer and while the node is down.
     pub engine_leader: Option<bool>,
 }
 

@@ -11,7 +11,7 @@ pub struct NodeState {
     /// Role of the latest successful probe.
     pub role: Role,
     /// The engine's own leadership beside the role, from the latest successful probe
-    /// ([`super::Probed::engine_leader`]).
+    /// ([`super::Probed::engine_leader`]); cleared when the node goes down.
     pub engine_leader: Option<bool>,
     /// Consecutive successes (reset by a failure).
     pub successes: u32,
@@ -60,6 +60,8 @@ impl NodeState {
         self.last_error = Some(error);
         if self.unconfirmed || self.failures >= fall {
             self.up = false;
+            // A node that is down leads nothing the engine would tell us of.
+            self.engine_leader = None;
         }
         self.unconfirmed = false;
     }
@@ -175,6 +177,17 @@ mod tests {
         n.success(Role::Replica, 2);
         assert!(n.up);
         assert_eq!(n.last_error, None);
+    }
+
+    #[test]
+    fn engine_leadership_is_forgotten_when_the_node_goes_down() {
+        let mut n = node(true, Role::SharedLeader);
+        n.engine_leader = Some(true);
+        n.failure("refused".into(), 2);
+        assert_eq!(n.engine_leader, Some(true), "still up: kept like the role");
+        n.failure("refused".into(), 2);
+        assert!(!n.up);
+        assert_eq!(n.engine_leader, None);
     }
 
     #[test]
