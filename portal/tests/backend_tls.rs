@@ -146,6 +146,22 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// redis-cli through the portal, with TLS trusting `ca` when given.
+async fn redis_cli(portal: &Portal, ca: Option<&Path>, cmd: &[&str]) -> (bool, String, String) {
+    let mut args = match ca {
+        Some(ca) => strings(&["--tls", "--cacert", &ca.display().to_string()]),
+        None => Vec::new(),
+    };
+    args.extend(strings(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &portal.addr.port().to_string(),
+    ]));
+    args.extend(strings(cmd));
+    run("redis-cli", &args, &[]).await
+}
+
 fn skip_without(programs: &[&str]) -> bool {
     let missing: Vec<_> = programs.iter().filter(|p| !servers::installed(p)).collect();
     if !missing.is_empty() {
@@ -178,20 +194,12 @@ async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
     let (portal, checker, _config) =
         portal_with_checker(&pki.yaml("redis", &redis.address(), &pki.ca, false, "")).await;
     wait_leader(&checker).await;
-    let port = portal.addr.port().to_string();
-    let cli = |tls: bool, cmd: &[&str]| {
-        let mut args = if tls {
-            strings(&["--tls", "--cacert", &pki.ca.display().to_string()])
-        } else {
-            Vec::new()
-        };
-        args.extend(strings(&["-h", "127.0.0.1", "-p", &port]));
-        args.extend(strings(cmd));
-        async move { run("redis-cli", &args, &[]).await }
-    };
-    let (ok, out, err) = cli(false, &["SET", "k", "through-tls"]).await;
+    let (ok, out, err) = redis_cli(&portal, None, &["SET", "k", "through-tls"]).await;
     assert!(ok && out == "OK", "{out} {err}");
-    assert_eq!(cli(false, &["GET", "k"]).await.1, "through-tls");
+    assert_eq!(
+        redis_cli(&portal, None, &["GET", "k"]).await.1,
+        "through-tls"
+    );
     assert_eq!(redis.cli(&["GET", "k"]), "through-tls");
     let status = portal.status().await;
     assert_eq!(status["backends"][0]["role"], "leader", "{status}");
@@ -201,18 +209,7 @@ async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
     let (portal, checker, _config) =
         portal_with_checker(&pki.yaml("redis", &redis.address(), &pki.ca, true, "")).await;
     wait_leader(&checker).await;
-    let port = portal.addr.port().to_string();
-    let cli = |tls: bool, cmd: &[&str]| {
-        let mut args = if tls {
-            strings(&["--tls", "--cacert", &pki.ca.display().to_string()])
-        } else {
-            Vec::new()
-        };
-        args.extend(strings(&["-h", "127.0.0.1", "-p", &port]));
-        args.extend(strings(cmd));
-        async move { run("redis-cli", &args, &[]).await }
-    };
-    let (ok, out, err) = cli(true, &["GET", "k"]).await;
+    let (ok, out, err) = redis_cli(&portal, Some(&pki.ca), &["GET", "k"]).await;
     assert!(ok && out == "through-tls", "{out} {err}");
     portal.stop().await;
 
@@ -226,13 +223,7 @@ async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
     let status = portal.status().await;
     let error = status["backends"][0]["lastError"].as_str().unwrap_or("");
     assert!(error.contains("UnknownIssuer"), "{status}");
-    let port = portal.addr.port().to_string();
-    let (_, out, _) = run(
-        "redis-cli",
-        &strings(&["-h", "127.0.0.1", "-p", &port, "PING"]),
-        &[],
-    )
-    .await;
+    let (_, out, _) = redis_cli(&portal, None, &["PING"]).await;
     assert_ne!(out, "PONG");
     portal.stop().await;
 }

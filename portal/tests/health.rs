@@ -475,6 +475,20 @@ async fn mariadb_read_only_moves_the_leader() {
     .await;
 }
 
+/// The backends that report being etcd's raft leader.
+fn raft_leaders(v: &HealthView) -> Vec<usize> {
+    (0..v.backends.len())
+        .filter(|&i| v.backends[i].engine_leader == Some(true))
+        .collect()
+}
+
+/// The first backend reporting raft leadership (there must be one).
+fn raft_leader_of(v: &HealthView) -> usize {
+    *raft_leaders(v)
+        .first()
+        .unwrap_or_else(|| panic!("no raft leader reported: {v:#?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_member_status_raft_leader_and_quorum_loss() {
     if !installed("etcd") {
@@ -485,14 +499,14 @@ async fn etcd_member_status_raft_leader_and_quorum_loss() {
     let addrs: Vec<String> = etcd.members.iter().map(EtcdMember::address).collect();
     let c = config("etcd", &addrs, "healthCheck: {interval: 200ms}\n");
     // Every member may serve; exactly one is raft leader.
-    let mut raft_leaders = 0;
+    let mut leading = 0;
     for a in &addrs {
         let p = probe_node(&settings(&c, None), &addr(a)).await.unwrap();
         assert_eq!(p.role, Role::SharedLeader);
         assert!(p.engine_leader.is_some(), "member status read: {p:?}");
-        raft_leaders += usize::from(p.engine_leader == Some(true));
+        leading += usize::from(p.engine_leader == Some(true));
     }
-    assert_eq!(raft_leaders, 1);
+    assert_eq!(leading, 1);
 
     let (_cfg, handle) = start(c);
     let mut rx = handle.view();
@@ -503,19 +517,8 @@ async fn etcd_member_status_raft_leader_and_quorum_loss() {
                 .all(|b| b.up && b.role == Role::SharedLeader && b.engine_leader.is_some())
     })
     .await;
-    let raft = v
-        .backends
-        .iter()
-        .position(|b| b.engine_leader == Some(true))
-        .unwrap();
-    assert_eq!(
-        v.backends
-            .iter()
-            .filter(|b| b.engine_leader == Some(true))
-            .count(),
-        1,
-        "{v:?}"
-    );
+    let raft = raft_leader_of(&v);
+    assert_eq!(raft_leaders(&v), vec![raft_leader_of(&v)], "{v:?}");
 
     // Stop the raft leader: it drops out, another member becomes raft leader, and sessions go
     // to a member that is up.
@@ -534,14 +537,7 @@ async fn etcd_member_status_raft_leader_and_quorum_loss() {
         v.backends[raft].engine_leader, None,
         "down: no longer reported"
     );
-    assert_eq!(
-        v.backends
-            .iter()
-            .filter(|b| b.engine_leader == Some(true))
-            .count(),
-        1,
-        "{v:?}"
-    );
+    assert_eq!(raft_leaders(&v), vec![raft_leader_of(&v)], "{v:?}");
 
     // Stop one more: the survivor has no quorum, hence no raft leader, and is not healthy.
     let other = (0..3).find(|&i| i != raft).unwrap();
@@ -632,6 +628,27 @@ impl BackendPki {
             ca.display()
         )
     }
+
+    /// The configuration for `engine` in front of `a` with TLS verified against the right CA
+    /// (`wrong`: the other one).
+    fn config(&self, engine: &str, a: &str, wrong: bool) -> Config {
+        let ca = if wrong { &self.wrong_ca } else { &self.ca };
+        config(engine, &[a.to_string()], &BackendPki::yaml(ca, ""))
+    }
+
+    /// A probe that trusts the wrong CA fails with a TLS error naming the cause.
+    async fn assert_wrong_ca_refused(
+        &self,
+        engine: &str,
+        a: &str,
+        creds: Option<ProbeCredentials>,
+    ) {
+        let err = probe_one(&self.config(engine, a, true), creds, a)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProbeError::Tls(_)), "{engine}: {err}");
+        assert!(err.to_string().contains("UnknownIssuer"), "{engine}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,11 +672,7 @@ async fn postgres_probe_over_tls_verifies_the_ca() {
     let pg_creds = creds(Some("postgres"), "pgpw");
 
     // TLS verified against the right CA: SCRAM-SHA-256 and md5 logins.
-    let c = config(
-        "postgres",
-        std::slice::from_ref(&a),
-        &BackendPki::yaml(&pki.ca, ""),
-    );
+    let c = pki.config("postgres", &a, false);
     assert_eq!(probe_one(&c, pg_creds.clone(), &a).await, Ok(Role::Leader));
     assert_eq!(
         probe_one(&c, creds(Some("probe_md5"), "md5pw"), &a).await,
@@ -675,14 +688,7 @@ async fn postgres_probe_over_tls_verifies_the_ca() {
     );
 
     // A CA that did not sign the server's certificate: a TLS error that says why.
-    let wrong = config(
-        "postgres",
-        std::slice::from_ref(&a),
-        &BackendPki::yaml(&pki.wrong_ca, ""),
-    );
-    let err = probe_one(&wrong, pg_creds, &a).await.unwrap_err();
-    assert!(matches!(err, ProbeError::Tls(_)), "{err}");
-    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    pki.assert_wrong_ca_refused("postgres", &a, pg_creds).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -701,11 +707,7 @@ async fn mariadb_probe_over_tls_with_secure_transport_required() {
     let a = db.address();
     let my = creds(Some("probe"), "mypw");
 
-    let c = config(
-        "mysql",
-        std::slice::from_ref(&a),
-        &BackendPki::yaml(&pki.ca, ""),
-    );
+    let c = pki.config("mysql", &a, false);
     assert_eq!(probe_one(&c, my.clone(), &a).await, Ok(Role::Leader));
     db.sql("SET GLOBAL read_only = 1");
     assert_eq!(probe_one(&c, my.clone(), &a).await, Ok(Role::Replica));
@@ -715,14 +717,7 @@ async fn mariadb_probe_over_tls_with_secure_transport_required() {
     let err = probe_one(&plain, my.clone(), &a).await.unwrap_err();
     assert!(matches!(err, ProbeError::Auth(_)), "{err}");
 
-    let wrong = config(
-        "mysql",
-        std::slice::from_ref(&a),
-        &BackendPki::yaml(&pki.wrong_ca, ""),
-    );
-    let err = probe_one(&wrong, my, &a).await.unwrap_err();
-    assert!(matches!(err, ProbeError::Tls(_)), "{err}");
-    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    pki.assert_wrong_ca_refused("mysql", &a, my).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,11 +740,7 @@ async fn etcd_probe_over_https() {
     .await
     .unwrap();
     let a = etcd.members[0].address();
-    let c = config(
-        "etcd",
-        std::slice::from_ref(&a),
-        &BackendPki::yaml(&pki.ca, ""),
-    );
+    let c = pki.config("etcd", &a, false);
     let p = probe_node(&settings(&c, None), &addr(&a)).await.unwrap();
     assert_eq!(p.role, Role::SharedLeader);
     assert_eq!(p.engine_leader, Some(true), "member status read over HTTPS");
@@ -761,12 +752,5 @@ async fn etcd_probe_over_https() {
         "plaintext HTTP to an HTTPS port: {err}"
     );
 
-    let wrong = config(
-        "etcd",
-        std::slice::from_ref(&a),
-        &BackendPki::yaml(&pki.wrong_ca, ""),
-    );
-    let err = probe_one(&wrong, None, &a).await.unwrap_err();
-    assert!(matches!(err, ProbeError::Tls(_)), "{err}");
-    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    pki.assert_wrong_ca_refused("etcd", &a, None).await;
 }
