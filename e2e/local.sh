@@ -130,6 +130,7 @@ cmd_run() {
     else
         # shellcheck disable=SC2064 # expand dir now
         trap "log 'stopping the node'; cmd_down '$dir' >/dev/null 2>&1 || true; rm -rf '$dir'" EXIT
+        trap 'exit 130' INT TERM
         up "$dir"
     fi
     eval "$("$E2E/local-node.sh" env "$dir")"
