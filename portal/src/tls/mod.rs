@@ -10,6 +10,7 @@
 pub(crate) mod backend;
 mod certs;
 mod mysql;
+mod pg_sasl;
 mod postgres;
 mod runtime;
 mod store;

@@ -8,7 +8,9 @@ use tokio::{
     sync::watch,
 };
 
-use super::{mysql, postgres, BackendConnector, CertStore, MaybeTls, Rewind, Served, TlsError};
+use super::{
+    mysql, pg_sasl, postgres, BackendConnector, CertStore, MaybeTls, Rewind, Served, TlsError,
+};
 use crate::config::{Config, Engine, TlsMode};
 
 /// How long a client has to finish its TLS negotiation (and, for MySQL, the authentication
@@ -228,7 +230,7 @@ impl Terminator {
                     .await?;
                 Ok(Established { client, backend })
             }
-            State::Ready(client) => {
+            State::Ready(mut client) => {
                 let Some((connector, name)) = backend_tls else {
                     return Ok(Established {
                         client,
@@ -242,7 +244,7 @@ impl Terminator {
                     _ => None,
                 };
                 let engine = self.engine;
-                let backend = self
+                let mut backend = self
                     .deadline(async move {
                         if engine == Engine::Postgres {
                             postgres::ssl_request(&mut backend).await?;
@@ -250,6 +252,16 @@ impl Terminator {
                         connector.handshake(backend, name, alpn.as_deref()).await
                     })
                     .await?;
+                if engine == Engine::Postgres {
+                    // SCRAM channel binding cannot cross the re-encryption (see `pg_sasl`).
+                    let client_tls = client.is_tls();
+                    self.deadline(pg_sasl::relay_startup(
+                        &mut client,
+                        &mut backend,
+                        client_tls,
+                    ))
+                    .await?;
+                }
                 Ok(Established { client, backend })
             }
         }
