@@ -228,6 +228,90 @@ async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
     portal.stop().await;
 }
 
+/// Straight to the server over TLS (trusting `ca`): a StartupMessage as `postgres`, then a
+/// SASLInitialResponse for `mechanism` with the SCRAM client-first-message `client_first`.
+/// Returns the mechanisms the server offered and its answer: tag and text.
+async fn scram_first_step(
+    port: u16,
+    ca: &Path,
+    mechanism: &str,
+    client_first: &str,
+) -> (Vec<String>, u8, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(ca).unwrap(),
+    )) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(portal::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut ssl_request = 8u32.to_be_bytes().to_vec();
+    ssl_request.extend_from_slice(&80_877_103u32.to_be_bytes());
+    tcp.write_all(&ssl_request).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer[0], b'S');
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for s in ["user", "postgres", "database", "postgres", ""] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    let mut startup = (body.len() as u32 + 4).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    tls.write_all(&startup).await.unwrap();
+
+    async fn message<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (head[0], body)
+    }
+    let (tag, offer) = message(&mut tls).await;
+    assert_eq!(tag, b'R');
+    assert_eq!(offer[..4], 10u32.to_be_bytes(), "not AuthenticationSASL");
+    let offered = offer[4..]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(client_first.len() as u32).to_be_bytes());
+    body.extend_from_slice(client_first.as_bytes());
+    let mut initial = vec![b'p'];
+    initial.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    initial.extend_from_slice(&body);
+    tls.write_all(&initial).await.unwrap();
+    let (tag, body) = message(&mut tls).await;
+    (offered, tag, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Waits until the portal process says it is ready (a healthy leader to route to).
+async fn wait_ready(portal: &common::PortalProcess) {
+    common::within("the portal ready", async {
+        while common::http_get(portal.admin, "/readyz").await.0 != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     if skip_without(&["psql", &format!("{}/postgres", servers::PG_BIN)]) {
@@ -238,14 +322,21 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     let pg = tokio::task::spawn_blocking(move || {
         let pg = servers::Postgres::primary("pgpw");
         pg.enable_tls(&cert, &key, true);
+        // One role per authentication request the server can answer a startup with.
         pg.psql("SET password_encryption = 'md5'; CREATE ROLE app_md5 LOGIN PASSWORD 'md5pw'");
         pg.hba_first("hostssl all app_md5 127.0.0.1/32 md5");
+        pg.psql("CREATE ROLE app_clear LOGIN PASSWORD 'clearpw'");
+        pg.hba_first("hostssl all app_clear 127.0.0.1/32 password");
+        pg.psql("CREATE ROLE app_trust LOGIN");
+        pg.hba_first("hostssl all app_trust 127.0.0.1/32 trust");
+        pg.hba_first("hostssl all app_rejected 127.0.0.1/32 reject");
         pg
     })
     .await
     .unwrap();
     let ssl_query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
-    // psql as `user` (password `password`) with `sslmode` and more conninfo; (ok, out, err).
+    // psql as `user` (password `password`) with more conninfo (libpq's defaults otherwise:
+    // sslmode=prefer, channel_binding=prefer); (ok, out, err).
     let psql = |port: u16, user: &str, password: &str, conninfo: &str| {
         let conninfo = format!(
             "host=localhost hostaddr=127.0.0.1 port={port} user={user} dbname=postgres \
@@ -267,6 +358,34 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     assert!(!ok, "plaintext must be refused: {out}");
     assert!(err.contains("no encryption"), "{err}");
 
+    // Over TLS the server offers channel binding first. A client that saw no -PLUS offer but
+    // could bind says so with gs2 flag `y`, and the server rejects that as a downgrade: so the
+    // portal cannot drop the offer for a client whose TLS it terminates. Flag `n` (a client
+    // without TLS, which cannot bind) is accepted: what a plaintext client sends once the
+    // portal dropped the offer.
+    let (offered, tag, text) = scram_first_step(
+        pg.port,
+        &pki.ca,
+        "SCRAM-SHA-256",
+        "y,,n=,r=fyko+d2lbbFgONRv9qkxdawL",
+    )
+    .await;
+    assert_eq!(offered, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+    assert_eq!(tag, b'E', "{text}");
+    assert!(text.contains("channel binding negotiation error"), "{text}");
+    let (_, tag, text) = scram_first_step(
+        pg.port,
+        &pki.ca,
+        "SCRAM-SHA-256",
+        "n,,n=,r=fyko+d2lbbFgONRv9qkxdawL",
+    )
+    .await;
+    assert_eq!(tag, b'R', "{text}");
+    assert!(
+        text.contains("r=fyko+d2lbbFgONRv9qkxdawL"),
+        "SCRAM continues: {text}"
+    );
+
     let credentials =
         "healthCheck: {interval: 200ms, credentials: {username: postgres, password: pgpw}}\n";
     let with_credentials = |client_tls: bool| {
@@ -274,20 +393,53 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
             .replace("healthCheck: {interval: 200ms}\n", credentials)
     };
 
-    // A plaintext client; the portal speaks TLS to the server, which sees an SSL session.
-    // (md5: a plaintext libpq client refuses the SCRAM-SHA-256-PLUS that a TLS server offers,
-    // since channel binding cannot work through a proxy that re-encrypts.)
+    // Plaintext clients with libpq's defaults (the portal declines their SSLRequest): SCRAM
+    // works, since the portal drops the SCRAM-SHA-256-PLUS offer that libpq refuses over a
+    // connection without TLS; the server sees an SSL session. Every other first answer (md5,
+    // cleartext, trust, an error) reaches the client untouched.
     let (portal, checker, _config) = portal_with_checker(&with_credentials(false)).await;
     wait_leader(&checker).await;
     let port = portal.addr.port();
-    let (ok, out, err) = psql(port, "app_md5", "md5pw", "sslmode=disable").await;
+    let (ok, out, err) = psql(port, "postgres", "pgpw", "").await;
     assert!(ok && out == "t", "{out} {err}");
+    let (ok, out, err) = psql(port, "postgres", "wrong", "").await;
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{out} {err}"
+    );
+    for (user, password) in [
+        ("app_md5", "md5pw"),
+        ("app_clear", "clearpw"),
+        ("app_trust", ""),
+    ] {
+        let (ok, out, err) = psql(port, user, password, "").await;
+        assert!(ok && out == "t", "{user}: {out} {err}");
+    }
+    let (ok, _, err) = psql(port, "app_rejected", "", "").await;
+    assert!(!ok && err.contains("rejects connection"), "{err}");
+    // tokio-postgres without TLS, its defaults too.
+    let tcp = tokio::net::TcpStream::connect(portal.addr).await.unwrap();
+    let (client, connection) = "user=postgres password=pgpw dbname=postgres"
+        .parse::<tokio_postgres::Config>()
+        .unwrap()
+        .connect_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let row = client.query_one(ssl_query, &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0));
+    drop(client);
+    let _ = connection.await;
     portal.stop().await;
 
-    // The client's TLS terminated by the portal (verify-full), TLS again to the server, SCRAM
-    // without channel binding (the client's binding would name the portal's certificate).
-    let (portal, checker, _config) = portal_with_checker(&with_credentials(true)).await;
-    wait_leader(&checker).await;
+    // The client's TLS terminated by the portal (verify-full), TLS again to the server. SCRAM
+    // works without channel binding; with libpq's default (prefer) the client binds to the
+    // portal's certificate, the server refuses, and the portal logs the fix.
+    let dir = pki.ca.parent().unwrap();
+    let config = dir.join("portal.yaml");
+    std::fs::write(&config, with_credentials(true)).unwrap();
+    let portal = common::PortalProcess::spawn(&config);
+    wait_ready(&portal).await;
     let port = portal.addr.port();
     let (ok, out, err) = psql(
         port,
@@ -299,7 +451,21 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     assert!(ok && out == "t", "{out} {err}");
     let (ok, out, err) = psql(port, "app_md5", "md5pw", "sslmode=require").await;
     assert!(ok && out == "t", "{out} {err}");
-    portal.stop().await;
+    let fix = "channel_binding=disable";
+    assert!(
+        !portal.log_contains(fix),
+        "no warning for clients that do not bind"
+    );
+    let (ok, out, err) = psql(port, "postgres", "pgpw", "sslmode=verify-full").await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("channel binding check failed"), "{err}");
+    common::within("the portal's warning", async {
+        while !portal.log_contains(fix) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(portal);
 
     // A wrong CA: the probe fails with the reason, the client is not let through.
     let wrong = pki

@@ -401,7 +401,8 @@ async fn garbage_instead_of_a_client_hello_is_refused() {
 
 // --- PostgreSQL ---
 
-const STARTUP: &[u8] = b"\x00\x00\x00\x17\x00\x03\x00\x00user\x00alice\x00\x00";
+/// A StartupMessage (protocol 3.0, user alice) with its true length.
+const STARTUP: &[u8] = b"\x00\x00\x00\x14\x00\x03\x00\x00user\x00alice\x00\x00";
 
 fn pg_request(code: u32) -> [u8; 8] {
     let mut r = [0u8; 8];
@@ -579,23 +580,28 @@ async fn postgres_backend_tls_by_ssl_request() {
             .unwrap();
         let mut got = vec![0u8; STARTUP.len()];
         tls.read_exact(&mut got).await.unwrap();
-        got
+        // SCRAM, channel binding first, as a server does over TLS.
+        tls.write_all(b"R\0\0\0\x2a\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        (got, tls)
     };
-    let pump = async {
+    // The portal relays the startup and the server's first answer itself (see `pg_sasl`).
+    let connect = async {
         let est = term
             .connect(accepted.unwrap(), portal_side, "db.internal")
             .await
             .unwrap();
         assert!(est.backend.is_tls());
-        let (mut client, mut backend) = (est.client, est.backend);
-        let mut buf = vec![0u8; STARTUP.len()];
-        client.read_exact(&mut buf).await.unwrap();
-        backend.write_all(&buf).await.unwrap();
-        backend.flush().await.unwrap();
-        (client, backend)
+        est
     };
-    let (got, _streams) = tokio::join!(db_task, pump);
+    let ((got, _tls), _est) = tokio::join!(db_task, connect);
     assert_eq!(got, STARTUP);
+    // The plaintext client gets the offer without the mechanism it could not use.
+    let mut offer = [0u8; 24];
+    c.read_exact(&mut offer).await.unwrap();
+    assert_eq!(&offer, b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0");
 
     // A backend that declines TLS is an error, not a silent plaintext connection.
     let (mut c, s) = duplex(1024);
