@@ -467,6 +467,29 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     .await;
     drop(portal);
 
+    // Binding works only when the portal serves the server's own certificate (the binding is
+    // a hash of it), which means giving the portal the database's private key.
+    let same_cert = with_credentials(true)
+        .replace(
+            &pki.portal_cert.display().to_string(),
+            &pki.db_cert.display().to_string(),
+        )
+        .replace(
+            &pki.portal_key.display().to_string(),
+            &pki.db_key.display().to_string(),
+        );
+    let (portal, checker, _config) = portal_with_checker(&same_cert).await;
+    wait_leader(&checker).await;
+    let (ok, out, err) = psql(
+        portal.addr.port(),
+        "postgres",
+        "pgpw",
+        "sslmode=verify-full channel_binding=require",
+    )
+    .await;
+    assert!(ok && out == "t", "{out} {err}");
+    portal.stop().await;
+
     // A wrong CA: the probe fails with the reason, the client is not let through.
     let wrong = pki
         .yaml("postgres", &pg.address(), &pki.wrong_ca, false, "")

@@ -10,9 +10,12 @@
 //!   accepts. Nothing else is changed, and only that one message.
 //! - A client whose TLS the portal terminates: its binding would name the portal's certificate,
 //!   and the server rejects it. Dropping the offer does not help there: the client then sends gs2
-//!   flag `y` ("I could bind, the server can't"), which a TLS server rejects as a downgrade. So
-//!   the offer is relayed as it is, and when the client picks a `-PLUS` mechanism the portal logs
-//!   the fix (`channel_binding=disable`); the server's refusal reaches the client unchanged.
+//!   flag `y` ("I could bind, the server can't"), which a TLS server rejects as a downgrade, and
+//!   the binding data is covered by the client's proof, so no proxy can mend it. So the offer is
+//!   relayed as it is, and when the client picks a `-PLUS` mechanism the portal logs the fix
+//!   (`channel_binding=disable`); the server's refusal reaches the client unchanged. (Binding
+//!   does work when the portal serves the server's own certificate: `tls-server-end-point` is a
+//!   hash of the certificate.)
 //!
 //! This runs once per connection, before the byte pump, and only for PostgreSQL with backend
 //! TLS. What it does not understand (a malformed or oversized message, another message first)
@@ -188,9 +191,9 @@ where
                 tracing::warn!(
                     mechanism = %String::from_utf8_lossy(&mechanism),
                     "a PostgreSQL client whose TLS the portal terminates asked for SCRAM channel \
-                     binding, which fails when the portal re-encrypts to the server (the binding \
-                     names the portal's certificate, not the server's): the client must connect \
-                     with channel_binding=disable"
+                     binding, which the server refuses when the portal re-encrypts to it (the \
+                     binding names the portal's certificate, not the server's) unless both serve \
+                     the same certificate: the client must connect with channel_binding=disable"
                 );
             }
         }
