@@ -2,7 +2,9 @@
 //! plaintext clients, or clients whose TLS it terminates, to a TLS-only redis-server
 //! (`--tls-port`), to PostgreSQL with `ssl = on` that refuses plaintext, and to an etcd member
 //! serving HTTPS; the real checker probes the same nodes over TLS, and a wrong CA fails
-//! visibly.
+//! visibly. PostgreSQL logins with SCRAM: plaintext clients with libpq's defaults (the portal
+//! drops the server's channel-binding offer for them), TLS-terminated clients with
+//! `channel_binding=disable` (and what `prefer` does).
 
 mod common;
 #[path = "common/servers.rs"]
@@ -229,14 +231,15 @@ async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
 }
 
 /// Straight to the server over TLS (trusting `ca`): a StartupMessage as `postgres`, then a
-/// SASLInitialResponse for `mechanism` with the SCRAM client-first-message `client_first`.
+/// SASLInitialResponse choosing SCRAM-SHA-256 (no binding) with gs2 flag `flag` and `nonce`.
 /// Returns the mechanisms the server offered and its answer: tag and text.
 async fn scram_first_step(
     port: u16,
     ca: &Path,
-    mechanism: &str,
-    client_first: &str,
+    flag: char,
+    nonce: &str,
 ) -> (Vec<String>, u8, String) {
+    let (mechanism, client_first) = ("SCRAM-SHA-256", format!("{flag},,n=,r={nonce}"));
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(ca).unwrap(),
@@ -363,28 +366,14 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     // portal cannot drop the offer for a client whose TLS it terminates. Flag `n` (a client
     // without TLS, which cannot bind) is accepted: what a plaintext client sends once the
     // portal dropped the offer.
-    let (offered, tag, text) = scram_first_step(
-        pg.port,
-        &pki.ca,
-        "SCRAM-SHA-256",
-        "y,,n=,r=fyko+d2lbbFgONRv9qkxdawL",
-    )
-    .await;
+    let nonce = "fyko+d2lbbFgONRv9qkxdawL";
+    let (offered, tag, text) = scram_first_step(pg.port, &pki.ca, 'y', nonce).await;
     assert_eq!(offered, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
     assert_eq!(tag, b'E', "{text}");
     assert!(text.contains("channel binding negotiation error"), "{text}");
-    let (_, tag, text) = scram_first_step(
-        pg.port,
-        &pki.ca,
-        "SCRAM-SHA-256",
-        "n,,n=,r=fyko+d2lbbFgONRv9qkxdawL",
-    )
-    .await;
+    let (_, tag, text) = scram_first_step(pg.port, &pki.ca, 'n', nonce).await;
     assert_eq!(tag, b'R', "{text}");
-    assert!(
-        text.contains("r=fyko+d2lbbFgONRv9qkxdawL"),
-        "SCRAM continues: {text}"
-    );
+    assert!(text.contains(nonce), "SCRAM continues: {text}");
 
     let credentials =
         "healthCheck: {interval: 200ms, credentials: {username: postgres, password: pgpw}}\n";
