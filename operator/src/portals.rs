@@ -32,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use portal::cluster::REPORT_ANNOTATION;
 use portal::config::{PortalReport, RoutingMode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::build::{names, MANAGER};
 use crate::status::reason;
@@ -51,23 +51,38 @@ pub fn pod_selector() -> String {
 }
 
 /// A Pod as the operator reads it: metadata and the status conditions; the rest of the Pod
-/// (spec, container statuses) is skipped while decoding and never held.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+/// (spec, container statuses) is skipped while decoding and never held. [`strip`] moves what
+/// is read into `kept` and drops the rest: labels and annotations are maps whose smallest
+/// node is half a kilobyte, several times what a portal Pod needs.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PortalPod {
     pub metadata: ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub status: Option<PodConditions>,
+    #[serde(skip)]
+    pub kept: Kept,
+}
+
+/// What [`strip`] keeps of a portal Pod besides its name and namespace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Kept {
+    /// The DatabasePortal, when the Pod's controller is its StatefulSet.
+    pub instance: Option<Box<str>>,
+    /// The Pod's `Ready` condition is `True`.
+    pub ready: bool,
+    /// The report annotation, as written.
+    pub report: Option<Box<str>>,
 }
 
 /// The conditions of a Pod's status.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PodConditions {
     #[serde(default)]
     pub conditions: Vec<PodCondition>,
 }
 
 /// One Pod condition: type and status only.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PodCondition {
     #[serde(rename = "type")]
     pub type_: String,
@@ -94,28 +109,21 @@ impl k8s_openapi::Metadata for PortalPod {
 }
 
 impl PortalPod {
-    /// The Pod's `Ready` condition is `True`.
+    /// The Pod's `Ready` condition is `True` (of a stripped Pod).
     pub fn is_ready(&self) -> bool {
-        self.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
+        self.kept.ready
     }
 
-    /// The report annotation, as written.
+    /// The report annotation, as written (of a stripped Pod).
     pub fn report(&self) -> Option<&str> {
-        self.metadata
-            .annotations
-            .as_ref()?
-            .get(REPORT_ANNOTATION)
-            .map(String::as_str)
+        self.kept.report.as_deref()
     }
 }
 
-/// Keeps what the aggregation and the trigger read: name, namespace, the instance label (only
-/// when the Pod's controller is that DatabasePortal's StatefulSet), the report annotation and
-/// the Ready condition. A few hundred bytes a Pod.
+/// Keeps what the aggregation and the trigger read: name and namespace, and in `kept` the
+/// DatabasePortal (from the instance label, only when the Pod's controller is that
+/// DatabasePortal's StatefulSet), the Ready condition and the report annotation. Everything
+/// else is dropped: a few hundred bytes a Pod stay.
 pub fn strip(pod: &mut PortalPod) {
     let meta = &mut pod.metadata;
     let instance = meta
@@ -133,23 +141,27 @@ pub fn strip(pod: &mut PortalPod) {
         .annotations
         .as_mut()
         .and_then(|a| a.remove(REPORT_ANNOTATION));
+    let ready = pod.status.take().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
     *meta = ObjectMeta {
         name: meta.name.take(),
         namespace: meta.namespace.take(),
-        labels: instance.map(|i| BTreeMap::from([(INSTANCE_LABEL.to_string(), i)])),
-        annotations: report.map(|r| BTreeMap::from([(REPORT_ANNOTATION.to_string(), r)])),
         ..ObjectMeta::default()
     };
-    if let Some(status) = &mut pod.status {
-        status.conditions.retain(|c| c.type_ == "Ready");
-        status.conditions.shrink_to_fit();
-    }
+    pod.kept = Kept {
+        instance: instance.map(String::into_boxed_str),
+        ready,
+        report: report.map(String::into_boxed_str),
+    };
 }
 
 /// The DatabasePortal a stripped portal Pod belongs to.
 pub fn owner(pod: PortalPod) -> Option<ObjectRef<DatabasePortal>> {
     let namespace = pod.metadata.namespace?;
-    let instance = pod.metadata.labels?.remove(INSTANCE_LABEL)?;
+    let instance = pod.kept.instance?;
     Some(ObjectRef::new(&instance).within(&namespace))
 }
 
@@ -491,7 +503,7 @@ mod tests {
 
     fn pod(i: i32, ready: bool, report: Option<&str>) -> (String, Option<PortalPod>) {
         let name = names::portal_pod("orders", i);
-        let pod = PortalPod {
+        let mut pod = PortalPod {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 namespace: Some("shop".into()),
@@ -505,7 +517,9 @@ mod tests {
                     status: if ready { "True" } else { "False" }.into(),
                 }],
             }),
+            kept: Kept::default(),
         };
+        strip(&mut pod);
         (name, Some(pod))
     }
 
@@ -870,13 +884,19 @@ mod tests {
             ]}
         });
         let mut pod: PortalPod = serde_json::from_value(json).unwrap();
+        assert!(!pod.is_ready(), "read once stripped");
         strip(&mut pod);
         assert!(pod.is_ready());
         assert_eq!(pod.report(), Some(leads("orders-0").as_str()));
-        assert_eq!(pod.status.as_ref().unwrap().conditions.len(), 1);
-        assert!(pod.metadata.owner_references.is_none());
-        assert!(pod.metadata.managed_fields.is_none());
-        assert_eq!(pod.metadata.annotations.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            pod.metadata,
+            ObjectMeta {
+                name: Some("orders-portal-0".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            }
+        );
+        assert_eq!(pod.status, None);
         let dp = owner(pod.clone()).unwrap();
         assert_eq!(
             (dp.name.as_str(), dp.namespace.as_deref()),
@@ -898,6 +918,7 @@ mod tests {
                 ..Default::default()
             },
             status: None,
+            kept: Kept::default(),
         };
         strip(&mut stray);
         assert!(!stray.is_ready());
