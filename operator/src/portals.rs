@@ -25,7 +25,6 @@
 //!   serves an older one;
 //! - a missing or unreadable annotation is "no report" and the portal's `message` says which.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -464,6 +463,7 @@ pub fn leader_change_note(old: &str, new: &str) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use std::collections::BTreeMap;
 
     const BACKENDS: &[&str] = &["orders-0", "orders-1"];
 
