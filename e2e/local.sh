@@ -59,15 +59,24 @@ cmd_down() {
 # An earlier run that was killed may have left its node (the watchdog stops it
 # when its owner dies, but not if the watchdog was killed too).
 clean_stale() {
-    [[ -f $MARKER ]] || return 0
-    local other
-    other=$(<"$MARKER")
-    if [[ $other == "$STATE_PREFIX"* ]]; then
-        log "stopping the node of an earlier run in $other"
-        cmd_down "$other" || true
-        rm -rf "$other"
+    local other d
+    if [[ -f $MARKER ]]; then
+        other=$(<"$MARKER")
+        if [[ $other == "$STATE_PREFIX"* ]]; then
+            log "stopping the node of an earlier run in $other"
+            cmd_down "$other" || true
+            rm -rf "$other"
+        fi
+        # Anything else is handled (or refused, if it is alive) by local-node.sh start.
     fi
-    # Anything else is handled (or refused, if it is alive) by local-node.sh start.
+    # State directories of killed runs whose node the owner watchdog already
+    # stopped: their suite's redis-servers may still run.
+    for d in "$STATE_PREFIX"*; do
+        [[ -d $d && ! -f $MARKER ]] || continue
+        log "cleaning up after an earlier run in $d"
+        cmd_down "$d" >/dev/null 2>&1 || true
+        rm -rf "$d"
+    done
 }
 
 build() {
