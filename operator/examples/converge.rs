@@ -105,9 +105,11 @@ async fn main() -> anyhow::Result<()> {
         c?;
     }
     let created = started.elapsed();
+    let (created_rss, _) = rss_kib(pid);
 
     let all: Api<DatabasePortal> = Api::all(admin.clone());
     let mut peak_rss = 0;
+    let mut next_progress = Duration::from_secs(10);
     let converged = loop {
         let (rss, _) = rss_kib(pid);
         peak_rss = peak_rss.max(rss);
@@ -119,6 +121,14 @@ async fn main() -> anyhow::Result<()> {
             .count();
         if done == n {
             break started.elapsed();
+        }
+        if started.elapsed() >= next_progress {
+            next_progress += Duration::from_secs(10);
+            eprintln!(
+                "{:>4.0} s: {done}/{n} converged, operator RSS {:.1} MiB",
+                started.elapsed().as_secs_f64(),
+                rss as f64 / 1024.0
+            );
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
@@ -157,6 +167,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "operator RSS idle:      {:.1} MiB",
         idle_rss as f64 / 1024.0
+    );
+    println!(
+        "operator RSS created:   {:.1} MiB (all DatabasePortals created)",
+        created_rss as f64 / 1024.0
     );
     println!("operator RSS after:     {:.1} MiB", rss as f64 / 1024.0);
     println!(

@@ -10,7 +10,7 @@ use std::fmt::Debug;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as EventsV1;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
@@ -220,13 +220,14 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let (ctx, dp, reason, action) = (
+        // Only the reference waits for the API server, not the whole object.
+        let (ctx, reference, reason, action) = (
             self.clone(),
-            dp.clone(),
+            dp.object_ref(&()),
             reason.to_string(),
             action.to_string(),
         );
-        tokio::spawn(async move { ctx.publish(&dp, type_, &reason, &action, note).await });
+        tokio::spawn(async move { ctx.publish(&reference, type_, &reason, &action, note).await });
     }
 
     /// Publishes an event of its own without holding up the reconcile. The recorder folds
@@ -268,7 +269,7 @@ impl Context {
 
     async fn publish(
         &self,
-        dp: &DatabasePortal,
+        reference: &ObjectReference,
         type_: EventType,
         reason: &str,
         action: &str,
@@ -281,7 +282,7 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &dp.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&event, reference).await {
             warn!(error = %e, "could not publish event");
         }
     }
@@ -420,9 +421,10 @@ pub fn error_policy(dp: Arc<DatabasePortal>, error: &Error, ctx: Arc<Context>) -
     let delay = backoff(attempts);
     warn!(portal = %key(&dp), %error, attempts, ?delay, "reconcile failed; retrying");
     let note = error.to_string();
+    let reference = dp.object_ref(&());
     tokio::spawn(async move {
         ctx.publish(
-            &dp,
+            &reference,
             EventType::Warning,
             "ReconcileFailed",
             "Reconcile",
@@ -587,59 +589,67 @@ pub fn controller(
         pods,
     } = writers;
     let a = || applied.clone();
-    let mut controller = Controller::new(
+    // The DatabasePortals' store without their managed fields, which nothing reads;
+    // errors pass on to the controller as with its own watch.
+    let portals = Writer::<DatabasePortal>::default();
+    let portal_store = portals.as_reader();
+    let portal_watch = watcher(
         api::<DatabasePortal>(client, namespace),
         watcher::Config::default(),
     )
-    .owns_stream(child_watch(
-        metadata::<ConfigMap>(client, namespace, &config),
-        config_maps,
-        Kind::ConfigMap,
-        a(),
-        strip_metadata,
-    ))
-    .owns_stream(child_watch(
-        metadata::<ServiceAccount>(client, namespace, &config),
-        service_accounts,
-        Kind::ServiceAccount,
-        a(),
-        strip_metadata,
-    ))
-    .owns_stream(child_watch(
-        metadata::<Role>(client, namespace, &config),
-        roles,
-        Kind::Role,
-        a(),
-        strip_metadata,
-    ))
-    .owns_stream(child_watch(
-        metadata::<RoleBinding>(client, namespace, &config),
-        role_bindings,
-        Kind::RoleBinding,
-        a(),
-        strip_metadata,
-    ))
-    .owns_stream(child_watch(
-        watcher(api::<StatefulSet>(client, namespace), config.clone()),
-        stateful_sets,
-        Kind::StatefulSet,
-        a(),
-        strip_stateful_set,
-    ))
-    .owns_stream(child_watch(
-        metadata::<Service>(client, namespace, &config),
-        services,
-        Kind::Service,
-        a(),
-        strip_metadata,
-    ))
-    .owns_stream(child_watch(
-        watcher(api::<Certificate>(client, namespace), config.clone()),
-        certificates,
-        Kind::Certificate,
-        a(),
-        strip_certificate,
-    ));
+    .modify(|dp| dp.metadata.managed_fields = None)
+    .reflect(portals)
+    .applied_objects();
+    let mut controller = Controller::for_stream(portal_watch, portal_store)
+        .owns_stream(child_watch(
+            metadata::<ConfigMap>(client, namespace, &config),
+            config_maps,
+            Kind::ConfigMap,
+            a(),
+            strip_metadata,
+        ))
+        .owns_stream(child_watch(
+            metadata::<ServiceAccount>(client, namespace, &config),
+            service_accounts,
+            Kind::ServiceAccount,
+            a(),
+            strip_metadata,
+        ))
+        .owns_stream(child_watch(
+            metadata::<Role>(client, namespace, &config),
+            roles,
+            Kind::Role,
+            a(),
+            strip_metadata,
+        ))
+        .owns_stream(child_watch(
+            metadata::<RoleBinding>(client, namespace, &config),
+            role_bindings,
+            Kind::RoleBinding,
+            a(),
+            strip_metadata,
+        ))
+        .owns_stream(child_watch(
+            watcher(api::<StatefulSet>(client, namespace), config.clone()),
+            stateful_sets,
+            Kind::StatefulSet,
+            a(),
+            strip_stateful_set,
+        ))
+        .owns_stream(child_watch(
+            metadata::<Service>(client, namespace, &config),
+            services,
+            Kind::Service,
+            a(),
+            strip_metadata,
+        ))
+        .owns_stream(child_watch(
+            watcher(api::<Certificate>(client, namespace), config.clone()),
+            certificates,
+            Kind::Certificate,
+            a(),
+            strip_certificate,
+        ));
     // A portal's report (or its Pod's readiness) changed: reconcile its DatabasePortal.
     let pod_config = watcher::Config::default().labels(&portals::pod_selector());
     controller = controller.watches_stream(
