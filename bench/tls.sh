@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # TLS termination benchmark: the portal against HAProxy, same certificate (ECDSA P-256), same
 # thread count, same plaintext redis-server behind both, in one run.
-#   bench/tls.sh                 # 10 s of handshakes, 100k requests per redis-benchmark test
-#   SECONDS_HS=5 REQUESTS=50000 bench/tls.sh
+#   bench/tls.sh                 # 3 repetitions (medians): 10 s of handshakes, 100k requests
+#   SECONDS_HS=5 REQUESTS=50000 REPS=1 bench/tls.sh
+# Each repetition alternates which proxy goes first, so both see the same machine load.
 # Needs: openssl, haproxy, redis-server, redis-tools (redis-benchmark with --tls), a Rust
 # toolchain. Prints figures; it is not a test. Everything listens on 127.0.0.1; every process
 # it starts is stopped by its PID.
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 SECONDS_HS="${SECONDS_HS:-10}"
 REQUESTS="${REQUESTS:-100000}"
 CLIENTS="${CLIENTS:-50}"
+REPS="${REPS:-3}"
 THREADS="${THREADS:-$(nproc)}"
 
 [ -n "${NO_BUILD:-}" ] || cargo build --release -q -p dbportal-portal --bin portal
@@ -96,6 +98,7 @@ EOF
 pids+=($!)
 wait_port "$haproxy_port"
 
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "TLS benchmark: $(nproc) cores, $THREADS proxy threads, ECDSA P-256 certificate, redis-server $(redis-server --version | grep -o 'v=[0-9.]*')"
 echo "portal: $("$PORTAL_BIN" --version 2>/dev/null || echo portal) (rustls, ring)   haproxy: $(haproxy -v | head -1 | cut -d' ' -f3) ($(openssl version | cut -d' ' -f1-2))"
 echo
@@ -121,35 +124,53 @@ handshakes() { # port version -> connections per second (sum of both clients)
     printf '%.0f' "$total"
 }
 
-declare -A hs
-for version in -tls1_3 -tls1_2; do
-    hs[portal$version]="$(handshakes "$portal_port" "$version")"
-    hs[haproxy$version]="$(handshakes "$haproxy_port" "$version")"
-done
-
-printf '%-34s %12s %12s %8s\n' "full TLS handshakes/s (s_time -new)" portal haproxy ratio
-for version in -tls1_3 -tls1_2; do
-    p="${hs[portal$version]}"; h="${hs[haproxy$version]}"
-    printf '%-34s %12s %12s %8s\n' "  ${version#-}" "$p" "$h" \
-        "$(python3 -c "print(f'{$p / max($h, 1):.2f}')")"
-done
-echo
-
-# redis-benchmark over TLS: requests per second through each proxy.
+median() { # numbers... -> median
+    python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"
+}
+# redis-benchmark over TLS: requests per second through one proxy.
 rb() { # port -> "test rps" lines
     timeout 300 redis-benchmark --tls --cacert "$work/ca.pem" -h 127.0.0.1 -p "$1" \
         -n "$REQUESTS" -c "$CLIENTS" -t ping,set,get -q 2>/dev/null |
         tr '\r' '\n' | grep -E 'requests per second' |
         sed -E 's/^([A-Z_]+): ([0-9.]+) requests per second.*/\1 \2/'
 }
-rb "$portal_port" >"$work/rb.portal"
-rb "$haproxy_port" >"$work/rb.haproxy"
+
+declare -A hs
+for rep in $(seq 1 "$REPS"); do
+    if [ $((rep % 2)) -eq 1 ]; then order="portal haproxy"; else order="haproxy portal"; fi
+    for version in -tls1_3 -tls1_2; do
+        for proxy in $order; do
+            port="$portal_port"; [ "$proxy" = haproxy ] && port="$haproxy_port"
+            hs[$proxy$version]+=" $(handshakes "$port" "$version")"
+        done
+    done
+    for proxy in $order; do
+        port="$portal_port"; [ "$proxy" = haproxy ] && port="$haproxy_port"
+        rb "$port" >>"$work/rb.$proxy"
+    done
+    echo "repetition $rep/$REPS done" >&2
+done
+
+echo "$REPS repetitions, medians; load average before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+printf '%-34s %12s %12s %8s\n' "full TLS handshakes/s (s_time -new)" portal haproxy ratio
+for version in -tls1_3 -tls1_2; do
+    # shellcheck disable=SC2086
+    p="$(median ${hs[portal$version]})"; h="$(median ${hs[haproxy$version]})"
+    printf '%-34s %12s %12s %8s\n' "  ${version#-}" "$p" "$h" \
+        "$(python3 -c "print(f'{$p / max($h, 1):.2f}')")"
+done
+echo
+
 printf '%-34s %12s %12s %8s\n' "redis-benchmark over TLS, req/s" portal haproxy ratio
-while read -r test p; do
-    h="$(awk -v t="$test" '$1 == t {print $2}' "$work/rb.haproxy")"
+for test in $(awk '{print $1}' "$work/rb.portal" | awk '!seen[$0]++'); do
+    # shellcheck disable=SC2046
+    p="$(median $(awk -v t="$test" '$1 == t {print $2}' "$work/rb.portal"))"
+    # shellcheck disable=SC2046
+    h="$(median $(awk -v t="$test" '$1 == t {print $2}' "$work/rb.haproxy"))"
     printf '%-34s %12.0f %12.0f %8s\n' "  $test (-c $CLIENTS)" "$p" "${h:-0}" \
         "$(python3 -c "print(f'{$p / max(${h:-0}, 1):.2f}')")"
-done <"$work/rb.portal"
+done
 echo
 echo "portal RSS after the run: $(ps -o rss= -p "${pids[1]}" | tr -d ' ') KiB;" \
     "haproxy: $(ps -o rss= -p "${pids[2]}" | tr -d ' ') KiB"

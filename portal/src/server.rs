@@ -15,7 +15,7 @@ use std::{
 };
 
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{watch, Notify},
 };
 use tracing::{debug, info, warn, Instrument};
@@ -34,6 +34,8 @@ use crate::{
 #[derive(Debug)]
 pub struct State {
     pub metrics: Arc<Metrics>,
+    /// The open sessions, checked again on each configuration or health change.
+    pub sessions: Arc<session::Sessions>,
     pub reload: ReloadStatus,
     /// Connections counted against `limits.maxConnections` (admitted or being admitted).
     connections: AtomicUsize,
@@ -48,6 +50,7 @@ impl State {
     pub fn new(reload: ReloadStatus) -> Self {
         State {
             metrics: Arc::new(Metrics::default()),
+            sessions: Arc::default(),
             reload,
             connections: AtomicUsize::new(0),
             per_client: Mutex::new(HashMap::new()),
@@ -215,8 +218,16 @@ pub async fn run_with_tls(
     };
     let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stopped));
     let generations = tokio::spawn(count_generations(shared.config.clone(), state.clone()));
+    let control = tokio::spawn(session::control_sessions(shared.clone()));
+    let shards = match Shards::start(Shards::count()) {
+        Ok(shards) => Some(shards),
+        Err(e) => {
+            warn!(error = %e, "no data plane threads; sessions run on the main runtime");
+            None
+        }
+    };
 
-    accept_loop(&listener, &shared, shutdown).await;
+    accept_loop(&listener, &shared, shards.as_ref(), shutdown).await;
     drop(listener);
 
     state.draining.store(true, Relaxed);
@@ -237,7 +248,94 @@ pub async fn run_with_tls(
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
     generations.abort();
+    control.abort();
     tls_task.abort();
+    drop(shards);
+}
+
+/// The data plane's threads: each runs a single-threaded runtime of its own (its own epoll
+/// and timers), and a session lives on one of them from accept to close. A session's socket
+/// events, its wake-ups and its polls then stay on one thread: no work stealing, no waking of
+/// another worker per readiness event, as in a proxy with one event loop per thread.
+struct Shards {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    next: AtomicUsize,
+}
+
+impl Shards {
+    /// One per core, or `TOKIO_WORKER_THREADS`.
+    fn count() -> usize {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    fn start(count: usize) -> io::Result<Shards> {
+        let mut shards = Shards {
+            handles: Vec::with_capacity(count),
+            stops: Vec::with_capacity(count),
+            next: AtomicUsize::new(0),
+        };
+        for i in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            shards.handles.push(runtime.handle().clone());
+            shards.stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("portal-data-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    // Dropping the runtime drops the sessions still on it.
+                })?;
+        }
+        Ok(shards)
+    }
+
+    /// Runs a session on the next thread, round robin. The socket is moved to that thread's
+    /// event loop.
+    fn spawn<F, Fut>(&self, stream: TcpStream, session: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Ok(std) = stream.into_std() else { return };
+        let i = self.next.fetch_add(1, Relaxed) % self.handles.len();
+        self.handles[i].spawn(async move {
+            match TcpStream::from_std(std) {
+                Ok(stream) => session(stream).await,
+                Err(e) => warn!(error = %e, "a session's socket could not be registered"),
+            }
+        });
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Where sessions run: on the data plane's threads, or on the caller's runtime.
+fn spawn_session<F, Fut>(shards: Option<&Shards>, stream: TcpStream, span: tracing::Span, f: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match shards {
+        Some(shards) => shards.spawn(stream, move |s| f(s).instrument(span)),
+        None => {
+            tokio::spawn(f(stream).instrument(span));
+        }
+    }
 }
 
 async fn count_generations(mut config: watch::Receiver<Arc<Config>>, state: Arc<State>) {
@@ -258,7 +356,12 @@ async fn count_generations(mut config: watch::Receiver<Arc<Config>>, state: Arc<
     }
 }
 
-async fn accept_loop(listener: &TcpListener, shared: &Shared, shutdown: impl Future<Output = ()>) {
+async fn accept_loop(
+    listener: &TcpListener,
+    shared: &Shared,
+    shards: Option<&Shards>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let state = &shared.state;
     let mut backoff = Duration::ZERO;
@@ -295,14 +398,17 @@ async fn accept_loop(listener: &TcpListener, shared: &Shared, shutdown: impl Fut
         let span = tracing::info_span!("session", client = %peer, backend = tracing::field::Empty);
         if config.proxy_protocol.accept {
             // Admission waits for the address the header carries.
-            let task = session::serve_proxied(stream, peer, permit, config, shared.clone());
-            tokio::spawn(task.instrument(span));
+            let shared = shared.clone();
+            spawn_session(shards, stream, span, move |stream| {
+                session::serve_proxied(stream, peer, permit, config, shared)
+            });
         } else {
             match admit(state, &config, peer.ip()) {
                 Ok(client) => {
-                    let task =
-                        session::serve(stream, peer, (permit, client), config, shared.clone());
-                    tokio::spawn(task.instrument(span));
+                    let shared = shared.clone();
+                    spawn_session(shards, stream, span, move |stream| {
+                        session::serve(stream, peer, (permit, client), config, shared)
+                    });
                 }
                 Err(why) => {
                     state.metrics.reject(why);

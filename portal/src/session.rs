@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, Ordering, Ordering::Relaxed},
         Arc, Mutex,
     },
-    task::{Context, Poll, Wake, Waker},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -29,7 +29,7 @@ use crate::{
     proxy_protocol::{self, Header},
     route,
     server::{admit, ClientPermit, ConnectionPermit, Shared},
-    splice::Splice,
+    splice::{Splice, Tcp},
     tls::{Negotiation, Pending, Untouched},
 };
 
@@ -171,7 +171,7 @@ async fn negotiate(
         // Each phase is boxed: an async fn's future is as large as its largest state, and a
         // plaintext session must not carry the room of a TLS handshake while it idles.
         return Box::pin(proxy(
-            Untouched(stream),
+            Untouched(Tcp::new(stream)),
             peer,
             early,
             permits,
@@ -182,7 +182,7 @@ async fn negotiate(
     }
     // Phase one (TLS handshake, PostgreSQL negotiation) before any backend is used; MySQL's
     // in-protocol upgrade waits for the backend's greeting in `proxy`.
-    match Box::pin(terminator.accept_with(stream, early)).await {
+    match Box::pin(terminator.accept_with(Tcp::new(stream), early)).await {
         Ok(accepted) => {
             let pending = Pending {
                 terminator,
@@ -208,7 +208,7 @@ pub async fn proxy<N>(
     config: Arc<Config>,
     mut shared: Shared,
 ) where
-    N: Negotiation<TcpStream>,
+    N: Negotiation<Tcp>,
     N::Client: 'static,
     N::Server: 'static,
 {
@@ -226,12 +226,13 @@ pub async fn proxy<N>(
         state.metrics.reject(Rejection::NoBackend);
         return;
     };
+    let server = Tcp::new(server);
     let (name, stats) = backend;
     let mut to_server = Vec::new();
     if config.proxy_protocol.send {
         let local = peer
             .local
-            .or_else(|| server.local_addr().ok())
+            .or_else(|| server.get_ref().local_addr().ok())
             .unwrap_or(peer.client);
         to_server = proxy_protocol::encode_v2(peer.client, local);
     }
@@ -281,6 +282,18 @@ pub async fn proxy<N>(
     stats.active.fetch_add(1, Relaxed);
     stats.sessions.fetch_add(1, Relaxed);
     debug!("session open");
+    let registration = match state.sessions.register(&shared, peer.client.ip(), name) {
+        Ok(r) => r,
+        Err(reason) => {
+            // A change published while the session was being set up already excludes it.
+            metrics.closed(reason);
+            metrics.active_sessions.fetch_sub(1, Relaxed);
+            stats.active.fetch_sub(1, Relaxed);
+            debug!(reason = reason.as_str(), "session closed");
+            return;
+        }
+    };
+    drop(shared);
 
     let splice = Splice::new(
         client,
@@ -291,14 +304,10 @@ pub async fn proxy<N>(
         metrics.clone(),
     );
     drop(config);
-    let control = watch_control(shared, peer.client.ip(), name);
     let established = Established {
         splice,
-        control,
-        gate: Arc::new(Gate {
-            woken: AtomicBool::new(true),
-            session: Mutex::new(None),
-        }),
+        registration,
+        registered_waker: false,
         metrics: state.metrics.clone(),
         stats,
         permits: Some(permits),
@@ -308,81 +317,218 @@ pub async fn proxy<N>(
     tokio::spawn(established.instrument(tracing::Span::current()));
 }
 
-/// Resolves when a configuration or health change means the session must close, or when the
-/// drain timeout ran out.
-async fn watch_control(mut shared: Shared, client_ip: IpAddr, backend: String) -> CloseReason {
-    let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
-    loop {
-        tokio::select! {
-            r = shared.config.changed(), if config_open => {
-                if r.is_err() { config_open = false; continue; }
-                let c = shared.config.borrow_and_update().clone();
-                if let Err(why) = keep_session(&c, &shared.health.borrow(), client_ip, &backend) {
-                    return why;
-                }
+/// The open sessions, for the checks a configuration or health change makes on each of them.
+/// One task ([`control_sessions`]) evaluates them all on each change; a session holds only its
+/// slot and a small [`Close`] handle, not watch subscriptions of its own.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    client: IpAddr,
+    backend: String,
+    close: Arc<Close>,
+}
+
+/// How the control side tells one session to close, and why.
+#[derive(Debug, Default)]
+pub struct Close {
+    closing: AtomicBool,
+    state: Mutex<CloseState>,
+}
+
+#[derive(Debug, Default)]
+struct CloseState {
+    reason: Option<CloseReason>,
+    waker: Option<Waker>,
+}
+
+impl Close {
+    /// Asks the session to close with `reason` (the first reason given wins).
+    pub fn close(&self, reason: CloseReason) {
+        let waker = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.reason.get_or_insert(reason);
+            self.closing.store(true, Ordering::Release);
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The reason to close, if asked; otherwise registers `cx`'s waker when `register` is set.
+    fn poll_reason(&self, cx: &Context<'_>, register: bool) -> Option<CloseReason> {
+        if register {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.reason.is_none() {
+                st.waker = Some(cx.waker().clone());
             }
-            r = shared.health.changed(), if health_open => {
-                if r.is_err() { health_open = false; continue; }
-                let h = shared.health.borrow_and_update().clone();
-                if let Err(why) = keep_session(&shared.config.borrow(), &h, client_ip, &backend) {
-                    return why;
-                }
+        }
+        if !self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).reason
+    }
+}
+
+impl Sessions {
+    /// Registers an open session, unless the configuration, health view or shutdown in force
+    /// already means it must close (then the reason).
+    pub fn register(
+        self: &Arc<Self>,
+        shared: &Shared,
+        client: IpAddr,
+        backend: String,
+    ) -> Result<Registration, CloseReason> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: a change published before this point is seen here, one
+        // published after it is applied by `control_sessions` to this entry.
+        if *shared.kill.borrow() {
+            return Err(CloseReason::Shutdown);
+        }
+        keep_session(
+            &shared.config.borrow(),
+            &shared.health.borrow(),
+            client,
+            &backend,
+        )?;
+        let close = Arc::new(Close::default());
+        let entry = Some(Entry {
+            client,
+            backend,
+            close: close.clone(),
+        });
+        let key = match slots.free.pop() {
+            Some(k) => {
+                slots.entries[k] = entry;
+                k
             }
-            r = shared.kill.changed(), if kill_open => {
-                if r.is_err() { kill_open = false; continue; }
-                if *shared.kill.borrow() { return CloseReason::Shutdown; }
+            None => {
+                slots.entries.push(entry);
+                slots.entries.len() - 1
             }
-            else => return std::future::pending().await,
+        };
+        Ok(Registration {
+            sessions: self.clone(),
+            key,
+            close,
+        })
+    }
+
+    /// Open sessions registered.
+    pub fn len(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entries.len() - slots.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes the sessions `decide` gives a reason for.
+    fn close_where(&self, mut decide: impl FnMut(IpAddr, &str) -> Option<CloseReason>) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for e in slots.entries.iter().flatten() {
+            if let Some(why) = decide(e.client, &e.backend) {
+                e.close.close(why);
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// An open session's slot in [`Sessions`], freed on drop.
+#[derive(Debug)]
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    key: usize,
+    close: Arc<Close>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut slots = self
+            .sessions
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slots.entries[self.key] = None;
+        if slots.entries.len() == slots.free.len() + 1 {
+            // The last open session: give the slots back.
+            slots.entries = Vec::new();
+            slots.free = Vec::new();
+        } else {
+            slots.free.push(self.key);
         }
     }
 }
 
-/// Wakes the session for its control future only, and records that it did.
-#[derive(Debug, Default)]
-struct Gate {
-    woken: AtomicBool,
-    session: Mutex<Option<Waker>>,
-}
-
-impl Wake for Gate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        if let Some(w) = self
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            w.wake_by_ref();
+/// Applies configuration and health changes, and the drain timeout, to every open session:
+/// one task for all of them. Runs until the channels close.
+pub async fn control_sessions(mut shared: Shared) {
+    let sessions = shared.state.sessions.clone();
+    let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
+    shared.config.borrow_and_update();
+    shared.health.borrow_and_update();
+    shared.kill.borrow_and_update();
+    loop {
+        tokio::select! {
+            r = shared.config.changed(), if config_open => {
+                if r.is_err() { config_open = false; continue; }
+            }
+            r = shared.health.changed(), if health_open => {
+                if r.is_err() { health_open = false; continue; }
+            }
+            r = shared.kill.changed(), if kill_open => {
+                if r.is_err() { kill_open = false; continue; }
+            }
+            else => return,
+        }
+        if *shared.kill.borrow_and_update() {
+            sessions.close_where(|_, _| Some(CloseReason::Shutdown));
+            continue;
+        }
+        let config = shared.config.borrow_and_update().clone();
+        let health = shared.health.borrow_and_update().clone();
+        let closed = sessions
+            .close_where(|client, backend| keep_session(&config, &health, client, backend).err());
+        if closed > 0 {
+            debug!(
+                closed,
+                "sessions closed by a configuration or health change"
+            );
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An open session: the splice until it ends or `control` resolves. The control future
-    /// (watch channels shared by every session) is polled only when one of its own wakers
-    /// fired, not on every data wake-up: polling it costs a lock on each channel's waiter list.
-    struct Established<C, S, F> {
+    /// An open session: the splice until it ends or the control side asks it to close.
+    struct Established<C, S> {
         #[pin]
         splice: Splice<C, S>,
-        #[pin]
-        control: F,
-        gate: Arc<Gate>,
+        registration: Registration,
+        registered_waker: bool,
         metrics: Arc<crate::metrics::Metrics>,
         stats: Arc<BackendStats>,
         permits: Option<(ConnectionPermit, ClientPermit)>,
     }
 }
 
-impl<C, S, F> Future for Established<C, S, F>
+impl<C, S> Future for Established<C, S>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
-    F: Future<Output = CloseReason>,
 {
     type Output = ();
 
@@ -396,15 +542,12 @@ where
                 outcome.reason()
             }
             Poll::Pending => {
-                if !this.gate.woken.swap(false, Ordering::AcqRel) {
-                    return Poll::Pending;
-                }
-                *this.gate.session.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(cx.waker().clone());
-                let waker = Waker::from(this.gate.clone());
-                match this.control.poll(&mut Context::from_waker(&waker)) {
-                    Poll::Ready(why) => why,
-                    Poll::Pending => return Poll::Pending,
+                // The task's waker does not change while it lives: register it once.
+                let register = !*this.registered_waker;
+                *this.registered_waker = true;
+                match this.registration.close.poll_reason(cx, register) {
+                    Some(why) => why,
+                    None => return Poll::Pending,
                 }
             }
         };
@@ -562,6 +705,104 @@ mod tests {
         assert!(backend_keeps_sessions(&keep, &h, "a"));
     }
 
+    #[tokio::test]
+    async fn a_change_closes_the_sessions_it_excludes_and_only_those() {
+        use crate::{reload::ReloadStatus, server::State};
+        let yaml = |cidrs: &str| {
+            format!("engine: tcp\nport: 1\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"127.0.0.1:1\"}}]\nallowedCIDRs: [{cidrs}]\n")
+        };
+        let config = |cidrs: &str| {
+            Arc::new(
+                crate::config::parse_yaml(&yaml(cidrs))
+                    .unwrap()
+                    .validate()
+                    .unwrap(),
+            )
+        };
+        let state = Arc::new(State::new(ReloadStatus::default()));
+        let (config_tx, config_rx) = tokio::sync::watch::channel(config("127.0.0.0/8"));
+        let (_h, health) = tokio::sync::watch::channel(HealthView::default());
+        let (kill_tx, kill) = tokio::sync::watch::channel(false);
+        let shared = Shared {
+            state: state.clone(),
+            config: config_rx,
+            health,
+            checker: None,
+            kill,
+            tls: crate::tls::TlsRuntime::new_or_closed(&config("127.0.0.0/8")),
+        };
+        let sessions = state.sessions.clone();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let kept = sessions
+            .register(&shared, ip("127.0.0.2"), "a".into())
+            .unwrap();
+        let cut = sessions
+            .register(&shared, ip("127.0.0.3"), "a".into())
+            .unwrap();
+        let gone = sessions
+            .register(&shared, ip("127.0.0.4"), "a".into())
+            .unwrap();
+        drop(gone);
+        assert_eq!(sessions.len(), 2);
+        let control = tokio::spawn(control_sessions(shared.clone()));
+        // A waiting session is woken with the reason.
+        let waiting = {
+            let close = cut.close.clone();
+            tokio::spawn(async move {
+                let mut first = true;
+                std::future::poll_fn(|cx| {
+                    let register = std::mem::take(&mut first);
+                    match close.poll_reason(cx, register) {
+                        Some(why) => Poll::Ready(why),
+                        None => Poll::Pending,
+                    }
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        config_tx.send(config("127.0.0.2/32")).unwrap();
+        let why = timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(why, CloseReason::Policy);
+        let noop = Waker::noop();
+        let cx = Context::from_waker(noop);
+        assert_eq!(kept.close.poll_reason(&cx, false), None);
+        // Registering under a configuration that excludes the client fails at once.
+        assert_eq!(
+            sessions
+                .register(&shared, ip("127.0.0.5"), "a".into())
+                .unwrap_err(),
+            CloseReason::Policy
+        );
+        // The slot of a closed session is reused.
+        drop(cut);
+        let again = sessions
+            .register(&shared, ip("127.0.0.2"), "a".into())
+            .unwrap();
+        assert_eq!(sessions.len(), 2);
+        // The drain timeout closes every session.
+        kill_tx.send(true).unwrap();
+        for close in [&kept.close, &again.close] {
+            let close = close.clone();
+            let why = timeout(
+                Duration::from_secs(10),
+                std::future::poll_fn(move |cx| match close.poll_reason(cx, true) {
+                    Some(why) => Poll::Ready(why),
+                    None => Poll::Pending,
+                }),
+            )
+            .await
+            .unwrap();
+            assert_eq!(why, CloseReason::Shutdown);
+        }
+        drop((kept, again));
+        assert!(sessions.is_empty());
+        control.abort();
+    }
+
     /// What an open, idle session holds in its task besides its sockets' kernel state.
     #[tokio::test]
     async fn an_open_session_task_stays_small() {
@@ -594,17 +835,22 @@ mod tests {
             state.try_client(peer.ip(), 0).unwrap(),
         );
         let splice = Splice::new(
-            client,
-            server,
+            Tcp::new(client),
+            Tcp::new(server),
             Duration::from_secs(1),
             Duration::from_secs(1),
             Vec::new(),
             state.metrics.clone(),
         );
+        let registration = state
+            .sessions
+            .register(&shared, peer.ip(), "a".into())
+            .unwrap();
+        assert_eq!(state.sessions.len(), 1);
         let established = Established {
             splice,
-            control: watch_control(shared, peer.ip(), "a".into()),
-            gate: Arc::new(Gate::default()),
+            registration,
+            registered_waker: false,
             metrics: state.metrics.clone(),
             stats: state.metrics.backend("a"),
             permits: Some(permits),
@@ -612,9 +858,6 @@ mod tests {
         .instrument(tracing::Span::none());
         let size = std::mem::size_of_val(&established);
         println!("open session task future: {size} bytes");
-        assert!(
-            size <= 1280,
-            "an open session's future grew to {size} bytes"
-        );
+        assert!(size <= 640, "an open session's future grew to {size} bytes");
     }
 }

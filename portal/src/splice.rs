@@ -8,11 +8,17 @@
 //!
 //! Inactivity is tracked by storing the instant of the last progress in each direction; the
 //! single timer is re-armed only when it fires, never on the data path.
+//!
+//! The read buffer is one initialized 64 KiB buffer per worker thread, borrowed for the
+//! duration of a read and its write-through: no session owns it, and nothing is zeroed per
+//! read. [`Tcp`] is the socket type the data plane reads from: a read shorter than the buffer
+//! means the kernel's receive queue is drained, so it waits for the next readiness event
+//! instead of issuing a read that would only return `EAGAIN`.
 
 use std::{
+    cell::RefCell,
     future::Future,
     io,
-    mem::MaybeUninit,
     pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
@@ -21,14 +27,148 @@ use std::{
 
 use pin_project_lite::pin_project;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
+    net::TcpStream,
     time::{Instant, Sleep},
 };
 
 use crate::metrics::{CloseReason, Direction, Metrics};
 
-/// Size of the stack buffer one read goes into.
+/// Size of the buffer one read goes into.
 pub const READ_SIZE: usize = 64 * 1024;
+
+thread_local! {
+    /// The read buffer of the sessions polled on this thread, allocated on first use.
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's read buffer (initialized, [`READ_SIZE`] bytes).
+fn with_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() != READ_SIZE {
+                buf.resize(READ_SIZE, 0);
+            }
+            f(&mut buf)
+        }
+        // A pump polled from inside another one (not done by the data plane) gets its own.
+        Err(_) => f(&mut vec![0; READ_SIZE]),
+    })
+}
+
+/// A TCP socket as the data plane uses it: tokio's [`TcpStream`], except that a read that
+/// returns fewer bytes than the buffer could take clears the read readiness. The kernel
+/// returns a short read only when the receive queue is empty, so the next read would be
+/// `EAGAIN`; skipping it saves one system call per burst and direction. The readiness
+/// snapshot is taken before the read (inside `try_io`), so an event that arrives meanwhile is
+/// kept, and a peer's FIN stays visible (tokio never clears the closed state).
+#[derive(Debug)]
+pub struct Tcp {
+    stream: TcpStream,
+    /// Read system calls issued, for the tests.
+    #[cfg(test)]
+    reads: usize,
+}
+
+impl Tcp {
+    pub fn new(stream: TcpStream) -> Tcp {
+        Tcp {
+            stream,
+            #[cfg(test)]
+            reads: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    pub fn into_inner(self) -> TcpStream {
+        self.stream
+    }
+
+    /// Reads into `dst` (not empty); `Ok(0)` is the end of the stream.
+    fn poll_read_slice(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
+        let want = dst.len();
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let stream = &self.stream;
+            #[cfg(test)]
+            {
+                self.reads += 1;
+            }
+            let mut short = 0;
+            // The outer `try_io` snapshots the readiness before the read and clears exactly that
+            // snapshot when the closure reports `WouldBlock`, which it does after a short read
+            // (keeping the bytes in `short`).
+            let r = stream.try_io(Interest::READABLE, || {
+                let n = stream.try_read(dst)?;
+                if n != 0 && n < want {
+                    short = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match r {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if short != 0 {
+                        return Poll::Ready(Ok(short));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Tcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Free when the caller's buffer is initialized, as the data plane's are.
+        let dst = buf.initialize_unfilled();
+        if dst.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.get_mut().poll_read_slice(cx, dst))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Tcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the socket.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
 /// Reads per direction per poll before yielding to other sessions.
 const BUDGET: usize = 16;
 
@@ -209,7 +349,24 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    with_buffer(|buf| pump_with(cx, src, dst, h, metrics, dir, buf))
+}
+
+fn pump_with<R, W>(
+    cx: &mut Context<'_>,
+    src: &mut R,
+    dst: &mut W,
+    h: &mut Half,
+    metrics: &Metrics,
+    dir: Direction,
+    buf: &mut [u8],
+) -> Poll<io::Result<()>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut budget = BUDGET;
+    let mut rb = ReadBuf::new(buf);
     loop {
         if let Some(buf) = &h.pending {
             while h.pos < buf.len() {
@@ -241,8 +398,7 @@ where
         }
         budget -= 1;
 
-        let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
-        let mut rb = ReadBuf::uninit(&mut stack);
+        rb.clear();
         match Pin::new(&mut *src).poll_read(cx, &mut rb) {
             Poll::Pending => {
                 if h.need_flush {
@@ -369,6 +525,126 @@ mod tests {
             Arc::new(Metrics::default()),
         );
         assert!(matches!(splice.await, Outcome::ServerIdle));
+    }
+
+    async fn tcp_pair() -> (Tcp, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        (Tcp::new(ours), peer)
+    }
+
+    /// Polls one read once: `None` when it is pending.
+    async fn read_once(tcp: &mut Tcp, buf: &mut [u8]) -> Option<usize> {
+        std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(buf);
+            Poll::Ready(match Pin::new(&mut *tcp).poll_read(cx, &mut rb) {
+                Poll::Ready(r) => {
+                    r.unwrap();
+                    Some(rb.filled().len())
+                }
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// Reads until something arrives (bounded: a lost wake-up fails the test).
+    async fn read_some(tcp: &mut Tcp, buf: &mut [u8]) -> usize {
+        tokio::time::timeout(Duration::from_secs(10), tcp.read(buf))
+            .await
+            .expect("no wake-up after new data or FIN")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_short_read_waits_for_readiness_instead_of_reading_again() {
+        let (mut tcp, mut peer) = tcp_pair().await;
+        let mut buf = [0u8; 64];
+        peer.write_all(b"0123456789").await.unwrap();
+        tcp.get_ref().readable().await.unwrap();
+        assert_eq!(read_once(&mut tcp, &mut buf).await, Some(10));
+        assert_eq!(tcp.reads, 1);
+        // Drained: the next poll waits for readiness without a system call.
+        assert_eq!(read_once(&mut tcp, &mut buf).await, None);
+        assert_eq!(tcp.reads, 1, "a read after a short read");
+        // New data wakes the reader again.
+        peer.write_all(b"more").await.unwrap();
+        assert_eq!(read_some(&mut tcp, &mut buf).await, 4);
+        assert_eq!(&buf[..4], b"more");
+        // Data followed by FIN: the short read does not hide the end of the stream.
+        peer.write_all(b"last").await.unwrap();
+        peer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            let n = read_some(&mut tcp, &mut buf).await;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"last");
+    }
+
+    #[tokio::test]
+    async fn a_full_read_keeps_reading() {
+        let (mut tcp, mut peer) = tcp_pair().await;
+        peer.write_all(&[7u8; 100]).await.unwrap();
+        tcp.get_ref().readable().await.unwrap();
+        let mut buf = [0u8; 40];
+        assert_eq!(read_once(&mut tcp, &mut buf).await, Some(40));
+        assert_eq!(read_once(&mut tcp, &mut buf).await, Some(40));
+        assert_eq!(read_once(&mut tcp, &mut buf).await, Some(20));
+        assert_eq!(tcp.reads, 3);
+        assert_eq!(read_once(&mut tcp, &mut buf).await, None);
+        assert_eq!(tcp.reads, 3);
+        // A FIN alone (no data) is an immediate end of stream.
+        drop(peer);
+        assert_eq!(read_some(&mut tcp, &mut buf).await, 0);
+    }
+
+    #[tokio::test]
+    async fn splices_tcp_both_ways() {
+        let (client_side, mut client) = tcp_pair().await;
+        let (server_side, mut server) = tcp_pair().await;
+        let metrics = Arc::new(Metrics::default());
+        let task = tokio::spawn(Splice::new(
+            client_side,
+            server_side,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            Vec::new(),
+            metrics.clone(),
+        ));
+        // Request/response rounds of odd sizes, then a bulk transfer larger than the buffer.
+        for round in 1..50usize {
+            let request = vec![round as u8; round * 37];
+            client.write_all(&request).await.unwrap();
+            let mut got = vec![0u8; request.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, request);
+            server.write_all(&request[..round]).await.unwrap();
+            let mut back = vec![0u8; round];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, request[..round]);
+        }
+        let big: Vec<u8> = (0..(3 * READ_SIZE + 123) as u32).map(|i| i as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == big, "bulk bytes differ");
+        let client = writer.await.unwrap();
+        drop(server);
+        let outcome = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Done), "{outcome:?}");
+        drop(client);
     }
 
     #[tokio::test]
