@@ -14,12 +14,12 @@ mod tlsca;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::Arc,
 };
 
 use common::Portal;
 use portal::health::{spawn_checker, HealthHandle, HealthView, StandaloneCredentials};
+use servers::{run, skip_without};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::watch,
@@ -127,23 +127,6 @@ async fn wait_leader(checker: &HealthHandle) {
     wait_view(checker, "db0 leads", |v| v.leader_name() == Some("db0")).await;
 }
 
-/// Runs a client program (at most 30 s) off the runtime: (success, stdout, stderr).
-async fn run(program: &str, args: &[String], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("30").arg(program).args(args).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
-}
-
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -162,15 +145,6 @@ async fn redis_cli(portal: &Portal, ca: Option<&Path>, cmd: &[&str]) -> (bool, S
     ]));
     args.extend(strings(cmd));
     run("redis-cli", &args, &[]).await
-}
-
-fn skip_without(programs: &[&str]) -> bool {
-    let missing: Vec<_> = programs.iter().filter(|p| !servers::installed(p)).collect();
-    if !missing.is_empty() {
-        eprintln!("skipped: {missing:?} not installed");
-        return true;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

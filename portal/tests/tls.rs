@@ -10,7 +10,6 @@ mod tlsca;
 
 use std::{
     path::PathBuf,
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -20,6 +19,7 @@ use std::{
 
 use common::{metric, Portal, PortalProcess, RedisServer, TestServer};
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use servers::{run, skip_without};
 use tlsca::{Leaf, TestCa};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -85,23 +85,6 @@ impl Pki {
     }
 }
 
-/// Runs a program (bounded by `timeout`) off the runtime; returns (success, stdout, stderr).
-async fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("30").arg(program).args(args).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
-}
-
 async fn tls_connect(
     addr: std::net::SocketAddr,
     config: Arc<rustls::ClientConfig>,
@@ -139,15 +122,6 @@ async fn redis_ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         return Err(std::io::Error::other(format!("reply {reply:?}")));
     }
     Ok(())
-}
-
-fn skip_without(programs: &[&str]) -> bool {
-    let missing: Vec<_> = programs.iter().filter(|p| !servers::installed(p)).collect();
-    if !missing.is_empty() {
-        eprintln!("skipped: {missing:?} not installed");
-        return true;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

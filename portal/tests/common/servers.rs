@@ -27,6 +27,38 @@ pub fn installed(program: &str) -> bool {
         })
 }
 
+/// Whether a test must skip because one of `programs` is not installed (and says which).
+pub fn skip_without(programs: &[&str]) -> bool {
+    let missing: Vec<_> = programs.iter().filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
+        eprintln!("skipped: {missing:?} not installed");
+        return true;
+    }
+    false
+}
+
+/// Runs a client program (at most 30 s, through `timeout`) off the async runtime:
+/// (success, stdout, stderr), both trimmed.
+pub async fn run<A: AsRef<std::ffi::OsStr>>(
+    program: &str,
+    args: &[A],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("30").arg(program).args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
 /// A private directory, removed when dropped.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
