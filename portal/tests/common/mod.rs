@@ -547,9 +547,14 @@ pub struct PortalProcess {
 
 impl PortalProcess {
     pub fn spawn(config: &Path) -> PortalProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_portal"))
-            .arg("--config")
-            .arg(config)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portal"));
+        cmd.arg("--config").arg(config);
+        Self::spawn_command(cmd)
+    }
+
+    /// The built `portal` binary as `cmd` sets it up (arguments, environment), logging at info.
+    pub fn spawn_command(mut cmd: Command) -> PortalProcess {
+        let child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
