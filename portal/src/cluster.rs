@@ -104,13 +104,44 @@ impl Report {
 
 type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
-/// A watch of the one object named `name`, reconnecting with kube's default backoff.
+/// A watch of the one object named `name`, reconnecting with kube's default backoff; the
+/// first event after a failure is logged, so an outage's end shows in the log as its start does.
 fn watch_named<K>(api: Api<K>, name: &str) -> Events<K>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(api, config).default_backoff().boxed()
+    let object = format!("{} {name}", K::kind(&()));
+    watcher(api, config)
+        .default_backoff()
+        .scan(false, move |failing, event| {
+            if event.is_ok() && *failing {
+                info!(object = %object, "watch restored");
+            }
+            *failing = event.is_err();
+            futures::future::ready(Some(event))
+        })
+        .boxed()
+}
+
+/// An error with its causes, outermost first: "failed to start watching object: ...: Connection refused".
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// What an event says about the watched object.
@@ -133,7 +164,7 @@ async fn next_change<K>(events: &mut Events<K>, what: &str) -> Option<Change<K>>
             Ok(watcher::Event::InitDone) => return Some(Change::Listed),
             Ok(watcher::Event::Init) => {}
             Err(e) => {
-                warn!(object = what, error = %e, "watch failed; keeping the current state and retrying with backoff");
+                warn!(object = what, error = %causes(&e), "watch failed; keeping the current state and retrying with backoff");
             }
         }
     }
@@ -470,6 +501,15 @@ async fn patch_report(pods: &Api<Pod>, pod: &str, report: &Report) -> anyhow::Re
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn causes_lists_each_cause_once() {
+        let inner =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let outer = anyhow::Error::new(inner).context("failed to start watching object");
+        let text = super::causes(outer.as_ref());
+        assert_eq!(text, "failed to start watching object: connection refused");
+    }
+
     use k8s_openapi::ByteString;
 
     use super::*;

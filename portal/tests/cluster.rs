@@ -738,6 +738,21 @@ async fn portal_serves_through_an_api_outage_and_reconnects() {
     );
     assert_eq!(echo_roundtrip(&mut held, b"after").await.unwrap(), b"after");
     served_by(addr, "a").await.unwrap();
+    // ... and the log says the watch is back, and why it had failed (the cause, not only
+    // the outermost error).
+    {
+        let log = portal.log.lock().unwrap();
+        assert!(
+            log.iter()
+                .any(|l| l.contains("watch restored")
+                    && l.contains(&format!("ConfigMap {CONFIGMAP}"))),
+            "no log line about the restored watch: {log:?}"
+        );
+        assert!(
+            outage_lines.iter().any(|l| l.matches(": ").count() >= 2),
+            "the failed watch is logged without its cause: {outage_lines:?}"
+        );
+    }
 
     for line in portal.log.lock().unwrap().iter() {
         if line.contains("portal::cluster") {
