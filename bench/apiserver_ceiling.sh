@@ -14,7 +14,12 @@ n=${1:-1000}
 shift || true
 concurrencies=("${@:-16}")
 export DBPORTAL_LCP_SERVICE_CIDR=${DBPORTAL_LCP_SERVICE_CIDR:-10.96.0.0/16}
-cargo build --release -p dbportal-operator --bin operator
+# DBPORTAL_OPERATOR_BIN: an operator binary already built (skips the build).
+operator=${DBPORTAL_OPERATOR_BIN:-}
+if [[ -z $operator ]]; then
+    cargo build --release -p dbportal-operator --bin operator
+    operator=target/release/operator
+fi
 kubectl=$(e2e/local-control-plane.sh bin-dir)/kubectl
 work=$(mktemp -d "${TMPDIR:-/tmp}/dbportal-ceiling.XXXXXX")
 plane=$work/plane
@@ -51,7 +56,7 @@ spec:
   tls: {mode: disabled}
 EOF
 POD_NAMESPACE=dbportal-system POD_NAME=ceiling DBPORTAL_METRICS_ADDRESS=127.0.0.1:0 RUST_LOG=warn \
-    target/release/operator >"$work/operator.log" 2>&1 &
+    "$operator" >"$work/operator.log" 2>&1 &
 operator_pid=$!
 children=(cm/tmpl-portal sts/tmpl-portal svc/tmpl-portal svc/tmpl-portal-0 svc/tmpl-portal-1
     sa/tmpl-portal role/tmpl-portal rolebinding/tmpl-portal pdb/tmpl-portal)
