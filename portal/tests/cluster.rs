@@ -220,9 +220,8 @@ fn der_of(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
-    let plane = ControlPlane::start("cluster").expect("control plane");
+/// The admin client of `plane`, with the namespace `NS` created and the portal's Role granted.
+async fn portal_namespace(plane: &ControlPlane) -> kube::Client {
     let admin = plane.admin().await.unwrap();
     Api::<Namespace>::all(admin.clone())
         .create(
@@ -238,6 +237,13 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         .await
         .unwrap();
     grant(&admin).await;
+    admin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
+    let plane = ControlPlane::start("cluster").expect("control plane");
+    let admin = portal_namespace(&plane).await;
 
     let a = TestServer::named("a").await;
     let b = TestServer::named("b").await;
@@ -602,21 +608,7 @@ async fn max_connections(admin: SocketAddr) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portal_serves_through_an_api_outage_and_reconnects() {
     let plane = ControlPlane::start("outage").expect("control plane");
-    let admin = plane.admin().await.unwrap();
-    Api::<Namespace>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NS.into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    grant(&admin).await;
+    let admin = portal_namespace(&plane).await;
 
     let a = TestServer::named("a").await;
     let (listen, admin_port) = (free_port(), free_port());
