@@ -663,6 +663,37 @@ async fn connect_one(address: &Address) -> io::Result<TcpStream> {
 mod tests {
     use super::*;
 
+    /// The senders that drive a test's `Shared`; dropping one ends its channel.
+    struct Drivers {
+        config_tx: tokio::sync::watch::Sender<Arc<Config>>,
+        _health_tx: tokio::sync::watch::Sender<HealthView>,
+        kill_tx: tokio::sync::watch::Sender<bool>,
+    }
+
+    /// What the sessions share, serving `config` with no health checker and no TLS.
+    fn shared(config: Arc<Config>) -> (Shared, Drivers) {
+        let state = Arc::new(crate::server::State::new(
+            crate::reload::ReloadStatus::default(),
+        ));
+        let (config_tx, config_rx) = tokio::sync::watch::channel(config.clone());
+        let (_health_tx, health) = tokio::sync::watch::channel(HealthView::default());
+        let (kill_tx, kill) = tokio::sync::watch::channel(false);
+        let shared = Shared {
+            state,
+            config: config_rx,
+            health,
+            checker: None,
+            kill,
+            tls: crate::tls::TlsRuntime::new_or_closed(&config),
+        };
+        let drivers = Drivers {
+            config_tx,
+            _health_tx,
+            kill_tx,
+        };
+        (shared, drivers)
+    }
+
     #[test]
     fn keep_session_follows_the_allow_list() {
         let yaml = "engine: redis\nrouting: {mode: first}\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\nallowedCIDRs: [127.0.0.2/32]\n";
@@ -707,7 +738,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_closes_the_sessions_it_excludes_and_only_those() {
-        use crate::{reload::ReloadStatus, server::State};
         let yaml = |cidrs: &str| {
             format!("engine: tcp\nport: 1\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"127.0.0.1:1\"}}]\nallowedCIDRs: [{cidrs}]\n")
         };
@@ -719,18 +749,15 @@ mod tests {
                     .unwrap(),
             )
         };
-        let state = Arc::new(State::new(ReloadStatus::default()));
-        let (config_tx, config_rx) = tokio::sync::watch::channel(config("127.0.0.0/8"));
-        let (_h, health) = tokio::sync::watch::channel(HealthView::default());
-        let (kill_tx, kill) = tokio::sync::watch::channel(false);
-        let shared = Shared {
-            state: state.clone(),
-            config: config_rx,
-            health,
-            checker: None,
-            kill,
-            tls: crate::tls::TlsRuntime::new_or_closed(&config("127.0.0.0/8")),
-        };
+        let (
+            shared,
+            Drivers {
+                config_tx,
+                kill_tx,
+                _health_tx: _health,
+            },
+        ) = shared(config("127.0.0.0/8"));
+        let state = shared.state.clone();
         let sessions = state.sessions.clone();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let kept = sessions
@@ -806,7 +833,6 @@ mod tests {
     /// What an open, idle session holds in its task besides its sockets' kernel state.
     #[tokio::test]
     async fn an_open_session_task_stays_small() {
-        use crate::{reload::ReloadStatus, server::State};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
@@ -818,18 +844,8 @@ mod tests {
                 .validate()
                 .unwrap(),
         );
-        let state = Arc::new(State::new(ReloadStatus::default()));
-        let (_c, config_rx) = tokio::sync::watch::channel(config.clone());
-        let (_h, health) = tokio::sync::watch::channel(HealthView::default());
-        let (_k, kill) = tokio::sync::watch::channel(false);
-        let shared = Shared {
-            state: state.clone(),
-            config: config_rx,
-            health,
-            checker: None,
-            kill,
-            tls: crate::tls::TlsRuntime::new_or_closed(&config),
-        };
+        let (shared, _drivers) = shared(config);
+        let state = shared.state.clone();
         let permits = (
             state.try_connection(10).unwrap(),
             state.try_client(peer.ip(), 0).unwrap(),
