@@ -19,7 +19,7 @@ use std::{
 };
 
 use common::{closed_within, echo_roundtrip, free_port, http_get, PortalProcess, TestServer};
-use control_plane::{eventually_ok, ControlPlane, PORTAL_USER};
+use control_plane::{eventually, ControlPlane, PORTAL_USER};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec, Secret},
     rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
@@ -289,7 +289,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         }),
         ..Default::default()
     };
-    eventually_ok("create the Pod", PROPAGATION, || async {
+    eventually("create the Pod", PROPAGATION, || async {
         // The namespace's default service account appears shortly after the namespace.
         pods.create(&PostParams::default(), &pod).await?;
         Ok(())
@@ -312,7 +312,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
     }));
 
     // It serves the ConfigMap's configuration.
-    eventually_ok("served by a", PROPAGATION, || served_by(addr, "a"))
+    eventually("served by a", PROPAGATION, || served_by(addr, "a"))
         .await
         .unwrap();
 
@@ -327,7 +327,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         ),
     )
     .await;
-    eventually_ok("served by b", PROPAGATION, || served_by(addr, "b"))
+    eventually("served by b", PROPAGATION, || served_by(addr, "b"))
         .await
         .unwrap();
 
@@ -342,7 +342,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         ),
     )
     .await;
-    eventually_ok("loopback refused", PROPAGATION, || async {
+    eventually("loopback refused", PROPAGATION, || async {
         let mut s = TcpStream::connect(addr).await?;
         anyhow::ensure!(closed_within(&mut s, Duration::from_secs(2)).await);
         Ok(())
@@ -356,7 +356,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         "tls: {mode: disabled}",
     );
     set_config(&configmaps, &served).await;
-    eventually_ok("served by b again", PROPAGATION, || served_by(addr, "b"))
+    eventually("served by b again", PROPAGATION, || served_by(addr, "b"))
         .await
         .unwrap();
 
@@ -371,7 +371,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         ),
     )
     .await;
-    let status = eventually_ok("refusal in /status", PROPAGATION, || async {
+    let status = eventually("refusal in /status", PROPAGATION, || async {
         let (code, body) = http_get(admin_addr, "/status").await;
         anyhow::ensure!(code == 200, "status {code}");
         let v: serde_json::Value = serde_json::from_str(&body)?;
@@ -391,7 +391,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
     served_by(addr, "b").await.unwrap();
     // Invalid YAML too.
     set_config(&configmaps, "engine: [tcp\n").await;
-    eventually_ok("second refusal", PROPAGATION, || async {
+    eventually("second refusal", PROPAGATION, || async {
         let (_, body) = http_get(admin_addr, "/status").await;
         let v: serde_json::Value = serde_json::from_str(&body)?;
         anyhow::ensure!(v["config"]["reload"]["reloadsFailed"] == 2, "{v}");
@@ -402,7 +402,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
     served_by(addr, "b").await.unwrap();
 
     // The report on the Pod.
-    let report = eventually_ok("report on the Pod", PROPAGATION, || async {
+    let report = eventually("report on the Pod", PROPAGATION, || async {
         let p = pods.get(POD).await?;
         let text = p
             .metadata
@@ -429,7 +429,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         ),
     )
     .await;
-    eventually_ok("first certificate", PROPAGATION, || async {
+    eventually("first certificate", PROPAGATION, || async {
         anyhow::ensure!(served_certificate_pem_der(addr).await? == der_of(&cert1));
         Ok(())
     })
@@ -449,7 +449,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         })
         .await
         .unwrap();
-    eventually_ok("rotated certificate", PROPAGATION, || async {
+    eventually("rotated certificate", PROPAGATION, || async {
         anyhow::ensure!(served_certificate_pem_der(addr).await? == der_of(&cert2));
         Ok(())
     })
@@ -461,7 +461,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         .patch(TLS_SECRET, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    eventually_ok("refused pair in /status", PROPAGATION, || async {
+    eventually("refused pair in /status", PROPAGATION, || async {
         let (_, body) = http_get(admin_addr, "/status").await;
         let v: serde_json::Value = serde_json::from_str(&body)?;
         anyhow::ensure!(
@@ -645,7 +645,7 @@ async fn portal_serves_through_an_api_outage_and_reconnects() {
         .env_remove("KUBERNETES_SERVICE_HOST");
     let mut portal = PortalProcess::spawn_command(cmd);
     let (addr, admin_addr) = (portal.addr, portal.admin);
-    eventually_ok("served by a", PROPAGATION, || served_by(addr, "a"))
+    eventually("served by a", PROPAGATION, || served_by(addr, "a"))
         .await
         .unwrap();
     assert_eq!(max_connections(admin_addr).await, 100);
@@ -713,7 +713,7 @@ async fn portal_serves_through_an_api_outage_and_reconnects() {
     // Restored: the portal reconnects by itself and applies the change made meanwhile.
     forwarder.restore();
     let restored = Instant::now();
-    eventually_ok(
+    eventually(
         "change applied after the outage",
         Duration::from_secs(30),
         || async {

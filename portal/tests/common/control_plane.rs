@@ -1,7 +1,10 @@
 //! A private local control plane (etcd + kube-apiserver + kube-controller-manager on loopback)
 //! per test binary, started through `e2e/local-control-plane.sh` and stopped (by PID) when
 //! dropped, or by the script's watchdog if the test process dies first. Besides the admin
-//! identity it has a `portal` user with no rights until a test grants some.
+//! identity it has the operator's (the script's `operator.kubeconfig`) and a portal user, both
+//! with no rights until a test grants some.
+//!
+//! The portal's and the operator's tests share this file (the operator's through `#[path]`).
 #![allow(dead_code)]
 
 use std::{
@@ -38,6 +41,8 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 pub struct ControlPlane {
     pub dir: PathBuf,
     pub admin_kubeconfig: PathBuf,
+    /// Kubeconfig of the operator's identity.
+    pub operator_kubeconfig: PathBuf,
     /// Kubeconfig of [`PORTAL_USER`].
     pub portal_kubeconfig: PathBuf,
 }
@@ -62,10 +67,8 @@ impl ControlPlane {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "dbportal-portal-{name}-{}-{nanos}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("dbportal-{name}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let token = format!("{nanos:x}{:x}", std::process::id());
         let tokens = dir.join("extra-tokens.csv");
@@ -81,6 +84,7 @@ impl ControlPlane {
         .with_context(|| format!("starting the control plane in {}", dir.display()));
         let plane = ControlPlane {
             admin_kubeconfig: dir.join("admin.kubeconfig"),
+            operator_kubeconfig: dir.join("operator.kubeconfig"),
             portal_kubeconfig: dir.join("portal.kubeconfig"),
             dir,
         };
@@ -116,6 +120,10 @@ impl ControlPlane {
         client(&self.admin_kubeconfig).await
     }
 
+    pub async fn operator(&self) -> anyhow::Result<Client> {
+        client(&self.operator_kubeconfig).await
+    }
+
     pub async fn portal(&self) -> anyhow::Result<Client> {
         client(&self.portal_kubeconfig).await
     }
@@ -139,7 +147,7 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
 }
 
 /// Retries `f` every 100 ms until it succeeds or `timeout` passes; then fails with its error.
-pub async fn eventually_ok<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
