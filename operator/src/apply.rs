@@ -4,12 +4,13 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
 };
 use kube::{Client, Resource, ResourceExt};
 use serde::{de::DeserializeOwned, Serialize};
@@ -19,7 +20,9 @@ use crate::build::{Children, MANAGER};
 use crate::certificate::Certificate;
 use crate::error::api_code;
 use crate::metrics::Metrics;
-use crate::track::{self, hash_of, must_apply, ChildKey, Kind, Record, Stores};
+use crate::track::{
+    self, fields_of, hash_of, verdict, ChildKey, Kind, Recheck, Record, Stores, Verdict,
+};
 use crate::{Error, Result};
 
 /// Which optional APIs the server serves, found once at start.
@@ -97,6 +100,8 @@ pub struct Known<'a> {
     pub stores: &'a Stores,
     pub applied: &'a track::Applied,
     pub metrics: &'a Metrics,
+    /// When to look again at children left to a lagging watch.
+    pub recheck: &'a Recheck,
 }
 
 impl Known<'_> {
@@ -106,18 +111,28 @@ impl Known<'_> {
         let hash = hash_of(object);
         let last = self.applied.get(key);
         let observed = self.stores.resource_version(key);
-        let apply = must_apply(last.as_ref(), hash, observed.as_deref());
-        self.metrics.child_apply(apply);
+        let verdict = verdict(last.as_ref(), hash, observed.as_deref(), Instant::now());
+        if let Verdict::Lagging(after) = verdict {
+            self.recheck.within(after);
+        }
+        let apply = verdict == Verdict::Apply;
+        self.metrics.child_apply(key.kind, apply);
         apply.then_some(hash)
     }
 
-    fn record(&self, key: ChildKey, hash: u64, resource_version: Option<String>) {
-        match resource_version {
+    fn record(&self, key: ChildKey, hash: u64, returned: &ObjectMeta) {
+        // The watch may have delivered the apply before its response arrived.
+        let seen = returned.resource_version.is_some()
+            && self.stores.resource_version(&key) == returned.resource_version;
+        match returned.resource_version.clone() {
             Some(resource_version) => self.applied.record(
                 key,
                 Record {
                     hash,
                     resource_version,
+                    at: Instant::now(),
+                    seen,
+                    fields: fields_of(returned),
                 },
             ),
             None => self.applied.forget(&key),
@@ -154,7 +169,7 @@ where
             name,
             source,
         })?;
-    known.record(key, hash, applied.resource_version());
+    known.record(key, hash, applied.meta());
     Ok(Some(applied))
 }
 
@@ -180,10 +195,14 @@ where
     if let Some(watched) = watched() {
         return Ok((*watched).clone());
     }
+    let key = ChildKey::new(kind, namespace, &object.name_any());
+    if known.applied.lagging(&key) {
+        // Created moments ago and not delivered by the watch yet: the desired object, without
+        // status, stands in for it.
+        return Ok(object.clone());
+    }
     // Gone from the store since the check: apply it again.
-    known
-        .applied
-        .forget(&ChildKey::new(kind, namespace, &object.name_any()));
+    known.applied.forget(&key);
     ssa(client, known, kind, namespace, object)
         .await?
         .ok_or(Error::MissingObjectKey("metadata.resourceVersion"))
@@ -253,7 +272,7 @@ pub async fn apply(
                 name,
                 source,
             })?;
-        known.record(key, hash, applied.resource_version());
+        known.record(key, hash, applied.meta());
         Ok(false)
     };
     let certificate_applied = async {

@@ -19,6 +19,7 @@ use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -30,7 +31,7 @@ use crate::certificate::Certificate;
 use crate::metrics::Metrics;
 use crate::portals::{self, Aggregate, PortalPod};
 use crate::status::{self, reason, Observation, DEGRADED};
-use crate::track::{self, ChildKey, Kind, Stores, Writers};
+use crate::track::{self, ChildKey, Kind, Recheck, Stores, Writers};
 use crate::validate::{validate, Validated};
 use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
 
@@ -203,11 +204,12 @@ impl Context {
         recheck
     }
 
-    fn known(&self) -> Known<'_> {
+    fn known<'a>(&'a self, recheck: &'a Recheck) -> Known<'a> {
         Known {
             stores: &self.stores,
             applied: &self.applied,
             metrics: &self.metrics,
+            recheck,
         }
     }
 
@@ -344,7 +346,15 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
     };
     let uid = dp.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let children = build(dp, &valid, &ctx.settings)?;
-    let applied = apply(&ctx.client, &ctx.support, ctx.known(), &uid, &children).await?;
+    let lagging = Recheck::default();
+    let applied = apply(
+        &ctx.client,
+        &ctx.support,
+        ctx.known(&lagging),
+        &uid,
+        &children,
+    )
+    .await?;
     let mut observation = Observation::from_applied(dp, &applied);
     let views = ctx.portal_views(dp, &valid).await;
     let mut recheck = None;
@@ -391,7 +401,11 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
         (_, Err(())) => PODS_RECHECK,
         _ => RESYNC,
     };
-    Ok(Action::requeue(recheck.map_or(next, |r| r.min(next))))
+    let soonest = [recheck, lagging.get()]
+        .into_iter()
+        .flatten()
+        .fold(next, Duration::min);
+    Ok(Action::requeue(soonest))
 }
 
 /// Writes `new` unless it is the status the DatabasePortal already has (condition transition
@@ -464,31 +478,48 @@ impl Watched {
     }
 }
 
-/// A child watch: reflects into `writer` (after `strip`), forgets the record of a deleted
-/// child, backs off on its own when failing (the Certificate watch fails while cert-manager is
-/// not installed), and yields the touched children for `owns_stream`.
+/// A child watch: reflects into `writer` (after `strip`), follows the records of the
+/// operator's applies (its own version delivered, a later version leaving its fields alone
+/// adopted, a deleted child forgotten), backs off on its own when failing (the Certificate
+/// watch fails while cert-manager is not installed), and yields the touched children for
+/// `owns_stream`.
 fn child_watch<K>(
     stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     writer: Writer<K>,
     kind: Kind,
     applied: Arc<track::Applied>,
     strip: fn(&mut K),
+    dyntype: K::DynamicType,
 ) -> impl Stream<Item = watcher::Result<K>> + Send + 'static
 where
     K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let forget = move |event: &watcher::Result<watcher::Event<K>>| {
-        if let Ok(watcher::Event::Delete(child)) = event {
-            let key = ChildKey::new(
+    // Before `strip` drops the managed fields, and before the store holds the event.
+    let store = writer.as_reader();
+    let follow = move |event: &watcher::Result<watcher::Event<K>>| {
+        let key = |child: &K| {
+            ChildKey::new(
                 kind,
                 child.meta().namespace.as_deref().unwrap_or_default(),
                 child.meta().name.as_deref().unwrap_or_default(),
-            );
-            applied.forget(&key);
+            )
+        };
+        match event {
+            Ok(watcher::Event::Delete(child)) => applied.forget(&key(child)),
+            Ok(watcher::Event::Apply(child) | watcher::Event::InitApply(child)) => {
+                if let Some(rv) = child.meta().resource_version.as_deref() {
+                    let stored = store.get(&ObjectRef::from_obj_with(child, dyntype.clone()));
+                    let stored = stored
+                        .as_ref()
+                        .and_then(|s| s.meta().resource_version.as_deref());
+                    applied.observe(&key(child), rv, track::fields_of(child.meta()), stored);
+                }
+            }
+            _ => {}
         }
     };
-    reflected(stream.inspect(forget), writer, strip, kind)
+    reflected(stream.inspect(follow), writer, strip, kind)
 }
 
 /// A watch reflected into `writer` after `strip`, backing off on its own, yielding the
@@ -607,6 +638,7 @@ pub fn controller(
             Kind::ConfigMap,
             a(),
             strip_metadata,
+            (),
         ))
         .owns_stream(child_watch(
             metadata::<ServiceAccount>(client, namespace, &config),
@@ -614,6 +646,7 @@ pub fn controller(
             Kind::ServiceAccount,
             a(),
             strip_metadata,
+            (),
         ))
         .owns_stream(child_watch(
             metadata::<Role>(client, namespace, &config),
@@ -621,6 +654,7 @@ pub fn controller(
             Kind::Role,
             a(),
             strip_metadata,
+            (),
         ))
         .owns_stream(child_watch(
             metadata::<RoleBinding>(client, namespace, &config),
@@ -628,6 +662,7 @@ pub fn controller(
             Kind::RoleBinding,
             a(),
             strip_metadata,
+            (),
         ))
         .owns_stream(child_watch(
             watcher(api::<StatefulSet>(client, namespace), config.clone()),
@@ -635,6 +670,7 @@ pub fn controller(
             Kind::StatefulSet,
             a(),
             strip_stateful_set,
+            (),
         ))
         .owns_stream(child_watch(
             metadata::<Service>(client, namespace, &config),
@@ -642,6 +678,7 @@ pub fn controller(
             Kind::Service,
             a(),
             strip_metadata,
+            (),
         ))
         .owns_stream(child_watch(
             watcher(api::<Certificate>(client, namespace), config.clone()),
@@ -649,6 +686,7 @@ pub fn controller(
             Kind::Certificate,
             a(),
             strip_certificate,
+            (),
         ));
     // A portal's report (or its Pod's readiness) changed: reconcile its DatabasePortal.
     let pod_config = watcher::Config::default().labels(&portals::pod_selector());
@@ -677,6 +715,7 @@ pub fn controller(
                 Kind::PodDisruptionBudget,
                 a(),
                 strip_metadata,
+                resource.clone(),
             ),
             resource.clone(),
         );

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::track::Kind;
 use crate::Error;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,6 +22,14 @@ struct ErrorLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabels {
+    /// `sent`, or `skipped` (nothing changed since the last one).
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApplyLabels {
+    /// The child's kind (`ConfigMap`, `Service`, ...).
+    kind: &'static str,
     /// `sent`, or `skipped` (nothing changed since the last one).
     result: &'static str,
 }
@@ -38,7 +47,7 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
-    applies: Family<WriteLabels, Counter>,
+    applies: Family<ApplyLabels, Counter>,
     status_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
 }
@@ -51,7 +60,7 @@ impl Default for Metrics {
         // 1 ms .. ~16 s
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let leader = Gauge::default();
-        let applies = Family::<WriteLabels, Counter>::default();
+        let applies = Family::<ApplyLabels, Counter>::default();
         let status_writes = Family::<WriteLabels, Counter>::default();
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
@@ -118,12 +127,13 @@ impl Metrics {
         self.reconciles.get()
     }
 
-    pub fn child_apply(&self, sent: bool) {
-        self.applies.get_or_create(&result(sent)).inc();
-    }
-
-    pub fn child_applies(&self, sent: bool) -> u64 {
-        self.applies.get_or_create(&result(sent)).get()
+    pub fn child_apply(&self, kind: Kind, sent: bool) {
+        self.applies
+            .get_or_create(&ApplyLabels {
+                kind: kind.as_str(),
+                result: result(sent).result,
+            })
+            .inc();
     }
 
     pub fn status_write(&self, sent: bool) {
@@ -154,13 +164,16 @@ mod tests {
         m.failure(&Error::InvalidSpec(vec![]));
         m.failure(&Error::MissingObjectKey("uid"));
         m.reconcile_finished(Duration::from_millis(3));
-        m.child_apply(true);
-        m.child_apply(false);
-        m.child_apply(false);
+        m.child_apply(Kind::Service, true);
+        m.child_apply(Kind::Service, false);
+        m.child_apply(Kind::Service, false);
+        m.child_apply(Kind::ConfigMap, false);
         m.status_write(false);
         let text = m.encode();
         assert!(
-            text.contains(r#"dbportal_operator_child_applies_total{result="skipped"} 2"#),
+            text.contains(
+                r#"dbportal_operator_child_applies_total{kind="Service",result="skipped"} 2"#
+            ),
             "{text}"
         );
         assert!(

@@ -903,6 +903,74 @@ async fn portal_reports(admin: Client) -> anyhow::Result<()> {
     .await
 }
 
+/// A counter of the operator's `/metrics` (the sum of its series matching `series`).
+async fn counter(operator: SocketAddr, series: &str) -> anyhow::Result<f64> {
+    let text = http_get(operator, "/metrics").await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A write by someone else that leaves the operator's fields alone (an annotation of their
+/// own) is not applied over; one that takes over a field of the operator's is undone.
+async fn others_writes(admin: Client, operator: SocketAddr) -> anyhow::Result<()> {
+    const SENT: &str = r#"dbportal_operator_child_applies_total{kind="ConfigMap",result="sent"}"#;
+    const RECONCILES: &str = "dbportal_operator_reconciles_total";
+    let ns = "bravo";
+    let cms = Api::<ConfigMap>::namespaced(admin.clone(), ns);
+    let someone_else = PatchParams {
+        field_manager: Some("someone-else".into()),
+        ..PatchParams::default()
+    };
+    let sent = counter(operator, SENT).await?;
+    let reconciles = counter(operator, RECONCILES).await?;
+    cms.patch(
+        "orders-portal",
+        &someone_else,
+        &Patch::Merge(json!({"metadata": {"annotations": {"example.com/note": "mine"}}})),
+    )
+    .await?;
+    eventually("a reconcile after the annotation", WAIT, || async {
+        ensure!(
+            counter(operator, RECONCILES).await? > reconciles,
+            "none yet"
+        );
+        Ok(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = counter(operator, SENT).await?;
+    ensure!(
+        after == sent,
+        "the ConfigMap was applied again ({sent} -> {after} applies) after a write that left the operator's fields alone"
+    );
+    let cm = cms.get("orders-portal").await?;
+    ensure!(
+        cm.annotations().get("example.com/note").map(String::as_str) == Some("mine"),
+        "the other writer's annotation is gone: {:?}",
+        cm.annotations()
+    );
+
+    cms.patch(
+        "orders-portal",
+        &someone_else,
+        &Patch::Merge(json!({"metadata": {"labels": {"app.kubernetes.io/name": "taken"}}})),
+    )
+    .await?;
+    eventually("the operator's label restored", WAIT, || async {
+        let cm = cms.get("orders-portal").await?;
+        let label = cm.labels().get("app.kubernetes.io/name").cloned();
+        ensure!(label.as_deref() != Some("taken"), "still taken: {label:?}");
+        Ok(())
+    })
+    .await?;
+    let after = counter(operator, SENT).await?;
+    ensure!(after > sent, "restored without an apply counted ({after})");
+    Ok(())
+}
+
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
     let started = std::time::Instant::now();
     let out = f.await;
@@ -964,6 +1032,10 @@ fn operator_on_a_real_apiserver() {
         match timed(cert_manager_appears(admin.clone())).await {
             (Ok(()), took) => eprintln!("ok: cert_manager_appears ({took:.1?})"),
             (Err(e), _) => failures.push(format!("cert_manager_appears: {e:#}")),
+        }
+        match timed(others_writes(admin.clone(), primary.http)).await {
+            (Ok(()), took) => eprintln!("ok: others_writes ({took:.1?})"),
+            (Err(e), _) => failures.push(format!("others_writes: {e:#}")),
         }
 
         let metrics = http_get(primary.http, "/metrics").await?;
