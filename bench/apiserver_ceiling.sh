@@ -2,7 +2,10 @@
 # The API server's ceiling for the operator benchmark: how long the local control plane takes
 # to server-side-apply the children of N DatabasePortals with no operator involved.
 #
-#   bench/apiserver_ceiling.sh [N] [CONCURRENCY...]     (defaults: 1000, 16)
+#   bench/apiserver_ceiling.sh [--floor] [N] [CONCURRENCY...]     (defaults: 1000, 16)
+#
+# --floor: every write the contract asks for (the DatabasePortals' creation, their children,
+# one status write and one event each), see bench/apiserver_ceiling.py.
 #
 # Starts a private control plane (as bench/operator.sh does), lets the release operator
 # reconcile one DatabasePortal to get its exact children, stops the operator, then for each
@@ -10,6 +13,11 @@
 # (bench/apiserver_ceiling.py). Figures are recorded in bench/OPERATOR.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+floor=()
+if [[ ${1:-} == --floor ]]; then
+    floor=(--floor)
+    shift
+fi
 n=${1:-1000}
 shift || true
 concurrencies=("${@:-16}")
@@ -64,7 +72,11 @@ for _ in $(seq 1 60); do
     "$kubectl" get -n bench-0 "${children[@]}" >/dev/null 2>&1 && break
     sleep 0.5
 done
-"$kubectl" get -n bench-0 "${children[@]}" -o json >"$work/children.json"
+for _ in $(seq 1 60); do
+    [[ $("$kubectl" get -n bench-0 dbp/tmpl -o 'jsonpath={.status.observedGeneration}') == 1 ]] && break
+    sleep 0.5
+done
+"$kubectl" get -n bench-0 "${children[@]}" dbp/tmpl -o json >"$work/children.json"
 kill "$operator_pid"
 wait "$operator_pid" 2>/dev/null || true
 operator_pid=
@@ -72,6 +84,6 @@ operator_pid=
 for c in "${concurrencies[@]}"; do
     start_plane
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    python3 bench/apiserver_ceiling.py "$KUBECONFIG" "$work/children.json" "$n" "$c" "${namespaces[@]}"
+    python3 bench/apiserver_ceiling.py "${floor[@]}" "$KUBECONFIG" "$work/children.json" "$n" "$c" "${namespaces[@]}"
     echo "load after:  $(cut -d' ' -f1-3 /proc/loadavg)"
 done
