@@ -4,9 +4,8 @@
 
 #[path = "../../../portal/tests/common/control_plane.rs"]
 mod control_plane;
-pub use control_plane::{eventually, ControlPlane};
+pub use control_plane::{eventually, repo_root, ControlPlane};
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -19,13 +18,6 @@ use kube::{Api, Client};
 
 pub const OPERATOR_NAMESPACE: &str = "dbportal-system";
 pub const OPERATOR_SA: &str = "dbportal-operator";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// Creates a CRD through the API (as `kubectl create --validate=false` would) and waits until
 /// it is established.

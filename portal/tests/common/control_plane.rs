@@ -22,11 +22,18 @@ use kube::{
 /// The user name of the portal's identity.
 pub const PORTAL_USER: &str = "dbportal-portal-test";
 
+/// The repository's root, from the `CARGO_MANIFEST_DIR` cargo sets when it runs the test
+/// rather than the one compiled in: a build cache shared by two checkouts must not send one
+/// checkout's tests to the other's scripts.
+pub fn repo_root() -> PathBuf {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().unwrap_or(Path::new("..")).to_path_buf()
+}
+
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("e2e/local-control-plane.sh")
+    repo_root().join("e2e/local-control-plane.sh")
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
