@@ -249,9 +249,15 @@ def main():
         f.write(text + "\n")
 
 
-try:
-    main()
-finally:
+def cleanup():
+    """Stops every process this module started (by PID) and removes its temp dir."""
     for proc in list(started):
         stop(proc)
     shutil.rmtree(TMP, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        cleanup()

@@ -924,14 +924,17 @@ async fn others_writes(admin: Client, operator: SocketAddr) -> anyhow::Result<()
         field_manager: Some("someone-else".into()),
         ..PatchParams::default()
     };
+    // Another writer's merge patch of the ConfigMap's metadata.
+    let write_metadata = |metadata: serde_json::Value| {
+        let (cms, params) = (cms.clone(), someone_else.clone());
+        async move {
+            let patch = Patch::Merge(json!({ "metadata": metadata }));
+            cms.patch("orders-portal", &params, &patch).await
+        }
+    };
     let sent = counter(operator, SENT).await?;
     let reconciles = counter(operator, RECONCILES).await?;
-    cms.patch(
-        "orders-portal",
-        &someone_else,
-        &Patch::Merge(json!({"metadata": {"annotations": {"example.com/note": "mine"}}})),
-    )
-    .await?;
+    write_metadata(json!({"annotations": {"example.com/note": "mine"}})).await?;
     eventually("a reconcile after the annotation", WAIT, || async {
         ensure!(
             counter(operator, RECONCILES).await? > reconciles,
@@ -953,12 +956,7 @@ async fn others_writes(admin: Client, operator: SocketAddr) -> anyhow::Result<()
         cm.annotations()
     );
 
-    cms.patch(
-        "orders-portal",
-        &someone_else,
-        &Patch::Merge(json!({"metadata": {"labels": {"app.kubernetes.io/name": "taken"}}})),
-    )
-    .await?;
+    write_metadata(json!({"labels": {"app.kubernetes.io/name": "taken"}})).await?;
     eventually("the operator's label restored", WAIT, || async {
         let cm = cms.get("orders-portal").await?;
         let label = cm.labels().get("app.kubernetes.io/name").cloned();
