@@ -50,6 +50,11 @@ start_plane() {
     for ns in "${namespaces[@]}" dbportal-system; do "$kubectl" create namespace "$ns" >/dev/null; done
 }
 
+# CPU seconds the whole machine spent busy (not idle or waiting for I/O), from /proc/stat.
+busy_cpu_seconds() {
+    awk '/^cpu / {print ($2 + $3 + $4 + $7 + $8 + $9) / 100; exit}' /proc/stat
+}
+
 start_plane
 "$kubectl" apply -f - >/dev/null <<'EOF'
 apiVersion: dbportal.dev/v1alpha1
@@ -84,6 +89,9 @@ operator_pid=
 for c in "${concurrencies[@]}"; do
     start_plane
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    busy_before=$(busy_cpu_seconds)
+    started=$(date +%s.%N)
     python3 bench/apiserver_ceiling.py "${floor[@]}" "$KUBECONFIG" "$work/children.json" "$n" "$c" "${namespaces[@]}"
+    echo "machine CPU busy: $(awk "BEGIN {printf \"%.1f of %.1f CPU-s\", $(busy_cpu_seconds) - $busy_before, ($(date +%s.%N) - $started) * $(nproc)}") (everything running)"
     echo "load after:  $(cut -d' ' -f1-3 /proc/loadavg)"
 done

@@ -6,7 +6,10 @@ per request, and voluntary / involuntary context switches per 1,000 requests of 
 (all its threads) and of redis-server. Loopback only; every process it starts is stopped by
 PID at the end.
 
-    bench/sched.py [P] [REPS]        (PORTAL_BIN as for bench/dataplane.py)
+    bench/sched.py [P] [REPS]
+
+Builds the release portal first (a stale binary would measure an older data path), unless
+PORTAL_BIN names one.
 
 Figures: bench/RESULTS.md ("Scheduling").
 """
@@ -35,6 +38,9 @@ def switches(pid):
 
 
 def main():
+    if "PORTAL_BIN" not in os.environ:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "dbportal-portal", "--bin", "portal"],
+                       cwd=bench.ROOT, check=True)
     pipeline = sys.argv[1] if len(sys.argv) > 1 else "1"
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     requests = 300_000 if pipeline == "1" else 2_000_000

@@ -368,6 +368,13 @@ mod tests {
         verdict(last, hash, observed, now) == Verdict::Apply
     }
 
+    /// Whether a child applied just now as "100" with hash 7 (`seen` by the watch or not)
+    /// must be applied for `hash` while the store holds `observed`.
+    fn must_apply_now(seen: bool, hash: u64, observed: Option<&str>) -> bool {
+        let now = Instant::now();
+        must_apply(Some(&record(7, "100", seen, now)), hash, observed, now)
+    }
+
     #[test]
     fn an_untouched_child_is_not_applied_again() {
         let now = Instant::now();
@@ -392,20 +399,13 @@ mod tests {
     #[test]
     fn a_deleted_child_is_applied() {
         // The watch delivered the apply, then the deletion.
-        let now = Instant::now();
-        assert!(must_apply(Some(&record(7, "100", true, now)), 7, None, now));
+        assert!(must_apply_now(true, 7, None));
     }
 
     #[test]
     fn an_edited_child_is_applied() {
         // Someone else changed it after the watch delivered the apply: new resourceVersion.
-        let now = Instant::now();
-        assert!(must_apply(
-            Some(&record(7, "100", true, now)),
-            7,
-            Some("105"),
-            now
-        ));
+        assert!(must_apply_now(true, 7, Some("105")));
     }
 
     #[test]
@@ -430,19 +430,8 @@ mod tests {
 
     #[test]
     fn a_changed_desired_object_is_applied_at_once() {
-        let now = Instant::now();
-        assert!(must_apply(
-            Some(&record(7, "100", true, now)),
-            8,
-            Some("100"),
-            now
-        ));
-        assert!(must_apply(
-            Some(&record(7, "100", false, now)),
-            8,
-            Some("99"),
-            now
-        ));
+        assert!(must_apply_now(true, 8, Some("100")));
+        assert!(must_apply_now(false, 8, Some("99")));
     }
 
     #[test]
