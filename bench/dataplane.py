@@ -66,8 +66,8 @@ def stop(p):
 
 def start_proxy(kind, backend_port):
     port = free_port()
-    if kind == "haproxy":
-        cfg = os.path.join(TMP, "haproxy.cfg")
+    if kind.startswith("haproxy"):
+        cfg = os.path.join(TMP, f"haproxy-{port}.cfg")
         with open(cfg, "w") as f:
             f.write(f"""global
     nbthread {THREADS}
@@ -82,7 +82,7 @@ listen bench
     server b0 127.0.0.1:{backend_port}
 """)
         return spawn([HAPROXY, "-f", cfg, "-db"], "haproxy", port), port
-    cfg = os.path.join(TMP, "portal.yaml")
+    cfg = os.path.join(TMP, f"portal-{port}.yaml")
     with open(cfg, "w") as f:
         f.write(f"""engine: tcp
 port: {port}
@@ -160,17 +160,31 @@ def main():
     spawn([LOADGEN, "sink", str(sink_port)], "sink", sink_port)
 
     kinds = ["direct", "haproxy", "portal"]
-    ops = {}    # (kind, test, pipeline) -> [(rps, p50, p99)]
+    # The ops phase runs every target side by side and alternates them invocation by
+    # invocation (the order rotating), so that each repetition gives a pair measured within
+    # seconds of each other. "haproxy-b", a second HAProxy with the same configuration, is
+    # the control: its ratio to the first shows how far two identical proxies drift apart on
+    # this machine.
+    ops_kinds = kinds + ["haproxy-b"]
+    ops = {}    # (kind, test, pipeline) -> [(rps, p50, p99)], one per repetition
+    if not os.environ.get("ONLY_IDLE"):
+        targets = {"direct": (None, redis_port)}
+        for kind in ops_kinds[1:]:
+            targets[kind] = start_proxy(kind, redis_port)
+        for rep in range(REPS):
+            for pipeline in (1, 16):
+                order = ops_kinds[rep % 4:] + ops_kinds[:rep % 4]
+                for kind in order:
+                    for test, r in redis_benchmark(targets[kind][1], pipeline).items():
+                        ops.setdefault((kind, test, pipeline), []).append(r)
+            print(f"ops repetition {rep + 1}/{REPS} done", file=sys.stderr, flush=True)
+        for proxy, _ in targets.values():
+            if proxy:
+                stop(proxy)
     bulk = {}   # kind -> [(gbit, cpu)]
     for rep in range(0 if os.environ.get("ONLY_IDLE") else REPS):
         order = kinds[rep % 3:] + kinds[:rep % 3]
         for kind in order:
-            proxy, port = (None, redis_port) if kind == "direct" else start_proxy(kind, redis_port)
-            for pipeline in (1, 16):
-                for test, r in redis_benchmark(port, pipeline).items():
-                    ops.setdefault((kind, test, pipeline), []).append(r)
-            if proxy:
-                stop(proxy)
             proxy, port = (None, sink_port) if kind == "direct" else start_proxy(kind, sink_port)
             cpu0 = cpu_seconds(proxy.pid) if proxy else 0
             gbit = float(subprocess.run([LOADGEN, "bulk", f"127.0.0.1:{port}", str(BULK_SECONDS), "1"],
@@ -179,7 +193,7 @@ def main():
             bulk.setdefault(kind, []).append((gbit, cpu))
             if proxy:
                 stop(proxy)
-        print(f"repetition {rep + 1}/{REPS} done", file=sys.stderr, flush=True)
+        print(f"bulk repetition {rep + 1}/{REPS} done", file=sys.stderr, flush=True)
 
     idle = {}   # (kind, count) -> [(base, rss, opened)]
     for rep in range(REPS):
@@ -193,7 +207,7 @@ def main():
       f"{time.strftime('%Y-%m-%d')}. redis-benchmark -c {CLIENTS}, SET/GET, -n {REQUESTS[1]} (P1) / {REQUESTS[16]} (P16).")
     p("")
     if not ops:
-        ops = {(k, t, pl): [(float("nan"),) * 3] for k in kinds for t in ("SET", "GET") for pl in (1, 16)}
+        ops = {(k, t, pl): [(float("nan"),) * 3] for k in ops_kinds for t in ("SET", "GET") for pl in (1, 16)}
         bulk = {k: [(float("nan"), float("nan"))] for k in kinds}
     p("| test | direct ops/s | HAProxy ops/s | portal ops/s | portal/HAProxy | HAProxy p50/p99 ms | portal p50/p99 ms |")
     p("|---|---|---|---|---|---|---|")
@@ -205,6 +219,25 @@ def main():
             p(f"| {test} -P {pipeline} | {rps['direct']:,.0f} | {rps['haproxy']:,.0f} | {rps['portal']:,.0f} | "
               f"{rps['portal'] / rps['haproxy']:.2f} | {lat['haproxy'][0]:.3f} / {lat['haproxy'][1]:.3f} | "
               f"{lat['portal'][0]:.3f} / {lat['portal'][1]:.3f} |")
+    p("")
+    p("Pairs: each repetition's portal figure against HAProxy's taken in the same rotation "
+      "(median ratio, lowest–highest, and in how many pairs the portal met the target); the "
+      "control compares a second HAProxy, configured identically, with the first.")
+    p("")
+    p("| test | portal/HAProxy ops/s | portal ≥ HAProxy | portal p99 ≤ HAProxy's | "
+      "control B/A ops/s | B ≥ A | B p99 ≤ A's |")
+    p("|---|---|---|---|---|---|---|")
+    for pipeline in (1, 16):
+        for test in ("SET", "GET"):
+            cells = []
+            for a, b in (("haproxy", "portal"), ("haproxy", "haproxy-b")):
+                xs, ys = ops[(a, test, pipeline)], ops[(b, test, pipeline)]
+                ratios = [y[0] / x[0] for x, y in zip(xs, ys)]
+                faster = sum(y[0] >= x[0] for x, y in zip(xs, ys))
+                tail = sum(y[2] <= x[2] for x, y in zip(xs, ys))
+                cells += [f"{med(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})",
+                          f"{faster}/{len(ratios)}", f"{tail}/{len(ratios)}"]
+            p(f"| {test} -P {pipeline} | " + " | ".join(cells) + " |")
     p("")
     p(f"Bulk, one stream, {BULK_SECONDS:.0f} s, client → proxy → sink:")
     p("")
