@@ -64,6 +64,23 @@ def stop(p):
         started.remove(p)
 
 
+def build_portal():
+    """Builds the release portal (a stale binary would measure an older data path), unless
+    PORTAL_BIN names one."""
+    if "PORTAL_BIN" not in os.environ:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "dbportal-portal", "--bin", "portal"],
+                       cwd=ROOT, check=True)
+
+
+def start_redis(*extra):
+    """Starts a redis-server on a free loopback port, without persistence; returns (process, port)."""
+    redis_dir = tempfile.mkdtemp(prefix="redis-", dir=TMP)
+    port = free_port()
+    proc = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--dir", redis_dir, *extra], "redis-server", port)
+    return proc, port
+
+
 def start_proxy(kind, backend_port):
     port = free_port()
     if kind.startswith("haproxy"):
@@ -146,16 +163,22 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def pairs(base, other):
+    """Compares `other`'s redis-benchmark figures [(rps, p50, p99)] with `base`'s taken in the
+    same rotations: (median ratio, lowest, highest, pairs at least as fast, pairs with a p99
+    at most as high)."""
+    both = list(zip(base, other))
+    ratios = [o[0] / b[0] for b, o in both]
+    return (med(ratios), min(ratios), max(ratios), sum(o[0] >= b[0] for b, o in both),
+            sum(o[2] <= b[2] for b, o in both))
+
+
 def main():
     for path in (PORTAL, LOADGEN, HAPROXY):
         if not os.path.exists(path):
             sys.exit(f"missing {path}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    redis_dir = os.path.join(TMP, "redis")
-    os.mkdir(redis_dir)
-    redis_port = free_port()
-    spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", redis_dir, "--maxclients", "1000"], "redis-server", redis_port)
+    _, redis_port = start_redis("--maxclients", "1000")
     sink_port = free_port()
     spawn([LOADGEN, "sink", str(sink_port)], "sink", sink_port)
 
@@ -230,13 +253,10 @@ def main():
     for pipeline in (1, 16):
         for test in ("SET", "GET"):
             cells = []
-            for a, b in (("haproxy", "portal"), ("haproxy", "haproxy-b")):
-                xs, ys = ops[(a, test, pipeline)], ops[(b, test, pipeline)]
-                ratios = [y[0] / x[0] for x, y in zip(xs, ys)]
-                faster = sum(y[0] >= x[0] for x, y in zip(xs, ys))
-                tail = sum(y[2] <= x[2] for x, y in zip(xs, ys))
-                cells += [f"{med(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})",
-                          f"{faster}/{len(ratios)}", f"{tail}/{len(ratios)}"]
+            base = ops[("haproxy", test, pipeline)]
+            for other in ("portal", "haproxy-b"):
+                ratio, low, high, faster, tail = pairs(base, ops[(other, test, pipeline)])
+                cells += [f"{ratio:.2f} ({low:.2f}–{high:.2f})", f"{faster}/{len(base)}", f"{tail}/{len(base)}"]
             p(f"| {test} -P {pipeline} | " + " | ".join(cells) + " |")
     p("")
     p(f"Bulk, one stream, {BULK_SECONDS:.0f} s, client → proxy → sink:")

@@ -21,7 +21,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 
 import dataplane as bench
 
@@ -80,14 +79,8 @@ def per_request(tool, kind, redis_port, pipeline):
 
 
 def main():
-    if "PORTAL_BIN" not in os.environ:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "dbportal-portal", "--bin", "portal"],
-                       cwd=bench.ROOT, check=True)
-    redis_dir = os.path.join(bench.TMP, "redis")
-    os.mkdir(redis_dir)
-    redis_port = bench.free_port()
-    bench.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", redis_dir], "redis-server", redis_port)
+    bench.build_portal()
+    _, redis_port = bench.start_redis()
     print("| SET -c 50, per request | HAProxy | portal | portal / HAProxy |")
     print("|---|---|---|---|")
     for pipeline in (1, 16):

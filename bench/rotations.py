@@ -11,25 +11,16 @@ stopped by PID at the end.
 Builds the release portal first unless PORTAL_BIN names one. Figures: bench/RESULTS.md.
 """
 
-import os
-import statistics
-import subprocess
 import sys
 
 import dataplane as bench
 
 
 def main():
-    if "PORTAL_BIN" not in os.environ:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "dbportal-portal", "--bin", "portal"],
-                       cwd=bench.ROOT, check=True)
+    bench.build_portal()
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     pipeline = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    redis_dir = os.path.join(bench.TMP, "redis")
-    os.mkdir(redis_dir)
-    redis_port = bench.free_port()
-    bench.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", redis_dir], "redis-server", redis_port)
+    _, redis_port = bench.start_redis()
     kinds = ["haproxy", "haproxy-b", "portal"]
     targets = {kind: bench.start_proxy(kind, redis_port) for kind in kinds}
     figures = {}  # (rotation, kind) -> {test: (rps, p50, p99)}
@@ -42,10 +33,8 @@ def main():
     print()
     for kind in kinds[1:]:
         for test in ("SET", "GET"):
-            pairs = [(figures[(r, "haproxy")][test], figures[(r, kind)][test]) for r in range(reps)]
-            faster = sum(b[0] >= a[0] for a, b in pairs)
-            tail = sum(b[2] <= a[2] for a, b in pairs)
-            ratio = statistics.median(b[0] / a[0] for a, b in pairs)
+            ratio, _, _, faster, tail = bench.pairs([figures[(r, "haproxy")][test] for r in range(reps)],
+                                                    [figures[(r, kind)][test] for r in range(reps)])
             print(f"{kind:9} {test} -P {pipeline}: at least as fast {faster}/{reps}, "
                   f"p99 at most as high {tail}/{reps}, median ratio {ratio:.2f}")
 

@@ -17,7 +17,6 @@ Figures: bench/RESULTS.md ("Scheduling").
 import csv
 import glob
 import io
-import os
 import subprocess
 import sys
 
@@ -38,17 +37,11 @@ def switches(pid):
 
 
 def main():
-    if "PORTAL_BIN" not in os.environ:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "dbportal-portal", "--bin", "portal"],
-                       cwd=bench.ROOT, check=True)
+    bench.build_portal()
     pipeline = sys.argv[1] if len(sys.argv) > 1 else "1"
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     requests = 300_000 if pipeline == "1" else 2_000_000
-    redis_dir = os.path.join(bench.TMP, "redis")
-    os.mkdir(redis_dir)
-    redis_port = bench.free_port()
-    redis = bench.spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--dir", redis_dir], "redis-server", redis_port)
+    redis, redis_port = bench.start_redis()
     proxies = {kind: bench.start_proxy(kind, redis_port) for kind in ("haproxy", "portal")}
     per_k = 1000 / requests
     for rep in range(reps):
