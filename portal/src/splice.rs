@@ -336,7 +336,7 @@ where
 }
 
 /// Moves bytes from `src` to `dst` until `src` would block (Pending), `src` ended and `dst`
-/// was shut down (Ready(Ok)), or an error (Ready(Err)).
+/// was shut down (Ready(Ok)), or an error (Ready(Err)). Reads go into this thread's buffer.
 fn pump<R, W>(
     cx: &mut Context<'_>,
     src: &mut R,
@@ -349,95 +349,81 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    with_buffer(|buf| pump_with(cx, src, dst, h, metrics, dir, buf))
-}
-
-fn pump_with<R, W>(
-    cx: &mut Context<'_>,
-    src: &mut R,
-    dst: &mut W,
-    h: &mut Half,
-    metrics: &Metrics,
-    dir: Direction,
-    buf: &mut [u8],
-) -> Poll<io::Result<()>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut budget = BUDGET;
-    let mut rb = ReadBuf::new(buf);
-    loop {
-        if let Some(buf) = &h.pending {
-            while h.pos < buf.len() {
-                let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[h.pos..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                h.pos += n;
-                h.last = Instant::now();
-            }
-            h.pending = None;
-            h.pos = 0;
-            h.need_flush = true;
-        }
-        if h.read_done {
-            if h.need_flush {
-                ready!(Pin::new(&mut *dst).poll_flush(cx))?;
-                h.need_flush = false;
-            }
-            if !h.shut_done {
-                ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
-                h.shut_done = true;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if budget == 0 {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        budget -= 1;
-
-        rb.clear();
-        match Pin::new(&mut *src).poll_read(cx, &mut rb) {
-            Poll::Pending => {
-                if h.need_flush {
-                    // Pending here only registers the waker; a later poll finishes it.
-                    if let Poll::Ready(r) = Pin::new(&mut *dst).poll_flush(cx) {
-                        r?;
-                        h.need_flush = false;
+    with_buffer(|buf| {
+        let mut budget = BUDGET;
+        let mut rb = ReadBuf::new(buf);
+        loop {
+            if let Some(buf) = &h.pending {
+                while h.pos < buf.len() {
+                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[h.pos..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
+                    h.pos += n;
+                    h.last = Instant::now();
                 }
+                h.pending = None;
+                h.pos = 0;
+                h.need_flush = true;
+            }
+            if h.read_done {
+                if h.need_flush {
+                    ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                    h.need_flush = false;
+                }
+                if !h.shut_done {
+                    ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
+                    h.shut_done = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if budget == 0 {
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {}
-        }
-        let data = rb.filled();
-        if data.is_empty() {
-            h.read_done = true;
-            continue;
-        }
-        h.last = Instant::now();
-        metrics.add_bytes(dir, data.len() as u64);
-        let mut off = 0;
-        while off < data.len() {
-            match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => off += n,
+            budget -= 1;
+
+            rb.clear();
+            match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    if h.need_flush {
+                        // Pending here only registers the waker; a later poll finishes it.
+                        if let Poll::Ready(r) = Pin::new(&mut *dst).poll_flush(cx) {
+                            r?;
+                            h.need_flush = false;
+                        }
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => break,
+                Poll::Ready(Ok(())) => {}
+            }
+            let data = rb.filled();
+            if data.is_empty() {
+                h.read_done = true;
+                continue;
+            }
+            h.last = Instant::now();
+            metrics.add_bytes(dir, data.len() as u64);
+            let mut off = 0;
+            while off < data.len() {
+                match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            h.need_flush = true;
+            if off < data.len() {
+                // The destination is full: keep the rest (its waker is registered) and stop
+                // reading until it drains.
+                h.pending = Some(data[off..].to_vec());
+                h.pos = 0;
+                return Poll::Pending;
             }
         }
-        h.need_flush = true;
-        if off < data.len() {
-            // The destination is full: keep the rest (its waker is registered) and stop
-            // reading until it drains.
-            h.pending = Some(data[off..].to_vec());
-            h.pos = 0;
-            return Poll::Pending;
-        }
-    }
+    })
 }
 
 #[cfg(test)]
