@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data plane benchmark: direct vs HAProxy vs the portal, on loopback, in one run.
-#   bench/dataplane.sh            # 3 repetitions, medians and pairs (about 5 minutes)
+#   bench/dataplane.sh            # 3 repetitions, medians and pairs (about 4 minutes; 7 took 7.5)
 #   REPS=1 bench/dataplane.sh     # quicker
 # Needs: redis-server, redis-tools (redis-benchmark), haproxy, python3, a Rust toolchain.
 # Prints figures (Markdown; a copy goes to $TMPDIR/dbportal-bench-last-run.md); it is not a test.

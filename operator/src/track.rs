@@ -375,6 +375,16 @@ mod tests {
         must_apply(Some(&record(7, "100", seen, now)), hash, observed, now)
     }
 
+    /// Records of a child of `kind` just applied as "100" with hash 7, not yet seen by the
+    /// watch; its key; the time of the apply.
+    fn just_applied(kind: Kind) -> (Applied, ChildKey, Instant) {
+        let applied = Applied::default();
+        let key = ChildKey::new(kind, "ns", "db-portal");
+        let now = Instant::now();
+        applied.record(key.clone(), record(7, "100", false, now));
+        (applied, key, now)
+    }
+
     #[test]
     fn an_untouched_child_is_not_applied_again() {
         let now = Instant::now();
@@ -436,10 +446,7 @@ mod tests {
 
     #[test]
     fn the_watch_delivering_the_apply_marks_it_seen() {
-        let applied = Applied::default();
-        let key = ChildKey::new(Kind::ConfigMap, "ns", "db-portal");
-        let now = Instant::now();
-        applied.record(key.clone(), record(7, "100", false, now));
+        let (applied, key, now) = just_applied(Kind::ConfigMap);
         applied.observe(&key, "99", 1, None);
         assert!(
             !applied.get(&key).unwrap().seen,
@@ -453,10 +460,7 @@ mod tests {
 
     #[test]
     fn a_write_that_left_the_operators_fields_alone_is_adopted() {
-        let applied = Applied::default();
-        let key = ChildKey::new(Kind::StatefulSet, "ns", "db-portal");
-        let now = Instant::now();
-        applied.record(key.clone(), record(7, "100", false, now));
+        let (applied, key, now) = just_applied(Kind::StatefulSet);
         // Not before the watch delivered the apply itself (an older version is not adopted).
         applied.observe(&key, "99", 1, None);
         assert_eq!(applied.get(&key).unwrap().resource_version, "100");
@@ -476,10 +480,7 @@ mod tests {
     fn an_apply_delivered_before_its_record_counts_as_delivered() {
         // The watch delivered "100" (now in the store) before the apply's response was
         // recorded, so the record was never marked; the next write is still judged by fields.
-        let applied = Applied::default();
-        let key = ChildKey::new(Kind::ConfigMap, "ns", "db-portal");
-        let now = Instant::now();
-        applied.record(key.clone(), record(7, "100", false, now));
+        let (applied, key, now) = just_applied(Kind::ConfigMap);
         applied.observe(&key, "104", 1, Some("100"));
         assert_eq!(
             verdict(applied.get(&key).as_ref(), 7, Some("104"), now),
