@@ -100,6 +100,17 @@ def test_lint_is_clean_in_strict_mode(scenario):
     assert not problems and not report["errors"], report
 
 
+def test_lint_for_the_oldest_supported_kubernetes():
+    # Chart.yaml says >=1.20; the e2e suite's local cluster is 1.20.
+    assert helm.Chart.load(CHART).metadata["kubeVersion"] == ">=1.20.0-0"
+    values = {"podDisruptionBudget": {"enabled": True}, **MONITORING_ON}
+    report = helm.lint(CHART, values, strict=True, kube_version="v1.20.0")
+    assert not [m for m in report["messages"] if m["severity"] >= 2], report
+    kinds = {o["kind"]: o["apiVersion"] for o in render.render(values, kube_version="1.20.2")}
+    assert kinds["PodDisruptionBudget"] == "policy/v1beta1"
+    assert kinds["Deployment"] == "apps/v1"
+
+
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_rendered_object_is_valid_kubernetes(scenario, version):
