@@ -300,8 +300,9 @@ def test_notes_say_what_to_do_next():
     assert "helm show crds" in notes and "--server-side" in notes
     assert "deployment/dbportal-operator" in notes
     # The DatabasePortal it shows is valid against the CRD's schema.
-    manifest = re.search(r"<<'YAML'\n(.*?)\n\s*YAML", notes, re.S).group(1)
+    manifest = re.search(r"\n\n(    apiVersion: dbportal.dev/v1alpha1\n.*?)\n\n", notes, re.S).group(1)
     check_against_crd(yaml.safe_load(manifest))
+    assert "kubectl apply -f cache.yaml" in notes
 
 
 def check_against_crd(obj):
@@ -396,6 +397,28 @@ def test_schema_and_values_yaml_have_the_same_keys():
     schema_keys = keys(schema["properties"]) - {"global"}
     assert value_keys(values, schema["properties"]) == schema_keys
     helm.Chart.load(CHART).validate_schema(values)
+
+
+def test_chart_readme_documents_every_value():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Za-z0-9.]+)` \|", readme, re.M))
+
+    def keys(props, path=""):
+        out = set()
+        for key, sub in props.items():
+            if key == "global":
+                continue
+            out.add(path + key)
+            if "properties" in sub:
+                assert sub.get("description"), path + key
+                out |= keys(sub["properties"], f"{path}{key}.")
+            else:
+                assert sub.get("description"), f"{path}{key} has no description in the schema"
+        return out
+
+    assert keys(schema["properties"]) == documented
+    assert "kubectl apply --server-side" in readme
 
 
 # --- render.py, the command ---------------------------------------------------------------
