@@ -167,7 +167,11 @@ def main(argv: list[str]) -> int:
     if args.create_namespace:
         objects.insert(0, {"apiVersion": "v1", "kind": "Namespace",
                            "metadata": {"name": args.namespace}})
-    yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, explicit_start=True)
+    try:
+        yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, explicit_start=True)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `render.py | head`: the reader has all it wanted
+        sys.stderr.close()
     return 0
 
 
