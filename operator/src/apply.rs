@@ -20,6 +20,7 @@ use crate::build::{Children, MANAGER};
 use crate::certificate::Certificate;
 use crate::error::api_code;
 use crate::metrics::Metrics;
+use crate::self_signed;
 use crate::track::{
     self, fields_of, hash_of, verdict, ChildKey, Kind, Recheck, Record, Stores, Verdict,
 };
@@ -87,6 +88,8 @@ pub struct Applied {
     pub certificate: CertificateState,
     /// The server serves no PodDisruptionBudget API, so none was made.
     pub pdb_skipped: bool,
+    /// What became of the operator's own certificate, when the spec asks for it.
+    pub self_signed: Option<self_signed::Plan>,
 }
 
 fn params() -> PatchParams {
@@ -230,6 +233,7 @@ pub async fn apply(
         stateful_set,
         services,
         certificate,
+        self_signed,
         pdb,
     } = children;
 
@@ -291,19 +295,29 @@ pub async fn apply(
             }
         }
     };
-    let (_, _, stateful_set, _, pdb_skipped, certificate) = futures::try_join!(
+    let self_signed_applied = async {
+        match self_signed {
+            Some(wanted) => self_signed::ensure(client, owner_uid, wanted)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    };
+    let (_, _, stateful_set, _, pdb_skipped, certificate, self_signed) = futures::try_join!(
         ssa(client, known, Kind::ConfigMap, ns, config_map),
         rbac,
         stateful_set_applied,
         services_applied,
         pdb_applied,
         certificate_applied,
+        self_signed_applied,
     )?;
     remove_orphan_services(client, known, ns, owner_uid, services).await?;
     Ok(Applied {
         stateful_set,
         certificate,
         pdb_skipped,
+        self_signed,
     })
 }
 

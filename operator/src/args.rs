@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use clap::{ArgAction, Parser, Subcommand};
 
+use portal::config::LogFormat;
+
 use crate::build::Settings;
 
 /// dbportal operator: reconciles DatabasePortals into portal pods, Services, ConfigMaps and
@@ -45,6 +47,30 @@ pub struct Args {
     /// DatabasePortals reconciled at the same time.
     #[arg(long, env = "DBPORTAL_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+
+    /// The operator's log level, a tracing filter (`info`, `debug`, `warn,operator=debug`);
+    /// default `RUST_LOG`, else info.
+    #[arg(long, env = "DBPORTAL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// The operator's log format: text (coloured only on a terminal) or json.
+    #[arg(long, env = "DBPORTAL_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log level of the portal pods of DatabasePortals that set no `spec.portal.logLevel`;
+    /// default: the portal's own (info).
+    #[arg(long, env = "DBPORTAL_PORTAL_LOG_LEVEL", value_parser = parse_level)]
+    pub portal_log_level: Option<String>,
+
+    /// Log format of the portal pods of DatabasePortals that set no `spec.portal.logFormat`;
+    /// default: the portal's own (text).
+    #[arg(long, env = "DBPORTAL_PORTAL_LOG_FORMAT")]
+    pub portal_log_format: Option<LogFormat>,
+}
+
+fn parse_level(level: &str) -> Result<String, portal::logging::LogError> {
+    portal::logging::check_level(level)?;
+    Ok(level.to_string())
 }
 
 #[derive(Subcommand, Clone, Debug)]
@@ -71,6 +97,8 @@ impl Args {
     pub fn settings(&self) -> Settings {
         Settings {
             portal_image: self.portal_image.clone(),
+            portal_log_level: self.portal_log_level.clone().filter(|l| !l.is_empty()),
+            portal_log_format: self.portal_log_format,
         }
     }
 }
@@ -97,5 +125,26 @@ mod tests {
         assert!(!args.leader_election);
         assert_eq!(args.watch_namespace(), Some("shop"));
         assert!(matches!(args.command, Some(Command::Crd)));
+    }
+
+    #[test]
+    fn portal_log_flags_reach_the_settings() {
+        let args = Args::try_parse_from([
+            "operator",
+            "--portal-log-level",
+            "debug",
+            "--portal-log-format",
+            "json",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(args.log_format, LogFormat::Json);
+        let settings = args.settings();
+        assert_eq!(settings.portal_log_level.as_deref(), Some("debug"));
+        assert_eq!(settings.portal_log_format, Some(LogFormat::Json));
+        let bad = Args::try_parse_from(["operator", "--portal-log-level", "portal=loud"]);
+        assert!(bad.unwrap_err().to_string().contains("portal=loud"));
+        assert!(Args::try_parse_from(["operator", "--log-format", "yaml"]).is_err());
     }
 }

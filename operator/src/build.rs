@@ -19,9 +19,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
-use portal::config::{DatabasePortalSpec, IssuerKind, TlsMode};
+use portal::config::{DatabasePortalSpec, IssuerKind, LogFormat, TlsMode};
 
 use crate::certificate::{Certificate, CertificateIssuerRef, CertificateSpec, SecretTemplate};
+use crate::self_signed::SelfSigned;
 use crate::validate::Validated;
 use crate::{DatabasePortal, Error, Result};
 
@@ -43,6 +44,10 @@ const PORTAL_UID: i64 = 65532;
 pub struct Settings {
     /// Portal image used when `spec.portal.image` is empty.
     pub portal_image: String,
+    /// Portal log level when `spec.portal.logLevel` is empty; `None`: the portal's default.
+    pub portal_log_level: Option<String>,
+    /// Portal log format when `spec.portal.logFormat` is absent; `None`: the portal's default.
+    pub portal_log_format: Option<LogFormat>,
 }
 
 impl Settings {
@@ -56,6 +61,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             portal_image: Self::default_portal_image(),
+            portal_log_level: None,
+            portal_log_format: None,
         }
     }
 }
@@ -71,9 +78,13 @@ pub mod names {
     pub fn portal_pod(name: &str, i: i32) -> String {
         format!("{name}-portal-{i}")
     }
-    /// The Secret cert-manager writes.
+    /// The Secret cert-manager, or the operator's own CA, writes.
     pub fn tls_secret(name: &str) -> String {
         format!("{name}-portal-tls")
+    }
+    /// The operator's own CA for the DatabasePortal, when it names no certificate source.
+    pub fn ca_secret(name: &str) -> String {
+        format!("{name}-portal-ca")
     }
 }
 
@@ -117,6 +128,9 @@ pub struct Children {
     pub services: Vec<Service>,
     /// Only when TLS is terminated with a cert-manager issuer.
     pub certificate: Option<Certificate>,
+    /// Only when TLS is terminated with neither an issuer nor a Secret: the operator's own CA
+    /// and certificate (see `self_signed`).
+    pub self_signed: Option<SelfSigned>,
     /// Typed as policy/v1; applied as whichever policy version the server serves.
     pub pdb: PodDisruptionBudget,
 }
@@ -126,7 +140,8 @@ pub fn tls_secret_name(dp: &DatabasePortal) -> Option<String> {
     let tls = &dp.spec.tls;
     match tls.mode {
         TlsMode::Terminate if !tls.secret_name.is_empty() => Some(tls.secret_name.clone()),
-        TlsMode::Terminate if tls.issuer_ref.is_some() => Some(names::tls_secret(&dp.name())),
+        // From cert-manager, or from the operator's own CA.
+        TlsMode::Terminate => Some(names::tls_secret(&dp.name())),
         _ => None,
     }
 }
@@ -162,6 +177,7 @@ pub fn build(dp: &DatabasePortal, valid: &Validated, settings: &Settings) -> Res
         stateful_set: b.stateful_set(),
         services: b.services(),
         certificate: b.certificate(),
+        self_signed: b.self_signed(),
         pdb: b.pdb(),
     })
 }
@@ -297,12 +313,9 @@ impl Builder<'_> {
             .collect()
     }
 
-    fn certificate(&self) -> Option<Certificate> {
-        let tls = &self.dp.spec.tls;
-        let issuer = match (&tls.mode, &tls.issuer_ref) {
-            (TlsMode::Terminate, Some(issuer)) if tls.secret_name.is_empty() => issuer,
-            _ => return None,
-        };
+    /// Every portal Service's names (short, with namespace, `.svc`, `.svc.cluster.local`),
+    /// then `tls.dnsNames`.
+    fn dns_names(&self) -> Vec<String> {
         let mut dns_names = Vec::new();
         for service in self.services() {
             let short = service.metadata.name.unwrap_or_default();
@@ -318,11 +331,42 @@ impl Builder<'_> {
                 }
             }
         }
-        for extra in &tls.dns_names {
+        for extra in &self.dp.spec.tls.dns_names {
             if !dns_names.contains(extra) {
                 dns_names.push(extra.clone());
             }
         }
+        dns_names
+    }
+
+    fn self_signed(&self) -> Option<SelfSigned> {
+        let tls = &self.dp.spec.tls;
+        if tls.mode != TlsMode::Terminate || tls.issuer_ref.is_some() || !tls.secret_name.is_empty()
+        {
+            return None;
+        }
+        let mut dns_names = self.dns_names();
+        // The Service for all portals, fully qualified within the cluster, names the
+        // certificate.
+        if let Some(i) = dns_names.iter().position(|n| n.ends_with(".svc")) {
+            let first = dns_names.remove(i);
+            dns_names.insert(0, first);
+        }
+        Some(SelfSigned {
+            ca_secret: self.meta(names::ca_secret(self.name())),
+            tls_secret: self.meta(names::tls_secret(self.name())),
+            ca_name: format!("{}/{} dbportal CA", self.valid.namespace, self.name()),
+            dns_names,
+        })
+    }
+
+    fn certificate(&self) -> Option<Certificate> {
+        let tls = &self.dp.spec.tls;
+        let issuer = match (&tls.mode, &tls.issuer_ref) {
+            (TlsMode::Terminate, Some(issuer)) if tls.secret_name.is_empty() => issuer,
+            _ => return None,
+        };
+        let dns_names = self.dns_names();
         Some(Certificate {
             metadata: self.meta(names::portal(self.name())),
             spec: CertificateSpec {
@@ -385,6 +429,16 @@ impl Builder<'_> {
         // The portal watches the one credentials Secret it was started with.
         if let Some(secret) = &spec.health_check.credentials_secret {
             args.extend(["--credentials-secret".to_string(), secret.clone()]);
+        }
+        // The DatabasePortal's own choice, else the operator's; a change rolls the pods.
+        let level = Some(spec.portal.log_level.as_str())
+            .filter(|l| !l.is_empty())
+            .or(self.settings.portal_log_level.as_deref());
+        if let Some(level) = level {
+            args.extend(["--log-level".to_string(), level.to_string()]);
+        }
+        if let Some(format) = spec.portal.log_format.or(self.settings.portal_log_format) {
+            args.extend(["--log-format".to_string(), format.as_str().to_string()]);
         }
         let field_env = |env: &str, path: &str| EnvVar {
             name: env.into(),

@@ -374,12 +374,19 @@ async fn reconcile_inner(dp: &DatabasePortal, ctx: &Arc<Context>) -> Result<Acti
     let observed = dp.status.as_ref().and_then(|s| s.observed_generation);
     if observed.is_none() {
         info!(portal = %key(dp), "created portal children");
-        let note =
-            format!(
-            "created ConfigMap, StatefulSet ({} portals), {} Services, RBAC, PodDisruptionBudget{}",
+        let tls = match (&children.certificate, &children.self_signed) {
+            (Some(_), _) => ", Certificate".to_string(),
+            (None, Some(own)) => format!(
+                ", a CA of its own and the certificate it signs (Secrets {}, {})",
+                own.ca_secret.name.as_deref().unwrap_or_default(),
+                own.tls_secret.name.as_deref().unwrap_or_default()
+            ),
+            (None, None) => String::new(),
+        };
+        let note = format!(
+            "created ConfigMap, StatefulSet ({} portals), {} Services, RBAC, PodDisruptionBudget{tls}",
             dp.spec.portal.replicas,
             children.services.len(),
-            if children.certificate.is_some() { ", Certificate" } else { "" }
         );
         ctx.publish_later(dp, EventType::Normal, "Created", "Create", note);
     } else if observed != dp.meta().generation {

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::api_code;
 
@@ -110,9 +110,17 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_renewal: Option<tokio::time::Instant> = None;
+    // The last failure, said once: the same failure every `retry_period` is logged at debug.
+    let mut failing: Option<String> = None;
     loop {
         let now = Timestamp::now();
-        match try_once(&api, &settings, now).await {
+        let result = try_once(&api, &settings, now).await;
+        if result.is_ok() {
+            if let Some(previous) = failing.take() {
+                info!(lease = %settings.name, namespace = %settings.namespace, %previous, "the lease can be written again");
+            }
+        }
+        match result {
             Ok(true) => {
                 if !*leader.borrow() {
                     info!(identity = %settings.identity, lease = %settings.name, "became leader");
@@ -128,7 +136,18 @@ pub async fn run(
                 leader.send_replace(false);
             }
             Err(e) => {
-                warn!(error = %e, "lease update failed");
+                let text = e.to_string();
+                if failing.as_deref() == Some(text.as_str()) {
+                    debug!(error = %e, "lease update failed again");
+                } else if namespace_missing(&e) {
+                    error!(
+                        "{}",
+                        namespace_missing_advice(&settings.namespace, settings.retry_period)
+                    );
+                } else {
+                    warn!(error = %e, retry = ?settings.retry_period, "lease update failed; retrying");
+                }
+                failing = Some(text);
                 let expired = last_renewal.is_none_or(|t| t.elapsed() >= settings.renew_deadline);
                 if expired && *leader.borrow() {
                     warn!("could not renew the lease in time; stepping down");
@@ -147,6 +166,31 @@ pub async fn run(
             warn!(error = %e, "could not release the lease");
         }
     }
+}
+
+/// The lease's namespace does not exist (the API server refuses to create an object in it).
+pub fn namespace_missing(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => {
+            status.code == 404
+                && status
+                    .details
+                    .as_ref()
+                    .is_some_and(|d| d.kind == "namespaces")
+        }
+        _ => false,
+    }
+}
+
+/// What to do when the lease namespace is missing, said once.
+pub fn namespace_missing_advice(namespace: &str, retry: Duration) -> String {
+    format!(
+        "leader election needs its Lease in namespace {namespace:?}, which does not exist. \
+         Create it (kubectl create namespace {namespace}), or pass --lease-namespace NAMESPACE \
+         (env POD_NAMESPACE) naming an existing one, or --leader-election=false when only one \
+         operator runs. Until then this replica waits as a standby and retries every {retry:?} \
+         without repeating this message."
+    )
 }
 
 /// One read-decide-write round; true when we hold the lease afterwards.

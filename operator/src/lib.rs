@@ -12,6 +12,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod portals;
+pub mod self_signed;
 pub mod status;
 pub mod track;
 pub mod validate;
@@ -30,7 +31,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use args::{Args, Command};
 pub use error::{Error, Result};
@@ -70,25 +71,43 @@ pub async fn run(
         stop_tx.send_replace(true);
     });
 
-    let support = apply::ApiSupport::discover(&client).await?;
+    // A stop while the API server is still being reached ends the run at once.
+    let mut stop = stop_rx.clone();
+    let support = tokio::select! {
+        support = apply::ApiSupport::discover(&client) => support?,
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => return Ok(()),
+    };
     let identity = args.identity();
     readiness.set(true);
 
     let (leader_tx, mut leader_rx) = watch::channel(!args.leader_election);
-    let election = args.leader_election.then(|| {
+    // Without an election the sender stays here for the whole run: a dropped sender would end
+    // every wait on the channel at once, and with it the controller.
+    let (election, _leader_tx) = if args.leader_election {
         let settings =
             lease::LeaseSettings::new(&args.lease_name, &args.lease_namespace, &identity);
         let api: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
-        tokio::spawn(lease::run(api, settings, leader_tx, stop_rx.clone()))
-    });
+        let task = tokio::spawn(lease::run(api, settings, leader_tx, stop_rx.clone()));
+        (Some(task), None)
+    } else {
+        (None, Some(leader_tx))
+    };
 
     let mut stop = stop_rx.clone();
+    // Leading means the election said so: its channel closing (the election ended, as it does
+    // at a stop) is not leadership.
+    let leading = async {
+        if leader_rx.wait_for(|l| *l).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
-        _ = async { let _ = leader_rx.wait_for(|l| *l).await; } => {}
+        biased;
         _ = async { let _ = stop.wait_for(|s| *s).await; } => {
             if let Some(e) = election { let _ = e.await; }
             return Ok(());
         }
+        _ = leading => {}
     }
     info!(%identity, namespace = args.watch_namespace().unwrap_or("(all)"), "leading; starting the controller");
     metrics.set_leader(true);
@@ -104,13 +123,25 @@ pub async fn run(
         watched,
     ));
     let (mut stop2, mut leader2) = (stop_rx.clone(), leader_rx.clone());
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let stopping = async move {
         tokio::select! {
             _ = async { let _ = stop2.wait_for(|s| *s).await; } => {}
             _ = async { let _ = leader2.wait_for(|l| !*l).await; } => {}
         }
+        stopping_tx.send_replace(true);
     };
-    controller::run_controller(controller, ctx, stopping).await;
+    // Reconciles in flight get `SHUTDOWN_GRACE` to finish; a reconcile waiting on a slow API
+    // server must not keep the process from exiting.
+    let grace = async move {
+        let mut stopping = stopping_rx;
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        _ = controller::run_controller(controller, ctx, stopping) => {}
+        _ = grace => warn!(grace = ?SHUTDOWN_GRACE, "reconciles still running; stopping without them"),
+    }
     metrics.set_leader(false);
     if let Some(e) = election {
         if !*stop_rx.borrow() {
@@ -122,27 +153,34 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// How long reconciles in flight may take to finish once the operator stops.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal that arrives during start-up is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received; stopping"),
+            _ = int.recv() => info!("SIGINT received; stopping"),
+        }
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default info).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr: `level` (a tracing filter such as `info` or `operator=debug`), else
+/// `RUST_LOG`, else info; text (ANSI colours only on a terminal) or JSON lines.
+pub fn init_tracing(
+    level: Option<&str>,
+    format: portal::config::LogFormat,
+) -> Result<(), portal::logging::LogError> {
+    portal::logging::init(level, format)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();

@@ -11,9 +11,10 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", operator::crd_yaml());
         return Ok(());
     }
-    operator::init_tracing();
+    operator::init_tracing(args.log_level.as_deref(), args.log_format)?;
+    let shutdown = operator::shutdown_signal();
     let client = kube::Client::try_default().await?;
     let http = tokio::net::TcpListener::bind(args.metrics_address).await?;
-    operator::run(client, args, http, operator::shutdown_signal()).await?;
+    operator::run(client, args, http, shutdown).await?;
     Ok(())
 }

@@ -83,6 +83,9 @@ impl Observation {
             )),
             CertificateState::Applied(_) => {}
         }
+        if let Some(crate::self_signed::Plan::Foreign(message)) = &applied.self_signed {
+            degraded.push((reason::CERTIFICATE_NOT_READY, message.clone()));
+        }
         if applied.pdb_skipped {
             degraded.push((
                 reason::PDB_UNSUPPORTED,

@@ -12,6 +12,7 @@ use crate::fixtures::{from_yaml, orders, PortalFixture};
 use crate::status::{self, reason, Observation};
 use crate::validate::validate;
 use crate::{DatabasePortal, Error};
+use portal::config::LogFormat;
 
 fn children(dp: &DatabasePortal) -> Children {
     let valid = validate(dp).unwrap();
@@ -61,26 +62,69 @@ fn a_bad_address_is_invalid_spec_naming_the_field() {
 }
 
 #[test]
-fn terminate_without_a_certificate_source_is_invalid() {
-    let mut dp = orders();
-    dp.spec.tls.issuer_ref = None;
-    assert_eq!(invalid_fields(&dp), ["tls.issuerRef"]);
-    // Terminate is the default mode.
+fn terminate_without_a_certificate_source_gets_the_operators_own_ca() {
+    // Terminate is the default mode: the minimal DatabasePortal.
     let dp = from_yaml(
         r#"
 metadata: {name: cache, namespace: shop, uid: u1}
 spec: {engine: redis, backends: [{name: a, address: "a:6379"}]}
 "#,
     );
-    assert_eq!(invalid_fields(&dp), ["tls.issuerRef"]);
-    assert!(validate(&dp.with_tls_secret("cache-tls")).is_ok());
+    let c = children(&dp);
+    assert!(c.certificate.is_none());
+    let own = c.self_signed.expect("the operator's own certificate");
+    assert_eq!(own.ca_secret.name.as_deref(), Some("cache-portal-ca"));
+    assert_eq!(own.tls_secret.name.as_deref(), Some("cache-portal-tls"));
+    assert_eq!(own.ca_name, "shop/cache dbportal CA");
+    assert_eq!(own.dns_names[0], "cache-portal.shop.svc");
+    for name in [
+        "cache-portal",
+        "cache-portal-0.shop.svc.cluster.local",
+        "cache-portal-1.shop",
+    ] {
+        assert!(own.dns_names.contains(&name.to_string()), "{name}");
+    }
+    for meta in [&own.ca_secret, &own.tls_secret] {
+        assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        assert_eq!(meta.owner_references.as_ref().unwrap()[0].uid, "u1");
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["app.kubernetes.io/instance"],
+            "cache"
+        );
+    }
+    // The portals serve it, and their Role reads it, not the CA.
+    let args = portal_args(&dp, &Settings::default());
+    assert_eq!(
+        args,
+        [
+            "--configmap",
+            "cache-portal",
+            "--tls-secret",
+            "cache-portal-tls"
+        ]
+    );
+    let secrets: Vec<String> = c
+        .role
+        .rules
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.resources.as_deref() == Some(&["secrets".to_string()][..]))
+        .flat_map(|r| r.resource_names.unwrap())
+        .collect();
+    assert_eq!(secrets, ["cache-portal-tls"]);
+    // An issuer, a Secret of the user's, or no TLS: no CA of the operator's.
+    assert!(children(&orders()).self_signed.is_none());
+    assert!(children(&dp.clone().with_tls_secret("mine"))
+        .self_signed
+        .is_none());
+    assert!(children(&dp.with_tls_disabled()).self_signed.is_none());
 }
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let dp = orders().patch_spec(r#"{allowedCIDRs: ["nope"], port: 0, tls: {issuerRef: null}}"#);
+    let dp = orders().patch_spec(r#"{allowedCIDRs: ["nope"], port: 0, portal: {logLevel: "x=y"}}"#);
     let fields = invalid_fields(&dp);
-    for f in ["allowedCIDRs[0]", "port", "tls.issuerRef"] {
+    for f in ["allowedCIDRs[0]", "port", "portal.logLevel"] {
         assert!(
             fields.contains(&f.to_string()),
             "{f} missing from {fields:?}"
@@ -568,6 +612,58 @@ fn status_reports_endpoints_readiness_and_degradation() {
         later + k8s_openapi::jiff::SignedDuration::from_secs(60),
     );
     assert_eq!(s3.conditions, s2.conditions);
+}
+
+fn portal_args(dp: &DatabasePortal, settings: &Settings) -> Vec<String> {
+    let valid = validate(dp).unwrap();
+    build(dp, &valid, settings)
+        .unwrap()
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap()
+}
+
+#[test]
+fn portal_log_level_and_format_come_from_the_spec_else_the_operator() {
+    let dp = orders().with_tls_disabled();
+    let plain = ["--configmap", "orders-portal"];
+    assert_eq!(portal_args(&dp, &Settings::default()), plain);
+    let operator = Settings {
+        portal_log_level: Some("debug".into()),
+        portal_log_format: Some(LogFormat::Json),
+        ..Settings::default()
+    };
+    assert_eq!(
+        portal_args(&dp, &operator),
+        [
+            &plain[..],
+            &["--log-level", "debug", "--log-format", "json"]
+        ]
+        .concat()
+    );
+    let own = dp.patch_spec("portal: {logLevel: 'warn,portal::health=debug', logFormat: text}");
+    assert_eq!(
+        portal_args(&own, &operator),
+        [
+            &plain[..],
+            &[
+                "--log-level",
+                "warn,portal::health=debug",
+                "--log-format",
+                "text"
+            ]
+        ]
+        .concat()
+    );
+    let bad = orders().patch_spec("portal: {logLevel: 'portal=loud'}");
+    assert_eq!(invalid_fields(&bad), ["portal.logLevel"]);
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! `validate`: the first step of a reconcile. Checks what the CRD schema cannot (CIDRs,
-//! addresses, TLS sources, name lengths) without touching the network.
+//! addresses, name lengths, log levels) without touching the network.
 
 use kube::ResourceExt;
-use portal::config::{Config, FieldError, TlsMode};
+use portal::config::{Config, FieldError};
 
 use crate::{DatabasePortal, Error, Result};
 
@@ -31,12 +31,14 @@ pub fn validate(dp: &DatabasePortal) -> Result<Validated> {
             message,
         });
     }
-    let tls = &dp.spec.tls;
-    if tls.mode == TlsMode::Terminate && tls.issuer_ref.is_none() && tls.secret_name.is_empty() {
-        errors.push(FieldError {
-            field: "tls.issuerRef".into(),
-            message: "tls.mode terminate (the default) needs tls.issuerRef (a cert-manager issuer) or tls.secretName (an existing kubernetes.io/tls Secret); or set tls.mode: disabled".into(),
-        });
+    let level = &dp.spec.portal.log_level;
+    if !level.is_empty() {
+        if let Err(e) = portal::logging::check_level(level) {
+            errors.push(FieldError {
+                field: "portal.logLevel".into(),
+                message: e.to_string(),
+            });
+        }
     }
     let config = match dp.spec.validate() {
         Ok(config) => Some(config),

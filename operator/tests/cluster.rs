@@ -969,6 +969,303 @@ async fn others_writes(admin: Client, operator: SocketAddr) -> anyhow::Result<()
     Ok(())
 }
 
+/// The minimal DatabasePortal (no `tls`, so terminate with no certificate source) on a
+/// cluster without cert-manager: the operator's own CA signs the portals' certificate.
+async fn minimal_portal_gets_a_certificate(admin: Client) -> anyhow::Result<()> {
+    let ns = "kilo";
+    let mut dp = portal(ns, json!({}));
+    dp.spec.tls = Default::default();
+    create(&admin, &dp).await?;
+    let dp = match observed(&admin, ns, 1).await {
+        Ok(dp) => dp,
+        Err(e) => {
+            let failed = events(&admin, ns, "ReconcileFailed").await?;
+            let notes: Vec<_> = failed.iter().filter_map(|e| e.note.clone()).collect();
+            return Err(e.context(format!("reconcile failures: {notes:?}")));
+        }
+    };
+    let degraded = condition(&dp, "Degraded");
+    ensure!(degraded.1 != "InvalidSpec", "{degraded:?}");
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), ns);
+    let data = |s: &k8s_openapi::api::core::v1::Secret, key: &str| -> Vec<u8> {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
+    };
+    let ca = secrets.get("orders-portal-ca").await?;
+    let tls = secrets.get("orders-portal-tls").await?;
+    check_meta("CA Secret", &ca.metadata, &dp)?;
+    check_meta("TLS Secret", &tls.metadata, &dp)?;
+    ensure!(tls.type_.as_deref() == Some("kubernetes.io/tls"));
+    let ca_cert = data(&ca, "ca.crt");
+    ensure!(!ca_cert.is_empty() && data(&tls, "ca.crt") == ca_cert);
+    let served = |tls: &k8s_openapi::api::core::v1::Secret| -> anyhow::Result<String> {
+        let pair = portal::tls::parse_pair(
+            &data(tls, "tls.crt"),
+            &data(tls, "tls.key"),
+            std::time::SystemTime::now(),
+        )?;
+        Ok(pair.info.subject.clone())
+    };
+    let subject = served(&tls)?;
+    ensure!(subject.contains("orders-portal.kilo.svc"), "{subject}");
+    // The portals serve it; their Role reads it, not the CA.
+    let sts = Api::<StatefulSet>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let args = sts.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    ensure!(
+        args.windows(2)
+            .any(|w| w[0] == "--tls-secret" && w[1] == "orders-portal-tls"),
+        "{args:?}"
+    );
+    let role = Api::<Role>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let readable: Vec<String> = role
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.resources.as_deref() == Some(&["secrets".to_string()][..]))
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect();
+    ensure!(readable == ["orders-portal-tls"], "{readable:?}");
+
+    // A third portal needs its name in the certificate: issued again, same CA.
+    patch_spec(&admin, ns, json!({"portal": {"replicas": 3}})).await?;
+    observed(&admin, ns, 2).await?;
+    let tls2 = secrets.get("orders-portal-tls").await?;
+    ensure!(data(&tls2, "ca.crt") == ca_cert, "the CA changed");
+    ensure!(
+        data(&tls2, "tls.crt") != data(&tls, "tls.crt"),
+        "not issued again"
+    );
+    let names = String::from_utf8_lossy(&data(&tls2, "tls.crt")).into_owned();
+    ensure!(!names.is_empty());
+    // Deleted by hand: back at the next reconcile, under the same CA.
+    secrets
+        .delete("orders-portal-tls", &DeleteParams::default())
+        .await?;
+    Api::<DatabasePortal>::namespaced(admin.clone(), ns)
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"poke": "1"}}})),
+        )
+        .await?;
+    eventually("the certificate is back", WAIT, || async {
+        let tls3 = secrets.get("orders-portal-tls").await?;
+        ensure!(data(&tls3, "ca.crt") == ca_cert, "another CA");
+        served(&tls3)?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// The operator binary, started as a user would, its stderr collected.
+struct OperatorProcess {
+    child: Option<std::process::Child>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl OperatorProcess {
+    fn spawn(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_as(&plane.operator_kubeconfig, args)
+    }
+
+    fn spawn_as(kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
+        use std::io::Read;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_operator"))
+            .args([
+                "--metrics-address",
+                "127.0.0.1:0",
+                "--portal-image",
+                "example.test/portal:test",
+            ])
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .env_remove("DBPORTAL_LOG_FORMAT")
+            .env_remove("POD_NAMESPACE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Ok(OperatorProcess {
+            child: Some(child),
+            stderr,
+        })
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGTERM by PID; the exit status and how long it took (a process still running after
+    /// 20 s is killed when `self` drops).
+    async fn terminate(mut self) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+        let child = self.child.as_mut().unwrap();
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        ensure!(status.success(), "kill failed");
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok((status, started.elapsed()));
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                anyhow::bail!("still running 20 s after SIGTERM; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// SIGTERM within this, exit status 0.
+const PROMPT_EXIT: Duration = Duration::from_secs(5);
+
+async fn exits_promptly(op: OperatorProcess, what: &str) -> anyhow::Result<String> {
+    let stderr = op.stderr.clone();
+    let (status, took) = op.terminate().await?;
+    // The reader thread drains what the process wrote before it exited.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = stderr.lock().unwrap().clone();
+    ensure!(
+        status.success() && took <= PROMPT_EXIT,
+        "{what}: SIGTERM gave {status} after {took:.1?}; log:\n{log}"
+    );
+    eprintln!("ok: {what}: exit 0 {took:.1?} after SIGTERM");
+    Ok(log)
+}
+
+/// `--leader-election=false`: the binary reconciles (in its own namespace), logs plain text
+/// on a pipe, and stops at SIGTERM.
+async fn binary_without_leader_election(plane: &ControlPlane, admin: Client) -> anyhow::Result<()> {
+    let ns = "india";
+    let op = OperatorProcess::spawn(plane, &["--leader-election=false", "--namespace", ns])?;
+    create(&admin, &portal(ns, json!({}))).await?;
+    observed(&admin, ns, 1)
+        .await
+        .with_context(|| format!("no reconcile; log:\n{}", op.log()))?;
+    ensure!(Api::<ConfigMap>::namespaced(admin.clone(), ns)
+        .get_opt("orders-portal")
+        .await?
+        .is_some());
+    let log = exits_promptly(op, "--leader-election=false").await?;
+    ensure!(!log.contains('\u{1b}'), "ANSI escapes on a pipe:\n{log}");
+    ensure!(log.contains(" INFO "), "no plain text lines:\n{log}");
+    Ok(())
+}
+
+/// Leader election on: the binary takes the lease, reconciles, logs JSON lines when asked,
+/// and at SIGTERM releases the lease and exits.
+async fn binary_with_leader_election(plane: &ControlPlane, admin: Client) -> anyhow::Result<()> {
+    let ns = "juliet";
+    let lease = "sigterm-test";
+    let op = OperatorProcess::spawn(
+        plane,
+        &[
+            "--leader-election=true",
+            "--lease-namespace",
+            OPERATOR_NAMESPACE,
+            "--lease-name",
+            lease,
+            "--identity",
+            "binary",
+            "--namespace",
+            ns,
+            "--log-format",
+            "json",
+        ],
+    )?;
+    create(&admin, &portal(ns, json!({}))).await?;
+    observed(&admin, ns, 1)
+        .await
+        .with_context(|| format!("no reconcile; log:\n{}", op.log()))?;
+    let leases = Api::<Lease>::namespaced(admin.clone(), OPERATOR_NAMESPACE);
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    ensure!(holder(leases.get(lease).await?) == "binary");
+    let log = exits_promptly(op, "--leader-election=true").await?;
+    ensure!(
+        holder(leases.get(lease).await?).is_empty(),
+        "lease not released"
+    );
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not a JSON line: {line}"))?;
+        ensure!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    ensure!(log.contains("became leader"), "{log}");
+    Ok(())
+}
+
+/// Out of cluster (a user's own, admin, credentials) with the lease namespace missing: one
+/// clear message saying what to do, not a warning per retry; SIGTERM still stops the standby
+/// at once.
+async fn binary_lease_namespace_missing(plane: &ControlPlane) -> anyhow::Result<()> {
+    let op = OperatorProcess::spawn_as(
+        &plane.admin_kubeconfig,
+        &[
+            "--leader-election=true",
+            "--lease-namespace",
+            "nowhere",
+            "--namespace",
+            "nowhere",
+        ],
+    )?;
+    // Three retries (every 2 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let log = exits_promptly(op, "standby without a lease namespace").await?;
+    let advice = log
+        .lines()
+        .filter(|l| l.contains("kubectl create namespace nowhere"))
+        .count();
+    ensure!(advice == 1, "advice given {advice} times:\n{log}");
+    for hint in ["--lease-namespace", "--leader-election=false"] {
+        ensure!(log.contains(hint), "no {hint}:\n{log}");
+    }
+    ensure!(
+        !log.contains("lease update failed"),
+        "repeated warnings:\n{log}"
+    );
+    Ok(())
+}
+
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
     let started = std::time::Instant::now();
     let out = f.await;
@@ -995,6 +1292,24 @@ fn operator_on_a_real_apiserver() {
     let result = runtime.block_on(async {
         let admin = plane.admin().await?;
         common::install(&admin).await?;
+        // The binary in each mode, before the in-process operators (which watch every
+        // namespace) start.
+        let (a, b, c) = tokio::join!(
+            timed(binary_without_leader_election(&plane, admin.clone())),
+            timed(binary_with_leader_election(&plane, admin.clone())),
+            timed(binary_lease_namespace_missing(&plane)),
+        );
+        let mut failures = Vec::new();
+        for (name, r) in [
+            ("binary_without_leader_election", a),
+            ("binary_with_leader_election", b),
+            ("binary_lease_namespace_missing", c),
+        ] {
+            match r {
+                (Ok(()), took) => eprintln!("ok: {name} ({took:.1?})"),
+                (Err(e), _) => failures.push(format!("{name}: {e:#}")),
+            }
+        }
         let primary = start_operator(&plane, "primary").await?;
         eventually("primary leads", WAIT, || async {
             ensure!(lease_holder(&admin).await? == "primary", "not yet");
@@ -1003,7 +1318,8 @@ fn operator_on_a_real_apiserver() {
         .await?;
         let standby = start_operator(&plane, "standby").await?;
 
-        let (a, b, c, d, e, f, g) = tokio::join!(
+        let (a, b, c, d, e, f, g, h) = tokio::join!(
+            timed(minimal_portal_gets_a_certificate(admin.clone())),
             timed(children_and_status(admin.clone())),
             timed(children_are_restored(admin.clone())),
             timed(spec_edit_keeps_the_pods(admin.clone())),
@@ -1012,15 +1328,15 @@ fn operator_on_a_real_apiserver() {
             timed(tls_from_a_secret(admin.clone())),
             timed(portal_reports(admin.clone())),
         );
-        let mut failures = Vec::new();
         for (name, r) in [
-            ("children_and_status", a),
-            ("children_are_restored", b),
-            ("spec_edit_keeps_the_pods", c),
-            ("invalid_spec", d),
-            ("garbage_collection", e),
-            ("tls_from_a_secret", f),
-            ("portal_reports", g),
+            ("minimal_portal_gets_a_certificate", a),
+            ("children_and_status", b),
+            ("children_are_restored", c),
+            ("spec_edit_keeps_the_pods", d),
+            ("invalid_spec", e),
+            ("garbage_collection", f),
+            ("tls_from_a_secret", g),
+            ("portal_reports", h),
         ] {
             match r {
                 (Ok(()), took) => eprintln!("ok: {name} ({took:.1?})"),

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod reload;

@@ -31,16 +31,56 @@ struct Args {
     /// In a cluster: this portal's Pod, where it reports its view in an annotation.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// Validate the configuration FILE (as `--config` would load it, certificate files
+    /// included) and exit: 0 and one line `... OK` on stdout, or 1 and the error naming the
+    /// field on stderr.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "configmap"])]
+    check: Option<PathBuf>,
+    /// Log level, a tracing filter (`info`, `debug`, `warn,portal=debug`); default `RUST_LOG`,
+    /// else info.
+    #[arg(long, env = "DBPORTAL_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, env = "DBPORTAL_LOG_FORMAT", default_value = "text")]
+    log_format: portal::logging::LogFormat,
 }
 
-fn main() -> anyhow::Result<()> {
+/// `--check FILE`: what `haproxy -c` is to HAProxy.
+fn check(path: &std::path::Path) -> std::process::ExitCode {
+    let shown = path.display();
+    let result = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read it: {e}"))
+        .and_then(|text| portal::reload::parse_standalone(&text).map_err(|e| e.to_string()))
+        .and_then(|config| {
+            portal::tls::TlsRuntime::check(&config)
+                .map(|()| config)
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(config) => {
+            println!(
+                "{shown}: configuration OK ({}, {} backends, listen {}, admin {}, tls {})",
+                config.engine.as_str(),
+                config.backends.len(),
+                config.listen,
+                config.admin,
+                format!("{:?}", config.tls.mode).to_lowercase(),
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{shown}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    if let Some(path) = &args.check {
+        return Ok(check(path));
+    }
+    portal::logging::init(args.log_level.as_deref(), args.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -69,5 +109,5 @@ fn main() -> anyhow::Result<()> {
             None => Ok(portal::server::standalone(args.config, shutdown).await?),
         }
     })?;
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -509,6 +509,26 @@ pub struct PortalPods {
     /// Type of the portal Services: ClusterIP (default), NodePort or LoadBalancer.
     #[serde(default)]
     pub service_type: ServiceType,
+    /// Log level of the portals, a tracing filter: `info`, `debug`, `warn,portal=debug`.
+    /// Default: the operator's `--portal-log-level`, else info.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub log_level: String,
+    /// Log format of the portals: text or json (one JSON object per line). Default: the
+    /// operator's `--portal-log-format`, else text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Format of log lines: text (human-readable, coloured only on a terminal) or json (one
+/// JSON object per line).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl PortalPods {
@@ -524,6 +544,8 @@ impl Default for PortalPods {
             image: String::new(),
             resources: None,
             service_type: ServiceType::default(),
+            log_level: String::new(),
+            log_format: None,
         }
     }
 }
