@@ -185,6 +185,10 @@ pub struct BackendReport {
     pub up: bool,
     #[serde(default)]
     pub role: String,
+    /// `busy` or `misconf` while the backend is up but answers with a caveat (a long Redis
+    /// script, a server that cannot persist); absent otherwise.
+    #[serde(default)]
+    pub state: Option<String>,
 }
 
 impl Report {
@@ -307,6 +311,17 @@ pub fn aggregate(
             View::Report(r) => {
                 if !r.ready {
                     why.push(format!("no routable backend: {}", r.backends_summary()));
+                }
+                for b in r.backends.iter().filter(|b| b.up) {
+                    match b.state.as_deref() {
+                        Some("busy") => why.push(format!(
+                            "{} busy running a script or function (kept in rotation so that \
+                             SCRIPT KILL or FUNCTION KILL reach it)",
+                            b.name
+                        )),
+                        Some(state) => why.push(format!("{} {state}", b.name)),
+                        None => {}
+                    }
                 }
                 if r.config_stale {
                     why.push(
@@ -562,6 +577,28 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_busy_leader_stays_the_leader_and_the_message_says_so() {
+        let busy = r#"{"ready":true,"leader":"orders-0","backends":[{"name":"orders-0","up":true,"role":"leader","state":"busy"},{"name":"orders-1","up":true,"role":"replica"}],"configStale":false}"#;
+        let a = run(
+            RoutingMode::Leader,
+            &[
+                pod(0, true, Some(busy)),
+                pod(1, true, Some(&leads("orders-0"))),
+            ],
+        );
+        assert_eq!(a.leader, "orders-0");
+        assert_eq!(a.ready_portals, 2);
+        assert!(a.degraded.is_empty(), "{:?}", a.degraded);
+        assert!(a.portals[0].ready);
+        assert!(
+            a.portals[0].message.contains("orders-0 busy"),
+            "{}",
+            a.portals[0].message
+        );
+        assert_eq!(a.portals[1].message, "");
     }
 
     #[test]

@@ -12,14 +12,27 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::debug;
 
 use crate::{
-    health::Role,
+    health::{Caveat, Role},
     metrics::{CloseReason, Direction, Rejection},
     route,
     server::Shared,
 };
 
+/// Admin connections served at once; more are closed at accept (counted in
+/// `dbportal_admin_connections_refused_total`), so a client cannot spend the process's
+/// descriptors through the endpoint. Probes and a scraper need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest request head (request line and headers) read; larger requests get 431.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body announced; the endpoint reads no body, larger ones get 413.
+pub const MAX_BODY: u64 = 64 * 1024;
+/// An admin connection lasts at most this long (a scraper reconnects; a slow client cannot
+/// keep a slot).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves the admin endpoint until `stop` becomes true.
 pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Receiver<bool>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -37,17 +50,25 @@ pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Recei
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.state.metrics.admin_refused.fetch_add(1, Relaxed);
+            debug!("admin connection closed: {MAX_CONNECTIONS} open already");
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let response = respond(&shared, &req);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .max_buf_size(MAX_HEAD)
+                .max_headers(64)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
     }
 }
@@ -64,6 +85,20 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY)
+        || req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            TEXT,
+            format!("request bodies are limited to {MAX_BODY} bytes (and not chunked)\n"),
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
     }
@@ -192,6 +227,11 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "up": route::is_up(&health, &b.name),
                 "role": role(h.map(|h| h.role).unwrap_or_default()),
                 "routable": eligible.contains(&i),
+                "state": match (route::is_up(&health, &b.name), h.and_then(|h| h.caveat)) {
+                    (false, _) => "down",
+                    (true, Some(c)) => c.as_str(),
+                    (true, None) => "up",
+                },
                 "lastError": h.and_then(|h| h.last_error.clone()),
                 "engineLeader": h.and_then(|h| h.engine_leader),
                 "activeSessions": s.active.load(Relaxed),
@@ -221,6 +261,10 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "backends": backends,
         "connections": {
             "active": state.connections(),
+            "negotiating": state.negotiating(),
+            "maxNegotiating": config.max_negotiating,
+            "maxNegotiatingPerClient": config.max_negotiating_per_client,
+            "connectionRatePerClient": config.connection_rate_per_client,
             "sessions": m.active_sessions.load(Relaxed),
             "max": config.max_connections,
             "maxPerClient": config.max_connections_per_client,
@@ -265,6 +309,18 @@ pub fn metrics(shared: &Shared) -> String {
         "gauge",
         "Open client connections (counted against limits.maxConnections).",
         &one(state.connections() as f64),
+    );
+    family(
+        "dbportal_connections_negotiating",
+        "gauge",
+        "Client connections accepted that are not sessions yet (PROXY header, TLS or engine handshake, backend connect), counted against limits.maxNegotiating.",
+        &one(state.negotiating() as f64),
+    );
+    family(
+        "dbportal_admin_connections_refused_total",
+        "counter",
+        "Admin endpoint connections closed at once because the endpoint's connection cap was reached.",
+        &one(m.admin_refused.load(Relaxed) as f64),
     );
     family(
         "dbportal_connections_max",
@@ -366,6 +422,24 @@ pub fn metrics(shared: &Shared) -> String {
                     (
                         format!("{{backend=\"{}\",role=\"{}\"}}", be.name, x.as_str()),
                         b(r == x),
+                    )
+                })
+            })
+            .collect::<Vec<_>>(),
+    );
+    family(
+        "dbportal_backend_caveat",
+        "gauge",
+        "Whether an up backend answered with a caveat (busy: a long Redis script or function; misconf: cannot persist, refuses writes); it stays routable and keeps its role.",
+        &config
+            .backends
+            .iter()
+            .flat_map(|be| {
+                let c = health.get(&be.name).and_then(|h| h.caveat);
+                Caveat::ALL.into_iter().map(move |x| {
+                    (
+                        format!("{{backend=\"{}\",caveat=\"{}\"}}", be.name, x.as_str()),
+                        b(c == Some(x)),
                     )
                 })
             })

@@ -15,7 +15,9 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 
 /// Whether `ip` may connect. An empty list admits everyone. IPv4 ranges match IPv4-mapped
 /// IPv6 clients, and ranges written in the mapped form (`::ffff:10.0.0.0/104`) match IPv4
-/// clients.
+/// clients. So `::/0`, which contains every mapped address, admits every IPv4 client too:
+/// "all addresses", as HAProxy's `src ::/0` means it; an IPv6-only list names IPv6 prefixes
+/// narrower than `::/1` (`2000::/3` for all global unicast IPv6).
 pub fn is_allowed(cidrs: &[IpNet], ip: IpAddr) -> bool {
     if cidrs.is_empty() {
         return true;
@@ -73,6 +75,24 @@ mod tests {
         ] {
             assert_eq!(is_allowed(&list, ip.parse().unwrap()), want, "{ip}");
         }
+    }
+
+    #[test]
+    fn all_ipv6_admits_ipv4_too_but_global_unicast_does_not() {
+        let all = nets(&["::/0"]);
+        for ip in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "::ffff:10.1.2.3",
+            "2001:db8::1",
+            "::1",
+        ] {
+            assert!(is_allowed(&all, ip.parse().unwrap()), "::/0 admits {ip}");
+        }
+        let global = nets(&["2000::/3"]);
+        assert!(is_allowed(&global, "2001:db8::1".parse().unwrap()));
+        assert!(!is_allowed(&global, "10.1.2.3".parse().unwrap()));
+        assert!(!is_allowed(&global, "::ffff:10.1.2.3".parse().unwrap()));
     }
 
     #[test]

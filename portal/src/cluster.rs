@@ -76,6 +76,9 @@ pub struct BackendReport {
     pub name: String,
     pub up: bool,
     pub role: &'static str,
+    /// `busy` or `misconf` while an up backend answers with a caveat.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
 }
 
 impl Report {
@@ -95,6 +98,7 @@ impl Report {
                     name: b.name.clone(),
                     up: b.up,
                     role: b.role.as_str(),
+                    state: b.caveat.filter(|_| b.up).map(|c| c.as_str()),
                 })
                 .collect(),
             config_stale: reload.stale,
@@ -184,7 +188,8 @@ async fn initial<K>(events: &mut Events<K>, what: &str) -> Option<K> {
 
 /// The configuration text of the ConfigMap.
 fn config_text(cm: &ConfigMap) -> Result<String, ConfigError> {
-    cm.data
+    let text = cm
+        .data
         .as_ref()
         .and_then(|d| d.get(CONFIG_KEY))
         .cloned()
@@ -193,7 +198,14 @@ fn config_text(cm: &ConfigMap) -> Result<String, ConfigError> {
                 field: CONFIG_KEY.into(),
                 message: format!("the ConfigMap has no key {CONFIG_KEY}"),
             })
-        })
+        })?;
+    if text.len() as u64 > reload::MAX_CONFIG_BYTES {
+        return Err(ConfigError::Parse(FieldError {
+            field: CONFIG_KEY.into(),
+            message: format!("larger than {} bytes", reload::MAX_CONFIG_BYTES),
+        }));
+    }
+    Ok(text)
 }
 
 /// The pair of a TLS Secret.

@@ -22,18 +22,31 @@ pub enum Rejection {
     NoBackend,
     /// `proxyProtocol.accept` and the header is missing, invalid or late.
     ProxyHeader,
-    /// The client's TLS/engine negotiation failed (or is not available).
+    /// The client's TLS/engine negotiation failed (or is not available), or did not end
+    /// within `timeouts.handshake`.
     Handshake,
+    /// `proxyProtocol.accept` and the peer is not in `proxyProtocol.trustedCIDRs`.
+    UntrustedProxy,
+    /// `limits.maxNegotiating` connections are negotiating already.
+    NegotiatingLimit,
+    /// `limits.maxNegotiatingPerClient` connections of this client are negotiating already.
+    NegotiatingPerClientLimit,
+    /// `limits.connectionRatePerClient` new connections of this client in the last second.
+    RateLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::Allowlist,
         Rejection::Limit,
         Rejection::PerClientLimit,
         Rejection::NoBackend,
         Rejection::ProxyHeader,
         Rejection::Handshake,
+        Rejection::UntrustedProxy,
+        Rejection::NegotiatingLimit,
+        Rejection::NegotiatingPerClientLimit,
+        Rejection::RateLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +57,10 @@ impl Rejection {
             Rejection::NoBackend => "no_backend",
             Rejection::ProxyHeader => "proxy_header",
             Rejection::Handshake => "handshake",
+            Rejection::UntrustedProxy => "untrusted_proxy",
+            Rejection::NegotiatingLimit => "negotiating_limit",
+            Rejection::NegotiatingPerClientLimit => "negotiating_per_client_limit",
+            Rejection::RateLimit => "rate_limit",
         }
     }
 }
@@ -124,6 +141,9 @@ pub struct BackendStats {
 /// The portal's counters.
 #[derive(Default)]
 pub struct Metrics {
+    /// Admin endpoint connections closed at once because [`crate::admin::MAX_CONNECTIONS`]
+    /// were open.
+    pub admin_refused: AtomicU64,
     pub accepted: AtomicU64,
     pub sessions: AtomicU64,
     pub active_sessions: AtomicU64,

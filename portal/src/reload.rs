@@ -1,5 +1,11 @@
-//! Standalone configuration: the embedded default, loading the file, and re-reading it when
-//! its content changes (polled) or on SIGHUP, publishing only configurations that validate.
+//! Standalone configuration: the embedded default, loading the file, and re-reading it when a
+//! write to it completes (inotify: close after write, or a rename onto it as editors and
+//! ConfigMap volumes do), on SIGHUP, or when polling finds it changed and then stable;
+//! publishing only configurations that validate.
+//!
+//! A file is never applied mid-write: the part written so far can be a valid configuration
+//! (one that admits everyone, if `allowedCIDRs` comes last). Atomic replacement (write a
+//! temporary file, rename it onto the configuration) is the supported way to change it.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,6 +25,39 @@ pub const DEFAULT_CONFIG: &str = include_str!("../examples/portal.yaml");
 
 /// How often the file is compared with the last text read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A change that only polling saw (no inotify event: a filesystem without inotify, a missed
+/// event) is applied once the file has kept the same content this long and no writer is known
+/// to have it open.
+pub const POLL_STABLE: Duration = Duration::from_secs(5);
+
+/// The largest configuration accepted: a ConfigMap holds at most 1 MiB, and a larger file is
+/// refused before it is read whole.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file of at most [`MAX_CONFIG_BYTES`].
+pub fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_CONFIG_BYTES} bytes (a ConfigMap holds at most 1 MiB)"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
 
 /// Outcome of configuration reloads, shown by `/status` and `/metrics`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -116,10 +155,12 @@ pub fn parse_cluster(text: &str) -> Result<Config, ConfigError> {
     parse_yaml(text)?.validate()
 }
 
-/// Watches `path` until `tx` has no receivers: every [`POLL_INTERVAL`], and at once on SIGHUP,
-/// the file is read and compared with `last_text`; a changed text that validates is
-/// published, one that does not is refused (logged with its fields, recorded in `status`)
-/// while the last good configuration keeps serving.
+/// Watches `path` until `tx` has no receivers. A write that completes (inotify close-after-
+/// write on the file, a rename onto it or onto a ConfigMap volume's `..data`) and SIGHUP
+/// re-read the file at once; polling every [`POLL_INTERVAL`] catches what events miss, but
+/// applies a change only once it has been stable for [`POLL_STABLE`] with no writer holding
+/// the file. A changed text that validates is published; one that does not is refused (logged
+/// with its fields, recorded in `status`) while the last good configuration keeps serving.
 pub async fn watch_file(
     path: PathBuf,
     mut last_text: String,
@@ -130,37 +171,160 @@ pub async fn watch_file(
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            warn!(error = %e, "cannot install the SIGHUP handler; the file is still polled");
+            warn!(error = %e, "cannot install the SIGHUP handler; the file is still watched");
+            None
+        }
+    };
+    let mut events = match FileEvents::start(&path) {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot watch the configuration file with inotify; changes are applied once the file has been stable for {POLL_STABLE:?}");
             None
         }
     };
     let mut read_error_logged = false;
+    // A writer has the file open (modified, not closed yet), as far as inotify tells.
+    let mut writing = false;
+    // A change that polling saw, and since when it has been the file's content.
+    let mut seen: Option<(String, tokio::time::Instant)> = None;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        let complete = tokio::select! {
+            _ = tokio::time::sleep(POLL_INTERVAL) => false,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 info!(path = %path.display(), "SIGHUP: re-reading the configuration");
+                true
             }
+            event = async { match events.as_mut() { Some(e) => e.next().await, None => std::future::pending().await } } => match event {
+                Some(FileEvent::Modified) => {
+                    writing = true;
+                    continue;
+                }
+                Some(FileEvent::Complete) => {
+                    writing = false;
+                    true
+                }
+                None => {
+                    warn!(path = %path.display(), "the inotify watch ended; changes are applied once the file has been stable for {POLL_STABLE:?}");
+                    events = None;
+                    writing = false;
+                    continue;
+                }
+            },
             _ = tx.closed() => return,
-        }
-        let text = match read_settled(&path).await {
+        };
+        let text = match read_config(&path) {
             Ok(text) => {
                 read_error_logged = false;
                 text
             }
             Err(e) => {
                 if !read_error_logged {
-                    warn!(path = %path.display(), error = %e, "cannot read the configuration file; keeping the current configuration");
                     read_error_logged = true;
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        // Too large, or not text: refused like an invalid configuration.
+                        let source = path.display().to_string();
+                        let error = ConfigError::Read {
+                            path: source.clone(),
+                            source: e,
+                        };
+                        publish(Err(error), &source, &tx, &status);
+                    } else {
+                        warn!(path = %path.display(), error = %e, "cannot read the configuration file; keeping the current configuration");
+                    }
                 }
                 continue;
             }
         };
         if text == last_text {
+            seen = None;
             continue;
         }
+        if !complete {
+            let now = tokio::time::Instant::now();
+            match &seen {
+                Some((t, since)) if *t == text => {
+                    if writing || now.duration_since(*since) < POLL_STABLE {
+                        continue;
+                    }
+                }
+                _ => {
+                    seen = Some((text, now));
+                    continue;
+                }
+            }
+            info!(path = %path.display(), "the configuration file changed without a completed write being seen; applying it after {POLL_STABLE:?} without change");
+        }
+        seen = None;
         last_text = text;
         apply(&last_text, &path.display().to_string(), &tx, &status);
+    }
+}
+
+/// What inotify says about the configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileEvent {
+    /// Written to, and still open: a write is under way.
+    Modified,
+    /// A write completed: closed after writing, or renamed into place (the file, or the
+    /// `..data` link of a ConfigMap volume).
+    Complete,
+}
+
+/// The inotify watch on the configuration file's directory (files replaced by rename keep
+/// being watched), filtered to the file's own name and `..data`.
+struct FileEvents {
+    stream: inotify::EventStream<Vec<u8>>,
+    name: std::ffi::OsString,
+}
+
+impl FileEvents {
+    fn start(path: &Path) -> std::io::Result<FileEvents> {
+        use inotify::{Inotify, WatchMask};
+        let name = path
+            .file_name()
+            .ok_or_else(|| std::io::Error::other("the path names no file"))?
+            .to_os_string();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let inotify = Inotify::init()?;
+        inotify.watches().add(
+            &dir,
+            WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE,
+        )?;
+        let stream = inotify.into_event_stream(vec![0u8; 4096])?;
+        Ok(FileEvents { stream, name })
+    }
+
+    /// The next event about the file; `None` when the watch ended.
+    async fn next(&mut self) -> Option<FileEvent> {
+        use futures::StreamExt;
+        use inotify::EventMask;
+        loop {
+            let event = match self.stream.next().await? {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "reading inotify events failed");
+                    return None;
+                }
+            };
+            let Some(name) = event.name.as_deref() else {
+                continue;
+            };
+            if name != self.name.as_os_str() && name != "..data" {
+                continue;
+            }
+            if event
+                .mask
+                .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO)
+            {
+                return Some(FileEvent::Complete);
+            }
+            if event.mask.intersects(EventMask::MODIFY | EventMask::CREATE) {
+                return Some(FileEvent::Modified);
+            }
+        }
     }
 }
 
@@ -220,23 +384,27 @@ pub fn publish(
     }
 }
 
-/// Reads the file until two reads agree, so that a file caught mid-write is not judged.
-async fn read_settled(path: &Path) -> std::io::Result<String> {
-    let mut text = tokio::fs::read_to_string(path).await?;
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let again = tokio::fs::read_to_string(path).await?;
-        if again == text {
-            break;
-        }
-        text = again;
-    }
-    Ok(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_config_refuses_large_and_binary_files() {
+        let dir = std::env::temp_dir().join(format!("dbportal-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("portal.yaml");
+        std::fs::write(&path, DEFAULT_CONFIG).unwrap();
+        assert_eq!(read_config(&path).unwrap(), DEFAULT_CONFIG);
+        let mut big = DEFAULT_CONFIG.to_string();
+        big.push_str(&"#".repeat(MAX_CONFIG_BYTES as usize));
+        std::fs::write(&path, big).unwrap();
+        let e = read_config(&path).unwrap_err();
+        assert!(e.to_string().contains("larger than 1048576 bytes"), "{e}");
+        std::fs::write(&path, b"engine: redis\n\xff\n").unwrap();
+        let e = read_config(&path).unwrap_err();
+        assert!(e.to_string().contains("offset 14"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn embedded_default_is_valid_and_local() {

@@ -11,7 +11,6 @@ use std::{
         Arc, Mutex,
     },
     task::{Context, Poll, Waker},
-    time::Duration,
 };
 
 use tokio::{
@@ -28,13 +27,10 @@ use crate::{
     metrics::{BackendStats, CloseReason, Rejection},
     proxy_protocol::{self, Header},
     route,
-    server::{admit, ClientPermit, ConnectionPermit, Shared},
+    server::{admit, ClientPermit, ConnectionPermit, NegotiationPermit, Shared},
     splice::{Splice, Tcp},
     tls::{Negotiation, Pending, Untouched},
 };
-
-/// Longest wait for a PROXY header (the client timeout applies when it is shorter).
-pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a session comes from and arrives at, as seen by admission and the PROXY header we
 /// send.
@@ -81,6 +77,7 @@ pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
     config: Arc<Config>,
     shared: Shared,
 ) {
@@ -93,7 +90,16 @@ pub async fn serve(
         client: peer,
         local,
     };
-    negotiate(stream, peer, Vec::new(), permits, config, shared).await
+    negotiate(
+        stream,
+        peer,
+        Vec::new(),
+        permits,
+        negotiating,
+        config,
+        shared,
+    )
+    .await
 }
 
 /// A connection whose client address comes from a PROXY header: read it (bounded), then
@@ -102,11 +108,12 @@ pub async fn serve_proxied(
     mut stream: TcpStream,
     tcp_peer: SocketAddr,
     permit: ConnectionPermit,
+    mut negotiating: NegotiationPermit,
     config: Arc<Config>,
     shared: Shared,
 ) {
     let state = &shared.state;
-    let deadline = PROXY_HEADER_TIMEOUT.min(config.timeouts.client);
+    let deadline = config.timeouts.handshake.min(config.timeouts.client);
     let read = Box::pin(timeout(deadline, proxy_protocol::read_header(&mut stream))).await;
     let (header, early) = match read {
         Ok(Ok(x)) => x,
@@ -135,7 +142,7 @@ pub async fn serve_proxied(
         },
     };
     tracing::Span::current().record("client", tracing::field::display(peer.client));
-    let client = match admit(state, &config, peer.client.ip()) {
+    let client = match admit(state, &config, peer.client.ip(), &mut negotiating) {
         Ok(c) => c,
         Err(why) => {
             state.metrics.reject(why);
@@ -146,7 +153,16 @@ pub async fn serve_proxied(
             return;
         }
     };
-    negotiate(stream, peer, early, (permit, client), config, shared).await
+    negotiate(
+        stream,
+        peer,
+        early,
+        (permit, client),
+        negotiating,
+        config,
+        shared,
+    )
+    .await
 }
 
 /// The hook where TLS termination and engine-specific negotiation (PostgreSQL SSLRequest,
@@ -157,6 +173,7 @@ async fn negotiate(
     peer: Peer,
     early: Vec<u8>,
     permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
     config: Arc<Config>,
     shared: Shared,
 ) {
@@ -175,6 +192,7 @@ async fn negotiate(
             peer,
             early,
             permits,
+            negotiating,
             config,
             shared,
         ))
@@ -188,7 +206,16 @@ async fn negotiate(
                 terminator,
                 accepted,
             };
-            Box::pin(proxy(pending, peer, Vec::new(), permits, config, shared)).await
+            Box::pin(proxy(
+                pending,
+                peer,
+                Vec::new(),
+                permits,
+                negotiating,
+                config,
+                shared,
+            ))
+            .await
         }
         Err(e) => {
             shared.state.metrics.reject(Rejection::Handshake);
@@ -205,6 +232,7 @@ pub async fn proxy<N>(
     peer: Peer,
     early: Vec<u8>,
     permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
     config: Arc<Config>,
     mut shared: Shared,
 ) where
@@ -276,6 +304,8 @@ pub async fn proxy<N>(
         }
     };
 
+    // A session now: no longer counted as negotiating.
+    drop(negotiating);
     let metrics = &state.metrics;
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
@@ -661,6 +691,8 @@ async fn connect_one(address: &Address) -> io::Result<TcpStream> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// The senders that drive a test's `Shared`; dropping one ends its channel.

@@ -358,7 +358,7 @@ async fn proxy_protocol_headers_in() {
     let portal = Portal::start(&yaml(
         "tcp",
         &[("e", echo.addr)],
-        "proxyProtocol: {accept: true}\nallowedCIDRs: [\"192.0.2.0/24\", \"2001:db8::/32\"]\ntimeouts: {client: 1s}\nlimits: {maxConnectionsPerClient: 1}",
+        "proxyProtocol: {accept: true, trustedCIDRs: [\"127.0.0.1/32\"]}\nallowedCIDRs: [\"192.0.2.0/24\", \"2001:db8::/32\", \"10.0.0.0/8\"]\ntimeouts: {client: 1s}\nlimits: {maxConnectionsPerClient: 1}",
     ))
     .await;
     let v2 = proxy_protocol::encode_v2(
@@ -432,12 +432,28 @@ async fn proxy_protocol_headers_in() {
         }
         assert!(closed_within(&mut c, STEP).await, "{name}: not closed");
     }
+    // A header from a peer that is not a trusted load balancer is not believed: a client on
+    // 127.0.0.5 claiming an allowed 10.x address is closed before its header is read.
+    for i in 0..3 {
+        let mut c = connect_from("127.0.0.5", portal.addr).await.unwrap();
+        let _ = c
+            .write_all(format!("PROXY TCP4 10.1.2.3 10.0.0.1 {} 7000\r\nping", 5000 + i).as_bytes())
+            .await;
+        assert!(
+            closed_within(&mut c, STEP).await,
+            "untrusted peer not closed"
+        );
+    }
     assert_eq!(
         echo.accepted(),
         accepted,
         "a refused header reached the backend"
     );
     let m = portal.metrics().await;
+    assert_eq!(
+        metric(&m, "dbportal_rejections_total{reason=\"untrusted_proxy\"}"),
+        Some(3.0)
+    );
     assert_eq!(
         metric(&m, "dbportal_rejections_total{reason=\"proxy_header\"}"),
         Some(6.0)

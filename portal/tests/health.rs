@@ -371,6 +371,69 @@ async fn redis_primary_and_replica() {
     assert!(v.stats.failovers >= 1);
 }
 
+/// The error replies a Redis probe can meet, each decided on purpose: -MISCONF keeps the node
+/// up (it still leads, reads work), -MASTERDOWN is down (a replica that refuses reads),
+/// -NOAUTH / -WRONGPASS are reported as a credentials problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_error_replies_are_decided_on_purpose() {
+    if !installed("redis-server") {
+        return;
+    }
+    // MISCONF: a server with a save point whose background save failed (its directory is
+    // gone) refuses writes and PING until a save succeeds.
+    let r = Redis::start_with(&["--save", "3600 1", "--stop-writes-on-bgsave-error", "yes"]);
+    let c = config("redis", &[r.address()], "");
+    let dir = r.cli(&["CONFIG", "GET", "dir"]);
+    let dir = dir.lines().nth(1).unwrap().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    r.cli(&["BGSAVE"]);
+    let s = settings(&c, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let probed = loop {
+        let p = probe_node(&s, &addr(&r.address())).await;
+        if p.as_ref().is_ok_and(|p| p.caveat.is_some()) || Instant::now() > deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        probed,
+        Ok(portal::health::Probed {
+            caveat: Some(portal::health::Caveat::Misconf),
+            ..Role::Leader.into()
+        }),
+        "a leader that cannot persist stays up and leading"
+    );
+    assert!(r.cli(&["PING"]).starts_with("MISCONF"), "PING is refused");
+
+    // MASTERDOWN: a replica of a master that is gone, told not to serve stale data.
+    let gone = free_port();
+    let replica = Redis::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &gone.to_string(),
+        "--replica-serve-stale-data",
+        "no",
+    ]);
+    let err = probe_one(&c, None, &replica.address()).await.unwrap_err();
+    assert!(
+        matches!(&err, ProbeError::Protocol(m) if m.contains("MASTERDOWN") && m.contains("stale")),
+        "{err}"
+    );
+
+    // NOAUTH and WRONGPASS: the credentials, not the node.
+    let locked = Redis::start_with(&["--requirepass", "pw"]);
+    for (creds, what) in [(None, "NOAUTH"), (creds(None, "wrong"), "WRONGPASS")] {
+        let err = probe_one(&c, creds, &locked.address()).await.unwrap_err();
+        assert!(matches!(err, ProbeError::Auth(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("healthCheck credentials") && text.contains(what),
+            "{text}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_acl_user() {
     if !installed("redis-server") {

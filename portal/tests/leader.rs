@@ -285,3 +285,115 @@ async fn split_brain_routes_nowhere_until_resolved() {
     .await;
     assert!(write_once(p.addr, "resolved").await);
 }
+
+/// Reads one reply line from `s`, waiting up to `limit` (a script's reply comes late).
+async fn reply_within(s: &mut TcpStream, limit: Duration) -> String {
+    let mut buf = vec![0u8; 512];
+    match tokio::time::timeout(limit, s.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+        Ok(Err(e)) => format!("read error: {e}"),
+        Err(_) => "no reply".into(),
+    }
+}
+
+/// A leader busy with a script or function (past `busy-reply-threshold`) answers `-BUSY`; the
+/// portal keeps it up and leading, so a new client reaches it through the portal and ends the
+/// script with `kill` (`SCRIPT KILL` or `FUNCTION KILL`). `setup` runs on the leader first.
+async fn busy_leader_is_killable(setup: &[&str], start: &[&str], kill: &[&str]) {
+    let a = Redis::start_with(&["--busy-reply-threshold", "100"]);
+    let b = Redis::replica_of(a.port);
+    b.wait_replicating();
+    if !setup.is_empty() {
+        a.cli(setup);
+    }
+    let p = Standalone::start(
+        &[&a, &b],
+        "healthCheck: {interval: 100ms, rise: 1, fall: 2}\ntimeouts: {check: 1s}\n",
+    )
+    .await;
+    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
+        s["leader"] == "r0"
+    })
+    .await;
+
+    // The user's long script, sent through the portal; its reply comes when it ends. The loop
+    // is bounded (tens of seconds at most) in case the kill never arrives.
+    let mut runner = TcpStream::connect(p.addr).await.unwrap();
+    let mut req = format!("*{}\r\n", start.len());
+    for x in start {
+        req.push_str(&format!("${}\r\n{x}\r\n", x.len()));
+    }
+    runner.write_all(req.as_bytes()).await.unwrap();
+
+    let s = wait_status(&p, Duration::from_secs(10), "r0 busy", |s| {
+        s["backends"][0]["state"] == "busy"
+    })
+    .await;
+    assert_eq!(s["leader"], "r0", "a busy leader stays the leader: {s:#}");
+    assert_eq!(s["backends"][0]["up"], true, "{s:#}");
+    assert_eq!(s["backends"][0]["role"], "leader", "{s:#}");
+    assert_eq!(s["ready"], true, "{s:#}");
+    let metrics = http(p.admin, "/metrics").await;
+    assert!(
+        metrics.contains("dbportal_backend_caveat{backend=\"r0\",caveat=\"busy\"} 1"),
+        "{metrics}"
+    );
+
+    // A new client is routed to the busy leader: it sees -BUSY, and its kill works.
+    let mut user = TcpStream::connect(p.addr).await.unwrap();
+    let r = command(&mut user, &["GET", "k"]).await.unwrap();
+    assert!(
+        r.starts_with("-BUSY"),
+        "a new session reaches the busy leader: {r}"
+    );
+    let r = command(&mut user, kill).await.unwrap();
+    assert_eq!(r, "+OK", "{kill:?} through the portal");
+    let ended = reply_within(&mut runner, Duration::from_secs(5)).await;
+    assert!(
+        ended.starts_with('-') && ended.to_lowercase().contains("kill"),
+        "the script ends, killed: {ended}"
+    );
+    assert_eq!(command(&mut user, &["PING"]).await.unwrap(), "+PONG");
+
+    let s = wait_status(&p, Duration::from_secs(5), "r0 answers normally", |s| {
+        s["backends"][0]["state"] == "up"
+    })
+    .await;
+    assert_eq!(s["leader"], "r0");
+    assert_eq!(s["leaderChanges"], 0, "no leader change while busy: {s:#}");
+    assert_eq!(s["failovers"], 0, "{s:#}");
+    assert!(s["leaderlessSince"].is_null(), "{s:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_script_stays_reachable_so_script_kill_works() {
+    if !installed("redis-server") {
+        return;
+    }
+    busy_leader_is_killable(
+        &[],
+        &[
+            "EVAL",
+            "local i = 0 while i < 3e9 do i = i + 1 end return i",
+            "0",
+        ],
+        &["SCRIPT", "KILL"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_function_stays_reachable_so_function_kill_works() {
+    if !installed("redis-server") {
+        return;
+    }
+    let library = "#!lua name=spinlib\nredis.register_function{function_name='spin', \
+                   callback=function() local i = 0 while i < 3e9 do i = i + 1 end return i end, \
+                   flags={'no-writes'}}";
+    busy_leader_is_killable(
+        &["FUNCTION", "LOAD", library],
+        &["FCALL", "spin", "0"],
+        &["FUNCTION", "KILL"],
+    )
+    .await;
+}

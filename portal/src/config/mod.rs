@@ -25,11 +25,19 @@ pub struct Config {
     pub max_connections: u32,
     /// 0 = unlimited.
     pub max_connections_per_client: u32,
+    /// Connections negotiating (not yet sessions), per portal (at least 1).
+    pub max_negotiating: u32,
+    /// Connections negotiating per client address; 0 = unlimited.
+    pub max_negotiating_per_client: u32,
+    /// New connections per second per client address; 0 = unlimited.
+    pub connection_rate_per_client: u32,
     pub timeouts: TimeoutValues,
     /// Empty = everyone. Host bits are cleared (`10.1.2.3/8` is `10.0.0.0/8`).
     pub allowed_cidrs: Vec<IpNet>,
     pub tls: Tls,
     pub proxy_protocol: ProxyProtocol,
+    /// `proxyProtocol.trustedCIDRs`, parsed: the peers whose PROXY header is believed.
+    pub proxy_trusted: Vec<IpNet>,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub drain_timeout: std::time::Duration,
@@ -70,6 +78,7 @@ pub struct TimeoutValues {
     pub server: std::time::Duration,
     pub connect: std::time::Duration,
     pub check: std::time::Duration,
+    pub handshake: std::time::Duration,
 }
 
 /// One thing wrong with a configuration, with the field it is about (`backends[1].address`).
@@ -303,12 +312,16 @@ impl DatabasePortalSpec {
         if self.limits.max_connections == 0 {
             err("limits.maxConnections", "must be at least 1".into());
         }
+        if self.limits.max_negotiating == 0 {
+            err("limits.maxNegotiating", "must be at least 1".into());
+        }
 
         for (name, d) in [
             ("timeouts.client", self.timeouts.client),
             ("timeouts.server", self.timeouts.server),
             ("timeouts.connect", self.timeouts.connect),
             ("timeouts.check", self.timeouts.check),
+            ("timeouts.handshake", self.timeouts.handshake),
         ] {
             if d.get().is_zero() {
                 err(name, "must be more than 0".into());
@@ -321,6 +334,20 @@ impl DatabasePortalSpec {
                 Ok(net) => allowed_cidrs.push(net),
                 Err(m) => err(&format!("allowedCIDRs[{i}]"), m),
             }
+        }
+
+        let mut proxy_trusted = Vec::with_capacity(self.proxy_protocol.trusted_cidrs.len());
+        for (i, text) in self.proxy_protocol.trusted_cidrs.iter().enumerate() {
+            match parse_cidr(text) {
+                Ok(net) => proxy_trusted.push(net),
+                Err(m) => err(&format!("proxyProtocol.trustedCIDRs[{i}]"), m),
+            }
+        }
+        if self.proxy_protocol.accept && self.proxy_protocol.trusted_cidrs.is_empty() {
+            err(
+                "proxyProtocol.trustedCIDRs",
+                "required when proxyProtocol.accept is true: the addresses of the load balancers allowed to send a PROXY header (a header from any other peer would let a client choose its own address)".into(),
+            );
         }
 
         for (i, name) in self.tls.dns_names.iter().enumerate() {
@@ -384,15 +411,20 @@ impl DatabasePortalSpec {
             },
             max_connections: self.limits.max_connections,
             max_connections_per_client: self.limits.max_connections_per_client,
+            max_negotiating: self.limits.max_negotiating,
+            max_negotiating_per_client: self.limits.max_negotiating_per_client,
+            connection_rate_per_client: self.limits.connection_rate_per_client,
             timeouts: TimeoutValues {
                 client: self.timeouts.client.get(),
                 server: self.timeouts.server.get(),
                 connect: self.timeouts.connect.get(),
                 check: self.timeouts.check.get(),
+                handshake: self.timeouts.handshake.get(),
             },
             allowed_cidrs,
             tls: self.tls.clone(),
             proxy_protocol: self.proxy_protocol.clone(),
+            proxy_trusted,
             listen,
             admin,
             drain_timeout: self

@@ -323,11 +323,33 @@ pub struct Limits {
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000000))]
     pub max_connections_per_client: u32,
+    /// Connections still negotiating per portal: accepted but not yet a session (waiting for
+    /// a PROXY header, in the TLS handshake or the PostgreSQL/MySQL startup, connecting to the
+    /// database). Past it a new connection is closed at once, so slow or half-open clients
+    /// cannot hold every slot of maxConnections. Default 1000.
+    #[serde(default = "Limits::default_max_negotiating")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_negotiating: u32,
+    /// Connections still negotiating per client IP address; 0 means unlimited. Default 64.
+    #[serde(default = "Limits::default_max_negotiating_per_client")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_negotiating_per_client: u32,
+    /// New connections per second per client IP address (HAProxy's conn_rate); past it a new
+    /// connection is closed at once. 0 means unlimited (default).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub connection_rate_per_client: u32,
 }
 
 impl Limits {
     fn default_max() -> u32 {
         2000
+    }
+    fn default_max_negotiating() -> u32 {
+        1000
+    }
+    fn default_max_negotiating_per_client() -> u32 {
+        64
     }
 }
 
@@ -336,6 +358,9 @@ impl Default for Limits {
         Limits {
             max_connections: Self::default_max(),
             max_connections_per_client: 0,
+            max_negotiating: Self::default_max_negotiating(),
+            max_negotiating_per_client: Self::default_max_negotiating_per_client(),
+            connection_rate_per_client: 0,
         }
     }
 }
@@ -357,6 +382,10 @@ pub struct Timeouts {
     /// Deadline of one health check, connect and exchange. Default 2s.
     #[serde(default = "Timeouts::two_seconds")]
     pub check: Duration,
+    /// Deadline of a client's negotiation: the PROXY header, the TLS handshake, PostgreSQL's
+    /// SSLRequest and startup, MySQL's handshake. Default 5s.
+    #[serde(default = "Timeouts::five_seconds")]
+    pub handshake: Duration,
 }
 
 impl Timeouts {
@@ -369,6 +398,9 @@ impl Timeouts {
     fn two_seconds() -> Duration {
         Duration::from_secs(2)
     }
+    fn five_seconds() -> Duration {
+        Duration::from_secs(5)
+    }
 }
 
 impl Default for Timeouts {
@@ -378,6 +410,7 @@ impl Default for Timeouts {
             server: Self::one_day(),
             connect: Self::one_minute(),
             check: Self::two_seconds(),
+            handshake: Self::five_seconds(),
         }
     }
 }
@@ -571,15 +604,29 @@ impl ServiceType {
 
 /// PROXY protocol settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!self.accept || (has(self.trustedCIDRs) && size(self.trustedCIDRs) > 0)",
+    "message": "trustedCIDRs is required when accept is true",
+}]))]
 pub struct ProxyProtocol {
     /// Expect a PROXY protocol v1 or v2 header from a load balancer in front of the portal, and
     /// apply allowedCIDRs and per-client limits to the client address it carries. A connection
-    /// without a valid header is closed.
+    /// without a valid header is closed. Requires trustedCIDRs.
     #[serde(default)]
     pub accept: bool,
     /// Send a PROXY protocol v2 header to the database so it sees the real client.
     #[serde(default)]
     pub send: bool,
+    /// The peers allowed to send a PROXY header (the load balancers in front of the portal),
+    /// as CIDRs; required when accept is true. A connection from any other peer is closed
+    /// before its header is read, and counted as a rejection (reason untrusted_proxy): a
+    /// header's client address is believed only from these peers.
+    #[serde(
+        default,
+        rename = "trustedCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub trusted_cidrs: Vec<String>,
 }
 
 /// What the operator reports about a DatabasePortal.

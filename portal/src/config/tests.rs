@@ -28,6 +28,11 @@ fn defaults_follow_the_contract() {
     assert_eq!(c.spec.portal.replicas, 2);
     assert_eq!(c.spec.tls.min_version, TlsVersion::V1_2);
     assert!(!c.proxy_protocol.accept && !c.proxy_protocol.send);
+    assert!(c.proxy_trusted.is_empty());
+    assert_eq!(c.timeouts.handshake, std::time::Duration::from_secs(5));
+    assert_eq!(c.max_negotiating, 1000);
+    assert_eq!(c.max_negotiating_per_client, 64);
+    assert_eq!(c.connection_rate_per_client, 0);
 }
 
 #[test]
@@ -73,7 +78,7 @@ tls:
   certFile: /tls/tls.crt
   keyFile: /tls/tls.key
 portal: {replicas: 3, image: "dbportal/portal:1", serviceType: LoadBalancer}
-proxyProtocol: {accept: true, send: true}
+proxyProtocol: {accept: true, send: true, trustedCIDRs: ["10.0.0.0/24"]}
 listen: "127.0.0.1:7000"
 admin: "[::1]:9000"
 drainTimeout: 5s
@@ -167,6 +172,11 @@ fn invalid_configurations_name_the_field() {
         ("empty probe step", base("healthCheck: {steps: [{}]}\n"), "healthCheck.steps[0]"),
         ("bad escape", base("healthCheck: {steps: [{send: 'PING\\q'}]}\n"), "healthCheck.steps[0].send"),
         ("maxConnections 0", base("limits: {maxConnections: 0}\n"), "limits.maxConnections"),
+        ("maxNegotiating 0", base("limits: {maxNegotiating: 0}\n"), "limits.maxNegotiating"),
+        ("negative rate", base("limits: {connectionRatePerClient: -1}\n"), "limits.connectionRatePerClient"),
+        ("zero handshake", base("timeouts: {handshake: 0s}\n"), "timeouts.handshake"),
+        ("PROXY accept without trusted peers", base("proxyProtocol: {accept: true}\n"), "proxyProtocol.trustedCIDRs"),
+        ("bad trusted CIDR", base("proxyProtocol: {accept: true, trustedCIDRs: [\"10.0.0.0/8\", \"lb\"]}\n"), "proxyProtocol.trustedCIDRs[1]"),
         ("negative limit", base("limits: {maxConnectionsPerClient: -3}\n"), "limits.maxConnectionsPerClient"),
         ("bad tls mode", MINIMAL.replace("mode: disabled", "mode: sometimes"), "tls.mode"),
         ("bad tls version", MINIMAL.replace("mode: disabled", "mode: disabled, minVersion: \"1.1\""), "tls.minVersion"),

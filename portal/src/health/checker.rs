@@ -17,7 +17,7 @@ use super::{
     credentials::CredentialsSource,
     probe::{probe_node, ProbeError, ProbeSettings, Probed},
     state::{elect, NodeState},
-    BackendHealth, HealthView, LeaderStats, Role,
+    BackendHealth, Caveat, HealthView, LeaderStats, Role,
 };
 use crate::config::{Address, Backend, Config, RoutingMode};
 
@@ -231,9 +231,24 @@ impl Checker {
             Ok(Probed {
                 role,
                 engine_leader,
+                caveat,
             }) => {
-                slot.state.success(role, rise);
-                slot.state.engine_leader = engine_leader;
+                slot.state.alive(role, caveat, rise);
+                if caveat != Some(Caveat::Busy) {
+                    slot.state.engine_leader = engine_leader;
+                }
+                if caveat != before.caveat {
+                    match caveat {
+                        Some(c) => {
+                            tracing::warn!(backend = %name, state = c.as_str(), "backend up but {}", match c {
+                                Caveat::Busy => "busy running a script or function: kept in rotation, with its role, so that SCRIPT KILL / FUNCTION KILL reach it",
+                                Caveat::Misconf => "cannot persist and refuses writes (-MISCONF): kept in rotation",
+                            })
+                        }
+                        None => tracing::info!(backend = %name, "backend answers normally again"),
+                    }
+                }
+                let role = slot.state.role;
                 if before.role != role && !before.unconfirmed {
                     tracing::info!(backend = %name, from = before.role.as_str(), to = role.as_str(), "role changed");
                 }
@@ -362,6 +377,7 @@ impl Checker {
                     role: s.state.role,
                     last_error: s.state.last_error.clone(),
                     engine_leader: s.state.engine_leader,
+                    caveat: s.state.caveat,
                 })
                 .collect(),
             leader: election.leader,

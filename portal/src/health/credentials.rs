@@ -47,15 +47,108 @@ impl CredentialsSource for StandaloneCredentials {
     }
 }
 
-/// Reads a credentials file: YAML with `password` and optionally `username`.
+/// Largest credentials file read (a password, a user name, a little YAML).
+const MAX_FILE: u64 = 64 * 1024;
+
+/// Reads credentials from `path`, in any of the forms a user or Kubernetes gives them:
+/// - a directory with a `password` file and optionally a `username` file (a Secret mounted as
+///   a volume: one file per key);
+/// - a YAML map with `password` and optionally `username`;
+/// - a file holding only the password (a single Secret key mounted with `subPath` or
+///   `items`): its whole content, without a trailing newline.
+///
+/// Errors name the path and what is wrong, never the file's content: a password must not reach
+/// `/status`, `/readyz` or the log through a parse error.
 pub fn read_file(path: &str) -> Result<ProbeCredentials, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the credentials file {path}: {e}"))?;
-    let mut creds: ProbeCredentials = serde_yaml::from_str(&text).map_err(|e| {
-        format!("the credentials file {path} needs `password` (and optionally `username`): {e}")
-    })?;
-    creds.username = creds.username.filter(|u| !u.is_empty());
-    Ok(creds)
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read the credentials {path}: {e}"))?;
+    if meta.is_dir() {
+        let dir = std::path::Path::new(path);
+        let password = read_key(&dir.join("password"))?
+            .ok_or_else(|| format!("the credentials directory {path} has no `password` file"))?;
+        let username = read_key(&dir.join("username"))?.filter(|u| !u.is_empty());
+        return Ok(ProbeCredentials { username, password });
+    }
+    let text = read_small(std::path::Path::new(path))?;
+    parse_file(&text).map_err(|why| format!("the credentials file {path} {why}"))
+}
+
+/// The file's text: a YAML map, or the password alone.
+fn parse_file(text: &str) -> Result<ProbeCredentials, String> {
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        #[serde(default)]
+        username: Option<serde_yaml::Value>,
+        #[serde(default)]
+        password: Option<serde_yaml::Value>,
+    }
+    let string = |v: Option<serde_yaml::Value>, key: &str| -> Result<Option<String>, String> {
+        match v {
+            None | Some(serde_yaml::Value::Null) => Ok(None),
+            Some(serde_yaml::Value::String(s)) => Ok(Some(s)),
+            Some(serde_yaml::Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(serde_yaml::Value::Bool(b)) => Ok(Some(b.to_string())),
+            Some(_) => Err(format!("has a `{key}` that is not a string")),
+        }
+    };
+    // Only a map whose keys include `password` or `username` is read as YAML; anything else
+    // (a password with a colon or a `#`, say) is the password itself.
+    if let Ok(serde_yaml::Value::Mapping(map)) = serde_yaml::from_str::<serde_yaml::Value>(text) {
+        let keys: Vec<&str> = map.keys().filter_map(|k| k.as_str()).collect();
+        if keys.iter().any(|k| *k == "password" || *k == "username") {
+            let fields: Fields = serde_yaml::from_value(serde_yaml::Value::Mapping(map.clone()))
+                .map_err(|_| "is not a map of `username` and `password`".to_string())?;
+            let password = string(fields.password, "password")?
+                .ok_or_else(|| "has no `password` (keys: username, password)".to_string())?;
+            let username = string(fields.username, "username")?.filter(|u| !u.is_empty());
+            return Ok(ProbeCredentials { username, password });
+        }
+    }
+    let password = text.strip_suffix('\n').unwrap_or(text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err("is empty".into());
+    }
+    Ok(ProbeCredentials {
+        username: None,
+        password: password.to_string(),
+    })
+}
+
+/// One key of a mounted Secret: `None` when the file does not exist.
+fn read_key(path: &std::path::Path) -> Result<Option<String>, String> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Ok(_) => {
+            let text = read_small(path)?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            Ok(Some(text.to_string()))
+        }
+    }
+}
+
+fn read_small(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot read the credentials {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the credentials {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(format!(
+            "the credentials {} are larger than {MAX_FILE} bytes",
+            path.display()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "the credentials {} are not UTF-8 (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// Fixed credentials, for tests and for callers that resolved them already.
@@ -99,9 +192,44 @@ mod tests {
         assert_eq!(c.password, "s3cret");
         assert!(!format!("{c:?}").contains("s3cret"));
 
-        std::fs::write(&path, "user: probe\n").unwrap();
+        // A file holding only the password (one Secret key), with or without a newline.
+        std::fs::write(&path, "s3cret: with # odd: chars\n").unwrap();
+        let c = StandaloneCredentials.credentials(&file).unwrap().unwrap();
+        assert_eq!(
+            (c.username, c.password.as_str()),
+            (None, "s3cret: with # odd: chars")
+        );
+
+        // A map with `username` but no password: refused, naming the key, not the content.
+        std::fs::write(&path, "username: s3cret-user\n").unwrap();
         let err = StandaloneCredentials.credentials(&file).unwrap_err();
-        assert!(err.contains("password"), "{err}");
+        assert!(err.contains("password") && !err.contains("s3cret"), "{err}");
+        std::fs::write(&path, "password: [s3cret]\n").unwrap();
+        let err = StandaloneCredentials.credentials(&file).unwrap_err();
+        assert!(err.contains("password") && !err.contains("s3cret"), "{err}");
+        std::fs::write(&path, "").unwrap();
+        let err = StandaloneCredentials.credentials(&file).unwrap_err();
+        assert!(err.contains("empty"), "{err}");
+
+        // A mounted Secret: a directory of keys.
+        let secret = dir.join("secret");
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::write(secret.join("password"), "s3cret").unwrap();
+        let mounted = health(Some(Credentials::File(secret.display().to_string())));
+        let c = StandaloneCredentials
+            .credentials(&mounted)
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.username, c.password.as_str()), (None, "s3cret"));
+        std::fs::write(secret.join("username"), "probe\n").unwrap();
+        let c = StandaloneCredentials
+            .credentials(&mounted)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username.as_deref(), Some("probe"));
+        std::fs::remove_file(secret.join("password")).unwrap();
+        let err = StandaloneCredentials.credentials(&mounted).unwrap_err();
+        assert!(err.contains("no `password` file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
 
         assert_eq!(StandaloneCredentials.credentials(&health(None)), Ok(None));

@@ -62,6 +62,33 @@ impl Role {
     }
 }
 
+/// Why a node that is up does not serve everything right now. The node stays routable and keeps
+/// its role: routing around it would help nobody, and would cut users off from the commands that
+/// end the condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Caveat {
+    /// Redis `-BUSY`: a script or function has run past `busy-reply-threshold`
+    /// (`lua-time-limit`). The server answers every command with `-BUSY` except the ones that
+    /// end it (`SCRIPT KILL`, `FUNCTION KILL`, `SHUTDOWN NOSAVE`), which must reach it: so the
+    /// node stays up, keeps its role (the leader stays the leader) and takes new sessions.
+    Busy,
+    /// Redis `-MISCONF`: the server cannot persist and refuses writes (and PING) until it can;
+    /// reads still work and no other node would do better, so it stays up and keeps its role.
+    Misconf,
+}
+
+impl Caveat {
+    /// Lower-case name for `/status`, the pod report and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Caveat::Busy => "busy",
+            Caveat::Misconf => "misconf",
+        }
+    }
+
+    pub const ALL: [Caveat; 2] = [Caveat::Busy, Caveat::Misconf];
+}
+
 /// What is known of one backend, in the order of the configuration's backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendHealth {
@@ -77,6 +104,8 @@ pub struct BackendHealth {
     /// successful probe, while every healthy member is a [`Role::SharedLeader`]. `None` for the
     /// other engines (their `role` says it), before the first answer and while the node is down.
     pub engine_leader: Option<bool>,
+    /// Up, but not serving everything (from the latest probe).
+    pub caveat: Option<Caveat>,
 }
 
 /// Counters about the leader, for `/status`, `/metrics` and logs.
@@ -126,6 +155,7 @@ impl HealthView {
                     role: Role::Unknown,
                     last_error: None,
                     engine_leader: None,
+                    caveat: None,
                 })
                 .collect(),
             leader: None,

@@ -1,7 +1,7 @@
 //! The pure part of health checking: one node's rise/fall state machine and the election of
 //! the leader from the nodes' roles.
 
-use super::Role;
+use super::{Caveat, Role};
 
 /// One backend's health as the probes have seen it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub struct NodeState {
     pub failures: u32,
     /// Why the latest probe failed; `None` after a success.
     pub last_error: Option<String>,
+    /// What the latest successful probe noticed beside the role; cleared by a failure.
+    pub caveat: Option<Caveat>,
     /// No probe has answered yet: the node is assumed up, and its first result decides at once
     /// (a node that is down at start-up is not routed to for `fall` intervals, and a healthy
     /// one does not wait `rise` intervals).
@@ -34,6 +36,7 @@ impl Default for NodeState {
             successes: 0,
             failures: 0,
             last_error: None,
+            caveat: None,
             unconfirmed: true,
         }
     }
@@ -46,6 +49,7 @@ impl NodeState {
         self.successes = self.successes.saturating_add(1);
         self.failures = 0;
         self.last_error = None;
+        self.caveat = None;
         self.role = role;
         if self.unconfirmed || self.successes >= rise {
             self.up = true;
@@ -53,11 +57,23 @@ impl NodeState {
         self.unconfirmed = false;
     }
 
+    /// A probe found the node alive with a caveat. [`Caveat::Busy`] says nothing of the role:
+    /// the node keeps the one it had (a busy leader stays the leader; no failover starts).
+    pub fn alive(&mut self, role: Role, caveat: Option<Caveat>, rise: u32) {
+        let role = match caveat {
+            Some(Caveat::Busy) => self.role,
+            _ => role,
+        };
+        self.success(role, rise);
+        self.caveat = caveat;
+    }
+
     /// A probe failed. The node stays up (with its last role) until `fall` failures in a row.
     pub fn failure(&mut self, error: String, fall: u32) {
         self.failures = self.failures.saturating_add(1);
         self.successes = 0;
         self.last_error = Some(error);
+        self.caveat = None;
         if self.unconfirmed || self.failures >= fall {
             self.up = false;
             // A node that is down leads nothing the engine would tell us of.
@@ -188,6 +204,32 @@ mod tests {
         n.failure("refused".into(), 2);
         assert!(!n.up);
         assert_eq!(n.engine_leader, None);
+    }
+
+    #[test]
+    fn a_busy_leader_keeps_its_role_and_stays_up() {
+        let mut n = node(true, Role::Leader);
+        for _ in 0..5 {
+            n.alive(Role::Unknown, Some(Caveat::Busy), 2);
+        }
+        assert!(n.up);
+        assert_eq!(n.role, Role::Leader);
+        assert_eq!(n.caveat, Some(Caveat::Busy));
+        assert_eq!(elect(&[n.clone()], Some(0)).leader, Some(0));
+        n.alive(Role::Leader, None, 2);
+        assert_eq!(n.caveat, None, "cleared once the node answers normally");
+
+        // A node whose first answer is -BUSY is alive, its role still unknown: it leads nothing.
+        let mut n = NodeState::default();
+        n.alive(Role::Unknown, Some(Caveat::Busy), 2);
+        assert!(n.up);
+        assert_eq!(n.role, Role::Unknown);
+
+        let mut n = node(true, Role::Leader);
+        n.alive(Role::Leader, Some(Caveat::Misconf), 2);
+        assert_eq!((n.role, n.caveat), (Role::Leader, Some(Caveat::Misconf)));
+        n.failure("timeout".into(), 3);
+        assert_eq!(n.caveat, None);
     }
 
     #[test]

@@ -33,7 +33,7 @@ struct Inner {
     /// Why the terminator in force is not the configuration's.
     error: Option<String>,
     /// What the terminator was built from, to rebuild only on a relevant change.
-    built_from: Option<(crate::config::Engine, crate::config::Tls)>,
+    built_from: Option<BuildKey>,
     /// The served pair when it does not come from the configuration's files (a portal in a
     /// cluster gets it from its TLS Secret).
     cert: Option<CertSource>,
@@ -76,6 +76,17 @@ impl std::fmt::Debug for TlsRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsRuntime").finish_non_exhaustive()
     }
+}
+
+/// What a terminator is built from: a change of any of it builds a new one.
+type BuildKey = (
+    crate::config::Engine,
+    crate::config::Tls,
+    std::time::Duration,
+);
+
+fn build_key(config: &Config) -> BuildKey {
+    (config.engine, config.tls.clone(), config.timeouts.handshake)
 }
 
 impl TlsRuntime {
@@ -136,7 +147,7 @@ impl TlsRuntime {
     pub fn apply(&self, config: &Config) -> Result<(), TlsError> {
         let mut inner = self.lock();
         inner.config = Some(config.clone());
-        let key = (config.engine, config.tls.clone());
+        let key = build_key(config);
         if inner.built_from.as_ref() == Some(&key) {
             return Ok(());
         }
@@ -171,7 +182,7 @@ impl TlsRuntime {
         match self.build(&mut inner, &config) {
             Ok(()) => {
                 inner.error = None;
-                inner.built_from = Some((config.engine, config.tls.clone()));
+                inner.built_from = Some(build_key(&config));
                 Ok(())
             }
             Err(e) => {
@@ -211,7 +222,8 @@ impl TlsRuntime {
             config.tls.mode,
             store.as_ref().map(|s| s.subscribe()),
             backend,
-        );
+        )
+        .with_handshake_timeout(config.timeouts.handshake);
         inner.store = store;
         inner.terminator = Some(Arc::new(terminator));
         Ok(())

@@ -14,9 +14,10 @@ use super::{
 use crate::config::{Config, Engine, TlsMode};
 
 /// How long a client has to finish its TLS negotiation (and, for MySQL, the authentication
-/// exchange that the portal relays). Long enough for a slow client on a bad network, short
-/// enough that a silent scanner does not hold a connection slot.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// exchange that the portal relays) when no configuration says otherwise: the default of
+/// `timeouts.handshake`. Long enough for a slow client on a bad network, short enough that a
+/// silent scanner does not hold a connection slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a connection does about TLS, for one configuration. Cheap to clone; the served
 /// certificate is read from the store's `watch` channel at each `accept`, so a rotation
@@ -102,7 +103,8 @@ impl Terminator {
             TlsMode::Passthrough => None,
             _ => BackendConnector::from_settings(config.tls.backend.as_ref())?,
         };
-        Ok(Terminator::new(config.engine, mode, certs, backend))
+        Ok(Terminator::new(config.engine, mode, certs, backend)
+            .with_handshake_timeout(config.timeouts.handshake))
     }
 
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {

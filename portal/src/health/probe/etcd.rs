@@ -236,8 +236,8 @@ fn judge(status: &Response, health: &Response) -> Result<Probed, ProbeError> {
         )));
     }
     Ok(Probed {
-        role: Role::SharedLeader,
         engine_leader,
+        ..Role::SharedLeader.into()
     })
 }
 
@@ -323,8 +323,8 @@ mod tests {
         assert_eq!(
             both(&status_ok("42"), &health_ok()),
             Ok(Probed {
-                role: Role::SharedLeader,
-                engine_leader: Some(true)
+                engine_leader: Some(true),
+                ..Role::SharedLeader.into()
             })
         );
         assert_eq!(
@@ -365,13 +365,7 @@ mod tests {
     #[test]
     fn without_the_gateway_health_alone_decides() {
         let missing = http("404 Not Found", "not found");
-        assert_eq!(
-            both(&missing, &health_ok()),
-            Ok(Probed {
-                role: Role::SharedLeader,
-                engine_leader: None
-            })
-        );
+        assert_eq!(both(&missing, &health_ok()), Ok(Role::SharedLeader.into()));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{credentials::CredentialsSource, Role};
+use super::{credentials::CredentialsSource, Caveat, Role};
 use crate::config::{Address, Config, Engine, RoutingMode, Step};
 
 /// Why a probe failed; the text goes to the view's `last_error`, the log and `/status`.
@@ -29,7 +29,9 @@ pub enum ProbeError {
     Tls(String),
     #[error("credentials: {0}")]
     Credentials(String),
-    #[error("login refused: {0}")]
+    /// The server refused the probe's login: a credentials problem (`healthCheck`'s
+    /// credentials are wrong or missing), not a sign that the node is down.
+    #[error("login refused (check healthCheck credentials): {0}")]
     Auth(String),
     #[error("still loading its data set")]
     Loading,
@@ -111,12 +113,15 @@ impl ProbeSettings {
 /// What a successful probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probed {
-    /// The role routing goes by.
+    /// The role routing goes by. Meaningless when `caveat` is [`Caveat::Busy`]: a busy node
+    /// answers nothing but `-BUSY`, and keeps the role it had.
     pub role: Role,
     /// Whether the engine counts the node as its own leader, where that is not what `role`
     /// says: etcd's raft leader (`Some(true)`) or follower (`Some(false)`), while every healthy
     /// member is a [`Role::SharedLeader`]. `None` for the other engines.
     pub engine_leader: Option<bool>,
+    /// Alive and routable, but not serving everything right now.
+    pub caveat: Option<Caveat>,
 }
 
 impl From<Role> for Probed {
@@ -124,6 +129,17 @@ impl From<Role> for Probed {
         Probed {
             role,
             engine_leader: None,
+            caveat: None,
+        }
+    }
+}
+
+impl Probed {
+    /// A node that answered `-BUSY` (see [`Caveat::Busy`]).
+    pub fn busy() -> Self {
+        Probed {
+            caveat: Some(Caveat::Busy),
+            ..Role::Unknown.into()
         }
     }
 }
@@ -172,9 +188,7 @@ async fn run(
         Engine::Redis => {
             let creds = credentials()?;
             let mut stream = connect_maybe_tls(address, tls).await?;
-            redis::probe(&mut stream, creds.as_ref())
-                .await
-                .map(Into::into)
+            redis::probe(&mut stream, creds.as_ref()).await
         }
         Engine::Etcd => {
             let mut stream = connect_maybe_tls(address, tls).await?;
@@ -189,7 +203,7 @@ async fn run(
         }
         Engine::Mysql => {
             let creds = credentials()?;
-            mysql::probe(address, tls, creds.as_ref())
+            mysql::probe(address, tls, creds.as_ref(), deadline)
                 .await
                 .map(Into::into)
         }

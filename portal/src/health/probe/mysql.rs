@@ -1,7 +1,10 @@
 //! The MySQL / MariaDB probe: a login and the `read_only` variables; a node with `read_only`
 //! and `super_read_only` (MySQL only; MariaDB has no such variable) off is the leader.
 
+use std::time::Duration;
+
 use mysql_async::{prelude::Queryable, OptsBuilder, SslOpts};
+use tokio::time::Instant;
 
 use super::{tls::BackendTls, ProbeError};
 use crate::{
@@ -9,16 +12,27 @@ use crate::{
     health::{ProbeCredentials, Role},
 };
 
+/// Time kept back from the probe's deadline to close a connection whose server stopped
+/// answering (see below).
+const CLOSE_MARGIN: Duration = Duration::from_millis(50);
+
 pub(crate) async fn probe(
     address: &Address,
     tls: Option<&BackendTls>,
     credentials: Option<&ProbeCredentials>,
+    deadline: Instant,
 ) -> Result<Role, ProbeError> {
     let mut opts = OptsBuilder::default()
         .ip_or_hostname(address.host.clone())
         .tcp_port(address.port)
         .prefer_socket(false)
         .stmt_cache_size(0)
+        // Given, these are not read from the server after login: the probe's query is its
+        // only one, so a server that hangs after login hangs the query below, which ends
+        // cleanly at the deadline (a hang inside `Conn::new` would leave a query pending in
+        // a dropped connection; see below).
+        .max_allowed_packet(Some(16 << 20))
+        .wait_timeout(Some(28_800))
         .user(Some(
             credentials
                 .and_then(|c| c.username.clone())
@@ -41,11 +55,31 @@ pub(crate) async fn probe(
         opts = opts.ssl_opts(ssl);
     }
     let mut conn = mysql_async::Conn::new(opts).await.map_err(login_error)?;
-    let rows: Result<Vec<(String, String)>, _> = conn
-        .query("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'super_read_only')")
-        .await;
-    let _ = conn.disconnect().await;
-    let rows = rows.map_err(|e| ProbeError::Protocol(format!("read_only: {e}")))?;
+    // A `Conn` dropped with a query in flight spawns a task that drains the result before
+    // closing: against a server that logged the probe in and then hangs, that task (and its
+    // socket) would live forever. So the query ends a little before the probe's deadline, and
+    // the connection is always closed by `disconnect`, which marks it closed before it writes
+    // anything; bounded, its future is dropped without spawning anything.
+    let query_deadline = deadline
+        .checked_sub(CLOSE_MARGIN)
+        .unwrap_or(deadline)
+        .max(Instant::now());
+    let rows = tokio::time::timeout_at(
+        query_deadline,
+        conn.query::<(String, String), _>(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'super_read_only')",
+        ),
+    )
+    .await;
+    let _ = tokio::time::timeout(CLOSE_MARGIN / 2, conn.disconnect()).await;
+    let rows = match rows {
+        Ok(rows) => rows.map_err(|e| ProbeError::Protocol(format!("read_only: {e}")))?,
+        Err(_) => {
+            return Err(ProbeError::Protocol(
+                "logged in, but the read_only query was not answered in time".into(),
+            ))
+        }
+    };
     judge(&rows)
 }
 

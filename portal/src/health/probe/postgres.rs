@@ -27,15 +27,17 @@ pub(crate) async fn probe(
     if let Some(c) = credentials {
         config.password(c.password.as_bytes());
     }
-    let client = match tls {
+    // The connection is driven here, beside the query, not spawned: when the probe's deadline
+    // drops this future (a server that logs in and then never answers), the connection and
+    // its socket go with it. A spawned connection task would wait on the hung server forever.
+    let messages = match tls {
         Some(tls) => {
             config.ssl_mode(SslMode::Require);
             let (client, connection) = config
                 .connect_raw(stream, tls.postgres(address)?)
                 .await
                 .map_err(login_error)?;
-            tokio::spawn(connection);
-            client
+            query(&client, connection).await?
         }
         None => {
             config.ssl_mode(SslMode::Disable);
@@ -43,16 +45,9 @@ pub(crate) async fn probe(
                 .connect_raw(stream, NoTls)
                 .await
                 .map_err(login_error)?;
-            tokio::spawn(connection);
-            client
+            query(&client, connection).await?
         }
     };
-    let messages = client
-        .simple_query("SELECT pg_is_in_recovery()")
-        .await
-        .map_err(|e| {
-            ProbeError::Protocol(format!("SELECT pg_is_in_recovery(): {}", describe(&e)))
-        })?;
     let value = messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_string()),
         _ => None,
@@ -64,6 +59,27 @@ pub(crate) async fn probe(
             "pg_is_in_recovery() answered {other:?}"
         ))),
     }
+}
+
+/// Runs the probe's query on `client` while driving its `connection`; both end together.
+async fn query(
+    client: &tokio_postgres::Client,
+    connection: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+) -> Result<Vec<SimpleQueryMessage>, ProbeError> {
+    let query = client.simple_query("SELECT pg_is_in_recovery()");
+    tokio::pin!(connection);
+    tokio::pin!(query);
+    let result = tokio::select! {
+        r = &mut query => r,
+        r = &mut connection => {
+            return Err(ProbeError::Protocol(match r {
+                Ok(()) => "the server closed the connection before answering".into(),
+                Err(e) => format!("SELECT pg_is_in_recovery(): {}", describe(&e)),
+            }));
+        }
+    };
+    result
+        .map_err(|e| ProbeError::Protocol(format!("SELECT pg_is_in_recovery(): {}", describe(&e))))
 }
 
 fn describe(e: &tokio_postgres::Error) -> String {

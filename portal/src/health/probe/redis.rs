@@ -6,8 +6,8 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{excerpt, Io, ProbeError};
-use crate::health::{ProbeCredentials, Role};
+use super::{excerpt, Io, ProbeError, Probed};
+use crate::health::{Caveat, ProbeCredentials, Role};
 
 /// Longest reply the probe reads (INFO replication with many replicas stays far below).
 const MAX_REPLY: usize = 1 << 20;
@@ -25,7 +25,7 @@ pub(crate) enum Reply {
 pub(crate) async fn probe(
     stream: &mut Box<dyn Io>,
     credentials: Option<&ProbeCredentials>,
-) -> Result<Role, ProbeError> {
+) -> Result<Probed, ProbeError> {
     let mut request = Vec::new();
     if let Some(c) = credentials {
         match &c.username {
@@ -47,12 +47,20 @@ pub(crate) async fn probe(
             other => return Err(unexpected("AUTH", &other)),
         }
     }
-    match read_reply(&mut reader).await? {
-        Reply::Simple(s) if s.eq_ignore_ascii_case("PONG") => {}
-        Reply::Error(e) => return Err(error_reply("PING", e)),
+    let caveat = match read_reply(&mut reader).await? {
+        Reply::Simple(s) if s.eq_ignore_ascii_case("PONG") => None,
+        Reply::Error(e) => match caveat_of(&e) {
+            Some(Caveat::Busy) => {
+                // ROLE gets -BUSY too; read it so that the exchange ends cleanly.
+                let _ = read_reply(&mut reader).await;
+                return Ok(Probed::busy());
+            }
+            Some(c) => Some(c),
+            None => return Err(error_reply("PING", e)),
+        },
         other => return Err(unexpected("PING", &other)),
-    }
-    match read_reply(&mut reader).await? {
+    };
+    let role = match read_reply(&mut reader).await? {
         Reply::Array(Some(items)) => match items.first() {
             Some(Reply::Bulk(Some(role))) => role_of(&String::from_utf8_lossy(role)),
             Some(Reply::Simple(role)) => role_of(role),
@@ -60,6 +68,8 @@ pub(crate) async fn probe(
                 "ROLE answered an array without a role: {items:?}"
             ))),
         },
+        // A script started between PING and ROLE.
+        Reply::Error(e) if caveat_of(&e) == Some(Caveat::Busy) => return Ok(Probed::busy()),
         // ROLE unknown (renamed, an old server) or not permitted (ACL): ask INFO instead.
         Reply::Error(e) if e.starts_with("LOADING") => Err(ProbeError::Loading),
         Reply::Error(_) => {
@@ -77,11 +87,35 @@ pub(crate) async fn probe(
                         })?;
                     role_of(role)
                 }
+                Reply::Error(e) if caveat_of(&e) == Some(Caveat::Busy) => return Ok(Probed::busy()),
                 Reply::Error(e) => Err(error_reply("INFO replication", e)),
                 other => Err(unexpected("INFO replication", &other)),
             }
         }
         other => Err(unexpected("ROLE", &other)),
+    }?;
+    Ok(Probed {
+        caveat,
+        ..role.into()
+    })
+}
+
+/// The error replies that mean "alive, with a caveat" rather than "down". Each reply the probe
+/// can meet is decided on purpose:
+/// - `-BUSY`: a long script or function; the node is alive and keeps its role (see
+///   [`Caveat::Busy`]).
+/// - `-MISCONF`: cannot persist, refuses writes and PING; still the leader, reads work.
+/// - `-LOADING`: not here: the node cannot serve until its data set is loaded (down).
+/// - `-MASTERDOWN`: not here: a replica with `replica-serve-stale-data no` that has lost its
+///   master refuses reads, so it is down for the modes that read from replicas (it never leads).
+/// - `-NOAUTH` / `-WRONGPASS`: not here: a credentials problem, reported as such.
+fn caveat_of(error: &str) -> Option<Caveat> {
+    if error.starts_with("BUSY ") || error == "BUSY" {
+        Some(Caveat::Busy)
+    } else if error.starts_with("MISCONF") {
+        Some(Caveat::Misconf)
+    } else {
+        None
     }
 }
 
@@ -101,6 +135,11 @@ fn error_reply(command: &str, error: String) -> ProbeError {
         ProbeError::Loading
     } else if error.starts_with("NOAUTH") || error.starts_with("WRONGPASS") {
         ProbeError::Auth(error)
+    } else if error.starts_with("MASTERDOWN") {
+        ProbeError::Protocol(format!(
+            "{command} answered -{error} (a replica that lost its master and does not serve \
+             stale data: down until it resynchronises)"
+        ))
     } else {
         ProbeError::Protocol(format!("{command} answered -{error}"))
     }
@@ -245,5 +284,19 @@ mod tests {
             error_reply("PING", "LOADING Redis is loading".into()),
             ProbeError::Loading
         );
+        assert_eq!(
+            caveat_of("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."),
+            Some(Caveat::Busy)
+        );
+        assert_eq!(caveat_of("BUSYKEY Target key name already exists."), None);
+        assert_eq!(
+            caveat_of("MISCONF Redis is configured to save RDB snapshots"),
+            Some(Caveat::Misconf)
+        );
+        assert_eq!(caveat_of("MASTERDOWN Link with MASTER is down"), None);
+        assert!(matches!(
+            error_reply("PING", "NOAUTH Authentication required.".into()),
+            ProbeError::Auth(_)
+        ));
     }
 }
