@@ -18,8 +18,13 @@
 #   dbportal/operator:dev  the operator binary, statically linked
 #   dbportal/toolbox:dev   test clients for pods: busybox (static), curl and
 #                          redis-cli with the shared libraries they load
-# The portal and operator images hold the binary, /etc/ssl/certs and /tmp,
-# and run as UID/GID 65532, like the Dockerfile's runtime stage.
+# The portal and operator images are what the Dockerfile's runtime stages
+# hold: e2e/lib/image-rootfs.sh (which the Dockerfile's builder runs too)
+# builds and lays out their files; their labels, env, working directory,
+# user and entrypoint are read from the Dockerfile; and e2e/lib/dockerfile.py
+# checks each image written against its stage (exit 1 on any difference).
+# Label arguments: DBPORTAL_IMAGE_VERSION, DBPORTAL_IMAGE_REVISION (the
+# Dockerfile's VERSION and REVISION; default: its defaults).
 set -euo pipefail
 
 PROG=$(basename "$0")
@@ -29,13 +34,12 @@ readonly E2E_DIR
 readonly REPO_DIR=${E2E_DIR%/e2e}
 readonly CACHE_ROOT=${DBPORTAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dbportal}
 readonly IMAGE_DIR=$CACHE_ROOT/images
-readonly RUST_TARGET=x86_64-unknown-linux-gnu
 readonly NONROOT=65532:65532
 
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage() {
-    sed -n '2,22s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,26s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
@@ -88,11 +92,14 @@ data = layer.getvalue()
 diff_id = hashlib.sha256(data).hexdigest()
 
 epoch = "1970-01-01T00:00:00Z"
+image_config = {"Entrypoint": json.loads(entrypoint), "Env": ["PATH=/"], "WorkingDir": "/"}
+# The Dockerfile stage's config, when this image is one of its runtime stages.
+image_config.update(json.loads(os.environ.get("IMAGE_CONFIG") or "{}"))
 config = {
     "architecture": "amd64",
     "os": "linux",
     "created": epoch,
-    "config": {"Entrypoint": json.loads(entrypoint), "Env": ["PATH=/"], "WorkingDir": "/"},
+    "config": image_config,
     "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff_id]},
     "history": [{"created": epoch, "created_by": "e2e/build-images.sh"}],
 }
@@ -166,13 +173,13 @@ cargo_build() {
             cargo build --release --locked -p dbportal-portal -p dbportal-operator >&2)
         return
     fi
-    log "cargo build (static, $RUST_TARGET)"
-    # `--target` keeps the crt-static flags away from build scripts and
-    # proc-macros, and the output in its own directory under target/.
-    (cd "$REPO_DIR" &&
-        RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-            cargo build --release --locked --target "$RUST_TARGET" \
-            -p dbportal-portal -p dbportal-operator >&2)
+    log "cargo build (static, as the Dockerfile's builder: e2e/lib/image-rootfs.sh)"
+    bash "$E2E_DIR/lib/image-rootfs.sh" "$IMAGE_DIR/rootfs"
+}
+
+# The Dockerfile's runtime stage NAME as an image config (JSON).
+stage_config() {
+    python3 "$E2E_DIR/lib/dockerfile.py" config "$REPO_DIR/Dockerfile" "$1" "${LABEL_ARGS[@]}"
 }
 
 build_rust_image() {
@@ -187,15 +194,29 @@ build_rust_image() {
         if ! is_static "$bin"; then
             mapfile -t libs < <(shared_object_specs "$bin" | grep -v "^${bin#/}=")
         fi
-    else
-        bin=$target_dir/$RUST_TARGET/release/$name
-        [[ -x $bin ]] || die "$bin missing (run without --no-cargo)"
-        is_static "$bin" || die "$bin is dynamically linked; it would not run FROM scratch"
+        IMAGE_CONFIG=$(stage_config "$name") write_image "$IMAGE_DIR/$name.tar" \
+            "dbportal/$name:dev" "[\"/$name\"]" "$NONROOT" \
+            "$name=$bin:0755" "${libs[@]}" \
+            "etc/ssl/certs/ca-certificates.crt=$(ca_bundle):0644" "tmp=DIR:1777" >/dev/null
+        rm -f "$IMAGE_DIR/$name.bin"
+        return
     fi
-    write_image "$IMAGE_DIR/$name.tar" "dbportal/$name:dev" "[\"/$name\"]" "$NONROOT" \
-        "$name=$bin:0755" "${libs[@]}" \
-        "etc/ssl/certs/ca-certificates.crt=$(ca_bundle):0644" "tmp=DIR:1777" >/dev/null
-    rm -f "$IMAGE_DIR/$name.bin"
+    # The tree the Dockerfile's stage copies, file by file.
+    local root=$IMAGE_DIR/rootfs/$name specs=()
+    [[ -x $root/$name ]] || bash "$E2E_DIR/lib/image-rootfs.sh" --no-cargo "$IMAGE_DIR/rootfs"
+    mapfile -t specs < <(cd "$root" && find . -mindepth 1 | sort | while IFS= read -r f; do
+        f=${f#./}
+        if [[ -d $f ]]; then
+            printf '%s=DIR:%s\n' "$f" "$(stat -c %a "$f")"
+        else
+            printf '%s=%s:%s\n' "$f" "$root/$f" "$(stat -c %a "$f")"
+        fi
+    done)
+    IMAGE_CONFIG=$(stage_config "$name") write_image "$IMAGE_DIR/$name.tar" \
+        "dbportal/$name:dev" "[\"/$name\"]" "$NONROOT" "${specs[@]}" >/dev/null
+    python3 "$E2E_DIR/lib/dockerfile.py" check "$REPO_DIR/Dockerfile" "$name" \
+        "$IMAGE_DIR/$name.tar" "$root" "${LABEL_ARGS[@]}" ||
+        die "dbportal/$name:dev differs from the Dockerfile's stage $name (above)"
 }
 
 # shared_object_specs BIN...: DEST=SRC:MODE specs for BINs and every shared
@@ -240,6 +261,9 @@ import_images() {
 }
 
 DYNAMIC=0
+LABEL_ARGS=()
+[[ -z ${DBPORTAL_IMAGE_VERSION:-} ]] || LABEL_ARGS+=("VERSION=$DBPORTAL_IMAGE_VERSION")
+[[ -z ${DBPORTAL_IMAGE_REVISION:-} ]] || LABEL_ARGS+=("REVISION=$DBPORTAL_IMAGE_REVISION")
 
 main() {
     local only=pause,portal,operator,toolbox cargo=1 dir=
@@ -266,6 +290,8 @@ main() {
     if [[ $cargo -eq 1 && ,$only, =~ ,(portal|operator), ]]; then
         cargo_build
         log "cargo build done after $(($(now_ms) - t0)) ms"
+    elif [[ $DYNAMIC -eq 0 && ,$only, =~ ,(portal|operator), ]]; then
+        bash "$E2E_DIR/lib/image-rootfs.sh" --no-cargo "$IMAGE_DIR/rootfs"
     fi
     for name in "${images[@]}"; do
         case $name in
