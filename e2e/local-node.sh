@@ -14,15 +14,81 @@
 # See e2e/README.md for details.
 set -euo pipefail
 
-# Fixed network layout of the node (one node cluster per machine).
 readonly NODE_NAME=dbportal-node
 readonly BRIDGE=dbportal0
-readonly NODE_IP=10.244.0.1
-readonly POD_SUBNET=10.244.0.0/24
-readonly POD_RANGE_START=10.244.0.10
-readonly POD_RANGE_END=10.244.0.250
-readonly CLUSTER_CIDR=10.244.0.0/16
 readonly NODE_SERVICE_CIDR=10.96.0.0/24
+
+# free_node_net: prints the /16 (as "10.244") for the node's bridge and pods:
+# DBPORTAL_NODE_NET when set, else 10.244 (flannel's default too), else the
+# first of 10.245 ... 10.254 that nothing on this machine routes or holds. A
+# leftover bridge of another cluster (flannel's cni0 with 10.244.0.1) would
+# make this node's pods unreachable ("no route to host"), so a network in use
+# is never taken; what is in the way is said plainly. The Service range must
+# be free as well. Routes of this script's own bridge do not count (a
+# previous run's, removed before the node starts).
+free_node_net() {
+    { ip -4 -o route show table all; echo ---; ip -4 -o addr show; } |
+        python3 -c '
+import ipaddress, os, sys
+routes, addrs = sys.stdin.read().split("---\n")
+bridge, service = sys.argv[1], ipaddress.ip_network(sys.argv[2])
+types = {"unicast", "local", "broadcast", "multicast", "unreachable", "blackhole",
+         "prohibit", "throw", "nat", "anycast"}
+taken = []  # (network, what holds it)
+for line in routes.splitlines():
+    f = line.split()
+    if not f:
+        continue
+    dst = f[1] if f[0] in types else f[0]
+    dev = f[f.index("dev") + 1] if "dev" in f else ""
+    if dst == "default" or dev == bridge:
+        continue
+    try:
+        net = ipaddress.ip_network(dst, strict=False)
+    except ValueError:
+        continue
+    if net.prefixlen > 0:
+        taken.append((net, "route " + " ".join(f[:f.index("dev") + 2] if dev else f[:1])))
+for line in addrs.splitlines():
+    f = line.split()
+    if len(f) > 3 and f[2] == "inet" and f[1] != bridge:
+        taken.append((ipaddress.ip_interface(f[3]).network, "address %s on %s" % (f[3], f[1])))
+def users(net):
+    return sorted({why for n, why in taken if n.overlaps(net)})
+if users(service):
+    sys.exit("the Service range %s is in use on this machine: %s"
+             % (service, "; ".join(users(service))))
+wanted = os.environ.get("DBPORTAL_NODE_NET", "")
+for net in [wanted] if wanted else ["10.%d" % i for i in range(244, 255)]:
+    found = users(ipaddress.ip_network(net + ".0.0/16"))
+    if not found:
+        print(net)
+        sys.exit(0)
+    print("%s.0.0/16 is in use on this machine: %s (a leftover bridge of another cluster, "
+          "such as flannel%%s cni0, goes with: ip link delete cni0)" % (net, "; ".join(found))
+          % "\x27s", file=sys.stderr)
+sys.exit("no free network for the pods of the node%s; free one, or set DBPORTAL_NODE_NET=10.N "
+         "naming a free 10.N.0.0/16" % (" in DBPORTAL_NODE_NET" if wanted else " in 10.244-10.254"))
+' "$BRIDGE" "$NODE_SERVICE_CIDR"
+}
+
+if [[ ${1:-} == start ]]; then
+    NODE_NET=$(free_node_net) || {
+        echo "local-node.sh: error: cannot start the node (see above)" >&2
+        exit 1
+    }
+    [[ $NODE_NET == 10.244 ]] ||
+        echo "local-node.sh: pods get $NODE_NET.0.0/16 instead (bridge $BRIDGE, $NODE_NET.0.1)" >&2
+else
+    NODE_NET=${DBPORTAL_NODE_NET:-10.244}
+fi
+# Network layout of the node (one node cluster per machine).
+readonly NODE_NET
+readonly NODE_IP=$NODE_NET.0.1
+readonly POD_SUBNET=$NODE_NET.0.0/24
+readonly POD_RANGE_START=$NODE_NET.0.10
+readonly POD_RANGE_END=$NODE_NET.0.250
+readonly CLUSTER_CIDR=$NODE_NET.0.0/16
 readonly KUBELET_PORT=10250
 # Marks the machine-wide node: holds the DIR of the running node cluster.
 readonly MARKER=/run/dbportal-local-node

@@ -4,7 +4,10 @@
 #
 #   e2e/local.sh [run] [--no-cargo] [--keep]   build (cached), start the node,
 #                                              import the images, install the
-#                                              operator, run e2e/suite.sh, stop
+#                                              operator from the chart, run
+#                                              e2e/suite.sh; again with the
+#                                              chart's single-replica values;
+#                                              stop
 #   e2e/local.sh up DIR [--no-cargo]           the same without the suite and
 #                                              the stop (for benchmarks, by hand)
 #   e2e/local.sh down DIR                      stop a node started by `up`
@@ -12,6 +15,13 @@
 #
 #   --no-cargo  use the static binaries already built (build-images.sh --no-cargo)
 #   --keep      leave the node running after `run` (stop it with `down DIR`)
+#
+# The operator is installed from the chart itself, rendered by charts/render.py
+# (Helm's library, in the virtualenv charts/venv.sh makes) with the local
+# images (pullPolicy Never), and applied with kubectl. `run` runs the suite
+# once per install: the chart's defaults (leader election, two replicas),
+# then, after removing that install, `leaderElection=false, replicas=1`;
+# `up` installs the defaults. Each suite prints its own `e2e result:` line.
 #
 # `run` cleans up after an earlier run that was killed: a node whose state
 # directory is one of ours (/tmp/dbportal-e2e.*) is stopped first, with the
@@ -30,7 +40,7 @@ readonly OPERATOR_NS=dbportal-system
 log() { printf 'local.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 usage() {
-    sed -n '2,19s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,29s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
@@ -41,7 +51,7 @@ kill_recorded_redis() {
     [[ -f $dir/e2e-redis.pids ]] || return 0
     while IFS= read -r pid; do
         [[ $pid =~ ^[0-9]+$ ]] || continue
-        if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q '^redis-server 10\.244\.0\.1:'; then
+        if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -Eq '^redis-server 10\.[0-9]+\.0\.1:'; then
             log "killing redis-server $pid left by an earlier run"
             kill "$pid" 2>/dev/null || true
         fi
@@ -93,6 +103,50 @@ build() {
     log "images built after $(($(now_ms) - t0)) ms"
 }
 
+# The chart's values for the local images, then VALUES (--set K=V flags).
+render_operator() {
+    local python
+    python=$(bash "$REPO/charts/venv.sh") || die "could not set up charts/venv.sh's virtualenv"
+    "$python" "$REPO/charts/render.py" --namespace "$OPERATOR_NS" --kube-version 1.20.2 \
+        --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
+        --set image.pullPolicy=Never --set portalImage="$PORTAL_IMAGE" "$@"
+}
+
+# install_operator DIR [--set K=V...]: the rendered chart applied, rolled out.
+install_operator() {
+    local dir=$1 t0
+    shift
+    t0=$(now_ms)
+    local kubectl=$DBPORTAL_K8S_BIN_DIR/kubectl
+    render_operator "$@" >"$dir/operator.yaml" || die "rendering the chart failed"
+    "$kubectl" get namespace "$OPERATOR_NS" >/dev/null 2>&1 ||
+        "$kubectl" create namespace "$OPERATOR_NS" >/dev/null
+    # kubectl 1.20 validates against its own schema; the API server checks what it serves.
+    "$kubectl" apply --validate=false -f "$dir/operator.yaml" >/dev/null
+    if ! "$kubectl" -n "$OPERATOR_NS" rollout status deployment/dbportal-operator \
+        --timeout=120s >/dev/null; then
+        "$kubectl" -n "$OPERATOR_NS" describe pods >&2 || true
+        "$kubectl" -n "$OPERATOR_NS" logs -l app.kubernetes.io/name=dbportal,app.kubernetes.io/component=operator \
+            --tail=50 >&2 || true
+        die "the operator did not become available"
+    fi
+    local replicas
+    replicas=$("$kubectl" -n "$OPERATOR_NS" get deployment/dbportal-operator \
+        -o jsonpath='{.status.readyReplicas}')
+    log "operator from the chart (${*:-defaults}): $replicas ready after $(($(now_ms) - t0)) ms"
+}
+
+# uninstall_operator DIR: what install_operator applied, deleted; its pods gone.
+uninstall_operator() {
+    local dir=$1 kubectl=$DBPORTAL_K8S_BIN_DIR/kubectl t0
+    t0=$(now_ms)
+    "$kubectl" delete --wait=true --timeout=60s -f "$dir/operator.yaml" >/dev/null
+    "$kubectl" -n "$OPERATOR_NS" wait --for=delete pod \
+        -l app.kubernetes.io/name=dbportal,app.kubernetes.io/component=operator \
+        --timeout=60s >/dev/null 2>&1 || true
+    log "operator removed after $(($(now_ms) - t0)) ms"
+}
+
 # up DIR: start the node in DIR, import the images, install the operator.
 up() {
     local dir=$1 t0
@@ -103,18 +157,9 @@ up() {
     t0=$(now_ms)
     "$E2E/build-images.sh" --no-cargo "$dir" 2>"$dir/images.log" ||
         { cat "$dir/images.log" >&2; die "building or importing the images failed"; }
+    log "images imported after $(($(now_ms) - t0)) ms"
     eval "$("$E2E/local-node.sh" env "$dir")"
-    local kubectl=$DBPORTAL_K8S_BIN_DIR/kubectl
-    "$E2E/lib/operator-manifests.sh" "$OPERATOR_IMAGE" "$PORTAL_IMAGE" "$OPERATOR_NS" |
-        "$kubectl" apply -f - >/dev/null
-    if ! "$kubectl" -n "$OPERATOR_NS" rollout status deployment/dbportal-operator \
-        --timeout=120s >/dev/null; then
-        "$kubectl" -n "$OPERATOR_NS" describe pods >&2 || true
-        "$kubectl" -n "$OPERATOR_NS" logs -l app.kubernetes.io/name=dbportal,app.kubernetes.io/component=operator \
-            --tail=50 >&2 || true
-        die "the operator did not become available"
-    fi
-    log "images imported, operator running in $OPERATOR_NS after $(($(now_ms) - t0)) ms"
+    install_operator "$dir"
 }
 
 cmd_run() {
@@ -143,16 +188,25 @@ cmd_run() {
         up "$dir"
     fi
     eval "$("$E2E/local-node.sh" env "$dir")"
-    local t1
-    t1=$(now_ms)
-    DBPORTAL_E2E_PLATFORM=local \
-        DBPORTAL_E2E_OPERATOR=in-cluster \
-        DBPORTAL_E2E_OPERATOR_NAMESPACE=$OPERATOR_NS \
-        DBPORTAL_PORTAL_IMAGE=$PORTAL_IMAGE \
-        DBPORTAL_OPERATOR_IMAGE=$OPERATOR_IMAGE \
-        DBPORTAL_E2E_STATE_DIR=$dir \
-        "$E2E/suite.sh" || rc=$?
-    log "suite: $(($(now_ms) - t1)) ms; build, node and suite: $(($(now_ms) - t0)) ms"
+    local t1 install
+    # The chart's defaults first (installed by `up`), then one replica without election.
+    for install in defaults single; do
+        if [[ $install == single ]]; then
+            uninstall_operator "$dir"
+            install_operator "$dir" --set leaderElection=false --set replicas=1
+        fi
+        log "suite with the operator installed from the chart: $install"
+        t1=$(now_ms)
+        DBPORTAL_E2E_PLATFORM=local \
+            DBPORTAL_E2E_OPERATOR=in-cluster \
+            DBPORTAL_E2E_OPERATOR_NAMESPACE=$OPERATOR_NS \
+            DBPORTAL_PORTAL_IMAGE=$PORTAL_IMAGE \
+            DBPORTAL_OPERATOR_IMAGE=$OPERATOR_IMAGE \
+            DBPORTAL_E2E_STATE_DIR=$dir \
+            "$E2E/suite.sh" || rc=$?
+        log "suite ($install): $(($(now_ms) - t1)) ms"
+    done
+    log "build, node and both suites: $(($(now_ms) - t0)) ms"
     [[ $keep == 0 ]] || log "node kept running: KUBECONFIG=$dir/admin.kubeconfig; stop it with '$0 down $dir'"
     return "$rc"
 }
