@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ApiResource, DynamicObject, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::store::Writer;
@@ -41,6 +42,7 @@ pub enum Kind {
     Service,
     Certificate,
     PodDisruptionBudget,
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -55,6 +57,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Certificate => "Certificate",
             Kind::PodDisruptionBudget => "PodDisruptionBudget",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -247,6 +250,7 @@ pub struct Stores {
     pub certificates: Store<Certificate>,
     /// PodDisruptionBudgets in the served policy version.
     pub pdbs: Option<(MetaStore<DynamicObject>, ApiResource)>,
+    pub network_policies: MetaStore<NetworkPolicy>,
     /// The portal Pods, reduced to their report and Ready condition (`portals::strip`).
     pub pods: Store<PortalPod>,
 }
@@ -261,6 +265,7 @@ pub struct Writers {
     pub services: Writer<PartialObjectMeta<Service>>,
     pub certificates: Writer<Certificate>,
     pub pdbs: Option<Writer<PartialObjectMeta<DynamicObject>>>,
+    pub network_policies: Writer<PartialObjectMeta<NetworkPolicy>>,
     pub pods: Writer<PortalPod>,
 }
 
@@ -276,6 +281,7 @@ impl Stores {
             services: Writer::default(),
             certificates: Writer::default(),
             pdbs: pdb.map(|r| Writer::new(r.clone())),
+            network_policies: Writer::default(),
             pods: Writer::default(),
         };
         let stores = Stores {
@@ -291,6 +297,7 @@ impl Stores {
                 .as_ref()
                 .zip(pdb)
                 .map(|(w, r)| (w.as_reader(), r.clone())),
+            network_policies: writers.network_policies.as_reader(),
             pods: writers.pods.as_reader(),
         };
         (stores, writers)
@@ -316,6 +323,7 @@ impl Stores {
                 let (store, resource) = self.pdbs.as_ref()?;
                 version(store, resource, ns, name)
             }
+            Kind::NetworkPolicy => version(&self.network_policies, &(), ns, name),
         }
     }
 
