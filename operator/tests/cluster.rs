@@ -1183,9 +1183,32 @@ async fn binary_without_leader_election(plane: &ControlPlane, admin: Client) -> 
         .get_opt("orders-portal")
         .await?
         .is_some());
+    let policies = Api::<NetworkPolicy>::namespaced(admin.clone(), ns);
+    ensure!(policies.get_opt("orders-portal").await?.is_some());
     let log = exits_promptly(op, "--leader-election=false").await?;
     ensure!(!log.contains('\u{1b}'), "ANSI escapes on a pipe:\n{log}");
     ensure!(log.contains(" INFO "), "no plain text lines:\n{log}");
+
+    // Restarted with `--network-policy=false`: the NetworkPolicy made before is removed.
+    let op = OperatorProcess::spawn(
+        plane,
+        &[
+            "--leader-election=false",
+            "--network-policy=false",
+            "--namespace",
+            ns,
+        ],
+    )?;
+    eventually("NetworkPolicy removed", WAIT, || async {
+        ensure!(
+            policies.get_opt("orders-portal").await?.is_none(),
+            "still there; log:\n{}",
+            op.log()
+        );
+        Ok(())
+    })
+    .await?;
+    exits_promptly(op, "--network-policy=false").await?;
     Ok(())
 }
 
