@@ -17,6 +17,9 @@
 #   6 pod        delete one portal pod: the other serves throughout, the pod
 #                returns
 #   7 delete     delete the DatabasePortal: its children are collected
+#   8 minimal    a DatabasePortal without tls: the operator's own CA signs
+#                the portals' certificate; clients verify it with the
+#                Secret's ca.crt (curl: chain and name; redis-cli --cacert)
 #
 # Each scenario prints PASS, FAIL (with diagnostics) or SKIP and what it saw;
 # the last line is "e2e result: N passed, N failed, N skipped"; the exit
@@ -219,6 +222,14 @@ case $cmd in
     cat "/tmp/$id.count" ;;
   http) # URL
     exec curl -sS --max-time 5 "$1" ;;
+  put) # FILE: stdin into FILE
+    cat >"$1" ;;
+  verify) # CAFILE NAME PORT IP: TLS to IP as NAME, verified against CAFILE (chain and name)
+    curl -v --max-time 5 --cacert "$1" --resolve "$2:$3:$4" "https://$2:$3/" -o /dev/null 2>&1 |
+      grep -E 'SSL certificate (verify|problem)|subject:' ;;
+  verified) # CAFILE SNI IP PORT ARGS...: redis-cli through a portal, its chain verified
+    ca=$1 sni=$2 h=$3 p=$4; shift 4
+    exec timeout 5 redis-cli --tls --cacert "$ca" --sni "$sni" -h "$h" -p "$p" "$@" ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac
 EOF
@@ -229,6 +240,14 @@ cx() {
     local pod=$1
     shift
     timeout 30 "$KUBECTL" --request-timeout=25s -n "$NS" exec "$pod" -- \
+        busybox sh /e2e/c.sh "$@"
+}
+
+# cxi POD ARGS...: the same with this script's stdin.
+cxi() {
+    local pod=$1
+    shift
+    timeout 30 "$KUBECTL" --request-timeout=25s -n "$NS" exec -i "$pod" -- \
         busybox sh /e2e/c.sh "$@"
 }
 
@@ -725,6 +744,75 @@ scenario_delete() {
     end
 }
 
+# The minimal DatabasePortal: no tls section, so TLS is terminated (the default) with the
+# operator's own CA; clients verify the portals with the CA from the Secret's ca.crt.
+readonly MIN=minimal
+min_children_gone() {
+    ! kn get "secret/$MIN-portal-tls" "secret/$MIN-portal-ca" "statefulset/$MIN-portal" \
+        -o name --ignore-not-found 2>/dev/null | grep -q .
+}
+min_secret() { kn get secret "$MIN-portal-tls" -o jsonpath='{.data.ca\.crt}' 2>/dev/null | grep -q .; }
+
+scenario_minimal() {
+    begin "8 minimal: a DatabasePortal without tls gets the operator's own CA"
+    local t0 ip name reason out
+    t0=$(now_ms)
+    kn apply -f - >/dev/null <<EOF
+apiVersion: dbportal.dev/v1alpha1
+kind: DatabasePortal
+metadata:
+  name: $MIN
+spec:
+  engine: redis
+  backends:
+    - {name: redis-a, address: "$A_HOST:$A_PORT"}
+    - {name: redis-b, address: "$B_HOST:$B_PORT"}
+EOF
+    if wait_until 60 min_secret; then
+        saw "Secret $MIN-portal-tls (with ca.crt) after $(($(now_ms) - t0)) ms"
+    else
+        bad "no Secret $MIN-portal-tls with ca.crt within 60 s; status: $(kn get dbp "$MIN" -o jsonpath='{.status.conditions}' 2>&1)"
+        end
+        return
+    fi
+    reason=$(kn get dbp "$MIN" -o jsonpath='{.status.conditions[?(@.type=="Degraded")].reason}')
+    check "not Degraded/InvalidSpec (Degraded reason: ${reason:-none})" test "$reason" != InvalidSpec
+    min_pods_ready() { pods_ready "$MIN-portal-0" "$MIN-portal-1"; }
+    if wait_until 120 min_pods_ready; then
+        saw "pods $MIN-portal-0 and $MIN-portal-1 Ready after $(($(now_ms) - t0)) ms"
+    else
+        bad "portal pods not Ready within 120 s: $(kn get pods -l "app.kubernetes.io/instance=$MIN" -o wide 2>&1 | tr '\n' ' ')"
+    fi
+    kn get secret "$MIN-portal-tls" -o jsonpath='{.data.ca\.crt}' | base64 -d >"$WORK/min-ca.crt"
+    cxi client-a put /tmp/min-ca.crt <"$WORK/min-ca.crt"
+    ip=$(svc_ip "$MIN-portal")
+    name=$MIN-portal.$NS.svc
+    out=$(cx client-a verify /tmp/min-ca.crt "$name" "$PORT" "$ip" 2>&1 || true)
+    if [[ $out == *"SSL certificate verify ok"* ]]; then
+        saw "curl verified $name ($ip:$PORT) against ca.crt: $(echo "$out" | grep -o 'subject: .*' | head -n1)"
+    else
+        bad "verifying $name against ca.crt: $out"
+    fi
+    out=$(cx client-a verify /etc/ssl/certs/ca-certificates.crt "$name" "$PORT" "$ip" 2>&1 || true)
+    check "without ca.crt the certificate is refused ($(echo "$out" | head -n1))" \
+        test "${out/verify ok/}" == "$out"
+    ip=$(svc_ip "$MIN-portal-1")
+    out=$(cx client-a verified /tmp/min-ca.crt "$MIN-portal-1.$NS.svc" "$ip" "$PORT" PING 2>&1 || true)
+    if [[ $out == PONG ]]; then
+        saw "redis-cli --tls --cacert ca.crt through Service $MIN-portal-1: PONG"
+    else
+        bad "redis-cli --tls --cacert ca.crt through Service $MIN-portal-1: $out"
+    fi
+    t0=$(now_ms)
+    kn delete dbp "$MIN" --wait=false >/dev/null
+    if wait_until 120 min_children_gone; then
+        saw "both Secrets and the StatefulSet collected $(($(now_ms) - t0)) ms after the deletion"
+    else
+        bad "left 120 s after the deletion: $(kn get secrets,statefulsets -o name 2>&1 | grep "$MIN" | tr '\n' ' ')"
+    fi
+    end
+}
+
 # --- main ------------------------------------------------------------------------------
 
 main() {
@@ -758,14 +846,14 @@ main() {
     fi
     log "primary redis-a $A_HOST:$A_PORT, replica redis-b $B_HOST:$B_PORT; clients $CLIENT_A_IP, $CLIENT_B_IP; setup $(($(now_ms) - t_start)) ms"
 
-    local s names=(apply allowlist promote tls configmap pod delete) i=0
+    local s names=(apply allowlist promote tls configmap pod delete minimal) i=0
     for s in "${names[@]}"; do
         i=$((i + 1))
         if ! wanted "$i"; then
             skip "$i $s" "not selected by DBPORTAL_E2E_ONLY"
         elif [[ $s == delete && -z $APPLIED ]]; then
             skip "$i $s" "the DatabasePortal was not applied (scenario 1)"
-        elif [[ $s != apply && $s != delete && -z $PREREQ ]]; then
+        elif [[ $s != apply && $s != delete && $s != minimal && -z $PREREQ ]]; then
             skip "$i $s" "the DatabasePortal's portals never became Ready (scenario 1)"
         else
             "scenario_$s" || true
