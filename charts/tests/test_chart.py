@@ -62,6 +62,8 @@ SCENARIOS = {
         "podLabels": {"team": "data"},
         "podAnnotations": {"note": "x"},
         "extraArgs": ["--concurrency=4"],
+        "portalNetworkPolicy": False,
+        "portalAdminAllowedFrom": "app=prom",
         "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
         "logFormat": "json",
         "portalLogLevel": "debug",
@@ -245,7 +247,8 @@ def test_every_option_reaches_the_pod():
     assert spread["topologyKey"] == "topology.kubernetes.io/zone"
     assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "dbportal"
     c = container(objects)
-    assert c["args"] == ["--concurrency=4"]
+    assert c["args"] == ["--network-policy=false", "--admin-allowed-from=app=prom",
+                         "--concurrency=4"]
     e = env(objects)
     assert e["HTTPS_PROXY"] == "http://proxy:3128"
     assert e["DBPORTAL_LOG_FORMAT"] == "json"
