@@ -62,10 +62,15 @@ pub struct Args {
     #[arg(long, env = "DBPORTAL_PORTAL_LOG_LEVEL", value_parser = parse_level)]
     pub portal_log_level: Option<String>,
 
-    /// Log format of the portal pods of DatabasePortals that set no `spec.portal.logFormat`;
-    /// default: the portal's own (text).
-    #[arg(long, env = "DBPORTAL_PORTAL_LOG_FORMAT")]
-    pub portal_log_format: Option<LogFormat>,
+    /// Log format of the portal pods of DatabasePortals that set no `spec.portal.logFormat`:
+    /// text or json; default (or empty): the portal's own (text).
+    #[arg(long, env = "DBPORTAL_PORTAL_LOG_FORMAT", value_parser = parse_format)]
+    pub portal_log_format: Option<String>,
+}
+
+fn parse_format(format: &str) -> Result<String, portal::logging::LogError> {
+    format.parse::<LogFormat>()?;
+    Ok(format.to_string())
 }
 
 fn parse_level(level: &str) -> Result<String, portal::logging::LogError> {
@@ -98,7 +103,12 @@ impl Args {
         Settings {
             portal_image: self.portal_image.clone(),
             portal_log_level: self.portal_log_level.clone().filter(|l| !l.is_empty()),
-            portal_log_format: self.portal_log_format,
+            // Validated when parsed; empty is no choice.
+            portal_log_format: self
+                .portal_log_format
+                .as_deref()
+                .filter(|f| !f.is_empty())
+                .and_then(|f| f.parse().ok()),
         }
     }
 }
@@ -146,5 +156,12 @@ mod tests {
         let bad = Args::try_parse_from(["operator", "--portal-log-level", "portal=loud"]);
         assert!(bad.unwrap_err().to_string().contains("portal=loud"));
         assert!(Args::try_parse_from(["operator", "--log-format", "yaml"]).is_err());
+        assert!(Args::try_parse_from(["operator", "--portal-log-format", "yaml"]).is_err());
+        // Empty (a chart value left empty, passed as an environment variable): no choice.
+        let empty =
+            Args::try_parse_from(["operator", "--portal-log-format", "", "--log-format", ""])
+                .unwrap();
+        assert_eq!(empty.settings().portal_log_format, None);
+        assert_eq!(empty.log_format, LogFormat::Text);
     }
 }

@@ -27,7 +27,8 @@ impl FromStr for LogFormat {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "text" => Ok(LogFormat::Text),
+            // Empty, as an environment variable set to "" is: the default.
+            "" | "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             other => Err(LogError::Format(other.into())),
         }
@@ -98,6 +99,7 @@ mod tests {
         assert_eq!("json".parse::<LogFormat>().unwrap(), LogFormat::Json);
         assert_eq!("text".parse::<LogFormat>().unwrap(), LogFormat::Text);
         assert_eq!(LogFormat::Json.to_string(), "json");
+        assert_eq!("".parse::<LogFormat>().unwrap(), LogFormat::Text);
         assert!("yaml".parse::<LogFormat>().is_err());
     }
 
