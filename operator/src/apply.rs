@@ -9,6 +9,7 @@ use std::time::Instant;
 use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
 };
@@ -235,6 +236,7 @@ pub async fn apply(
         certificate,
         self_signed,
         pdb,
+        network_policy,
     } = children;
 
     // Independent objects, applied concurrently; the StatefulSet controller retries pods
@@ -303,7 +305,15 @@ pub async fn apply(
             None => Ok(None),
         }
     };
-    let (_, _, stateful_set, _, pdb_skipped, certificate, self_signed) = futures::try_join!(
+    let network_policy_applied = async {
+        match network_policy {
+            Some(policy) => ssa(client, known, Kind::NetworkPolicy, ns, policy)
+                .await
+                .map(drop),
+            None => remove_orphan_network_policies(client, known, ns, owner_uid).await,
+        }
+    };
+    let (_, _, stateful_set, _, pdb_skipped, certificate, self_signed, _) = futures::try_join!(
         ssa(client, known, Kind::ConfigMap, ns, config_map),
         rbac,
         stateful_set_applied,
@@ -311,6 +321,7 @@ pub async fn apply(
         pdb_applied,
         certificate_applied,
         self_signed_applied,
+        network_policy_applied,
     )?;
     remove_orphan_services(client, known, ns, owner_uid, services).await?;
     Ok(Applied {
@@ -362,6 +373,36 @@ async fn remove_orphan_services(
 
 /// A Certificate left from when TLS used cert-manager (found in the watched Certificates;
 /// none while cert-manager is not installed).
+/// Removes the NetworkPolicy of this owner (the operator runs with `--network-policy=false`
+/// now, after making one).
+async fn remove_orphan_network_policies(
+    client: &Client,
+    known: Known<'_>,
+    ns: &str,
+    owner_uid: &str,
+) -> Result<()> {
+    let stale: Vec<String> = known
+        .stores
+        .network_policies
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns) && owned_by(p.meta(), owner_uid))
+        .map(|p| p.name_any())
+        .collect();
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    for name in stale {
+        info!(network_policy = %name, "removing NetworkPolicy (--network-policy=false)");
+        delete(&api, &name).await.map_err(|source| Error::Cleanup {
+            kind: "NetworkPolicy",
+            source,
+        })?;
+        known
+            .applied
+            .forget(&ChildKey::new(Kind::NetworkPolicy, ns, &name));
+    }
+    Ok(())
+}
+
 async fn remove_orphan_certificates(
     client: &Client,
     known: Known<'_>,

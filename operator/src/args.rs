@@ -1,5 +1,6 @@
 //! Command line and environment of the operator binary.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use clap::{ArgAction, Parser, Subcommand};
@@ -66,6 +67,41 @@ pub struct Args {
     /// text or json; default (or empty): the portal's own (text).
     #[arg(long, env = "DBPORTAL_PORTAL_LOG_FORMAT", value_parser = parse_format)]
     pub portal_log_format: Option<String>,
+
+    /// Give each DatabasePortal a NetworkPolicy that lets anyone reach the database port and
+    /// only the pods named by `--admin-allowed-from` (and the node's kubelet) reach the admin
+    /// port (8404). Off: no NetworkPolicy is made (one made earlier is removed).
+    #[arg(long, env = "DBPORTAL_NETWORK_POLICY", default_value_t = true, action = ArgAction::Set)]
+    pub network_policy: bool,
+
+    /// Pods, in any namespace, allowed to reach the portals' admin port (metrics scrapers), as
+    /// a label selector of `key=value` pairs separated by commas.
+    #[arg(long, env = "DBPORTAL_ADMIN_ALLOWED_FROM", default_value = "app.kubernetes.io/name=prometheus", value_parser = parse_selector)]
+    pub admin_allowed_from: BTreeMap<String, String>,
+}
+
+/// `key=value[,key=value…]`, with keys and values as Kubernetes labels allow them.
+fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let ok = |s: &str, max: usize| {
+            s.len() <= max
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        };
+        if key.is_empty() || !ok(key, 316) || !ok(value, 63) || value.contains('/') {
+            return Err(format!("{pair:?} is not a valid label key=value"));
+        }
+        labels.insert(key.to_string(), value.to_string());
+    }
+    if labels.is_empty() {
+        return Err("name at least one label key=value".into());
+    }
+    Ok(labels)
 }
 
 fn parse_format(format: &str) -> Result<String, portal::logging::LogError> {
@@ -109,6 +145,8 @@ impl Args {
                 .as_deref()
                 .filter(|f| !f.is_empty())
                 .and_then(|f| f.parse().ok()),
+            network_policy: self.network_policy,
+            admin_allowed_from: self.admin_allowed_from.clone(),
         }
     }
 }
@@ -116,6 +154,36 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_policy_flags() {
+        let args = Args::try_parse_from(["operator"]).unwrap();
+        let settings = args.settings();
+        assert!(settings.network_policy);
+        assert_eq!(
+            settings.admin_allowed_from,
+            [(
+                "app.kubernetes.io/name".to_string(),
+                "prometheus".to_string()
+            )]
+            .into()
+        );
+        let args = Args::try_parse_from([
+            "operator",
+            "--network-policy=false",
+            "--admin-allowed-from",
+            "app.kubernetes.io/name=prometheus, team=obs",
+        ])
+        .unwrap();
+        assert!(!args.network_policy);
+        assert_eq!(args.admin_allowed_from.len(), 2);
+        for bad in ["", "prometheus", "a=b c", "a=b/c"] {
+            assert!(
+                Args::try_parse_from(["operator", "--admin-allowed-from", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn defaults_and_subcommand() {

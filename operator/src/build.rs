@@ -13,6 +13,10 @@ use k8s_openapi::api::core::v1::{
     Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
     WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -48,6 +52,10 @@ pub struct Settings {
     pub portal_log_level: Option<String>,
     /// Portal log format when `spec.portal.logFormat` is absent; `None`: the portal's default.
     pub portal_log_format: Option<LogFormat>,
+    /// Make a NetworkPolicy per DatabasePortal (`--network-policy`).
+    pub network_policy: bool,
+    /// Pods (any namespace) allowed to reach the admin port (`--admin-allowed-from`).
+    pub admin_allowed_from: BTreeMap<String, String>,
 }
 
 impl Settings {
@@ -63,6 +71,12 @@ impl Default for Settings {
             portal_image: Self::default_portal_image(),
             portal_log_level: None,
             portal_log_format: None,
+            network_policy: true,
+            admin_allowed_from: [(
+                "app.kubernetes.io/name".to_string(),
+                "prometheus".to_string(),
+            )]
+            .into(),
         }
     }
 }
@@ -133,6 +147,8 @@ pub struct Children {
     pub self_signed: Option<SelfSigned>,
     /// Typed as policy/v1; applied as whichever policy version the server serves.
     pub pdb: PodDisruptionBudget,
+    /// Who may reach the portal pods' ports; `None` when `--network-policy=false`.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// The TLS Secret the portal serves, if it terminates TLS.
@@ -179,6 +195,7 @@ pub fn build(dp: &DatabasePortal, valid: &Validated, settings: &Settings) -> Res
         certificate: b.certificate(),
         self_signed: b.self_signed(),
         pdb: b.pdb(),
+        network_policy: settings.network_policy.then(|| b.network_policy()),
     })
 }
 
@@ -394,6 +411,46 @@ impl Builder<'_> {
             },
             status: None,
         })
+    }
+
+    /// The database port is open to every client (the portal's own allow-list decides, on the
+    /// address it sees); the admin port only to the scrapers named by the operator's settings.
+    /// Traffic from the pod's own node (the kubelet's probes) is always allowed by
+    /// NetworkPolicy, so readiness and liveness probes keep working.
+    fn network_policy(&self) -> NetworkPolicy {
+        let port = |p: u16| NetworkPolicyPort {
+            port: Some(IntOrString::Int(i32::from(p))),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        };
+        NetworkPolicy {
+            metadata: self.meta(names::portal(self.name())),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(self.name())),
+                    ..Default::default()
+                }),
+                policy_types: Some(vec!["Ingress".into()]),
+                ingress: Some(vec![
+                    NetworkPolicyIngressRule {
+                        ports: Some(vec![port(self.valid.config.port)]),
+                        from: None,
+                    },
+                    NetworkPolicyIngressRule {
+                        ports: Some(vec![port(ADMIN_PORT)]),
+                        from: Some(vec![NetworkPolicyPeer {
+                            namespace_selector: Some(LabelSelector::default()),
+                            pod_selector: Some(LabelSelector {
+                                match_labels: Some(self.settings.admin_allowed_from.clone()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                    },
+                ]),
+                ..Default::default()
+            }),
+        }
     }
 
     fn pdb(&self) -> PodDisruptionBudget {

@@ -12,6 +12,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as EventsV1;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
@@ -624,6 +625,7 @@ pub fn controller(
         services,
         certificates,
         pdbs,
+        network_policies,
         pods,
     } = writers;
     let a = || applied.clone();
@@ -693,6 +695,14 @@ pub fn controller(
             Kind::Certificate,
             a(),
             strip_certificate,
+            (),
+        ))
+        .owns_stream(child_watch(
+            metadata::<NetworkPolicy>(client, namespace, &config),
+            network_policies,
+            Kind::NetworkPolicy,
+            a(),
+            strip_metadata,
             (),
         ));
     // A portal's report (or its Pod's readiness) changed: reconcile its DatabasePortal.

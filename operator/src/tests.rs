@@ -37,6 +37,7 @@ fn every_meta(c: &Children) -> Vec<(&'static str, &kube::api::ObjectMeta)> {
     ];
     all.extend(c.services.iter().map(|s| ("Service", s.meta())));
     all.extend(c.certificate.iter().map(|s| ("Certificate", s.meta())));
+    all.extend(c.network_policy.iter().map(|p| ("NetworkPolicy", p.meta())));
     all
 }
 
@@ -153,6 +154,10 @@ fn every_child_has_its_contract_name() {
     assert_eq!(c.role_binding.name_any(), "orders-portal");
     assert_eq!(c.pdb.name_any(), "orders-portal");
     assert_eq!(c.certificate.as_ref().unwrap().name_any(), "orders-portal");
+    assert_eq!(
+        c.network_policy.as_ref().unwrap().name_any(),
+        "orders-portal"
+    );
     let services: Vec<_> = c.services.iter().map(|s| s.name_any()).collect();
     assert_eq!(
         services,
@@ -174,7 +179,7 @@ fn every_child_has_the_labels_owner_and_namespace() {
     .map(|(k, v)| (k.into(), v.into()))
     .collect();
     let all = every_meta(&c);
-    assert_eq!(all.len(), 10);
+    assert_eq!(all.len(), 11);
     for (kind, meta) in all {
         assert_eq!(meta.labels.as_ref(), Some(&expected), "{kind}");
         assert_eq!(meta.namespace.as_deref(), Some("shop"), "{kind}");
@@ -500,6 +505,77 @@ fn the_pdb_allows_one_portal_down() {
         spec.selector.unwrap().match_labels.unwrap()["app.kubernetes.io/instance"],
         "orders"
     );
+}
+
+#[test]
+fn the_network_policy_opens_the_database_port_and_keeps_the_admin_port_for_scrapers() {
+    let c = children(&orders().with_tls_disabled());
+    let spec = c.network_policy.unwrap().spec.unwrap();
+    assert_eq!(
+        spec.pod_selector.unwrap().match_labels.unwrap()["app.kubernetes.io/instance"],
+        "orders"
+    );
+    assert_eq!(spec.policy_types.unwrap(), ["Ingress"]);
+    let rules = spec.ingress.unwrap();
+    assert_eq!(rules.len(), 2);
+    let port = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        r.ports.as_ref().unwrap()[0].port.clone()
+    };
+    // The database port: everyone (the portal's allow-list decides).
+    assert_eq!(port(&rules[0]), Some(IntOrString::Int(6379)));
+    assert!(rules[0].from.is_none());
+    // The admin port: only pods labelled as scrapers, in any namespace.
+    assert_eq!(
+        port(&rules[1]),
+        Some(IntOrString::Int(i32::from(ADMIN_PORT)))
+    );
+    let from = rules[1].from.as_ref().unwrap();
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        from[0].namespace_selector,
+        Some(Default::default()),
+        "any namespace"
+    );
+    assert_eq!(
+        from[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["app.kubernetes.io/name"],
+        "prometheus"
+    );
+
+    let dp = orders().with_tls_disabled();
+    let valid = validate(&dp).unwrap();
+    let own = Settings {
+        admin_allowed_from: [("team".to_string(), "observability".to_string())].into(),
+        ..Settings::default()
+    };
+    let rules = build(&dp, &valid, &own)
+        .unwrap()
+        .network_policy
+        .unwrap()
+        .spec
+        .unwrap()
+        .ingress
+        .unwrap();
+    assert_eq!(
+        rules[1].from.as_ref().unwrap()[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["team"],
+        "observability"
+    );
+    let off = Settings {
+        network_policy: false,
+        ..Settings::default()
+    };
+    assert!(build(&dp, &valid, &off).unwrap().network_policy.is_none());
 }
 
 #[test]
