@@ -351,6 +351,7 @@ def openapi_to_jsonschema(schema):
     ({"image": {"digest": "latest"}}, "digest"),
     ({"imagePullSecrets": ["regcred"]}, "want object"),
     ({"extraArgs": "--x"}, "want array"),
+    ({"portalAdminAllowedFrom": "prometheus"}, "portalAdminAllowedFrom"),
 ])
 def test_values_that_break_the_schema_fail(values, message):
     with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
