@@ -13,6 +13,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -293,6 +294,17 @@ async fn children_and_status(admin: Client) -> anyhow::Result<()> {
     check_meta("PodDisruptionBudget", &pdb.metadata, &dp)?;
     ensure!(pdb.data["spec"]["maxUnavailable"] == 1, "{:?}", pdb.data);
 
+    let policy = Api::<NetworkPolicy>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    check_meta("NetworkPolicy", &policy.metadata, &dp)?;
+    let ingress = policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress.clone())
+        .unwrap_or_default();
+    ensure!(ingress.len() == 2, "{ingress:?}");
+
     eventually("Created event", WAIT, || async {
         ensure!(
             !events(&admin, ns, "Created").await?.is_empty(),
@@ -347,6 +359,26 @@ async fn children_are_restored(admin: Client) -> anyhow::Result<()> {
     eventually("StatefulSet recreated", WAIT, || async {
         let s = sts.get("orders-portal").await?;
         ensure!(s.metadata.deletion_timestamp.is_none(), "being deleted");
+        Ok(())
+    })
+    .await?;
+
+    // Opening the admin port to everyone by hand is undone.
+    let policies = Api::<NetworkPolicy>::namespaced(admin.clone(), ns);
+    policies
+        .patch(
+            "orders-portal",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ingress": [{}]}})),
+        )
+        .await?;
+    eventually("NetworkPolicy restored", WAIT, || async {
+        let p = policies.get("orders-portal").await?;
+        let ingress = p.spec.and_then(|s| s.ingress).unwrap_or_default();
+        ensure!(
+            ingress.len() == 2 && ingress[1].from.is_some(),
+            "{ingress:?}"
+        );
         Ok(())
     })
     .await?;
