@@ -15,7 +15,7 @@ use crate::{
     health::{Caveat, Role},
     metrics::{CloseReason, Direction, Rejection},
     route,
-    server::Shared,
+    session::Shared,
 };
 
 /// Admin connections served at once; more are closed at accept (counted in

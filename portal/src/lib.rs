@@ -2,6 +2,7 @@
 //! networks, connection limits, timeouts and leader following.
 
 pub mod admin;
+pub mod admission;
 pub mod allow;
 pub mod cluster;
 pub mod config;
@@ -15,4 +16,5 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod splice;
+pub mod standalone;
 pub mod tls;

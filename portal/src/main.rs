@@ -104,7 +104,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     credentials_secret: args.credentials_secret,
                     pod_name: args.pod_name,
                 };
-                portal::cluster::run(client, options, shutdown).await
+                portal::server::cluster(client, options, shutdown).await
             }
             None => Ok(portal::server::standalone(args.config, shutdown).await?),
         }

@@ -384,6 +384,22 @@ pub fn publish(
     }
 }
 
+/// The tasks that follow a configuration's sources (a file, a ConfigMap, Secrets) and the
+/// sender they publish on; the tasks stop when this is dropped.
+#[derive(Debug, Default)]
+pub struct Following {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub sender: Option<watch::Sender<Arc<Config>>>,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
