@@ -18,3 +18,4 @@ pub mod session;
 pub mod splice;
 pub mod standalone;
 pub mod tls;
+pub mod wire;
