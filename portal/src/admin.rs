@@ -185,26 +185,9 @@ pub fn readiness(shared: &Shared) -> (bool, String) {
     )
 }
 
-fn role(r: Role) -> &'static str {
-    match r {
-        Role::Unknown => "unknown",
-        Role::Leader => "leader",
-        Role::SharedLeader => "shared-leader",
-        Role::Replica => "replica",
-    }
-}
-
 fn unix_seconds(t: std::time::SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn leader_name(health: &crate::health::HealthView) -> Option<String> {
-    health
-        .leader
-        .filter(|_| !health.conflict)
-        .and_then(|i| health.backends.get(i))
-        .map(|b| b.name.clone())
 }
 
 /// The `/status` document.
@@ -225,7 +208,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "name": b.name,
                 "address": b.address.to_string(),
                 "up": route::is_up(&health, &b.name),
-                "role": role(h.map(|h| h.role).unwrap_or_default()),
+                "role": h.map(|h| h.role).unwrap_or_default().as_str(),
                 "routable": eligible.contains(&i),
                 "state": match (route::is_up(&health, &b.name), h.and_then(|h| h.caveat)) {
                     (false, _) => "down",
@@ -247,7 +230,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "draining": state.draining(),
         "engine": config.engine.as_str(),
         "routing": config.routing.as_str(),
-        "leader": leader_name(&health),
+        "leader": health.leader_name(),
         "leaderConflict": health.conflict,
         "leaderChanges": health.stats.changes,
         "lastLeaderChange": health.stats.last_change.map(unix_seconds),
@@ -288,7 +271,7 @@ pub fn metrics(shared: &Shared) -> String {
     let m = &state.metrics;
     let reload = state.reload.snapshot();
     let (ready, _) = readiness(shared);
-    let leader = leader_name(&health);
+    let leader = health.leader_name();
     let mut out = String::with_capacity(4096);
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -400,7 +383,7 @@ pub fn metrics(shared: &Shared) -> String {
         "dbportal_backend_leader",
         "gauge",
         "Whether the backend is the current leader.",
-        &per_backend(&|n| b(leader.as_deref() == Some(n))),
+        &per_backend(&|n| b(leader == Some(n))),
     );
     family(
         "dbportal_backend_role",

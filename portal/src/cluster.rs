@@ -106,11 +106,7 @@ impl Report {
     pub fn new(config: &Config, health: &HealthView, reload: &reload::ReloadState) -> Self {
         Report {
             ready: !route::eligible(config, health).is_empty(),
-            leader: health
-                .leader
-                .filter(|_| !health.conflict)
-                .and_then(|i| health.backends.get(i))
-                .map(|b| b.name.clone()),
+            leader: health.leader_name().map(str::to_string),
             backends: health
                 .backends
                 .iter()

@@ -26,12 +26,7 @@ pub fn eligible(config: &Config, health: &HealthView) -> Vec<usize> {
 /// `leader` mode: the node the checker reports as leader, if it is up; nothing while there is
 /// no leader or several claim to lead (new sessions then wait for one).
 pub fn leader_eligible(config: &Config, health: &HealthView) -> Vec<usize> {
-    if let Some(name) = health
-        .leader
-        .filter(|_| !health.conflict)
-        .and_then(|i| health.backends.get(i))
-        .map(|b| b.name.as_str())
-    {
+    if let Some(name) = health.leader_name() {
         if let Some(i) = config.backends.iter().position(|b| b.name == name) {
             if is_up(health, name) {
                 return vec![i];

@@ -7,8 +7,8 @@
 //!   `watch::Receiver<HealthView>`; [`HealthHandle::report_connect_failure`] tells the checker
 //!   that a session could not reach a backend, which starts fast probing (cheap; call it on
 //!   every failed backend connect).
-//! - In `leader` routing, new sessions go to `view.leader` only; `None` (no leader, or a
-//!   `conflict`) means wait for the next view, up to `timeouts.connect`.
+//! - In `leader` routing, new sessions go to [`HealthView::usable_leader`] only; `None` (no
+//!   leader, or a `conflict`) means wait for the next view, up to `timeouts.connect`.
 //! - When `view.leader` changes away from a node, sessions to that node are to be cut when
 //!   `closeSessionsOnLeaderChange` is on ([`HealthView::leader_name`] compares by name, which
 //!   survives configuration changes that reorder the backends).
@@ -169,11 +169,18 @@ impl HealthView {
         self.backends.iter().find(|b| b.name == name)
     }
 
-    /// Name of the leader, if there is one.
-    pub fn leader_name(&self) -> Option<&str> {
+    /// The usable leader: the node the checker elected, unless several claim to lead
+    /// (`conflict`). The one place that decides it: routing, the cut of a demoted node's
+    /// sessions, `/status`, `/metrics` and the Pod's report all ask here.
+    pub fn usable_leader(&self) -> Option<&BackendHealth> {
         self.leader
+            .filter(|_| !self.conflict)
             .and_then(|i| self.backends.get(i))
-            .map(|b| b.name.as_str())
+    }
+
+    /// Name of the [usable leader](Self::usable_leader), if there is one.
+    pub fn leader_name(&self) -> Option<&str> {
+        self.usable_leader().map(|b| b.name.as_str())
     }
 }
 

@@ -45,7 +45,7 @@ pub fn backend_keeps_sessions(config: &Config, health: &HealthView, backend: &st
     {
         return true;
     }
-    !health.conflict && health.leader_name() == Some(backend)
+    health.leader_name() == Some(backend)
 }
 
 /// The open sessions, for the checks a configuration or health change makes on each of them.
