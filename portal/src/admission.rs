@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    fmt,
     net::IpAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -13,12 +14,13 @@ use std::{
     },
 };
 
-use tokio::sync::Notify;
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+use tokio::sync::{watch, Notify};
 
 use crate::{
     allow,
     config::Config,
-    metrics::{Metrics, Rejection},
+    metrics::{flag, gauge, Metrics, Rejection},
     reload::ReloadStatus,
 };
 
@@ -309,6 +311,50 @@ pub fn admit(
     state
         .try_client(client, config.max_connections_per_client)
         .ok_or(Rejection::PerClientLimit)
+}
+
+/// The admission families: open and negotiating connections, the limit in force, the
+/// configuration generation, draining.
+#[derive(Debug)]
+pub struct AdmissionCollector {
+    pub state: Arc<State>,
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+impl Collector for AdmissionCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let state = &self.state;
+        gauge(
+            &mut e,
+            "dbportal_connections_active",
+            "Open client connections (counted against limits.maxConnections).",
+            state.connections(),
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_connections_negotiating",
+            "Client connections accepted that are not sessions yet (PROXY header, TLS or engine handshake, backend connect), counted against limits.maxNegotiating.",
+            state.negotiating(),
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_connections_max",
+            "limits.maxConnections in force.",
+            self.config.borrow().max_connections,
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_config_generation",
+            "Configurations applied since start (1 = the initial one).",
+            state.generation(),
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_draining",
+            "1 while shutting down.",
+            flag(state.draining()),
+        )
+    }
 }
 
 #[cfg(test)]

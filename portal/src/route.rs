@@ -11,7 +11,7 @@ use crate::{
 /// Whether the health view lets `name` take new sessions. A backend the view does not know
 /// yet (just added by a reload, not probed) is assumed up, as the checker does at start.
 pub fn is_up(health: &HealthView, name: &str) -> bool {
-    health.get(name).is_none_or(|b| b.up)
+    health.is_up(name)
 }
 
 /// Indexes (into `config.backends`) of the backends that may take a new session, in list

@@ -16,6 +16,7 @@
 
 mod checker;
 pub mod credentials;
+mod metrics;
 pub mod probe;
 mod state;
 
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 pub use checker::{spawn_checker, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT};
 pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials};
+pub use metrics::HealthCollector;
 pub use probe::Probed;
 pub use state::{elect, Election, NodeState};
 
@@ -176,6 +178,11 @@ impl HealthView {
         self.leader
             .filter(|_| !self.conflict)
             .and_then(|i| self.backends.get(i))
+    }
+
+    /// Whether the backend named `name` may take sessions: up, or not probed yet.
+    pub fn is_up(&self, name: &str) -> bool {
+        self.get(name).is_none_or(|b| b.up)
     }
 
     /// Name of the [usable leader](Self::usable_leader), if there is one.
