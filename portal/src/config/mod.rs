@@ -4,6 +4,7 @@
 mod address;
 mod duration;
 mod spec;
+mod spec_tls;
 
 use std::{fmt, net::SocketAddr, path::Path};
 
@@ -12,6 +13,7 @@ use ipnet::IpNet;
 pub use address::{Address, AddressError};
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
 pub use spec::*;
+pub use spec_tls::*;
 
 /// A configuration that passed validation; every value is typed and every default resolved.
 #[derive(Clone, Debug, PartialEq)]
