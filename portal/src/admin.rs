@@ -2,8 +2,8 @@
 //! collectors each module owns; this endpoint only registers and encodes them) and `/status`
 //! (JSON).
 //!
-//! May import: `admission`, `health`, `metrics`, `reload`, `route`, `session` (its `Shared`),
-//! `tls`. Never `server`.
+//! May import: `admission`, `health`, `metrics`, `reload`, `route`, `session` (its `Shared`).
+//! Never `server`.
 
 use std::{
     convert::Infallible,

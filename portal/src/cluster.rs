@@ -8,8 +8,9 @@
 //! object by `resourceNames` allows for `list` and `watch`. On API outages the portal keeps
 //! serving what it has; the watches reconnect with kube's default backoff.
 //!
-//! Prepares what the serving loop serves, as [`standalone`](crate::standalone) does from a
-//! file. May import: `config`, `error`, `health`, `reload`, `route`, `tls`.
+//! Prepares what the serving loop serves, as `standalone` does from a file.
+//!
+//! May import: `config`, `error`, `health`, `reload`, `route`, `tls`.
 
 use std::{
     future::Future,

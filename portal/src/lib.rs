@@ -1,5 +1,7 @@
 //! dbportal's portal: a TCP proxy in front of database nodes with TLS, an allow-list of client
 //! networks, connection limits, timeouts and leader following.
+//!
+//! The layers and the one direction of imports are drawn in `portal/README.md`.
 
 pub mod admin;
 pub mod admission;

@@ -1,5 +1,7 @@
 //! The portal binary: parses arguments, sets up logging and runs the portal, standalone (a
 //! file) or in a cluster (a ConfigMap).
+//!
+//! May import: the library (`server`, `cluster::Options`, `reload`, `tls`, `logging`).
 
 use std::path::PathBuf;
 

@@ -6,6 +6,8 @@
 //! A file is never applied mid-write: the part written so far can be a valid configuration
 //! (one that admits everyone, if `allowedCIDRs` comes last). Atomic replacement (write a
 //! temporary file, rename it onto the configuration) is the supported way to change it.
+//!
+//! May import: `config`, `metrics`.
 
 use std::{
     path::{Path, PathBuf},

@@ -1,5 +1,7 @@
 //! Backend choice: which backends may take a new session, and in which order to try them
 //! for `first`, `roundrobin`, `leastconn`, `source` and `leader`.
+//!
+//! May import: `allow`, `config`, `health`. Pure: no I/O.
 
 use std::net::IpAddr;
 

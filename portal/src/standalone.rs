@@ -1,6 +1,6 @@
 //! The standalone portal: its configuration from a file (or the embedded default), followed
 //! as it changes; its probes' credentials from files. Prepares what the serving loop serves,
-//! as [`cluster`](crate::cluster) does in a cluster.
+//! as `cluster` does in a cluster.
 //!
 //! May import: `config`, `error`, `health`, `reload`, `tls`.
 

@@ -1,5 +1,7 @@
 //! Configuration: the shared `DatabasePortal` spec, its parsing from YAML with errors that name
 //! the field, and validation into [`Config`], the typed value the portal runs on.
+//!
+//! May import: nothing from the rest of the crate; every layer reads it.
 
 mod address;
 mod duration;

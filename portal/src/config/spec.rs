@@ -1,5 +1,7 @@
 //! The `DatabasePortal` resource: one type that is both the CRD's spec and the portal's
 //! standalone configuration file (portal-only keys are left out of the CRD schema).
+//!
+//! May import: nothing outside `config`.
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

@@ -13,6 +13,9 @@
 //!   `closeSessionsOnLeaderChange` is on ([`HealthView::leader_name`] compares by name, which
 //!   survives configuration changes that reorder the backends).
 //! - `view.stats` holds the counters for `/status` and `/metrics`.
+//!
+//! May import: `config`, `metrics`, `tls` (the backend connector the probes share with the
+//! data plane) and `wire`. Never `route`, `session`, `server` or `admin`.
 
 mod checker;
 pub mod credentials;

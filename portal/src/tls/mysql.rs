@@ -8,6 +8,8 @@
 //! the other shifts them by one (the SSLRequest is seq 1 on one side only), so until the server
 //! ends the connection phase (OK or ERR) packets are relayed one by one with the id adjusted;
 //! from the command phase on, every command restarts at 0 and bytes flow untouched.
+//!
+//! May import: `wire` (MySQL packets) and the rest of `tls`.
 
 use std::sync::Arc;
 

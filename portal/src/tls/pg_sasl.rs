@@ -20,6 +20,8 @@
 //! This runs once per connection, before the byte pump, and only for PostgreSQL with backend
 //! TLS. What it does not understand (a malformed or oversized message, another message first)
 //! it relays byte for byte, and the pump carries on with the rest.
+//!
+//! May import: `wire` (PostgreSQL framing) and the rest of `tls`.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

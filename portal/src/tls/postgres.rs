@@ -2,6 +2,8 @@
 //! direct TLS (ALPN `postgresql`), GSSENCRequest answered with `N`, and a FATAL ErrorResponse
 //! to a plaintext startup when TLS is required. The same negotiation towards a backend is in
 //! [`ssl_request`].
+//!
+//! May import: `wire` (PostgreSQL framing) and the rest of `tls`.
 
 use std::sync::Arc;
 

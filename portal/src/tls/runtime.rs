@@ -1,6 +1,8 @@
 //! TLS in a running portal: the certificate store and the current [`Terminator`], following
 //! configuration changes, polling the certificate files and re-reading them on SIGHUP, and
 //! reporting to `/status` and `/metrics`.
+//!
+//! May import: `config`, `metrics` and the rest of `tls`.
 
 use std::{
     collections::BTreeMap,

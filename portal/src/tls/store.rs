@@ -1,6 +1,8 @@
 //! The served certificate and its live rotation: a `watch` channel holds the current server
 //! config; a reload that fails leaves the old one serving and is reported (log, metric,
 //! `/status`).
+//!
+//! May import: `metrics` and the rest of `tls`.
 
 use std::{
     sync::{Arc, Mutex},

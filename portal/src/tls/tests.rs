@@ -1,3 +1,5 @@
+//! Unit tests of `tls`: certificate loading and rotation, engine negotiation over loopback.
+
 use std::{sync::Arc, time::Duration};
 
 use rustls::{pki_types::ServerName, ClientConfig};

@@ -3,6 +3,8 @@
 //! A hand-written RESP exchange: the probe needs four commands and the replies' first words,
 //! which a full client crate (connection managers, pools, a wide type system) would not make
 //! clearer, only heavier.
+//!
+//! May import: `wire` (RESP) and the rest of `health`.
 
 use tokio::io::{AsyncWriteExt, BufReader};
 
