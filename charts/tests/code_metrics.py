@@ -13,15 +13,16 @@ SERIES_SUFFIXES = ("_sum", "_count", "_bucket")
 
 
 def portal_metrics() -> dict[str, str]:
-    """name -> type of every family the portal's /metrics writes: the admin endpoint's
-    `family("name", "type", ...)` calls and the `# TYPE name type` lines written inline."""
+    """name -> type of every family the portal's /metrics writes: the collectors' calls of the
+    helpers in `portal/src/metrics.rs` (`counter(e, "name", ...)`, `gauges(...)`,
+    `histogram(...)`); the encoder adds `_total` to counters."""
     found: dict[str, str] = {}
     for path in sorted((ROOT / "portal" / "src").rglob("*.rs")):
         text = path.read_text()
-        for name, kind in re.findall(r'family\(\s*"(dbportal_\w+)",\s*"(\w+)"', text):
-            found[name] = kind
-        for name, kind in re.findall(r"# TYPE (dbportal_\w+) (\w+)", text):
-            found[name] = kind
+        for helper, name in re.findall(
+                r'\b(counters?|gauges?|histogram)\(\s*&?(?:mut )?\w+,\s*"(dbportal_\w+)"', text):
+            kind = helper.rstrip("s")
+            found[name + ("_total" if kind == "counter" else "")] = kind
     return found
 
 
@@ -53,6 +54,9 @@ def series_names() -> set[str]:
     names = set()
     for name, kind in all_metrics().items():
         names.add(name)
+        if kind == "counter":
+            # The family's own name, as its `# TYPE` line gives it (OpenMetrics).
+            names.add(name.removesuffix("_total"))
         if kind in ("summary", "histogram"):
             names.update(name + s for s in SERIES_SUFFIXES)
     return names

@@ -1,7 +1,15 @@
-//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and
-//! `/status` (JSON).
+//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` (OpenMetrics text of the
+//! collectors each module owns; this endpoint only registers and encodes them) and `/status`
+//! (JSON).
+//!
+//! May import: `admission`, `health`, `metrics`, `reload`, `route`, `session` (its `Shared`).
+//! Never `server`.
 
-use std::{convert::Infallible, fmt::Write as _, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,11 +19,15 @@ use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::debug;
 
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
+
 use crate::{
-    health::{Caveat, Role},
-    metrics::{CloseReason, Direction, Rejection},
+    admission::AdmissionCollector,
+    health::HealthCollector,
+    metrics::{flag, gauge, CloseReason, DataPlaneCollector, Rejection},
+    reload::ReloadCollector,
     route,
-    server::Shared,
+    session::Shared,
 };
 
 /// Admin connections served at once; more are closed at accept (counted in
@@ -32,7 +44,8 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves the admin endpoint until `stop` becomes true.
 pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Receiver<bool>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let registry = Arc::new(registry(&shared));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -56,10 +69,11 @@ pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Recei
             continue;
         };
         let shared = shared.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(&shared, &req);
+                let response = respond(&shared, &registry, &req);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -83,7 +97,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
-fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let announced = req
         .headers()
@@ -115,8 +129,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => reply(
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics(shared),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics(registry),
         ),
         "/status" => reply(
             StatusCode::OK,
@@ -185,26 +199,9 @@ pub fn readiness(shared: &Shared) -> (bool, String) {
     )
 }
 
-fn role(r: Role) -> &'static str {
-    match r {
-        Role::Unknown => "unknown",
-        Role::Leader => "leader",
-        Role::SharedLeader => "shared-leader",
-        Role::Replica => "replica",
-    }
-}
-
 fn unix_seconds(t: std::time::SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn leader_name(health: &crate::health::HealthView) -> Option<String> {
-    health
-        .leader
-        .filter(|_| !health.conflict)
-        .and_then(|i| health.backends.get(i))
-        .map(|b| b.name.clone())
 }
 
 /// The `/status` document.
@@ -225,7 +222,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "name": b.name,
                 "address": b.address.to_string(),
                 "up": route::is_up(&health, &b.name),
-                "role": role(h.map(|h| h.role).unwrap_or_default()),
+                "role": h.map(|h| h.role).unwrap_or_default().as_str(),
                 "routable": eligible.contains(&i),
                 "state": match (route::is_up(&health, &b.name), h.and_then(|h| h.caveat)) {
                     (false, _) => "down",
@@ -247,7 +244,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "draining": state.draining(),
         "engine": config.engine.as_str(),
         "routing": config.routing.as_str(),
-        "leader": leader_name(&health),
+        "leader": health.leader_name(),
         "leaderConflict": health.conflict,
         "leaderChanges": health.stats.changes,
         "lastLeaderChange": health.stats.last_change.map(unix_seconds),
@@ -280,285 +277,47 @@ pub fn status(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// The `/metrics` text.
-pub fn metrics(shared: &Shared) -> String {
-    let config = shared.config.borrow().clone();
-    let health = shared.health.borrow().clone();
-    let state = &shared.state;
-    let m = &state.metrics;
-    let reload = state.reload.snapshot();
-    let (ready, _) = readiness(shared);
-    let leader = leader_name(&health);
-    let mut out = String::with_capacity(4096);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
-    let b = |v: bool| if v { 1.0 } else { 0.0 };
-    family(
-        "dbportal_sessions_active",
-        "gauge",
-        "Client sessions connected to a backend.",
-        &one(m.active_sessions.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_connections_active",
-        "gauge",
-        "Open client connections (counted against limits.maxConnections).",
-        &one(state.connections() as f64),
-    );
-    family(
-        "dbportal_connections_negotiating",
-        "gauge",
-        "Client connections accepted that are not sessions yet (PROXY header, TLS or engine handshake, backend connect), counted against limits.maxNegotiating.",
-        &one(state.negotiating() as f64),
-    );
-    family(
-        "dbportal_admin_connections_refused_total",
-        "counter",
-        "Admin endpoint connections closed at once because the endpoint's connection cap was reached.",
-        &one(m.admin_refused.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_connections_max",
-        "gauge",
-        "limits.maxConnections in force.",
-        &one(f64::from(config.max_connections)),
-    );
-    family(
-        "dbportal_connections_accepted_total",
-        "counter",
-        "Client connections accepted.",
-        &one(m.accepted.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_sessions_total",
-        "counter",
-        "Client sessions connected to a backend.",
-        &one(m.sessions.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_rejections_total",
-        "counter",
-        "Client connections closed before reaching a backend, by reason.",
-        &Rejection::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    m.rejections(*r) as f64,
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
-    family(
-        "dbportal_sessions_closed_total",
-        "counter",
-        "Sessions ended, by reason.",
-        &CloseReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    m.closes(*r) as f64,
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
-    family(
-        "dbportal_bytes_total",
-        "counter",
-        "Bytes copied, by direction.",
-        &[
-            (
-                "{direction=\"client_to_backend\"}".into(),
-                m.bytes(Direction::ClientToBackend) as f64,
-            ),
-            (
-                "{direction=\"backend_to_client\"}".into(),
-                m.bytes(Direction::BackendToClient) as f64,
-            ),
-        ],
-    );
-    let per_backend = |f: &dyn Fn(&str) -> f64| -> Vec<(String, f64)> {
-        config
-            .backends
-            .iter()
-            .map(|b| (format!("{{backend=\"{}\"}}", b.name), f(&b.name)))
-            .collect()
-    };
-    family(
-        "dbportal_backend_up",
-        "gauge",
-        "Whether the backend is healthy (1) or down (0).",
-        &per_backend(&|n| b(route::is_up(&health, n))),
-    );
-    family(
-        "dbportal_backend_leader",
-        "gauge",
-        "Whether the backend is the current leader.",
-        &per_backend(&|n| b(leader.as_deref() == Some(n))),
-    );
-    family(
-        "dbportal_backend_role",
-        "gauge",
-        "Role of each backend from its latest successful probe (1 for the role it has).",
-        &config
-            .backends
-            .iter()
-            .flat_map(|be| {
-                let r = health.get(&be.name).map(|h| h.role).unwrap_or_default();
-                [
-                    Role::Leader,
-                    Role::SharedLeader,
-                    Role::Replica,
-                    Role::Unknown,
-                ]
-                .into_iter()
-                .map(move |x| {
-                    (
-                        format!("{{backend=\"{}\",role=\"{}\"}}", be.name, x.as_str()),
-                        b(r == x),
-                    )
-                })
-            })
-            .collect::<Vec<_>>(),
-    );
-    family(
-        "dbportal_backend_caveat",
-        "gauge",
-        "Whether an up backend answered with a caveat (busy: a long Redis script or function; misconf: cannot persist, refuses writes); it stays routable and keeps its role.",
-        &config
-            .backends
-            .iter()
-            .flat_map(|be| {
-                let c = health.get(&be.name).and_then(|h| h.caveat);
-                Caveat::ALL.into_iter().map(move |x| {
-                    (
-                        format!("{{backend=\"{}\",caveat=\"{}\"}}", be.name, x.as_str()),
-                        b(c == Some(x)),
-                    )
-                })
-            })
-            .collect::<Vec<_>>(),
-    );
-    family(
-        "dbportal_leader_conflict",
-        "gauge",
-        "1 while several backends claim to lead (no session is routed).",
-        &one(b(health.conflict)),
-    );
-    family(
-        "dbportal_leader_changes_total",
-        "counter",
-        "Times the leader moved to another backend.",
-        &one(health.stats.changes as f64),
-    );
-    family(
-        "dbportal_leader_last_change_timestamp_seconds",
-        "gauge",
-        "Unix time of the last leader change (0: none yet).",
-        &one(health.stats.last_change.map(unix_seconds).unwrap_or(0.0)),
-    );
-    family(
-        "dbportal_leader_conflicts_total",
-        "counter",
-        "Times a leader conflict began.",
-        &one(health.stats.conflicts as f64),
-    );
-    family(
-        "dbportal_leader_sessions_cut_total",
-        "counter",
-        "Sessions cut because their backend stopped being the leader.",
-        &one(m.closes(CloseReason::Backend) as f64),
-    );
-    family(
-        "dbportal_leader_failover_seconds",
-        "summary",
-        "Time from losing a leader to having a new one.",
-        &[
-            ("_sum".into(), health.stats.failover_total.as_secs_f64()),
-            ("_count".into(), health.stats.failovers as f64),
-        ],
-    );
-    family(
-        "dbportal_leader_failover_max_seconds",
-        "gauge",
-        "Longest time without a leader since start.",
-        &one(health.stats.max_failover.map_or(0.0, |d| d.as_secs_f64())),
-    );
-    family(
-        "dbportal_health_fast_probing",
-        "gauge",
-        "1 while backends are probed at the fast interval (a leader is being sought).",
-        &one(b(health.stats.fast_probing)),
-    );
-    family(
-        "dbportal_backend_sessions_active",
-        "gauge",
-        "Open sessions per backend.",
-        &per_backend(&|n| m.backend(n).active.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_backend_sessions_total",
-        "counter",
-        "Sessions per backend.",
-        &per_backend(&|n| m.backend(n).sessions.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_backend_connect_errors_total",
-        "counter",
-        "Failed connection attempts per backend (refused, unreachable or timed out).",
-        &per_backend(&|n| m.backend(n).connect_errors.load(Relaxed) as f64),
-    );
-    family(
-        "dbportal_config_reloads_total",
-        "counter",
-        "Configuration reloads, by result.",
-        &[
-            ("{result=\"ok\"}".into(), reload.reloads_ok as f64),
-            ("{result=\"failed\"}".into(), reload.reloads_failed as f64),
-        ],
-    );
-    family(
-        "dbportal_config_last_reload_successful",
-        "gauge",
-        "Whether the latest configuration reload succeeded.",
-        &one(b(reload.last_reload_ok)),
-    );
-    family(
-        "dbportal_config_last_reload_success_timestamp_seconds",
-        "gauge",
-        "Unix time of the last configuration applied.",
-        &one(reload.last_success_unix),
-    );
-    family(
-        "dbportal_config_stale",
-        "gauge",
-        "1 when the newest configuration was refused and an older one is serving.",
-        &one(b(reload.stale)),
-    );
-    family(
-        "dbportal_config_generation",
-        "gauge",
-        "Configurations applied since start (1 = the initial one).",
-        &one(state.generation() as f64),
-    );
-    family(
-        "dbportal_ready",
-        "gauge",
-        "Whether /readyz reports ready.",
-        &one(b(ready)),
-    );
-    family(
-        "dbportal_draining",
-        "gauge",
-        "1 while shutting down.",
-        &one(b(state.draining())),
-    );
-    shared.tls.render_metrics(&mut out);
+/// The registry `/metrics` encodes: every module's collector, each owning its families.
+pub fn registry(shared: &Shared) -> Registry {
+    let mut registry = Registry::default();
+    let config = || shared.config.clone();
+    registry.register_collector(Box::new(DataPlaneCollector {
+        metrics: shared.state.metrics.clone(),
+        config: config(),
+    }));
+    registry.register_collector(Box::new(AdmissionCollector {
+        state: shared.state.clone(),
+        config: config(),
+    }));
+    registry.register_collector(Box::new(HealthCollector {
+        config: config(),
+        health: shared.health.clone(),
+    }));
+    registry.register_collector(Box::new(ReloadCollector(shared.state.reload.clone())));
+    registry.register_collector(Box::new(ReadyCollector(shared.clone())));
+    registry.register_collector(Box::new(shared.tls.clone()));
+    registry
+}
+
+/// The `/metrics` text (OpenMetrics) of `registry`.
+pub fn metrics(registry: &Registry) -> String {
+    let mut out = String::with_capacity(8192);
+    // Writing to a String cannot fail, nor can the collectors.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+/// `dbportal_ready`: what `/readyz` says.
+#[derive(Debug)]
+struct ReadyCollector(Shared);
+
+impl Collector for ReadyCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            &mut e,
+            "dbportal_ready",
+            "Whether /readyz reports ready.",
+            flag(readiness(&self.0).0),
+        )
+    }
 }

@@ -7,9 +7,14 @@
 //! Watches select one object by name (`metadata.name=NAME`), which a Role limited to that
 //! object by `resourceNames` allows for `list` and `watch`. On API outages the portal keeps
 //! serving what it has; the watches reconnect with kube's default backoff.
+//!
+//! Prepares what the serving loop serves, as `standalone` does from a file.
+//!
+//! May import: `config`, `error`, `health`, `reload`, `route`, `tls`.
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -29,8 +34,10 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Config, ConfigError, FieldError, Health},
     error::Error,
-    health::{self, CredentialsSource, HealthView, ProbeCredentials, StandaloneCredentials},
-    reload::{self, ReloadStatus},
+    health::{
+        self, CredentialsSource, HealthHandle, HealthView, ProbeCredentials, StandaloneCredentials,
+    },
+    reload::{self, Following, ReloadStatus},
     route,
     tls::{CertSource, TlsRuntime},
 };
@@ -55,6 +62,20 @@ pub struct Options {
     pub credentials_secret: Option<String>,
     /// The portal's own Pod, where it reports its view; no report without it.
     pub pod_name: Option<String>,
+}
+
+/// A portal in a cluster ready to serve.
+#[derive(Debug)]
+pub struct Cluster {
+    pub listener: TcpListener,
+    pub admin: TcpListener,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub health: HealthHandle,
+    pub reload: ReloadStatus,
+    pub tls: Arc<TlsRuntime>,
+    /// The watches of the ConfigMap and the Secrets, and the Pod's report; they stop when
+    /// dropped.
+    pub following: Following,
 }
 
 /// What a portal reports about itself on its Pod.
@@ -86,11 +107,7 @@ impl Report {
     pub fn new(config: &Config, health: &HealthView, reload: &reload::ReloadState) -> Self {
         Report {
             ready: !route::eligible(config, health).is_empty(),
-            leader: health
-                .leader
-                .filter(|_| !health.conflict)
-                .and_then(|i| health.backends.get(i))
-                .map(|b| b.name.clone()),
+            leader: health.leader_name().map(str::to_string),
             backends: health
                 .backends
                 .iter()
@@ -276,15 +293,14 @@ impl CredentialsSource for SecretCredentials {
     }
 }
 
-/// Runs a portal in a cluster until `shutdown` resolves: waits for a valid configuration in the
-/// ConfigMap, listens on its addresses, and follows the ConfigMap, the Secrets and its own
-/// health, reporting on its Pod.
-pub async fn run(
+/// Starts a portal in a cluster: waits for a valid configuration in the ConfigMap (`None` if
+/// `shutdown` resolves first), listens on its addresses, and follows the ConfigMap, the Secrets
+/// and its own health, reporting on its Pod.
+pub async fn start(
     client: Client,
     options: Options,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    tokio::pin!(shutdown);
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<Cluster>> {
     let ns = options.namespace.clone();
     let source = format!("ConfigMap {ns}/{}", options.configmap);
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -316,7 +332,7 @@ pub async fn run(
     };
     let (config, mut last_text) = tokio::select! {
         r = startup => r?,
-        _ = &mut shutdown => return Ok(()),
+        _ = &mut shutdown => return Ok(None),
     };
 
     // The Secrets as they are now; a missing one is picked up when it appears.
@@ -445,11 +461,18 @@ pub async fn run(
         None => info!("no pod name (POD_NAME): the portal does not report its view"),
     }
 
-    crate::server::run_with_tls(listener, admin, rx, checker, status, tls, shutdown).await;
-    for t in tasks {
-        t.abort();
-    }
-    Ok(())
+    Ok(Some(Cluster {
+        listener,
+        admin,
+        config: rx,
+        health: checker,
+        reload: status,
+        tls,
+        following: Following {
+            tasks,
+            sender: None,
+        },
+    }))
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, Error> {

@@ -1,4 +1,6 @@
 //! The portal library's error type.
+//!
+//! May import: `config`, `tls` (the errors it wraps).
 
 use std::{io, net::SocketAddr};
 

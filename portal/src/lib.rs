@@ -1,7 +1,10 @@
 //! dbportal's portal: a TCP proxy in front of database nodes with TLS, an allow-list of client
 //! networks, connection limits, timeouts and leader following.
+//!
+//! The layers and the one direction of imports are drawn in `portal/README.md`.
 
 pub mod admin;
+pub mod admission;
 pub mod allow;
 pub mod cluster;
 pub mod config;
@@ -15,4 +18,6 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod splice;
+pub mod standalone;
 pub mod tls;
+pub mod wire;

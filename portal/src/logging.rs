@@ -3,6 +3,8 @@
 //! else `info`; lines go to stderr as text or as JSON objects, one per line. Text is coloured
 //! only when stderr is a terminal (and `NO_COLOR` is unset), so files and `kubectl logs`
 //! get plain text.
+//!
+//! May import: `config`.
 
 use std::io::IsTerminal;
 use std::str::FromStr;

@@ -1,5 +1,7 @@
 //! The portal binary: parses arguments, sets up logging and runs the portal, standalone (a
 //! file) or in a cluster (a ConfigMap).
+//!
+//! May import: the library (`server`, `cluster::Options`, `reload`, `tls`, `logging`).
 
 use std::path::PathBuf;
 
@@ -104,7 +106,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     credentials_secret: args.credentials_secret,
                     pod_name: args.pod_name,
                 };
-                portal::cluster::run(client, options, shutdown).await
+                portal::server::cluster(client, options, shutdown).await
             }
             None => Ok(portal::server::standalone(args.config, shutdown).await?),
         }

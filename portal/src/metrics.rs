@@ -1,13 +1,30 @@
-//! Counters of the data plane, cheap on the hot path, rendered as Prometheus text by the
-//! admin endpoint.
+//! Counters of the data plane, cheap on the hot path (plain atomics, read at scrape time by
+//! [`DataPlaneCollector`]), and the helpers every module's collector writes its families with.
+//! Each module owns its families (admission, health, reload, TLS, the admin endpoint); the
+//! admin endpoint registers the collectors and only encodes.
+//!
+//! May import: `config`. Sits beside the layers: anything may import it.
 
 use std::{
     collections::BTreeMap,
+    fmt,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc, Mutex,
     },
 };
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+        NoLabelSet,
+    },
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+};
+use tokio::sync::watch;
+
+use crate::config::Config;
 
 /// Why a new client was closed before reaching a backend. The name is the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,8 +158,8 @@ pub struct BackendStats {
 /// The portal's counters.
 #[derive(Default)]
 pub struct Metrics {
-    /// Admin endpoint connections closed at once because [`crate::admin::MAX_CONNECTIONS`]
-    /// were open.
+    /// Admin endpoint connections closed at once because the endpoint's connection cap was
+    /// reached.
     pub admin_refused: AtomicU64,
     pub accepted: AtomicU64,
     pub sessions: AtomicU64,
@@ -201,6 +218,168 @@ impl Metrics {
     pub fn backends(&self) -> Vec<(String, Arc<BackendStats>)> {
         let map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// A counter family without labels, of value `v` (the encoder adds `_total` to `name`).
+pub fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: impl EncodeCounterValue,
+) -> fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// A counter family with one sample per label set (the encoder adds `_total` to `name`).
+pub fn counters<L: EncodeLabelSet, V: EncodeCounterValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge family without labels, of value `v`.
+pub fn gauge(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: impl EncodeGaugeValue,
+) -> fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// A gauge family with one sample per label set.
+pub fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A histogram without buckets of its own: the sum and count of observations (and the `+Inf`
+/// bucket, which holds them all).
+pub fn histogram(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    sum: f64,
+    count: u64,
+) -> fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(sum, count, &[(f64::INFINITY, count)], None)
+}
+
+/// 1 for true, 0 for false.
+pub fn flag(b: bool) -> i64 {
+    i64::from(b)
+}
+
+/// The data plane's families, read from the [`Metrics`] atomics at scrape time; the
+/// per-backend ones for the backends of the configuration in force.
+#[derive(Debug)]
+pub struct DataPlaneCollector {
+    pub metrics: Arc<Metrics>,
+    pub config: watch::Receiver<Arc<Config>>,
+}
+
+impl Collector for DataPlaneCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let m = &self.metrics;
+        let config = self.config.borrow().clone();
+        gauge(
+            &mut e,
+            "dbportal_sessions_active",
+            "Client sessions connected to a backend.",
+            m.active_sessions.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "dbportal_admin_connections_refused",
+            "Admin endpoint connections closed at once because the endpoint's connection cap was reached.",
+            m.admin_refused.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "dbportal_connections_accepted",
+            "Client connections accepted.",
+            m.accepted.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "dbportal_sessions",
+            "Client sessions connected to a backend.",
+            m.sessions.load(Relaxed),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_rejections",
+            "Client connections closed before reaching a backend, by reason.",
+            Rejection::ALL
+                .iter()
+                .map(|r| ([("reason", r.as_str())], m.rejections(*r))),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_sessions_closed",
+            "Sessions ended, by reason.",
+            CloseReason::ALL
+                .iter()
+                .map(|r| ([("reason", r.as_str())], m.closes(*r))),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_bytes",
+            "Bytes copied, by direction.",
+            [
+                ("client_to_backend", Direction::ClientToBackend),
+                ("backend_to_client", Direction::BackendToClient),
+            ]
+            .map(|(label, d)| ([("direction", label)], m.bytes(d))),
+        )?;
+        counter(
+            &mut e,
+            "dbportal_leader_sessions_cut",
+            "Sessions cut because their backend stopped being the leader.",
+            m.closes(CloseReason::Backend),
+        )?;
+        let per_backend = |f: &dyn Fn(&BackendStats) -> u64| {
+            config
+                .backends
+                .iter()
+                .map(|b| ([("backend", b.name.clone())], f(&m.backend(&b.name))))
+                .collect::<Vec<_>>()
+        };
+        gauges(
+            &mut e,
+            "dbportal_backend_sessions_active",
+            "Open sessions per backend.",
+            per_backend(&|s| s.active.load(Relaxed)),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_backend_sessions",
+            "Sessions per backend.",
+            per_backend(&|s| s.sessions.load(Relaxed)),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_backend_connect_errors",
+            "Failed connection attempts per backend (refused, unreachable or timed out).",
+            per_backend(&|s| s.connect_errors.load(Relaxed)),
+        )
     }
 }
 

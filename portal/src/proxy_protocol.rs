@@ -1,5 +1,7 @@
 //! PROXY protocol: parsing v1 (text) and v2 (binary) headers from a load balancer, and
 //! writing v2 headers to backends.
+//!
+//! May import: `allow`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

@@ -6,6 +6,8 @@
 //! A file is never applied mid-write: the part written so far can be a valid configuration
 //! (one that admits everyone, if `allowedCIDRs` comes last). Atomic replacement (write a
 //! temporary file, rename it onto the configuration) is the supported way to change it.
+//!
+//! May import: `config`, `metrics`.
 
 use std::{
     path::{Path, PathBuf},
@@ -380,6 +382,63 @@ pub fn publish(
                 "configuration refused; the last good configuration keeps serving"
             );
             false
+        }
+    }
+}
+
+/// The reload families, from the [`ReloadStatus`] at scrape time.
+#[derive(Debug)]
+pub struct ReloadCollector(pub ReloadStatus);
+
+impl prometheus_client::collector::Collector for ReloadCollector {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{counters, flag, gauge};
+        let reload = self.0.snapshot();
+        counters(
+            &mut e,
+            "dbportal_config_reloads",
+            "Configuration reloads, by result.",
+            [
+                ([("result", "ok")], reload.reloads_ok),
+                ([("result", "failed")], reload.reloads_failed),
+            ],
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_config_last_reload_successful",
+            "Whether the latest configuration reload succeeded.",
+            flag(reload.last_reload_ok),
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration applied.",
+            reload.last_success_unix,
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_config_stale",
+            "1 when the newest configuration was refused and an older one is serving.",
+            flag(reload.stale),
+        )
+    }
+}
+
+/// The tasks that follow a configuration's sources (a file, a ConfigMap, Secrets) and the
+/// sender they publish on; the tasks stop when this is dropped.
+#[derive(Debug, Default)]
+pub struct Following {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub sender: Option<watch::Sender<Arc<Config>>>,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
         }
     }
 }

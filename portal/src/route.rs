@@ -1,5 +1,7 @@
 //! Backend choice: which backends may take a new session, and in which order to try them
 //! for `first`, `roundrobin`, `leastconn`, `source` and `leader`.
+//!
+//! May import: `allow`, `config`, `health`. Pure: no I/O.
 
 use std::net::IpAddr;
 
@@ -11,7 +13,7 @@ use crate::{
 /// Whether the health view lets `name` take new sessions. A backend the view does not know
 /// yet (just added by a reload, not probed) is assumed up, as the checker does at start.
 pub fn is_up(health: &HealthView, name: &str) -> bool {
-    health.get(name).is_none_or(|b| b.up)
+    health.is_up(name)
 }
 
 /// Indexes (into `config.backends`) of the backends that may take a new session, in list
@@ -26,12 +28,7 @@ pub fn eligible(config: &Config, health: &HealthView) -> Vec<usize> {
 /// `leader` mode: the node the checker reports as leader, if it is up; nothing while there is
 /// no leader or several claim to lead (new sessions then wait for one).
 pub fn leader_eligible(config: &Config, health: &HealthView) -> Vec<usize> {
-    if let Some(name) = health
-        .leader
-        .filter(|_| !health.conflict)
-        .and_then(|i| health.backends.get(i))
-        .map(|b| b.name.as_str())
-    {
+    if let Some(name) = health.leader_name() {
         if let Some(i) = config.backends.iter().position(|b| b.name == name) {
             if is_up(health, name) {
                 return vec![i];

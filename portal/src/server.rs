@@ -1,330 +1,37 @@
 //! The portal's serving loop: accept with back-off, admission (limits, allow-list), one task
-//! per session, the admin endpoint beside it, and a drain on shutdown.
+//! per session on the data plane's threads, the admin endpoint beside it, and a drain on
+//! shutdown. The top of the crate: it also runs the two ways of starting a portal, a file
+//! ([`standalone`]) or a cluster ([`cluster`]), which prepare what it serves.
+//!
+//! May import every module; nothing imports it.
 
 use std::{
-    collections::HashMap,
     future::Future,
     io,
-    net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
-        Arc, Mutex,
-    },
+    sync::{atomic::AtomicUsize, atomic::Ordering::Relaxed, Arc},
     time::Duration,
 };
 
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{watch, Notify},
+    sync::watch,
 };
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
-    allow,
+    admin,
+    admission::{admit, State},
+    allow, cluster,
     config::Config,
     error::Error,
-    health::{self, HealthView},
-    metrics::{Metrics, Rejection},
-    reload::{self, ReloadStatus},
-    session,
+    health,
+    metrics::Rejection,
+    reload::ReloadStatus,
+    session::{self, Shared},
+    standalone,
+    tls::{self, TlsRuntime},
 };
-
-/// Everything the serving loop, the sessions and the admin endpoint share.
-#[derive(Debug)]
-pub struct State {
-    pub metrics: Arc<Metrics>,
-    /// The open sessions, checked again on each configuration or health change.
-    pub sessions: Arc<session::Sessions>,
-    pub reload: ReloadStatus,
-    /// Connections counted against `limits.maxConnections` (admitted or being admitted).
-    connections: AtomicUsize,
-    per_client: Mutex<HashMap<IpAddr, u32>>,
-    /// Connections accepted and not yet sessions (`limits.maxNegotiating`).
-    negotiating: AtomicUsize,
-    /// The same per client address (`limits.maxNegotiatingPerClient`).
-    negotiating_per_client: Mutex<HashMap<IpAddr, u32>>,
-    /// New connections per client address (`limits.connectionRatePerClient`).
-    rates: Mutex<RateTable>,
-    ticket: AtomicUsize,
-    generation: AtomicU64,
-    draining: AtomicBool,
-    idle: Notify,
-}
-
-impl State {
-    pub fn new(reload: ReloadStatus) -> Self {
-        State {
-            metrics: Arc::new(Metrics::default()),
-            sessions: Arc::default(),
-            reload,
-            connections: AtomicUsize::new(0),
-            per_client: Mutex::new(HashMap::new()),
-            negotiating: AtomicUsize::new(0),
-            negotiating_per_client: Mutex::new(HashMap::new()),
-            rates: Mutex::new(RateTable::new()),
-            ticket: AtomicUsize::new(0),
-            generation: AtomicU64::new(1),
-            draining: AtomicBool::new(false),
-            idle: Notify::new(),
-        }
-    }
-
-    /// Open client connections.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Relaxed)
-    }
-
-    /// Configurations applied since start (1 = the initial one).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Relaxed)
-    }
-
-    pub fn draining(&self) -> bool {
-        self.draining.load(Relaxed)
-    }
-
-    /// A routing ticket (round robin position).
-    pub fn ticket(&self) -> usize {
-        self.ticket.fetch_add(1, Relaxed)
-    }
-
-    /// Takes a connection slot unless `max` are taken.
-    pub fn try_connection(self: &Arc<Self>, max: u32) -> Option<ConnectionPermit> {
-        let n = self.connections.fetch_add(1, Relaxed);
-        if n >= max as usize {
-            self.release_connection();
-            return None;
-        }
-        Some(ConnectionPermit(self.clone()))
-    }
-
-    fn release_connection(&self) {
-        if self.connections.fetch_sub(1, Relaxed) == 1 {
-            self.idle.notify_waiters();
-        }
-    }
-
-    /// Takes a slot for client `ip` unless `max` (0 = unlimited) are taken.
-    pub fn try_client(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<ClientPermit> {
-        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if max != 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientPermit(self.clone(), ip))
-    }
-
-    /// Connections accepted that are not sessions yet.
-    pub fn negotiating(&self) -> usize {
-        self.negotiating.load(Relaxed)
-    }
-
-    /// Takes a negotiation slot unless `max` are taken.
-    pub fn try_negotiating(self: &Arc<Self>, max: u32) -> Option<NegotiationPermit> {
-        let n = self.negotiating.fetch_add(1, Relaxed);
-        if n >= max as usize {
-            self.negotiating.fetch_sub(1, Relaxed);
-            return None;
-        }
-        Some(NegotiationPermit {
-            state: self.clone(),
-            client: None,
-        })
-    }
-
-    /// Counts a new connection of `ip`; false when it makes more than `per_second` (0 =
-    /// unlimited) in the last second. Refused attempts count too, so a client that keeps
-    /// flooding stays refused.
-    pub fn rate_ok(&self, ip: IpAddr, per_second: u32) -> bool {
-        if per_second == 0 {
-            return true;
-        }
-        let mut table = self.rates.lock().unwrap_or_else(|e| e.into_inner());
-        table.hit(ip, std::time::Instant::now()) <= per_second
-    }
-
-    /// Resolves when no connection is open.
-    pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.connections() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// A slot under `limits.maxConnections`, released on drop.
-#[derive(Debug)]
-pub struct ConnectionPermit(Arc<State>);
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        self.0.release_connection();
-    }
-}
-
-/// A slot under `limits.maxConnectionsPerClient`, released on drop.
-#[derive(Debug)]
-pub struct ClientPermit(Arc<State>, IpAddr);
-
-impl Drop for ClientPermit {
-    fn drop(&mut self) {
-        let mut map = self.0.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
-
-/// A connection being negotiated, counted under `limits.maxNegotiating` (and, once its client
-/// address is known, `limits.maxNegotiatingPerClient`) until it becomes a session or closes;
-/// released on drop.
-#[derive(Debug)]
-pub struct NegotiationPermit {
-    state: Arc<State>,
-    client: Option<IpAddr>,
-}
-
-impl NegotiationPermit {
-    /// Counts this connection against `ip`'s negotiating limit `max` (0 = unlimited).
-    fn claim_client(&mut self, ip: IpAddr, max: u32) -> Result<(), Rejection> {
-        if self.client.is_some() {
-            return Ok(());
-        }
-        let mut map = self
-            .state
-            .negotiating_per_client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if max != 0 && *n >= max {
-            if *n == 0 {
-                map.remove(&ip);
-            }
-            return Err(Rejection::NegotiatingPerClientLimit);
-        }
-        *n += 1;
-        self.client = Some(ip);
-        Ok(())
-    }
-}
-
-impl Drop for NegotiationPermit {
-    fn drop(&mut self) {
-        self.state.negotiating.fetch_sub(1, Relaxed);
-        if let Some(ip) = self.client {
-            let mut map = self
-                .state
-                .negotiating_per_client
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
-            }
-        }
-    }
-}
-
-/// New connections per client address over a sliding second (HAProxy's estimate: this
-/// second's count plus last second's, weighted by how much of it the window still covers).
-#[derive(Debug)]
-struct RateTable {
-    start: std::time::Instant,
-    /// Second (since `start`) of the latest purge of stale entries.
-    purged: u64,
-    entries: HashMap<IpAddr, RateEntry>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RateEntry {
-    second: u64,
-    current: u32,
-    previous: u32,
-}
-
-impl RateTable {
-    fn new() -> Self {
-        RateTable {
-            start: std::time::Instant::now(),
-            purged: 0,
-            entries: HashMap::new(),
-        }
-    }
-
-    /// Counts one connection of `ip` at `now`; returns the estimated rate including it.
-    fn hit(&mut self, ip: IpAddr, now: std::time::Instant) -> u32 {
-        let ms = now.saturating_duration_since(self.start).as_millis() as u64;
-        let second = ms / 1000;
-        if second > self.purged {
-            // Entries idle for two seconds estimate 0: drop them, so the table holds only the
-            // clients of the last two seconds.
-            self.entries.retain(|_, e| e.second + 1 >= second);
-            self.purged = second;
-        }
-        let e = self.entries.entry(ip).or_insert(RateEntry {
-            second,
-            current: 0,
-            previous: 0,
-        });
-        if e.second != second {
-            e.previous = if e.second + 1 == second { e.current } else { 0 };
-            e.current = 0;
-            e.second = second;
-        }
-        e.current = e.current.saturating_add(1);
-        // Rounded up: a client at its limit stays there rather than slipping one through.
-        let left = 1000 - ms % 1000;
-        e.current + (u64::from(e.previous) * left).div_ceil(1000) as u32
-    }
-}
-
-/// Admission of a client once its address is known: the allow-list, the new-connection rate,
-/// the negotiating limit and then the sessions limit of that address. Pure apart from the
-/// counts and permits it takes.
-pub fn admit(
-    state: &Arc<State>,
-    config: &Config,
-    client: IpAddr,
-    negotiating: &mut NegotiationPermit,
-) -> Result<ClientPermit, Rejection> {
-    if !allow::is_allowed(&config.allowed_cidrs, client) {
-        return Err(Rejection::Allowlist);
-    }
-    let client = allow::canonical(client);
-    if !state.rate_ok(client, config.connection_rate_per_client) {
-        return Err(Rejection::RateLimit);
-    }
-    negotiating.claim_client(client, config.max_negotiating_per_client)?;
-    state
-        .try_client(client, config.max_connections_per_client)
-        .ok_or(Rejection::PerClientLimit)
-}
-
-/// What every session task receives.
-#[derive(Clone, Debug)]
-pub struct Shared {
-    pub state: Arc<State>,
-    pub config: watch::Receiver<Arc<Config>>,
-    pub health: watch::Receiver<HealthView>,
-    /// The health checker, to report backends that refuse sessions (starts fast probing).
-    pub checker: Option<health::HealthHandle>,
-    /// Becomes `true` when the drain timeout ran out: close now.
-    pub kill: watch::Receiver<bool>,
-    /// TLS termination: the certificate in force and the engine negotiation.
-    pub tls: Arc<crate::tls::TlsRuntime>,
-}
 
 /// Serves client connections from `listener` and the admin endpoint on `admin` with the
 /// configurations published on `config` and the health views on `health`, until `shutdown`
@@ -338,7 +45,7 @@ pub async fn run(
     reload: ReloadStatus,
     shutdown: impl Future<Output = ()>,
 ) {
-    let tls = crate::tls::TlsRuntime::new_or_closed(&config.borrow());
+    let tls = TlsRuntime::new_or_closed(&config.borrow());
     run_with_tls(listener, admin, config, health, reload, tls, shutdown).await
 }
 
@@ -350,23 +57,24 @@ pub async fn run_with_tls(
     config: watch::Receiver<Arc<Config>>,
     health: impl Into<health::HealthSource>,
     reload: ReloadStatus,
-    tls: Arc<crate::tls::TlsRuntime>,
+    tls: Arc<TlsRuntime>,
     shutdown: impl Future<Output = ()>,
 ) {
     let health = health.into();
     let state = Arc::new(State::new(reload));
     let (kill_tx, kill) = watch::channel(false);
     let (admin_stop, admin_stopped) = watch::channel(false);
-    let tls_task = tls.spawn(config.clone(), crate::tls::CERT_POLL_INTERVAL);
+    let tls_task = tls.spawn(config.clone(), tls::CERT_POLL_INTERVAL);
     let shared = Shared {
         state: state.clone(),
+        sessions: Arc::default(),
         config,
         health: health.view,
         checker: health.checker,
         kill,
         tls,
     };
-    let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stopped));
+    let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), admin_stopped));
     let generations = tokio::spawn(count_generations(shared.config.clone(), state.clone()));
     let control = tokio::spawn(session::control_sessions(shared.clone()));
     let shards = match Shards::start(Shards::count()) {
@@ -380,7 +88,7 @@ pub async fn run_with_tls(
     accept_loop(&listener, &shared, shards.as_ref(), shutdown).await;
     drop(listener);
 
-    state.draining.store(true, Relaxed);
+    state.start_draining();
     let grace = shared.config.borrow().drain_timeout;
     info!(connections = state.connections(), grace = ?grace, "shutting down: no new connections, draining open sessions");
     if tokio::time::timeout(grace, state.wait_idle())
@@ -491,7 +199,7 @@ where
 async fn count_generations(mut config: watch::Receiver<Arc<Config>>, state: Arc<State>) {
     while config.changed().await.is_ok() {
         let c = config.borrow_and_update().clone();
-        let g = state.generation.fetch_add(1, Relaxed) + 1;
+        let g = state.next_generation();
         info!(
             generation = g,
             backends = c.backends.len(),
@@ -616,107 +324,41 @@ pub async fn standalone(
     path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let (text, origin) = match &path {
-        Some(p) => {
-            let text = reload::read_config(p).map_err(|source| Error::Config {
-                origin: p.display().to_string(),
-                source: crate::config::ConfigError::Read {
-                    path: p.display().to_string(),
-                    source,
-                },
-            })?;
-            (text, p.display().to_string())
-        }
-        None => (
-            reload::DEFAULT_CONFIG.to_string(),
-            "embedded default".to_string(),
-        ),
-    };
-    let config = reload::parse_standalone(&text).map_err(|source| Error::Config {
-        origin: origin.clone(),
-        source,
-    })?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "clients",
-            addr: config.listen,
-            source,
-        })?;
-    let admin = TcpListener::bind(config.admin)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "the admin endpoint",
-            addr: config.admin,
-            source,
-        })?;
-    info!(
-        config = %origin,
-        listen = %local(&listener),
-        admin = %local(&admin),
-        engine = config.engine.as_str(),
-        backends = config.backends.len(),
-        "portal listening"
-    );
-    // A portal that cannot load its certificate does not start.
-    crate::tls::TlsRuntime::check(&config)?;
-    let status = ReloadStatus::loaded(origin);
-    let (tx, rx) = watch::channel(Arc::new(config));
-    let health = health::spawn_checker(rx.clone(), Arc::new(health::StandaloneCredentials));
-    let watcher =
-        path.map(|p| tokio::spawn(reload::watch_file(p, text, tx.clone(), status.clone())));
-    run(listener, admin, rx, health, status, shutdown).await;
-    if let Some(w) = watcher {
-        w.abort();
-    }
-    drop(tx);
+    let portal = standalone::start(path).await?;
+    run(
+        portal.listener,
+        portal.admin,
+        portal.config,
+        portal.health,
+        portal.reload,
+        shutdown,
+    )
+    .await;
+    drop(portal.following);
     Ok(())
 }
 
-fn local(l: &TcpListener) -> String {
-    l.local_addr()
-        .map_or_else(|e| e.to_string(), |a: SocketAddr| a.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_table_estimates_a_sliding_second_and_forgets_idle_clients() {
-        let mut t = RateTable::new();
-        let at = |ms: u64| t.start + Duration::from_millis(ms);
-        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "::1".parse().unwrap());
-        let (t0, t1, t2, t3) = (at(100), at(900), at(1500), at(3200));
-        for i in 1..=10 {
-            assert_eq!(t.hit(a, t0), i);
-        }
-        assert_eq!(t.hit(b, t1), 1, "clients are counted apart");
-        // Half of the next second: last second's 10 weigh half.
-        assert_eq!(t.hit(a, t2), 1 + 5);
-        // Two seconds later the old counts are gone, and so is the idle entry of b.
-        assert_eq!(t.hit(a, t3), 1);
-        assert!(!t.entries.contains_key(&b));
-    }
-
-    #[test]
-    fn negotiation_permits_count_per_client_and_release_on_drop() {
-        let state = Arc::new(State::new(ReloadStatus::default()));
-        let ip: IpAddr = "127.0.0.9".parse().unwrap();
-        let mut first = state.try_negotiating(3).unwrap();
-        first.claim_client(ip, 1).unwrap();
-        let mut second = state.try_negotiating(3).unwrap();
-        assert_eq!(
-            second.claim_client(ip, 1),
-            Err(Rejection::NegotiatingPerClientLimit)
-        );
-        let third = state.try_negotiating(3).unwrap();
-        assert!(state.try_negotiating(3).is_none(), "the portal-wide limit");
-        assert_eq!(state.negotiating(), 3);
-        drop(first);
-        second.claim_client(ip, 1).unwrap();
-        drop((second, third));
-        assert_eq!(state.negotiating(), 0);
-        assert!(state.negotiating_per_client.lock().unwrap().is_empty());
-    }
+/// The portal in a cluster: configured by a ConfigMap, its certificate and probe credentials
+/// from Secrets, reporting its view on its Pod; serves until `shutdown` resolves.
+pub async fn cluster(
+    client: kube::Client,
+    options: cluster::Options,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let Some(portal) = cluster::start(client, options, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
+    run_with_tls(
+        portal.listener,
+        portal.admin,
+        portal.config,
+        portal.health,
+        portal.reload,
+        portal.tls,
+        shutdown,
+    )
+    .await;
+    drop(portal.following);
+    Ok(())
 }

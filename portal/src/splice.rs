@@ -14,6 +14,8 @@
 //! read. [`Tcp`] is the socket type the data plane reads from: a read shorter than the buffer
 //! means the kernel's receive queue is drained, so it waits for the next readiness event
 //! instead of issuing a read that would only return `EAGAIN`.
+//!
+//! May import: `metrics`.
 
 use std::{
     cell::RefCell,

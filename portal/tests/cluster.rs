@@ -307,7 +307,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         pod_name: Some(POD.into()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(portal::cluster::run(client, options, async {
+    let task = tokio::spawn(portal::server::cluster(client, options, async {
         let _ = stopped.await;
     }));
 

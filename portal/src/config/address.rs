@@ -1,4 +1,6 @@
 //! Backend addresses: `host:port`, with IPv6 literals in brackets.
+//!
+//! May import: nothing outside `config`.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 

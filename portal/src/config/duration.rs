@@ -1,4 +1,6 @@
 //! Human durations (`500ms`, `30s`, `1m`, `24h`, `1d`, `1h30m`) as a typed value.
+//!
+//! May import: nothing outside `config`.
 
 use std::{borrow::Cow, fmt, str::FromStr};
 

@@ -1,9 +1,12 @@
 //! Configuration: the shared `DatabasePortal` spec, its parsing from YAML with errors that name
 //! the field, and validation into [`Config`], the typed value the portal runs on.
+//!
+//! May import: nothing from the rest of the crate; every layer reads it.
 
 mod address;
 mod duration;
 mod spec;
+mod spec_tls;
 
 use std::{fmt, net::SocketAddr, path::Path};
 
@@ -12,6 +15,7 @@ use ipnet::IpNet;
 pub use address::{Address, AddressError};
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
 pub use spec::*;
+pub use spec_tls::*;
 
 /// A configuration that passed validation; every value is typed and every default resolved.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,3 +1,5 @@
+//! Unit tests of `config`: parsing, validation and the errors that name the field.
+
 use super::*;
 
 const MINIMAL: &str = r#"

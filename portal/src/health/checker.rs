@@ -1,6 +1,8 @@
 //! The checker: one probing task per backend, and one task that owns every node's rise/fall
 //! state, elects the leader, decides when to probe fast, and publishes a [`HealthView`] on
 //! every change.
+//!
+//! May import: `config` and the rest of `health`.
 
 use std::{
     sync::Arc,

@@ -1,6 +1,8 @@
 //! Credentials of the probes: where they come from is behind [`CredentialsSource`], so the
 //! standalone portal reads `healthCheck.credentials` and a portal in a cluster can serve
 //! `healthCheck.credentialsSecret` from its own Secret watch.
+//!
+//! May import: `config` and the rest of `health`.
 
 use crate::config::{Credentials, Health};
 

@@ -7,15 +7,19 @@
 //!   `watch::Receiver<HealthView>`; [`HealthHandle::report_connect_failure`] tells the checker
 //!   that a session could not reach a backend, which starts fast probing (cheap; call it on
 //!   every failed backend connect).
-//! - In `leader` routing, new sessions go to `view.leader` only; `None` (no leader, or a
-//!   `conflict`) means wait for the next view, up to `timeouts.connect`.
+//! - In `leader` routing, new sessions go to [`HealthView::usable_leader`] only; `None` (no
+//!   leader, or a `conflict`) means wait for the next view, up to `timeouts.connect`.
 //! - When `view.leader` changes away from a node, sessions to that node are to be cut when
 //!   `closeSessionsOnLeaderChange` is on ([`HealthView::leader_name`] compares by name, which
 //!   survives configuration changes that reorder the backends).
 //! - `view.stats` holds the counters for `/status` and `/metrics`.
+//!
+//! May import: `config`, `metrics`, `tls` (the backend connector the probes share with the
+//! data plane) and `wire`. Never `route`, `session`, `server` or `admin`.
 
 mod checker;
 pub mod credentials;
+mod metrics;
 pub mod probe;
 mod state;
 
@@ -23,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 pub use checker::{spawn_checker, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT};
 pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials};
+pub use metrics::HealthCollector;
 pub use probe::Probed;
 pub use state::{elect, Election, NodeState};
 
@@ -169,11 +174,23 @@ impl HealthView {
         self.backends.iter().find(|b| b.name == name)
     }
 
-    /// Name of the leader, if there is one.
-    pub fn leader_name(&self) -> Option<&str> {
+    /// The usable leader: the node the checker elected, unless several claim to lead
+    /// (`conflict`). The one place that decides it: routing, the cut of a demoted node's
+    /// sessions, `/status`, `/metrics` and the Pod's report all ask here.
+    pub fn usable_leader(&self) -> Option<&BackendHealth> {
         self.leader
+            .filter(|_| !self.conflict)
             .and_then(|i| self.backends.get(i))
-            .map(|b| b.name.as_str())
+    }
+
+    /// Whether the backend named `name` may take sessions: up, or not probed yet.
+    pub fn is_up(&self, name: &str) -> bool {
+        self.get(name).is_none_or(|b| b.up)
+    }
+
+    /// Name of the [usable leader](Self::usable_leader), if there is one.
+    pub fn leader_name(&self) -> Option<&str> {
+        self.usable_leader().map(|b| b.name.as_str())
     }
 }
 

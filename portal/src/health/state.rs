@@ -1,5 +1,7 @@
 //! The pure part of health checking: one node's rise/fall state machine and the election of
 //! the leader from the nodes' roles.
+//!
+//! May import: the rest of `health` only (pure).
 
 use super::{Caveat, Role};
 

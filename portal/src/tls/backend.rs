@@ -1,6 +1,8 @@
 //! TLS from the portal to the database nodes (`tls.backend`): a rustls client with the
 //! configured CA bundle or the system's roots, the configured server name or each node's host,
 //! and an explicit, test-only way to skip verification.
+//!
+//! May import: `config` and the rest of `tls`.
 
 use std::sync::Arc;
 

@@ -1,5 +1,7 @@
 //! Certificates: where the served pair comes from (files or PEM bytes), parsing it, checking
 //! that the key matches the certificate, and building the rustls `ServerConfig` around it.
+//!
+//! May import: `config` and the rest of `tls`.
 
 use std::{
     fmt,

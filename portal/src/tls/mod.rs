@@ -6,6 +6,9 @@
 //! [`Terminator::connect`] after the backend's TCP connection is open (MySQL's in-protocol
 //! upgrade, and TLS to the backend). Both are generic over the streams, so tests drive them
 //! with in-memory pipes and real clients alike.
+//!
+//! May import: `config`, `metrics`, `wire`. Never `health`, `session`, `server` or
+//! `admin`.
 
 pub(crate) mod backend;
 mod certs;

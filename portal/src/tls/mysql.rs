@@ -8,112 +8,42 @@
 //! the other shifts them by one (the SSLRequest is seq 1 on one side only), so until the server
 //! ends the connection phase (OK or ERR) packets are relayed one by one with the id adjusted;
 //! from the command phase on, every command restarts at 0 and bytes flow untouched.
+//!
+//! May import: `wire` (MySQL packets) and the rest of `tls`.
 
 use std::sync::Arc;
 
 use rustls::{pki_types::ServerName, ServerConfig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{read_err, BackendConnector, MaybeTls, Rewind, TlsError};
+pub use crate::wire::mysql::CLIENT_SSL;
+use crate::wire::mysql::{
+    self, caps_of, err_payload, set_caps, write_packet, Packet, PacketError, CLIENT_PROTOCOL_41,
+    ERR_SECURE_TRANSPORT_REQUIRED, SSL_REQUEST_LEN,
+};
 
-/// CLIENT_SSL in the capability flags.
-pub const CLIENT_SSL: u32 = 0x0000_0800;
-const CLIENT_PROTOCOL_41: u32 = 0x0000_0200;
-/// The length of an SSLRequest (HandshakeResponse41 up to the filler).
-const SSL_REQUEST_LEN: usize = 32;
 /// Connection-phase packets are small (greeting, credentials, connect attributes); anything
 /// much bigger is not a handshake.
 const MAX_HANDSHAKE_PACKET: usize = 64 * 1024;
 /// Rounds of the authentication exchange relayed before giving up.
 const MAX_AUTH_ROUNDS: usize = 16;
-/// ER_SECURE_TRANSPORT_REQUIRED.
-const ERR_SECURE_TRANSPORT_REQUIRED: u16 = 3159;
 
-/// One packet: its sequence id and payload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Packet {
-    pub seq: u8,
-    pub payload: Vec<u8>,
-}
-
-pub(crate) async fn read_packet<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    what: &str,
-) -> Result<Packet, TlsError> {
-    let mut header = [0u8; 4];
-    stream
-        .read_exact(&mut header)
+/// Reads one connection-phase packet; `what` names it in errors.
+async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S, what: &str) -> Result<Packet, TlsError> {
+    mysql::read_packet(stream, MAX_HANDSHAKE_PACKET)
         .await
-        .map_err(read_err(what))?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
-    if len > MAX_HANDSHAKE_PACKET {
-        return Err(TlsError::Malformed(format!(
-            "{what}: {len} bytes is too long for a handshake packet"
-        )));
-    }
-    let mut payload = vec![0u8; len];
-    stream
-        .read_exact(&mut payload)
-        .await
-        .map_err(read_err(what))?;
-    Ok(Packet {
-        seq: header[3],
-        payload,
-    })
-}
-
-pub(crate) async fn write_packet<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    seq: u8,
-    payload: &[u8],
-) -> Result<(), TlsError> {
-    let len = payload.len() as u32;
-    let mut out = Vec::with_capacity(payload.len() + 4);
-    out.extend_from_slice(&len.to_le_bytes()[..3]);
-    out.push(seq);
-    out.extend_from_slice(payload);
-    stream.write_all(&out).await?;
-    stream.flush().await?;
-    Ok(())
-}
-
-/// An ERR packet payload (with the SQL state marker of protocol 4.1).
-pub(crate) fn err_payload(code: u16, sqlstate: &str, message: &str) -> Vec<u8> {
-    let mut p = Vec::with_capacity(9 + message.len());
-    p.push(0xff);
-    p.extend_from_slice(&code.to_le_bytes());
-    p.push(b'#');
-    p.extend_from_slice(sqlstate.as_bytes());
-    p.extend_from_slice(message.as_bytes());
-    p
+        .map_err(|e| match e {
+            PacketError::Io(e) => read_err(what)(e),
+            PacketError::TooLong { len } => TlsError::Malformed(format!(
+                "{what}: {len} bytes is too long for a handshake packet"
+            )),
+        })
 }
 
 /// The offset of the lower capability flags in a HandshakeV10 payload.
 fn greeting_caps_offset(payload: &[u8]) -> Result<usize, TlsError> {
-    if payload.first() != Some(&10) {
-        return Err(TlsError::Backend(format!(
-            "greeting is not HandshakeV10 (first byte {:?})",
-            payload.first()
-        )));
-    }
-    let version_end = payload[1..]
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| TlsError::Backend("greeting: unterminated server version".into()))?;
-    // protocol, version + NUL, thread id (4), auth data part 1 (8), filler (1).
-    let offset = 1 + version_end + 1 + 4 + 8 + 1;
-    if payload.len() < offset + 2 {
-        return Err(TlsError::Backend("greeting: truncated".into()));
-    }
-    Ok(offset)
-}
-
-fn caps_of(response: &[u8]) -> u32 {
-    u32::from_le_bytes([response[0], response[1], response[2], response[3]])
-}
-
-fn set_caps(response: &mut [u8], caps: u32) {
-    response[..4].copy_from_slice(&caps.to_le_bytes());
+    mysql::greeting_caps_offset(payload).map_err(|e| TlsError::Backend(e.to_string()))
 }
 
 /// Negotiates a MySQL connection between `client` and `backend`, both fresh TCP connections.

@@ -20,18 +20,19 @@
 //! This runs once per connection, before the byte pump, and only for PostgreSQL with backend
 //! TLS. What it does not understand (a malformed or oversized message, another message first)
 //! it relays byte for byte, and the pump carries on with the rest.
+//!
+//! May import: `wire` (PostgreSQL framing) and the rest of `tls`.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{read_err, TlsError};
+use crate::wire::postgres::{
+    is_protocol_3, message_len, startup_header, AUTH_SASL, CANCEL_REQUEST, HEADER_LEN, MAX_STARTUP,
+};
 
 /// The most bytes read from the server before deciding; a first answer larger than this is
 /// relayed untouched. A real AuthenticationSASL message is under 50 bytes.
 pub(crate) const MAX_FIRST_ANSWER: usize = 8192;
-/// The server's cap on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
-const MAX_STARTUP: usize = 10_000;
-const CANCEL_REQUEST: u32 = 80_877_102;
-const AUTH_SASL: u32 = 10;
 /// How much of the client's SASLInitialResponse is read to see the mechanism it chose.
 const MAX_MECHANISM: usize = 64;
 const PLUS: &[u8] = b"-PLUS";
@@ -53,10 +54,10 @@ pub(crate) enum Step {
 pub(crate) fn inspect(buf: &[u8]) -> Step {
     let mut at = 0;
     loop {
-        let Some(head) = buf.get(at..at + 5) else {
+        let Some(head) = buf.get(at..at + HEADER_LEN) else {
             return Step::More;
         };
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let len = message_len(head) as usize;
         let end = at + 1 + len;
         if len < 4 || end > MAX_FIRST_ANSWER {
             return Step::Pass;
@@ -95,7 +96,7 @@ pub(crate) fn mechanisms(message: &[u8]) -> Option<Vec<&[u8]>> {
     if message.len() < 9 || message[0] != b'R' {
         return None;
     }
-    let len = u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
+    let len = message_len(message) as usize;
     if len + 1 != message.len() {
         return None;
     }
@@ -214,12 +215,11 @@ where
         .read_exact(&mut header)
         .await
         .map_err(read_err("PostgreSQL startup packet"))?;
-    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let code = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    let startup = code >> 16 == 3 && code != CANCEL_REQUEST && (8..=MAX_STARTUP).contains(&len);
+    let (len, code) = startup_header(&header);
+    let startup = is_protocol_3(code) && code != CANCEL_REQUEST && (8..=MAX_STARTUP).contains(&len);
     let mut message = header.to_vec();
     if startup {
-        message.resize(len, 0);
+        message.resize(len as usize, 0);
         client
             .read_exact(&mut message[8..])
             .await
@@ -251,7 +251,7 @@ where
         }
         filled += n;
         if filled == 5 && want == 5 {
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            let len = message_len(&buf) as usize;
             if buf[0] != b'p' || len < 4 {
                 break;
             }

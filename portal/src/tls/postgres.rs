@@ -2,6 +2,8 @@
 //! direct TLS (ALPN `postgresql`), GSSENCRequest answered with `N`, and a FATAL ErrorResponse
 //! to a plaintext startup when TLS is required. The same negotiation towards a backend is in
 //! [`ssl_request`].
+//!
+//! May import: `wire` (PostgreSQL framing) and the rest of `tls`.
 
 use std::sync::Arc;
 
@@ -9,17 +11,15 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{read_err, MaybeTls, Rewind, TlsError};
+pub use crate::wire::postgres::error_response;
+use crate::wire::postgres::{
+    is_protocol_3, startup_header, CANCEL_REQUEST, CANCEL_REQUEST_LEN, GSSENC_REQUEST, MAX_STARTUP,
+    REQUEST_LEN, TLS_HANDSHAKE,
+};
+pub(crate) use crate::wire::postgres::{ALPN, SSL_REQUEST};
 
-pub(crate) const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
-const CANCEL_REQUEST: u32 = 80_877_102;
-/// The first byte of a TLS handshake record: a PostgreSQL 17 client in direct TLS mode.
-const TLS_HANDSHAKE: u8 = 0x16;
-pub(crate) const ALPN: &[u8] = b"postgresql";
 /// A client may try GSSAPI, then TLS, then start up: three negotiation messages at most.
 const MAX_ROUNDS: usize = 3;
-/// The server's cap on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
-const MAX_STARTUP: u32 = 10_000;
 
 /// Negotiates with a PostgreSQL client. With `tls`, SSLRequest and direct TLS are served and
 /// a plaintext startup is refused with an ErrorResponse if `require_tls`; without it, TLS
@@ -60,10 +60,8 @@ where
             }
             return Ok(stream);
         }
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let code = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        match (len, code) {
-            (8, SSL_REQUEST) => match tls {
+        match startup_header(&header) {
+            (REQUEST_LEN, SSL_REQUEST) => match tls {
                 Some(config) => {
                     // Bytes the client sent behind the SSLRequest go into the TLS decoder, never
                     // into the session as if they had come over TLS (CVE-2021-23214).
@@ -73,12 +71,12 @@ where
                 }
                 None => stream.write_all(b"N").await?,
             },
-            (8, GSSENC_REQUEST) => stream.write_all(b"N").await?,
-            (16, CANCEL_REQUEST) => {
+            (REQUEST_LEN, GSSENC_REQUEST) => stream.write_all(b"N").await?,
+            (CANCEL_REQUEST_LEN, CANCEL_REQUEST) => {
                 stream.unread(&header);
                 return Ok(MaybeTls::Plain(stream));
             }
-            (len, version) if version >> 16 == 3 && (8..=MAX_STARTUP).contains(&len) => {
+            (len, version) if is_protocol_3(version) && (8..=MAX_STARTUP).contains(&len) => {
                 if require_tls {
                     let message = error_response(
                         "FATAL",
@@ -127,10 +125,9 @@ pub async fn ssl_request<S>(stream: &mut S) -> Result<(), TlsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut request = [0u8; 8];
-    request[..4].copy_from_slice(&8u32.to_be_bytes());
-    request[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
-    stream.write_all(&request).await?;
+    stream
+        .write_all(&crate::wire::postgres::ssl_request())
+        .await?;
     stream.flush().await?;
     let mut answer = [0u8; 1];
     stream
@@ -146,25 +143,4 @@ where
             "unexpected answer {other:#04x} to SSLRequest"
         ))),
     }
-}
-
-/// A PostgreSQL ErrorResponse message.
-pub fn error_response(severity: &str, sqlstate: &str, message: &str) -> Vec<u8> {
-    let mut body = Vec::with_capacity(32 + message.len());
-    for (field, value) in [
-        (b'S', severity),
-        (b'V', severity),
-        (b'C', sqlstate),
-        (b'M', message),
-    ] {
-        body.push(field);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(b'E');
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
 }

@@ -1,10 +1,11 @@
 //! TLS in a running portal: the certificate store and the current [`Terminator`], following
 //! configuration changes, polling the certificate files and re-reading them on SIGHUP, and
 //! reporting to `/status` and `/metrics`.
+//!
+//! May import: `config`, `metrics` and the rest of `tls`.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -318,42 +319,48 @@ impl TlsRuntime {
         v
     }
 
-    /// The TLS lines of `/metrics`.
-    pub fn render_metrics(&self, out: &mut String) {
-        let store = self.store();
-        if let Some(store) = store {
-            store.status().render_metrics(out, SystemTime::now());
-        }
-        let failures = self
-            .failures
+    /// Client TLS negotiations that failed, by reason.
+    fn failures(&self) -> BTreeMap<&'static str, u64> {
+        self.failures
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let _ = writeln!(
-            out,
-            "# HELP dbportal_tls_negotiation_failures_total Client TLS negotiations that failed, by reason.\n\
-             # TYPE dbportal_tls_negotiation_failures_total counter"
-        );
-        for reason in [
-            "handshake",
-            "handshake_timeout",
-            "tls_required",
-            "malformed",
-            "backend",
-            "io",
-        ] {
-            let _ = writeln!(
-                out,
-                "dbportal_tls_negotiation_failures_total{{reason=\"{reason}\"}} {}",
-                failures.get(reason).copied().unwrap_or(0)
-            );
+            .clone()
+    }
+}
+
+/// The TLS families: the served certificate (when there is one), failed negotiations, refused
+/// settings.
+impl prometheus_client::collector::Collector for TlsRuntime {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::{counters, flag, gauge};
+        if let Some(store) = self.store() {
+            store.status().encode_metrics(&mut e, SystemTime::now())?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP dbportal_tls_settings_refused Whether the latest TLS settings were refused (the previous ones stay in force).\n\
-             # TYPE dbportal_tls_settings_refused gauge\n\
-             dbportal_tls_settings_refused {}",
-            u8::from(self.lock().error.is_some())
-        );
+        let failures = self.failures();
+        counters(
+            &mut e,
+            "dbportal_tls_negotiation_failures",
+            "Client TLS negotiations that failed, by reason.",
+            [
+                "handshake",
+                "handshake_timeout",
+                "tls_required",
+                "malformed",
+                "backend",
+                "io",
+            ]
+            .map(|reason| {
+                (
+                    [("reason", reason)],
+                    failures.get(reason).copied().unwrap_or(0),
+                )
+            }),
+        )?;
+        gauge(
+            &mut e,
+            "dbportal_tls_settings_refused",
+            "Whether the latest TLS settings were refused (the previous ones stay in force).",
+            flag(self.lock().error.is_some()),
+        )
     }
 }

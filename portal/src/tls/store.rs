@@ -1,9 +1,10 @@
 //! The served certificate and its live rotation: a `watch` channel holds the current server
 //! config; a reload that fails leaves the old one serving and is reported (log, metric,
 //! `/status`).
+//!
+//! May import: `metrics` and the rest of `tls`.
 
 use std::{
-    fmt::Write as _,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -75,29 +76,41 @@ impl TlsStatus {
         })
     }
 
-    /// Prometheus text lines for the certificate and its reloads.
-    pub fn render_metrics(&self, out: &mut String, now: SystemTime) {
-        let expiry = self.not_after_unix as f64 - certs::unix_secs(now) as f64;
-        let _ = writeln!(
-            out,
-            "# HELP dbportal_tls_certificate_expiry_seconds Seconds until the served TLS certificate expires.\n\
-             # TYPE dbportal_tls_certificate_expiry_seconds gauge\n\
-             dbportal_tls_certificate_expiry_seconds {expiry}\n\
-             # HELP dbportal_tls_certificate_not_after_seconds Expiry of the served TLS certificate, unix time.\n\
-             # TYPE dbportal_tls_certificate_not_after_seconds gauge\n\
-             dbportal_tls_certificate_not_after_seconds {}\n\
-             # HELP dbportal_tls_reloads_total Certificate reloads by result.\n\
-             # TYPE dbportal_tls_reloads_total counter\n\
-             dbportal_tls_reloads_total{{result=\"ok\"}} {}\n\
-             dbportal_tls_reloads_total{{result=\"refused\"}} {}\n\
-             # HELP dbportal_tls_reload_refused Whether the latest certificate reload was refused (the previous certificate is still served).\n\
-             # TYPE dbportal_tls_reload_refused gauge\n\
-             dbportal_tls_reload_refused {}",
+    /// The certificate's families: its expiry and its reloads.
+    pub fn encode_metrics(
+        &self,
+        e: &mut prometheus_client::encoding::DescriptorEncoder,
+        now: SystemTime,
+    ) -> std::fmt::Result {
+        use crate::metrics::{counters, flag, gauge};
+        let expiry = self.not_after_unix as i64 - certs::unix_secs(now) as i64;
+        gauge(
+            e,
+            "dbportal_tls_certificate_expiry_seconds",
+            "Seconds until the served TLS certificate expires.",
+            expiry,
+        )?;
+        gauge(
+            e,
+            "dbportal_tls_certificate_not_after_seconds",
+            "Expiry of the served TLS certificate, unix time.",
             self.not_after_unix,
-            self.reloads_ok,
-            self.reloads_refused,
-            u8::from(self.last_refusal.is_some()),
-        );
+        )?;
+        counters(
+            e,
+            "dbportal_tls_reloads",
+            "Certificate reloads by result.",
+            [
+                ([("result", "ok")], self.reloads_ok),
+                ([("result", "refused")], self.reloads_refused),
+            ],
+        )?;
+        gauge(
+            e,
+            "dbportal_tls_reload_refused",
+            "Whether the latest certificate reload was refused (the previous certificate is still served).",
+            flag(self.last_refusal.is_some()),
+        )
     }
 }
 

@@ -1,5 +1,7 @@
 //! Streams after negotiation: plain or TLS, and a stream that first replays bytes the
 //! negotiation had to read (a PostgreSQL startup packet's header, a ClientHello's first bytes).
+//!
+//! May import: the rest of `tls` only.
 
 use std::{
     io,

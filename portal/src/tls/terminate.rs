@@ -1,4 +1,6 @@
 //! Engine-aware TLS termination for one connection, in two phases around the backend connect.
+//!
+//! May import: `config` and the rest of `tls`.
 
 use std::{sync::Arc, time::Duration};
 

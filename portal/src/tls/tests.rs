@@ -1,3 +1,5 @@
+//! Unit tests of `tls`: certificate loading and rotation, engine negotiation over loopback.
+
 use std::{sync::Arc, time::Duration};
 
 use rustls::{pki_types::ServerName, ClientConfig};
@@ -197,8 +199,7 @@ async fn rotation_swaps_good_pairs_and_refuses_broken_ones() {
     assert_eq!(store.poll(), Reload::Unchanged);
     assert_eq!(store.status().reloads_refused, 1);
 
-    let mut metrics = String::new();
-    status.render_metrics(&mut metrics, std::time::SystemTime::now());
+    let metrics = encoded(StatusMetrics(status.clone()));
     assert!(
         metrics.contains("dbportal_tls_reload_refused 1"),
         "{metrics}"
@@ -871,8 +872,7 @@ async fn runtime_follows_configuration_and_keeps_the_last_good_tls() {
         status["error"].as_str().unwrap().contains("missing.key"),
         "{status}"
     );
-    let mut metrics = String::new();
-    runtime.render_metrics(&mut metrics);
+    let metrics = encoded(runtime.clone());
     assert!(
         metrics.contains("dbportal_tls_settings_refused 1"),
         "{metrics}"
@@ -882,4 +882,23 @@ async fn runtime_follows_configuration_and_keeps_the_last_good_tls() {
     // plaintext.
     let closed = TlsRuntime::new_or_closed(&config(yaml(&missing, "1.2")));
     assert!(closed.terminator().is_none());
+}
+
+/// The OpenMetrics text of one collector.
+fn encoded(collector: impl prometheus_client::collector::Collector) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    out
+}
+
+/// A certificate store's status as a collector.
+#[derive(Debug)]
+struct StatusMetrics(super::store::TlsStatus);
+
+impl prometheus_client::collector::Collector for StatusMetrics {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        self.0.encode_metrics(&mut e, std::time::SystemTime::now())
+    }
 }

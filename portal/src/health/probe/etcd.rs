@@ -9,6 +9,8 @@
 //! Whether the member is etcd's own raft leader is reported beside the role
 //! ([`Probed::engine_leader`]); routing does not use it. An etcd whose gateway does not serve
 //! the status (disabled, or older than the `/v3` paths) is judged by `/health` alone.
+//!
+//! May import: `config` and the rest of `health`.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

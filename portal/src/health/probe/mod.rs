@@ -1,5 +1,7 @@
 //! The engine probes: one connection to one backend, bounded by `timeouts.check` (connect and
 //! exchange), answering healthy with a role, or why not.
+//!
+//! May import: `config`, `wire` and the rest of `health`.
 
 mod etcd;
 mod mysql;
@@ -233,21 +235,4 @@ async fn connect_maybe_tls(
     }
 }
 
-/// Printable excerpt of bytes from a backend, for error messages.
-pub(crate) fn excerpt(bytes: &[u8]) -> String {
-    const MAX: usize = 80;
-    let mut out = String::new();
-    for &b in bytes.iter().take(MAX) {
-        match b {
-            b'\r' => out.push_str("\\r"),
-            b'\n' => out.push_str("\\n"),
-            b'\\' => out.push_str("\\\\"),
-            0x20..=0x7e => out.push(b as char),
-            _ => out.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    if bytes.len() > MAX {
-        out.push('…');
-    }
-    out
-}
+pub(crate) use crate::wire::excerpt;

@@ -1,5 +1,7 @@
 //! The MySQL / MariaDB probe: a login and the `read_only` variables; a node with `read_only`
 //! and `super_read_only` (MySQL only; MariaDB has no such variable) off is the leader.
+//!
+//! May import: `config` and the rest of `health`.
 
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! The PostgreSQL probe: a real login (SCRAM-SHA-256, md5 or trust, with or without TLS) and
 //! `SELECT pg_is_in_recovery()`; a node out of recovery is the leader.
+//!
+//! May import: `config` and the rest of `health`.
 
 use tokio::net::TcpStream;
 use tokio_postgres::{config::SslMode, NoTls, SimpleQueryMessage};

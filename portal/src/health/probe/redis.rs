@@ -3,23 +3,24 @@
 //! A hand-written RESP exchange: the probe needs four commands and the replies' first words,
 //! which a full client crate (connection managers, pools, a wide type system) would not make
 //! clearer, only heavier.
+//!
+//! May import: `wire` (RESP) and the rest of `health`.
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 
-use super::{excerpt, Io, ProbeError, Probed};
-use crate::health::{Caveat, ProbeCredentials, Role};
+use super::{Io, ProbeError, Probed};
+use crate::{
+    health::{Caveat, ProbeCredentials, Role},
+    wire::resp::{encode, read_reply, Reply, RespError},
+};
 
-/// Longest reply the probe reads (INFO replication with many replicas stays far below).
-const MAX_REPLY: usize = 1 << 20;
-
-/// A RESP reply, as far as the probe cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Reply {
-    Simple(String),
-    Error(String),
-    Integer(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Reply>>),
+impl From<RespError> for ProbeError {
+    fn from(e: RespError) -> Self {
+        match e {
+            RespError::Io(e) => ProbeError::Io(e),
+            RespError::Protocol(m) => ProbeError::Protocol(m),
+        }
+    }
 }
 
 pub(crate) async fn probe(
@@ -149,130 +150,9 @@ fn unexpected(command: &str, reply: &Reply) -> ProbeError {
     ProbeError::Protocol(format!("{command} answered {reply:?}"))
 }
 
-/// Appends a command as a RESP array of bulk strings.
-pub(crate) fn encode(out: &mut Vec<u8>, args: &[&str]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Reads one reply (nested arrays included, bounded in size).
-pub(crate) async fn read_reply<R: tokio::io::AsyncBufRead + Unpin + Send>(
-    reader: &mut R,
-) -> Result<Reply, ProbeError> {
-    let mut budget = MAX_REPLY;
-    read_value(reader, &mut budget, 0).await
-}
-
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin + Send>(
-    reader: &mut R,
-    budget: &mut usize,
-) -> Result<Vec<u8>, ProbeError> {
-    let mut line = Vec::new();
-    let n = (&mut *reader)
-        .take(*budget as u64)
-        .read_until(b'\n', &mut line)
-        .await?;
-    if n == 0 {
-        return Err(ProbeError::Protocol(
-            "the server closed the connection".into(),
-        ));
-    }
-    *budget = budget.saturating_sub(n);
-    if !line.ends_with(b"\r\n") {
-        return Err(ProbeError::Protocol(format!(
-            "not a RESP reply: {}",
-            excerpt(&line)
-        )));
-    }
-    line.truncate(line.len() - 2);
-    Ok(line)
-}
-
-fn read_value<'a, R: tokio::io::AsyncBufRead + Unpin + Send + 'a>(
-    reader: &'a mut R,
-    budget: &'a mut usize,
-    depth: usize,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, ProbeError>> + Send + 'a>> {
-    Box::pin(async move {
-        if depth > 8 {
-            return Err(ProbeError::Protocol("reply nested too deeply".into()));
-        }
-        let line = read_line(reader, budget).await?;
-        let (kind, rest) = line
-            .split_first()
-            .ok_or_else(|| ProbeError::Protocol("empty reply line".into()))?;
-        let text = String::from_utf8_lossy(rest).into_owned();
-        let number = || {
-            text.parse::<i64>()
-                .map_err(|_| ProbeError::Protocol(format!("bad length in {}", excerpt(&line))))
-        };
-        match kind {
-            b'+' => Ok(Reply::Simple(text.clone())),
-            b'-' => Ok(Reply::Error(text.clone())),
-            b':' => Ok(Reply::Integer(number()?)),
-            b'$' => {
-                let len = number()?;
-                if len < 0 {
-                    return Ok(Reply::Bulk(None));
-                }
-                let len = len as usize;
-                if len + 2 > *budget {
-                    return Err(ProbeError::Protocol("reply too large".into()));
-                }
-                let mut data = vec![0; len + 2];
-                reader.read_exact(&mut data).await?;
-                *budget -= len + 2;
-                data.truncate(len);
-                Ok(Reply::Bulk(Some(data)))
-            }
-            b'*' => {
-                let len = number()?;
-                if len < 0 {
-                    return Ok(Reply::Array(None));
-                }
-                let mut items = Vec::new();
-                for _ in 0..len {
-                    items.push(read_value(reader, budget, depth + 1).await?);
-                }
-                Ok(Reply::Array(Some(items)))
-            }
-            _ => Err(ProbeError::Protocol(format!(
-                "not a RESP reply: {}",
-                excerpt(&line)
-            ))),
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn parse(bytes: &[u8]) -> Result<Reply, ProbeError> {
-        let mut reader = BufReader::new(bytes);
-        read_reply(&mut reader).await
-    }
-
-    #[tokio::test]
-    async fn parses_replies() {
-        assert_eq!(parse(b"+PONG\r\n").await, Ok(Reply::Simple("PONG".into())));
-        assert_eq!(
-            parse(b"*3\r\n$6\r\nmaster\r\n:10\r\n*0\r\n").await,
-            Ok(Reply::Array(Some(vec![
-                Reply::Bulk(Some(b"master".to_vec())),
-                Reply::Integer(10),
-                Reply::Array(Some(vec![])),
-            ])))
-        );
-        assert_eq!(parse(b"$-1\r\n").await, Ok(Reply::Bulk(None)));
-        assert!(parse(b"HTTP/1.1 400\r\n").await.is_err());
-        assert!(parse(b"$5\r\nab").await.is_err());
-        assert!(parse(b"").await.is_err());
-    }
 
     #[test]
     fn roles() {

@@ -1,6 +1,8 @@
 //! Custom send/expect probes (`healthCheck.steps`, any engine) in the manner of HAProxy's
 //! `tcp-check`: each step sends its bytes, then waits until what arrived since the previous
 //! match contains its `expect`, all before the probe's deadline.
+//!
+//! May import: `config` and the rest of `health`.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

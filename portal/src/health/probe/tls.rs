@@ -1,5 +1,7 @@
 //! TLS from the probes to the backends (`tls.backend`): rustls with the configured CA bundle or
 //! the system's roots, and an adapter so tokio-postgres can use it.
+//!
+//! May import: `config`, `tls` (its backend connector) and the rest of `health`.
 
 use std::{
     future::Future,

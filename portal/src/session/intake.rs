@@ -1,0 +1,174 @@
+//! Intake: a new connection from accept to an open session — the PROXY header, admission of
+//! the client address, and the TLS / engine negotiation hook — then hands it to
+//! [`proxy`](super::proxy).
+//!
+//! May import: `admission`, `allow`, `config`, `metrics`, `proxy_protocol`, `splice`, `tls`
+//! and the session's own modules.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpStream, time::timeout};
+use tracing::{debug, warn};
+
+use super::{forward::proxy, Peer, Shared};
+use crate::{
+    admission::{admit, ClientPermit, ConnectionPermit, NegotiationPermit},
+    config::Config,
+    metrics::Rejection,
+    proxy_protocol::{self, Header},
+    splice::Tcp,
+    tls::{Pending, Untouched},
+};
+
+/// A connection already admitted by the accept loop.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let local = if config.proxy_protocol.send {
+        stream.local_addr().ok()
+    } else {
+        None
+    };
+    let peer = Peer {
+        client: peer,
+        local,
+    };
+    negotiate(
+        stream,
+        peer,
+        Vec::new(),
+        permits,
+        negotiating,
+        config,
+        shared,
+    )
+    .await
+}
+
+/// A connection whose client address comes from a PROXY header: read it (bounded), then
+/// admit.
+pub async fn serve_proxied(
+    mut stream: TcpStream,
+    tcp_peer: SocketAddr,
+    permit: ConnectionPermit,
+    mut negotiating: NegotiationPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let state = &shared.state;
+    let deadline = config.timeouts.handshake.min(config.timeouts.client);
+    let read = Box::pin(timeout(deadline, proxy_protocol::read_header(&mut stream))).await;
+    let (header, early) = match read {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            state.metrics.reject(Rejection::ProxyHeader);
+            debug!(error = %e, "closed: no valid PROXY header");
+            return;
+        }
+        Err(_) => {
+            state.metrics.reject(Rejection::ProxyHeader);
+            debug!("closed: no PROXY header within {deadline:?}");
+            return;
+        }
+    };
+    let peer = match header {
+        Header::Proxy {
+            source,
+            destination,
+        } => Peer {
+            client: source,
+            local: Some(destination),
+        },
+        Header::Local => Peer {
+            client: tcp_peer,
+            local: stream.local_addr().ok(),
+        },
+    };
+    tracing::Span::current().record("client", tracing::field::display(peer.client));
+    let client = match admit(state, &config, peer.client.ip(), &mut negotiating) {
+        Ok(c) => c,
+        Err(why) => {
+            state.metrics.reject(why);
+            debug!(
+                reason = why.as_str(),
+                "closed before any backend connection"
+            );
+            return;
+        }
+    };
+    negotiate(
+        stream,
+        peer,
+        early,
+        (permit, client),
+        negotiating,
+        config,
+        shared,
+    )
+    .await
+}
+
+/// The hook where TLS termination and engine-specific negotiation (PostgreSQL SSLRequest,
+/// MySQL) turn the TCP stream into the client stream; `proxy` takes any
+/// `AsyncRead + AsyncWrite`.
+async fn negotiate(
+    stream: TcpStream,
+    peer: Peer,
+    early: Vec<u8>,
+    permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let Some(terminator) = shared.tls.terminator() else {
+        // TLS is required but no certificate could be loaded: failing closed beats serving
+        // plaintext.
+        shared.state.metrics.reject(Rejection::Handshake);
+        warn!("closed: tls.mode is terminate but no certificate is available");
+        return;
+    };
+    if terminator.is_transparent() {
+        // Each phase is boxed: an async fn's future is as large as its largest state, and a
+        // plaintext session must not carry the room of a TLS handshake while it idles.
+        return Box::pin(proxy(
+            Untouched(Tcp::new(stream)),
+            peer,
+            early,
+            permits,
+            negotiating,
+            config,
+            shared,
+        ))
+        .await;
+    }
+    // Phase one (TLS handshake, PostgreSQL negotiation) before any backend is used; MySQL's
+    // in-protocol upgrade waits for the backend's greeting in `proxy`.
+    match Box::pin(terminator.accept_with(Tcp::new(stream), early)).await {
+        Ok(accepted) => {
+            let pending = Pending {
+                terminator,
+                accepted,
+            };
+            Box::pin(proxy(
+                pending,
+                peer,
+                Vec::new(),
+                permits,
+                negotiating,
+                config,
+                shared,
+            ))
+            .await
+        }
+        Err(e) => {
+            shared.state.metrics.reject(Rejection::Handshake);
+            shared.tls.record_failure(&e);
+            debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The registry of open sessions: each holds a slot and a [`Close`] handle; one task
+//! ([`control_sessions`]) re-checks them all on a configuration or health change, or the drain
+//! timeout, and closes those no longer admitted ([`keep_session`], a pure decision).
+//!
+//! May import: `allow`, `config`, `health`, `metrics`, `route` and the session's [`Shared`].
+
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Waker},
+};
+
+use tracing::debug;
+
+use super::Shared;
+use crate::{allow, config::Config, health::HealthView, metrics::CloseReason};
+
+/// Whether an open session may go on under a new configuration or health view.
+pub fn keep_session(
+    config: &Config,
+    health: &HealthView,
+    client: IpAddr,
+    backend: &str,
+) -> Result<(), CloseReason> {
+    if !allow::is_allowed(&config.allowed_cidrs, client) {
+        return Err(CloseReason::Policy);
+    }
+    if !backend_keeps_sessions(config, health, backend) {
+        return Err(CloseReason::Backend);
+    }
+    Ok(())
+}
+
+/// Whether sessions open on `backend` stay open. Backends marked down, or removed from the
+/// configuration, keep their open sessions (they fail on their own if the node is gone). In
+/// `leader` routing with `closeSessionsOnLeaderChange`, a node that is no longer the leader
+/// (demoted, or one of several claiming to lead) loses its sessions at once, so no client
+/// keeps writing to it.
+pub fn backend_keeps_sessions(config: &Config, health: &HealthView, backend: &str) -> bool {
+    if config.routing != crate::config::RoutingMode::Leader
+        || !config.close_sessions_on_leader_change
+    {
+        return true;
+    }
+    health.leader_name() == Some(backend)
+}
+
+/// The open sessions, for the checks a configuration or health change makes on each of them.
+/// One task ([`control_sessions`]) evaluates them all on each change; a session holds only its
+/// slot and a small [`Close`] handle, not watch subscriptions of its own.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    client: IpAddr,
+    backend: String,
+    close: Arc<Close>,
+}
+
+/// How the control side tells one session to close, and why.
+#[derive(Debug, Default)]
+pub struct Close {
+    closing: AtomicBool,
+    state: Mutex<CloseState>,
+}
+
+#[derive(Debug, Default)]
+struct CloseState {
+    reason: Option<CloseReason>,
+    waker: Option<Waker>,
+}
+
+impl Close {
+    /// Asks the session to close with `reason` (the first reason given wins).
+    pub fn close(&self, reason: CloseReason) {
+        let waker = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.reason.get_or_insert(reason);
+            self.closing.store(true, Ordering::Release);
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The reason to close, if asked; otherwise registers `cx`'s waker when `register` is set.
+    fn poll_reason(&self, cx: &Context<'_>, register: bool) -> Option<CloseReason> {
+        if register {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.reason.is_none() {
+                st.waker = Some(cx.waker().clone());
+            }
+        }
+        if !self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).reason
+    }
+}
+
+impl Sessions {
+    /// Registers an open session, unless the configuration, health view or shutdown in force
+    /// already means it must close (then the reason).
+    pub fn register(
+        self: &Arc<Self>,
+        shared: &Shared,
+        client: IpAddr,
+        backend: String,
+    ) -> Result<Registration, CloseReason> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: a change published before this point is seen here, one
+        // published after it is applied by `control_sessions` to this entry.
+        if *shared.kill.borrow() {
+            return Err(CloseReason::Shutdown);
+        }
+        keep_session(
+            &shared.config.borrow(),
+            &shared.health.borrow(),
+            client,
+            &backend,
+        )?;
+        let close = Arc::new(Close::default());
+        let entry = Some(Entry {
+            client,
+            backend,
+            close: close.clone(),
+        });
+        let key = match slots.free.pop() {
+            Some(k) => {
+                slots.entries[k] = entry;
+                k
+            }
+            None => {
+                slots.entries.push(entry);
+                slots.entries.len() - 1
+            }
+        };
+        Ok(Registration {
+            sessions: self.clone(),
+            key,
+            close,
+        })
+    }
+
+    /// Open sessions registered.
+    pub fn len(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entries.len() - slots.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes the sessions `decide` gives a reason for.
+    fn close_where(&self, mut decide: impl FnMut(IpAddr, &str) -> Option<CloseReason>) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for e in slots.entries.iter().flatten() {
+            if let Some(why) = decide(e.client, &e.backend) {
+                e.close.close(why);
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// An open session's slot in [`Sessions`], freed on drop.
+#[derive(Debug)]
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    key: usize,
+    close: Arc<Close>,
+}
+
+impl Registration {
+    /// The reason to close, if asked; see [`Close`].
+    pub(super) fn poll_reason(&self, cx: &Context<'_>, register: bool) -> Option<CloseReason> {
+        self.close.poll_reason(cx, register)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut slots = self
+            .sessions
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slots.entries[self.key] = None;
+        if slots.entries.len() == slots.free.len() + 1 {
+            // The last open session: give the slots back.
+            slots.entries = Vec::new();
+            slots.free = Vec::new();
+        } else {
+            slots.free.push(self.key);
+        }
+    }
+}
+
+/// Applies configuration and health changes, and the drain timeout, to every open session:
+/// one task for all of them. Runs until the channels close.
+pub async fn control_sessions(mut shared: Shared) {
+    let sessions = shared.sessions.clone();
+    let (mut config_open, mut health_open, mut kill_open) = (true, true, true);
+    shared.config.borrow_and_update();
+    shared.health.borrow_and_update();
+    shared.kill.borrow_and_update();
+    loop {
+        tokio::select! {
+            r = shared.config.changed(), if config_open => {
+                if r.is_err() { config_open = false; continue; }
+            }
+            r = shared.health.changed(), if health_open => {
+                if r.is_err() { health_open = false; continue; }
+            }
+            r = shared.kill.changed(), if kill_open => {
+                if r.is_err() { kill_open = false; continue; }
+            }
+            else => return,
+        }
+        if *shared.kill.borrow_and_update() {
+            sessions.close_where(|_, _| Some(CloseReason::Shutdown));
+            continue;
+        }
+        let config = shared.config.borrow_and_update().clone();
+        let health = shared.health.borrow_and_update().clone();
+        let closed = sessions
+            .close_where(|client, backend| keep_session(&config, &health, client, backend).err());
+        if closed > 0 {
+            debug!(
+                closed,
+                "sessions closed by a configuration or health change"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{task::Poll, time::Duration};
+
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::session::testing::{shared, Drivers};
+
+    #[test]
+    fn keep_session_follows_the_allow_list() {
+        let yaml = "engine: redis\nrouting: {mode: first}\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\nallowedCIDRs: [127.0.0.2/32]\n";
+        let c = crate::config::parse_yaml(yaml).unwrap().validate().unwrap();
+        let h = HealthView::default();
+        assert_eq!(
+            keep_session(&c, &h, "127.0.0.2".parse().unwrap(), "a"),
+            Ok(())
+        );
+        assert_eq!(
+            keep_session(&c, &h, "127.0.0.3".parse().unwrap(), "a"),
+            Err(CloseReason::Policy)
+        );
+        assert_eq!(
+            keep_session(&c, &h, "::ffff:127.0.0.2".parse().unwrap(), "a"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn sessions_of_a_node_that_stops_leading_are_cut() {
+        let yaml = |close: bool| {
+            format!("engine: redis\ntls: {{mode: disabled}}\nrouting: {{closeSessionsOnLeaderChange: {close}}}\nbackends: [{{name: a, address: \"127.0.0.1:1\"}}, {{name: b, address: \"127.0.0.1:2\"}}]\n")
+        };
+        let c = crate::config::parse_yaml(&yaml(true))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let mut h = HealthView::assume_up(["a", "b"]);
+        h.leader = Some(0);
+        assert!(backend_keeps_sessions(&c, &h, "a"));
+        assert!(!backend_keeps_sessions(&c, &h, "b"));
+        h.conflict = true;
+        h.leader = None;
+        assert!(!backend_keeps_sessions(&c, &h, "a"), "a conflict cuts too");
+        let keep = crate::config::parse_yaml(&yaml(false))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(backend_keeps_sessions(&keep, &h, "a"));
+    }
+
+    #[tokio::test]
+    async fn a_change_closes_the_sessions_it_excludes_and_only_those() {
+        let yaml = |cidrs: &str| {
+            format!("engine: tcp\nport: 1\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"127.0.0.1:1\"}}]\nallowedCIDRs: [{cidrs}]\n")
+        };
+        let config = |cidrs: &str| {
+            Arc::new(
+                crate::config::parse_yaml(&yaml(cidrs))
+                    .unwrap()
+                    .validate()
+                    .unwrap(),
+            )
+        };
+        let (
+            shared,
+            Drivers {
+                config_tx,
+                kill_tx,
+                _health_tx: _health,
+            },
+        ) = shared(config("127.0.0.0/8"));
+        let sessions = shared.sessions.clone();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let kept = sessions
+            .register(&shared, ip("127.0.0.2"), "a".into())
+            .unwrap();
+        let cut = sessions
+            .register(&shared, ip("127.0.0.3"), "a".into())
+            .unwrap();
+        let gone = sessions
+            .register(&shared, ip("127.0.0.4"), "a".into())
+            .unwrap();
+        drop(gone);
+        assert_eq!(sessions.len(), 2);
+        let control = tokio::spawn(control_sessions(shared.clone()));
+        // A waiting session is woken with the reason.
+        let waiting = {
+            let close = cut.close.clone();
+            tokio::spawn(async move {
+                let mut first = true;
+                std::future::poll_fn(|cx| {
+                    let register = std::mem::take(&mut first);
+                    match close.poll_reason(cx, register) {
+                        Some(why) => Poll::Ready(why),
+                        None => Poll::Pending,
+                    }
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        config_tx.send(config("127.0.0.2/32")).unwrap();
+        let why = timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(why, CloseReason::Policy);
+        let noop = Waker::noop();
+        let cx = Context::from_waker(noop);
+        assert_eq!(kept.close.poll_reason(&cx, false), None);
+        // Registering under a configuration that excludes the client fails at once.
+        assert_eq!(
+            sessions
+                .register(&shared, ip("127.0.0.5"), "a".into())
+                .unwrap_err(),
+            CloseReason::Policy
+        );
+        // The slot of a closed session is reused.
+        drop(cut);
+        let again = sessions
+            .register(&shared, ip("127.0.0.2"), "a".into())
+            .unwrap();
+        assert_eq!(sessions.len(), 2);
+        // The drain timeout closes every session.
+        kill_tx.send(true).unwrap();
+        for close in [&kept.close, &again.close] {
+            let close = close.clone();
+            let why = timeout(
+                Duration::from_secs(10),
+                std::future::poll_fn(move |cx| match close.poll_reason(cx, true) {
+                    Some(why) => Poll::Ready(why),
+                    None => Poll::Pending,
+                }),
+            )
+            .await
+            .unwrap();
+            assert_eq!(why, CloseReason::Shutdown);
+        }
+        drop((kept, again));
+        assert!(sessions.is_empty());
+        control.abort();
+    }
+}
