@@ -17,15 +17,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::{debug, info};
 
-use crate::build::{Children, MANAGER};
+use crate::build::Children;
 use crate::certificate::Certificate;
-use crate::error::api_code;
+use crate::error::{api_code, Error, Result};
 use crate::metrics::Metrics;
+use crate::names::MANAGER;
 use crate::self_signed;
-use crate::track::{
-    self, fields_of, hash_of, verdict, ChildKey, Kind, Recheck, Record, Stores, Verdict,
-};
-use crate::{Error, Result};
+use crate::track::{fields_of, hash_of, verdict, ChildKey, Kind, Ledger, Recheck, Record, Verdict};
+use crate::watches::Stores;
 
 /// Which optional APIs the server serves, found once at start.
 #[derive(Clone, Debug, Default)]
@@ -102,7 +101,7 @@ fn params() -> PatchParams {
 #[derive(Clone, Copy)]
 pub struct Known<'a> {
     pub stores: &'a Stores,
-    pub applied: &'a track::Applied,
+    pub ledger: &'a Ledger,
     pub metrics: &'a Metrics,
     /// When to look again at children left to a lagging watch.
     pub recheck: &'a Recheck,
@@ -113,7 +112,7 @@ impl Known<'_> {
     /// what the last apply of this same object returned.
     fn needs_apply<T: Serialize>(&self, key: &ChildKey, object: &T) -> Option<u64> {
         let hash = hash_of(object);
-        let last = self.applied.get(key);
+        let last = self.ledger.get(key);
         let observed = self.stores.resource_version(key);
         let verdict = verdict(last.as_ref(), hash, observed.as_deref(), Instant::now());
         if let Verdict::Lagging(after) = verdict {
@@ -129,7 +128,7 @@ impl Known<'_> {
         let seen = returned.resource_version.is_some()
             && self.stores.resource_version(&key) == returned.resource_version;
         match returned.resource_version.clone() {
-            Some(resource_version) => self.applied.record(
+            Some(resource_version) => self.ledger.record(
                 key,
                 Record {
                     hash,
@@ -139,7 +138,7 @@ impl Known<'_> {
                     fields: fields_of(returned),
                 },
             ),
-            None => self.applied.forget(&key),
+            None => self.ledger.forget(&key),
         }
     }
 }
@@ -200,13 +199,13 @@ where
         return Ok((*watched).clone());
     }
     let key = ChildKey::new(kind, namespace, &object.name_any());
-    if known.applied.lagging(&key) {
+    if known.ledger.lagging(&key) {
         // Created moments ago and not delivered by the watch yet: the desired object, without
         // status, stands in for it.
         return Ok(object.clone());
     }
     // Gone from the store since the check: apply it again.
-    known.applied.forget(&key);
+    known.ledger.forget(&key);
     ssa(client, known, kind, namespace, object)
         .await?
         .ok_or(Error::MissingObjectKey("metadata.resourceVersion"))
@@ -365,14 +364,12 @@ async fn remove_orphan_services(
             source,
         })?;
         known
-            .applied
+            .ledger
             .forget(&ChildKey::new(Kind::Service, ns, &name));
     }
     Ok(())
 }
 
-/// A Certificate left from when TLS used cert-manager (found in the watched Certificates;
-/// none while cert-manager is not installed).
 /// Removes the NetworkPolicy of this owner (the operator runs with `--network-policy=false`
 /// now, after making one).
 async fn remove_orphan_network_policies(
@@ -397,12 +394,14 @@ async fn remove_orphan_network_policies(
             source,
         })?;
         known
-            .applied
+            .ledger
             .forget(&ChildKey::new(Kind::NetworkPolicy, ns, &name));
     }
     Ok(())
 }
 
+/// A Certificate left from when TLS used cert-manager (found in the watched Certificates;
+/// none while cert-manager is not installed).
 async fn remove_orphan_certificates(
     client: &Client,
     known: Known<'_>,
@@ -425,7 +424,7 @@ async fn remove_orphan_certificates(
             source,
         })?;
         known
-            .applied
+            .ledger
             .forget(&ChildKey::new(Kind::Certificate, ns, &name));
     }
     Ok(())

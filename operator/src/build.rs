@@ -23,15 +23,14 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
-use portal::config::{DatabasePortalSpec, IssuerKind, LogFormat, TlsMode};
+use portal::config::{DatabasePortal, DatabasePortalSpec, IssuerKind, LogFormat, TlsMode};
 
 use crate::certificate::{Certificate, CertificateIssuerRef, CertificateSpec, SecretTemplate};
+use crate::error::{Error, Result};
+use crate::names::{self, labels, selector_labels, MANAGER, NAME_LABEL};
 use crate::self_signed::SelfSigned;
 use crate::validate::Validated;
-use crate::{DatabasePortal, Error, Result};
 
-/// Field manager of every server-side apply the operator makes.
-pub const MANAGER: &str = "dbportal-operator";
 /// ConfigMap key holding the portal configuration.
 pub const CONFIG_KEY: &str = "portal.yaml";
 /// Port of the portal's HTTP admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`).
@@ -72,62 +71,9 @@ impl Default for Settings {
             portal_log_level: None,
             portal_log_format: None,
             network_policy: true,
-            admin_allowed_from: [(
-                "app.kubernetes.io/name".to_string(),
-                "prometheus".to_string(),
-            )]
-            .into(),
+            admin_allowed_from: [(NAME_LABEL.to_string(), "prometheus".to_string())].into(),
         }
     }
-}
-
-/// Names of the children of DatabasePortal `name`.
-pub mod names {
-    /// ConfigMap, StatefulSet, Service for all portals, ServiceAccount, Role, RoleBinding,
-    /// Certificate and PodDisruptionBudget.
-    pub fn portal(name: &str) -> String {
-        format!("{name}-portal")
-    }
-    /// Pod `i` and its own Service.
-    pub fn portal_pod(name: &str, i: i32) -> String {
-        format!("{name}-portal-{i}")
-    }
-    /// The Secret cert-manager, or the operator's own CA, writes.
-    pub fn tls_secret(name: &str) -> String {
-        format!("{name}-portal-tls")
-    }
-    /// The operator's own CA for the DatabasePortal, when it names no certificate source.
-    pub fn ca_secret(name: &str) -> String {
-        format!("{name}-portal-ca")
-    }
-}
-
-/// The four labels every child carries.
-pub fn labels(instance: &str) -> BTreeMap<String, String> {
-    let mut labels = selector_labels(instance);
-    labels.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
-    labels
-}
-
-/// The labels that select one DatabasePortal's portal pods.
-pub fn selector_labels(instance: &str) -> BTreeMap<String, String> {
-    [
-        ("app.kubernetes.io/name", "dbportal"),
-        ("app.kubernetes.io/instance", instance),
-        ("app.kubernetes.io/component", "portal"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
-}
-
-/// Label selector for every child of DatabasePortal `instance`.
-pub fn children_selector(instance: &str) -> String {
-    labels(instance)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Every child of one DatabasePortal. `apply` names each field, so none is forgotten.

@@ -6,35 +6,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::fmt::Debug;
-
-use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service, ServiceAccount};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event as EventsV1;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::api::{Api, ObjectMeta};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use portal::config::{DatabasePortal, DatabasePortalStatus};
 use tracing::{debug, info, warn};
 
 use crate::apply::{apply, ApiSupport, CertificateState, Known};
-use crate::build::{build, names, Settings, MANAGER};
-use crate::certificate::Certificate;
+use crate::build::{build, Settings};
+use crate::conditions::{reason, DEGRADED};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::portals::{self, Aggregate, PortalPod};
-use crate::status::{self, reason, Observation, DEGRADED};
-use crate::track::{self, ChildKey, Kind, Recheck, Stores, Writers};
+use crate::names::{self, MANAGER};
+use crate::pods::PortalPod;
+use crate::portals::{self, Aggregate};
+use crate::status::{self, Observation};
+use crate::track::{self, Ledger, Recheck};
 use crate::validate::{validate, Validated};
-use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
+use crate::watches::{Stores, Watched};
 
 /// Requeue of a healthy DatabasePortal: a safety net; watches do the real work.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -75,7 +70,7 @@ pub struct Context {
     /// The watched children (filled by the controller's reflectors).
     pub stores: Stores,
     /// What this process last applied to each child.
-    pub applied: Arc<track::Applied>,
+    pub ledger: Arc<Ledger>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Per DatabasePortal UID, what this process last wrote in its status.
@@ -107,7 +102,7 @@ impl Context {
             support,
             metrics,
             stores: watched.stores,
-            applied: watched.applied,
+            ledger: watched.ledger,
             failures: Mutex::default(),
             written: Mutex::default(),
             disagreeing: Mutex::default(),
@@ -208,7 +203,7 @@ impl Context {
     fn known<'a>(&'a self, recheck: &'a Recheck) -> Known<'a> {
         Known {
             stores: &self.stores,
-            applied: &self.applied,
+            ledger: &self.ledger,
             metrics: &self.metrics,
             recheck,
         }
@@ -455,290 +450,6 @@ pub fn error_policy(dp: Arc<DatabasePortal>, error: &Error, ctx: Arc<Context>) -
         .await;
     });
     Action::requeue(delay)
-}
-
-fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<DynamicType = ()>,
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
-/// The watched children and the record of applies, shared by the controller's watches and
-/// the reconciles.
-#[derive(Clone)]
-pub struct Watched {
-    pub stores: Stores,
-    pub applied: Arc<track::Applied>,
-}
-
-impl Watched {
-    /// Nothing watched: every reconcile applies every child.
-    pub fn none() -> Self {
-        Watched {
-            stores: Stores::empty(),
-            applied: Arc::default(),
-        }
-    }
-}
-
-/// A child watch: reflects into `writer` (after `strip`), follows the records of the
-/// operator's applies (its own version delivered, a later version leaving its fields alone
-/// adopted, a deleted child forgotten), backs off on its own when failing (the Certificate
-/// watch fails while cert-manager is not installed), and yields the touched children for
-/// `owns_stream`.
-fn child_watch<K>(
-    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
-    writer: Writer<K>,
-    kind: Kind,
-    applied: Arc<track::Applied>,
-    strip: fn(&mut K),
-    dyntype: K::DynamicType,
-) -> impl Stream<Item = watcher::Result<K>> + Send + 'static
-where
-    K: Resource + Clone + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    // Before `strip` drops the managed fields, and before the store holds the event.
-    let store = writer.as_reader();
-    let follow = move |event: &watcher::Result<watcher::Event<K>>| {
-        let key = |child: &K| {
-            ChildKey::new(
-                kind,
-                child.meta().namespace.as_deref().unwrap_or_default(),
-                child.meta().name.as_deref().unwrap_or_default(),
-            )
-        };
-        match event {
-            Ok(watcher::Event::Delete(child)) => applied.forget(&key(child)),
-            Ok(watcher::Event::Apply(child) | watcher::Event::InitApply(child)) => {
-                if let Some(rv) = child.meta().resource_version.as_deref() {
-                    let stored = store.get(&ObjectRef::from_obj_with(child, dyntype.clone()));
-                    let stored = stored
-                        .as_ref()
-                        .and_then(|s| s.meta().resource_version.as_deref());
-                    applied.observe(&key(child), rv, track::fields_of(child.meta()), stored);
-                }
-            }
-            _ => {}
-        }
-    };
-    reflected(stream.inspect(follow), writer, strip, kind)
-}
-
-/// A watch reflected into `writer` after `strip`, backing off on its own, yielding the
-/// touched objects (errors are logged: passed on, they would pause every trigger).
-fn reflected<K>(
-    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
-    writer: Writer<K>,
-    strip: fn(&mut K),
-    what: impl Debug + Send + 'static,
-) -> impl Stream<Item = watcher::Result<K>> + Send + 'static
-where
-    K: Resource + Clone + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    stream
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer)
-        .touched_objects()
-        .filter(move |r| {
-            if let Err(e) = r {
-                debug!(error = %e, ?what, "watch");
-            }
-            futures::future::ready(r.is_ok())
-        })
-}
-
-/// Keeps only what the skip decision, the cleanup and the owner triggers read: name,
-/// namespace, `resourceVersion`, owner references (10,000 children stay a few MiB).
-fn keep_identity(meta: &mut ObjectMeta) {
-    *meta = ObjectMeta {
-        name: meta.name.take(),
-        namespace: meta.namespace.take(),
-        resource_version: meta.resource_version.take(),
-        owner_references: meta.owner_references.take(),
-        ..ObjectMeta::default()
-    };
-}
-
-fn strip_metadata<K>(object: &mut PartialObjectMeta<K>) {
-    object.types = None;
-    keep_identity(&mut object.metadata);
-}
-
-/// Only the StatefulSet's status is read from the store.
-fn strip_stateful_set(sts: &mut StatefulSet) {
-    keep_identity(&mut sts.metadata);
-    sts.spec = None;
-}
-
-/// The Certificate's spec and status are small; its status gives readiness.
-fn strip_certificate(cert: &mut Certificate) {
-    keep_identity(&mut cert.metadata);
-}
-
-fn metadata<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    config: &watcher::Config,
-) -> impl Stream<Item = watcher::Result<watcher::Event<PartialObjectMeta<K>>>> + Send + 'static
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    watcher(
-        api::<PartialObjectMeta<K>>(client, namespace),
-        config.clone(),
-    )
-}
-
-/// The controller: DatabasePortals, and every child kind, so a deleted or edited child is
-/// put back; the child watches fill the stores returned in [`Watched`]. `namespace` None
-/// watches all namespaces.
-pub fn controller(
-    client: &Client,
-    namespace: Option<&str>,
-    support: &ApiSupport,
-    concurrency: u16,
-) -> (Controller<DatabasePortal>, Watched) {
-    let config =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let (stores, writers) = Stores::new(support.pdb.as_ref());
-    let applied = Arc::<track::Applied>::default();
-    let Writers {
-        config_maps,
-        service_accounts,
-        roles,
-        role_bindings,
-        stateful_sets,
-        services,
-        certificates,
-        pdbs,
-        network_policies,
-        pods,
-    } = writers;
-    let a = || applied.clone();
-    // The DatabasePortals' store without their managed fields, which nothing reads;
-    // errors pass on to the controller as with its own watch.
-    let portals = Writer::<DatabasePortal>::default();
-    let portal_store = portals.as_reader();
-    let portal_watch = watcher(
-        api::<DatabasePortal>(client, namespace),
-        watcher::Config::default(),
-    )
-    .modify(|dp| dp.metadata.managed_fields = None)
-    .reflect(portals)
-    .applied_objects();
-    let mut controller = Controller::for_stream(portal_watch, portal_store)
-        .owns_stream(child_watch(
-            metadata::<ConfigMap>(client, namespace, &config),
-            config_maps,
-            Kind::ConfigMap,
-            a(),
-            strip_metadata,
-            (),
-        ))
-        .owns_stream(child_watch(
-            metadata::<ServiceAccount>(client, namespace, &config),
-            service_accounts,
-            Kind::ServiceAccount,
-            a(),
-            strip_metadata,
-            (),
-        ))
-        .owns_stream(child_watch(
-            metadata::<Role>(client, namespace, &config),
-            roles,
-            Kind::Role,
-            a(),
-            strip_metadata,
-            (),
-        ))
-        .owns_stream(child_watch(
-            metadata::<RoleBinding>(client, namespace, &config),
-            role_bindings,
-            Kind::RoleBinding,
-            a(),
-            strip_metadata,
-            (),
-        ))
-        .owns_stream(child_watch(
-            watcher(api::<StatefulSet>(client, namespace), config.clone()),
-            stateful_sets,
-            Kind::StatefulSet,
-            a(),
-            strip_stateful_set,
-            (),
-        ))
-        .owns_stream(child_watch(
-            metadata::<Service>(client, namespace, &config),
-            services,
-            Kind::Service,
-            a(),
-            strip_metadata,
-            (),
-        ))
-        .owns_stream(child_watch(
-            watcher(api::<Certificate>(client, namespace), config.clone()),
-            certificates,
-            Kind::Certificate,
-            a(),
-            strip_certificate,
-            (),
-        ))
-        .owns_stream(child_watch(
-            metadata::<NetworkPolicy>(client, namespace, &config),
-            network_policies,
-            Kind::NetworkPolicy,
-            a(),
-            strip_metadata,
-            (),
-        ));
-    // A portal's report (or its Pod's readiness) changed: reconcile its DatabasePortal.
-    let pod_config = watcher::Config::default().labels(&portals::pod_selector());
-    controller = controller.watches_stream(
-        reflected(
-            watcher(api::<PortalPod>(client, namespace), pod_config),
-            pods,
-            portals::strip,
-            "portal pods",
-        ),
-        portals::owner,
-    );
-    if let (Some(resource), Some(writer)) = (&support.pdb, pdbs) {
-        let pdbs = match namespace {
-            Some(ns) => Api::<PartialObjectMeta<DynamicObject>>::namespaced_with(
-                client.clone(),
-                ns,
-                resource,
-            ),
-            None => Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), resource),
-        };
-        controller = controller.owns_stream_with(
-            child_watch(
-                watcher(pdbs, config),
-                writer,
-                Kind::PodDisruptionBudget,
-                a(),
-                strip_metadata,
-                resource.clone(),
-            ),
-            resource.clone(),
-        );
-    }
-    let controller = controller.with_config(ControllerConfig::default().concurrency(concurrency));
-    (controller, Watched { stores, applied })
 }
 
 /// Runs the controller until `stop` resolves.

@@ -6,16 +6,20 @@ pub mod apply;
 pub mod args;
 pub mod build;
 pub mod certificate;
+pub mod conditions;
 pub mod controller;
 pub mod error;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod names;
+pub mod pods;
 pub mod portals;
 pub mod self_signed;
 pub mod status;
 pub mod track;
 pub mod validate;
+pub mod watches;
 
 #[cfg(test)]
 mod fixtures;
@@ -112,8 +116,12 @@ pub async fn run(
     info!(%identity, namespace = args.watch_namespace().unwrap_or("(all)"), "leading; starting the controller");
     metrics.set_leader(true);
 
-    let (controller, watched) =
-        controller::controller(&client, args.watch_namespace(), &support, args.concurrency);
+    let (controller, watched) = watches::controller(
+        &client,
+        args.watch_namespace(),
+        support.pdb.as_ref(),
+        args.concurrency,
+    );
     let ctx = Arc::new(controller::Context::new(
         client.clone(),
         args.settings(),

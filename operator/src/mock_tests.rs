@@ -27,7 +27,7 @@ fn context() -> (Arc<Context>, Handle) {
         ApiSupport::default(),
         Metrics::default(),
         "test",
-        crate::controller::Watched::none(),
+        crate::watches::Watched::none(),
     );
     (Arc::new(ctx), handle)
 }

@@ -24,8 +24,8 @@ use rcgen::{
 };
 use tracing::info;
 
-use crate::build::MANAGER;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::names::MANAGER;
 
 /// Annotation on both Secrets: who made them.
 pub const ISSUED_BY: &str = "dbportal.dev/issued-by";

@@ -6,48 +6,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
-use portal::config::FieldError;
+use portal::config::{DatabasePortal, DatabasePortalStatus, FieldError};
 
 use crate::apply::{Applied, CertificateState};
-use crate::build::{names, MANAGER};
+use crate::conditions::{reason, DEGRADED, READY};
+use crate::error::{Error, Result};
+use crate::names::{self, MANAGER};
 use crate::portals::Aggregate;
-use crate::{DatabasePortal, DatabasePortalStatus, Error, Result};
-
-/// Condition types.
-pub const READY: &str = "Ready";
-pub const DEGRADED: &str = "Degraded";
-
-/// Degraded reasons.
-pub mod reason {
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const CERT_MANAGER_MISSING: &str = "CertManagerMissing";
-    pub const CERTIFICATE_NOT_READY: &str = "CertificateNotReady";
-    pub const PDB_UNSUPPORTED: &str = "PodDisruptionBudgetUnsupported";
-    pub const AS_EXPECTED: &str = "AsExpected";
-    pub const ALL_PORTALS_READY: &str = "AllPortalsReady";
-    pub const PORTALS_NOT_READY: &str = "PortalsNotReady";
-    pub const LEADER_DISAGREEMENT: &str = "LeaderDisagreement";
-    pub const NO_HEALTHY_BACKEND: &str = "NoHealthyBackend";
-    pub const CONFIG_STALE: &str = "ConfigStale";
-
-    /// Event reason of a change of `status.leader`.
-    pub const LEADER_CHANGED: &str = "LeaderChanged";
-
-    /// Rank of a Degraded reason: the condition carries the most important one (lowest);
-    /// InvalidSpec, which stops the reconcile before anything else, comes first.
-    pub fn rank(reason: &str) -> u8 {
-        match reason {
-            INVALID_SPEC => 0,
-            NO_HEALTHY_BACKEND => 1,
-            LEADER_DISAGREEMENT => 2,
-            CERT_MANAGER_MISSING => 3,
-            CERTIFICATE_NOT_READY => 4,
-            CONFIG_STALE => 5,
-            PDB_UNSUPPORTED => 6,
-            _ => 7,
-        }
-    }
-}
+use crate::self_signed;
 
 /// What was observed while applying, reduced to what the status needs.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -83,7 +49,7 @@ impl Observation {
             )),
             CertificateState::Applied(_) => {}
         }
-        if let Some(crate::self_signed::Plan::Foreign(message)) = &applied.self_signed {
+        if let Some(self_signed::Plan::Foreign(message)) = &applied.self_signed {
             degraded.push((reason::CERTIFICATE_NOT_READY, message.clone()));
         }
         if applied.pdb_skipped {

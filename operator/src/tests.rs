@@ -7,9 +7,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::build::{build, names, Children, Settings, ADMIN_PORT, CONFIG_KEY};
+use crate::build::{build, Children, Settings, ADMIN_PORT, CONFIG_KEY};
+use crate::conditions::reason;
 use crate::fixtures::{from_yaml, orders, PortalFixture};
-use crate::status::{self, reason, Observation};
+use crate::names;
+use crate::status::{self, Observation};
 use crate::validate::validate;
 use crate::{DatabasePortal, Error};
 use portal::config::LogFormat;

@@ -1,8 +1,9 @@
-//! `track`: what the operator knows about the children without asking the API server.
+//! `track`: the ledger of what the operator applied, and the pure decision whether a child
+//! must be applied again. Holds no store and makes no API call.
 //!
-//! The controller watches every child kind through reflectors (metadata only, except
-//! StatefulSets and Certificates, whose status the DatabasePortal status needs), and
-//! [`Applied`] remembers, per child, a hash of the object last applied and the
+//! The child watches ([`crate::watches`]) hold every child kind (metadata only, except
+//! StatefulSets and Certificates, whose status the DatabasePortal status needs), and the
+//! [`Ledger`] remembers, per child, a hash of the object last applied and the
 //! `resourceVersion` the server returned. A child whose desired object has not changed and
 //! whose watched `resourceVersion` is still the one the apply returned is left alone: nobody
 //! touched it since. Any edit changes the `resourceVersion`, a deletion removes it from the
@@ -10,26 +11,19 @@
 //! Until the watch delivers the operator's own apply, the store shows the child as it was
 //! before (or not at all): that is the watch lagging, not an edit, and the child is left
 //! alone for up to [`WATCH_LAG_LIMIT`] (the delivery triggers the next reconcile).
+//!
+//! May import: `names`. Used by `watches`, `metrics`, `apply` and `controller`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{ApiResource, DynamicObject, ObjectMeta, PartialObjectMeta};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::Resource;
+use kube::api::ObjectMeta;
 use serde::Serialize;
 
-use crate::build::MANAGER;
-use crate::certificate::Certificate;
-use crate::portals::PortalPod;
+use crate::names::MANAGER;
 
 /// Every kind of child.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -182,11 +176,12 @@ impl Recheck {
     }
 }
 
-/// The last apply of every child, shared by all reconciles.
+/// The ledger: the last apply of every child, shared by all reconciles and followed by the
+/// child watches.
 #[derive(Debug, Default)]
-pub struct Applied(Mutex<HashMap<ChildKey, Record>>);
+pub struct Ledger(Mutex<HashMap<ChildKey, Record>>);
 
-impl Applied {
+impl Ledger {
     pub fn get(&self, key: &ChildKey) -> Option<Record> {
         self.0.lock().unwrap().get(key).cloned()
     }
@@ -233,129 +228,6 @@ impl Applied {
     }
 }
 
-/// Metadata-only store of one child kind.
-pub type MetaStore<K> = Store<PartialObjectMeta<K>>;
-
-/// Reflector stores of every child kind (filled by the controller's watches).
-#[derive(Clone)]
-pub struct Stores {
-    pub config_maps: MetaStore<ConfigMap>,
-    pub service_accounts: MetaStore<ServiceAccount>,
-    pub roles: MetaStore<Role>,
-    pub role_bindings: MetaStore<RoleBinding>,
-    /// Full objects (spec and managed fields dropped): the status gives `readyPortals`.
-    pub stateful_sets: Store<StatefulSet>,
-    pub services: MetaStore<Service>,
-    /// Full objects (managed fields dropped): the status gives readiness.
-    pub certificates: Store<Certificate>,
-    /// PodDisruptionBudgets in the served policy version.
-    pub pdbs: Option<(MetaStore<DynamicObject>, ApiResource)>,
-    pub network_policies: MetaStore<NetworkPolicy>,
-    /// The portal Pods, reduced to their report and Ready condition (`portals::strip`).
-    pub pods: Store<PortalPod>,
-}
-
-/// The write halves of [`Stores`], for the controller's reflectors.
-pub struct Writers {
-    pub config_maps: Writer<PartialObjectMeta<ConfigMap>>,
-    pub service_accounts: Writer<PartialObjectMeta<ServiceAccount>>,
-    pub roles: Writer<PartialObjectMeta<Role>>,
-    pub role_bindings: Writer<PartialObjectMeta<RoleBinding>>,
-    pub stateful_sets: Writer<StatefulSet>,
-    pub services: Writer<PartialObjectMeta<Service>>,
-    pub certificates: Writer<Certificate>,
-    pub pdbs: Option<Writer<PartialObjectMeta<DynamicObject>>>,
-    pub network_policies: Writer<PartialObjectMeta<NetworkPolicy>>,
-    pub pods: Writer<PortalPod>,
-}
-
-impl Stores {
-    /// Empty stores and their writers; `pdb` is the PodDisruptionBudget resource served.
-    pub fn new(pdb: Option<&ApiResource>) -> (Stores, Writers) {
-        let writers = Writers {
-            config_maps: Writer::default(),
-            service_accounts: Writer::default(),
-            roles: Writer::default(),
-            role_bindings: Writer::default(),
-            stateful_sets: Writer::default(),
-            services: Writer::default(),
-            certificates: Writer::default(),
-            pdbs: pdb.map(|r| Writer::new(r.clone())),
-            network_policies: Writer::default(),
-            pods: Writer::default(),
-        };
-        let stores = Stores {
-            config_maps: writers.config_maps.as_reader(),
-            service_accounts: writers.service_accounts.as_reader(),
-            roles: writers.roles.as_reader(),
-            role_bindings: writers.role_bindings.as_reader(),
-            stateful_sets: writers.stateful_sets.as_reader(),
-            services: writers.services.as_reader(),
-            certificates: writers.certificates.as_reader(),
-            pdbs: writers
-                .pdbs
-                .as_ref()
-                .zip(pdb)
-                .map(|(w, r)| (w.as_reader(), r.clone())),
-            network_policies: writers.network_policies.as_reader(),
-            pods: writers.pods.as_reader(),
-        };
-        (stores, writers)
-    }
-
-    /// Stores nothing ever fills: every child is applied, no portal Pod is seen.
-    pub fn empty() -> Stores {
-        Stores::new(None).0
-    }
-
-    /// The watched `resourceVersion` of a child, if the store holds it.
-    pub fn resource_version(&self, key: &ChildKey) -> Option<String> {
-        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
-        match key.kind {
-            Kind::ConfigMap => version(&self.config_maps, &(), ns, name),
-            Kind::ServiceAccount => version(&self.service_accounts, &(), ns, name),
-            Kind::Role => version(&self.roles, &(), ns, name),
-            Kind::RoleBinding => version(&self.role_bindings, &(), ns, name),
-            Kind::StatefulSet => version(&self.stateful_sets, &(), ns, name),
-            Kind::Service => version(&self.services, &(), ns, name),
-            Kind::Certificate => version(&self.certificates, &(), ns, name),
-            Kind::PodDisruptionBudget => {
-                let (store, resource) = self.pdbs.as_ref()?;
-                version(store, resource, ns, name)
-            }
-            Kind::NetworkPolicy => version(&self.network_policies, &(), ns, name),
-        }
-    }
-
-    pub fn stateful_set(&self, ns: &str, name: &str) -> Option<Arc<StatefulSet>> {
-        get(&self.stateful_sets, &(), ns, name)
-    }
-
-    pub fn certificate(&self, ns: &str, name: &str) -> Option<Arc<Certificate>> {
-        get(&self.certificates, &(), ns, name)
-    }
-
-    pub fn pod(&self, ns: &str, name: &str) -> Option<Arc<PortalPod>> {
-        get(&self.pods, &(), ns, name)
-    }
-}
-
-fn get<K>(store: &Store<K>, dt: &K::DynamicType, ns: &str, name: &str) -> Option<Arc<K>>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone,
-{
-    store.get(&ObjectRef::new_with(name, dt.clone()).within(ns))
-}
-
-fn version<K>(store: &Store<K>, dt: &K::DynamicType, ns: &str, name: &str) -> Option<String>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone,
-{
-    get(store, dt, ns, name)?.meta().resource_version.clone()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,8 +257,8 @@ mod tests {
 
     /// Records of a child of `kind` just applied as "100" with hash 7, not yet seen by the
     /// watch; its key; the time of the apply.
-    fn just_applied(kind: Kind) -> (Applied, ChildKey, Instant) {
-        let applied = Applied::default();
+    fn just_applied(kind: Kind) -> (Ledger, ChildKey, Instant) {
+        let applied = Ledger::default();
         let key = ChildKey::new(kind, "ns", "db-portal");
         let now = Instant::now();
         applied.record(key.clone(), record(7, "100", false, now));
@@ -537,16 +409,5 @@ mod tests {
         let b = serde_json::json!({"data": {"portal.yaml": "b"}});
         assert_eq!(hash_of(&a), hash_of(&a.clone()));
         assert_ne!(hash_of(&a), hash_of(&b));
-    }
-
-    #[test]
-    fn empty_stores_hold_nothing() {
-        let stores = Stores::empty();
-        for kind in [Kind::ConfigMap, Kind::Service, Kind::PodDisruptionBudget] {
-            assert_eq!(
-                stores.resource_version(&ChildKey::new(kind, "ns", "x")),
-                None
-            );
-        }
     }
 }

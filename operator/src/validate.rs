@@ -2,9 +2,9 @@
 //! addresses, name lengths, log levels) without touching the network.
 
 use kube::ResourceExt;
-use portal::config::{Config, FieldError};
+use portal::config::{Config, DatabasePortal, FieldError};
 
-use crate::{DatabasePortal, Error, Result};
+use crate::error::{Error, Result};
 
 /// Longest DatabasePortal name: `<name>-portal-<i>` must be a DNS label, and a StatefulSet's
 /// pods carry a `controller-revision-hash` label of `<name>-portal-<10 chars>` (at most 63).
