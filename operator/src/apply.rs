@@ -1,6 +1,9 @@
 //! `apply`: server-side apply of every child with one field manager (skipped for a child
 //! nobody touched since this process applied the same object, see `track`), and removal of
 //! the children the spec no longer needs (found in the watched children, confirmed by owner).
+//!
+//! May import: `error`, `names`, `certificate`, `self_signed`, `build`, `track`, `watches`
+//! (the stores), `metrics`.
 
 use std::fmt::Debug;
 use std::sync::Arc;

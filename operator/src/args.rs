@@ -1,4 +1,6 @@
 //! Command line and environment of the operator binary.
+//!
+//! May import: `build` (the settings it fills).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

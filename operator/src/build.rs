@@ -1,5 +1,7 @@
 //! `build`: turns a validated DatabasePortal into every child object, without touching the
 //! network. Names and labels follow the DatabasePortal contract (README).
+//!
+//! May import: `error`, `names`, `certificate`, `self_signed`, `validate`.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,7 @@
 //! cert-manager's `Certificate` (cert-manager.io/v1), typed by hand with only the fields the
 //! operator sets or reads; `tests::fields_match_the_real_crd` pins it to cert-manager's CRD.
+//!
+//! May import: nothing of the crate.
 
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};

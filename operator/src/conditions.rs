@@ -1,6 +1,7 @@
 //! `conditions`: the DatabasePortal's condition types, the reasons they and the operator's
-//! events carry, and the order of importance of the Degraded reasons. Imports nothing from
-//! the crate; `portals`, `status` and `controller` use it.
+//! events carry, and the order of importance of the Degraded reasons.
+//!
+//! May import: nothing of the crate.
 
 /// Condition types.
 pub const READY: &str = "Ready";

@@ -1,6 +1,11 @@
 //! The reconciler: `validate -> build -> apply -> status` for one DatabasePortal, the error
-//! policy (backoff), events, and the kube-runtime `Controller` with a watch on every child kind
-//! and on the portal Pods, whose reports feed the status.
+//! policy (backoff), the events, and running the kube-runtime `Controller` that `watches`
+//! builds. What this process remembers between reconciles of one DatabasePortal (the last
+//! status written, since when its portals disagree, its failures) lives here.
+//!
+//! May import: every module below it (`validate`, `build`, `apply`, `status`, `portals`,
+//! `pods`, `watches`, `track`, `metrics`, `conditions`, `names`, `error`). Only the crate
+//! root imports it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

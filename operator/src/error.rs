@@ -1,4 +1,6 @@
 //! The operator's one error type. A variant's name is its `error` label in the failure metric.
+//!
+//! May import: nothing of the crate.
 
 use portal::config::FieldError;
 

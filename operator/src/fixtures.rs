@@ -1,4 +1,6 @@
 //! Test fixtures that chain: `portal("orders").with_tls_disabled().with_replicas(3)`.
+//!
+//! Tests sit on top of every layer and may import any module.
 
 use crate::DatabasePortal;
 

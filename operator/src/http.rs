@@ -1,5 +1,7 @@
 //! The operator's small HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (alive) and
 //! `/readyz` (started: the API was reached and the controller, or its standby, runs).
+//!
+//! May import: `metrics`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease: one replica holds the lease and
 //! runs the controller; the others wait and take over when it stops renewing.
+//!
+//! May import: `error`.
 
 use std::time::Duration;
 

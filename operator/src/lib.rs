@@ -1,5 +1,11 @@
 //! dbportal's operator: reconciles each DatabasePortal into its portal pods, Services,
 //! ConfigMap, Certificate, RBAC and PodDisruptionBudget, and reports status.
+//!
+//! The crate root owns `run`: the HTTP endpoint, leader election and the controller while
+//! this replica leads. It sits on top: it may import any module, and no module but the tests
+//! imports it (modules name each other by path, `crate::error::Error`, never the root's
+//! re-exports).
+//! The layers, bottom up, are drawn in the README.
 #![forbid(unsafe_code)]
 
 pub mod apply;

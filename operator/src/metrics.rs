@@ -1,6 +1,8 @@
 //! Prometheus metrics of the operator: reconciles, failures by error kind (the `Error`
 //! variant's name), reconcile duration, child applies and status writes sent or skipped,
 //! leadership.
+//!
+//! May import: `error`, `track` (the child kinds it counts by).
 
 use std::sync::Arc;
 use std::time::Duration;

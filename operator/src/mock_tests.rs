@@ -1,5 +1,7 @@
 //! The reconciler against a mocked API server, for answers a real one rarely gives on demand:
 //! a server error (requeue with backoff, counted by error kind) and a conflict on status.
+//!
+//! Tests sit on top of every layer and may import any module.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
-//! `names`: the names the operator and the DatabasePortal contract fix in one place: the
+//! `names`: the names the operator and the DatabasePortal contract fix, in one place: the
 //! field manager of every write, the four labels every child carries, and the children's
-//! names. Imports nothing from the crate; every other module may import it.
+//! names.
+//!
+//! May import: nothing of the crate.
 
 use std::collections::BTreeMap;
 

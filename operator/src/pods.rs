@@ -3,8 +3,7 @@
 //! report annotation, the Ready condition and the owning DatabasePortal's name (a few hundred
 //! bytes a Pod). [`owner`] maps a Pod to its DatabasePortal for the watch's trigger.
 //!
-//! May import: `names`. Used by `watches` (the Pod watch and store) and `portals` (the
-//! aggregation of the reports).
+//! May import: `names`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;

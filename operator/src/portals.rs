@@ -22,6 +22,8 @@
 //! - `Degraded`/`ConfigStale` when a portal refused the configuration in its ConfigMap and
 //!   serves an older one;
 //! - a missing or unreadable annotation is "no report" and the portal's `message` says which.
+//!
+//! May import: `conditions`, `pods`.
 
 use std::time::{Duration, Instant};
 

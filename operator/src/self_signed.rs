@@ -9,6 +9,8 @@
 //! issued again under the same CA 30 days before it expires, when the DNS names change
 //! (replicas, `tls.dnsNames`) or when its Secret was deleted or edited, so a client's copy of
 //! `ca.crt` stays valid. Deciding is pure ([`plan`]); [`ensure`] reads and writes the Secrets.
+//!
+//! May import: `error`, `names`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,6 +1,9 @@
 //! `status`: what the operator reports on a DatabasePortal, computed purely from what the
 //! apply returned and what the portals report ([`crate::portals`]), then written through the
 //! status subresource with server-side apply.
+//!
+//! May import: `error`, `names`, `conditions`, `self_signed`, `portals`, `apply` (what one
+//! apply returned).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;

@@ -1,4 +1,6 @@
 //! Unit tests of `validate`, `build` and `status`, fed by inline YAML.
+//!
+//! Tests sit on top of every layer and may import any module.
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! `track`: the ledger of what the operator applied, and the pure decision whether a child
 //! must be applied again. Holds no store and makes no API call.
 //!
-//! The child watches ([`crate::watches`]) hold every child kind (metadata only, except
+//! The child watches (`watches`) hold every child kind (metadata only, except
 //! StatefulSets and Certificates, whose status the DatabasePortal status needs), and the
 //! [`Ledger`] remembers, per child, a hash of the object last applied and the
 //! `resourceVersion` the server returned. A child whose desired object has not changed and
@@ -12,7 +12,7 @@
 //! before (or not at all): that is the watch lagging, not an edit, and the child is left
 //! alone for up to [`WATCH_LAG_LIMIT`] (the delivery triggers the next reconcile).
 //!
-//! May import: `names`. Used by `watches`, `metrics`, `apply` and `controller`.
+//! May import: `names`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -258,11 +258,11 @@ mod tests {
     /// Records of a child of `kind` just applied as "100" with hash 7, not yet seen by the
     /// watch; its key; the time of the apply.
     fn just_applied(kind: Kind) -> (Ledger, ChildKey, Instant) {
-        let applied = Ledger::default();
+        let ledger = Ledger::default();
         let key = ChildKey::new(kind, "ns", "db-portal");
         let now = Instant::now();
-        applied.record(key.clone(), record(7, "100", false, now));
-        (applied, key, now)
+        ledger.record(key.clone(), record(7, "100", false, now));
+        (ledger, key, now)
     }
 
     #[test]
@@ -326,50 +326,50 @@ mod tests {
 
     #[test]
     fn the_watch_delivering_the_apply_marks_it_seen() {
-        let (applied, key, now) = just_applied(Kind::ConfigMap);
-        applied.observe(&key, "99", 1, None);
+        let (ledger, key, now) = just_applied(Kind::ConfigMap);
+        ledger.observe(&key, "99", 1, None);
         assert!(
-            !applied.get(&key).unwrap().seen,
+            !ledger.get(&key).unwrap().seen,
             "an older version is not the apply"
         );
-        applied.observe(&key, "100", 1, Some("99"));
-        assert!(applied.get(&key).unwrap().seen);
+        ledger.observe(&key, "100", 1, Some("99"));
+        assert!(ledger.get(&key).unwrap().seen);
         // Seen, then edited: applied at once, however recent the apply.
-        assert!(must_apply(applied.get(&key).as_ref(), 7, Some("101"), now));
+        assert!(must_apply(ledger.get(&key).as_ref(), 7, Some("101"), now));
     }
 
     #[test]
     fn a_write_that_left_the_operators_fields_alone_is_adopted() {
-        let (applied, key, now) = just_applied(Kind::StatefulSet);
+        let (ledger, key, now) = just_applied(Kind::StatefulSet);
         // Not before the watch delivered the apply itself (an older version is not adopted).
-        applied.observe(&key, "99", 1, None);
-        assert_eq!(applied.get(&key).unwrap().resource_version, "100");
-        applied.observe(&key, "100", 1, Some("99"));
+        ledger.observe(&key, "99", 1, None);
+        assert_eq!(ledger.get(&key).unwrap().resource_version, "100");
+        ledger.observe(&key, "100", 1, Some("99"));
         // A status write by the controller manager: same owned fields.
-        applied.observe(&key, "104", 1, Some("100"));
+        ledger.observe(&key, "104", 1, Some("100"));
         assert_eq!(
-            verdict(applied.get(&key).as_ref(), 7, Some("104"), now),
+            verdict(ledger.get(&key).as_ref(), 7, Some("104"), now),
             Verdict::Current
         );
         // A hand edit took over one of the operator's fields: applied.
-        applied.observe(&key, "109", 2, Some("104"));
-        assert!(must_apply(applied.get(&key).as_ref(), 7, Some("109"), now));
+        ledger.observe(&key, "109", 2, Some("104"));
+        assert!(must_apply(ledger.get(&key).as_ref(), 7, Some("109"), now));
     }
 
     #[test]
     fn an_apply_delivered_before_its_record_counts_as_delivered() {
         // The watch delivered "100" (now in the store) before the apply's response was
         // recorded, so the record was never marked; the next write is still judged by fields.
-        let (applied, key, now) = just_applied(Kind::ConfigMap);
-        applied.observe(&key, "104", 1, Some("100"));
+        let (ledger, key, now) = just_applied(Kind::ConfigMap);
+        ledger.observe(&key, "104", 1, Some("100"));
         assert_eq!(
-            verdict(applied.get(&key).as_ref(), 7, Some("104"), now),
+            verdict(ledger.get(&key).as_ref(), 7, Some("104"), now),
             Verdict::Current
         );
         // Not when the store holds something else (the watch has not caught up).
-        applied.record(key.clone(), record(7, "200", false, now));
-        applied.observe(&key, "150", 1, Some("104"));
-        assert_eq!(applied.get(&key).unwrap().resource_version, "200");
+        ledger.record(key.clone(), record(7, "200", false, now));
+        ledger.observe(&key, "150", 1, Some("104"));
+        assert_eq!(ledger.get(&key).unwrap().resource_version, "200");
     }
 
     fn entry(manager: &str, fields: serde_json::Value) -> ManagedFieldsEntry {

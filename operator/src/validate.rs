@@ -1,5 +1,7 @@
 //! `validate`: the first step of a reconcile. Checks what the CRD schema cannot (CIDRs,
 //! addresses, name lengths, log levels) without touching the network.
+//!
+//! May import: `error`.
 
 use kube::ResourceExt;
 use portal::config::{Config, DatabasePortal, FieldError};

@@ -3,8 +3,7 @@
 //! (reflected into [`Stores`], reduced to what is read, and followed by the [`Ledger`] of the
 //! operator's own applies) and on the portal Pods (whose reports trigger a reconcile).
 //!
-//! May import: `track`, `pods`, `certificate`, `names`. Used by `apply` (the stores),
-//! `controller` and the crate root, which starts the controller.
+//! May import: `names`, `certificate`, `pods`, `track`.
 
 use std::fmt::Debug;
 use std::hash::Hash;
