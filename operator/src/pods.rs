@@ -2,6 +2,7 @@
 //! which skips everything but metadata and status conditions, and [`strip`] keeps only the
 //! report annotation, the Ready condition and the owning DatabasePortal's name (a few hundred
 //! bytes a Pod). [`owner`] maps a Pod to its DatabasePortal for the watch's trigger.
+//! Their test is in `portals/tests.rs`, next to the aggregation of the reports they carry.
 //!
 //! May import: `names`.
 
