@@ -487,7 +487,8 @@ def test_pod_monitor_scrapes_the_portal_pods():
     monitor = one(monitoring_objects(), "PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     # The labels and the admin port the operator gives every portal pod.
-    build = (ROOT / "operator" / "src" / "build.rs").read_text()
+    build = "".join(p.read_text() for p in (ROOT / "operator" / "src").glob("build*/**/*.rs")) + \
+        (ROOT / "operator" / "src" / "build.rs").read_text()
     assert 'name: Some("admin".into())' in build
     assert selector == {"app.kubernetes.io/name": "dbportal",
                         "app.kubernetes.io/component": "portal",

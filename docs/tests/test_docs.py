@@ -71,7 +71,7 @@ def test_every_metric_name_in_the_code_is_seen_by_the_readers():
 
 
 def degraded_reasons():
-    text = (ROOT / "operator" / "src" / "status.rs").read_text()
+    text = (ROOT / "operator" / "src" / "conditions.rs").read_text()
     consts = dict(re.findall(r'pub const (\w+): &str = "(\w+)";', text))
     rank = re.search(r"pub fn rank\(reason: &str\) -> u8 \{(.*?)\n    \}", text, re.S).group(1)
     return [consts[c] for c in re.findall(r"([A-Z][A-Z_]*) => \d+", rank)]
