@@ -381,26 +381,8 @@ async fn remove_orphan_network_policies(
     ns: &str,
     owner_uid: &str,
 ) -> Result<()> {
-    let stale: Vec<String> = known
-        .stores
-        .network_policies
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns) && owned_by(p.meta(), owner_uid))
-        .map(|p| p.name_any())
-        .collect();
-    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-    for name in stale {
-        info!(network_policy = %name, "removing NetworkPolicy (--network-policy=false)");
-        delete(&api, &name).await.map_err(|source| Error::Cleanup {
-            kind: "NetworkPolicy",
-            source,
-        })?;
-        known
-            .ledger
-            .forget(&ChildKey::new(Kind::NetworkPolicy, ns, &name));
-    }
-    Ok(())
+    let stale = owned_names(&known.stores.network_policies.state(), ns, owner_uid);
+    remove_children::<NetworkPolicy>(client, known, ns, Kind::NetworkPolicy, stale).await
 }
 
 /// A Certificate left from when TLS used cert-manager (found in the watched Certificates;
@@ -411,24 +393,41 @@ async fn remove_orphan_certificates(
     ns: &str,
     owner_uid: &str,
 ) -> Result<()> {
-    let stale: Vec<String> = known
-        .stores
-        .certificates
-        .state()
+    let stale = owned_names(&known.stores.certificates.state(), ns, owner_uid);
+    remove_children::<Certificate>(client, known, ns, Kind::Certificate, stale).await
+}
+
+/// Names of the watched objects in `ns` that `owner_uid` controls.
+fn owned_names<K: Resource>(watched: &[Arc<K>], ns: &str, owner_uid: &str) -> Vec<String> {
+    watched
         .iter()
         .filter(|c| c.namespace().as_deref() == Some(ns) && owned_by(c.meta(), owner_uid))
         .map(|c| c.name_any())
-        .collect();
-    let api: Api<Certificate> = Api::namespaced(client.clone(), ns);
-    for name in stale {
-        info!(certificate = %name, "removing Certificate the spec no longer needs");
+        .collect()
+}
+
+/// Deletes the children `names` of one kind that the spec no longer needs, and forgets them.
+async fn remove_children<K>(
+    client: &Client,
+    known: Known<'_>,
+    ns: &str,
+    kind: Kind,
+    names: Vec<String>,
+) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    for name in names {
+        info!(kind = kind.as_str(), name = %name, "removing a child the spec no longer needs");
         delete(&api, &name).await.map_err(|source| Error::Cleanup {
-            kind: "Certificate",
+            kind: kind.as_str(),
             source,
         })?;
-        known
-            .ledger
-            .forget(&ChildKey::new(Kind::Certificate, ns, &name));
+        known.ledger.forget(&ChildKey::new(kind, ns, &name));
     }
     Ok(())
 }
