@@ -7,6 +7,8 @@
 #                                           prints the admin kubeconfig path last
 #   local-node.sh stop DIR                  stop it and undo every host change
 #   local-node.sh env DIR                   print `export NAME=value` lines
+#   local-node.sh free-net                  print the 10.N the pods would get (what
+#                                           `start` picks; e2e/tests checks it)
 #
 # Needs root (network bridge, iptables, mounts). Only one node cluster can run
 # on a machine at a time (fixed bridge, addresses and kubelet port); plain
@@ -115,7 +117,7 @@ readonly NODE_COMPONENTS=(containerd kube-scheduler kube-proxy kubelet)
 export AWS_EC2_METADATA_DISABLED=true
 
 usage() {
-    sed -n '2,14s/^# \{0,1\}//p' "$NODE_SELF" >&2
+    sed -n '2,16s/^# \{0,1\}//p' "$NODE_SELF" >&2
     exit 2
 }
 
@@ -620,6 +622,7 @@ node_main() {
         start) cmd_node_start "$@" ;;
         stop) cmd_node_stop "$@" ;;
         env) cmd_env "$@" ;;
+        free-net) free_node_net ;;
         __watch) cmd_node_watch "$@" ;;
         *) usage ;;
     esac
