@@ -358,8 +358,13 @@ async fn half_open_tls_clients_from_a_few_addresses_do_not_lock_others_out() {
 
     // With the defaults (64 negotiating per client address): the flood keeps 4 × 64 slots, the
     // rest is closed at once, and legitimate clients get through.
-    let portal =
-        Portal::start(&pki.yaml("redis", echo.addr, "limits: {maxConnections: 2000}")).await;
+    // (A long handshake deadline: the flood must still be negotiating when it is counted.)
+    let portal = Portal::start(&pki.yaml(
+        "redis",
+        echo.addr,
+        "limits: {maxConnections: 2000}\ntimeouts: {handshake: 1m}",
+    ))
+    .await;
     let mut flood = half_open(&sources, 500, portal.addr).await;
     assert_eq!(flood.len(), 2000);
     wait_metric(
@@ -434,19 +439,26 @@ async fn new_connections_are_rate_limited_per_client_address() {
         "limits: {connectionRatePerClient: 5}",
     ))
     .await;
+    // 20 connections at once (the portal decides at accept), then see which got through.
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for _ in 0..20 {
+        all.push(connect_from("127.0.0.7", portal.addr).await.unwrap());
+    }
+    let took = started.elapsed();
     let mut open = Vec::new();
     let mut refused_count = 0;
-    for _ in 0..20 {
-        let mut c = connect_from("127.0.0.7", portal.addr).await.unwrap();
+    for mut c in all {
         match echo_roundtrip(&mut c, b"x").await {
             Ok(b) if b == b"x" => open.push(c),
             _ => refused_count += 1,
         }
     }
-    // 20 connections in well under a second: at most 5 in any second get through.
+    // Within a second at most 5 get through (each further second, 5 more at the most).
+    let allowed = 5 * (1 + took.as_secs() as usize);
     assert!(
-        open.len() <= 5 && !open.is_empty(),
-        "{} admitted",
+        open.len() <= allowed && !open.is_empty(),
+        "{} admitted in {took:?}",
         open.len()
     );
     assert_eq!(refused_count, 20 - open.len());
@@ -471,8 +483,15 @@ async fn the_admin_endpoint_caps_connections_heads_and_bodies() {
     for _ in 0..cap + 36 {
         idle.push(TcpStream::connect(portal.admin).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let closed = closed_count(&mut idle).await;
+    // The accept loop closes the ones past the cap as it reaches them.
+    let deadline = Instant::now() + STEP;
+    let closed = loop {
+        let closed = closed_count(&mut idle).await;
+        if closed >= 36 || Instant::now() > deadline {
+            break closed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(closed, 36, "connections past the cap are closed at once");
     drop(idle);
     tokio::time::sleep(Duration::from_millis(200)).await;
