@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "charts"))
 sys.path.insert(0, str(HERE))
 
 import code_metrics  # noqa: E402
+from crd_schema import openapi_to_jsonschema  # noqa: E402
 import render  # noqa: E402
 
 # Versions the rendered objects are validated against: the oldest the schemas package has
@@ -316,24 +317,6 @@ def check_against_crd(obj):
     assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
     assert obj["metadata"]["name"]
     jsonschema.validate(obj["spec"], openapi_to_jsonschema(schema["properties"]["spec"]))
-
-
-def openapi_to_jsonschema(schema):
-    """The CRD's structural schema as JSON Schema: nullable fields also accept null, and
-    unknown fields are refused as the API server prunes (here: refuses) them."""
-    if isinstance(schema, dict):
-        out = {k: openapi_to_jsonschema(v) for k, v in schema.items()
-               if not k.startswith("x-kubernetes")}
-        if schema.get("nullable") and "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "properties" in out and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        if schema.get("x-kubernetes-int-or-string"):
-            out.pop("type", None)
-        return out
-    if isinstance(schema, list):
-        return [openapi_to_jsonschema(v) for v in schema]
-    return schema
 
 
 # --- the values schema ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT / "charts" / "tests"))
 
 import code_metrics  # noqa: E402
+from crd_schema import openapi_to_jsonschema  # noqa: E402
 
 CRD = yaml.safe_load((ROOT / "crds" / "databaseportal.yaml").read_text())
 SPEC_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
@@ -98,22 +99,6 @@ def test_operations_guide_has_a_runbook_per_alert():
     assert len(alerts) >= 6
     titles = headings(DOCS / "operations.md")
     assert not [a for a in alerts if a not in titles]
-
-
-def openapi_to_jsonschema(schema):
-    if isinstance(schema, dict):
-        out = {k: openapi_to_jsonschema(v) for k, v in schema.items()
-               if not k.startswith("x-kubernetes")}
-        if schema.get("nullable") and "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "properties" in out and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        if schema.get("x-kubernetes-int-or-string"):
-            out.pop("type", None)
-        return out
-    if isinstance(schema, list):
-        return [openapi_to_jsonschema(v) for v in schema]
-    return schema
 
 
 def yaml_blocks(path):

@@ -468,36 +468,16 @@ fn no_certificate_without_cert_manager_tls() {
     assert!(children(&orders().with_tls_disabled())
         .certificate
         .is_none());
-    let c = children(&orders().with_tls_secret("mine"));
-    assert!(c.certificate.is_none());
-    let args = c
-        .stateful_set
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-        .args
-        .clone()
-        .unwrap();
+    let mine = orders().with_tls_secret("mine");
+    assert!(children(&mine).certificate.is_none());
     assert_eq!(
-        args,
+        portal_args(&mine, &Settings::default()),
         ["--configmap", "orders-portal", "--tls-secret", "mine"]
     );
-    let c = children(&orders().with_tls_disabled());
-    let args = c
-        .stateful_set
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-        .args
-        .clone()
-        .unwrap();
-    assert_eq!(args, ["--configmap", "orders-portal"]);
+    assert_eq!(
+        portal_args(&orders().with_tls_disabled(), &Settings::default()),
+        ["--configmap", "orders-portal"]
+    );
 }
 
 #[test]
