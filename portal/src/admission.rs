@@ -198,7 +198,8 @@ pub struct NegotiationPermit {
 impl NegotiationPermit {
     /// Counts this connection against `ip`'s negotiating limit `max` (0 = unlimited).
     fn claim_client(&mut self, ip: IpAddr, max: u32) -> Result<(), Rejection> {
-        if self.client.is_some() {
+        // Unlimited: nothing to count (and no lock to take per connection).
+        if self.client.is_some() || max == 0 {
             return Ok(());
         }
         let mut map = self
@@ -207,10 +208,7 @@ impl NegotiationPermit {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if max != 0 && *n >= max {
-            if *n == 0 {
-                map.remove(&ip);
-            }
+        if *n >= max {
             return Err(Rejection::NegotiatingPerClientLimit);
         }
         *n += 1;

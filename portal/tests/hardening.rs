@@ -122,6 +122,43 @@ async fn a_file_rewritten_slowly_in_place_is_applied_only_once_complete() {
     portal.stop().await;
 }
 
+/// A change no inotify event reports (here the file behind a symlink, in a directory that is
+/// not watched; likewise a filesystem without inotify) is applied by polling, once the file
+/// has kept its content for `POLL_STABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_only_polling_sees_is_applied_once_stable() {
+    let echo = TestServer::echo().await;
+    let watched = TempDir::new("poll-watched");
+    let elsewhere = TempDir::new("poll-elsewhere");
+    let good = yaml("tcp", &[("e", echo.addr)], "");
+    let real = elsewhere.write("real.yaml", &good);
+    let path = watched.path().join("portal.yaml");
+    std::os::unix::fs::symlink(&real, &path).unwrap();
+    let portal = Portal::start(&good).await;
+    let watcher = portal.watch_file(path, good.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let aside = elsewhere.write("real.yaml.new", &good.replace("port: 7000", "port: 7003"));
+    let changed = Instant::now();
+    std::fs::rename(&aside, &real).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        portal.reload.snapshot().reloads_ok,
+        0,
+        "applied before it was stable"
+    );
+    eventually("the change applied by polling", STEP, || {
+        portal.reload.snapshot().reloads_ok == 1
+    })
+    .await;
+    let took = changed.elapsed();
+    assert!(took >= portal::reload::POLL_STABLE, "{took:?}");
+    assert_eq!(portal.config.borrow().port, 7003);
+    eprintln!("a change seen only by polling applied after {took:?}");
+    watcher.abort();
+    portal.stop().await;
+}
+
 /// Each way of giving the probe its credentials, and two broken ones: the password never
 /// appears in any admin response or log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,32 +77,23 @@ pub fn read_file(path: &str) -> Result<ProbeCredentials, String> {
 
 /// The file's text: a YAML map, or the password alone.
 fn parse_file(text: &str) -> Result<ProbeCredentials, String> {
-    #[derive(serde::Deserialize)]
-    struct Fields {
-        #[serde(default)]
-        username: Option<serde_yaml::Value>,
-        #[serde(default)]
-        password: Option<serde_yaml::Value>,
-    }
-    let string = |v: Option<serde_yaml::Value>, key: &str| -> Result<Option<String>, String> {
-        match v {
-            None | Some(serde_yaml::Value::Null) => Ok(None),
-            Some(serde_yaml::Value::String(s)) => Ok(Some(s)),
-            Some(serde_yaml::Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(serde_yaml::Value::Bool(b)) => Ok(Some(b.to_string())),
+    use serde_yaml::Value;
+    let string = |map: &serde_yaml::Mapping, key: &str| -> Result<Option<String>, String> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(Value::Bool(b)) => Ok(Some(b.to_string())),
             Some(_) => Err(format!("has a `{key}` that is not a string")),
         }
     };
-    // Only a map whose keys include `password` or `username` is read as YAML; anything else
-    // (a password with a colon or a `#`, say) is the password itself.
-    if let Ok(serde_yaml::Value::Mapping(map)) = serde_yaml::from_str::<serde_yaml::Value>(text) {
-        let keys: Vec<&str> = map.keys().filter_map(|k| k.as_str()).collect();
-        if keys.iter().any(|k| *k == "password" || *k == "username") {
-            let fields: Fields = serde_yaml::from_value(serde_yaml::Value::Mapping(map.clone()))
-                .map_err(|_| "is not a map of `username` and `password`".to_string())?;
-            let password = string(fields.password, "password")?
+    // Only a map with `password` or `username` is read as YAML; anything else (a password
+    // with a colon or a `#`, say) is the password itself.
+    if let Ok(Value::Mapping(map)) = serde_yaml::from_str::<Value>(text) {
+        if map.contains_key("password") || map.contains_key("username") {
+            let password = string(&map, "password")?
                 .ok_or_else(|| "has no `password` (keys: username, password)".to_string())?;
-            let username = string(fields.username, "username")?.filter(|u| !u.is_empty());
+            let username = string(&map, "username")?.filter(|u| !u.is_empty());
             return Ok(ProbeCredentials { username, password });
         }
     }
