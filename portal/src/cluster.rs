@@ -609,5 +609,19 @@ mod tests {
         let json = serde_json::to_value(Report::new(&config, &view, &state)).unwrap();
         assert_eq!(json["backends"][0]["role"], "unknown");
         assert!(json.get("configStale").is_some());
+        assert!(
+            json["backends"][0].get("state").is_none(),
+            "no caveat, no state"
+        );
+
+        // A busy leader is reported as such, and still as the leader; a down node never is.
+        view.conflict = false;
+        view.backends[1].caveat = Some(crate::health::Caveat::Busy);
+        view.backends[0].caveat = Some(crate::health::Caveat::Misconf);
+        view.backends[0].up = false;
+        let json = serde_json::to_value(Report::new(&config, &view, &state)).unwrap();
+        assert_eq!(json["leader"], "b");
+        assert_eq!(json["backends"][1]["state"], "busy");
+        assert!(json["backends"][0].get("state").is_none());
     }
 }
