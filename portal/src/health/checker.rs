@@ -230,15 +230,9 @@ impl Checker {
         let before = slot.state.clone();
         let name = slot.backend.name.clone();
         let lost_leadership = match result {
-            Ok(Probed {
-                role,
-                engine_leader,
-                caveat,
-            }) => {
-                slot.state.alive(role, caveat, rise);
-                if caveat != Some(Caveat::Busy) {
-                    slot.state.engine_leader = engine_leader;
-                }
+            Ok(probed) => {
+                let caveat = probed.caveat;
+                slot.state.alive(probed, rise);
                 if caveat != before.caveat {
                     match caveat {
                         Some(c) => {
@@ -254,7 +248,7 @@ impl Checker {
                 if before.role != role && !before.unconfirmed {
                     tracing::info!(backend = %name, from = before.role.as_str(), to = role.as_str(), "role changed");
                 }
-                if engine_leader == Some(true) && before.engine_leader != Some(true) {
+                if slot.state.engine_leader == Some(true) && before.engine_leader != Some(true) {
                     tracing::info!(backend = %name, "the engine's own leader (etcd: raft leader)");
                 }
                 is_leader && !role.writable()

@@ -3,7 +3,7 @@
 //!
 //! May import: the rest of `health` only (pure).
 
-use super::{Caveat, Role};
+use super::{Caveat, Probed, Role};
 
 /// One backend's health as the probes have seen it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,15 +59,17 @@ impl NodeState {
         self.unconfirmed = false;
     }
 
-    /// A probe found the node alive with a caveat. [`Caveat::Busy`] says nothing of the role:
-    /// the node keeps the one it had (a busy leader stays the leader; no failover starts).
-    pub fn alive(&mut self, role: Role, caveat: Option<Caveat>, rise: u32) {
-        let role = match caveat {
-            Some(Caveat::Busy) => self.role,
-            _ => role,
-        };
-        self.success(role, rise);
-        self.caveat = caveat;
+    /// A probe answered: healthy with what it found. A [`Caveat::Busy`] answer says nothing of
+    /// the role or the engine's leadership: the node keeps what it had (a busy leader stays
+    /// the leader; no failover starts).
+    pub fn alive(&mut self, probed: Probed, rise: u32) {
+        if probed.caveat == Some(Caveat::Busy) {
+            self.success(self.role, rise);
+        } else {
+            self.success(probed.role, rise);
+            self.engine_leader = probed.engine_leader;
+        }
+        self.caveat = probed.caveat;
     }
 
     /// A probe failed. The node stays up (with its last role) until `fall` failures in a row.
@@ -211,24 +213,33 @@ mod tests {
     #[test]
     fn a_busy_leader_keeps_its_role_and_stays_up() {
         let mut n = node(true, Role::Leader);
+        n.engine_leader = Some(true);
         for _ in 0..5 {
-            n.alive(Role::Unknown, Some(Caveat::Busy), 2);
+            n.alive(Probed::busy(), 2);
         }
+        assert_eq!(n.engine_leader, Some(true), "kept while busy");
         assert!(n.up);
         assert_eq!(n.role, Role::Leader);
         assert_eq!(n.caveat, Some(Caveat::Busy));
         assert_eq!(elect(&[n.clone()], Some(0)).leader, Some(0));
-        n.alive(Role::Leader, None, 2);
+        n.alive(Role::Leader.into(), 2);
         assert_eq!(n.caveat, None, "cleared once the node answers normally");
+        assert_eq!(n.engine_leader, None, "taken from the normal answer");
 
         // A node whose first answer is -BUSY is alive, its role still unknown: it leads nothing.
         let mut n = NodeState::default();
-        n.alive(Role::Unknown, Some(Caveat::Busy), 2);
+        n.alive(Probed::busy(), 2);
         assert!(n.up);
         assert_eq!(n.role, Role::Unknown);
 
         let mut n = node(true, Role::Leader);
-        n.alive(Role::Leader, Some(Caveat::Misconf), 2);
+        n.alive(
+            Probed {
+                caveat: Some(Caveat::Misconf),
+                ..Role::Leader.into()
+            },
+            2,
+        );
         assert_eq!((n.role, n.caveat), (Role::Leader, Some(Caveat::Misconf)));
         n.failure("timeout".into(), 3);
         assert_eq!(n.caveat, None);
