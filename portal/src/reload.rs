@@ -37,28 +37,9 @@ pub const POLL_STABLE: Duration = Duration::from_secs(5);
 /// refused before it is read whole.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
-/// Reads a configuration file of at most [`MAX_CONFIG_BYTES`].
+/// Reads a configuration file of at most [`MAX_CONFIG_BYTES`] (a ConfigMap's limit).
 pub fn read_config(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_CONFIG_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {MAX_CONFIG_BYTES} bytes (a ConfigMap holds at most 1 MiB)"),
-        ));
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "not UTF-8 (invalid byte at offset {})",
-                e.utf8_error().valid_up_to()
-            ),
-        )
-    })
+    crate::config::read_limited(path, MAX_CONFIG_BYTES)
 }
 
 /// Outcome of configuration reloads, shown by `/status` and `/metrics`.

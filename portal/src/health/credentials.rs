@@ -122,26 +122,8 @@ fn read_key(path: &std::path::Path) -> Result<Option<String>, String> {
 }
 
 fn read_small(path: &std::path::Path) -> Result<String, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot read the credentials {}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the credentials {}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_FILE {
-        return Err(format!(
-            "the credentials {} are larger than {MAX_FILE} bytes",
-            path.display()
-        ));
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "the credentials {} are not UTF-8 (byte {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })
+    crate::config::read_limited(path, MAX_FILE)
+        .map_err(|e| format!("cannot read the credentials {}: {e}", path.display()))
 }
 
 /// Fixed credentials, for tests and for callers that resolved them already.
