@@ -432,6 +432,37 @@ async fn half_open_tls_clients_from_a_few_addresses_do_not_lock_others_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_wide_negotiating_limit_closes_the_rest_at_once() {
+    let echo = TestServer::echo().await;
+    let pki = Pki::new();
+    let portal = Portal::start(&pki.yaml(
+        "redis",
+        echo.addr,
+        "limits: {maxNegotiating: 3, maxNegotiatingPerClient: 0}\ntimeouts: {handshake: 1m}",
+    ))
+    .await;
+    let mut silent = half_open(&["127.0.0.2", "127.0.0.3"], 4, portal.addr).await;
+    assert_eq!(silent.len(), 8);
+    wait_metric(
+        &portal,
+        "dbportal_rejections_total{reason=\"negotiating_limit\"}",
+        |v| v == 5.0,
+    )
+    .await;
+    assert_eq!(closed_count(&mut silent).await, 5);
+    let m = portal.metrics().await;
+    assert_eq!(metric(&m, "dbportal_connections_negotiating"), Some(3.0));
+    // Once they go, a new client may negotiate again.
+    silent.clear();
+    wait_metric(&portal, "dbportal_connections_negotiating", |v| v == 0.0).await;
+    assert_eq!(
+        pki.connect("127.0.0.9", portal.addr).await.unwrap(),
+        b"hello"
+    );
+    portal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiations_end_at_the_handshake_deadline() {
     let echo = TestServer::echo().await;
     let pki = Pki::new();
