@@ -496,8 +496,18 @@ impl Postgres {
     pub fn hba_first(&self, line: &str) {
         let path = self.data().join("pg_hba.conf");
         let old = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, format!("{line}\n{old}")).unwrap();
-        self.psql("SELECT pg_reload_conf()");
+        // Written beside and renamed over, so a reload the server is still doing from an earlier
+        // call never reads a half-written file.
+        let next = self.data().join("pg_hba.conf.next");
+        std::fs::write(&next, format!("{line}\n{old}")).unwrap();
+        let _ = Command::new("chown")
+            .args(["postgres:postgres", &next.display().to_string()])
+            .status();
+        std::fs::rename(&next, &path).unwrap();
+        wait_until("pg_reload_conf", Duration::from_secs(10), || {
+            self.try_psql("postgres", &self.password, "SELECT pg_reload_conf()")
+                .is_some()
+        });
     }
 }
 
