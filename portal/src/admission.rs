@@ -2,7 +2,7 @@
 //! permits that hold a slot under each limit and give it back on drop, the per-client
 //! connection rate, and [`admit`], the decision for a client address.
 //!
-//! May import: `allow`, `config`, `metrics`, `reload`. Never `session`, `server` or `admin`.
+//! May import: `allow`, `config`, `control`, `metrics`, `reload`. Never `session`, `server` or `admin`.
 
 use std::{
     collections::HashMap,
@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 use crate::{
     allow,
     config::Config,
+    control::Control,
     metrics::{flag, gauge, Metrics, Rejection},
     reload::ReloadStatus,
 };
@@ -29,6 +30,8 @@ use crate::{
 pub struct State {
     pub metrics: Arc<Metrics>,
     pub reload: ReloadStatus,
+    /// Runtime overrides of backends' state and weight (the admin endpoint's verbs).
+    pub control: Control,
     /// Connections counted against `limits.maxConnections` (admitted or being admitted).
     connections: AtomicUsize,
     per_client: Mutex<HashMap<IpAddr, u32>>,
@@ -46,9 +49,15 @@ pub struct State {
 
 impl State {
     pub fn new(reload: ReloadStatus) -> Self {
+        Self::with_control(reload, Control::default())
+    }
+
+    /// [`new`](Self::new) with runtime overrides that others (the Pod's report) also read.
+    pub fn with_control(reload: ReloadStatus, control: Control) -> Self {
         State {
             metrics: Arc::new(Metrics::default()),
             reload,
+            control,
             connections: AtomicUsize::new(0),
             per_client: Mutex::new(HashMap::new()),
             negotiating: AtomicUsize::new(0),

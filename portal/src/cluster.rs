@@ -32,7 +32,8 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, FieldError, Health},
+    config::{BackendState, Config, ConfigError, FieldError, Health},
+    control::{Control, Overrides},
     error::Error,
     health::{
         self, CredentialsSource, HealthHandle, HealthView, ProbeCredentials, StandaloneCredentials,
@@ -72,6 +73,8 @@ pub struct Cluster {
     pub config: watch::Receiver<Arc<Config>>,
     pub health: HealthHandle,
     pub reload: ReloadStatus,
+    /// The runtime overrides of backends (the admin endpoint's), reported on the Pod.
+    pub control: Control,
     pub tls: Arc<TlsRuntime>,
     /// The watches of the ConfigMap and the Secrets, and the Pod's report; they stop when
     /// dropped.
@@ -93,6 +96,7 @@ pub struct Report {
 
 /// One backend as a portal sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BackendReport {
     pub name: String,
     pub up: bool,
@@ -100,13 +104,30 @@ pub struct BackendReport {
     /// `busy` or `misconf` while an up backend answers with a caveat.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<&'static str>,
+    /// `drain` or `maint` (from the configuration or the admin endpoint); absent when ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_state: Option<&'static str>,
 }
 
 impl Report {
     /// The report of a portal serving `config` with the health view `health`.
-    pub fn new(config: &Config, health: &HealthView, reload: &reload::ReloadState) -> Self {
+    pub fn new(
+        config: &Config,
+        health: &HealthView,
+        overrides: &Overrides,
+        reload: &reload::ReloadState,
+    ) -> Self {
+        let admin_state = |name: &str| {
+            config
+                .backends
+                .iter()
+                .find(|b| b.name == name)
+                .map(|b| overrides.state(b))
+                .filter(|s| !s.is_ready())
+                .map(BackendState::as_str)
+        };
         Report {
-            ready: !route::eligible(config, health).is_empty(),
+            ready: !route::eligible(config, health, overrides).is_empty(),
             leader: health.leader_name().map(str::to_string),
             backends: health
                 .backends
@@ -116,6 +137,7 @@ impl Report {
                     up: b.up,
                     role: b.role.as_str(),
                     state: b.caveat.filter(|_| b.up).map(|c| c.as_str()),
+                    admin_state: admin_state(&b.name),
                 })
                 .collect(),
             config_stale: reload.stale,
@@ -447,6 +469,7 @@ pub async fn start(
         }));
     }
     // Report on the Pod.
+    let control = Control::default();
     match &options.pod_name {
         Some(pod) => {
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -455,6 +478,7 @@ pub async fn start(
                 pod.clone(),
                 rx.clone(),
                 checker.view(),
+                control.subscribe(),
                 status.clone(),
             )));
         }
@@ -467,6 +491,7 @@ pub async fn start(
         config: rx,
         health: checker,
         reload: status,
+        control,
         tls,
         following: Following {
             tasks,
@@ -488,6 +513,7 @@ async fn report(
     pod: String,
     mut config: watch::Receiver<Arc<Config>>,
     mut health: watch::Receiver<HealthView>,
+    mut overrides: watch::Receiver<Arc<Overrides>>,
     status: ReloadStatus,
 ) {
     let mut sent: Option<Report> = None;
@@ -496,7 +522,8 @@ async fn report(
         let now = {
             let c = config.borrow_and_update().clone();
             let h = health.borrow_and_update().clone();
-            Report::new(&c, &h, &status.snapshot())
+            let o = overrides.borrow_and_update().clone();
+            Report::new(&c, &h, &o, &status.snapshot())
         };
         if sent.as_ref() != Some(&now) {
             match patch_report(&pods, &pod, &now).await {
@@ -520,6 +547,7 @@ async fn report(
         tokio::select! {
             r = config.changed() => if r.is_err() { return },
             r = health.changed() => if r.is_err() { return },
+            r = overrides.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(REPORT_INTERVAL) => {}
         }
     }
@@ -601,12 +629,16 @@ mod tests {
         let mut view = HealthView::assume_up(["a", "b"]);
         view.leader = Some(1);
         let state = reload::ReloadState::default();
-        let r = Report::new(&config, &view, &state);
+        let r = Report::new(&config, &view, &Overrides::default(), &state);
         assert_eq!(r.leader.as_deref(), Some("b"));
         assert!(r.ready);
         view.conflict = true;
-        assert_eq!(Report::new(&config, &view, &state).leader, None);
-        let json = serde_json::to_value(Report::new(&config, &view, &state)).unwrap();
+        assert_eq!(
+            Report::new(&config, &view, &Overrides::default(), &state).leader,
+            None
+        );
+        let json = serde_json::to_value(Report::new(&config, &view, &Overrides::default(), &state))
+            .unwrap();
         assert_eq!(json["backends"][0]["role"], "unknown");
         assert!(json.get("configStale").is_some());
         assert!(
@@ -619,9 +651,22 @@ mod tests {
         view.backends[1].caveat = Some(crate::health::Caveat::Busy);
         view.backends[0].caveat = Some(crate::health::Caveat::Misconf);
         view.backends[0].up = false;
-        let json = serde_json::to_value(Report::new(&config, &view, &state)).unwrap();
+        let json = serde_json::to_value(Report::new(&config, &view, &Overrides::default(), &state))
+            .unwrap();
         assert_eq!(json["leader"], "b");
         assert_eq!(json["backends"][1]["state"], "busy");
         assert!(json["backends"][0].get("state").is_none());
+        assert!(
+            json["backends"][1].get("adminState").is_none(),
+            "ready is not reported"
+        );
+
+        // A drained leader: reported, and the portal has nothing to route new sessions to.
+        let control = Control::default();
+        control.set_state("b", Some(BackendState::Drain));
+        let r = Report::new(&config, &view, &control.current(), &state);
+        assert!(!r.ready);
+        let json = serde_json::to_value(r).unwrap();
+        assert_eq!(json["backends"][1]["adminState"], "drain");
     }
 }

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod allow;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod health;
 pub mod logging;

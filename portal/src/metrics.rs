@@ -3,7 +3,7 @@
 //! Each module owns its families (admission, health, reload, TLS, the admin endpoint); the
 //! admin endpoint registers the collectors and only encodes.
 //!
-//! May import: `config`. Sits beside the layers: anything may import it.
+//! May import: `config`, `control`. Sits beside the layers: anything may import it.
 
 use std::{
     collections::BTreeMap,
@@ -24,7 +24,10 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::{
+    config::{BackendState, Config},
+    control::Control,
+};
 
 /// Why a new client was closed before reaching a backend. The name is the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,10 +102,13 @@ pub enum CloseReason {
     Backend,
     /// Shutdown: the drain timeout ran out.
     Shutdown,
+    /// Cut through the admin endpoint (a backend put in maintenance with `cutSessions`, or
+    /// `POST /sessions/close`).
+    Admin,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Done,
         CloseReason::ClientTimeout,
         CloseReason::ServerTimeout,
@@ -110,6 +116,7 @@ impl CloseReason {
         CloseReason::Policy,
         CloseReason::Backend,
         CloseReason::Shutdown,
+        CloseReason::Admin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +128,7 @@ impl CloseReason {
             CloseReason::Policy => "policy",
             CloseReason::Backend => "backend",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Admin => "admin",
         }
     }
 }
@@ -150,9 +158,75 @@ fn shard_index() -> usize {
 /// Per-backend counters; they outlive reloads, keyed by backend name.
 #[derive(Debug, Default)]
 pub struct BackendStats {
+    pub name: String,
+    /// Open sessions and sessions being set up (each holds a [`Place`]).
     pub active: AtomicU64,
+    /// The most `active` has been.
+    pub max_active: AtomicU64,
     pub sessions: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// Successful connects and the sum of their durations (µs).
+    pub connects: AtomicU64,
+    pub connect_micros: AtomicU64,
+    /// Bytes of ended sessions, by direction (client to backend, backend to client).
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// The portal's queue, woken when a place frees.
+    queue: Arc<Queue>,
+}
+
+impl BackendStats {
+    /// Takes a place on this backend unless `max` (0 = unlimited) are taken.
+    pub fn try_place(self: &Arc<Self>, max: u32) -> Option<Place> {
+        let mut now = self.active.load(Relaxed);
+        loop {
+            if max != 0 && now >= u64::from(max) {
+                return None;
+            }
+            match self
+                .active
+                .compare_exchange_weak(now, now + 1, Relaxed, Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => now = seen,
+            }
+        }
+        self.max_active.fetch_max(now + 1, Relaxed);
+        Some(Place(self.clone()))
+    }
+}
+
+/// One session's place on a backend (counted in `active`); given back on drop, waking the
+/// sessions queued for a place.
+#[derive(Debug)]
+pub struct Place(Arc<BackendStats>);
+
+impl Place {
+    pub fn stats(&self) -> &Arc<BackendStats> {
+        &self.0
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+        let queue = &self.0.queue;
+        if queue.waiting.load(Relaxed) > 0 {
+            queue.freed.notify_waiters();
+        }
+    }
+}
+
+/// New sessions waiting for a place because every candidate backend is at its
+/// `maxConnections`.
+#[derive(Debug, Default)]
+pub struct Queue {
+    pub waiting: AtomicU64,
+    pub freed: tokio::sync::Notify,
+    /// Sessions that waited, the sum of their waits (µs), and those that gave up.
+    pub waited: AtomicU64,
+    pub wait_micros: AtomicU64,
+    pub timeouts: AtomicU64,
 }
 
 /// The portal's counters.
@@ -168,6 +242,7 @@ pub struct Metrics {
     closes: [AtomicU64; CloseReason::ALL.len()],
     bytes: [Shard; SHARDS],
     backends: Mutex<BTreeMap<String, Arc<BackendStats>>>,
+    pub queue: Arc<Queue>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -211,7 +286,15 @@ impl Metrics {
     /// The counters of backend `name`, created on first use.
     pub fn backend(&self, name: &str) -> Arc<BackendStats> {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(name.to_string()).or_default().clone()
+        map.entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(BackendStats {
+                    name: name.to_string(),
+                    queue: self.queue.clone(),
+                    ..BackendStats::default()
+                })
+            })
+            .clone()
     }
 
     /// Every backend seen so far, by name.
@@ -282,6 +365,22 @@ pub fn histogram(
         .encode_histogram::<NoLabelSet>(sum, count, &[(f64::INFINITY, count)], None)
 }
 
+/// A histogram family without buckets of its own, one sample (sum, count) per label set.
+pub fn histograms<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, f64, u64)>,
+) -> fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, sum, count) in samples {
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(sum, count, &[(f64::INFINITY, count)], None)?;
+    }
+    Ok(())
+}
+
 /// 1 for true, 0 for false.
 pub fn flag(b: bool) -> i64 {
     i64::from(b)
@@ -293,12 +392,74 @@ pub fn flag(b: bool) -> i64 {
 pub struct DataPlaneCollector {
     pub metrics: Arc<Metrics>,
     pub config: watch::Receiver<Arc<Config>>,
+    pub control: Control,
 }
 
 impl Collector for DataPlaneCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let m = &self.metrics;
         let config = self.config.borrow().clone();
+        let overrides = self.control.current();
+        gauges(
+            &mut e,
+            "dbportal_build_info",
+            "The portal's version (always 1).",
+            [([("version", env!("CARGO_PKG_VERSION"))], 1i64)],
+        )?;
+        let q = &m.queue;
+        gauge(
+            &mut e,
+            "dbportal_queue_length",
+            "New sessions waiting for a place because every candidate backend is at its maxConnections.",
+            q.waiting.load(Relaxed),
+        )?;
+        histogram(
+            &mut e,
+            "dbportal_queue_seconds",
+            "Time new sessions waited in the queue.",
+            q.wait_micros.load(Relaxed) as f64 / 1e6,
+            q.waited.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "dbportal_queue_timeouts",
+            "Queued sessions closed because no place freed within timeouts.connect.",
+            q.timeouts.load(Relaxed),
+        )?;
+        gauges(
+            &mut e,
+            "dbportal_backend_weight",
+            "Weight of each backend (the configuration's, or the admin endpoint's override).",
+            config.backends.iter().map(|b| {
+                (
+                    [("backend", b.name.clone())],
+                    i64::from(overrides.weight(b)),
+                )
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "dbportal_backend_admin_state",
+            "Administrative state of each backend (1 for the state it is in): ready, drain or maint.",
+            config.backends.iter().flat_map(|b| {
+                let now = overrides.state(b);
+                [BackendState::Ready, BackendState::Drain, BackendState::Maint].map(|s| {
+                    (
+                        [("backend", b.name.clone()), ("state", s.as_str().to_string())],
+                        flag(s == now),
+                    )
+                })
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "dbportal_backend_sessions_limit",
+            "maxConnections of each backend (0 = unlimited).",
+            config
+                .backends
+                .iter()
+                .map(|b| ([("backend", b.name.clone())], i64::from(b.max_connections))),
+        )?;
         gauge(
             &mut e,
             "dbportal_sessions_active",
@@ -379,6 +540,43 @@ impl Collector for DataPlaneCollector {
             "dbportal_backend_connect_errors",
             "Failed connection attempts per backend (refused, unreachable or timed out).",
             per_backend(&|s| s.connect_errors.load(Relaxed)),
+        )?;
+        gauges(
+            &mut e,
+            "dbportal_backend_sessions_max",
+            "The most sessions each backend has had open at once.",
+            per_backend(&|s| s.max_active.load(Relaxed)),
+        )?;
+        histograms(
+            &mut e,
+            "dbportal_backend_connect_seconds",
+            "Time to connect to each backend (successful connects).",
+            config.backends.iter().map(|b| {
+                let s = m.backend(&b.name);
+                (
+                    [("backend", b.name.clone())],
+                    s.connect_micros.load(Relaxed) as f64 / 1e6,
+                    s.connects.load(Relaxed),
+                )
+            }),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_backend_bytes",
+            "Bytes of ended sessions per backend, by direction.",
+            config.backends.iter().flat_map(|b| {
+                let s = m.backend(&b.name);
+                [
+                    ("client_to_backend", s.bytes_in.load(Relaxed)),
+                    ("backend_to_client", s.bytes_out.load(Relaxed)),
+                ]
+                .map(|(d, v)| {
+                    (
+                        [("backend", b.name.clone()), ("direction", d.to_string())],
+                        v,
+                    )
+                })
+            }),
         )
     }
 }

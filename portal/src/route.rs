@@ -1,14 +1,26 @@
 //! Backend choice: which backends may take a new session, and in which order to try them
-//! for `first`, `roundrobin`, `leastconn`, `source` and `leader`.
+//! for `first`, `roundrobin`, `leastconn`, `source` and `leader`, by weight.
 //!
-//! May import: `allow`, `config`, `health`. Pure: no I/O.
+//! - A backend takes new sessions when it is up and its state (the configuration's, or the
+//!   admin endpoint's override) is `ready`; `backup` backends only when no other one may
+//!   (never in `leader` mode, which follows the leader alone).
+//! - Weights are in units of 1/256 so that `slowStart` can ramp a recovered backend's share
+//!   smoothly, even from weight 1. Equal weights keep the exact rotation of `roundrobin` and
+//!   the plain hash of `source`; unequal ones spread sessions by a low-discrepancy sequence
+//!   (round robin) or a weighted hash (source), and `leastconn` compares sessions per weight.
+//!
+//! May import: `allow`, `config`, `control`, `health`. Pure: no I/O.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Instant};
 
 use crate::{
-    config::{Config, RoutingMode},
+    config::{BackendState, Config, RoutingMode},
+    control::Overrides,
     health::HealthView,
 };
+
+/// One unit of configured weight, in the units [`weights`] returns.
+pub const WEIGHT_UNIT: u64 = 256;
 
 /// Whether the health view lets `name` take new sessions. A backend the view does not know
 /// yet (just added by a reload, not probed) is assumed up, as the checker does at start.
@@ -16,21 +28,41 @@ pub fn is_up(health: &HealthView, name: &str) -> bool {
     health.is_up(name)
 }
 
+/// Whether backend `i` is up and `ready`.
+fn available(config: &Config, health: &HealthView, overrides: &Overrides, i: usize) -> bool {
+    let b = &config.backends[i];
+    is_up(health, &b.name) && overrides.state(b) == BackendState::Ready
+}
+
 /// Indexes (into `config.backends`) of the backends that may take a new session, in list
 /// order.
-pub fn eligible(config: &Config, health: &HealthView) -> Vec<usize> {
+pub fn eligible(config: &Config, health: &HealthView, overrides: &Overrides) -> Vec<usize> {
     match config.routing {
-        RoutingMode::Leader => leader_eligible(config, health),
-        _ => up_in_order(config, health),
+        RoutingMode::Leader => leader_eligible(config, health, overrides),
+        _ => {
+            let ready: Vec<usize> = (0..config.backends.len())
+                .filter(|&i| available(config, health, overrides, i))
+                .collect();
+            let primary: Vec<usize> = ready
+                .iter()
+                .copied()
+                .filter(|&i| !config.backends[i].backup)
+                .collect();
+            if primary.is_empty() {
+                ready
+            } else {
+                primary
+            }
+        }
     }
 }
 
-/// `leader` mode: the node the checker reports as leader, if it is up; nothing while there is
-/// no leader or several claim to lead (new sessions then wait for one).
-pub fn leader_eligible(config: &Config, health: &HealthView) -> Vec<usize> {
+/// `leader` mode: the node the checker reports as leader, if it is up and ready; nothing
+/// while there is no leader or several claim to lead (new sessions then wait for one).
+pub fn leader_eligible(config: &Config, health: &HealthView, overrides: &Overrides) -> Vec<usize> {
     if let Some(name) = health.leader_name() {
         if let Some(i) = config.backends.iter().position(|b| b.name == name) {
-            if is_up(health, name) {
+            if available(config, health, overrides, i) {
                 return vec![i];
             }
         }
@@ -38,26 +70,53 @@ pub fn leader_eligible(config: &Config, health: &HealthView) -> Vec<usize> {
     Vec::new()
 }
 
-fn up_in_order(config: &Config, health: &HealthView) -> Vec<usize> {
+/// The weight of each backend now, in units of 1/[`WEIGHT_UNIT`]: the configured (or
+/// overridden) weight, ramped over `slowStart` after the backend came back up.
+pub fn weights(
+    config: &Config,
+    health: &HealthView,
+    overrides: &Overrides,
+    now: Instant,
+) -> Vec<u64> {
     config
         .backends
         .iter()
-        .enumerate()
-        .filter(|(_, b)| is_up(health, &b.name))
-        .map(|(i, _)| i)
+        .map(|b| {
+            let full = u64::from(overrides.weight(b)) * WEIGHT_UNIT;
+            let up_at = health
+                .backends
+                .iter()
+                .find(|h| h.name == b.name)
+                .and_then(|h| h.up_at);
+            match up_at {
+                Some(at) if !b.slow_start.is_zero() => {
+                    let elapsed = now.saturating_duration_since(at);
+                    if elapsed >= b.slow_start {
+                        full
+                    } else {
+                        let part =
+                            full as u128 * elapsed.as_millis() / b.slow_start.as_millis().max(1);
+                        (part as u64).max(1)
+                    }
+                }
+                _ => full,
+            }
+        })
         .collect()
 }
 
 /// The order in which to try `eligible` backends for one new session: the choice of `mode`
-/// first, then the others as fallbacks when it refuses or times out.
+/// first, then the others as fallbacks when it refuses, is full or times out.
 ///
 /// `ticket` is a per-portal counter taken once per session (round robin, and tie-breaks for
-/// leastconn); `active(i)` is the number of open sessions on backend `i`.
+/// leastconn); `weight(i)` is backend `i`'s weight (see [`weights`]); `active(i)` is the
+/// number of open sessions on backend `i`.
 pub fn order(
     mode: RoutingMode,
     eligible: &[usize],
     client: IpAddr,
     ticket: usize,
+    weight: impl Fn(usize) -> u64,
     active: impl Fn(usize) -> u64,
 ) -> Vec<usize> {
     let n = eligible.len();
@@ -66,15 +125,45 @@ pub fn order(
     }
     let rotated =
         |start: usize| -> Vec<usize> { (0..n).map(|k| eligible[(start + k) % n]).collect() };
+    let w: Vec<u64> = eligible.iter().map(|&i| weight(i).max(1)).collect();
+    let equal = w.iter().all(|&x| x == w[0]);
+    // The position (into `eligible`) that a point in [0, 1) of the weighted line falls on.
+    let pick = |point: f64| -> usize {
+        let total: u64 = w.iter().sum();
+        let target = ((point * total as f64) as u64).min(total - 1);
+        let mut acc = 0;
+        for (k, &x) in w.iter().enumerate() {
+            acc += x;
+            if target < acc {
+                return k;
+            }
+        }
+        n - 1
+    };
     match mode {
         RoutingMode::First | RoutingMode::Leader => eligible.to_vec(),
-        RoutingMode::Roundrobin => rotated(ticket % n),
+        RoutingMode::Roundrobin if equal => rotated(ticket % n),
+        RoutingMode::Roundrobin => {
+            // The golden-ratio sequence: consecutive tickets land far apart on the weighted
+            // line, and every stretch of tickets covers it in proportion.
+            const PHI: f64 = 0.618_033_988_749_894_9;
+            rotated(pick((ticket as f64 * PHI).fract()))
+        }
         RoutingMode::Leastconn => {
             let mut list = rotated(ticket % n);
-            list.sort_by_key(|&i| active(i));
+            let weight_of = |i: usize| w[eligible.iter().position(|&e| e == i).unwrap_or(0)];
+            // Fewest sessions per unit of weight first: a/wa < b/wb ⇔ a·wb < b·wa.
+            list.sort_by(|&a, &b| {
+                (u128::from(active(a)) * u128::from(weight_of(b)))
+                    .cmp(&(u128::from(active(b)) * u128::from(weight_of(a))))
+            });
             list
         }
-        RoutingMode::Source => rotated((source_hash(client) % n as u64) as usize),
+        RoutingMode::Source if equal => rotated((source_hash(client) % n as u64) as usize),
+        RoutingMode::Source => {
+            let point = (source_hash(client) >> 11) as f64 / (1u64 << 53) as f64;
+            rotated(pick(point))
+        }
     }
 }
 
@@ -104,6 +193,21 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn none_set() -> Overrides {
+        Overrides::default()
+    }
+
+    /// [`order`] with equal weights.
+    fn ordered(
+        mode: RoutingMode,
+        eligible: &[usize],
+        client: IpAddr,
+        ticket: usize,
+        active: impl Fn(usize) -> u64,
+    ) -> Vec<usize> {
+        order(mode, eligible, client, ticket, |_| WEIGHT_UNIT, active)
+    }
+
     fn config(mode: &str, n: usize) -> Config {
         let backends: String = (0..n)
             .map(|i| format!("  - {{name: b{i}, address: \"127.0.0.1:{}\"}}\n", 7000 + i))
@@ -129,28 +233,40 @@ mod tests {
     #[test]
     fn eligible_skips_down_nodes_and_assumes_unknown_up() {
         let c = config("first", 3);
-        assert_eq!(eligible(&c, &view(&[true, false, true], None)), vec![0, 2]);
         assert_eq!(
-            eligible(&c, &view(&[false, false, false], None)),
+            eligible(&c, &view(&[true, false, true], None), &none_set()),
+            vec![0, 2]
+        );
+        assert_eq!(
+            eligible(&c, &view(&[false, false, false], None), &none_set()),
             Vec::<usize>::new()
         );
-        assert_eq!(eligible(&c, &HealthView::default()), vec![0, 1, 2]);
+        assert_eq!(
+            eligible(&c, &HealthView::default(), &none_set()),
+            vec![0, 1, 2]
+        );
     }
 
     #[test]
     fn leader_mode_routes_to_the_leader_only() {
         let c = config("leader", 3);
         let none: Vec<usize> = Vec::new();
-        assert_eq!(eligible(&c, &view(&[false, true, true], None)), none);
-        assert_eq!(eligible(&c, &view(&[true, true, true], Some(2))), vec![2]);
+        assert_eq!(
+            eligible(&c, &view(&[false, true, true], None), &none_set()),
+            none
+        );
+        assert_eq!(
+            eligible(&c, &view(&[true, true, true], Some(2)), &none_set()),
+            vec![2]
+        );
         let mut conflicted = view(&[true, true, true], Some(2));
         conflicted.conflict = true;
-        assert_eq!(eligible(&c, &conflicted), none);
+        assert_eq!(eligible(&c, &conflicted, &none_set()), none);
     }
 
     #[test]
     fn first_keeps_list_order() {
-        let o = order(RoutingMode::First, &[0, 2, 3], ip("10.0.0.1"), 7, |_| 0);
+        let o = ordered(RoutingMode::First, &[0, 2, 3], ip("10.0.0.1"), 7, |_| 0);
         assert_eq!(o, vec![0, 2, 3]);
     }
 
@@ -158,7 +274,7 @@ mod tests {
     fn roundrobin_rotates() {
         let firsts: Vec<usize> = (0..6)
             .map(|t| {
-                order(
+                ordered(
                     RoutingMode::Roundrobin,
                     &[0, 1, 2],
                     ip("10.0.0.1"),
@@ -169,7 +285,7 @@ mod tests {
             .collect();
         assert_eq!(firsts, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(
-            order(
+            ordered(
                 RoutingMode::Roundrobin,
                 &[0, 1, 2],
                 ip("10.0.0.1"),
@@ -184,7 +300,7 @@ mod tests {
     fn leastconn_prefers_fewest_sessions_then_rotates_ties() {
         let active = |i: usize| [5u64, 1, 3][i];
         assert_eq!(
-            order(
+            ordered(
                 RoutingMode::Leastconn,
                 &[0, 1, 2],
                 ip("10.0.0.1"),
@@ -194,8 +310,8 @@ mod tests {
             vec![1, 2, 0]
         );
         let tie = |_| 0u64;
-        let a = order(RoutingMode::Leastconn, &[0, 1], ip("10.0.0.1"), 0, tie)[0];
-        let b = order(RoutingMode::Leastconn, &[0, 1], ip("10.0.0.1"), 1, tie)[0];
+        let a = ordered(RoutingMode::Leastconn, &[0, 1], ip("10.0.0.1"), 0, tie)[0];
+        let b = ordered(RoutingMode::Leastconn, &[0, 1], ip("10.0.0.1"), 1, tie)[0];
         assert_ne!(a, b);
     }
 
@@ -204,8 +320,8 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for last in 2..40u8 {
             let client = IpAddr::from([127, 0, 0, last]);
-            let a = order(RoutingMode::Source, &[0, 1, 2], client, 0, |_| 0);
-            let b = order(RoutingMode::Source, &[0, 1, 2], client, 99, |_| 7);
+            let a = ordered(RoutingMode::Source, &[0, 1, 2], client, 0, |_| 0);
+            let b = ordered(RoutingMode::Source, &[0, 1, 2], client, 99, |_| 7);
             assert_eq!(a, b, "{client}");
             assert_eq!(a.len(), 3);
             seen.insert(a[0]);
@@ -227,7 +343,152 @@ mod tests {
             RoutingMode::Source,
             RoutingMode::Leader,
         ] {
-            assert!(order(mode, &[], ip("10.0.0.1"), 0, |_| 0).is_empty());
+            assert!(ordered(mode, &[], ip("10.0.0.1"), 0, |_| 0).is_empty());
         }
+    }
+
+    fn weighted(mode: &str, extra: &[&str]) -> Config {
+        let backends: String = extra
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                format!(
+                    "  - {{name: b{i}, address: \"127.0.0.1:{}\"{e}}}\n",
+                    7000 + i
+                )
+            })
+            .collect();
+        crate::config::parse_yaml(&format!(
+            "engine: redis\nrouting: {{mode: {mode}}}\ntls: {{mode: disabled}}\nbackends:\n{backends}"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap()
+    }
+
+    fn shares(mode: RoutingMode, weights: &[u64], n: usize) -> Vec<usize> {
+        let eligible: Vec<usize> = (0..weights.len()).collect();
+        let mut counts = vec![0; weights.len()];
+        for t in 0..n {
+            let client = IpAddr::from([10, (t >> 16) as u8, (t >> 8) as u8, t as u8]);
+            counts[order(mode, &eligible, client, t, |i| weights[i], |_| 0)[0]] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn weights_share_roundrobin_and_source() {
+        for mode in [RoutingMode::Roundrobin, RoutingMode::Source] {
+            let counts = shares(mode, &[256, 768], 1000);
+            assert!((230..=270).contains(&counts[0]), "{mode:?}: {counts:?}");
+            let counts = shares(mode, &[256, 256, 512], 1000);
+            assert!((220..=280).contains(&counts[0]), "{mode:?}: {counts:?}");
+            assert!((450..=550).contains(&counts[2]), "{mode:?}: {counts:?}");
+        }
+        // Round robin spreads consecutive sessions: no backend gets 3 in a row at 1:1:2.
+        let picks: Vec<usize> = (0..40)
+            .map(|t| {
+                order(
+                    RoutingMode::Roundrobin,
+                    &[0, 1, 2],
+                    ip("10.0.0.1"),
+                    t,
+                    |i| [256, 256, 512][i],
+                    |_| 0,
+                )[0]
+            })
+            .collect();
+        assert!(
+            picks.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])),
+            "{picks:?}"
+        );
+    }
+
+    #[test]
+    fn leastconn_counts_sessions_per_weight() {
+        // b0: 4 sessions at weight 1 (4 per unit), b1: 6 at weight 3 (2 per unit).
+        let o = order(
+            RoutingMode::Leastconn,
+            &[0, 1],
+            ip("10.0.0.1"),
+            0,
+            |i| [256, 768][i],
+            |i| [4, 6][i],
+        );
+        assert_eq!(o, vec![1, 0]);
+    }
+
+    #[test]
+    fn backups_only_when_no_other_backend_may() {
+        let c = weighted("roundrobin", &["", ", backup: true", ""]);
+        let none = none_set();
+        assert_eq!(
+            eligible(&c, &view(&[true, true, true], None), &none),
+            vec![0, 2]
+        );
+        assert_eq!(
+            eligible(&c, &view(&[false, true, true], None), &none),
+            vec![2]
+        );
+        assert_eq!(
+            eligible(&c, &view(&[false, true, false], None), &none),
+            vec![1]
+        );
+        // Leader mode follows the leader, backup or not.
+        let c = weighted("leader", &["", ", backup: true"]);
+        assert_eq!(eligible(&c, &view(&[true, true], Some(1)), &none), vec![1]);
+    }
+
+    #[test]
+    fn drained_and_maintained_backends_take_no_new_sessions() {
+        let c = weighted("roundrobin", &["", ", state: drain", ", state: maint"]);
+        let none = none_set();
+        assert_eq!(
+            eligible(&c, &view(&[true, true, true], None), &none),
+            vec![0]
+        );
+        // The runtime override wins over the configuration, both ways.
+        let control = crate::control::Control::default();
+        control.set_state("b1", Some(BackendState::Ready));
+        control.set_state("b0", Some(BackendState::Maint));
+        assert_eq!(
+            eligible(&c, &view(&[true, true, true], None), &control.current()),
+            vec![1]
+        );
+        // A drained leader: nothing to route to.
+        let c = weighted("leader", &["", ", state: drain"]);
+        assert!(eligible(&c, &view(&[true, true], Some(1)), &none).is_empty());
+    }
+
+    #[test]
+    fn slow_start_ramps_the_weight_of_a_recovered_backend() {
+        let c = weighted(
+            "roundrobin",
+            &[", weight: 4, slowStart: 10s", ", weight: 2"],
+        );
+        let mut v = view(&[true, true], None);
+        let now = Instant::now();
+        // Up since the portal started: full weight.
+        assert_eq!(
+            weights(&c, &v, &none_set(), now),
+            vec![4 * WEIGHT_UNIT, 2 * WEIGHT_UNIT]
+        );
+        v.backends[0].up_at = Some(now);
+        assert_eq!(
+            weights(&c, &v, &none_set(), now)[0],
+            1,
+            "at least 1 unit at once"
+        );
+        let later = now + std::time::Duration::from_millis(2500);
+        assert_eq!(weights(&c, &v, &none_set(), later)[0], WEIGHT_UNIT);
+        let done = now + std::time::Duration::from_secs(11);
+        assert_eq!(weights(&c, &v, &none_set(), done)[0], 4 * WEIGHT_UNIT);
+        // A runtime weight replaces the configured one.
+        let control = crate::control::Control::default();
+        control.set_weight("b1", Some(9));
+        assert_eq!(
+            weights(&c, &v, &control.current(), done)[1],
+            9 * WEIGHT_UNIT
+        );
     }
 }

@@ -24,6 +24,7 @@ use crate::{
     admission::{admit, State},
     allow, cluster,
     config::Config,
+    control::Control,
     error::Error,
     health,
     metrics::Rejection,
@@ -46,22 +47,28 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let tls = TlsRuntime::new_or_closed(&config.borrow());
-    run_with_tls(listener, admin, config, health, reload, tls, shutdown).await
+    let control = Control::default();
+    run_with_tls(
+        listener, admin, config, health, reload, control, tls, shutdown,
+    )
+    .await
 }
 
 /// [`run`] with a TLS runtime made by the caller, who may feed it certificates (a portal in a
-/// cluster hands over its TLS Secret's pair).
+/// cluster hands over its TLS Secret's pair), and the runtime overrides it reports.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_with_tls(
     listener: TcpListener,
     admin: TcpListener,
     config: watch::Receiver<Arc<Config>>,
     health: impl Into<health::HealthSource>,
     reload: ReloadStatus,
+    control: Control,
     tls: Arc<TlsRuntime>,
     shutdown: impl Future<Output = ()>,
 ) {
     let health = health.into();
-    let state = Arc::new(State::new(reload));
+    let state = Arc::new(State::with_control(reload, control));
     let (kill_tx, kill) = watch::channel(false);
     let (admin_stop, admin_stopped) = watch::channel(false);
     let tls_task = tls.spawn(config.clone(), tls::CERT_POLL_INTERVAL);
@@ -355,6 +362,7 @@ pub async fn cluster(
         portal.config,
         portal.health,
         portal.reload,
+        portal.control,
         portal.tls,
         shutdown,
     )

@@ -209,6 +209,8 @@ struct Half {
     need_flush: bool,
     last: Instant,
     idle: Duration,
+    /// Bytes read in this direction.
+    bytes: u64,
 }
 
 impl Half {
@@ -221,6 +223,7 @@ impl Half {
             need_flush: false,
             last: now,
             idle,
+            bytes: 0,
         }
     }
 
@@ -274,6 +277,13 @@ where
             metrics,
             timer: tokio::time::sleep_until(now + client_idle.min(server_idle)),
         }
+    }
+}
+
+impl<C, S> Splice<C, S> {
+    /// Bytes copied so far: (client to backend, backend to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.c2s.bytes, self.s2c.bytes)
     }
 }
 
@@ -407,6 +417,7 @@ where
             }
             h.last = Instant::now();
             metrics.add_bytes(dir, data.len() as u64);
+            h.bytes += data.len() as u64;
             let mut off = 0;
             while off < data.len() {
                 match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {

@@ -24,6 +24,9 @@ impl Duration {
     pub const fn get(self) -> std::time::Duration {
         self.0
     }
+    pub fn is_zero(&self) -> bool {
+        self.0.is_zero()
+    }
 }
 
 impl From<Duration> for std::time::Duration {

@@ -45,6 +45,13 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub drain_timeout: std::time::Duration,
+    /// The admin endpoint's bearer token file (`adminTokenFile`); none = state-changing
+    /// requests are refused.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Reads of the admin endpoint need the token too (`adminTokenForReads`).
+    pub admin_token_for_reads: bool,
+    /// One log line per closed session (`portal.accessLog`).
+    pub access_log: bool,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
 }
@@ -54,6 +61,23 @@ pub struct Config {
 pub struct Backend {
     pub name: String,
     pub address: Address,
+    /// 1 to 256.
+    pub weight: u32,
+    pub backup: bool,
+    /// Sessions at once on this backend, per portal; 0 = unlimited.
+    pub max_connections: u32,
+    /// Ramp-up of the weight after the node comes back up; zero = none.
+    pub slow_start: std::time::Duration,
+    /// The state the configuration gives (the admin endpoint may override it at runtime).
+    pub state: BackendState,
+}
+
+impl Backend {
+    /// Whether `other` is probed the same way (same name and address): its weight, state
+    /// and limits may differ.
+    pub fn probes_like(&self, other: &Backend) -> bool {
+        self.name == other.name && self.address == other.address
+    }
 }
 
 /// Validated health-check settings.
@@ -253,13 +277,31 @@ impl DatabasePortalSpec {
                     format!("duplicate backend name {:?}", b.name),
                 );
             }
+            if !(1..=256).contains(&b.weight) {
+                err(
+                    &format!("backends[{i}].weight"),
+                    format!("{} is out of range; a weight is 1 to 256", b.weight),
+                );
+            }
             match b.address.parse::<Address>() {
                 Ok(address) => backends.push(Backend {
                     name: b.name.clone(),
                     address,
+                    weight: u32::from(b.weight),
+                    backup: b.backup,
+                    max_connections: b.max_connections,
+                    slow_start: b.slow_start.get(),
+                    state: b.state,
                 }),
                 Err(e) => err(&format!("backends[{i}].address"), e.to_string()),
             }
+        }
+
+        if self.admin_token_for_reads && self.admin_token_file.as_deref().unwrap_or("").is_empty() {
+            err(
+                "adminTokenForReads",
+                "needs adminTokenFile (the token reads must carry)".into(),
+            );
         }
 
         let routing = self
@@ -435,6 +477,13 @@ impl DatabasePortalSpec {
                 .drain_timeout
                 .map(Duration::get)
                 .unwrap_or(std::time::Duration::from_secs(30)),
+            admin_token_file: self
+                .admin_token_file
+                .as_deref()
+                .filter(|f| !f.is_empty())
+                .map(std::path::PathBuf::from),
+            admin_token_for_reads: self.admin_token_for_reads,
+            access_log: self.portal.access_log,
             spec: self.clone(),
         })
     }

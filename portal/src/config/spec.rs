@@ -101,6 +101,19 @@ pub struct DatabasePortalSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub drain_timeout: Option<Duration>,
+
+    /// Portal only: a file holding the bearer token that the admin endpoint's state-changing
+    /// requests must carry (re-read when it changes). In a cluster the operator sets it to
+    /// its per-DatabasePortal Secret. Absent: state-changing requests are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub admin_token_file: Option<String>,
+
+    /// Portal only: reads of the admin endpoint (`/`, `/status`, `/metrics`) need the token
+    /// too. `/healthz` and `/readyz` never do. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(skip)]
+    pub admin_token_for_reads: bool,
 }
 
 /// The database engine behind the portal.
@@ -152,6 +165,7 @@ impl Engine {
 
 /// One database node.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct BackendSpec {
     /// Unique name of the node (a DNS label), used in status, metrics and logs.
     #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
@@ -159,6 +173,70 @@ pub struct BackendSpec {
     /// `host:port` of the node; IPv6 addresses in brackets, as `[::1]:6379`.
     #[schemars(length(min = 3, max = 261), regex(pattern = ADDRESS_PATTERN))]
     pub address: String,
+    /// Share of new sessions in routing modes roundrobin, leastconn and source, relative to
+    /// the other backends (1 to 256, default 1).
+    #[serde(
+        default = "BackendSpec::default_weight",
+        skip_serializing_if = "BackendSpec::is_default_weight"
+    )]
+    #[schemars(range(min = 1, max = 256))]
+    pub weight: u16,
+    /// A backup node takes new sessions only when no other backend may (every routing mode
+    /// except leader, which always follows the leader). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backup: bool,
+    /// Sessions this backend takes at once, per portal; 0 (default) = unlimited. Past it a new
+    /// session goes to the next eligible backend, or waits (up to `timeouts.connect`) for a
+    /// free place.
+    #[serde(default, skip_serializing_if = "BackendSpec::is_zero")]
+    pub max_connections: u32,
+    /// After the node comes back up, its weight ramps from little to its full value over this
+    /// duration, so a cold node is not flooded. Default 0s (at once).
+    #[serde(default, skip_serializing_if = "Duration::is_zero")]
+    pub slow_start: Duration,
+    /// Administrative state: ready (default), drain (no new sessions, open ones continue) or
+    /// maint (no new sessions). The portals' admin endpoint can override it at runtime.
+    #[serde(default, skip_serializing_if = "BackendState::is_ready")]
+    pub state: BackendState,
+}
+
+impl BackendSpec {
+    pub fn default_weight() -> u16 {
+        1
+    }
+    fn is_default_weight(w: &u16) -> bool {
+        *w == 1
+    }
+    fn is_zero(n: &u32) -> bool {
+        *n == 0
+    }
+}
+
+/// Administrative state of a backend.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new sessions (when healthy and routable).
+    #[default]
+    Ready,
+    /// Takes no new sessions; open sessions continue.
+    Drain,
+    /// Maintenance: takes no new sessions; open sessions continue unless cut.
+    Maint,
+}
+
+impl BackendState {
+    pub fn is_ready(&self) -> bool {
+        *self == BackendState::Ready
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Ready => "ready",
+            BackendState::Drain => "drain",
+            BackendState::Maint => "maint",
+        }
+    }
 }
 
 /// Which backend receives new client sessions.
@@ -443,6 +521,13 @@ pub struct PortalPods {
     /// operator's `--portal-log-format`, else text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// One log line per closed session (client, backend, duration, bytes each way, close
+    /// reason), at info, in the log format above. Default true.
+    #[serde(
+        default = "PortalPods::default_access_log",
+        skip_serializing_if = "PortalPods::is_default_access_log"
+    )]
+    pub access_log: bool,
 }
 
 /// Format of log lines: text (human-readable, coloured only on a terminal) or json (one
@@ -461,6 +546,12 @@ impl PortalPods {
     fn default_replicas() -> i32 {
         2
     }
+    fn default_access_log() -> bool {
+        true
+    }
+    fn is_default_access_log(on: &bool) -> bool {
+        *on
+    }
 }
 
 impl Default for PortalPods {
@@ -472,6 +563,7 @@ impl Default for PortalPods {
             service_type: ServiceType::default(),
             log_level: String::new(),
             log_format: None,
+            access_log: true,
         }
     }
 }

@@ -237,3 +237,47 @@ fn unescape_handles_every_escape() {
         .unwrap_err()
         .contains("lone backslash at byte 3"));
 }
+
+#[test]
+fn backend_operations_fields_are_checked_and_defaulted() {
+    let ok = parse_yaml(
+        "engine: redis\ntls: {mode: disabled}\nbackends:\n  - {name: a, address: \"127.0.0.1:1\"}\n  - {name: b, address: \"127.0.0.1:2\", weight: 256, backup: true, maxConnections: 5, slowStart: 30s, state: drain}\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let (a, b) = (&ok.backends[0], &ok.backends[1]);
+    assert_eq!((a.weight, a.backup, a.max_connections), (1, false, 0));
+    assert_eq!(a.state, BackendState::Ready);
+    assert!(a.slow_start.is_zero());
+    assert_eq!((b.weight, b.backup, b.max_connections), (256, true, 5));
+    assert_eq!(b.state, BackendState::Drain);
+    assert_eq!(b.slow_start, std::time::Duration::from_secs(30));
+    assert!(ok.access_log);
+    // Defaults are not written back: a spec without the fields serialises as before.
+    let yaml = serde_yaml::to_string(&ok.spec.backends[0]).unwrap();
+    assert_eq!(yaml.trim(), "name: a\naddress: 127.0.0.1:1");
+
+    for (weight, field) in [("0", "backends[0].weight"), ("257", "backends[0].weight")] {
+        let err = parse_yaml(&format!(
+            "engine: redis\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"127.0.0.1:1\", weight: {weight}}}]\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.fields(), [field], "{weight}");
+    }
+    let err = parse_yaml(
+        "engine: redis\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\", state: paused}]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("paused"), "{err}");
+    let err = parse_yaml(
+        "engine: redis\ntls: {mode: disabled}\nadminTokenForReads: true\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert_eq!(err.fields(), ["adminTokenForReads"]);
+}

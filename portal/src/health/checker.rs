@@ -35,9 +35,49 @@ pub const FAST_MODE_LIMIT: Duration = Duration::from_secs(30);
 pub struct HealthHandle {
     view: watch::Receiver<HealthView>,
     reports: mpsc::Sender<String>,
+    checks: Arc<CheckTimes>,
+}
+
+/// Counts and durations of each backend's health checks, by name. Kept beside the view, not
+/// in it: a view is published (and every open session re-checked) only when health changes,
+/// not at each probe.
+#[derive(Debug, Default)]
+pub struct CheckTimes(std::sync::Mutex<std::collections::BTreeMap<String, CheckStat>>);
+
+/// One backend's checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckStat {
+    pub checks: u64,
+    pub failures: u64,
+    /// Sum of the checks' durations.
+    pub total: Duration,
+    /// The latest check's duration.
+    pub last: Duration,
+}
+
+impl CheckTimes {
+    fn record(&self, name: &str, took: Duration, ok: bool) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let s = map.entry(name.to_string()).or_default();
+        s.checks += 1;
+        s.failures += u64::from(!ok);
+        s.total += took;
+        s.last = took;
+    }
+
+    /// The checks of `name` so far.
+    pub fn get(&self, name: &str) -> CheckStat {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(name).copied().unwrap_or_default()
+    }
 }
 
 impl HealthHandle {
+    /// Counts and durations of the health checks, per backend.
+    pub fn checks(&self) -> Arc<CheckTimes> {
+        self.checks.clone()
+    }
+
     /// The views the checker publishes; the current one is there at once.
     pub fn view(&self) -> watch::Receiver<HealthView> {
         self.view.clone()
@@ -67,7 +107,9 @@ pub fn spawn_checker(
     let settings = Arc::new(ProbeSettings::new(&initial, credentials.clone()));
     let (settings_tx, _) = watch::channel(settings);
     let (fast_tx, _) = watch::channel(false);
+    let checks = Arc::new(CheckTimes::default());
     let mut checker = Checker {
+        checks: checks.clone(),
         config: initial.clone(),
         credentials,
         slots: Vec::new(),
@@ -94,6 +136,7 @@ pub fn spawn_checker(
     HealthHandle {
         view,
         reports: reports_tx,
+        checks,
     }
 }
 
@@ -104,6 +147,10 @@ struct Slot {
     state: NodeState,
     /// When its latest probe result arrived.
     probed_at: Option<Instant>,
+    /// When it last came back up after being down (slow start ramps from here).
+    up_at: Option<std::time::Instant>,
+    /// When it last went up or down.
+    changed_at: Option<SystemTime>,
     task: JoinHandle<()>,
 }
 
@@ -113,9 +160,11 @@ impl Drop for Slot {
     }
 }
 
-type ProbeResult = (u64, Result<Probed, ProbeError>);
+/// A probe's slot id, how long it took, and what it found.
+type ProbeResult = (u64, Duration, Result<Probed, ProbeError>);
 
 struct Checker {
+    checks: Arc<CheckTimes>,
     config: Arc<Config>,
     credentials: Arc<dyn CredentialsSource>,
     slots: Vec<Slot>,
@@ -152,7 +201,12 @@ impl Checker {
                     let new = config.borrow_and_update().clone();
                     self.apply_config(new);
                 }
-                Some((id, result)) = results.recv() => self.on_result(id, result),
+                Some((id, took, result)) = results.recv() => {
+                    if let Some(slot) = self.slots.iter().find(|s| s.id == id) {
+                        self.checks.record(&slot.backend.name, took, result.is_ok());
+                    }
+                    self.on_result(id, result)
+                }
                 report = reports.recv(), if reports_open => match report {
                     Some(backend) => self.on_report(&backend),
                     None => reports_open = false,
@@ -183,6 +237,8 @@ impl Checker {
             id,
             state: NodeState::default(),
             probed_at: None,
+            up_at: None,
+            changed_at: None,
             task,
         }
     }
@@ -201,11 +257,15 @@ impl Checker {
                 .iter_mut()
                 .find(|s| {
                     s.as_ref()
-                        .is_some_and(|s| same_probe && s.backend == *backend)
+                        .is_some_and(|s| same_probe && s.backend.probes_like(backend))
                 })
                 .and_then(Option::take);
             slots.push(match kept {
-                Some(slot) => slot,
+                Some(mut slot) => {
+                    // Weight, state and limits do not change what is probed.
+                    slot.backend = backend.clone();
+                    slot
+                }
                 None => {
                     tracing::info!(backend = %backend.name, address = %backend.address, "probing new backend");
                     self.new_slot(backend.clone())
@@ -262,6 +322,12 @@ impl Checker {
                 is_leader
             }
         };
+        if before.up != slot.state.up {
+            slot.changed_at = Some(SystemTime::now());
+            if slot.state.up && !before.unconfirmed {
+                slot.up_at = Some(std::time::Instant::now());
+            }
+        }
         let state = &slot.state;
         if before.up != state.up || before.unconfirmed {
             if state.up {
@@ -374,6 +440,8 @@ impl Checker {
                     last_error: s.state.last_error.clone(),
                     engine_leader: s.state.engine_leader,
                     caveat: s.state.caveat,
+                    up_at: s.up_at,
+                    changed_at: s.changed_at,
                 })
                 .collect(),
             leader: election.leader,
@@ -418,7 +486,7 @@ async fn prober(
         let current = settings.borrow().clone();
         let start = Instant::now();
         let result = probe_node(&current, &address).await;
-        if results.send((id, result)).await.is_err() {
+        if results.send((id, start.elapsed(), result)).await.is_err() {
             return;
         }
         let normal = current.health.interval;

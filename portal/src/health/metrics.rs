@@ -9,10 +9,10 @@ use std::{fmt, sync::Arc, time::SystemTime};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use tokio::sync::watch;
 
-use super::{Caveat, HealthView, Role};
+use super::{Caveat, CheckTimes, HealthView, Role};
 use crate::{
     config::Config,
-    metrics::{counter, flag, gauge, gauges, histogram},
+    metrics::{counter, counters, flag, gauge, gauges, histogram, histograms},
 };
 
 /// The health families of the backends of the configuration in force.
@@ -20,6 +20,8 @@ use crate::{
 pub struct HealthCollector {
     pub config: watch::Receiver<Arc<Config>>,
     pub health: watch::Receiver<HealthView>,
+    /// The checks' counts and durations (none without a checker).
+    pub checks: Option<Arc<CheckTimes>>,
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -39,6 +41,27 @@ impl Collector for HealthCollector {
                 .map(|b| ([("backend", b.name.as_str())], flag(f(&b.name))))
                 .collect::<Vec<_>>()
         };
+        if let Some(checks) = &self.checks {
+            let stats: Vec<_> = config
+                .backends
+                .iter()
+                .map(|b| (b.name.as_str(), checks.get(&b.name)))
+                .collect();
+            histograms(
+                &mut e,
+                "dbportal_backend_check_seconds",
+                "Duration of each backend's health checks.",
+                stats
+                    .iter()
+                    .map(|(n, s)| ([("backend", *n)], s.total.as_secs_f64(), s.checks)),
+            )?;
+            counters(
+                &mut e,
+                "dbportal_backend_check_failures",
+                "Failed health checks per backend.",
+                stats.iter().map(|(n, s)| ([("backend", *n)], s.failures)),
+            )?;
+        }
         gauges(
             &mut e,
             "dbportal_backend_up",

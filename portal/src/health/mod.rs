@@ -25,7 +25,9 @@ mod state;
 
 use std::time::{Duration, SystemTime};
 
-pub use checker::{spawn_checker, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT};
+pub use checker::{
+    spawn_checker, CheckStat, CheckTimes, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT,
+};
 pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials};
 pub use metrics::HealthCollector;
 pub use probe::Probed;
@@ -111,6 +113,11 @@ pub struct BackendHealth {
     pub engine_leader: Option<bool>,
     /// Up, but not serving everything (from the latest probe).
     pub caveat: Option<Caveat>,
+    /// When it last came back up after being down (`slowStart` ramps from here); `None`
+    /// when it has been up since the portal started.
+    pub up_at: Option<std::time::Instant>,
+    /// When it last went up or down (for the stats page).
+    pub changed_at: Option<SystemTime>,
 }
 
 /// Counters about the leader, for `/status`, `/metrics` and logs.
@@ -161,6 +168,8 @@ impl HealthView {
                     last_error: None,
                     engine_leader: None,
                     caveat: None,
+                    up_at: None,
+                    changed_at: None,
                 })
                 .collect(),
             leader: None,

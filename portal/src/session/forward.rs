@@ -7,6 +7,7 @@
 
 use std::{
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::{atomic::Ordering::Relaxed, Arc},
     task::{Context, Poll},
@@ -16,7 +17,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     time::timeout,
 };
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::{
     dial::{connect, wait_for_route},
@@ -26,7 +27,7 @@ use super::{
 use crate::{
     admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
     config::Config,
-    metrics::{BackendStats, Metrics, Rejection},
+    metrics::{Metrics, Place, Rejection},
     proxy_protocol,
     splice::{Outcome, Splice, Tcp},
     tls::Negotiation,
@@ -62,7 +63,7 @@ pub async fn proxy<N>(
         return;
     };
     let server = Tcp::new(server);
-    let (name, stats) = backend;
+    let (name, place) = backend;
     let mut to_server = Vec::new();
     if config.proxy_protocol.send {
         let local = peer
@@ -116,8 +117,7 @@ pub async fn proxy<N>(
     let metrics = &state.metrics;
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
-    stats.active.fetch_add(1, Relaxed);
-    stats.sessions.fetch_add(1, Relaxed);
+    place.stats().sessions.fetch_add(1, Relaxed);
     debug!("session open");
     let registration = match shared.sessions.register(&shared, peer.client.ip(), name) {
         Ok(r) => r,
@@ -125,11 +125,11 @@ pub async fn proxy<N>(
             // A change published while the session was being set up already excludes it.
             metrics.closed(reason);
             metrics.active_sessions.fetch_sub(1, Relaxed);
-            stats.active.fetch_sub(1, Relaxed);
             debug!(reason = reason.as_str(), "session closed");
             return;
         }
     };
+    let access_log = config.access_log;
     drop(shared);
 
     let splice = Splice::new(
@@ -146,8 +146,11 @@ pub async fn proxy<N>(
         registration,
         registered_waker: false,
         metrics: state.metrics.clone(),
-        stats,
+        place,
         permits: Some(permits),
+        opened: std::time::Instant::now(),
+        client: peer.client,
+        access_log,
     };
     // The open session runs as a task of its own, sized to what it holds while it idles; the
     // setup's states (connect, negotiation) are freed with this one.
@@ -162,8 +165,11 @@ pin_project_lite::pin_project! {
         registration: Registration,
         registered_waker: bool,
         metrics: Arc<Metrics>,
-        stats: Arc<BackendStats>,
+        place: Place,
         permits: Option<(ConnectionPermit, ClientPermit)>,
+        opened: std::time::Instant,
+        client: SocketAddr,
+        access_log: bool,
     }
 }
 
@@ -175,8 +181,8 @@ where
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        let reason = match this.splice.poll(cx) {
+        let mut this = self.project();
+        let reason = match this.splice.as_mut().poll(cx) {
             Poll::Ready(outcome) => {
                 if let Outcome::Error(e) = &outcome {
                     debug!(error = %e, "session failed");
@@ -195,9 +201,25 @@ where
         };
         this.metrics.closed(reason);
         this.metrics.active_sessions.fetch_sub(1, Relaxed);
-        this.stats.active.fetch_sub(1, Relaxed);
+        let (to_backend, to_client) = this.splice.as_ref().get_ref().bytes();
+        let stats = this.place.stats();
+        stats.bytes_in.fetch_add(to_backend, Relaxed);
+        stats.bytes_out.fetch_add(to_client, Relaxed);
         this.permits.take();
-        debug!(reason = reason.as_str(), "session closed");
+        if *this.access_log {
+            info!(
+                target: "access",
+                client = %this.client,
+                backend = %stats.name,
+                duration_ms = this.opened.elapsed().as_millis() as u64,
+                bytes_to_backend = to_backend,
+                bytes_to_client = to_client,
+                reason = reason.as_str(),
+                "session closed"
+            );
+        } else {
+            debug!(reason = reason.as_str(), "session closed");
+        }
         Poll::Ready(())
     }
 }
@@ -249,8 +271,11 @@ mod tests {
             registration,
             registered_waker: false,
             metrics: state.metrics.clone(),
-            stats: state.metrics.backend("a"),
+            place: state.metrics.backend("a").try_place(0).unwrap(),
             permits: Some(permits),
+            opened: std::time::Instant::now(),
+            client: peer,
+            access_log: true,
         }
         .instrument(tracing::Span::none());
         let size = std::mem::size_of_val(&established);

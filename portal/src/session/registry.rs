@@ -166,7 +166,10 @@ impl Sessions {
     }
 
     /// Closes the sessions `decide` gives a reason for.
-    fn close_where(&self, mut decide: impl FnMut(IpAddr, &str) -> Option<CloseReason>) -> usize {
+    pub fn close_where(
+        &self,
+        mut decide: impl FnMut(IpAddr, &str) -> Option<CloseReason>,
+    ) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for e in slots.entries.iter().flatten() {

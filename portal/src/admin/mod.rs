@@ -1,9 +1,16 @@
 //! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` (OpenMetrics text of the
-//! collectors each module owns; this endpoint only registers and encodes them) and `/status`
-//! (JSON).
+//! collectors each module owns; this endpoint only registers and encodes them), `/status`
+//! (JSON), the stats page `/` and its CSV form `/;csv` ([`page`]), and the state-changing
+//! verbs under `/backends/` and `/sessions/` ([`verbs`], behind a bearer token).
 //!
-//! May import: `admission`, `health`, `metrics`, `reload`, `route`, `session` (its `Shared`).
-//! Never `server`.
+//! `/healthz` and `/readyz` never need the token (the kubelet probes them); the page,
+//! `/status` and `/metrics` need it when `adminTokenForReads` is set.
+//!
+//! May import: `admission`, `allow`, `config`, `control`, `health`, `metrics`, `reload`,
+//! `route`, `session` (its `Shared`). Never `server`.
+
+mod page;
+mod verbs;
 
 use std::{
     convert::Infallible,
@@ -73,8 +80,9 @@ pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Recei
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(&shared, &registry, &req);
-                async move { Ok::<_, Infallible>(response) }
+                let shared = shared.clone();
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(respond(&shared, &registry, req).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -87,6 +95,22 @@ pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Recei
     }
 }
 
+fn json_reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", body.to_string() + "\n")
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = json_reply(
+        StatusCode::UNAUTHORIZED,
+        json!({ "error": "a valid bearer token is required (Authorization: Bearer <token>)" }),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -97,7 +121,11 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
-fn respond(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    shared: &Shared,
+    registry: &Registry,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let announced = req
         .headers()
@@ -113,10 +141,58 @@ fn respond(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Res
             format!("request bodies are limited to {MAX_BODY} bytes (and not chunked)\n"),
         );
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
+    let path = req.uri().path().to_string();
+    if verbs::is_verb(req.method(), &path) {
+        match verbs::authorized(shared, req.headers()) {
+            Ok(true) => {}
+            Ok(false) => return unauthorized(),
+            Err(why) => return json_reply(StatusCode::FORBIDDEN, json!({ "error": why })),
+        }
+        let method = req.method().clone();
+        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            req.into_body(),
+            MAX_BODY as usize,
+        ))
+        .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return json_reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({ "error": format!("cannot read the body: {e}") }),
+                )
+            }
+        };
+        let (status, answer) = verbs::run(shared, &method, &path, &body);
+        return json_reply(status, answer);
     }
-    match req.uri().path() {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "GET, or POST/DELETE on /backends/<name>/state|weight and /sessions/close\n".into(),
+        );
+    }
+    let needs_token = !matches!(path.as_str(), "/healthz" | "/readyz")
+        && shared.config.borrow().admin_token_for_reads;
+    if needs_token {
+        match verbs::authorized(shared, req.headers()) {
+            Ok(true) => {}
+            Ok(false) => return unauthorized(),
+            Err(why) => return json_reply(StatusCode::FORBIDDEN, json!({ "error": why })),
+        }
+    }
+    match path.as_str() {
+        "/" => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            page::html(&status(shared)),
+        ),
+        "/;csv" => reply(
+            StatusCode::OK,
+            "text/csv; charset=utf-8",
+            page::csv(&status(shared)),
+        ),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz" => {
             let (ready, why) = readiness(shared);
@@ -140,7 +216,7 @@ fn respond(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Res
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found: try /healthz, /readyz, /metrics, /status\n".into(),
+            "not found: try /, /;csv, /healthz, /readyz, /metrics, /status\n".into(),
         ),
     }
 }
@@ -160,12 +236,14 @@ pub fn readiness(shared: &Shared) -> (bool, String) {
     if shared.state.draining() {
         return (false, "not ready: draining (shutting down)".into());
     }
-    let eligible = route::eligible(&config, &health);
+    let overrides = shared.state.control.current();
+    let eligible = route::eligible(&config, &health, &overrides);
     if eligible.is_empty() {
         let detail: Vec<String> = config
             .backends
             .iter()
             .map(|b| match health.get(&b.name) {
+                Some(h) if h.up => format!("{} {}", b.name, overrides.state(b).as_str()),
                 Some(h) => format!(
                     "{} down{}",
                     b.name,
@@ -210,7 +288,10 @@ pub fn status(shared: &Shared) -> serde_json::Value {
     let health = shared.health.borrow().clone();
     let state = &shared.state;
     let m = &state.metrics;
-    let eligible = route::eligible(&config, &health);
+    let overrides = state.control.current();
+    let eligible = route::eligible(&config, &health, &overrides);
+    let weights = route::weights(&config, &health, &overrides, std::time::Instant::now());
+    let checks = shared.checker.as_ref().map(|c| c.checks());
     let backends: Vec<_> = config
         .backends
         .iter()
@@ -218,6 +299,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         .map(|(i, b)| {
             let h = health.get(&b.name);
             let s = m.backend(&b.name);
+            let o = overrides.get(&b.name);
+            let c = checks.as_ref().map(|c| c.get(&b.name)).unwrap_or_default();
             json!({
                 "name": b.name,
                 "address": b.address.to_string(),
@@ -233,12 +316,31 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "engineLeader": h.and_then(|h| h.engine_leader),
                 "activeSessions": s.active.load(Relaxed),
                 "sessionsTotal": s.sessions.load(Relaxed),
+                "sessionsMax": s.max_active.load(Relaxed),
+                "maxConnections": b.max_connections,
                 "connectErrors": s.connect_errors.load(Relaxed),
+                "bytesIn": s.bytes_in.load(Relaxed),
+                "bytesOut": s.bytes_out.load(Relaxed),
+                "adminState": overrides.state(b).as_str(),
+                "configState": b.state.as_str(),
+                "adminOverride": o.state.is_some() || o.weight.is_some(),
+                "overrideSince": o.since.map(unix_seconds),
+                "weight": overrides.weight(b),
+                "configWeight": b.weight,
+                "effectiveWeight": weights[i] as f64 / route::WEIGHT_UNIT as f64,
+                "backup": b.backup,
+                "slowStartSeconds": b.slow_start.as_secs_f64(),
+                "checks": c.checks,
+                "checkFailures": c.failures,
+                "checkLatencyMs": (c.checks > 0).then(|| c.last.as_secs_f64() * 1000.0),
+                "lastChange": h.and_then(|h| h.changed_at).map(unix_seconds),
             })
         })
         .collect();
     let (ready, readiness) = readiness(shared);
+    let q = &m.queue;
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "ready": ready,
         "readiness": readiness,
         "draining": state.draining(),
@@ -256,6 +358,11 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "fastProbing": health.stats.fast_probing,
         "sessionsCut": m.closes(CloseReason::Backend),
         "backends": backends,
+        "queue": {
+            "waiting": q.waiting.load(Relaxed),
+            "waited": q.waited.load(Relaxed),
+            "timeouts": q.timeouts.load(Relaxed),
+        },
         "connections": {
             "active": state.connections(),
             "negotiating": state.negotiating(),
@@ -284,6 +391,7 @@ pub fn registry(shared: &Shared) -> Registry {
     registry.register_collector(Box::new(DataPlaneCollector {
         metrics: shared.state.metrics.clone(),
         config: config(),
+        control: shared.state.control.clone(),
     }));
     registry.register_collector(Box::new(AdmissionCollector {
         state: shared.state.clone(),
@@ -292,6 +400,7 @@ pub fn registry(shared: &Shared) -> Registry {
     registry.register_collector(Box::new(HealthCollector {
         config: config(),
         health: shared.health.clone(),
+        checks: shared.checker.as_ref().map(|c| c.checks()),
     }));
     registry.register_collector(Box::new(ReloadCollector(shared.state.reload.clone())));
     registry.register_collector(Box::new(ReadyCollector(shared.clone())));
