@@ -586,14 +586,16 @@ impl PortalProcess {
         let line = rx
             .recv_timeout(STEP)
             .unwrap_or_else(|_| panic!("the portal did not start: {:?}", log.lock().unwrap()));
+        // A text line (`listen=127.0.0.1:1`) or a JSON one (`"listen":"127.0.0.1:1"`).
         let field = |key: &str| -> SocketAddr {
-            let start = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+            let (start, end) = match line.find(&format!("{key}=")) {
+                Some(i) => (i + key.len() + 1, [' '].as_slice()),
+                None => (
+                    line.find(&format!("\"{key}\":\"")).unwrap() + key.len() + 4,
+                    ['"'].as_slice(),
+                ),
+            };
+            line[start..].split(end).next().unwrap().parse().unwrap()
         };
         PortalProcess {
             addr: field("listen"),
