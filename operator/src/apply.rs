@@ -2,7 +2,7 @@
 //! nobody touched since this process applied the same object, see `track`), and removal of
 //! the children the spec no longer needs (found in the watched children, confirmed by owner).
 //!
-//! May import: `error`, `names`, `certificate`, `self_signed`, `build`, `track`, `watches`
+//! May import: `error`, `names`, `certificate`, `self_signed`, `admin_token`, `build`, `track`, `watches`
 //! (the stores), `metrics`.
 
 use std::fmt::Debug;
@@ -20,6 +20,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::{debug, info};
 
+use crate::admin_token;
 use crate::build::Children;
 use crate::certificate::Certificate;
 use crate::error::{api_code, Error, Result};
@@ -239,6 +240,7 @@ pub async fn apply(
         self_signed,
         pdb,
         network_policy,
+        admin_secret,
     } = children;
 
     // Independent objects, applied concurrently; the StatefulSet controller retries pods
@@ -315,8 +317,9 @@ pub async fn apply(
             None => remove_orphan_network_policies(client, known, ns, owner_uid).await,
         }
     };
-    let (_, _, stateful_set, _, pdb_skipped, certificate, self_signed, _) = futures::try_join!(
+    let (_, _, _, stateful_set, _, pdb_skipped, certificate, self_signed, _) = futures::try_join!(
         ssa(client, known, Kind::ConfigMap, ns, config_map),
+        admin_token::ensure(client, admin_secret),
         rbac,
         stateful_set_applied,
         services_applied,

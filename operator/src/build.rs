@@ -34,6 +34,11 @@ mod stateful_set;
 pub const CONFIG_KEY: &str = "portal.yaml";
 /// Port of the portal's HTTP admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`).
 pub const ADMIN_PORT: u16 = 8404;
+/// Where the portal container finds the admin token (the Secret `<name>-portal-admin`,
+/// mounted read-only; the kubelet refreshes it when the Secret changes).
+pub const ADMIN_TOKEN_DIR: &str = "/var/run/dbportal/admin";
+/// The file in [`ADMIN_TOKEN_DIR`] and the key of the Secret.
+pub const ADMIN_TOKEN_KEY: &str = "token";
 /// Label the StatefulSet controller puts on each pod, used by the per-portal Services.
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// Name of the portal container.
@@ -92,6 +97,9 @@ pub struct Children {
     pub pdb: PodDisruptionBudget,
     /// Who may reach the portal pods' ports; `None` when `--network-policy=false`.
     pub network_policy: Option<NetworkPolicy>,
+    /// The Secret of the admin endpoint's bearer token: its name and owner; the token itself
+    /// is made once by `apply` and kept.
+    pub admin_secret: ObjectMeta,
 }
 
 /// The TLS Secret the portal serves, if it terminates TLS.
@@ -139,6 +147,7 @@ pub fn build(dp: &DatabasePortal, valid: &Validated, settings: &Settings) -> Res
         self_signed: b.self_signed(),
         pdb: b.pdb(),
         network_policy: settings.network_policy.then(|| b.network_policy()),
+        admin_secret: b.meta(names::admin_secret(&valid.name)),
     })
 }
 
@@ -433,5 +442,6 @@ pub fn portal_yaml(spec: &DatabasePortalSpec, port: u16) -> Result<String, serde
     let mut spec = spec.clone();
     spec.listen = Some(format!("0.0.0.0:{port}"));
     spec.admin = Some(format!("0.0.0.0:{ADMIN_PORT}"));
+    spec.admin_token_file = Some(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"));
     serde_yaml::to_string(&spec)
 }

@@ -8,6 +8,7 @@
 //! The layers, bottom up, are drawn in the README.
 #![forbid(unsafe_code)]
 
+pub mod admin_token;
 pub mod apply;
 pub mod args;
 pub mod build;

@@ -45,8 +45,8 @@ fn status(code: u16, reason: &str) -> Response<Body> {
         .unwrap()
 }
 
-/// Answers like an API server that accepts every apply (echoing the object), lists no
-/// Services, and answers `on_status` to status writes.
+/// Answers like an API server that accepts every apply and create (echoing the object), lists
+/// no Services, has no Secret yet, and answers `on_status` to status writes.
 async fn serve(mut handle: Handle, on_status: fn() -> Response<Body>) {
     use http_body_util::BodyExt;
     while let Some((request, send)) = handle.next_request().await {
@@ -55,6 +55,8 @@ async fn serve(mut handle: Handle, on_status: fn() -> Response<Body>) {
         let bytes = body.collect().await.unwrap().to_bytes();
         let response = if path.ends_with("/status") {
             on_status()
+        } else if parts.method == http::Method::GET && path.contains("/secrets/") {
+            status(404, "NotFound")
         } else if parts.method == http::Method::GET {
             let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": []});
             Response::new(Body::from(serde_json::to_vec(&list).unwrap()))

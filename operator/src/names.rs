@@ -76,3 +76,8 @@ pub fn tls_secret(name: &str) -> String {
 pub fn ca_secret(name: &str) -> String {
     format!("{name}-portal-ca")
 }
+
+/// The Secret holding the bearer token of the portals' admin endpoint (key `token`).
+pub fn admin_secret(name: &str) -> String {
+    format!("{name}-portal-admin")
+}

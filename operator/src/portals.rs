@@ -28,7 +28,7 @@
 use std::time::{Duration, Instant};
 
 use portal::cluster::REPORT_ANNOTATION;
-use portal::config::{PortalReport, RoutingMode};
+use portal::config::{PortalBackendState, PortalReport, RoutingMode};
 use serde::Deserialize;
 
 use crate::conditions::reason;
@@ -62,6 +62,10 @@ pub struct BackendReport {
     /// script, a server that cannot persist); absent otherwise.
     #[serde(default)]
     pub state: Option<String>,
+    /// `drain` or `maint` (from `spec.backends[].state` or the portal's admin endpoint);
+    /// absent when ready.
+    #[serde(default, rename = "adminState")]
+    pub admin_state: Option<String>,
 }
 
 impl Report {
@@ -166,6 +170,7 @@ pub fn aggregate(
                 why.push("Pod not Ready".to_string());
             }
         }
+        let mut states = Vec::new();
         let (is_ready, leader) = match &v {
             View::NoPod => {
                 why.push("no Pod".into());
@@ -196,6 +201,15 @@ pub fn aggregate(
                         None => {}
                     }
                 }
+                for b in &r.backends {
+                    if let Some(state) = &b.admin_state {
+                        why.push(format!("{} {state}", b.name));
+                        states.push(PortalBackendState {
+                            name: b.name.clone(),
+                            state: state.clone(),
+                        });
+                    }
+                }
                 if r.config_stale {
                     why.push(
                         "refused the configuration in its ConfigMap; serves an older one".into(),
@@ -218,6 +232,7 @@ pub fn aggregate(
             ready: is_ready,
             leader,
             message: why.join("; "),
+            backends: states,
         });
     }
 

@@ -42,6 +42,7 @@ fn every_meta(c: &Children) -> Vec<(&'static str, &kube::api::ObjectMeta)> {
     all.extend(c.services.iter().map(|s| ("Service", s.meta())));
     all.extend(c.certificate.iter().map(|s| ("Certificate", s.meta())));
     all.extend(c.network_policy.iter().map(|p| ("NetworkPolicy", p.meta())));
+    all.push(("Secret", &c.admin_secret));
     all
 }
 
@@ -183,7 +184,7 @@ fn every_child_has_the_labels_owner_and_namespace() {
     .map(|(k, v)| (k.into(), v.into()))
     .collect();
     let all = every_meta(&c);
-    assert_eq!(all.len(), 11);
+    assert_eq!(all.len(), 12);
     for (kind, meta) in all {
         assert_eq!(meta.labels.as_ref(), Some(&expected), "{kind}");
         assert_eq!(meta.namespace.as_deref(), Some("shop"), "{kind}");
@@ -276,7 +277,54 @@ fn the_configmap_round_trips_into_the_portal_config() {
     let mut expected = dp.spec.clone();
     expected.listen = Some("0.0.0.0:6379".into());
     expected.admin = Some(format!("0.0.0.0:{ADMIN_PORT}"));
+    expected.admin_token_file = Some("/var/run/dbportal/admin/token".into());
     assert_eq!(spec, expected);
+    assert_eq!(
+        config.admin_token_file.as_deref(),
+        Some(std::path::Path::new("/var/run/dbportal/admin/token"))
+    );
+}
+
+#[test]
+fn the_admin_token_secret_is_mounted_where_the_configmap_says() {
+    let dp = orders();
+    let c = children(&dp);
+    assert_eq!(c.admin_secret.name.as_deref(), Some("orders-portal-admin"));
+    let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "admin-token")
+        .unwrap();
+    assert_eq!(
+        volume.secret.unwrap().secret_name.as_deref(),
+        Some("orders-portal-admin")
+    );
+    let mount = pod.containers[0]
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == "admin-token")
+        .unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    let file = format!("{}/{}", mount.mount_path, crate::admin_token::KEY);
+    assert!(c.config_map.data.unwrap()[CONFIG_KEY].contains(&format!("adminTokenFile: {file}")));
+    // spec.backends[].state goes to the portals through the ConfigMap.
+    let mut dp = orders();
+    dp.spec.backends[1].state = portal::config::BackendState::Drain;
+    dp.spec.backends[1].weight = 3;
+    let text = &children(&dp).config_map.data.unwrap()[CONFIG_KEY];
+    let config = portal::config::parse_yaml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(
+        config.backends[1].state,
+        portal::config::BackendState::Drain
+    );
+    assert_eq!(config.backends[1].weight, 3);
 }
 
 #[test]
@@ -769,6 +817,7 @@ fn status_takes_leader_and_portals_from_the_reports() {
         ready,
         leader: leader.into(),
         message: message.into(),
+        backends: Vec::new(),
     };
     let aggregate = Aggregate {
         portals: vec![
@@ -869,4 +918,5 @@ fn names_follow_the_contract() {
     assert_eq!(names::portal("orders"), "orders-portal");
     assert_eq!(names::portal_pod("orders", 1), "orders-portal-1");
     assert_eq!(names::tls_secret("orders"), "orders-portal-tls");
+    assert_eq!(names::admin_secret("orders"), "orders-portal-admin");
 }

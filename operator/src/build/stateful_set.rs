@@ -9,13 +9,13 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, TopologySpreadConstraint,
-    WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{default_resources, tls_secret_name, Builder, ADMIN_PORT, CONTAINER};
+use super::{default_resources, tls_secret_name, Builder, ADMIN_PORT, ADMIN_TOKEN_DIR, CONTAINER};
 use crate::names::{self, labels, selector_labels};
 
 /// UID the portal runs as (the image is static and needs no user database).
@@ -107,6 +107,12 @@ impl Builder<'_> {
                     .clone()
                     .unwrap_or_else(default_resources),
             ),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "admin-token".into(),
+                mount_path: ADMIN_TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }]),
             security_context: Some(SecurityContext {
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
@@ -125,6 +131,15 @@ impl Builder<'_> {
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(drain + 5),
             containers: vec![container],
+            volumes: Some(vec![Volume {
+                name: "admin-token".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(names::admin_secret(name)),
+                    default_mode: Some(0o444),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(PORTAL_UID),

@@ -94,13 +94,15 @@ fn ready_portals_that_agree_name_the_leader() {
                 name: "orders-portal-0".into(),
                 ready: true,
                 leader: "orders-1".into(),
-                message: String::new()
+                message: String::new(),
+                backends: Vec::new(),
             },
             PortalReport {
                 name: "orders-portal-1".into(),
                 ready: true,
                 leader: "orders-1".into(),
-                message: String::new()
+                message: String::new(),
+                backends: Vec::new(),
             },
         ]
     );
@@ -126,6 +128,32 @@ fn a_busy_leader_stays_the_leader_and_the_message_says_so() {
         a.portals[0].message
     );
     assert_eq!(a.portals[1].message, "");
+}
+
+#[test]
+fn a_drained_backend_shows_in_the_portals_status() {
+    let drained = r#"{"ready":true,"leader":"orders-0","backends":[{"name":"orders-0","up":true,"role":"leader"},{"name":"orders-1","up":true,"role":"replica","adminState":"drain"}],"configStale":false}"#;
+    let a = run(
+        RoutingMode::Roundrobin,
+        &[
+            pod(0, true, Some(drained)),
+            pod(1, true, Some(&leads("orders-0"))),
+        ],
+    );
+    assert_eq!(a.ready_portals, 2);
+    assert_eq!(
+        a.portals[0].backends,
+        [PortalBackendState {
+            name: "orders-1".into(),
+            state: "drain".into()
+        }]
+    );
+    assert!(
+        a.portals[0].message.contains("orders-1 drain"),
+        "{}",
+        a.portals[0].message
+    );
+    assert!(a.portals[1].backends.is_empty());
 }
 
 #[test]
@@ -414,8 +442,14 @@ fn the_portal_report_is_read_as_written() {
     .unwrap();
     let mut health = portal::health::HealthView::assume_up(["a", "b"]);
     health.leader = Some(1);
-    let written =
-        portal::cluster::Report::new(&config, &health, &portal::reload::ReloadState::default());
+    let control = portal::control::Control::default();
+    control.set_state("a", Some(portal::config::BackendState::Maint));
+    let written = portal::cluster::Report::new(
+        &config,
+        &health,
+        &control.current(),
+        &portal::reload::ReloadState::default(),
+    );
     let text = serde_json::to_string(&written).unwrap();
     let read: Report = serde_json::from_str(&text).unwrap();
     assert_eq!(read.ready, written.ready);
@@ -424,6 +458,8 @@ fn the_portal_report_is_read_as_written() {
     assert_eq!(read.backends.len(), 2);
     assert_eq!(read.backends[1].name, "b");
     assert_eq!(read.backends[1].role, written.backends[1].role);
+    assert_eq!(read.backends[0].admin_state.as_deref(), Some("maint"));
+    assert_eq!(read.backends[1].admin_state, None);
 }
 
 #[test]

@@ -657,6 +657,20 @@ pub struct PortalReport {
     /// Why the portal is not ready, or what else is wrong with it ("" when nothing).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The backends this portal gives no new sessions to by administrative state (drain or
+    /// maint, from `spec.backends[].state` or the portal's admin endpoint); ready ones are not
+    /// listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<PortalBackendState>,
+}
+
+/// A backend's administrative state as one portal applies it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct PortalBackendState {
+    /// Name of the backend.
+    pub name: String,
+    /// drain or maint.
+    pub state: String,
 }
 
 /// Conditions as a list keyed by type, so server-side apply merges them by type.
