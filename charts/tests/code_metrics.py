@@ -20,7 +20,7 @@ def portal_metrics() -> dict[str, str]:
     for path in sorted((ROOT / "portal" / "src").rglob("*.rs")):
         text = path.read_text()
         for helper, name in re.findall(
-                r'\b(counters?|gauges?|histogram)\(\s*&?(?:mut )?\w+,\s*"(dbportal_\w+)"', text):
+                r'\b(counters?|gauges?|histograms?)\(\s*&?(?:mut )?\w+,\s*"(dbportal_\w+)"', text):
             kind = helper.rstrip("s")
             found[name + ("_total" if kind == "counter" else "")] = kind
     return found

@@ -20,11 +20,12 @@ use std::{
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use tracing::info;
 
 use crate::error::{Error, Result};
+use crate::names::MANAGER;
 
 /// Key of the token in the Secret.
 pub const KEY: &str = "token";
@@ -85,9 +86,14 @@ pub async fn ensure(client: &Client, meta: &ObjectMeta) -> Result<()> {
                 ..Default::default()
             };
             if other.is_some() {
-                api.replace(&name, &PostParams::default(), &secret)
-                    .await
-                    .map_err(fail)?;
+                // There without a token: the operator's apply fills it in.
+                api.patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&secret),
+                )
+                .await
+                .map_err(fail)?;
             } else {
                 match api.create(&PostParams::default(), &secret).await {
                     Ok(_) => {}
