@@ -332,7 +332,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "slowStartSeconds": b.slow_start.as_secs_f64(),
                 "checks": c.checks,
                 "checkFailures": c.failures,
-                "checkLatencyMs": (c.checks > 0).then(|| c.last.as_secs_f64() * 1000.0),
+                "checkLatencyMs": (c.checks > 0).then_some(c.last.as_secs_f64() * 1000.0),
                 "lastChange": h.and_then(|h| h.changed_at).map(unix_seconds),
             })
         })
