@@ -222,6 +222,12 @@ case $cmd in
     cat "/tmp/$id.count" ;;
   http) # URL
     exec curl -sS --max-time 5 "$1" ;;
+  post) # TOKEN URL BODY [METHOD]: an admin request (no token when ""); prints "STATUS BODY"
+    t=$1 u=$2 b=$3 m=${4:-POST}
+    if [ -n "$t" ]; then a="Authorization: Bearer $t"; else a="X-Without-Token: 1"; fi
+    out=$(curl -sS --max-time 5 -X "$m" -H "$a" -H 'Content-Type: application/json' \
+      -d "$b" -w '\n%{http_code}' "$u")
+    echo "$(echo "$out" | tail -n 1) $(echo "$out" | sed '$d' | tr '\n' ' ')" ;;
   put) # FILE: stdin into FILE
     cat >"$1" ;;
   verify) # CAFILE NAME PORT IP: TLS to IP as NAME, verified against CAFILE (chain and name)
@@ -813,6 +819,81 @@ EOF
     end
 }
 
+# The operations path in the cluster: the operator's admin token Secret, the portal's verbs
+# behind it, and spec.backends[].state shown per portal in the status.
+readonly OPS=ops
+ops_pods_ready() { pods_ready "$OPS-portal-0" "$OPS-portal-1"; }
+ops_token() { kn get secret "$OPS-portal-admin" -o jsonpath='{.data.token}' 2>/dev/null | base64 -d 2>/dev/null; }
+ops_status() { cx client-a http "http://$(pod_ip "$1"):8404/status"; }
+ops_admin_state() { ops_status "$1" | json '[b["adminState"] for b in d["backends"] if b["name"] == "'"$2"'"][0]'; }
+ops_reported() {
+    [[ $(kn get dbp "$OPS" -o jsonpath='{.status.portals[*].backends[*].state}') == "$1" ]]
+}
+ops_children_gone() {
+    ! kn get "secret/$OPS-portal-admin" "statefulset/$OPS-portal" -o name --ignore-not-found 2>/dev/null | grep -q .
+}
+
+scenario_operations() {
+    begin "9 operations: the admin token Secret, drain through the portal and through the spec"
+    local t0 token ip out
+    t0=$(now_ms)
+    kn apply -f - >/dev/null <<EOF
+apiVersion: dbportal.dev/v1alpha1
+kind: DatabasePortal
+metadata:
+  name: $OPS
+spec:
+  engine: redis
+  routing: {mode: roundrobin}
+  tls: {mode: disabled}
+  backends:
+    - {name: redis-a, address: "$A_HOST:$A_PORT", weight: 3}
+    - {name: redis-b, address: "$B_HOST:$B_PORT"}
+EOF
+    if wait_until 120 ops_pods_ready; then
+        saw "pods $OPS-portal-0 and $OPS-portal-1 Ready after $(($(now_ms) - t0)) ms"
+    else
+        bad "portal pods not Ready within 120 s: $(kn get pods -l "app.kubernetes.io/instance=$OPS" -o wide 2>&1 | tr '\n' ' ')"
+        end
+        return
+    fi
+    token=$(ops_token)
+    check "Secret $OPS-portal-admin holds a 64-hex-digit token" eval '[[ $token =~ ^[0-9a-f]{64}$ ]]'
+    ip=$(pod_ip "$OPS-portal-0")
+    out=$(cx client-a post "" "http://$ip:8404/backends/redis-b/state" '{"state": "drain"}' 2>&1 || true)
+    check "POST without the token: 401 ($out)" test "${out%% *}" == 401
+    check "redis-b still ready on $OPS-portal-0" test "$(ops_admin_state "$OPS-portal-0" redis-b)" == ready
+    out=$(cx client-a post "$token" "http://$ip:8404/backends/redis-b/state" '{"state": "drain"}' 2>&1 || true)
+    check "POST with the Secret's token: 200 ($out)" test "${out%% *}" == 200
+    check "redis-b drained on $OPS-portal-0 (runtime)" test "$(ops_admin_state "$OPS-portal-0" redis-b)" == drain
+    check "redis-b still ready on $OPS-portal-1" test "$(ops_admin_state "$OPS-portal-1" redis-b)" == ready
+    if wait_until 30 ops_reported drain; then
+        saw "status.portals shows the runtime drain of $OPS-portal-0: $(kn get dbp "$OPS" -o jsonpath='{.status.portals[*].backends}')"
+    else
+        bad "status.portals does not show the drain: $(kn get dbp "$OPS" -o jsonpath='{.status.portals}')"
+    fi
+    out=$(cx client-a post "$token" "http://$ip:8404/backends/redis-b/state" '' DELETE 2>&1 || true)
+    check "DELETE clears the runtime state ($out)" test "${out%% *}" == 200
+    # The same through the spec: every portal applies it.
+    kn patch dbp "$OPS" --type json -p '[{"op": "add", "path": "/spec/backends/1/state", "value": "maint"}]' >/dev/null
+    t0=$(now_ms)
+    if wait_until 30 ops_reported "maint maint"; then
+        saw "spec.backends[1].state maint shown by both portals in status.portals after $(($(now_ms) - t0)) ms"
+    else
+        bad "status.portals after spec.backends[1].state maint: $(kn get dbp "$OPS" -o jsonpath='{.status.portals}')"
+    fi
+    out=$(kc -n "$NS" describe dbp "$OPS" 2>&1 | grep -c -i "maint" || true)
+    check "kubectl describe dbp shows maint ($out lines)" test "${out:-0}" -ge 2
+    t0=$(now_ms)
+    kn delete dbp "$OPS" --wait=false >/dev/null
+    if wait_until 120 ops_children_gone; then
+        saw "the admin token Secret and the StatefulSet collected $(($(now_ms) - t0)) ms after the deletion"
+    else
+        bad "left 120 s after the deletion: $(kn get secrets,statefulsets -o name 2>&1 | grep "$OPS" | tr '\n' ' ')"
+    fi
+    end
+}
+
 # --- main ------------------------------------------------------------------------------
 
 main() {
@@ -846,14 +927,14 @@ main() {
     fi
     log "primary redis-a $A_HOST:$A_PORT, replica redis-b $B_HOST:$B_PORT; clients $CLIENT_A_IP, $CLIENT_B_IP; setup $(($(now_ms) - t_start)) ms"
 
-    local s names=(apply allowlist promote tls configmap pod delete minimal) i=0
+    local s names=(apply allowlist promote tls configmap pod delete minimal operations) i=0
     for s in "${names[@]}"; do
         i=$((i + 1))
         if ! wanted "$i"; then
             skip "$i $s" "not selected by DBPORTAL_E2E_ONLY"
         elif [[ $s == delete && -z $APPLIED ]]; then
             skip "$i $s" "the DatabasePortal was not applied (scenario 1)"
-        elif [[ $s != apply && $s != delete && $s != minimal && -z $PREREQ ]]; then
+        elif [[ $s != apply && $s != delete && $s != minimal && $s != operations && -z $PREREQ ]]; then
             skip "$i $s" "the DatabasePortal's portals never became Ready (scenario 1)"
         else
             "scenario_$s" || true
