@@ -5,6 +5,7 @@
 
 mod address;
 mod duration;
+mod pooling;
 mod spec;
 mod spec_tls;
 
@@ -14,6 +15,7 @@ use ipnet::IpNet;
 
 pub use address::{Address, AddressError};
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
+pub use pooling::{ByteSize, Multiplex, Pooling, PoolingAuth, PoolingMode, BYTE_SIZE_PATTERN};
 pub use spec::*;
 pub use spec_tls::*;
 
@@ -45,6 +47,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub drain_timeout: std::time::Duration,
+    /// `pooling` of mode `multiplex` (Redis); `None`: one backend connection per client.
+    pub multiplex: Option<Multiplex>,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
 }
@@ -396,6 +400,10 @@ impl DatabasePortalSpec {
             }),
         };
 
+        if let Some(pooling) = &self.pooling {
+            pooling.check(self.engine, &mut err);
+        }
+
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -435,6 +443,7 @@ impl DatabasePortalSpec {
                 .drain_timeout
                 .map(Duration::get)
                 .unwrap_or(std::time::Duration::from_secs(30)),
+            multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
             spec: self.clone(),
         })
     }
