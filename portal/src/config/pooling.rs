@@ -10,7 +10,7 @@ use std::{borrow::Cow, fmt, str::FromStr};
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{check_dns_name, Duration, Engine, FieldError};
+use super::{check_dns_name, Duration, Engine};
 
 /// How client connections share server connections. Absent, or mode none: one backend
 /// connection per client.
@@ -287,6 +287,7 @@ impl JsonSchema for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FieldError;
 
     #[test]
     fn byte_sizes_parse_and_print() {

@@ -35,12 +35,25 @@ pub const FAST_MODE_LIMIT: Duration = Duration::from_secs(30);
 pub struct HealthHandle {
     view: watch::Receiver<HealthView>,
     reports: mpsc::Sender<String>,
+    credentials: Arc<dyn CredentialsSource>,
+}
+
+impl std::fmt::Debug for dyn CredentialsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialsSource")
+    }
 }
 
 impl HealthHandle {
     /// The views the checker publishes; the current one is there at once.
     pub fn view(&self) -> watch::Receiver<HealthView> {
         self.view.clone()
+    }
+
+    /// The source of the probes' credentials (and of the users clients authenticate as), which
+    /// the data plane's own server connections log in with too.
+    pub fn credentials(&self) -> Arc<dyn CredentialsSource> {
+        self.credentials.clone()
     }
 
     /// A session could not connect to `backend` (or its connection broke): probe every node
@@ -67,6 +80,7 @@ pub fn spawn_checker(
     let settings = Arc::new(ProbeSettings::new(&initial, credentials.clone()));
     let (settings_tx, _) = watch::channel(settings);
     let (fast_tx, _) = watch::channel(false);
+    let handle_credentials = credentials.clone();
     let mut checker = Checker {
         config: initial.clone(),
         credentials,
@@ -94,6 +108,7 @@ pub fn spawn_checker(
     HealthHandle {
         view,
         reports: reports_tx,
+        credentials: handle_credentials,
     }
 }
 

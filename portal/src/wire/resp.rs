@@ -394,6 +394,42 @@ pub fn scan_reply(buf: &[u8]) -> Result<Option<Scanned>, RespError> {
     Ok(Some(Scanned { len: pos, kind }))
 }
 
+/// For a complete array reply (RESP2 `*` or RESP3 push `>`) whose first element is a bulk
+/// string: that string, and the third element when it is an integer. This is how a pub/sub
+/// event reads: `["unsubscribe", channel, count]`, `["message", channel, payload]`.
+pub fn array_head(reply: &[u8]) -> Option<(&[u8], Option<i64>)> {
+    if !matches!(reply.first(), Some(b'*' | b'>')) {
+        return None;
+    }
+    let nl = reply.iter().position(|&b| b == b'\n')?;
+    let count: usize = std::str::from_utf8(reply.get(1..nl.checked_sub(1)?)?)
+        .ok()?
+        .parse()
+        .ok()?;
+    if count == 0 {
+        return None;
+    }
+    let mut pos = nl + 1;
+    let first = scan_reply(&reply[pos..]).ok()??;
+    let item = &reply[pos..pos + first.len];
+    if first.kind != b'$' {
+        return None;
+    }
+    let head_end = item.iter().position(|&b| b == b'\n')? + 1;
+    let head = item.get(head_end..item.len() - 2)?;
+    pos += first.len;
+    if count < 3 {
+        return Some((head, None));
+    }
+    let second = scan_reply(&reply[pos..]).ok()??;
+    pos += second.len;
+    let third = scan_reply(&reply[pos..]).ok()??;
+    let number = (third.kind == b':')
+        .then(|| std::str::from_utf8(&reply[pos + 1..pos + third.len - 2]).ok()?.parse().ok())
+        .flatten();
+    Some((head, number))
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::BufReader;
@@ -497,6 +533,24 @@ mod tests {
         assert!(scan_reply(b"$x\r\n").is_err());
     }
 
+    #[test]
+    fn pubsub_events_are_read() {
+        assert_eq!(
+            array_head(b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nc\r\n:0\r\n"),
+            Some((&b"unsubscribe"[..], Some(0)))
+        );
+        assert_eq!(
+            array_head(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n"),
+            Some((&b"message"[..], None))
+        );
+        assert_eq!(
+            array_head(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
+            Some((&b"pong"[..], None))
+        );
+        assert_eq!(array_head(b"+OK\r\n"), None);
+        assert_eq!(array_head(b"*0\r\n"), None);
+    }
+
     /// A small deterministic generator (xorshift), so the property tests need no crate.
     struct Rng(u64);
     impl Rng {
@@ -535,6 +589,7 @@ mod tests {
             }
             if let Ok(Some(s)) = scan_reply(&bytes) {
                 assert!(s.len <= bytes.len() && s.len > 0);
+                let _ = array_head(&bytes[..s.len]);
             }
         }
     }
