@@ -2,7 +2,8 @@
 //! collectors each module owns; this endpoint only registers and encodes them) and `/status`
 //! (JSON).
 //!
-//! May import: `admission`, `health`, `metrics`, `reload`, `route`, `session` (its `Shared`).
+//! May import: `admission`, `health`, `metrics`, `reload`, `route`, `session` (its `Shared`, the
+//! multiplexer's report).
 //! Never `server`.
 
 use std::{
@@ -274,6 +275,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "reload": state.reload.snapshot(),
         },
         "tls": shared.tls.status_json(),
+        "multiplex": config.multiplex.as_ref().map(|_| crate::session::multiplex::status(&shared.mux)),
     })
 }
 
@@ -296,6 +298,9 @@ pub fn registry(shared: &Shared) -> Registry {
     registry.register_collector(Box::new(ReloadCollector(shared.state.reload.clone())));
     registry.register_collector(Box::new(ReadyCollector(shared.clone())));
     registry.register_collector(Box::new(shared.tls.clone()));
+    registry.register_collector(Box::new(crate::session::multiplex::MultiplexCollector(
+        shared.mux.clone(),
+    )));
     registry
 }
 

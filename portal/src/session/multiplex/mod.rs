@@ -6,12 +6,14 @@
 //! commands in flight, and anything the portal answers itself waits until those are in.
 //!
 //! - [`commands`]: what to do with each command (pure);
-//! - [`server`]: the shared connections, the dedicated pool, the counters.
+//! - [`server`]: the shared connections, the dedicated pool, the counters;
+//! - [`report`]: the `/metrics` families and the `/status` part.
 //!
 //! May import: `admission`, `config`, `health`, `metrics`, `route`, `tls`, `wire` and the
 //! session's [`Shared`](super::Shared).
 
 pub mod commands;
+mod report;
 pub mod server;
 
 use std::{
@@ -27,6 +29,7 @@ use tokio::{
 use tracing::debug;
 
 pub use commands::PinReason;
+pub use report::{status, MultiplexCollector};
 use commands::{classify, is, subscription_command, subscription_event, Action, Local, SubKind};
 pub use server::{Hub, MuxStats, BATCH_BUCKETS};
 use server::{DialContext, PinnedConn, Request, ServerConn, Sink};
