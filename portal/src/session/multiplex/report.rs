@@ -24,7 +24,13 @@ pub struct MultiplexCollector(pub Arc<Hub>);
 
 /// A histogram with explicit buckets (`counts[i]` batches of at most `BATCH_BUCKETS[i]`
 /// commands, the last one for larger ones).
-fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, stats: &[u64]) -> fmt::Result {
+fn histogram(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    sum: u64,
+    stats: &[u64],
+) -> fmt::Result {
     let mut cumulative = 0;
     let mut buckets = Vec::with_capacity(stats.len());
     for (i, n) in stats.iter().enumerate() {
@@ -33,7 +39,7 @@ fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, stats: &[u64]) -
         buckets.push((le, cumulative));
     }
     e.encode_descriptor(name, help, None, MetricType::Histogram)?
-        .encode_histogram::<NoLabelSet>(0.0, cumulative, &buckets, None)
+        .encode_histogram::<NoLabelSet>(sum as f64, cumulative, &buckets, None)
 }
 
 impl Collector for MultiplexCollector {
@@ -100,6 +106,7 @@ impl Collector for MultiplexCollector {
             &mut e,
             "dbportal_multiplex_batch_size",
             "Commands per write to a shared server connection.",
+            s.commands.load(Relaxed),
             &buckets,
         )?;
         counter(
