@@ -8,7 +8,7 @@
 //! - [`multiplex`]: Redis multiplexing (`pooling.mode: multiplex`), in place of the forward.
 //!
 //! May import: `admission`, `allow`, `config`, `health`, `metrics`, `proxy_protocol`,
-//! `route`, `splice`, `tls`. Never `server` or `admin`.
+//! `route`, `splice`, `tls`, `wire` (multiplexing). Never `server` or `admin`.
 
 mod dial;
 mod forward;

@@ -109,6 +109,7 @@ pub async fn serve<C>(
         delivered: 0,
         current: None,
         pinned: None,
+        in_end: early.len(),
         inbuf: early,
         in_start: 0,
         out: Vec::new(),
@@ -188,8 +189,11 @@ struct Session {
     delivered: u64,
     current: Option<Arc<ServerConn>>,
     pinned: Option<Pinned>,
+    /// The client's bytes: `in_start..in_end` not handled yet. Its whole length is
+    /// initialized (zeroed once as it grows), so a read never clears it first.
     inbuf: Vec<u8>,
     in_start: usize,
+    in_end: usize,
     out: Vec<u8>,
     out_pos: usize,
     cmd: Command,
@@ -232,6 +236,13 @@ impl Session {
         tokio::pin!(idle);
         let mut kill = self.shared.kill.clone();
         let mut health = self.shared.health.clone();
+        // Futures kept across the loop's turns: registering a waiter anew on every turn costs
+        // a lock each (the drain's watch is shared by every session).
+        let killed = kill.changed();
+        tokio::pin!(killed);
+        let sink = self.sink.clone();
+        let replied = sink.notify.notified();
+        tokio::pin!(replied);
         loop {
             match self.process().await {
                 Ok(()) => {}
@@ -258,7 +269,7 @@ impl Session {
                 let _ = wr.shutdown().await;
                 return CloseReason::Done;
             }
-            let unparsed = self.inbuf.len() - self.in_start;
+            let unparsed = self.in_end - self.in_start;
             let want_read = !self.blocked
                 && !self.quitting
                 && self.fatal.is_none()
@@ -266,8 +277,9 @@ impl Session {
                 && unparsed < IN_HIGH;
             let want_pinned = out_pending < OUT_HIGH;
             let has_pinned = self.pinned.is_some();
-            if self.inbuf.capacity() - self.inbuf.len() < 4096 {
-                self.inbuf.reserve(16 << 10);
+            if self.inbuf.len() - self.in_end < 2048 {
+                let size = (self.inbuf.len() * 2).max(4096);
+                self.inbuf.resize(size, 0);
             }
             tokio::select! {
                 biased;
@@ -282,7 +294,7 @@ impl Session {
                         }
                     }
                 },
-                _ = self.sink.notify.notified() => {}
+                _ = &mut replied => replied.set(sink.notify.notified()),
                 r = read_pinned(self.pinned.as_mut()), if want_pinned && has_pinned => match r {
                     Ok(0) | Err(_) => {
                         debug!("the dedicated server connection closed");
@@ -294,7 +306,7 @@ impl Session {
                         }
                     }
                 },
-                r = rd.read_buf(&mut self.inbuf), if want_read => match r {
+                r = rd.read(&mut self.inbuf[self.in_end..]), if want_read => match r {
                     Ok(0) => {
                         self.quitting = true;
                         if self.idle() || self.pinned.is_some() {
@@ -303,11 +315,12 @@ impl Session {
                     }
                     Err(_) => return CloseReason::Error,
                     Ok(n) => {
+                        self.in_end += n;
                         metrics.add_bytes(crate::metrics::Direction::ClientToBackend, n as u64);
                         last_read = Instant::now();
                     }
                 },
-                _ = kill.changed() => return CloseReason::Shutdown,
+                _ = &mut killed => return CloseReason::Shutdown,
                 r = health.changed(), if has_pinned => {
                     if r.is_err() {
                         return CloseReason::Shutdown;
@@ -372,7 +385,7 @@ impl Session {
         self.blocked = false;
         let mut pin_out: Vec<u8> = Vec::new();
         while !self.quitting && self.fatal.is_none() {
-            let buf = &self.inbuf[self.in_start..];
+            let buf = &self.inbuf[self.in_start..self.in_end];
             match parse_command(buf, &mut self.cmd) {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -455,11 +468,12 @@ impl Session {
             self.flush_pinned(&mut pin_out).await?;
         }
         self.maybe_release();
-        if self.in_start == self.inbuf.len() {
-            self.inbuf.clear();
+        if self.in_start == self.in_end {
             self.in_start = 0;
+            self.in_end = 0;
         } else if self.in_start > 64 << 10 {
-            self.inbuf.drain(..self.in_start);
+            self.inbuf.copy_within(self.in_start..self.in_end, 0);
+            self.in_end -= self.in_start;
             self.in_start = 0;
         }
         Ok(())
@@ -482,7 +496,7 @@ impl Session {
         let mut count: u32 = 1;
         let max = self.settings.max_in_flight as u32;
         while count < max {
-            let buf = &self.inbuf[end..];
+            let buf = &self.inbuf[end..self.in_end];
             match parse_command(buf, &mut self.cmd) {
                 Ok(true) => {}
                 _ => break,
@@ -564,7 +578,9 @@ impl Session {
         self.current = None;
         let i = self.target().await?;
         let backend = self.config.backends[i].clone();
-        let pool = self.hub.pool(&backend, self.settings.server_connections);
+        let pool = self
+            .hub
+            .pool(&backend, true, per_thread(self.settings.server_connections));
         let conn = pool
             .shared(self.id as usize, &self.ctx, self.settings.max_in_flight)
             .await
@@ -582,7 +598,7 @@ impl Session {
     async fn pin(&mut self, reason: PinReason) -> Result<(), String> {
         let i = self.target().await?;
         let backend = self.config.backends[i].clone();
-        let pool = self.hub.pool(&backend, self.settings.server_connections);
+        let pool = self.hub.pool(&backend, false, 0);
         let conn = pool
             .take_pinned(
                 &self.ctx,
@@ -612,7 +628,7 @@ impl Session {
 
     /// Queues the parsed command for the dedicated connection and follows the state it sets.
     fn pinned_command(&mut self, action: Action, pin_out: &mut Vec<u8>) {
-        let buf = &self.inbuf[self.in_start..];
+        let buf = &self.inbuf[self.in_start..self.in_end];
         let cmd = &self.cmd;
         let arg = |i| cmd.arg(buf, i);
         let p = self.pinned.as_mut().expect("pinned");
@@ -878,6 +894,20 @@ impl Session {
             }
         }
     }
+}
+
+/// Shared connections per data-plane thread: `serverConnections` spread over the threads
+/// (one each at least), so that the portal holds about `serverConnections` in all.
+fn per_thread(server_connections: usize) -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    server_connections.div_ceil(threads).max(1)
 }
 
 /// Compares secrets in time independent of where they differ.

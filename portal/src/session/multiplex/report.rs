@@ -42,11 +42,32 @@ fn histogram(
         .encode_histogram::<NoLabelSet>(sum as f64, cumulative, &buckets, None)
 }
 
+/// Per backend name: shared connections alive, dedicated connections open, commands in
+/// flight, and whether it is retired (its pools are per data-plane thread: summed here).
+fn by_backend(hub: &Hub) -> Vec<(String, usize, usize, usize, bool)> {
+    let mut out: Vec<(String, usize, usize, usize, bool)> = Vec::new();
+    for p in hub.pools() {
+        let row = match out.iter_mut().find(|r| *r.0 == *p.name) {
+            Some(row) => row,
+            None => {
+                out.push((p.name.to_string(), 0, 0, 0, true));
+                out.last_mut().expect("pushed")
+            }
+        };
+        row.1 += p.alive();
+        row.2 += p.pinned_open();
+        row.3 += p.in_flight();
+        row.4 &= p.is_retired();
+    }
+    out.sort();
+    out
+}
+
 impl Collector for MultiplexCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let hub = &self.0;
         let s = &hub.stats;
-        let pools = hub.pools();
+        let pools = by_backend(hub);
         gauge(
             &mut e,
             "dbportal_multiplex_clients",
@@ -59,7 +80,7 @@ impl Collector for MultiplexCollector {
             "Shared server connections open, per backend.",
             pools
                 .iter()
-                .map(|p| ([("backend", p.name.to_string())], p.alive() as i64)),
+                .map(|p| ([("backend", p.0.clone())], p.1 as i64)),
         )?;
         gauges(
             &mut e,
@@ -67,7 +88,7 @@ impl Collector for MultiplexCollector {
             "Dedicated server connections open (held by pinned clients or idle), per backend.",
             pools
                 .iter()
-                .map(|p| ([("backend", p.name.to_string())], p.pinned_open() as i64)),
+                .map(|p| ([("backend", p.0.clone())], p.2 as i64)),
         )?;
         gauges(
             &mut e,
@@ -75,7 +96,7 @@ impl Collector for MultiplexCollector {
             "Commands written to shared server connections and not answered yet, per backend.",
             pools
                 .iter()
-                .map(|p| ([("backend", p.name.to_string())], p.in_flight() as i64)),
+                .map(|p| ([("backend", p.0.clone())], p.3 as i64)),
         )?;
         gauges(
             &mut e,
@@ -153,12 +174,12 @@ pub fn status(hub: &Hub) -> serde_json::Value {
         "protocolErrors": s.malformed.load(Relaxed),
         "repliesFailed": s.replies_failed.load(Relaxed),
         "serverConnectionsOpened": s.server_connections_opened.load(Relaxed),
-        "backends": hub.pools().iter().map(|p| json!({
-            "name": &*p.name,
-            "serverConnections": p.alive(),
-            "dedicatedConnections": p.pinned_open(),
-            "inFlight": p.in_flight(),
-            "retired": p.is_retired(),
+        "backends": by_backend(hub).into_iter().map(|p| json!({
+            "name": p.0,
+            "serverConnections": p.1,
+            "dedicatedConnections": p.2,
+            "inFlight": p.3,
+            "retired": p.4,
         })).collect::<Vec<_>>(),
     })
 }

@@ -285,6 +285,8 @@ pub async fn dial(ctx: &DialContext, backend: &Backend) -> io::Result<ServerStre
 /// The server connections of one backend.
 pub struct BackendPool {
     pub name: Arc<str>,
+    /// `name/address`: what routing decides on.
+    base: String,
     backend: Backend,
     shared: Vec<Mutex<Option<Arc<ServerConn>>>>,
     opening: Vec<tokio::sync::Mutex<()>>,
@@ -710,12 +712,28 @@ impl Hub {
     }
 
     /// The pool of `backend` (by name and address, so a changed address gets a new one).
-    pub fn pool(&self, backend: &Backend, server_connections: usize) -> Arc<BackendPool> {
-        let key = format!("{}/{}", backend.name, backend.address);
+    ///
+    /// The shared connections are per data-plane thread (`shared: true`, `server_connections`
+    /// of them on the calling thread): their reader then wakes clients of its own thread, with
+    /// no wake-up crossing threads per reply. Dedicated connections are one pool for all.
+    pub fn pool(
+        &self,
+        backend: &Backend,
+        shared: bool,
+        server_connections: usize,
+    ) -> Arc<BackendPool> {
+        let base = format!("{}/{}", backend.name, backend.address);
+        let key = if shared {
+            format!("{base}@{:?}", std::thread::current().id())
+        } else {
+            base.clone()
+        };
+        let server_connections = if shared { server_connections } else { 0 };
         let mut pools = lock(&self.pools);
         let pool = pools.entry(key).or_insert_with(|| {
             Arc::new(BackendPool {
                 name: backend.name.as_str().into(),
+                base,
                 backend: backend.clone(),
                 shared: (0..server_connections)
                     .map(|_| Mutex::new(None))
@@ -771,7 +789,8 @@ impl Hub {
             .collect();
         let waiting = config.routing == crate::config::RoutingMode::Leader && eligible.is_empty();
         for (key, pool) in lock(&self.pools).iter() {
-            if eligible.contains(key) || pool.is_retired() {
+            let _ = key;
+            if eligible.contains(&pool.base) || pool.is_retired() {
                 continue;
             }
             // Without a leader (failover under way) the old one is retired all the same: it
