@@ -137,14 +137,14 @@ pooling: {{mode: multiplex, serverConnections: 4}}
                 p.kill()
 
 
-def server_connections(port: int, stop: threading.Event, seen: list[int]) -> None:
-    """Largest number of client connections redis-server saw during the run (minus this
-    poller's own)."""
+def server_connections(port: int, owner: str, stop: threading.Event, seen: list[int]) -> None:
+    """Most connections to redis-server held by `owner` during the run (`pid=<n>,` of the
+    proxy, or the benchmark's name when direct), from `ss`: the other proxies' idle
+    connections to the same server are not counted."""
     while not stop.is_set():
-        out = cli(port, "INFO", "clients")
-        for line in out.splitlines():
-            if line.startswith("connected_clients:"):
-                seen.append(int(line.split(":")[1]) - 1)
+        out = subprocess.run(["ss", "-Htnp", "state", "established", "dst",
+                              f"127.0.0.1:{port}"], capture_output=True, text=True).stdout
+        seen.append(sum(1 for line in out.splitlines() if owner in line))
         stop.wait(0.25)
 
 
@@ -154,7 +154,9 @@ def bench_one(c: Contenders, who: str, test: str, clients: int, pipeline: int,
     pid = c.pids[who]
     stop = threading.Event()
     seen: list[int] = []
-    poller = threading.Thread(target=server_connections, args=(c.redis_port, stop, seen))
+    owner = f"pid={pid}," if pid else '"redis-benchmark"'
+    poller = threading.Thread(target=server_connections,
+                              args=(c.redis_port, owner, stop, seen))
     proxy0 = cpu_seconds(pid) if pid else 0.0
     redis0 = cpu_seconds(c.redis.pid)
     poller.start()
@@ -218,7 +220,7 @@ def main() -> None:
            "",
            "redis-benchmark -n {n} (pipelined: 4×), medians of the repetitions. CPU: seconds per "
            "1,000 ops from /proc/<pid>/stat (proxy: the proxy process; redis: redis-server). "
-           "conns: most client connections redis-server had during the run.".format(n=base),
+           "conns: most connections to redis-server the contender held during the run (ss).".format(n=base),
            "",
            "| test | clients | -P | contender | ops/s | p99 ms | conns | proxy CPU s/1k ops "
            "| redis CPU s/1k ops |",

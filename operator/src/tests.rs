@@ -286,8 +286,13 @@ fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
     );
     let c = children(&dp);
     let text = &c.config_map.data.as_ref().unwrap()[CONFIG_KEY];
-    let config = portal::config::parse_yaml(text).unwrap().validate().unwrap();
-    let m = config.multiplex.expect("multiplex in the portal's configuration");
+    let config = portal::config::parse_yaml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let m = config
+        .multiplex
+        .expect("multiplex in the portal's configuration");
     assert_eq!(
         (m.server_connections, m.max_in_flight, m.client_output_limit),
         (2, 64, 1 << 20)
@@ -297,7 +302,14 @@ fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
     assert_eq!(config.spec.pooling, dp.spec.pooling);
 
     // The portal watches the users Secret, and its Role lets it read that Secret.
-    let args = c.stateful_set.spec.unwrap().template.spec.unwrap().containers[0]
+    let args = c
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
         .args
         .clone()
         .unwrap();
@@ -320,7 +332,14 @@ fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
         orders(),
     ] {
         let c = children(&other);
-        let args = c.stateful_set.spec.unwrap().template.spec.unwrap().containers[0]
+        let args = c
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
             .args
             .clone()
             .unwrap();

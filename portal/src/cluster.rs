@@ -669,7 +669,10 @@ mod tests {
         .unwrap();
         let m = config.multiplex.unwrap();
         let source = SecretCredentials::new(None).with_users(Some("users".into()));
-        assert!(source.users(&m).unwrap_err().contains("users was not found"));
+        assert!(source
+            .users(&m)
+            .unwrap_err()
+            .contains("users was not found"));
         source.set_users(secret_users(&secret(&[("default", "pw"), ("alice", "a")])));
         let users = source.users(&m).unwrap().unwrap();
         assert_eq!(users.get("alice").map(String::as_str), Some("a"));

@@ -358,7 +358,8 @@ mod tests {
         let wrong = format!("engine: redis\n{base}pooling: {{mode: transaction}}\n");
         let err = crate::config::parse_yaml(&wrong).unwrap_err().to_string();
         assert!(err.contains("pooling.mode"), "{err}");
-        let size = format!("engine: redis\n{base}pooling: {{mode: multiplex, clientOutputLimit: 8mb}}\n");
+        let size =
+            format!("engine: redis\n{base}pooling: {{mode: multiplex, clientOutputLimit: 8mb}}\n");
         let err = crate::config::parse_yaml(&size).unwrap_err().to_string();
         assert!(err.contains("pooling.clientOutputLimit"), "{err}");
     }
