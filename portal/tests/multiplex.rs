@@ -697,3 +697,39 @@ async fn failover_keeps_idle_clients_and_writes_nothing_to_the_demoted_node() {
         "no client was cut"
     );
 }
+
+/// Without a leader a command waits up to `timeouts.connect` and then gets an error reply;
+/// the client stays connected, and its next command runs once a leader is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_leader_commands_get_an_error_and_the_client_stays() {
+    if skip_without(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let mut redis = Redis::start();
+    let p = Standalone::start(
+        &[&redis],
+        "timeouts: {connect: 1s}\npooling: {mode: multiplex}\n",
+    )
+    .await;
+    p.wait_leader("r0").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(command(&mut s, &["SET", "a", "1"]).await.unwrap(), "+OK");
+
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = p.status().await;
+        if st["leader"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader stayed: {st:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = command(&mut s, &["GET", "a"]).await.unwrap();
+    assert!(reply.starts_with("-ERR no backend available"), "{reply}");
+
+    redis.restart();
+    p.wait_leader("r0").await;
+    assert_eq!(command(&mut s, &["SET", "b", "2"]).await.unwrap(), "+OK");
+    assert_eq!(redis.cli(&["GET", "b"]), "2");
+}
