@@ -29,7 +29,7 @@ use tokio::{
 use tracing::debug;
 
 pub use commands::PinReason;
-use commands::{classify, is, subscription_command, subscription_event, Action, Local, SubKind};
+use commands::{classify, is, subscription_command, subscription_event, Action, Local};
 pub use report::{status, MultiplexCollector};
 use server::{DialContext, PinnedConn, Request, ServerConn, Sink};
 pub use server::{Hub, MuxStats, BATCH_BUCKETS};
@@ -89,7 +89,7 @@ pub async fn serve<C>(
     };
     let mut session = Session {
         id: hub.next_client_id(),
-        _ip: ip,
+        ip,
         sink: Arc::new(Sink::new(settings.client_output_limit)),
         settings,
         ctx: DialContext {
@@ -172,7 +172,7 @@ impl Pinned {
 
 struct Session {
     id: u64,
-    _ip: IpAddr,
+    ip: IpAddr,
     settings: Multiplex,
     config: Arc<Config>,
     shared: Shared,
@@ -542,7 +542,7 @@ impl Session {
         let mut health = self.shared.health.clone();
         let order = |view: &crate::health::HealthView| {
             let eligible = route::eligible(&config, view);
-            route::order(config.routing, &eligible, self._ip, self.id as usize, |_| 0)
+            route::order(config.routing, &eligible, self.ip, self.id as usize, |_| 0)
                 .first()
                 .copied()
         };
@@ -731,7 +731,6 @@ impl Session {
                         if count == 0 {
                             p.unsub_all[k] = false;
                         }
-                        let _ = SubKind::Shard;
                     }
                     continue;
                 }

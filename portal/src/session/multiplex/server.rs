@@ -788,8 +788,7 @@ impl Hub {
             .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
             .collect();
         let waiting = config.routing == crate::config::RoutingMode::Leader && eligible.is_empty();
-        for (key, pool) in lock(&self.pools).iter() {
-            let _ = key;
+        for pool in lock(&self.pools).values() {
             if eligible.contains(&pool.base) || pool.is_retired() {
                 continue;
             }
