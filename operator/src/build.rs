@@ -203,6 +203,11 @@ impl Builder<'_> {
                 secrets.push(creds.clone());
             }
         }
+        if let Some(users) = users_secret(self.dp) {
+            if !secrets.contains(&users) {
+                secrets.push(users);
+            }
+        }
         let rule = |resource: &str, verbs: &[&str], names: Vec<String>| PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec![resource.to_string()]),
@@ -434,6 +439,15 @@ pub fn default_resources() -> ResourceRequirements {
         limits: Some([("memory".to_string(), Quantity("64Mi".into()))].into()),
         ..Default::default()
     }
+}
+
+/// The Secret with the users clients of Redis multiplexing AUTH as, if the spec names one.
+pub fn users_secret(dp: &DatabasePortal) -> Option<String> {
+    dp.spec
+        .pooling
+        .as_ref()
+        .filter(|p| p.mode == portal::config::PoolingMode::Multiplex)
+        .and_then(|p| p.auth.users_secret.clone())
 }
 
 /// The portal's configuration file: the spec plus what an in-cluster portal needs

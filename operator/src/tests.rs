@@ -328,6 +328,88 @@ fn the_admin_token_secret_is_mounted_where_the_configmap_says() {
 }
 
 #[test]
+fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
+    let dp = orders().patch_spec(
+        "pooling: {mode: multiplex, serverConnections: 2, maxInFlight: 64, clientOutputLimit: 1Mi, queueTimeout: 2s, auth: {usersSecret: orders-users}}",
+    );
+    let c = children(&dp);
+    let text = &c.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let config = portal::config::parse_yaml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let m = config
+        .multiplex
+        .expect("multiplex in the portal's configuration");
+    assert_eq!(
+        (m.server_connections, m.max_in_flight, m.client_output_limit),
+        (2, 64, 1 << 20)
+    );
+    assert_eq!(m.queue_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(m.users_secret.as_deref(), Some("orders-users"));
+    assert_eq!(config.spec.pooling, dp.spec.pooling);
+
+    // The portal watches the users Secret, and its Role lets it read that Secret.
+    let args = c
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args[args.len() - 2..], ["--users-secret", "orders-users"]);
+    let rules = c.role.rules.unwrap();
+    let secrets = rules
+        .iter()
+        .find(|r| r.resources.as_deref() == Some(&["secrets".to_string()][..]))
+        .unwrap();
+    assert!(secrets
+        .resource_names
+        .as_ref()
+        .unwrap()
+        .contains(&"orders-users".to_string()));
+
+    // Without multiplexing, or without a users Secret: no such argument, no such rule.
+    for other in [
+        orders().patch_spec("pooling: {mode: none, auth: {usersSecret: orders-users}}"),
+        orders().patch_spec("pooling: {mode: multiplex}"),
+        orders(),
+    ] {
+        let c = children(&other);
+        let args = c
+            .stateful_set
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert!(!args.contains(&"--users-secret".to_string()), "{args:?}");
+        let names: Vec<String> = c
+            .role
+            .rules
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.resource_names.clone().unwrap_or_default())
+            .collect();
+        assert!(!names.contains(&"orders-users".to_string()), "{names:?}");
+    }
+}
+
+#[test]
+fn multiplex_on_another_engine_is_refused_naming_the_field() {
+    let dp = orders().patch_spec("engine: postgres\npooling: {mode: multiplex}");
+    assert_eq!(invalid_fields(&dp), ["pooling.mode"]);
+}
+
+#[test]
 fn a_config_only_change_leaves_the_pod_template_alone() {
     let before = children(&orders());
     let after = children(&orders().patch_spec(

@@ -32,11 +32,12 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{BackendState, Config, ConfigError, FieldError, Health},
+    config::{BackendState, Config, ConfigError, FieldError, Health, Multiplex},
     control::{Control, Overrides},
     error::Error,
     health::{
         self, CredentialsSource, HealthHandle, HealthView, ProbeCredentials, StandaloneCredentials,
+        Users,
     },
     reload::{self, Following, ReloadStatus},
     route,
@@ -61,6 +62,9 @@ pub struct Options {
     /// The Secret with the probes' `username` and `password`; without it, the one named by the
     /// first configuration's `healthCheck.credentialsSecret`, if any.
     pub credentials_secret: Option<String>,
+    /// The Secret with the users of Redis multiplexing (`pooling.auth.usersSecret`), one key
+    /// per user name; without it, the one the first configuration names, if any.
+    pub users_secret: Option<String>,
     /// The portal's own Pod, where it reports its view; no report without it.
     pub pod_name: Option<String>,
 }
@@ -273,11 +277,28 @@ fn secret_credentials(secret: &Secret) -> Result<ProbeCredentials, String> {
     })
 }
 
-/// Probe credentials kept current by a watch of one Secret.
+/// The users of `pooling.auth.usersSecret`: each key a user name, its value the password.
+fn secret_users(secret: &Secret) -> Result<Users, String> {
+    let users: std::collections::BTreeMap<String, String> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect();
+    if users.is_empty() {
+        return Err("the users Secret has no keys (one per user name)".into());
+    }
+    Ok(Arc::new(users))
+}
+
+/// Probe credentials (and the users of Redis multiplexing) kept current by watches of their
+/// Secrets.
 #[derive(Debug)]
 pub struct SecretCredentials {
     secret: Option<String>,
     current: Mutex<Result<ProbeCredentials, String>>,
+    users_secret: Option<String>,
+    users: Mutex<Result<Users, String>>,
 }
 
 impl SecretCredentials {
@@ -289,11 +310,25 @@ impl SecretCredentials {
         SecretCredentials {
             secret,
             current: Mutex::new(Err(why)),
+            users_secret: None,
+            users: Mutex::new(Err("no users Secret is watched".into())),
         }
+    }
+
+    fn with_users(mut self, secret: Option<String>) -> Self {
+        if let Some(name) = &secret {
+            self.users = Mutex::new(Err(format!("the users Secret {name} was not found")));
+        }
+        self.users_secret = secret;
+        self
     }
 
     fn set(&self, value: Result<ProbeCredentials, String>) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+
+    fn set_users(&self, value: Result<Users, String>) {
+        *self.users.lock().unwrap_or_else(|e| e.into_inner()) = value;
     }
 }
 
@@ -311,6 +346,22 @@ impl CredentialsSource for SecretCredentials {
                 self.secret.as_deref().unwrap_or("none")
             )),
             None => StandaloneCredentials.credentials(health),
+        }
+    }
+
+    fn users(&self, multiplex: &Multiplex) -> Result<Option<Users>, String> {
+        match &multiplex.users_secret {
+            Some(name) if self.users_secret.as_ref() == Some(name) => self
+                .users
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .map(Some),
+            Some(name) => Err(format!(
+                "the users Secret {name} is not watched by this portal (it watches {})",
+                self.users_secret.as_deref().unwrap_or("none")
+            )),
+            None => StandaloneCredentials.users(multiplex),
         }
     }
 }
@@ -375,7 +426,23 @@ pub async fn start(
         .credentials_secret
         .clone()
         .or_else(|| config.health.credentials_secret.clone());
-    let credentials = Arc::new(SecretCredentials::new(creds_name.clone()));
+    let users_name = options.users_secret.clone().or_else(|| {
+        config
+            .multiplex
+            .as_ref()
+            .and_then(|m| m.users_secret.clone())
+    });
+    let credentials =
+        Arc::new(SecretCredentials::new(creds_name.clone()).with_users(users_name.clone()));
+    let mut users_events = users_name
+        .as_ref()
+        .map(|name| (name.clone(), watch_named(secrets.clone(), name)));
+    if let Some((name, events)) = users_events.as_mut() {
+        let what = format!("Secret {ns}/{name}");
+        if let Some(s) = initial(events, &what).await {
+            credentials.set_users(secret_users(&s));
+        }
+    }
     let mut creds_events = creds_name
         .as_ref()
         .map(|name| (name.clone(), watch_named(secrets.clone(), name)));
@@ -462,6 +529,22 @@ pub async fn start(
                     Change::Applied(secret) => credentials.set(secret_credentials(&secret)),
                     Change::Deleted => {
                         credentials.set(Err(format!("the credentials {what} was deleted")))
+                    }
+                    Change::Listed => {}
+                }
+            }
+        }));
+    }
+    // Follow the users Secret.
+    if let Some((name, mut events)) = users_events {
+        let credentials = credentials.clone();
+        let what = format!("Secret {ns}/{name}");
+        tasks.push(tokio::spawn(async move {
+            while let Some(change) = next_change(&mut events, &what).await {
+                match change {
+                    Change::Applied(secret) => credentials.set_users(secret_users(&secret)),
+                    Change::Deleted => {
+                        credentials.set_users(Err(format!("the users {what} was deleted")))
                     }
                     Change::Listed => {}
                 }
@@ -602,6 +685,29 @@ mod tests {
             secret_cert(&secret(&[("tls.crt", "c"), ("tls.key", "k")])).unwrap(),
             CertSource::from_pem("c", "k")
         );
+    }
+
+    #[test]
+    fn users_come_from_the_watched_secret_only() {
+        let config = crate::config::parse_yaml(
+            "engine: redis\nbackends: [{name: a, address: \"127.0.0.1:6379\"}]\npooling: {mode: multiplex, auth: {usersSecret: users}}\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let m = config.multiplex.unwrap();
+        let source = SecretCredentials::new(None).with_users(Some("users".into()));
+        assert!(source
+            .users(&m)
+            .unwrap_err()
+            .contains("users was not found"));
+        source.set_users(secret_users(&secret(&[("default", "pw"), ("alice", "a")])));
+        let users = source.users(&m).unwrap().unwrap();
+        assert_eq!(users.get("alice").map(String::as_str), Some("a"));
+        assert_eq!(users.len(), 2);
+        let other = SecretCredentials::new(None).with_users(Some("others".into()));
+        assert!(other.users(&m).unwrap_err().contains("not watched"));
+        assert!(secret_users(&secret(&[])).is_err());
     }
 
     #[test]

@@ -30,6 +30,10 @@ struct Args {
     /// configuration's `healthCheck.credentialsSecret`).
     #[arg(long, requires = "configmap")]
     credentials_secret: Option<String>,
+    /// In a cluster: the Secret with the users clients AUTH as under Redis multiplexing, one
+    /// key per user name (default: the configuration's `pooling.auth.usersSecret`).
+    #[arg(long, requires = "configmap")]
+    users_secret: Option<String>,
     /// In a cluster: this portal's Pod, where it reports its view in an annotation.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
@@ -104,6 +108,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     configmap,
                     tls_secret: args.tls_secret,
                     credentials_secret: args.credentials_secret,
+                    users_secret: args.users_secret,
                     pod_name: args.pod_name,
                 };
                 portal::server::cluster(client, options, shutdown).await

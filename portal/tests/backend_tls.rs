@@ -147,6 +147,49 @@ async fn redis_cli(portal: &Portal, ca: Option<&Path>, cmd: &[&str]) -> (bool, S
     run("redis-cli", &args, &[]).await
 }
 
+/// Redis multiplexing with TLS both ways: the portal terminates the clients' TLS and its
+/// shared and dedicated server connections speak TLS to a TLS-only redis-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_multiplexing_over_tls_both_ways() {
+    if skip_without(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let pki = Pki::new("backend-tls-mux");
+    let (cert, key, ca) = (pki.db_cert.clone(), pki.db_key.clone(), pki.ca.clone());
+    let redis = tokio::task::spawn_blocking(move || servers::Redis::start_tls(&cert, &key, &ca))
+        .await
+        .unwrap();
+    let yaml = pki.yaml(
+        "redis",
+        &redis.address(),
+        &pki.ca,
+        true,
+        "pooling: {mode: multiplex, serverConnections: 2}\n",
+    );
+    let (portal, checker, _config) = portal_with_checker(&yaml).await;
+    wait_leader(&checker).await;
+    let (ok, out, err) = redis_cli(&portal, Some(&pki.ca), &["SET", "k", "muxed"]).await;
+    assert!(ok && out == "OK", "{out} {err}");
+    assert_eq!(
+        redis_cli(&portal, Some(&pki.ca), &["GET", "k"]).await.1,
+        "muxed"
+    );
+    // A dedicated connection (MULTI), over TLS as well.
+    let (ok, out, err) = redis_cli(
+        &portal,
+        Some(&pki.ca),
+        &["EVAL", "return redis.call('INCR', KEYS[1])", "1", "n"],
+    )
+    .await;
+    assert!(ok && out == "1", "{out} {err}");
+    let (ok, out, err) = redis_cli(&portal, Some(&pki.ca), &["BLPOP", "empty", "0.1"]).await;
+    assert!(ok && out.is_empty(), "{out:?} {err}");
+    let status = portal.status().await;
+    assert_eq!(status["multiplex"]["pinned"]["blocking"], 0, "{status}");
+    assert_eq!(redis.cli(&["GET", "k"]), "muxed");
+    portal.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
     if skip_without(&["redis-server", "redis-cli"]) {

@@ -41,6 +41,10 @@ impl Builder<'_> {
         if let Some(secret) = &spec.health_check.credentials_secret {
             args.extend(["--credentials-secret".to_string(), secret.clone()]);
         }
+        // And the one users Secret of Redis multiplexing.
+        if let Some(secret) = super::users_secret(self.dp) {
+            args.extend(["--users-secret".to_string(), secret]);
+        }
         // The DatabasePortal's own choice, else the operator's; a change rolls the pods.
         let level = Some(spec.portal.log_level.as_str())
             .filter(|l| !l.is_empty())

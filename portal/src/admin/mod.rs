@@ -7,7 +7,7 @@
 //! `/status` and `/metrics` need it when `adminTokenForReads` is set.
 //!
 //! May import: `admission`, `allow`, `config`, `control`, `health`, `metrics`, `reload`,
-//! `route`, `session` (its `Shared`). Never `server`.
+//! `route`, `session` (its `Shared`, the multiplexer's report). Never `server`.
 
 mod page;
 mod verbs;
@@ -381,6 +381,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "reload": state.reload.snapshot(),
         },
         "tls": shared.tls.status_json(),
+        "multiplex": config.multiplex.as_ref().map(|_| crate::session::multiplex::status(&shared.mux)),
     })
 }
 
@@ -405,6 +406,9 @@ pub fn registry(shared: &Shared) -> Registry {
     registry.register_collector(Box::new(ReloadCollector(shared.state.reload.clone())));
     registry.register_collector(Box::new(ReadyCollector(shared.clone())));
     registry.register_collector(Box::new(shared.tls.clone()));
+    registry.register_collector(Box::new(crate::session::multiplex::MultiplexCollector(
+        shared.mux.clone(),
+    )));
     registry
 }
 

@@ -5,6 +5,7 @@
 
 mod address;
 mod duration;
+mod pooling;
 mod spec;
 mod spec_tls;
 
@@ -14,6 +15,7 @@ use ipnet::IpNet;
 
 pub use address::{Address, AddressError};
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
+pub use pooling::{ByteSize, Multiplex, Pooling, PoolingAuth, PoolingMode, BYTE_SIZE_PATTERN};
 pub use spec::*;
 pub use spec_tls::*;
 
@@ -52,6 +54,8 @@ pub struct Config {
     pub admin_token_for_reads: bool,
     /// One log line per closed session (`portal.accessLog`).
     pub access_log: bool,
+    /// `pooling` of mode `multiplex` (Redis); `None`: one backend connection per client.
+    pub multiplex: Option<Multiplex>,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
 }
@@ -438,6 +442,10 @@ impl DatabasePortalSpec {
             }),
         };
 
+        if let Some(pooling) = &self.pooling {
+            pooling.check(self.engine, &mut err);
+        }
+
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
@@ -484,6 +492,7 @@ impl DatabasePortalSpec {
                 .map(std::path::PathBuf::from),
             admin_token_for_reads: self.admin_token_for_reads,
             access_log: self.portal.access_log,
+            multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
             spec: self.clone(),
         })
     }

@@ -83,6 +83,10 @@ pub struct DatabasePortalSpec {
     #[serde(default)]
     pub portal: PortalPods,
 
+    /// How client connections share server connections (absent: one per client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<super::Pooling>,
+
     /// PROXY protocol on the client side (from a load balancer) and towards the backends.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,

@@ -36,6 +36,13 @@ pub struct HealthHandle {
     view: watch::Receiver<HealthView>,
     reports: mpsc::Sender<String>,
     checks: Arc<CheckTimes>,
+    credentials: Arc<dyn CredentialsSource>,
+}
+
+impl std::fmt::Debug for dyn CredentialsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialsSource")
+    }
 }
 
 /// Counts and durations of each backend's health checks, by name. Kept beside the view, not
@@ -83,6 +90,12 @@ impl HealthHandle {
         self.view.clone()
     }
 
+    /// The source of the probes' credentials (and of the users clients authenticate as), which
+    /// the data plane's own server connections log in with too.
+    pub fn credentials(&self) -> Arc<dyn CredentialsSource> {
+        self.credentials.clone()
+    }
+
     /// A session could not connect to `backend` (or its connection broke): probe every node
     /// fast until things settle. Never blocks; reports beyond a small queue are dropped, one
     /// is enough.
@@ -108,6 +121,7 @@ pub fn spawn_checker(
     let (settings_tx, _) = watch::channel(settings);
     let (fast_tx, _) = watch::channel(false);
     let checks = Arc::new(CheckTimes::default());
+    let handle_credentials = credentials.clone();
     let mut checker = Checker {
         checks: checks.clone(),
         config: initial.clone(),
@@ -137,6 +151,7 @@ pub fn spawn_checker(
         view,
         reports: reports_tx,
         checks,
+        credentials: handle_credentials,
     }
 }
 

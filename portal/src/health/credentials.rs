@@ -4,7 +4,12 @@
 //!
 //! May import: `config` and the rest of `health`.
 
-use crate::config::{Credentials, Health};
+use std::{collections::BTreeMap, sync::Arc};
+
+use crate::config::{Credentials, Health, Multiplex};
+
+/// The users clients authenticate as, by name (`default` for AUTH with a password only).
+pub type Users = Arc<BTreeMap<String, String>>;
 
 /// A user name (optional for Redis) and password for a probe's login.
 #[derive(Clone, PartialEq, Eq, serde::Deserialize)]
@@ -28,6 +33,48 @@ impl std::fmt::Debug for ProbeCredentials {
 pub trait CredentialsSource: Send + Sync + 'static {
     /// `Ok(None)`: probe without credentials. `Err`: the probe fails with this reason.
     fn credentials(&self, health: &Health) -> Result<Option<ProbeCredentials>, String>;
+
+    /// The users of `pooling.auth`: `Ok(None)` when none are configured (clients need no
+    /// AUTH). This default reads `usersFile`; a portal in a cluster serves `usersSecret`.
+    fn users(&self, multiplex: &Multiplex) -> Result<Option<Users>, String> {
+        match &multiplex.users_file {
+            Some(path) => read_users(path).map(Some),
+            None if multiplex.users_secret.is_some() => {
+                Err("pooling.auth.usersSecret is only served by a portal in a cluster".into())
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads a users file: a YAML map of user name to password. Errors name the path and the
+/// key, never a password.
+pub fn read_users(path: &str) -> Result<Users, String> {
+    let text = read_small(std::path::Path::new(path))?;
+    parse_users(&text).map_err(|why| format!("the users file {path} {why}"))
+}
+
+/// A users map from YAML text (`name: password` lines).
+pub fn parse_users(text: &str) -> Result<Users, String> {
+    let map: serde_yaml::Mapping = serde_yaml::from_str(text).map_err(|e| {
+        format!(
+            "is not a YAML map of user name to password (line {})",
+            e.location().map_or(0, |l| l.line())
+        )
+    })?;
+    let mut users = BTreeMap::new();
+    for (k, v) in map {
+        let serde_yaml::Value::String(name) = k else {
+            return Err("has a user name that is not a string".into());
+        };
+        let password = match v {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            _ => return Err(format!("has a password for {name:?} that is not a string")),
+        };
+        users.insert(name, password);
+    }
+    Ok(Arc::new(users))
 }
 
 /// The standalone portal's credentials: inline, or a YAML file with `username` and `password`

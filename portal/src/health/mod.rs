@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 pub use checker::{
     spawn_checker, CheckStat, CheckTimes, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT,
 };
-pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials};
+pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials, Users};
 pub use metrics::HealthCollector;
 pub use probe::Probed;
 pub use state::{elect, Election, NodeState};

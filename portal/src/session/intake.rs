@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::{net::TcpStream, time::timeout};
 use tracing::{debug, warn};
 
-use super::{forward::proxy, Peer, Shared};
+use super::{forward::proxy, multiplex, Peer, Shared};
 use crate::{
     admission::{admit, ClientPermit, ConnectionPermit, NegotiationPermit},
     config::Config,
@@ -132,6 +132,19 @@ async fn negotiate(
         warn!("closed: tls.mode is terminate but no certificate is available");
         return;
     };
+    if config.multiplex.is_some() {
+        return Box::pin(multiplexed(
+            stream,
+            terminator,
+            peer,
+            early,
+            permits,
+            negotiating,
+            config,
+            shared,
+        ))
+        .await;
+    }
     if terminator.is_transparent() {
         // Each phase is boxed: an async fn's future is as large as its largest state, and a
         // plaintext session must not carry the room of a TLS handshake while it idles.
@@ -165,6 +178,47 @@ async fn negotiate(
             ))
             .await
         }
+        Err(e) => {
+            shared.state.metrics.reject(Rejection::Handshake);
+            shared.tls.record_failure(&e);
+            debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
+        }
+    }
+}
+
+/// `pooling.mode: multiplex`: the client's TLS (if any) is terminated here and its commands
+/// go to shared server connections instead of a backend connection of its own.
+#[allow(clippy::too_many_arguments)]
+async fn multiplexed(
+    stream: TcpStream,
+    terminator: std::sync::Arc<crate::tls::Terminator>,
+    peer: Peer,
+    early: Vec<u8>,
+    permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let ip = peer.client.ip();
+    if terminator.mode() != crate::config::TlsMode::Terminate {
+        return multiplex::serve(
+            Tcp::new(stream),
+            early,
+            ip,
+            permits,
+            negotiating,
+            config,
+            shared,
+        )
+        .await;
+    }
+    match terminator.accept_with(Tcp::new(stream), early).await {
+        Ok(accepted) => match accepted.into_stream() {
+            Ok(client) => {
+                multiplex::serve(client, Vec::new(), ip, permits, negotiating, config, shared).await
+            }
+            Err(_) => shared.state.metrics.reject(Rejection::Handshake),
+        },
         Err(e) => {
             shared.state.metrics.reject(Rejection::Handshake);
             shared.tls.record_failure(&e);

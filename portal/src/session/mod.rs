@@ -4,14 +4,16 @@
 //! - [`intake`]: from accept to an admitted, negotiated client (`serve`, `serve_proxied`);
 //! - [`forward`]: the 1:1 forward to one backend (`proxy`, the open session's task);
 //! - [`registry`]: the open sessions and the one task that closes them (`control_sessions`);
-//! - [`dial`]: choosing and connecting a backend.
+//! - [`dial`]: choosing and connecting a backend;
+//! - [`multiplex`]: Redis multiplexing (`pooling.mode: multiplex`), in place of the forward.
 //!
 //! May import: `admission`, `allow`, `config`, `health`, `metrics`, `proxy_protocol`,
-//! `route`, `splice`, `tls`. Never `server` or `admin`.
+//! `route`, `splice`, `tls`, `wire` (multiplexing). Never `server` or `admin`.
 
 mod dial;
 mod forward;
 mod intake;
+pub mod multiplex;
 mod registry;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -50,6 +52,8 @@ pub struct Shared {
     pub kill: watch::Receiver<bool>,
     /// TLS termination: the certificate in force and the engine negotiation.
     pub tls: Arc<TlsRuntime>,
+    /// Redis multiplexing: the shared server connections and their counters.
+    pub mux: Arc<multiplex::Hub>,
 }
 
 #[cfg(test)]
@@ -78,6 +82,7 @@ pub(crate) mod testing {
             checker: None,
             kill,
             tls: crate::tls::TlsRuntime::new_or_closed(&config),
+            mux: Arc::default(),
         };
         let drivers = Drivers {
             config_tx,

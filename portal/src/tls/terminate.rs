@@ -63,6 +63,15 @@ impl<C> Accepted<C> {
             State::Mysql(..) => None,
         }
     }
+
+    /// The negotiated client stream itself (`Err` for MySQL, whose negotiation needs the
+    /// backend): for data planes that talk to the client on their own, as Redis multiplexing.
+    pub fn into_stream(self) -> Result<MaybeTls<Rewind<C>>, Self> {
+        match self.state {
+            State::Ready(s) => Ok(s),
+            state => Err(Accepted { state }),
+        }
+    }
 }
 
 /// Both streams, ready for the byte pump.
@@ -112,6 +121,11 @@ impl Terminator {
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
         self
+    }
+
+    /// TLS to the backends (`tls.backend`), when enabled.
+    pub fn backend(&self) -> Option<&BackendConnector> {
+        self.backend.as_ref()
     }
 
     /// Nothing to negotiate on either side: the data plane may pump the raw sockets.

@@ -1,0 +1,366 @@
+//! `spec.pooling`: how client connections share server connections. Today `none` (one backend
+//! connection per client) and `multiplex` (Redis: many clients' commands pipelined onto a few
+//! shared server connections); the PostgreSQL modes (`session`, `transaction`) and their
+//! fields join the same type later. Also the byte sizes it is written in (`8Mi`).
+//!
+//! May import: nothing outside `config`.
+
+use std::{borrow::Cow, fmt, str::FromStr};
+
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{check_dns_name, Duration, Engine};
+
+/// How client connections share server connections. Absent, or mode none: one backend
+/// connection per client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Pooling {
+    /// none: one backend connection per client (the default); multiplex (redis only): the
+    /// commands of all clients are pipelined onto a few shared server connections, and a
+    /// client holding per-connection state (MULTI, WATCH, blocking commands, pub/sub, MONITOR,
+    /// SELECT of another database, CLIENT TRACKING/REPLY, HELLO 3) is pinned to a dedicated
+    /// one while the state lasts.
+    #[serde(default)]
+    pub mode: PoolingMode,
+    /// multiplex: shared server connections per backend. Default 4.
+    #[serde(default = "Pooling::default_server_connections")]
+    #[schemars(range(min = 1, max = 256))]
+    pub server_connections: u32,
+    /// multiplex: commands in flight per server connection; a client past it waits.
+    /// Default 1024.
+    #[serde(default = "Pooling::default_max_in_flight")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_in_flight: u32,
+    /// multiplex: bytes of replies a client may leave unread before it is cut (like Redis'
+    /// client-output-buffer-limit), as bytes or with a suffix (`64Ki`, `8Mi`, `1Gi`, `500k`,
+    /// `8M`). Default 8Mi.
+    #[serde(default = "Pooling::default_client_output_limit")]
+    pub client_output_limit: ByteSize,
+    /// How long a client waits for a dedicated (pinned) server connection before it gets an
+    /// error reply. Default 5s.
+    #[serde(default = "Pooling::default_queue_timeout")]
+    pub queue_timeout: Duration,
+    /// The passwords clients must AUTH with; the portal answers AUTH and HELLO itself and
+    /// never forwards a client's password. Absent: clients need no AUTH.
+    #[serde(default, skip_serializing_if = "PoolingAuth::is_empty")]
+    pub auth: PoolingAuth,
+}
+
+impl Default for Pooling {
+    fn default() -> Self {
+        Pooling {
+            mode: PoolingMode::None,
+            server_connections: Pooling::default_server_connections(),
+            max_in_flight: Pooling::default_max_in_flight(),
+            client_output_limit: Pooling::default_client_output_limit(),
+            queue_timeout: Pooling::default_queue_timeout(),
+            auth: PoolingAuth::default(),
+        }
+    }
+}
+
+impl Pooling {
+    fn default_server_connections() -> u32 {
+        4
+    }
+    fn default_max_in_flight() -> u32 {
+        1024
+    }
+    fn default_client_output_limit() -> ByteSize {
+        ByteSize(8 << 20)
+    }
+    fn default_queue_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// Checks what the schema cannot; problems go to `err` with the field's path.
+    pub(super) fn check(&self, engine: Engine, err: &mut dyn FnMut(&str, String)) {
+        if self.mode == PoolingMode::Multiplex && engine != Engine::Redis {
+            err(
+                "pooling.mode",
+                format!(
+                    "multiplex is for engine redis (Redis, KeyDB, Valkey), not {}",
+                    engine.as_str()
+                ),
+            );
+        }
+        if self.server_connections == 0 {
+            err("pooling.serverConnections", "must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            err("pooling.maxInFlight", "must be at least 1".into());
+        }
+        if self.client_output_limit.0 < 1024 {
+            err(
+                "pooling.clientOutputLimit",
+                format!(
+                    "must be at least 1Ki, found {} bytes",
+                    self.client_output_limit.0
+                ),
+            );
+        }
+        if self.queue_timeout.get().is_zero() {
+            err("pooling.queueTimeout", "must be more than 0".into());
+        }
+        if let Some(secret) = &self.auth.users_secret {
+            if let Err(m) = check_dns_name(secret) {
+                err("pooling.auth.usersSecret", m);
+            }
+        }
+        if self.auth.users_secret.is_some() && self.auth.users_file.is_some() {
+            err(
+                "pooling.auth",
+                "set either usersSecret or usersFile, not both".into(),
+            );
+        }
+    }
+
+    /// The validated multiplexing settings, when the mode is `multiplex`.
+    pub fn multiplex(&self) -> Option<Multiplex> {
+        (self.mode == PoolingMode::Multiplex).then(|| Multiplex {
+            server_connections: self.server_connections.max(1) as usize,
+            max_in_flight: self.max_in_flight.max(1) as usize,
+            client_output_limit: self.client_output_limit.0 as usize,
+            queue_timeout: self.queue_timeout.get(),
+            users_secret: self.auth.users_secret.clone(),
+            users_file: self.auth.users_file.clone(),
+        })
+    }
+}
+
+/// How client connections share server connections.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolingMode {
+    /// One backend connection per client.
+    #[default]
+    None,
+    /// Redis: commands of many clients pipelined onto a few shared server connections.
+    Multiplex,
+}
+
+impl PoolingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolingMode::None => "none",
+            PoolingMode::Multiplex => "multiplex",
+        }
+    }
+}
+
+/// The users clients authenticate as.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolingAuth {
+    /// Secret (same namespace) mapping each user name to its password; `default` is the user
+    /// of a client that sends AUTH with a password only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_secret: Option<String>,
+    /// Standalone portal only: path of a YAML map of user name to password (read again when
+    /// it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub users_file: Option<String>,
+}
+
+impl PoolingAuth {
+    pub fn is_empty(&self) -> bool {
+        self.users_secret.is_none() && self.users_file.is_none()
+    }
+}
+
+/// Validated `pooling` of mode `multiplex`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Multiplex {
+    pub server_connections: usize,
+    pub max_in_flight: usize,
+    pub client_output_limit: usize,
+    pub queue_timeout: std::time::Duration,
+    pub users_secret: Option<String>,
+    pub users_file: Option<String>,
+}
+
+/// The pattern the API server enforces for a byte size written as a string.
+pub const BYTE_SIZE_PATTERN: &str = r"^[0-9]+(Ki|Mi|Gi|k|M|G)?$";
+
+/// A number of bytes, written as an integer or a string with a suffix: `Ki`, `Mi`, `Gi`
+/// (powers of 1024) or `k`, `M`, `G` (powers of 1000), as Kubernetes quantities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "invalid size {s:?}: expected a number at byte 0; write e.g. 65536, 64Ki or 8Mi"
+            ));
+        }
+        let number: u64 = s[..digits]
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+        let unit: u64 = match &s[digits..] {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            "k" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown suffix {other:?} at byte {digits} (Ki, Mi, Gi, k, M or G)"
+                ))
+            }
+        };
+        number
+            .checked_mul(unit)
+            .map(ByteSize)
+            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// The shortest exact form: `8Mi`, `1500`, `64Ki`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (suffix, unit) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+            if self.0 >= unit && self.0 % unit == 0 {
+                return write!(f, "{}{suffix}", self.0 / unit);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size in bytes such as 65536, 64Ki or 8Mi")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": BYTE_SIZE_PATTERN},
+            ],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FieldError;
+
+    #[test]
+    fn byte_sizes_parse_and_print() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("1500", 1500),
+            ("64Ki", 65536),
+            ("8Mi", 8 << 20),
+            ("1Gi", 1 << 30),
+            ("500k", 500_000),
+            ("8M", 8_000_000),
+        ] {
+            let size: ByteSize = text.parse().unwrap();
+            assert_eq!(size.0, bytes, "{text}");
+            assert_eq!(size.to_string().parse::<ByteSize>().unwrap(), size);
+        }
+        for (text, needle) in [
+            ("", "byte 0"),
+            ("Mi", "byte 0"),
+            ("8mb", "unknown suffix \"mb\" at byte 1"),
+            ("1.5Mi", "unknown suffix \".5Mi\""),
+            ("99999999999Gi", "too large"),
+        ] {
+            let err = text.parse::<ByteSize>().unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    fn errors(spec: &str) -> Vec<FieldError> {
+        let spec = crate::config::parse_yaml(spec).unwrap();
+        match spec.validate() {
+            Ok(_) => Vec::new(),
+            Err(crate::config::ConfigError::Invalid(errors)) => errors,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn multiplex_is_for_redis_only_and_names_the_field() {
+        let base = "backends: [{name: a, address: \"127.0.0.1:1\"}]\n";
+        let ok = format!("engine: redis\n{base}pooling: {{mode: multiplex, clientOutputLimit: 64Ki, auth: {{usersSecret: users}}}}\n");
+        let config = crate::config::parse_yaml(&ok).unwrap().validate().unwrap();
+        let m = config.multiplex.unwrap();
+        assert_eq!(
+            (m.server_connections, m.max_in_flight, m.client_output_limit),
+            (4, 1024, 65536)
+        );
+        assert_eq!(m.users_secret.as_deref(), Some("users"));
+        let pg = format!("engine: postgres\n{base}pooling: {{mode: multiplex}}\n");
+        let e = errors(&pg);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "pooling.mode");
+        assert!(e[0].message.contains("redis"), "{}", e[0].message);
+        let none = format!("engine: postgres\n{base}pooling: {{mode: none}}\n");
+        assert!(errors(&none).is_empty());
+        let bad = format!("engine: redis\n{base}pooling: {{mode: multiplex, serverConnections: 0, maxInFlight: 0, clientOutputLimit: 10, queueTimeout: 0s, auth: {{usersSecret: Bad_Name, usersFile: /x}}}}\n");
+        let fields: Vec<_> = errors(&bad).into_iter().map(|e| e.field).collect();
+        for f in [
+            "pooling.serverConnections",
+            "pooling.maxInFlight",
+            "pooling.clientOutputLimit",
+            "pooling.queueTimeout",
+            "pooling.auth.usersSecret",
+            "pooling.auth",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} missing in {fields:?}");
+        }
+        let wrong = format!("engine: redis\n{base}pooling: {{mode: transaction}}\n");
+        let err = crate::config::parse_yaml(&wrong).unwrap_err().to_string();
+        assert!(err.contains("pooling.mode"), "{err}");
+        let size =
+            format!("engine: redis\n{base}pooling: {{mode: multiplex, clientOutputLimit: 8mb}}\n");
+        let err = crate::config::parse_yaml(&size).unwrap_err().to_string();
+        assert!(err.contains("pooling.clientOutputLimit"), "{err}");
+    }
+}

@@ -1,0 +1,288 @@
+//! What the multiplexer does with each command, decided from its name and arguments alone
+//! (pure, unit-tested): forward it on a shared server connection, answer it in the portal, or
+//! pin the client to a dedicated connection because it creates per-connection state.
+//!
+//! May import: nothing outside `multiplex`.
+
+/// Why a client holds a dedicated server connection. The name is the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PinReason {
+    /// MULTI … EXEC/DISCARD.
+    Multi,
+    /// WATCH … EXEC/DISCARD/UNWATCH.
+    Watch,
+    /// A blocking command (BLPOP, XREAD BLOCK, WAIT, …) until its reply.
+    Blocking,
+    /// SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE until the last unsubscribe.
+    Subscribe,
+    /// MONITOR: until the client leaves.
+    Monitor,
+    /// SELECT of a database other than 0, until SELECT 0.
+    Select,
+    /// CLIENT TRACKING on, until off.
+    Tracking,
+    /// CLIENT REPLY OFF/SKIP, CLIENT CACHING, CLIENT NO-EVICT/NO-TOUCH: until the client
+    /// leaves.
+    ClientMode,
+    /// HELLO 3 (RESP3): until the client leaves.
+    Resp3,
+}
+
+impl PinReason {
+    pub const ALL: [PinReason; 9] = [
+        PinReason::Multi,
+        PinReason::Watch,
+        PinReason::Blocking,
+        PinReason::Subscribe,
+        PinReason::Monitor,
+        PinReason::Select,
+        PinReason::Tracking,
+        PinReason::ClientMode,
+        PinReason::Resp3,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::Multi => "multi",
+            PinReason::Watch => "watch",
+            PinReason::Blocking => "blocking",
+            PinReason::Subscribe => "subscribe",
+            PinReason::Monitor => "monitor",
+            PinReason::Select => "select",
+            PinReason::Tracking => "tracking",
+            PinReason::ClientMode => "client_mode",
+            PinReason::Resp3 => "resp3",
+        }
+    }
+
+    /// Whether the state lasts as long as the client: the dedicated connection is closed
+    /// afterwards instead of being cleaned and reused.
+    pub fn sticky(self) -> bool {
+        matches!(
+            self,
+            PinReason::Monitor | PinReason::ClientMode | PinReason::Resp3
+        )
+    }
+}
+
+/// A command the portal answers itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    /// AUTH [user] password.
+    Auth,
+    /// HELLO [2] [AUTH user password] [SETNAME name].
+    Hello,
+    ClientId,
+    ClientSetName,
+    ClientGetName,
+    /// CLIENT SETINFO: accepted, nothing kept.
+    ClientSetInfo,
+    /// SELECT 0 on a client that is not pinned: nothing to do.
+    SelectZero,
+    /// RESET on a client that is not pinned.
+    Reset,
+    Quit,
+    /// An empty inline line: no reply, as Redis does.
+    Nothing,
+}
+
+/// What to do with one command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Forward on a shared server connection (or the dedicated one while pinned).
+    Plain,
+    Local(Local),
+    /// Needs a dedicated server connection.
+    Pin(PinReason),
+}
+
+/// Upper-cases ASCII into `out` (command names arrive in any case).
+fn upper<'a>(name: &[u8], out: &'a mut [u8; 24]) -> &'a [u8] {
+    let n = name.len().min(out.len());
+    for (o, b) in out.iter_mut().zip(&name[..n]) {
+        *o = b.to_ascii_uppercase();
+    }
+    if name.len() > out.len() {
+        return b"";
+    }
+    &out[..n]
+}
+
+/// Whether `arg` equals `word` ignoring ASCII case.
+pub fn is(arg: Option<&[u8]>, word: &str) -> bool {
+    arg.is_some_and(|a| a.eq_ignore_ascii_case(word.as_bytes()))
+}
+
+/// Decides what to do with a command whose arguments are `args(i)` (0 is the name).
+pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Action {
+    let Some(name) = args(0) else {
+        return Action::Local(Local::Nothing);
+    };
+    let mut buf = [0u8; 24];
+    let name = upper(name, &mut buf);
+    match name {
+        b"GET" | b"SET" | b"INCR" | b"MGET" | b"MSET" | b"DEL" | b"EXPIRE" | b"HGET" | b"HSET"
+        | b"LPUSH" | b"RPUSH" | b"LPOP" | b"RPOP" | b"SADD" | b"PING" => Action::Plain,
+        b"AUTH" => Action::Local(Local::Auth),
+        b"HELLO" => match args(1) {
+            Some(v) if v == b"3" => Action::Pin(PinReason::Resp3),
+            _ => Action::Local(Local::Hello),
+        },
+        b"QUIT" => Action::Local(Local::Quit),
+        b"RESET" => Action::Local(Local::Reset),
+        b"SELECT" => match args(1) {
+            Some(b"0") => Action::Local(Local::SelectZero),
+            _ => Action::Pin(PinReason::Select),
+        },
+        b"MULTI" => Action::Pin(PinReason::Multi),
+        b"WATCH" => Action::Pin(PinReason::Watch),
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"WAIT" | b"WAITAOF" => Action::Pin(PinReason::Blocking),
+        b"XREAD" | b"XREADGROUP" => {
+            if (1..argc).any(|i| is(args(i), "BLOCK")) {
+                Action::Pin(PinReason::Blocking)
+            } else {
+                Action::Plain
+            }
+        }
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" => Action::Pin(PinReason::Subscribe),
+        b"MONITOR" => Action::Pin(PinReason::Monitor),
+        b"CLIENT" => {
+            let mut sub = [0u8; 24];
+            let sub = upper(args(1).unwrap_or_default(), &mut sub);
+            match sub {
+                b"ID" => Action::Local(Local::ClientId),
+                b"SETNAME" => Action::Local(Local::ClientSetName),
+                b"GETNAME" => Action::Local(Local::ClientGetName),
+                b"SETINFO" => Action::Local(Local::ClientSetInfo),
+                b"TRACKING" => {
+                    if is(args(2), "off") {
+                        Action::Plain
+                    } else {
+                        Action::Pin(PinReason::Tracking)
+                    }
+                }
+                b"REPLY" => {
+                    if is(args(2), "on") {
+                        Action::Plain
+                    } else {
+                        Action::Pin(PinReason::ClientMode)
+                    }
+                }
+                b"CACHING" | b"NO-EVICT" | b"NO-TOUCH" => Action::Pin(PinReason::ClientMode),
+                _ => Action::Plain,
+            }
+        }
+        _ => Action::Plain,
+    }
+}
+
+/// The pub/sub kinds whose replies carry a subscription count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubKind {
+    /// Channels and patterns (one count for both).
+    Channels,
+    /// Shard channels (a count of their own).
+    Shard,
+}
+
+/// For a command sent while pinned: if it is a pub/sub (un)subscribe, its kind and how many
+/// replies it announces (`None`: one per current subscription, unknown here).
+pub fn subscription_command<'a>(
+    argc: usize,
+    args: impl Fn(usize) -> Option<&'a [u8]>,
+) -> Option<(SubKind, Option<usize>)> {
+    let mut buf = [0u8; 24];
+    let name = upper(args(0)?, &mut buf);
+    let kind = match name {
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" => SubKind::Channels,
+        b"SSUBSCRIBE" | b"SUNSUBSCRIBE" => SubKind::Shard,
+        _ => return None,
+    };
+    let channels = argc.saturating_sub(1);
+    Some((kind, (channels > 0).then_some(channels)))
+}
+
+/// The kind of a pub/sub event (the first element of an array a subscribed connection
+/// receives), and whether it answers a command (`subscribe` …) or is pushed (`message` …).
+pub fn subscription_event(kind: &[u8]) -> Option<(SubKind, bool)> {
+    let mut buf = [0u8; 24];
+    match upper(kind, &mut buf) {
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" => {
+            Some((SubKind::Channels, true))
+        }
+        b"SSUBSCRIBE" | b"SUNSUBSCRIBE" => Some((SubKind::Shard, true)),
+        b"MESSAGE" | b"PMESSAGE" => Some((SubKind::Channels, false)),
+        b"SMESSAGE" => Some((SubKind::Shard, false)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(words: &str) -> Action {
+        let args: Vec<&[u8]> = words.split_whitespace().map(str::as_bytes).collect();
+        classify(args.len(), |i| args.get(i).copied())
+    }
+
+    #[test]
+    fn commands_are_classified() {
+        use Action::*;
+        for (cmd, want) in [
+            ("get k", Plain),
+            ("EVALSHA x 0", Plain),
+            ("xread count 1 streams s 0", Plain),
+            (
+                "XREAD COUNT 1 block 0 STREAMS s $",
+                Pin(PinReason::Blocking),
+            ),
+            ("blpop q 0", Pin(PinReason::Blocking)),
+            ("WAIT 1 0", Pin(PinReason::Blocking)),
+            ("multi", Pin(PinReason::Multi)),
+            ("WATCH a b", Pin(PinReason::Watch)),
+            ("subscribe c", Pin(PinReason::Subscribe)),
+            ("SSUBSCRIBE c", Pin(PinReason::Subscribe)),
+            ("monitor", Pin(PinReason::Monitor)),
+            ("select 0", Local(super::Local::SelectZero)),
+            ("select 3", Pin(PinReason::Select)),
+            ("hello 3", Pin(PinReason::Resp3)),
+            ("hello 2 auth u p", Local(super::Local::Hello)),
+            ("auth pw", Local(super::Local::Auth)),
+            ("client id", Local(super::Local::ClientId)),
+            ("client setname x", Local(super::Local::ClientSetName)),
+            ("CLIENT getname", Local(super::Local::ClientGetName)),
+            ("client tracking on", Pin(PinReason::Tracking)),
+            ("client tracking off", Plain),
+            ("client reply off", Pin(PinReason::ClientMode)),
+            ("client list", Plain),
+            ("quit", Local(super::Local::Quit)),
+            ("", Local(super::Local::Nothing)),
+            ("averyveryverylongcommandnamethatisnotknown", Plain),
+        ] {
+            assert_eq!(action(cmd), want, "{cmd}");
+        }
+    }
+
+    #[test]
+    fn subscriptions_are_counted() {
+        let sub = |words: &str| {
+            let args: Vec<&[u8]> = words.split_whitespace().map(str::as_bytes).collect();
+            subscription_command(args.len(), |i| args.get(i).copied())
+        };
+        assert_eq!(sub("subscribe a b"), Some((SubKind::Channels, Some(2))));
+        assert_eq!(sub("UNSUBSCRIBE"), Some((SubKind::Channels, None)));
+        assert_eq!(sub("sunsubscribe x"), Some((SubKind::Shard, Some(1))));
+        assert_eq!(sub("ping"), None);
+        assert_eq!(
+            subscription_event(b"message"),
+            Some((SubKind::Channels, false))
+        );
+        assert_eq!(
+            subscription_event(b"sunsubscribe"),
+            Some((SubKind::Shard, true))
+        );
+        assert_eq!(subscription_event(b"pong"), None);
+    }
+}
