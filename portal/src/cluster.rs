@@ -409,6 +409,7 @@ pub async fn start(
             .multiplex
             .as_ref()
             .and_then(|m| m.users_secret.clone())
+            .or_else(|| config.pg_pool.as_ref().and_then(|p| p.users_secret.clone()))
     });
     let credentials =
         Arc::new(SecretCredentials::new(creds_name.clone()).with_users(users_name.clone()));
@@ -669,7 +670,10 @@ mod tests {
         .unwrap();
         let m = config.multiplex.unwrap();
         let source = SecretCredentials::new(None).with_users(Some("users".into()));
-        assert!(source.users(&m).unwrap_err().contains("users was not found"));
+        assert!(source
+            .users(&m)
+            .unwrap_err()
+            .contains("users was not found"));
         source.set_users(secret_users(&secret(&[("default", "pw"), ("alice", "a")])));
         let users = source.users(&m).unwrap().unwrap();
         assert_eq!(users.get("alice").map(String::as_str), Some("a"));

@@ -220,11 +220,17 @@ async fn a_client_library_sees_the_same_as_direct() {
     let (ok, through, err) = run(p.addr.to_string()).await;
     assert!(ok, "run through the portal failed: {err}");
     assert_eq!(through, direct, "through the portal vs direct");
-    assert!(direct.contains("\"watch_conflict\": \"WatchError\""), "{direct}");
+    assert!(
+        direct.contains("\"watch_conflict\": \"WatchError\""),
+        "{direct}"
+    );
 
     let m = p.metrics().await;
     for reason in ["multi", "watch", "subscribe", "blocking", "select"] {
-        let pins = metric(&m, &format!("dbportal_multiplex_pins_total{{reason=\"{reason}\"}}"));
+        let pins = metric(
+            &m,
+            &format!("dbportal_multiplex_pins_total{{reason=\"{reason}\"}}"),
+        );
         assert!(pins >= 1.0, "no pin counted for {reason}");
     }
     // Every state ended: nobody is pinned any more (the clients closed).
@@ -267,8 +273,17 @@ async fn redis_cli_and_redis_benchmark_work_through_the_portal() {
         let (ok, out, err) = run(
             "redis-benchmark",
             &[
-                "-p", &port, "-t", "set,get,incr,lpush,lpop,mset", "-n", "20000", "-c", "50",
-                "-P", pipeline, "--csv",
+                "-p",
+                &port,
+                "-t",
+                "set,get,incr,lpush,lpop,mset",
+                "-n",
+                "20000",
+                "-c",
+                "50",
+                "-P",
+                pipeline,
+                "--csv",
             ],
             &[],
         )
@@ -308,7 +323,10 @@ async fn five_thousand_clients_share_four_server_connections() {
     let started = Instant::now();
     for _ in 0..N {
         clients.push(TcpStream::connect(p.addr).await.unwrap());
-        assert!(started.elapsed() < Duration::from_secs(60), "connecting took too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "connecting took too long"
+        );
     }
     // Each client writes its key then reads it back, all at once.
     let tasks: Vec<_> = clients
@@ -322,7 +340,10 @@ async fn five_thousand_clients_share_four_server_connections() {
                     .await
                     .unwrap();
                 let got = replies(&mut s, 2).await.unwrap();
-                assert_eq!(got, ["+OK".to_string(), format!("${}\r\n{value}", value.len())]);
+                assert_eq!(
+                    got,
+                    ["+OK".to_string(), format!("${}\r\n{value}", value.len())]
+                );
                 s
             })
         })
@@ -389,7 +410,10 @@ async fn a_slow_consumer_is_cut_without_stalling_others() {
         if metric(&m, "dbportal_multiplex_slow_consumers_cut_total") >= 1.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the slow client was not cut: {m}");
+        assert!(
+            Instant::now() < deadline,
+            "the slow client was not cut: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The slow client's connection is closed: reading drains what was sent, then EOF.
@@ -409,7 +433,10 @@ async fn a_slow_consumer_is_cut_without_stalling_others() {
         closed < 200 * big.len(),
         "the slow client got every reply ({closed} bytes)"
     );
-    assert_eq!(command(&mut fast, &["GET", "f49"]).await.unwrap(), "$1\r\n1");
+    assert_eq!(
+        command(&mut fast, &["GET", "f49"]).await.unwrap(),
+        "$1\r\n1"
+    );
 }
 
 /// A malformed or too large command closes that client with a RESP error; the server
@@ -425,7 +452,10 @@ async fn a_malformed_client_gets_an_error_and_others_go_on() {
     let mut good = TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(command(&mut good, &["SET", "a", "1"]).await.unwrap(), "+OK");
     for (bad, needle) in [
-        (&b"*1\r\n$99999999999\r\n"[..], "invalid bulk length 99999999999"),
+        (
+            &b"*1\r\n$99999999999\r\n"[..],
+            "invalid bulk length 99999999999",
+        ),
         (b"*2\r\n:1\r\n", "expected '$' at byte 4"),
         (b"*1\r\n$3\r\nGETxx\r\n", "does not end with CRLF"),
     ] {
@@ -481,25 +511,49 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
         .await
         .unwrap()
         .starts_with("-WRONGPASS"));
-    assert_eq!(command(&mut s, &["AUTH", "alice", "pw-alice"]).await.unwrap(), "+OK");
+    assert_eq!(
+        command(&mut s, &["AUTH", "alice", "pw-alice"])
+            .await
+            .unwrap(),
+        "+OK"
+    );
     assert_eq!(command(&mut s, &["SET", "a", "1"]).await.unwrap(), "+OK");
 
     let mut d = TcpStream::connect(p.addr).await.unwrap();
-    assert_eq!(command(&mut d, &["AUTH", "pw-default"]).await.unwrap(), "+OK");
+    assert_eq!(
+        command(&mut d, &["AUTH", "pw-default"]).await.unwrap(),
+        "+OK"
+    );
     assert_eq!(command(&mut d, &["GET", "a"]).await.unwrap(), "$1\r\n1");
     let mut h = TcpStream::connect(p.addr).await.unwrap();
-    let hello = command(&mut h, &["HELLO", "2", "AUTH", "alice", "pw-alice", "SETNAME", "h"])
-        .await
-        .unwrap();
+    let hello = command(
+        &mut h,
+        &["HELLO", "2", "AUTH", "alice", "pw-alice", "SETNAME", "h"],
+    )
+    .await
+    .unwrap();
     assert!(hello.contains("proto\r\n:2"), "{hello}");
-    assert_eq!(command(&mut h, &["CLIENT", "GETNAME"]).await.unwrap(), "$1\r\nh");
+    assert_eq!(
+        command(&mut h, &["CLIENT", "GETNAME"]).await.unwrap(),
+        "$1\r\nh"
+    );
     assert_eq!(command(&mut h, &["PING"]).await.unwrap(), "+PONG");
 
     // redis-cli with a user and a password, and a pipeline through redis-py.
     let port = p.addr.port().to_string();
     let (_, out, _) = run(
         "redis-cli",
-        &["-p", &port, "--user", "alice", "--pass", "pw-alice", "--no-auth-warning", "GET", "a"],
+        &[
+            "-p",
+            &port,
+            "--user",
+            "alice",
+            "--pass",
+            "pw-alice",
+            "--no-auth-warning",
+            "GET",
+            "a",
+        ],
         &[],
     )
     .await;
@@ -507,7 +561,12 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
     if let Some(python) = python() {
         let (ok, out, err) = run(
             python.to_str().unwrap(),
-            &[script(), p.addr.to_string(), "alice".into(), "pw-alice".into()],
+            &[
+                script(),
+                p.addr.to_string(),
+                "alice".into(),
+                "pw-alice".into(),
+            ],
             &[],
         )
         .await;
@@ -519,7 +578,15 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
     // (logged in with the probe's credentials, as user default).
     let (_, list, _) = run(
         "redis-cli",
-        &["-p", &redis.port.to_string(), "-a", "server-secret", "--no-auth-warning", "CLIENT", "LIST"],
+        &[
+            "-p",
+            &redis.port.to_string(),
+            "-a",
+            "server-secret",
+            "--no-auth-warning",
+            "CLIENT",
+            "LIST",
+        ],
         &[],
     )
     .await;
@@ -586,7 +653,9 @@ async fn failover_keeps_idle_clients_and_writes_nothing_to_the_demoted_node() {
     a.cli(&["REPLICAOF", "127.0.0.1", &free_port().to_string()]);
     p.wait_leader("r1").await;
     let keys_on_a = a.cli(&["DBSIZE"]);
-    let busy_on_a: Vec<String> = (0..8).map(|i| a.cli(&["GET", &format!("busy:{i}")])).collect();
+    let busy_on_a: Vec<String> = (0..8)
+        .map(|i| a.cli(&["GET", &format!("busy:{i}")]))
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total_ok = 0;
@@ -597,7 +666,10 @@ async fn failover_keeps_idle_clients_and_writes_nothing_to_the_demoted_node() {
         for e in &errors {
             // Only commands in flight at the change: TRYAGAIN, or READONLY from the demoted
             // node before the probe saw it demoted.
-            assert!(e.starts_with("-TRYAGAIN") || e.starts_with("-READONLY"), "{e}");
+            assert!(
+                e.starts_with("-TRYAGAIN") || e.starts_with("-READONLY"),
+                "{e}"
+            );
         }
     }
     assert!(total_ok > 0);

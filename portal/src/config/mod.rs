@@ -15,7 +15,9 @@ use ipnet::IpNet;
 
 pub use address::{Address, AddressError};
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
-pub use pooling::{ByteSize, Multiplex, Pooling, PoolingAuth, PoolingMode, BYTE_SIZE_PATTERN};
+pub use pooling::{
+    ByteSize, Multiplex, PgPool, Pooling, PoolingAuth, PoolingMode, BYTE_SIZE_PATTERN,
+};
 pub use spec::*;
 pub use spec_tls::*;
 
@@ -49,6 +51,8 @@ pub struct Config {
     pub drain_timeout: std::time::Duration,
     /// `pooling` of mode `multiplex` (Redis); `None`: one backend connection per client.
     pub multiplex: Option<Multiplex>,
+    /// `pooling` of mode `session` or `transaction` (PostgreSQL).
+    pub pg_pool: Option<PgPool>,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
 }
@@ -444,6 +448,7 @@ impl DatabasePortalSpec {
                 .map(Duration::get)
                 .unwrap_or(std::time::Duration::from_secs(30)),
             multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
+            pg_pool: self.pooling.as_ref().and_then(Pooling::pg_pool),
             spec: self.clone(),
         })
     }

@@ -39,9 +39,9 @@ pub trait CredentialsSource: Send + Sync + 'static {
     fn users(&self, multiplex: &Multiplex) -> Result<Option<Users>, String> {
         match &multiplex.users_file {
             Some(path) => read_users(path).map(Some),
-            None if multiplex.users_secret.is_some() => Err(
-                "pooling.auth.usersSecret is only served by a portal in a cluster".into(),
-            ),
+            None if multiplex.users_secret.is_some() => {
+                Err("pooling.auth.usersSecret is only served by a portal in a cluster".into())
+            }
             None => Ok(None),
         }
     }
@@ -56,8 +56,12 @@ pub fn read_users(path: &str) -> Result<Users, String> {
 
 /// A users map from YAML text (`name: password` lines).
 pub fn parse_users(text: &str) -> Result<Users, String> {
-    let map: serde_yaml::Mapping = serde_yaml::from_str(text)
-        .map_err(|e| format!("is not a YAML map of user name to password (line {})", e.location().map_or(0, |l| l.line())))?;
+    let map: serde_yaml::Mapping = serde_yaml::from_str(text).map_err(|e| {
+        format!(
+            "is not a YAML map of user name to password (line {})",
+            e.location().map_or(0, |l| l.line())
+        )
+    })?;
     let mut users = BTreeMap::new();
     for (k, v) in map {
         let serde_yaml::Value::String(name) = k else {

@@ -134,7 +134,14 @@ async fn negotiate(
     };
     if config.multiplex.is_some() {
         return Box::pin(multiplexed(
-            stream, terminator, peer, early, permits, negotiating, config, shared,
+            stream,
+            terminator,
+            peer,
+            early,
+            permits,
+            negotiating,
+            config,
+            shared,
         ))
         .await;
     }
@@ -208,8 +215,7 @@ async fn multiplexed(
     match terminator.accept_with(Tcp::new(stream), early).await {
         Ok(accepted) => match accepted.into_stream() {
             Ok(client) => {
-                multiplex::serve(client, Vec::new(), ip, permits, negotiating, config, shared)
-                    .await
+                multiplex::serve(client, Vec::new(), ip, permits, negotiating, config, shared).await
             }
             Err(_) => shared.state.metrics.reject(Rejection::Handshake),
         },

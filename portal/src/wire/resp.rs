@@ -425,7 +425,12 @@ pub fn array_head(reply: &[u8]) -> Option<(&[u8], Option<i64>)> {
     pos += second.len;
     let third = scan_reply(&reply[pos..]).ok()??;
     let number = (third.kind == b':')
-        .then(|| std::str::from_utf8(&reply[pos + 1..pos + third.len - 2]).ok()?.parse().ok())
+        .then(|| {
+            std::str::from_utf8(&reply[pos + 1..pos + third.len - 2])
+                .ok()?
+                .parse()
+                .ok()
+        })
         .flatten();
     Some((head, number))
 }
@@ -496,7 +501,10 @@ mod tests {
             (&b"*1\r\n:3\r\n"[..], "expected '$' at byte 4"),
             (b"*x\r\n", "unexpected x at byte 1"),
             (b"*1\r\n$-1\r\n", "invalid bulk length -1"),
-            (b"*1\r\n$999999999999\r\n", "invalid bulk length 999999999999"),
+            (
+                b"*1\r\n$999999999999\r\n",
+                "invalid bulk length 999999999999",
+            ),
             (b"*1\r\n$3\r\nGETxx", "does not end with CRLF"),
             (b"*99999999\r\n", "invalid multibulk length"),
             (b"\"quoted\"\r\n", "quoted"),
@@ -621,7 +629,10 @@ mod tests {
                 assert_eq!(cmd.arg(&bytes, i), Some(a.as_bytes()));
             }
             // The same bytes as a server's reply (an array of bulk strings): one reply.
-            assert_eq!(scan_reply(&bytes).unwrap().map(|s| s.len), Some(bytes.len()));
+            assert_eq!(
+                scan_reply(&bytes).unwrap().map(|s| s.len),
+                Some(bytes.len())
+            );
         }
     }
 }

@@ -121,8 +121,8 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
     let mut buf = [0u8; 24];
     let name = upper(name, &mut buf);
     match name {
-        b"GET" | b"SET" | b"INCR" | b"MGET" | b"MSET" | b"DEL" | b"EXPIRE" | b"HGET"
-        | b"HSET" | b"LPUSH" | b"RPUSH" | b"LPOP" | b"RPOP" | b"SADD" | b"PING" => Action::Plain,
+        b"GET" | b"SET" | b"INCR" | b"MGET" | b"MSET" | b"DEL" | b"EXPIRE" | b"HGET" | b"HSET"
+        | b"LPUSH" | b"RPUSH" | b"LPOP" | b"RPOP" | b"SADD" | b"PING" => Action::Plain,
         b"AUTH" => Action::Local(Local::Auth),
         b"HELLO" => match args(1) {
             Some(v) if v == b"3" => Action::Pin(PinReason::Resp3),
@@ -136,8 +136,8 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
         },
         b"MULTI" => Action::Pin(PinReason::Multi),
         b"WATCH" => Action::Pin(PinReason::Watch),
-        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN"
-        | b"BZPOPMAX" | b"BZMPOP" | b"WAIT" | b"WAITAOF" => Action::Pin(PinReason::Blocking),
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"WAIT" | b"WAITAOF" => Action::Pin(PinReason::Blocking),
         b"XREAD" | b"XREADGROUP" => {
             if (1..argc).any(|i| is(args(i), "BLOCK")) {
                 Action::Pin(PinReason::Blocking)
@@ -234,7 +234,10 @@ mod tests {
             ("get k", Plain),
             ("EVALSHA x 0", Plain),
             ("xread count 1 streams s 0", Plain),
-            ("XREAD COUNT 1 block 0 STREAMS s $", Pin(PinReason::Blocking)),
+            (
+                "XREAD COUNT 1 block 0 STREAMS s $",
+                Pin(PinReason::Blocking),
+            ),
             ("blpop q 0", Pin(PinReason::Blocking)),
             ("WAIT 1 0", Pin(PinReason::Blocking)),
             ("multi", Pin(PinReason::Multi)),

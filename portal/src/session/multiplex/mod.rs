@@ -29,10 +29,10 @@ use tokio::{
 use tracing::debug;
 
 pub use commands::PinReason;
-pub use report::{status, MultiplexCollector};
 use commands::{classify, is, subscription_command, subscription_event, Action, Local, SubKind};
-pub use server::{Hub, MuxStats, BATCH_BUCKETS};
+pub use report::{status, MultiplexCollector};
 use server::{DialContext, PinnedConn, Request, ServerConn, Sink};
+pub use server::{Hub, MuxStats, BATCH_BUCKETS};
 
 use super::Shared;
 use crate::{
@@ -75,10 +75,7 @@ pub async fn serve<C>(
         Some(c) => c.credentials(),
         None => Arc::new(StandaloneCredentials),
     };
-    let connector = shared
-        .tls
-        .terminator()
-        .and_then(|t| t.backend().cloned());
+    let connector = shared.tls.terminator().and_then(|t| t.backend().cloned());
     let metrics = shared.state.metrics.clone();
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
@@ -239,7 +236,10 @@ impl Session {
             }
             if !self.pull_sink(false) {
                 self.hub.stats.slow_consumers.fetch_add(1, Relaxed);
-                debug!(limit = self.settings.client_output_limit, "client cut: it left more than pooling.clientOutputLimit of replies unread");
+                debug!(
+                    limit = self.settings.client_output_limit,
+                    "client cut: it left more than pooling.clientOutputLimit of replies unread"
+                );
                 return CloseReason::Error;
             }
             if let Some(msg) = self.fatal.take() {
@@ -801,7 +801,10 @@ impl Session {
             Local::Nothing => {}
             Local::Auth => {
                 let (user, pass) = match argc {
-                    2 => (b"default".to_vec(), self.arg(1).unwrap_or_default().to_vec()),
+                    2 => (
+                        b"default".to_vec(),
+                        self.arg(1).unwrap_or_default().to_vec(),
+                    ),
                     3 => (
                         self.arg(1).unwrap_or_default().to_vec(),
                         self.arg(2).unwrap_or_default().to_vec(),
@@ -830,7 +833,11 @@ impl Session {
                         self.name = self.arg(i + 1).map(<[u8]>::to_vec);
                         i += 2;
                     } else {
-                        i += if a.eq_ignore_ascii_case(b"AUTH") { 3 } else { 2 };
+                        i += if a.eq_ignore_ascii_case(b"AUTH") {
+                            3
+                        } else {
+                            2
+                        };
                     }
                 }
                 let version = env!("CARGO_PKG_VERSION");
@@ -869,7 +876,11 @@ impl Session {
             Local::ClientSetInfo | Local::SelectZero => self.reply(b"+OK\r\n"),
             Local::Reset => {
                 self.name = None;
-                self.authed = self.ctx.credentials.users(&self.settings).is_ok_and(|u| u.is_none());
+                self.authed = self
+                    .ctx
+                    .credentials
+                    .users(&self.settings)
+                    .is_ok_and(|u| u.is_none());
                 self.reply(b"+RESET\r\n");
             }
             Local::Quit => {

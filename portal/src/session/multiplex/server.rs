@@ -439,7 +439,9 @@ impl std::fmt::Debug for PinnedConn {
 
 impl PinnedConn {
     pub fn stream(&mut self) -> &mut ServerStream {
-        self.stream.as_mut().expect("a held connection has its stream")
+        self.stream
+            .as_mut()
+            .expect("a held connection has its stream")
     }
 
     pub fn backend(&self) -> &Arc<str> {
@@ -717,9 +719,7 @@ impl Hub {
             Arc::new(BackendPool {
                 name: backend.name.as_str().into(),
                 backend: backend.clone(),
-                shared: (0..server_connections)
-                    .map(|_| Mutex::new(None))
-                    .collect(),
+                shared: (0..server_connections).map(|_| Mutex::new(None)).collect(),
                 opening: (0..server_connections)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
