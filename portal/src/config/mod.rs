@@ -406,6 +406,19 @@ impl DatabasePortalSpec {
 
         if let Some(pooling) = &self.pooling {
             pooling.check(self.engine, &mut err);
+            if matches!(
+                pooling.mode,
+                PoolingMode::Session | PoolingMode::Transaction
+            ) && self.tls.mode == TlsMode::Passthrough
+            {
+                err(
+                    "pooling.mode",
+                    format!(
+                        "{} pooling speaks PostgreSQL to the client, which tls.mode passthrough forbids: use tls.mode terminate or disabled",
+                        pooling.mode.as_str()
+                    ),
+                );
+            }
         }
 
         if !errors.is_empty() {
