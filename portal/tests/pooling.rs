@@ -667,3 +667,47 @@ async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight(
     assert_eq!(metric(&m, "dbportal_pool_failed_in_flight_total"), 1.0);
     let _ = &portal.dir;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    let a = std::sync::Arc::new(portal.client("app", "apppw").await.unwrap());
+    let token = a.cancel_token();
+    // Idle: nothing to cancel, the request is dropped.
+    let tcp = TcpStream::connect(portal.addr).await.unwrap();
+    token
+        .cancel_query_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let running = {
+        let a = a.clone();
+        tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'") != "1" {
+        assert!(Instant::now() < deadline, "the query did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tcp = TcpStream::connect(portal.addr).await.unwrap();
+    token
+        .cancel_query_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let e = running.await.unwrap().unwrap_err();
+    assert!(db_text(&e).starts_with("57014"), "{e:?}");
+    assert_eq!(query_one(&a, "SELECT 'still here'").await, "still here");
+    let m = portal.metrics().await;
+    assert_eq!(
+        metric(&m, "dbportal_pool_cancels_total{result=\"forwarded\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "dbportal_pool_cancels_total{result=\"dropped\"}"),
+        1.0
+    );
+}
