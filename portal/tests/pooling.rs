@@ -253,7 +253,7 @@ async fn psql_logs_in_with_scram_and_a_wrong_password_never_reaches_the_backend(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_many_clients_on_a_small_pool_simple_and_extended() {
+async fn pgbench_many_clients_on_a_small_pool_simple_extended_and_prepared() {
     if !have_postgres() || skip_without(&["pgbench"]) {
         return;
     }
@@ -279,7 +279,7 @@ async fn pgbench_many_clients_on_a_small_pool_simple_and_extended() {
     assert!(ok, "pgbench -i: {err}");
     pg.psql("CREATE ROLE app LOGIN PASSWORD 'apppw'; GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app");
     let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 4", "").await;
-    for mode in ["simple", "extended"] {
+    for mode in ["simple", "extended", "prepared"] {
         let port = portal.port();
         let bench = tokio::spawn(async move {
             run(
@@ -684,6 +684,15 @@ async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on()
         .cancel_query_raw(tcp, tokio_postgres::NoTls)
         .await
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &portal.metrics().await,
+        "dbportal_pool_cancels_total{result=\"dropped\"}",
+    ) != 1.0
+    {
+        assert!(Instant::now() < deadline, "the idle cancel was not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let running = {
         let a = a.clone();
         tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await })
@@ -710,4 +719,117 @@ async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on()
         metric(&m, "dbportal_pool_cancels_total{result=\"dropped\"}"),
         1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_with_real_drivers_across_server_connections() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(
+        &[&pg],
+        "mode: transaction, poolSize: 3, maxPreparedStatements: 4",
+        "",
+    )
+    .await;
+    // tokio-postgres prepares a named statement for every query with parameters.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(portal.client("app", "apppw").await.unwrap());
+    }
+    let mut statements = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let sql = format!("SELECT $1::int + {i}");
+        statements.push(c.prepare(&sql).await.unwrap());
+    }
+    for round in 0..20i32 {
+        for (i, c) in clients.iter().enumerate() {
+            // Hold some connections in transactions so that statements land on others.
+            if round % 3 == 0 && i % 2 == 0 {
+                c.simple_query("BEGIN").await.unwrap();
+            }
+            let row = c.query_one(&statements[i], &[&round]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), round + i as i32);
+            // More distinct statements than maxPreparedStatements: the LRU closes some.
+            let v: i64 = c
+                .query_one(
+                    &format!("SELECT count(*) + {} FROM t WHERE id > $1", round % 7),
+                    &[&0i32],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(v, i64::from(round % 7));
+            if round % 3 == 0 && i % 2 == 0 {
+                c.simple_query("COMMIT").await.unwrap();
+            }
+        }
+    }
+    // A statement that fails to prepare is an error for its client only.
+    let e = clients[0]
+        .prepare("SELECT * FROM nowhere")
+        .await
+        .unwrap_err();
+    assert!(db_text(&e).starts_with("42P01"), "{e:?}");
+    assert_eq!(
+        clients[0]
+            .query_one(&statements[0], &[&1i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+    // The server connections never hold more than maxPreparedStatements of the portal's.
+    let most: i64 = pg
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
+        .parse()
+        .unwrap();
+    assert!(most <= 3);
+    let m = portal.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "dbportal_pool_prepared_statements_total{result=\"miss\"}"
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            &m,
+            "dbportal_pool_prepared_statements_total{result=\"hit\"}"
+        ) > 0.0
+    );
+
+    // psycopg 3 (libpq) with server-side prepared statements: prepare=True, executemany,
+    // DEALLOCATE, and Close of statements it drops.
+    if !installed("/usr/bin/python3") {
+        return;
+    }
+    let script = r#"
+import sys, psycopg
+port = sys.argv[1]
+conns = [psycopg.connect(f"host=127.0.0.1 port={port} user=app password=apppw dbname=postgres", autocommit=True, prepare_threshold=0) for _ in range(4)]
+for r in range(15):
+    for i, c in enumerate(conns):
+        got = c.execute("SELECT %s::int * 2 + %s::int", (r, i), prepare=True).fetchone()[0]
+        assert got == r * 2 + i, (got, r, i)
+        if r % 5 == 0:
+            with c.transaction():
+                c.cursor().executemany("INSERT INTO t (v) VALUES (%s)", [(f"py{i}",), (f"py{i}",)])
+for c in conns:
+    c.execute("DEALLOCATE ALL")
+    assert c.execute("SELECT %s::text", ("after",), prepare=True).fetchone()[0] == "after"
+print(conns[0].execute("SELECT count(*) FROM t WHERE v LIKE 'py%%'").fetchone()[0])
+"#;
+    let path = portal.dir.path().join("prepared.py");
+    std::fs::write(&path, script).unwrap();
+    let (ok, out, err) = run(
+        "/usr/bin/python3",
+        &[path.display().to_string(), portal.port()],
+        &[],
+    )
+    .await;
+    assert!(ok, "psycopg: {out}\n{err}");
+    assert_eq!(out, "24");
 }

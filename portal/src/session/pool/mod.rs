@@ -21,9 +21,10 @@
 mod report;
 pub mod scram;
 pub mod server;
+pub mod statements;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
     sync::{atomic::Ordering::Relaxed, Arc, Mutex},
 };
@@ -39,6 +40,7 @@ pub use report::{status, PoolCollector};
 use scram::{Exchange, Verifier};
 use server::{lock, CheckoutError, DialContext, Pool, ServerConn};
 pub use server::{PgHub, PoolStats, WAIT_BUCKETS};
+use statements::{Definition, Special};
 
 use super::Shared;
 use crate::{
@@ -80,9 +82,10 @@ fn startup_parameter(name: &str) -> Option<&'static str> {
         .find(|r| r.eq_ignore_ascii_case(name))
 }
 
-/// The largest server message inspected whole (ReadyForQuery, ParameterStatus,
-/// ErrorResponse); a larger one is forwarded as it comes.
-const MAX_INSPECTED: usize = 64 << 10;
+/// The query text of a statement's definition.
+fn def_query(def: &[u8]) -> &[u8] {
+    crate::wire::postgres::cstr(def).map_or(def, |(q, _)| q)
+}
 
 /// The largest authentication message read from a client.
 const MAX_AUTH_MESSAGE: usize = 8 << 10;
@@ -135,6 +138,7 @@ pub async fn serve<C>(
         held: None,
         discard_until_sync: false,
         lost_transaction: false,
+        statements: HashMap::new(),
         cancel: None,
     };
     let started = timeout(config.timeouts.handshake, c.startup()).await;
@@ -172,11 +176,83 @@ struct Held {
     sbuf: Vec<u8>,
     /// Bytes of a server message being forwarded without inspection.
     skip: usize,
-    /// Queries, Syncs and FunctionCalls sent whose ReadyForQuery has not come.
-    pending: u32,
-    /// Extended-protocol messages sent since the last Sync.
-    extended: bool,
+    /// What the client waits for, in order.
+    expect: VecDeque<Expect>,
     status: ReadyStatus,
+}
+
+/// What a client waits for from its server connection, in order.
+enum Expect {
+    /// The response to a message sent to the server (`tag`): a Query or FunctionCall ends at
+    /// ReadyForQuery, as a Sync does; an extended-protocol message at its own completion
+    /// message or an error. `swallow`: the portal's own (a re-prepare, an LRU close), not
+    /// forwarded unless it fails. `forget`: a Parse whose failure means the server lacks
+    /// the statement.
+    Server {
+        tag: u8,
+        swallow: bool,
+        forget: Option<Definition>,
+    },
+    /// An answer of the portal's own, due once everything before it is answered.
+    Local(Vec<u8>),
+}
+
+impl Held {
+    /// Queries, Syncs and FunctionCalls whose ReadyForQuery has not come.
+    fn pending(&self) -> usize {
+        self.expect
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Expect::Server {
+                        tag: b'Q' | b'F' | b'S',
+                        ..
+                    }
+                )
+            })
+            .count()
+    }
+
+    /// Extended-protocol messages sent since the last Sync.
+    fn extended(&self) -> bool {
+        self.expect
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Expect::Server { tag, .. } => Some(!matches!(tag, b'Q' | b'F' | b'S')),
+                Expect::Local(_) => None,
+            })
+            .unwrap_or(false)
+    }
+
+    fn waits_for_server(&self) -> bool {
+        self.expect
+            .iter()
+            .any(|e| matches!(e, Expect::Server { .. }))
+    }
+
+    /// Whether `tag` from the server completes the response to `front`.
+    fn completes(front: u8, tag: u8) -> bool {
+        match front {
+            b'Q' | b'F' | b'S' => tag == b'Z',
+            b'P' => tag == b'1',
+            b'B' => tag == b'2',
+            b'C' => tag == b'3',
+            b'D' => matches!(tag, b'T' | b'n'),
+            b'E' => matches!(tag, b'C' | b'I' | b's'),
+            _ => false,
+        }
+    }
+}
+
+/// The Local answers now due (at the front of `expect`), moved to `out`.
+fn due_locals(expect: &mut VecDeque<Expect>, out: &mut Vec<u8>) {
+    while let Some(Expect::Local(_)) = expect.front() {
+        if let Some(Expect::Local(bytes)) = expect.pop_front() {
+            out.extend_from_slice(&bytes);
+        }
+    }
 }
 
 struct Client<C> {
@@ -203,6 +279,8 @@ struct Client<C> {
     /// The client's open transaction block was lost with its server connection (failover):
     /// its next message gets an error, then it starts afresh.
     lost_transaction: bool,
+    /// The client's named prepared statements.
+    statements: HashMap<Vec<u8>, Definition>,
     /// The key given to the client, and where a cancel with it goes now.
     cancel: Option<((u32, u32), Arc<CancelSlot>)>,
 }
@@ -561,8 +639,7 @@ where
             pool,
             sbuf: Vec::new(),
             skip: 0,
-            pending: 0,
-            extended: false,
+            expect: VecDeque::new(),
             status: ReadyStatus::Idle,
         });
     }
@@ -774,8 +851,7 @@ where
     /// session mode; one left mid-transaction is closed.
     async fn finish(&mut self) {
         let Some(h) = &mut self.held else { return };
-        let clean = h.pending == 0
-            && !h.extended
+        let clean = h.expect.is_empty()
             && h.status == ReadyStatus::Idle
             && h.sbuf.is_empty()
             && h.skip == 0;
@@ -785,6 +861,7 @@ where
                 .run("DISCARD ALL", self.config.timeouts.server)
                 .await
                 .is_ok();
+            h.conn.statements.clear();
             self.release(!ok);
         } else {
             self.release(!clean);
@@ -850,6 +927,28 @@ where
                     }
                     _ => {}
                 }
+                // A named Parse then Sync with nothing in flight (libpq's PQprepare): the
+                // statement is recorded and prepared on a server connection when it is first
+                // used, so a client preparing never waits for a connection (a client in an
+                // open transaction may be the one to give one back). An invalid statement
+                // fails at its first use.
+                if tag == b'P' {
+                    if let Some(answer) = self.prepare_locally(pos, n) {
+                        pos += n + 5;
+                        if let Err(r) = self.send(&answer).await {
+                            break Err(r);
+                        }
+                        continue;
+                    }
+                }
+                // Closing a statement or DEALLOCATE with nothing in flight: answered here.
+                if let Some(answer) = self.answer_locally(tag, pos, n) {
+                    pos += n;
+                    if let Err(r) = self.send(&answer).await {
+                        break Err(r);
+                    }
+                    continue;
+                }
                 if let Err((sqlstate, text)) = self.acquire().await {
                     if sqlstate == "53300" {
                         break Err(self.fatal(sqlstate, &text).await);
@@ -861,26 +960,13 @@ where
                     continue;
                 }
             }
-            let h = self.held.as_mut().expect("held");
-            match tag {
-                b'Q' => {
-                    h.pending += 1;
-                    h.extended = false;
-                    self.hub.stats.queries.fetch_add(1, Relaxed);
+            let mut local = Vec::new();
+            self.forward(tag, pos, n, &mut out, &mut local);
+            if !local.is_empty() {
+                if let Err(r) = self.send(&local).await {
+                    break Err(r);
                 }
-                b'S' => {
-                    h.pending += 1;
-                    h.extended = false;
-                }
-                b'F' => h.pending += 1,
-                b'E' => {
-                    h.extended = true;
-                    self.hub.stats.queries.fetch_add(1, Relaxed);
-                }
-                b'P' | b'B' | b'D' | b'C' | b'H' => h.extended = true,
-                _ => {}
             }
-            out.extend_from_slice(&self.cin[pos..pos + n]);
             pos += n;
             if out.len() >= 64 << 10 {
                 if let Err(r) = self.write_server(&out).await {
@@ -894,6 +980,214 @@ where
             self.write_server(&out).await?;
         }
         result
+    }
+
+    /// The portal's own answer to a statement Close or a DEALLOCATE (the client's statement is
+    /// forgotten; the server connections keep theirs, bounded), when the message is one.
+    fn answer_locally(&mut self, tag: u8, pos: usize, n: usize) -> Option<Vec<u8>> {
+        let body = &self.cin[pos + HEADER_LEN..pos + n];
+        match tag {
+            b'C' => match statements::parse_target(body) {
+                Some((b'S', name)) if !name.is_empty() => {
+                    self.statements.remove(name);
+                    Some(message(b'3', &[]))
+                }
+                _ => None,
+            },
+            b'Q' => {
+                let (tag_text, all) = match statements::special(body)? {
+                    Special::Deallocate(name) => {
+                        self.statements.remove(name.as_bytes());
+                        ("DEALLOCATE", false)
+                    }
+                    Special::DeallocateAll => ("DEALLOCATE ALL", true),
+                    Special::DiscardAll => return None,
+                };
+                if all {
+                    self.statements.clear();
+                }
+                let status = self.held.as_ref().map_or(ReadyStatus::Idle, |h| h.status);
+                let mut out = message(b'C', format!("{tag_text}\0").as_bytes());
+                out.extend_from_slice(&ready_for_query(status));
+                Some(out)
+            }
+            _ => None,
+        }
+    }
+
+    /// ParseComplete and ReadyForQuery for a named Parse at `pos` followed by a Sync, the
+    /// statement recorded for its first use; `None` for anything else.
+    fn prepare_locally(&mut self, pos: usize, n: usize) -> Option<Vec<u8>> {
+        let next = self.cin.get(pos + n..pos + n + 5)?;
+        if next != [b'S', 0, 0, 0, 4] {
+            return None;
+        }
+        let (name, def) = statements::parse_parse(&self.cin[pos + HEADER_LEN..pos + n])?;
+        if name.is_empty() || statements::special(def_query(&def)).is_some() {
+            return None;
+        }
+        self.statements.insert(name.to_vec(), def);
+        let mut out = message(b'1', &[]);
+        out.extend_from_slice(&ready_for_query(ReadyStatus::Idle));
+        Some(out)
+    }
+
+    /// The server's name for a client statement's definition, preparing it there first
+    /// (a Parse the client does not see) when the connection lacks it.
+    fn ensure(&mut self, def: &Definition, out: &mut Vec<u8>) -> String {
+        let max = self.settings.max_prepared_statements;
+        let h = self.held.as_mut().expect("held");
+        if let Some(name) = h.conn.statements.get(def) {
+            self.hub.stats.prepared_hits.fetch_add(1, Relaxed);
+            return name;
+        }
+        self.hub.stats.prepared_misses.fetch_add(1, Relaxed);
+        let (name, evicted) = h.conn.statements.insert(def.clone(), max);
+        if let Some(old) = evicted {
+            out.extend_from_slice(&statements::close_statement(&old));
+            h.expect.push_back(Expect::Server {
+                tag: b'C',
+                swallow: true,
+                forget: None,
+            });
+        }
+        out.extend_from_slice(&statements::parse_message(&name, def));
+        h.expect.push_back(Expect::Server {
+            tag: b'P',
+            swallow: true,
+            forget: Some(def.clone()),
+        });
+        name
+    }
+
+    /// Queues the client's message at `pos` (`n` bytes) for the held server connection, with
+    /// named statements renamed to the server's; answers that are due at once go to `local`.
+    fn forward(&mut self, tag: u8, pos: usize, n: usize, out: &mut Vec<u8>, local: &mut Vec<u8>) {
+        let body = self.cin[pos + HEADER_LEN..pos + n].to_vec();
+        let expect = |this: &mut Self, tag: u8, forget: Option<Definition>| {
+            let h = this.held.as_mut().expect("held");
+            h.expect.push_back(Expect::Server {
+                tag,
+                swallow: false,
+                forget,
+            });
+        };
+        let mut as_is = true;
+        match tag {
+            b'Q' => {
+                self.hub.stats.queries.fetch_add(1, Relaxed);
+                if let Some(answer) = self.answer_locally(tag, pos, n) {
+                    self.held
+                        .as_mut()
+                        .expect("held")
+                        .expect
+                        .push_back(Expect::Local(answer));
+                    as_is = false;
+                } else {
+                    if statements::special(&body) == Some(Special::DiscardAll) {
+                        self.statements.clear();
+                        self.held.as_mut().expect("held").conn.statements.clear();
+                    }
+                    expect(self, b'Q', None);
+                }
+            }
+            b'S' | b'F' => expect(self, tag, None),
+            b'E' => {
+                self.hub.stats.queries.fetch_add(1, Relaxed);
+                expect(self, b'E', None);
+            }
+            b'P' => match statements::parse_parse(&body) {
+                Some((_, def)) if statements::special(def_query(&def)).is_some() => {
+                    // DEALLOCATE or DISCARD ALL through the extended protocol: the client's
+                    // statements are forgotten, and the server's: DEALLOCATE of one name runs
+                    // as DEALLOCATE ALL there (the client's name is not the server's), and the
+                    // portal prepares again what it needs.
+                    if let Some(Special::Deallocate(name)) = statements::special(def_query(&def)) {
+                        self.statements.remove(name.as_bytes());
+                        out.extend_from_slice(&statements::parse_message(
+                            "",
+                            b"DEALLOCATE ALL\0\0\0",
+                        ));
+                    } else {
+                        self.statements.clear();
+                        out.extend_from_slice(&self.cin[pos..pos + n]);
+                    }
+                    self.held.as_mut().expect("held").conn.statements.clear();
+                    expect(self, b'P', None);
+                    as_is = false;
+                }
+                Some((name, def)) if !name.is_empty() => {
+                    self.statements.insert(name.to_vec(), def.clone());
+                    let h = self.held.as_mut().expect("held");
+                    if h.conn.statements.get(&def).is_some() {
+                        self.hub.stats.prepared_hits.fetch_add(1, Relaxed);
+                        h.expect.push_back(Expect::Local(message(b'1', &[])));
+                    } else {
+                        self.hub.stats.prepared_misses.fetch_add(1, Relaxed);
+                        let max = self.settings.max_prepared_statements;
+                        let (server_name, evicted) = h.conn.statements.insert(def.clone(), max);
+                        if let Some(old) = evicted {
+                            out.extend_from_slice(&statements::close_statement(&old));
+                            h.expect.push_back(Expect::Server {
+                                tag: b'C',
+                                swallow: true,
+                                forget: None,
+                            });
+                        }
+                        out.extend_from_slice(&statements::parse_message(&server_name, &def));
+                        expect(self, b'P', Some(def));
+                    }
+                    as_is = false;
+                }
+                _ => expect(self, b'P', None),
+            },
+            b'B' => {
+                let named = statements::parse_bind(&body)
+                    .filter(|(_, stmt, _)| !stmt.is_empty())
+                    .and_then(|(portal, stmt, after)| {
+                        let def = self.statements.get(stmt)?.clone();
+                        Some((portal.to_vec(), def, after.to_vec()))
+                    });
+                if let Some((portal, def, after)) = named {
+                    let server_name = self.ensure(&def, out);
+                    out.extend_from_slice(&statements::bind_message(&portal, &server_name, &after));
+                    as_is = false;
+                }
+                expect(self, b'B', None);
+            }
+            b'D' => {
+                let named = statements::parse_target(&body)
+                    .filter(|(kind, name)| *kind == b'S' && !name.is_empty())
+                    .and_then(|(_, name)| self.statements.get(name).cloned());
+                if let Some(def) = named {
+                    let server_name = self.ensure(&def, out);
+                    out.extend_from_slice(&statements::target_message(b'D', &server_name));
+                    as_is = false;
+                }
+                expect(self, b'D', None);
+            }
+            b'C' => {
+                if let Some(answer) = self.answer_locally(tag, pos, n) {
+                    self.held
+                        .as_mut()
+                        .expect("held")
+                        .expect
+                        .push_back(Expect::Local(answer));
+                    as_is = false;
+                } else {
+                    expect(self, b'C', None);
+                }
+            }
+            // Flush, COPY data, done and fail: no answer of their own.
+            _ => {}
+        }
+        if as_is {
+            out.extend_from_slice(&self.cin[pos..pos + n]);
+        }
+        let h = self.held.as_mut().expect("held");
+        if !h.waits_for_server() {
+            due_locals(&mut h.expect, local);
+        }
     }
 
     async fn write_server(&mut self, out: &[u8]) -> Result<(), CloseReason> {
@@ -910,17 +1204,21 @@ where
         }
     }
 
-    /// Forwards what the server sent, following ReadyForQuery and ParameterStatus; gives the
-    /// connection back at the end of a transaction (transaction mode).
+    /// Forwards what the server sent, following ReadyForQuery, ParameterStatus and the
+    /// answers the client waits for (the portal's own answers go in between, its own
+    /// messages' answers are dropped); gives the connection back at the end of a transaction
+    /// (transaction mode).
     async fn server_data(&mut self) -> Result<(), CloseReason> {
         let h = self.held.as_mut().expect("held");
         let mut pos = 0;
         let len = h.sbuf.len();
         let mut bad = false;
         let mut fatal = None;
+        let mut forward: Vec<u8> = Vec::with_capacity(len);
         loop {
             if h.skip > 0 {
                 let take = h.skip.min(len - pos);
+                forward.extend_from_slice(&h.sbuf[pos..pos + take]);
                 pos += take;
                 h.skip -= take;
                 if h.skip > 0 {
@@ -933,44 +1231,111 @@ where
             }
             let tag = h.sbuf[pos];
             let mlen = message_len(&h.sbuf[pos..]) as usize;
-            if mlen < 4 {
+            if !(4..=MAX_MESSAGE).contains(&mlen) {
                 bad = true;
                 break;
             }
+            // Rows and COPY data are forwarded as they come, whatever their size.
+            if matches!(tag, b'D' | b'd') {
+                h.skip = mlen + 1;
+                continue;
+            }
+            if len - pos < mlen + 1 {
+                break;
+            }
+            let whole = &h.sbuf[pos..pos + 1 + mlen];
+            let body = &whole[HEADER_LEN..];
+            pos += mlen + 1;
             match tag {
-                b'Z' | b'S' | b'E' if mlen <= MAX_INSPECTED => {
-                    if len - pos < mlen + 1 {
-                        break;
-                    }
-                    let body = &h.sbuf[pos + HEADER_LEN..pos + 1 + mlen];
-                    if tag == b'E' {
-                        // A FATAL error ends the server connection, not the client's session:
-                        // it is not forwarded, and the client hears of it as a lost
-                        // connection.
-                        let fields = crate::wire::postgres::error_fields(body);
-                        if fields
-                            .iter()
-                            .any(|(k, v)| *k == b'S' && (v == "FATAL" || v == "PANIC"))
-                        {
-                            fatal = Some(crate::wire::postgres::error_text(body));
-                            break;
-                        }
-                    } else if tag == b'Z' {
-                        h.pending = h.pending.saturating_sub(1);
-                        h.status = body
-                            .first()
-                            .and_then(|&b| ReadyStatus::from_byte(b))
-                            .unwrap_or(ReadyStatus::Failed);
-                    } else if let Some((k, v)) = parse_parameter_status(body) {
+                b'S' => {
+                    if let Some((k, v)) = parse_parameter_status(body) {
                         h.conn.params.insert(k.clone(), v.clone());
                         self.params.insert(k, v);
                     }
-                    pos += mlen + 1;
+                    forward.extend_from_slice(whole);
+                    continue;
                 }
-                _ => h.skip = mlen + 1,
+                b'N' | b'A' => {
+                    forward.extend_from_slice(whole);
+                    continue;
+                }
+                b'E' => {
+                    // A FATAL error ends the server connection, not the client's session: it
+                    // is not forwarded, and the client hears of it as a lost connection.
+                    let fields = crate::wire::postgres::error_fields(body);
+                    if fields
+                        .iter()
+                        .any(|(k, v)| *k == b'S' && (v == "FATAL" || v == "PANIC"))
+                    {
+                        fatal = Some(crate::wire::postgres::error_text(body));
+                        pos -= mlen + 1;
+                        break;
+                    }
+                }
+                b'Z' => {
+                    h.status = body
+                        .first()
+                        .and_then(|&b| ReadyStatus::from_byte(b))
+                        .unwrap_or(ReadyStatus::Failed);
+                }
+                _ => {}
             }
+            due_locals(&mut h.expect, &mut forward);
+            let front = match h.expect.front() {
+                Some(Expect::Server { tag, swallow, .. }) => Some((*tag, *swallow)),
+                _ => None,
+            };
+            let Some((front, swallow)) = front else {
+                // Nothing expected (a server speaking out of turn): passed on.
+                forward.extend_from_slice(whole);
+                continue;
+            };
+            if tag == b'E' && !matches!(front, b'Q' | b'F' | b'S') {
+                // An extended-protocol message failed: the server skips to the next Sync,
+                // and so do the answers the client waits for.
+                forward.extend_from_slice(whole);
+                if let Some(Expect::Server {
+                    forget: Some(def), ..
+                }) = h.expect.pop_front()
+                {
+                    h.conn.statements.remove(&def);
+                }
+                while let Some(e) = h.expect.front() {
+                    if matches!(e, Expect::Server { tag: b'S', .. }) {
+                        break;
+                    }
+                    if let Some(Expect::Server {
+                        forget: Some(def), ..
+                    }) = h.expect.pop_front()
+                    {
+                        h.conn.statements.remove(&def);
+                    }
+                }
+                continue;
+            }
+            if tag == b'Z' {
+                // Completes the Query or Sync at the front (and anything left before it).
+                while let Some(e) = h.expect.pop_front() {
+                    match e {
+                        Expect::Server {
+                            tag: b'Q' | b'F' | b'S',
+                            ..
+                        } => break,
+                        Expect::Local(bytes) => forward.extend_from_slice(&bytes),
+                        Expect::Server { .. } => {}
+                    }
+                }
+                forward.extend_from_slice(whole);
+            } else if Held::completes(front, tag) {
+                h.expect.pop_front();
+                if !swallow {
+                    forward.extend_from_slice(whole);
+                }
+            } else if !swallow {
+                forward.extend_from_slice(whole);
+            }
+            due_locals(&mut h.expect, &mut forward);
         }
-        let forward = h.sbuf[..pos].to_vec();
         h.sbuf.drain(..pos);
         if !forward.is_empty() {
             self.send(&forward).await?;
@@ -989,8 +1354,7 @@ where
         }
         let h = self.held.as_ref().expect("held");
         if self.settings.transaction
-            && h.pending == 0
-            && !h.extended
+            && h.expect.is_empty()
             && h.status == ReadyStatus::Idle
             && h.sbuf.is_empty()
             && h.skip == 0
@@ -1006,7 +1370,7 @@ where
     /// nothing. Session mode ends the session: its state is gone.
     async fn server_lost(&mut self, why: &str) -> Result<(), CloseReason> {
         let Some(h) = &self.held else { return Ok(()) };
-        let (pending, extended, status, midway) = (h.pending, h.extended, h.status, h.skip > 0);
+        let (pending, extended, status, midway) = (h.pending(), h.extended(), h.status, h.skip > 0);
         self.release(true);
         debug!(why, pending, "server connection lost");
         if midway {

@@ -161,6 +161,15 @@ impl Collector for PoolCollector {
                 ([("result", "dropped")], s.cancels_dropped.load(Relaxed)),
             ],
         )?;
+        counters(
+            &mut e,
+            "dbportal_pool_prepared_statements",
+            "Uses of a client's named prepared statement (Parse, Bind, Describe): found prepared on the server connection (hit), or prepared there first (miss).",
+            [
+                ([("result", "hit")], s.prepared_hits.load(Relaxed)),
+                ([("result", "miss")], s.prepared_misses.load(Relaxed)),
+            ],
+        )?;
         gauge(
             &mut e,
             "dbportal_pool_pools",

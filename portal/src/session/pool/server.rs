@@ -51,6 +51,8 @@ pub struct ServerConn {
     pub params: BTreeMap<String, String>,
     /// The server's BackendKeyData, for cancels.
     pub key: (u32, u32),
+    /// The prepared statements the portal made on it.
+    pub statements: super::statements::ServerStatements,
     created: Instant,
     last_used: Instant,
     /// The server's state is unknown (a client left mid-transaction, a read failed): close
@@ -335,6 +337,7 @@ async fn login(
                     stream,
                     params,
                     key,
+                    statements: Default::default(),
                     created: now,
                     last_used: now,
                     broken: !buf.is_empty(),
@@ -600,6 +603,9 @@ pub struct PoolStats {
     /// CancelRequests forwarded to a server, and dropped (unknown key, idle client).
     pub cancels: AtomicU64,
     pub cancels_dropped: AtomicU64,
+    /// Named statements found prepared on the server connection, and prepared there anew.
+    pub prepared_hits: AtomicU64,
+    pub prepared_misses: AtomicU64,
     /// Wait for a server connection: sum in microseconds and bucket counts.
     pub wait_sum_us: AtomicU64,
     pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
