@@ -304,6 +304,7 @@ async fn portal_follows_its_configmap_secret_and_reports_on_its_pod() {
         configmap: CONFIGMAP.into(),
         tls_secret: Some(TLS_SECRET.into()),
         credentials_secret: None,
+        users_secret: None,
         pod_name: Some(POD.into()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
