@@ -833,3 +833,70 @@ print(conns[0].execute("SELECT count(*) FROM t WHERE v LIKE 'py%%'").fetchone()[
     assert!(ok, "psycopg: {out}\n{err}");
     assert_eq!(out, "24");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_that_cannot_move_pins_the_client_and_is_counted() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 3", "").await;
+    let a = portal.client("app", "apppw").await.unwrap();
+    let b = portal.client("app", "apppw").await.unwrap();
+    let c = portal.client("app", "apppw").await.unwrap();
+    a.simple_query("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    let pid_a = query_one(&a, "SELECT pg_backend_pid()").await;
+    b.simple_query("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    for i in 0..15 {
+        // Others come and go in between; a keeps its server connection and its table.
+        let other = portal.client("app", "apppw").await.unwrap();
+        assert_eq!(query_one(&other, "SHOW statement_timeout").await, "0");
+        let e = other
+            .simple_query("SELECT * FROM scratch")
+            .await
+            .unwrap_err();
+        assert!(db_text(&e).starts_with("42P01"), "{e:?}");
+        assert_eq!(query_one(&a, "SELECT count(*) FROM scratch").await, "1");
+        assert_eq!(query_one(&a, "SELECT pg_backend_pid()").await, pid_a);
+        assert_eq!(query_one(&b, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(query_one(&c, &format!("SELECT {i}")).await, i.to_string());
+    }
+    let m = portal.metrics().await;
+    assert_eq!(
+        metric(&m, "dbportal_pool_pinned_clients{reason=\"temp_table\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "dbportal_pool_pinned_clients{reason=\"set\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "dbportal_pool_pins_total{reason=\"listen\"}"),
+        0.0
+    );
+    drop(a);
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &portal.metrics().await,
+        "dbportal_pool_pinned_clients{reason=\"temp_table\"}",
+    ) != 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pinned client was not counted out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Their server connections were reset before anyone else got them.
+    for _ in 0..6 {
+        let d = portal.client("app", "apppw").await.unwrap();
+        assert_eq!(query_one(&d, "SHOW statement_timeout").await, "0");
+        assert!(d.simple_query("SELECT * FROM scratch").await.is_err());
+    }
+}

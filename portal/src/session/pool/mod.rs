@@ -18,6 +18,7 @@
 //! May import: `admission`, `config`, `health`, `metrics`, `route`, `tls`, `wire` and the
 //! session's [`Shared`](super::Shared).
 
+pub mod pinning;
 mod report;
 pub mod scram;
 pub mod server;
@@ -139,6 +140,7 @@ pub async fn serve<C>(
         discard_until_sync: false,
         lost_transaction: false,
         statements: HashMap::new(),
+        pinned: None,
         cancel: None,
     };
     let started = timeout(config.timeouts.handshake, c.startup()).await;
@@ -150,6 +152,9 @@ pub async fn serve<C>(
             c.finish().await;
             if let Some((key, _)) = &c.cancel {
                 hub.forget_cancel(*key);
+            }
+            if let Some(reason) = c.pinned {
+                hub.stats.pin(reason, -1);
             }
             hub.stats.clients.fetch_sub(1, Relaxed);
             reason
@@ -281,6 +286,8 @@ struct Client<C> {
     lost_transaction: bool,
     /// The client's named prepared statements.
     statements: HashMap<Vec<u8>, Definition>,
+    /// Session state keeps the client on its server connection until it disconnects.
+    pinned: Option<pinning::PinReason>,
     /// The key given to the client, and where a cancel with it goes now.
     cancel: Option<((u32, u32), Arc<CancelSlot>)>,
 }
@@ -855,7 +862,7 @@ where
             && h.status == ReadyStatus::Idle
             && h.sbuf.is_empty()
             && h.skip == 0;
-        if clean && !self.settings.transaction {
+        if clean && (!self.settings.transaction || self.pinned.is_some()) {
             let ok = h
                 .conn
                 .run("DISCARD ALL", self.config.timeouts.server)
@@ -1073,6 +1080,26 @@ where
             });
         };
         let mut as_is = true;
+        if self.settings.transaction && self.pinned.is_none() && matches!(tag, b'Q' | b'P') {
+            let sql = match tag {
+                b'Q' => crate::wire::postgres::cstr(&body).map(|(q, _)| q),
+                _ => crate::wire::postgres::cstr(&body)
+                    .and_then(|(_, rest)| crate::wire::postgres::cstr(rest))
+                    .map(|(q, _)| q),
+            };
+            if let Some(reason) = sql
+                .and_then(|q| std::str::from_utf8(q).ok())
+                .and_then(pinning::pin_reason)
+            {
+                self.pinned = Some(reason);
+                self.hub.stats.pin(reason, 1);
+                info!(
+                    reason = reason.as_str(),
+                    user = %self.user,
+                    "client pinned to its server connection until it disconnects: its session state cannot move to another one"
+                );
+            }
+        }
         match tag {
             b'Q' => {
                 self.hub.stats.queries.fetch_add(1, Relaxed);
@@ -1354,6 +1381,7 @@ where
         }
         let h = self.held.as_ref().expect("held");
         if self.settings.transaction
+            && self.pinned.is_none()
             && h.expect.is_empty()
             && h.status == ReadyStatus::Idle
             && h.sbuf.is_empty()
@@ -1377,7 +1405,7 @@ where
             // Part of a message reached the client: nothing more can be said in protocol.
             return Err(CloseReason::Backend);
         }
-        if !self.settings.transaction {
+        if !self.settings.transaction || self.pinned.is_some() {
             return Err(self
                 .fatal(
                     "08006",

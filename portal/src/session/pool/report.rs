@@ -16,7 +16,7 @@ use prometheus_client::{
 };
 use serde_json::json;
 
-use super::{PgHub, WAIT_BUCKETS};
+use super::{pinning::PinReason, PgHub, WAIT_BUCKETS};
 use crate::metrics::{counter, counters, gauge, gauges};
 
 /// The pooler's families, for `admin::registry`.
@@ -169,6 +169,24 @@ impl Collector for PoolCollector {
                 ([("result", "hit")], s.prepared_hits.load(Relaxed)),
                 ([("result", "miss")], s.prepared_misses.load(Relaxed)),
             ],
+        )?;
+        gauges(
+            &mut e,
+            "dbportal_pool_pinned_clients",
+            "Clients pinned to their server connection until they disconnect, by the session state that pinned them.",
+            PinReason::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ([("reason", r.as_str())], s.pinned[i].load(Relaxed))),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_pool_pins",
+            "Times a client was pinned to its server connection, by reason.",
+            PinReason::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ([("reason", r.as_str())], s.pins[i].load(Relaxed))),
         )?;
         gauge(
             &mut e,

@@ -606,6 +606,9 @@ pub struct PoolStats {
     /// Named statements found prepared on the server connection, and prepared there anew.
     pub prepared_hits: AtomicU64,
     pub prepared_misses: AtomicU64,
+    /// Clients pinned now, and pins, by reason (in `PinReason::ALL` order).
+    pub pinned: [std::sync::atomic::AtomicI64; super::pinning::PinReason::ALL.len()],
+    pub pins: [AtomicU64; super::pinning::PinReason::ALL.len()],
     /// Wait for a server connection: sum in microseconds and bucket counts.
     pub wait_sum_us: AtomicU64,
     pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
@@ -615,6 +618,17 @@ pub struct PoolStats {
 pub const WAIT_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 impl PoolStats {
+    pub fn pin(&self, reason: super::pinning::PinReason, delta: i64) {
+        let i = super::pinning::PinReason::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .expect("listed");
+        self.pinned[i].fetch_add(delta, Relaxed);
+        if delta > 0 {
+            self.pins[i].fetch_add(1, Relaxed);
+        }
+    }
+
     pub fn record_wait(&self, waited: Duration) {
         let secs = waited.as_secs_f64();
         self.wait_sum_us
