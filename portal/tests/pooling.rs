@@ -7,6 +7,8 @@
 
 #[path = "common/servers.rs"]
 mod servers;
+#[path = "common/tls.rs"]
+mod tlsca;
 
 use std::{
     net::SocketAddr,
@@ -38,8 +40,13 @@ impl Portal {
         let users = dir.path().join("users.yaml");
         std::fs::write(&users, format!("postgres: {PW}\napp: apppw\n")).unwrap();
         let (port, admin) = (free_port(), free_port());
+        let tls = if extra.contains("tls:") {
+            ""
+        } else {
+            "tls: {mode: disabled}\n"
+        };
         let mut yaml = format!(
-            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\ntls: {{mode: disabled}}\nlimits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}, auth: {{usersFile: {}}}}}\n{extra}backends:\n",
+            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\n{tls}limits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}, auth: {{usersFile: {}}}}}\n{extra}backends:\n",
             users.display()
         );
         for (i, b) in backends.iter().enumerate() {
@@ -899,4 +906,69 @@ async fn session_state_that_cannot_move_pins_the_client_and_is_counted() {
         assert_eq!(query_one(&d, "SHOW statement_timeout").await, "0");
         assert!(d.simple_query("SELECT * FROM scratch").await.is_err());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_clients_and_to_the_backend() {
+    if !have_postgres() {
+        return;
+    }
+    let dir = TempDir::new("pool-tls");
+    let ca = tlsca::TestCa::new("pool test CA");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca.cert_pem).unwrap();
+    let (db_cert, db_key) = ca
+        .server("db", &["localhost", "127.0.0.1"])
+        .write(dir.path(), "db");
+    let (portal_cert, portal_key) = ca
+        .server("portal", &["localhost", "127.0.0.1"])
+        .write(dir.path(), "portal");
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    pg.enable_tls(&db_cert, &db_key, true);
+    let tls = format!(
+        "tls: {{mode: terminate, certFile: \"{}\", keyFile: \"{}\", backend: {{enabled: true, caFile: \"{}\"}}}}\n",
+        portal_cert.display(),
+        portal_key.display(),
+        ca_path.display()
+    );
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", &tls).await;
+    let conninfo = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=postgres sslmode=verify-full sslrootcert={}",
+        portal.port(),
+        ca_path.display()
+    );
+    // The client's TLS is verified against the portal's certificate; the server connection
+    // is TLS too (the server refuses anything else).
+    let (ok, out, err) = run(
+        "psql",
+        &[
+            conninfo.as_str(),
+            "-XAtq",
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "-c",
+            "SELECT current_user",
+        ],
+        &[("PGPASSWORD", "apppw")],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "t\napp");
+    // A plaintext client is refused: the portal requires TLS.
+    let (ok, _, err) = run(
+        "psql",
+        &[
+            format!(
+                "host=127.0.0.1 port={} user=app dbname=postgres sslmode=disable",
+                portal.port()
+            )
+            .as_str(),
+            "-XAtqc",
+            "SELECT 1",
+        ],
+        &[("PGPASSWORD", "apppw")],
+    )
+    .await;
+    assert!(!ok && err.contains("requires TLS"), "{err}");
 }
