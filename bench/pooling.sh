@@ -31,7 +31,7 @@ cleanup() {
   sleep 1
   rm -rf "$work"
 }
-trap cleanup EXIT
+trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 as_pg() { runuser -u postgres -- "$@"; }
 
@@ -117,19 +117,26 @@ backends() {
 run() { # name port proxy_pid mode
   local name=$1 port=$2 pid=$3 mode=$4 logdir="$work/log-$1-$4"
   mkdir -p "$logdir"
+  # Only this contender's backends: the others' pooled connections are closed first.
+  psql -h 127.0.0.1 -p "$PGPORT" -U postgres -XAtqc \
+    "select count(pg_terminate_backend(pid)) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()" postgres >/dev/null
   local c0=0; [ "$pid" != - ] && c0=$(cpu "$pid")
   ( sleep $((SECS / 2 + 2)); backends > "$logdir/backends" ) &
+  local sampler=$!
   local out
   out=$(cd "$logdir" && PGSSLMODE=require pgbench -h 127.0.0.1 -p "$port" -U postgres -S -n \
         -c "$CLIENTS" -j "$THREADS" -T "$SECS" -M "$mode" -l postgres 2>&1) || true
-  wait
+  wait "$sampler" || true
   local c1=0; [ "$pid" != - ] && c1=$(cpu "$pid")
-  local tps txs failed
+  local tps txs failed errors
+  errors=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' | head -1)
+  errors="${errors:-0} failed, $(echo "$out" | grep -c 'aborted in command' || true) clients aborted"
+  echo "$out" | grep -m1 -E 'error|ERROR' > "$logdir/first-error" || true
   tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
   txs=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
   if [ -z "$tps" ] || [ -z "$txs" ] || [ "$txs" = 0 ]; then
     failed=$(echo "$out" | grep -m1 -i 'error' || echo "no result")
-    printf '| %s | %s | failed: %s | | | | |\n' "$name" "$mode" "$failed"
+    printf '| %s | %s | failed: %s | | | | | |\n' "$name" "$mode" "$failed"
     return
   fi
   local pct
@@ -138,20 +145,24 @@ run() { # name port proxy_pid mode
   if [ "$pid" = - ]; then cpu_per="—"; else
     cpu_per=$(awk -v a="$c0" -v b="$c1" -v t="$tick" -v n="$txs" 'BEGIN {printf "%.3f", (b - a) / t / n * 1000}')
   fi
-  printf '| %s | %s | %.0f | %s | %s | %s |\n' "$name" "$mode" "$tps" "$pct" "$cpu_per" "$(cat "$logdir/backends")"
+  printf '| %s | %s | %.0f | %s | %s | %s | %s |\n' "$name" "$mode" "$tps" "$pct" "$cpu_per" "$(cat "$logdir/backends")" "$errors"
+  if [ -s "$logdir/first-error" ]; then first_errors+=("$name $mode: $(cat "$logdir/first-error")"); fi
 }
+first_errors=()
 
 echo "## PostgreSQL transaction pooling: pgbench -S, $CLIENTS clients over TLS, pool $POOL, ${SECS}s per run"
 echo
 echo "$(nproc) cores; PostgreSQL 15, $(pgbouncer --version | head -1), the portal (release build)."
 echo
-echo "| contender | mode | TPS | p50 ms | p99 ms | proxy CPU s / 1,000 tx | backends |"
-echo "|---|---|---|---|---|---|---|"
+echo "| contender | mode | TPS | p50 ms | p99 ms | proxy CPU s / 1,000 tx | backends | errors |"
+echo "|---|---|---|---|---|---|---|---|"
 for mode in simple prepared; do
   run direct "$PGPORT" - "$mode"
   run pgbouncer "$BPORT" "$bouncer_pid" "$mode"
   run portal "$PPORT" "$portal_pid" "$mode"
 done
+echo
+for e in "${first_errors[@]}"; do echo "- first error, $e"; done
 echo
 
 # Memory per idle TLS client: the portal's RSS with N logged-in clients that sit idle.
@@ -160,7 +171,7 @@ echo "|---|---|---|"
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 base=$(rss "$portal_pid")
 for n in $IDLE; do
-  python3 - "$PPORT" "$n" "$portal_pid" "$base" <<'EOF'
+  /usr/bin/python3 - "$PPORT" "$n" "$portal_pid" "$base" <<'EOF'
 import sys, psycopg, time
 port, n, pid, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 conns = []

@@ -120,7 +120,7 @@ pub async fn serve<C>(
     let mut c = Client {
         rd,
         wr,
-        cin: Vec::with_capacity(1024),
+        cin: Vec::new(),
         ip,
         settings,
         ctx: DialContext {
@@ -820,8 +820,13 @@ where
             if let Err(reason) = self.process().await {
                 return reason;
             }
-            if self.cin.capacity() - self.cin.len() < 4096 {
-                self.cin.reserve(16 << 10);
+            // A small input buffer while idle (most pooled clients are), grown while busy.
+            if self.cin.is_empty() && self.cin.capacity() > 16 << 10 {
+                self.cin = Vec::new();
+            }
+            if self.cin.capacity() - self.cin.len() < 1024 {
+                self.cin
+                    .reserve(if self.cin.is_empty() { 2048 } else { 16 << 10 });
             }
             tokio::select! {
                 biased;
