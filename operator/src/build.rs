@@ -441,12 +441,19 @@ pub fn default_resources() -> ResourceRequirements {
     }
 }
 
-/// The Secret with the users clients of Redis multiplexing AUTH as, if the spec names one.
+/// The Secret with the users clients log in as (Redis multiplexing's AUTH, PostgreSQL session
+/// and transaction pooling), if the spec names one.
 pub fn users_secret(dp: &DatabasePortal) -> Option<String> {
+    use portal::config::PoolingMode;
     dp.spec
         .pooling
         .as_ref()
-        .filter(|p| p.mode == portal::config::PoolingMode::Multiplex)
+        .filter(|p| {
+            matches!(
+                p.mode,
+                PoolingMode::Multiplex | PoolingMode::Session | PoolingMode::Transaction
+            )
+        })
         .and_then(|p| p.auth.users_secret.clone())
 }
 

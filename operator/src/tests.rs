@@ -404,6 +404,62 @@ fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
 }
 
 #[test]
+fn postgres_transaction_pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
+    let dp = orders().patch_spec(
+        "engine: postgres\npooling: {mode: transaction, poolSize: 5, minIdle: 1, queueTimeout: 2s, serverIdleTimeout: 1m, serverLifetime: 30m, maxPreparedStatements: 50, auth: {usersSecret: orders-users}}",
+    );
+    let c = children(&dp);
+    let text = &c.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let config = portal::config::parse_yaml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let p = config
+        .pg_pool
+        .expect("pooling in the portal's configuration");
+    assert!(p.transaction);
+    assert_eq!(
+        (p.pool_size, p.min_idle, p.max_prepared_statements),
+        (5, 1, 50)
+    );
+    assert_eq!(p.queue_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(p.users_secret.as_deref(), Some("orders-users"));
+    assert_eq!(config.spec.pooling, dp.spec.pooling);
+    let args = c
+        .stateful_set
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args[args.len() - 2..], ["--users-secret", "orders-users"]);
+    let rules = c.role.rules.unwrap();
+    assert!(rules
+        .iter()
+        .flat_map(|r| r.resource_names.clone().unwrap_or_default())
+        .any(|n| n == "orders-users"));
+}
+
+#[test]
+fn postgres_pooling_on_another_engine_or_without_users_is_refused_naming_the_field() {
+    for engine in ["mysql", "etcd", "tcp", "redis"] {
+        let dp = orders().patch_spec(&format!(
+            "engine: {engine}\npooling: {{mode: transaction, auth: {{usersSecret: u}}}}"
+        ));
+        assert!(
+            invalid_fields(&dp).contains(&"pooling.mode".to_string()),
+            "{engine}"
+        );
+    }
+    let dp = orders().patch_spec("engine: postgres\npooling: {mode: session}");
+    assert_eq!(invalid_fields(&dp), ["pooling.auth"]);
+}
+
+#[test]
 fn multiplex_on_another_engine_is_refused_naming_the_field() {
     let dp = orders().patch_spec("engine: postgres\npooling: {mode: multiplex}");
     assert_eq!(invalid_fields(&dp), ["pooling.mode"]);

@@ -431,6 +431,7 @@ pub async fn start(
             .multiplex
             .as_ref()
             .and_then(|m| m.users_secret.clone())
+            .or_else(|| config.pg_pool.as_ref().and_then(|p| p.users_secret.clone()))
     });
     let credentials =
         Arc::new(SecretCredentials::new(creds_name.clone()).with_users(users_name.clone()));

@@ -28,15 +28,35 @@ pub fn is_up(health: &HealthView, name: &str) -> bool {
     health.is_up(name)
 }
 
-/// Whether backend `i` is up and `ready`.
-fn available(config: &Config, health: &HealthView, overrides: &Overrides, i: usize) -> bool {
+/// Whether backend `i` is up and `ready` (any state when `overrides` is `None`).
+fn available(
+    config: &Config,
+    health: &HealthView,
+    overrides: Option<&Overrides>,
+    i: usize,
+) -> bool {
     let b = &config.backends[i];
-    is_up(health, &b.name) && overrides.state(b) == BackendState::Ready
+    is_up(health, &b.name) && overrides.is_none_or(|o| o.state(b) == BackendState::Ready)
 }
 
 /// Indexes (into `config.backends`) of the backends that may take a new session, in list
 /// order.
 pub fn eligible(config: &Config, health: &HealthView, overrides: &Overrides) -> Vec<usize> {
+    eligible_with(config, health, Some(overrides))
+}
+
+/// The backends that [`eligible`] would give were every backend `ready`: those that health
+/// and leadership allow. Shared server connections (multiplexing, pooling) to a backend that
+/// leaves this set are retired; a drained backend keeps them for the work in flight.
+pub fn eligible_by_health(config: &Config, health: &HealthView) -> Vec<usize> {
+    eligible_with(config, health, None)
+}
+
+fn eligible_with(
+    config: &Config,
+    health: &HealthView,
+    overrides: Option<&Overrides>,
+) -> Vec<usize> {
     match config.routing {
         RoutingMode::Leader => leader_eligible(config, health, overrides),
         _ => {
@@ -59,7 +79,11 @@ pub fn eligible(config: &Config, health: &HealthView, overrides: &Overrides) -> 
 
 /// `leader` mode: the node the checker reports as leader, if it is up and ready; nothing
 /// while there is no leader or several claim to lead (new sessions then wait for one).
-pub fn leader_eligible(config: &Config, health: &HealthView, overrides: &Overrides) -> Vec<usize> {
+fn leader_eligible(
+    config: &Config,
+    health: &HealthView,
+    overrides: Option<&Overrides>,
+) -> Vec<usize> {
     if let Some(name) = health.leader_name() {
         if let Some(i) = config.backends.iter().position(|b| b.name == name) {
             if available(config, health, overrides, i) {

@@ -81,6 +81,7 @@ pub async fn run_with_tls(
         kill,
         tls,
         mux: Arc::default(),
+        pg: Arc::default(),
     };
     let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), admin_stopped));
     let generations = tokio::spawn(count_generations(shared.config.clone(), state.clone()));

@@ -382,6 +382,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         },
         "tls": shared.tls.status_json(),
         "multiplex": config.multiplex.as_ref().map(|_| crate::session::multiplex::status(&shared.mux)),
+        "pooling": config.pg_pool.as_ref().map(|_| crate::session::pool::status(&shared.pg)),
     })
 }
 
@@ -408,6 +409,9 @@ pub fn registry(shared: &Shared) -> Registry {
     registry.register_collector(Box::new(shared.tls.clone()));
     registry.register_collector(Box::new(crate::session::multiplex::MultiplexCollector(
         shared.mux.clone(),
+    )));
+    registry.register_collector(Box::new(crate::session::pool::PoolCollector(
+        shared.pg.clone(),
     )));
     registry
 }

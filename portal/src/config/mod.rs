@@ -15,7 +15,9 @@ use ipnet::IpNet;
 
 pub use address::{Address, AddressError};
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
-pub use pooling::{ByteSize, Multiplex, Pooling, PoolingAuth, PoolingMode, BYTE_SIZE_PATTERN};
+pub use pooling::{
+    ByteSize, Multiplex, PgPool, Pooling, PoolingAuth, PoolingMode, BYTE_SIZE_PATTERN,
+};
 pub use spec::*;
 pub use spec_tls::*;
 
@@ -56,6 +58,8 @@ pub struct Config {
     pub access_log: bool,
     /// `pooling` of mode `multiplex` (Redis); `None`: one backend connection per client.
     pub multiplex: Option<Multiplex>,
+    /// `pooling` of mode `session` or `transaction` (PostgreSQL).
+    pub pg_pool: Option<PgPool>,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
 }
@@ -444,6 +448,19 @@ impl DatabasePortalSpec {
 
         if let Some(pooling) = &self.pooling {
             pooling.check(self.engine, &mut err);
+            if matches!(
+                pooling.mode,
+                PoolingMode::Session | PoolingMode::Transaction
+            ) && self.tls.mode == TlsMode::Passthrough
+            {
+                err(
+                    "pooling.mode",
+                    format!(
+                        "{} pooling speaks PostgreSQL to the client, which tls.mode passthrough forbids: use tls.mode terminate or disabled",
+                        pooling.mode.as_str()
+                    ),
+                );
+            }
         }
 
         if !errors.is_empty() {
@@ -493,6 +510,7 @@ impl DatabasePortalSpec {
             admin_token_for_reads: self.admin_token_for_reads,
             access_log: self.portal.access_log,
             multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
+            pg_pool: self.pooling.as_ref().and_then(Pooling::pg_pool),
             spec: self.clone(),
         })
     }

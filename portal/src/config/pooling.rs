@@ -1,7 +1,8 @@
-//! `spec.pooling`: how client connections share server connections. Today `none` (one backend
-//! connection per client) and `multiplex` (Redis: many clients' commands pipelined onto a few
-//! shared server connections); the PostgreSQL modes (`session`, `transaction`) and their
-//! fields join the same type later. Also the byte sizes it is written in (`8Mi`).
+//! `spec.pooling`: how client connections share server connections: `none` (one backend
+//! connection per client), `multiplex` (Redis: many clients' commands pipelined onto a few
+//! shared server connections), and PostgreSQL's `session` and `transaction` pooling (a client
+//! holds a server connection of a small pool for its session, or for each transaction). Also
+//! the byte sizes it is written in (`8Mi`).
 //!
 //! May import: nothing outside `config`.
 
@@ -21,9 +22,33 @@ pub struct Pooling {
     /// commands of all clients are pipelined onto a few shared server connections, and a
     /// client holding per-connection state (MULTI, WATCH, blocking commands, pub/sub, MONITOR,
     /// SELECT of another database, CLIENT TRACKING/REPLY, HELLO 3) is pinned to a dedicated
-    /// one while the state lasts.
+    /// one while the state lasts; session (postgres): a server connection of the pool for
+    /// the client's whole session, reset with DISCARD ALL before the next client; transaction
+    /// (postgres): a server connection for each transaction, given back when it ends.
     #[serde(default)]
     pub mode: PoolingMode,
+    /// session, transaction: server connections per backend and per database and user.
+    /// Default 20.
+    #[serde(default = "Pooling::default_pool_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub pool_size: u32,
+    /// session, transaction: idle server connections each pool keeps open (at most
+    /// poolSize). Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_idle: u32,
+    /// session, transaction: an idle server connection unused this long is closed. Default 10m.
+    #[serde(default = "Pooling::default_server_idle_timeout")]
+    pub server_idle_timeout: Duration,
+    /// session, transaction: a server connection older than this is closed when it is next
+    /// idle. Default 1h.
+    #[serde(default = "Pooling::default_server_lifetime")]
+    pub server_lifetime: Duration,
+    /// transaction: prepared statements kept per server connection (least recently used
+    /// closed first). Default 200.
+    #[serde(default = "Pooling::default_max_prepared_statements")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_prepared_statements: u32,
     /// multiplex: shared server connections per backend. Default 4.
     #[serde(default = "Pooling::default_server_connections")]
     #[schemars(range(min = 1, max = 256))]
@@ -38,12 +63,15 @@ pub struct Pooling {
     /// `8M`). Default 8Mi.
     #[serde(default = "Pooling::default_client_output_limit")]
     pub client_output_limit: ByteSize,
-    /// How long a client waits for a dedicated (pinned) server connection before it gets an
-    /// error reply. Default 5s.
+    /// How long a client waits for a server connection (postgres: of its pool; redis: a
+    /// dedicated one for a pinned client) before it gets an error (postgres: SQLSTATE 53300).
+    /// Default 5s.
     #[serde(default = "Pooling::default_queue_timeout")]
     pub queue_timeout: Duration,
-    /// The passwords clients must AUTH with; the portal answers AUTH and HELLO itself and
-    /// never forwards a client's password. Absent: clients need no AUTH.
+    /// The users clients authenticate as. Redis: the passwords clients must AUTH with; the
+    /// portal answers AUTH and HELLO itself and never forwards a client's password (absent:
+    /// no AUTH needed). PostgreSQL (session, transaction): required; the portal runs
+    /// SCRAM-SHA-256 with the client and logs in to the backend as that user.
     #[serde(default, skip_serializing_if = "PoolingAuth::is_empty")]
     pub auth: PoolingAuth,
 }
@@ -52,6 +80,11 @@ impl Default for Pooling {
     fn default() -> Self {
         Pooling {
             mode: PoolingMode::None,
+            pool_size: Pooling::default_pool_size(),
+            min_idle: 0,
+            server_idle_timeout: Pooling::default_server_idle_timeout(),
+            server_lifetime: Pooling::default_server_lifetime(),
+            max_prepared_statements: Pooling::default_max_prepared_statements(),
             server_connections: Pooling::default_server_connections(),
             max_in_flight: Pooling::default_max_in_flight(),
             client_output_limit: Pooling::default_client_output_limit(),
@@ -62,6 +95,18 @@ impl Default for Pooling {
 }
 
 impl Pooling {
+    fn default_pool_size() -> u32 {
+        20
+    }
+    fn default_server_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    fn default_server_lifetime() -> Duration {
+        Duration::from_secs(3600)
+    }
+    fn default_max_prepared_statements() -> u32 {
+        200
+    }
     fn default_server_connections() -> u32 {
         4
     }
@@ -84,6 +129,62 @@ impl Pooling {
                     "multiplex is for engine redis (Redis, KeyDB, Valkey), not {}",
                     engine.as_str()
                 ),
+            );
+        }
+        if matches!(self.mode, PoolingMode::Session | PoolingMode::Transaction)
+            && engine != Engine::Postgres
+        {
+            err(
+                "pooling.mode",
+                format!(
+                    "{} is for engine postgres, not {}; {} cannot pool server connections{}",
+                    self.mode.as_str(),
+                    engine.as_str(),
+                    engine.as_str(),
+                    if engine == Engine::Redis {
+                        " by session or transaction (use multiplex)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        if self.pooled() {
+            if self.pool_size == 0 {
+                err("pooling.poolSize", "must be at least 1".into());
+            }
+            if self.min_idle > self.pool_size {
+                err(
+                    "pooling.minIdle",
+                    format!(
+                        "must be at most poolSize ({}), found {}",
+                        self.pool_size, self.min_idle
+                    ),
+                );
+            }
+            if self.server_idle_timeout.get().is_zero() {
+                err("pooling.serverIdleTimeout", "must be more than 0".into());
+            }
+            if self.server_lifetime.get().is_zero() {
+                err("pooling.serverLifetime", "must be more than 0".into());
+            }
+            if self.max_prepared_statements == 0 {
+                err("pooling.maxPreparedStatements", "must be at least 1".into());
+            }
+            if self.auth.users_secret.is_none() && self.auth.users_file.is_none() {
+                err(
+                    "pooling.auth",
+                    format!(
+                        "{} pooling needs the users clients log in as: set pooling.auth.usersSecret (standalone: usersFile)",
+                        self.mode.as_str()
+                    ),
+                );
+            }
+        }
+        if self.auth.query.is_some() {
+            err(
+                "pooling.auth.query",
+                "SCRAM passthrough (auth.query) is not supported by this portal version; use pooling.auth.usersSecret (standalone: usersFile)".into(),
             );
         }
         if self.server_connections == 0 {
@@ -117,6 +218,25 @@ impl Pooling {
         }
     }
 
+    fn pooled(&self) -> bool {
+        matches!(self.mode, PoolingMode::Session | PoolingMode::Transaction)
+    }
+
+    /// The validated PostgreSQL pooling settings, when the mode is `session` or `transaction`.
+    pub fn pg_pool(&self) -> Option<PgPool> {
+        self.pooled().then(|| PgPool {
+            transaction: self.mode == PoolingMode::Transaction,
+            pool_size: self.pool_size.max(1) as usize,
+            min_idle: self.min_idle.min(self.pool_size) as usize,
+            queue_timeout: self.queue_timeout.get(),
+            server_idle_timeout: self.server_idle_timeout.get(),
+            server_lifetime: self.server_lifetime.get(),
+            max_prepared_statements: self.max_prepared_statements.max(1) as usize,
+            users_secret: self.auth.users_secret.clone(),
+            users_file: self.auth.users_file.clone(),
+        })
+    }
+
     /// The validated multiplexing settings, when the mode is `multiplex`.
     pub fn multiplex(&self) -> Option<Multiplex> {
         (self.mode == PoolingMode::Multiplex).then(|| Multiplex {
@@ -139,6 +259,10 @@ pub enum PoolingMode {
     None,
     /// Redis: commands of many clients pipelined onto a few shared server connections.
     Multiplex,
+    /// PostgreSQL: a pooled server connection for each client session.
+    Session,
+    /// PostgreSQL: a pooled server connection for each transaction.
+    Transaction,
 }
 
 impl PoolingMode {
@@ -146,6 +270,8 @@ impl PoolingMode {
         match self {
             PoolingMode::None => "none",
             PoolingMode::Multiplex => "multiplex",
+            PoolingMode::Session => "session",
+            PoolingMode::Transaction => "transaction",
         }
     }
 }
@@ -154,8 +280,8 @@ impl PoolingMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolingAuth {
-    /// Secret (same namespace) mapping each user name to its password; `default` is the user
-    /// of a client that sends AUTH with a password only.
+    /// Secret (same namespace) mapping each user name to its password; redis: `default` is
+    /// the user of a client that sends AUTH with a password only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users_secret: Option<String>,
     /// Standalone portal only: path of a YAML map of user name to password (read again when
@@ -163,12 +289,47 @@ pub struct PoolingAuth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub users_file: Option<String>,
+    /// postgres: fetch the users' SCRAM verifiers from the database with the probe
+    /// credentials (SCRAM passthrough). Not supported yet: a portal refuses a configuration
+    /// that sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 impl PoolingAuth {
     pub fn is_empty(&self) -> bool {
-        self.users_secret.is_none() && self.users_file.is_none()
+        self.users_secret.is_none() && self.users_file.is_none() && self.query.is_none()
     }
+}
+
+impl PgPool {
+    /// The users part of the settings in the shape [`Multiplex`] gives it, which is what the
+    /// credentials sources read the users of `pooling.auth` from.
+    pub fn users_lookup(&self) -> Multiplex {
+        Multiplex {
+            server_connections: 1,
+            max_in_flight: 1,
+            client_output_limit: 0,
+            queue_timeout: self.queue_timeout,
+            users_secret: self.users_secret.clone(),
+            users_file: self.users_file.clone(),
+        }
+    }
+}
+
+/// Validated `pooling` of mode `session` or `transaction` (PostgreSQL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgPool {
+    /// Transaction pooling; `false`: session pooling.
+    pub transaction: bool,
+    pub pool_size: usize,
+    pub min_idle: usize,
+    pub queue_timeout: std::time::Duration,
+    pub server_idle_timeout: std::time::Duration,
+    pub server_lifetime: std::time::Duration,
+    pub max_prepared_statements: usize,
+    pub users_secret: Option<String>,
+    pub users_file: Option<String>,
 }
 
 /// Validated `pooling` of mode `multiplex`.
@@ -356,11 +517,80 @@ mod tests {
             assert!(fields.iter().any(|x| x == f), "{f} missing in {fields:?}");
         }
         let wrong = format!("engine: redis\n{base}pooling: {{mode: transaction}}\n");
+        let e = errors(&wrong);
+        assert!(e.iter().any(|e| e.field == "pooling.mode"), "{e:?}");
+        let wrong = format!("engine: redis\n{base}pooling: {{mode: bouncing}}\n");
         let err = crate::config::parse_yaml(&wrong).unwrap_err().to_string();
         assert!(err.contains("pooling.mode"), "{err}");
         let size =
             format!("engine: redis\n{base}pooling: {{mode: multiplex, clientOutputLimit: 8mb}}\n");
         let err = crate::config::parse_yaml(&size).unwrap_err().to_string();
         assert!(err.contains("pooling.clientOutputLimit"), "{err}");
+    }
+
+    #[test]
+    fn postgres_pooling_fields_defaults_and_errors_name_the_field() {
+        let base = "backends: [{name: a, address: \"127.0.0.1:1\"}]\n";
+        let ok = format!("engine: postgres\n{base}pooling: {{mode: transaction, auth: {{usersFile: /u.yaml}}}}\n");
+        let config = crate::config::parse_yaml(&ok).unwrap().validate().unwrap();
+        assert!(config.multiplex.is_none());
+        let p = config.pg_pool.unwrap();
+        assert!(p.transaction);
+        assert_eq!(
+            (p.pool_size, p.min_idle, p.max_prepared_statements),
+            (20, 0, 200)
+        );
+        assert_eq!(p.queue_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(p.server_idle_timeout, std::time::Duration::from_secs(600));
+        assert_eq!(p.server_lifetime, std::time::Duration::from_secs(3600));
+        assert_eq!(p.users_file.as_deref(), Some("/u.yaml"));
+        let session = format!("engine: postgres\n{base}pooling: {{mode: session, poolSize: 3, minIdle: 1, queueTimeout: 250ms, serverIdleTimeout: 1m, serverLifetime: 2h, maxPreparedStatements: 7, auth: {{usersSecret: users}}}}\n");
+        let p = crate::config::parse_yaml(&session)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .pg_pool
+            .unwrap();
+        assert!(!p.transaction);
+        assert_eq!(
+            (p.pool_size, p.min_idle, p.max_prepared_statements),
+            (3, 1, 7)
+        );
+        assert_eq!(p.queue_timeout, std::time::Duration::from_millis(250));
+        for engine in ["mysql", "etcd", "tcp", "redis"] {
+            let spec = format!(
+                "engine: {engine}\n{base}pooling: {{mode: transaction, auth: {{usersFile: /u}}}}\n"
+            );
+            let e = errors(&spec);
+            assert!(
+                e.iter().any(|e| e.field == "pooling.mode"
+                    && e.message.contains("postgres")
+                    && e.message.contains(engine)),
+                "{engine}: {e:?}"
+            );
+        }
+        let bad = format!("engine: postgres\n{base}pooling: {{mode: transaction, poolSize: 0, minIdle: 2, serverIdleTimeout: 0s, serverLifetime: 0s, maxPreparedStatements: 0}}\n");
+        let fields: Vec<_> = errors(&bad).into_iter().map(|e| e.field).collect();
+        for f in [
+            "pooling.poolSize",
+            "pooling.minIdle",
+            "pooling.serverIdleTimeout",
+            "pooling.serverLifetime",
+            "pooling.maxPreparedStatements",
+            "pooling.auth",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} missing in {fields:?}");
+        }
+        let query = format!("engine: postgres\n{base}pooling: {{mode: transaction, auth: {{usersFile: /u, query: \"\"}}}}\n");
+        let e = errors(&query);
+        assert!(
+            e.iter()
+                .any(|e| e.field == "pooling.auth.query" && e.message.contains("not supported")),
+            "{e:?}"
+        );
+        let size =
+            format!("engine: postgres\n{base}pooling: {{mode: transaction, poolSize: -1}}\n");
+        let err = crate::config::parse_yaml(&size).unwrap_err().to_string();
+        assert!(err.contains("pooling.poolSize"), "{err}");
     }
 }

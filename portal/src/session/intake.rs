@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::{net::TcpStream, time::timeout};
 use tracing::{debug, warn};
 
-use super::{forward::proxy, multiplex, Peer, Shared};
+use super::{forward::proxy, multiplex, pool, Peer, Shared};
 use crate::{
     admission::{admit, ClientPermit, ConnectionPermit, NegotiationPermit},
     config::Config,
@@ -145,6 +145,19 @@ async fn negotiate(
         ))
         .await;
     }
+    if config.pg_pool.is_some() {
+        return Box::pin(pooled(
+            stream,
+            terminator,
+            peer,
+            early,
+            permits,
+            negotiating,
+            config,
+            shared,
+        ))
+        .await;
+    }
     if terminator.is_transparent() {
         // Each phase is boxed: an async fn's future is as large as its largest state, and a
         // plaintext session must not carry the room of a TLS handshake while it idles.
@@ -223,6 +236,61 @@ async fn multiplexed(
             shared.state.metrics.reject(Rejection::Handshake);
             shared.tls.record_failure(&e);
             debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
+        }
+    }
+}
+
+/// `pooling.mode: session | transaction` (PostgreSQL): the portal negotiates TLS (or declines
+/// it) and speaks as the server to the client; its transactions go to pooled server
+/// connections.
+#[allow(clippy::too_many_arguments)]
+async fn pooled(
+    stream: TcpStream,
+    terminator: std::sync::Arc<crate::tls::Terminator>,
+    peer: Peer,
+    early: Vec<u8>,
+    permits: (ConnectionPermit, ClientPermit),
+    negotiating: NegotiationPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) {
+    let ip = peer.client.ip();
+    let negotiated = if terminator.mode() == crate::config::TlsMode::Terminate {
+        match terminator.accept_with(Tcp::new(stream), early).await {
+            Ok(accepted) => accepted.into_stream().map_err(|_| None),
+            Err(e) => Err(Some(e)),
+        }
+    } else {
+        // No TLS to clients: decline SSLRequest and GSSENCRequest, then start up in plaintext.
+        let client = crate::tls::Rewind::with_prefix(Tcp::new(stream), early);
+        match timeout(
+            config.timeouts.handshake,
+            crate::tls::postgres_accept(client, None, false),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(Some),
+            Err(_) => Err(None),
+        }
+    };
+    match negotiated {
+        Ok(client) => {
+            Box::pin(pool::serve(
+                client,
+                ip,
+                permits,
+                negotiating,
+                config,
+                shared,
+            ))
+            .await
+        }
+        Err(e) => {
+            shared.state.metrics.reject(Rejection::Handshake);
+            if let Some(e) = e {
+                shared.tls.record_failure(&e);
+                debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
+            }
         }
     }
 }

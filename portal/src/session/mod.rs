@@ -5,7 +5,9 @@
 //! - [`forward`]: the 1:1 forward to one backend (`proxy`, the open session's task);
 //! - [`registry`]: the open sessions and the one task that closes them (`control_sessions`);
 //! - [`dial`]: choosing and connecting a backend;
-//! - [`multiplex`]: Redis multiplexing (`pooling.mode: multiplex`), in place of the forward.
+//! - [`multiplex`]: Redis multiplexing (`pooling.mode: multiplex`), in place of the forward;
+//! - [`pool`]: PostgreSQL session and transaction pooling (`pooling.mode: session |
+//!   transaction`), in place of the forward.
 //!
 //! May import: `admission`, `allow`, `config`, `health`, `metrics`, `proxy_protocol`,
 //! `route`, `splice`, `tls`, `wire` (multiplexing). Never `server` or `admin`.
@@ -14,6 +16,7 @@ mod dial;
 mod forward;
 mod intake;
 pub mod multiplex;
+pub mod pool;
 mod registry;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -54,6 +57,8 @@ pub struct Shared {
     pub tls: Arc<TlsRuntime>,
     /// Redis multiplexing: the shared server connections and their counters.
     pub mux: Arc<multiplex::Hub>,
+    /// PostgreSQL pooling: the pools and their counters.
+    pub pg: Arc<pool::PgHub>,
 }
 
 #[cfg(test)]
@@ -83,6 +88,7 @@ pub(crate) mod testing {
             kill,
             tls: crate::tls::TlsRuntime::new_or_closed(&config),
             mux: Arc::default(),
+            pg: Arc::default(),
         };
         let drivers = Drivers {
             config_tx,

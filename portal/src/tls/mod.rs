@@ -28,7 +28,10 @@ pub use certs::{
     CertSource, ServerSettings, SourceBytes,
 };
 pub use mysql::{negotiate as mysql_negotiate, CLIENT_SSL};
-pub use postgres::{accept as postgres_accept, error_response as postgres_error_response};
+pub use postgres::{
+    accept as postgres_accept, error_response as postgres_error_response,
+    ssl_request as postgres_ssl_request,
+};
 pub use runtime::{TlsRuntime, CERT_POLL_INTERVAL};
 pub use store::{CertStore, Refusal, Reload, Served, TlsStatus};
 pub use stream::{MaybeTls, Rewind};

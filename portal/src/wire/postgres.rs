@@ -1,7 +1,9 @@
 //! PostgreSQL's frontend/backend framing: the untyped startup-phase packets (StartupMessage,
 //! SSLRequest, GSSENCRequest, CancelRequest) and their codes, the typed messages (a tag byte,
 //! then a length that counts itself), the limits the server applies, and the few messages the
-//! portal reads or writes itself (AuthenticationSASL's code, ReadyForQuery, ErrorResponse).
+//! portal reads or writes itself (AuthenticationSASL's code, ReadyForQuery, ErrorResponse),
+//! and what a pooler needs to speak as the server: the startup parameters, the authentication
+//! exchange, ParameterStatus, BackendKeyData, the framing of a stream of typed messages.
 //!
 //! May import: nothing from the rest of the crate.
 
@@ -122,6 +124,233 @@ impl ReadyStatus {
     }
 }
 
+/// The largest typed message accepted from a peer (PostgreSQL's own limit, 1 GiB).
+pub const MAX_MESSAGE: usize = 1 << 30;
+/// AuthenticationOk.
+pub const AUTH_OK: u32 = 0;
+/// AuthenticationCleartextPassword.
+pub const AUTH_CLEARTEXT: u32 = 3;
+/// AuthenticationMD5Password.
+pub const AUTH_MD5: u32 = 5;
+/// AuthenticationSASLContinue.
+pub const AUTH_SASL_CONTINUE: u32 = 11;
+/// AuthenticationSASLFinal.
+pub const AUTH_SASL_FINAL: u32 = 12;
+
+/// A malformed message, named by what is wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("message {tag:?} has length {len} (must be 4 to {max})", tag = *tag as char)]
+    Length { tag: u8, len: u64, max: usize },
+    #[error("{0}")]
+    Body(String),
+}
+
+/// The size of the complete typed message at the start of `buf`: `Ok(None)` until it is all
+/// there; `Err` for a length below 4 or above `max`.
+pub fn frame(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(head) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = message_len(head) as usize;
+    if len < 4 || len > max {
+        return Err(FrameError::Length {
+            tag: head[0],
+            len: len as u64,
+            max,
+        });
+    }
+    Ok((buf.len() > len).then_some(len + 1))
+}
+
+/// The NUL-terminated string at the start of `buf` and what follows it.
+pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = buf.iter().position(|&b| b == 0)?;
+    Some((&buf[..nul], &buf[nul + 1..]))
+}
+
+/// The parameters of a StartupMessage's body (after length and version): name/value pairs,
+/// each NUL-terminated, then a final NUL. Errors name the byte offset.
+pub fn startup_params(body: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let at = body.len() - rest.len();
+        let (name, after) = cstr(rest).ok_or_else(|| {
+            FrameError::Body(format!(
+                "startup packet: unterminated parameter name at byte {}",
+                at + 8
+            ))
+        })?;
+        if name.is_empty() {
+            if !after.is_empty() {
+                return Err(FrameError::Body(format!(
+                    "startup packet: {} bytes after the final NUL",
+                    after.len()
+                )));
+            }
+            return Ok(out);
+        }
+        let (value, after) = cstr(after).ok_or_else(|| {
+            FrameError::Body(format!(
+                "startup packet: unterminated value of {:?}",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        let text = |b: &[u8]| {
+            String::from_utf8(b.to_vec()).map_err(|_| {
+                FrameError::Body(format!(
+                    "startup packet: parameter at byte {} is not UTF-8",
+                    at + 8
+                ))
+            })
+        };
+        out.push((text(name)?, text(value)?));
+        rest = after;
+    }
+}
+
+/// A StartupMessage (protocol 3.0) with these parameters.
+pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    out.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
+    for (k, v) in params {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out.push(0);
+    let len = out.len() as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// An authentication request (`R`) with `code` and `data`.
+pub fn authentication(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    message(b'R', &body)
+}
+
+/// The code and data of an authentication request's body.
+pub fn parse_authentication(body: &[u8]) -> Option<(u32, &[u8])> {
+    let code = body.get(..4)?;
+    Some((
+        u32::from_be_bytes([code[0], code[1], code[2], code[3]]),
+        &body[4..],
+    ))
+}
+
+/// The mechanism and data of a SASLInitialResponse's body.
+pub fn parse_sasl_initial(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mechanism, rest) = cstr(body)?;
+    let len = rest.get(..4)?;
+    let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+    let data = &rest[4..];
+    match len {
+        -1 => Some((mechanism, &[])),
+        n if n >= 0 && n as usize == data.len() => Some((mechanism, data)),
+        _ => None,
+    }
+}
+
+/// A SASLInitialResponse (`p`).
+pub fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    body.extend_from_slice(data);
+    message(b'p', &body)
+}
+
+/// A ParameterStatus (`S`).
+pub fn parameter_status(name: &str, value: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(name.len() + value.len() + 2);
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    body.extend_from_slice(value.as_bytes());
+    body.push(0);
+    message(b'S', &body)
+}
+
+/// Name and value of a ParameterStatus body.
+pub fn parse_parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let (name, rest) = cstr(body)?;
+    let (value, _) = cstr(rest)?;
+    Some((
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(value).into_owned(),
+    ))
+}
+
+/// A BackendKeyData (`K`).
+pub fn backend_key_data(pid: u32, secret: u32) -> Vec<u8> {
+    let mut body = pid.to_be_bytes().to_vec();
+    body.extend_from_slice(&secret.to_be_bytes());
+    message(b'K', &body)
+}
+
+/// Process id and secret of a BackendKeyData body (or of a CancelRequest's last 8 bytes).
+pub fn parse_key(body: &[u8]) -> Option<(u32, u32)> {
+    let b = body.get(..8)?;
+    Some((
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+    ))
+}
+
+/// A CancelRequest for a server's key.
+pub fn cancel_request(pid: u32, secret: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&CANCEL_REQUEST_LEN.to_be_bytes());
+    out[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    out[8..12].copy_from_slice(&pid.to_be_bytes());
+    out[12..].copy_from_slice(&secret.to_be_bytes());
+    out
+}
+
+/// A ReadyForQuery (`Z`).
+pub fn ready_for_query(status: ReadyStatus) -> [u8; 6] {
+    [READY_FOR_QUERY, 0, 0, 0, 5, status.as_byte()]
+}
+
+/// A simple Query (`Q`).
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body: code byte and text.
+pub fn error_fields(body: &[u8]) -> Vec<(u8, String)> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some((&code, after)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let Some((text, after)) = cstr(after) else {
+            break;
+        };
+        out.push((code, String::from_utf8_lossy(text).into_owned()));
+        rest = after;
+    }
+    out
+}
+
+/// `SQLSTATE: message` of an ErrorResponse body, for logs and errors.
+pub fn error_text(body: &[u8]) -> String {
+    let fields = error_fields(body);
+    let get = |c: u8| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    format!("{} {}: {}", get(b'S'), get(b'C'), get(b'M'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +368,89 @@ mod tests {
         assert_eq!(ReadyStatus::of(&z), Some(ReadyStatus::InTransaction));
         assert_eq!(ReadyStatus::of(&message(b'Z', b"x")), None);
         assert_eq!(ReadyStatus::Idle.as_byte(), b'I');
+    }
+
+    #[test]
+    fn pooler_messages_round_trip() {
+        let startup = startup_message(&[("user", "alice"), ("database", "shop")]);
+        let (len, version) = startup_header(startup[..8].try_into().unwrap());
+        assert_eq!((len as usize, version), (startup.len(), PROTOCOL_3_0));
+        let params = startup_params(&startup[8..]).unwrap();
+        assert_eq!(params[1], ("database".into(), "shop".into()));
+        let err = startup_params(b"user\0alice").unwrap_err().to_string();
+        assert!(err.contains("unterminated value"), "{err}");
+        let err = startup_params(b"user\0a\0\0x").unwrap_err().to_string();
+        assert!(err.contains("after the final NUL"), "{err}");
+        let s = parameter_status("TimeZone", "UTC");
+        assert_eq!(frame(&s, MAX_MESSAGE), Ok(Some(s.len())));
+        assert_eq!(frame(&s[..s.len() - 1], MAX_MESSAGE), Ok(None));
+        assert_eq!(
+            parse_parameter_status(&s[5..]),
+            Some(("TimeZone".into(), "UTC".into()))
+        );
+        let k = backend_key_data(7, 9);
+        assert_eq!(parse_key(&k[5..]), Some((7, 9)));
+        assert_eq!(parse_key(&cancel_request(7, 9)[8..]), Some((7, 9)));
+        let p = sasl_initial("SCRAM-SHA-256", b"n,,n=,r=abc");
+        let (m, d) = parse_sasl_initial(&p[5..]).unwrap();
+        assert_eq!((m, d), (&b"SCRAM-SHA-256"[..], &b"n,,n=,r=abc"[..]));
+        let e = error_response("FATAL", "53300", "too many");
+        assert_eq!(error_text(&e[5..]), "FATAL 53300: too many");
+        let r = authentication(AUTH_SASL_FINAL, b"v=x");
+        assert_eq!(
+            parse_authentication(&r[5..]),
+            Some((AUTH_SASL_FINAL, &b"v=x"[..]))
+        );
+        assert!(frame(&[b'Q', 0, 0, 0, 3], MAX_MESSAGE).is_err());
+        assert!(frame(&[b'Q', 0x7f, 0, 0, 0], 1 << 20).is_err());
+        assert_eq!(ready_for_query(ReadyStatus::Idle), *b"Z\0\0\0\x05I");
+    }
+
+    /// A tiny deterministic generator (xorshift), so the property test needs no crate.
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn random_bytes_and_splits_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let valid: Vec<u8> = [
+            query("SELECT 1"),
+            parameter_status("a", "b"),
+            error_response("ERROR", "42000", "x"),
+            ready_for_query(ReadyStatus::InTransaction).to_vec(),
+        ]
+        .concat();
+        for round in 0..3000 {
+            let len = (rng(&mut seed) % 64) as usize;
+            let mut bytes: Vec<u8> = if round % 2 == 0 {
+                (0..len).map(|_| rng(&mut seed) as u8).collect()
+            } else {
+                let mut v = valid.clone();
+                for _ in 0..(rng(&mut seed) % 4) {
+                    let i = (rng(&mut seed) as usize) % v.len();
+                    v[i] = rng(&mut seed) as u8;
+                }
+                v
+            };
+            let cut = (rng(&mut seed) as usize) % (bytes.len() + 1);
+            bytes.truncate(cut.max(bytes.len() / 2));
+            // Walk the stream as the pooler does; any split point must be safe.
+            let mut at = 0;
+            while let Ok(Some(n)) = frame(&bytes[at..], 1 << 16) {
+                let body = &bytes[at + 5..at + n];
+                let _ = parse_parameter_status(body);
+                let _ = error_fields(body);
+                let _ = parse_sasl_initial(body);
+                let _ = parse_authentication(body);
+                let _ = parse_key(body);
+                let _ = ReadyStatus::of(&bytes[at..at + n]);
+                at += n;
+            }
+            let _ = startup_params(&bytes);
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! clients, cleaned with RESET (then AUTH) before they serve anyone else. Also the counters
 //! `/metrics` and `/status` read.
 //!
-//! May import: `config`, `control`, `health`, `metrics`, `route`, `tls`, `wire` and the rest of
+//! May import: `config`, `health`, `metrics`, `route`, `tls`, `wire` and the rest of
 //! `multiplex`.
 
 use std::{
@@ -785,20 +785,7 @@ impl Hub {
     /// Administrative states (drain, maint) do not retire a pool: like open sessions, the
     /// commands in flight finish; new commands go elsewhere (`Client::target`).
     pub fn retire_unroutable(&self, config: &Config, view: &HealthView) {
-        let ready = crate::control::Overrides::default();
-        let ready_config = Config {
-            backends: config
-                .backends
-                .iter()
-                .map(|b| crate::config::Backend {
-                    state: crate::config::BackendState::Ready,
-                    ..b.clone()
-                })
-                .collect(),
-            ..config.clone()
-        };
-        let config = &ready_config;
-        let eligible: Vec<String> = route::eligible(config, view, &ready)
+        let eligible: Vec<String> = route::eligible_by_health(config, view)
             .into_iter()
             .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
             .collect();

@@ -1,0 +1,248 @@
+//! Session state a pooled server connection cannot carry from one client to the next (pure):
+//! the SQL that creates it, recognised in simple queries and in Parse. A client that runs
+//! such a statement is pinned to its server connection until it disconnects (then the
+//! connection is reset with DISCARD ALL), so it never finds its state gone or another
+//! client's state in its way.
+//!
+//! May import: nothing of the crate.
+
+/// What pinned a client: the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PinReason {
+    /// LISTEN: notifications go to the server connection that listens.
+    Listen,
+    /// pg_advisory_lock and its session-level kin.
+    AdvisoryLock,
+    /// CREATE TEMP TABLE (or view, sequence).
+    TempTable,
+    /// DECLARE … WITH HOLD: a cursor that outlives its transaction.
+    HoldCursor,
+    /// SQL-level PREPARE.
+    Prepare,
+    /// SET SESSION AUTHORIZATION, SET ROLE.
+    SessionAuthorization,
+    /// SET of a parameter the portal does not replay (anything but the reported ones).
+    Set,
+}
+
+impl PinReason {
+    pub const ALL: [PinReason; 7] = [
+        PinReason::Listen,
+        PinReason::AdvisoryLock,
+        PinReason::TempTable,
+        PinReason::HoldCursor,
+        PinReason::Prepare,
+        PinReason::SessionAuthorization,
+        PinReason::Set,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::Listen => "listen",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::TempTable => "temp_table",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::Prepare => "prepare",
+            PinReason::SessionAuthorization => "session_authorization",
+            PinReason::Set => "set",
+        }
+    }
+}
+
+/// The SQL text without string literals, quoted identifiers and comments, lower-cased, with
+/// `;` kept as a statement separator.
+fn skeleton(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                // Skip to the closing quote (a doubled quote continues the literal).
+                while let Some(d) = chars.next() {
+                    if d == c {
+                        if chars.peek() == Some(&c) {
+                            chars.next();
+                            continue;
+                        }
+                        break;
+                    }
+                }
+                out.push(' ');
+            }
+            '-' if chars.peek() == Some(&'-') => {
+                for d in chars.by_ref() {
+                    if d == '\n' {
+                        break;
+                    }
+                }
+                out.push(' ');
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut prev = ' ';
+                for d in chars.by_ref() {
+                    if prev == '*' && d == '/' {
+                        break;
+                    }
+                    prev = d;
+                }
+                out.push(' ');
+            }
+            '$' => {
+                // A dollar-quoted string: $tag$ … $tag$.
+                let mut tag = String::from("$");
+                let mut rest = chars.clone();
+                let mut ok = false;
+                for d in rest.by_ref() {
+                    tag.push(d);
+                    if d == '$' {
+                        ok = true;
+                        break;
+                    }
+                    if !(d.is_alphanumeric() || d == '_') {
+                        break;
+                    }
+                }
+                if ok {
+                    let body: String = rest.collect();
+                    match body.find(&tag) {
+                        Some(end) => {
+                            let skip = tag.len() - 1 + end + tag.len();
+                            for _ in 0..skip {
+                                chars.next();
+                            }
+                        }
+                        None => return out,
+                    }
+                    out.push(' ');
+                } else {
+                    out.push(c);
+                }
+            }
+            c => out.extend(c.to_lowercase()),
+        }
+    }
+    out
+}
+
+/// Parameters the portal replays (lower-case), whose SET needs no pinning.
+fn replayed(name: &str) -> bool {
+    super::REPLAYED
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name.trim_matches('"')))
+}
+
+/// `CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] …`: the words after CREATE.
+fn temporary(rest: &[&str]) -> bool {
+    let rest = match rest {
+        ["or", "replace", tail @ ..] => tail,
+        tail => tail,
+    };
+    let rest = match rest {
+        ["global" | "local", tail @ ..] => tail,
+        tail => tail,
+    };
+    matches!(rest.first(), Some(&"temp" | &"temporary"))
+}
+
+/// The first statement of `sql` that leaves session state behind, if any.
+pub fn pin_reason(sql: &str) -> Option<PinReason> {
+    let text = skeleton(sql);
+    if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
+        return Some(PinReason::AdvisoryLock);
+    }
+    for statement in text.split(';') {
+        let words: Vec<&str> = statement
+            .split(|c: char| c.is_whitespace() || c == '(' || c == '=')
+            .filter(|w| !w.is_empty())
+            .collect();
+        let reason = match words.as_slice() {
+            ["listen", ..] => Some(PinReason::Listen),
+            ["prepare", ..] => Some(PinReason::Prepare),
+            ["declare", rest @ ..] if rest.windows(2).any(|w| w == ["with", "hold"]) => {
+                Some(PinReason::HoldCursor)
+            }
+            ["create", rest @ ..] if temporary(rest) => Some(PinReason::TempTable),
+            ["set", "session", "authorization", ..] | ["set", "role", ..] => {
+                Some(PinReason::SessionAuthorization)
+            }
+            ["set", "session", "characteristics", ..] => Some(PinReason::Set),
+            ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => None,
+            ["set", "session", name, ..] | ["set", name, ..] => {
+                (!replayed(name)).then_some(PinReason::Set)
+            }
+            _ => None,
+        };
+        if reason.is_some() {
+            return reason;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_that_leave_state() {
+        for (sql, reason) in [
+            ("LISTEN jobs", Some(PinReason::Listen)),
+            ("select 1; listen \"Jobs\";", Some(PinReason::Listen)),
+            ("SELECT pg_advisory_lock(42)", Some(PinReason::AdvisoryLock)),
+            (
+                "SELECT pg_try_advisory_lock_shared(1, 2)",
+                Some(PinReason::AdvisoryLock),
+            ),
+            ("SELECT pg_advisory_xact_lock(42)", None),
+            ("CREATE TEMP TABLE x (a int)", Some(PinReason::TempTable)),
+            (
+                "create global temporary table x (a int)",
+                Some(PinReason::TempTable),
+            ),
+            ("CREATE TABLE temp (a int)", None),
+            (
+                "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+                Some(PinReason::TempTable),
+            ),
+            ("CREATE TABLE t (a int)", None),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Some(PinReason::HoldCursor),
+            ),
+            ("DECLARE c CURSOR FOR SELECT 1", None),
+            ("PREPARE p AS SELECT 1", Some(PinReason::Prepare)),
+            (
+                "SET SESSION AUTHORIZATION app",
+                Some(PinReason::SessionAuthorization),
+            ),
+            ("SET ROLE app", Some(PinReason::SessionAuthorization)),
+            ("SET statement_timeout = 100", Some(PinReason::Set)),
+            ("SET SESSION work_mem TO '8MB'", Some(PinReason::Set)),
+            ("SET TimeZone TO 'UTC'", None),
+            ("set application_name = 'x'", None),
+            ("SET LOCAL statement_timeout = 100", None),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+            ("SELECT 'LISTEN x; PREPARE y'", None),
+            ("SELECT 1 -- LISTEN x\n", None),
+            ("SELECT /* prepare */ 1", None),
+            ("SELECT $$ LISTEN x $$", None),
+            (
+                "SELECT $f$ ; LISTEN x $f$ ; LISTEN y",
+                Some(PinReason::Listen),
+            ),
+            ("INSERT INTO t VALUES ($1)", None),
+        ] {
+            assert_eq!(pin_reason(sql), reason, "{sql}");
+        }
+    }
+
+    #[test]
+    fn unterminated_quotes_and_odd_bytes_never_panic() {
+        for sql in [
+            "'", "\"", "$a", "$$", "/*", "--", "$a$ x", "é'ü", "set", ";;;",
+        ] {
+            let _ = pin_reason(sql);
+        }
+    }
+}

@@ -1,0 +1,769 @@
+//! The server side of PostgreSQL pooling: server connections (opened and logged in as the
+//! client's user), the pools per backend, database and user with their FIFO queue of waiting
+//! clients, the task that retires the pools of a backend that may no longer take writes (a
+//! demoted leader), and the counters `/metrics` and `/status` read.
+//!
+//! May import: `config`, `health`, `route`, `tls`, `wire` and the rest of `pool`.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{oneshot, watch},
+    time::timeout,
+};
+use tracing::{debug, info};
+
+use crate::{
+    config::{Backend, Config},
+    health::HealthView,
+    route,
+    tls::{BackendConnector, MaybeTls},
+    wire::postgres::{
+        error_text, frame, parse_authentication, parse_key, parse_parameter_status, query,
+        sasl_initial, startup_message, ReadyStatus, AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL,
+        AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, MAX_MESSAGE,
+    },
+};
+
+/// A server connection's stream: TCP, or TLS when `tls.backend` is on.
+pub type ServerStream = MaybeTls<TcpStream>;
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One server connection, logged in as its pool's user.
+pub struct ServerConn {
+    pub stream: ServerStream,
+    /// The values the server reported with ParameterStatus, as they are now.
+    pub params: BTreeMap<String, String>,
+    /// The server's BackendKeyData, for cancels.
+    pub key: (u32, u32),
+    /// The prepared statements the portal made on it.
+    pub statements: super::statements::ServerStatements,
+    created: Instant,
+    last_used: Instant,
+    /// The server's state is unknown (a client left mid-transaction, a read failed): close
+    /// instead of reusing.
+    pub broken: bool,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("key", &self.key.0)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConn {
+    /// Whether the server closed it or sent something unasked while it was idle.
+    fn is_stale(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        self.stream.read(&mut byte).now_or_never().is_some()
+    }
+
+    /// Runs `sql` (SET, DISCARD ALL) and reads up to its ReadyForQuery, keeping the
+    /// parameters it reports. An ErrorResponse comes back as `Err` with its text.
+    pub async fn run(&mut self, sql: &str, deadline: Duration) -> io::Result<()> {
+        let work = async {
+            self.stream.write_all(&query(sql)).await?;
+            let mut buf = Vec::with_capacity(512);
+            let mut error = None;
+            loop {
+                match frame(&buf, MAX_MESSAGE).map_err(io::Error::other)? {
+                    None => {
+                        if self.stream.read_buf(&mut buf).await? == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the server closed the connection",
+                            ));
+                        }
+                    }
+                    Some(n) => {
+                        let body = &buf[5..n];
+                        match buf[0] {
+                            b'S' => {
+                                if let Some((k, v)) = parse_parameter_status(body) {
+                                    self.params.insert(k, v);
+                                }
+                            }
+                            b'E' => error = Some(error_text(body)),
+                            b'Z' => {
+                                let idle = ReadyStatus::of(&buf[..n]) == Some(ReadyStatus::Idle);
+                                buf.drain(..n);
+                                if !buf.is_empty() || !idle {
+                                    self.broken = true;
+                                }
+                                return match error {
+                                    Some(e) => Err(io::Error::other(e)),
+                                    None => Ok(()),
+                                };
+                            }
+                            _ => {}
+                        }
+                        buf.drain(..n);
+                    }
+                }
+            }
+        };
+        match timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
+            }
+        }
+    }
+}
+
+/// What a new server connection needs besides its pool's backend, database and user.
+#[derive(Clone)]
+pub struct DialContext {
+    pub config: Arc<Config>,
+    pub connector: Option<BackendConnector>,
+}
+
+/// Opens a server connection to `backend` and logs in as `user` to `database` with
+/// `password` (SCRAM-SHA-256, md5 or cleartext, as the server asks), within
+/// `timeouts.connect`.
+pub async fn dial(
+    ctx: &DialContext,
+    backend: &Backend,
+    database: &str,
+    user: &str,
+    password: &str,
+) -> io::Result<ServerConn> {
+    let deadline = ctx.config.timeouts.connect;
+    let work = async {
+        let tcp = match backend.address.ip() {
+            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
+            None => {
+                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = match &ctx.connector {
+            None => MaybeTls::Plain(tcp),
+            Some(connector) => {
+                let mut tcp = tcp;
+                crate::tls::postgres_ssl_request(&mut tcp)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let name = connector
+                    .server_name_for(&backend.address.host)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                connector
+                    .handshake(tcp, name, None)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?
+            }
+        };
+        login(stream, database, user, password).await
+    };
+    let mut conn = timeout(deadline, work).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {deadline:?}"),
+        ))
+    })?;
+    conn.created = Instant::now();
+    Ok(conn)
+}
+
+/// Sends a CancelRequest with a server's own key to `backend` (over TLS when `tls.backend`
+/// is on), within `timeouts.connect`.
+pub async fn send_cancel(ctx: &DialContext, backend: &Backend, key: (u32, u32)) -> io::Result<()> {
+    let work = async {
+        let mut tcp = match backend.address.ip() {
+            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
+            None => {
+                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
+            }
+        };
+        let request = crate::wire::postgres::cancel_request(key.0, key.1);
+        match &ctx.connector {
+            None => {
+                tcp.write_all(&request).await?;
+                // The server closes the connection when it has read the request.
+                let _ = tcp.read(&mut [0u8; 1]).await;
+            }
+            Some(connector) => {
+                crate::tls::postgres_ssl_request(&mut tcp)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let name = connector
+                    .server_name_for(&backend.address.host)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let mut tls = connector
+                    .handshake(tcp, name, None)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                tls.write_all(&request).await?;
+                tls.flush().await?;
+                let _ = tls.read(&mut [0u8; 1]).await;
+            }
+        }
+        Ok(())
+    };
+    timeout(ctx.config.timeouts.connect, work)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")))
+}
+
+fn denied(text: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, text)
+}
+
+async fn login(
+    mut stream: ServerStream,
+    database: &str,
+    user: &str,
+    password: &str,
+) -> io::Result<ServerConn> {
+    stream
+        .write_all(&startup_message(&[("user", user), ("database", database)]))
+        .await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut scram: Option<ScramSha256> = None;
+    let mut params = BTreeMap::new();
+    let mut key = (0, 0);
+    loop {
+        let n = match frame(&buf, 1 << 20).map_err(io::Error::other)? {
+            Some(n) => n,
+            None => {
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection during login",
+                    ));
+                }
+                continue;
+            }
+        };
+        let body = buf[5..n].to_vec();
+        let tag = buf[0];
+        buf.drain(..n);
+        match tag {
+            b'R' => {
+                let (code, data) = parse_authentication(&body)
+                    .ok_or_else(|| io::Error::other("malformed authentication request"))?;
+                match code {
+                    AUTH_OK => {}
+                    AUTH_CLEARTEXT => {
+                        let mut m = password.as_bytes().to_vec();
+                        m.push(0);
+                        stream
+                            .write_all(&crate::wire::postgres::message(b'p', &m))
+                            .await?;
+                    }
+                    AUTH_MD5 => {
+                        let salt: [u8; 4] = data
+                            .get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| io::Error::other("malformed md5 request"))?;
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            user.as_bytes(),
+                            password.as_bytes(),
+                            salt,
+                        );
+                        let mut m = hash.into_bytes();
+                        m.push(0);
+                        stream
+                            .write_all(&crate::wire::postgres::message(b'p', &m))
+                            .await?;
+                    }
+                    AUTH_SASL => {
+                        let offers_scram = data
+                            .split(|&b| b == 0)
+                            .any(|m| m == super::scram::MECHANISM.as_bytes());
+                        if !offers_scram {
+                            return Err(denied(
+                                "the server offers no SASL mechanism the portal speaks".into(),
+                            ));
+                        }
+                        // gs2 flag `n`: a TLS server that offers -PLUS accepts it, while `y`
+                        // would read as a downgrade.
+                        let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                        stream
+                            .write_all(&sasl_initial(super::scram::MECHANISM, s.message()))
+                            .await?;
+                        scram = Some(s);
+                    }
+                    AUTH_SASL_CONTINUE => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| io::Error::other("SASLContinue before SASL"))?;
+                        s.update(data)?;
+                        stream
+                            .write_all(&crate::wire::postgres::message(b'p', s.message()))
+                            .await?;
+                    }
+                    AUTH_SASL_FINAL => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| io::Error::other("SASLFinal before SASL"))?;
+                        s.finish(data)?;
+                    }
+                    other => {
+                        return Err(denied(format!(
+                            "the server asks for authentication method {other}, which the portal does not speak"
+                        )))
+                    }
+                }
+            }
+            b'S' => {
+                if let Some((k, v)) = parse_parameter_status(&body) {
+                    params.insert(k, v);
+                }
+            }
+            b'K' => key = parse_key(&body).unwrap_or_default(),
+            b'E' => return Err(denied(error_text(&body))),
+            b'Z' => {
+                let now = Instant::now();
+                return Ok(ServerConn {
+                    stream,
+                    params,
+                    key,
+                    statements: Default::default(),
+                    created: now,
+                    last_used: now,
+                    broken: !buf.is_empty(),
+                });
+            }
+            // NoticeResponse, NegotiateProtocolVersion: nothing to do.
+            _ => {}
+        }
+    }
+}
+
+/// What a waiting client is given.
+enum Grant {
+    Conn(ServerConn),
+    /// A slot to open a connection of its own (one closed, or a dial failed).
+    Dial,
+    /// The pool was retired (its backend stopped leading): choose again.
+    Retired,
+}
+
+#[derive(Default)]
+struct Inner {
+    idle: Vec<ServerConn>,
+    /// Connections open or being opened (idle + held + dialling).
+    open: usize,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+/// Why a client got no server connection.
+#[derive(Debug)]
+pub enum CheckoutError {
+    /// `queueTimeout` ran out.
+    Timeout,
+    /// The pool's backend stopped taking transactions: choose another.
+    Retired,
+    /// Opening a connection failed (the server's error text, or the network's).
+    Dial(io::Error),
+}
+
+/// The server connections to one backend for one database and user.
+pub struct Pool {
+    pub backend: Backend,
+    pub database: String,
+    pub user: String,
+    size: usize,
+    inner: Mutex<Inner>,
+    retired: watch::Sender<bool>,
+    /// Clients holding one of its connections now.
+    pub active: AtomicU64,
+    stats: Arc<PoolStats>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("backend", &self.backend.name)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub fn is_retired(&self) -> bool {
+        *self.retired.borrow()
+    }
+
+    pub fn retired(&self) -> watch::Receiver<bool> {
+        self.retired.subscribe()
+    }
+
+    /// (open, idle) connections.
+    pub fn counts(&self) -> (usize, usize) {
+        let g = lock(&self.inner);
+        (g.open, g.idle.len())
+    }
+
+    pub fn waiting(&self) -> usize {
+        lock(&self.inner).waiters.len()
+    }
+
+    /// A server connection: an idle one, a new one while the pool has room, else the first
+    /// one given back after every client queued before (within `queue`).
+    pub async fn checkout(
+        self: &Arc<Self>,
+        ctx: &DialContext,
+        password: &str,
+        queue: Duration,
+    ) -> Result<ServerConn, CheckoutError> {
+        let lifetime = ctx.config.pg_pool.as_ref().map(|p| p.server_lifetime);
+        let rx = {
+            let mut g = lock(&self.inner);
+            if self.is_retired() {
+                return Err(CheckoutError::Retired);
+            }
+            while let Some(mut c) = g.idle.pop() {
+                if c.is_stale() || lifetime.is_some_and(|l| c.created.elapsed() >= l) {
+                    g.open -= 1;
+                    self.stats.server_closed.fetch_add(1, Relaxed);
+                    continue;
+                }
+                return Ok(c);
+            }
+            if g.open < self.size {
+                g.open += 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                g.waiters.push_back(tx);
+                Some(rx)
+            }
+        };
+        let grant = match rx {
+            None => Grant::Dial,
+            Some(mut rx) => {
+                self.stats.waiting.fetch_add(1, Relaxed);
+                let got = timeout(queue, &mut rx).await;
+                self.stats.waiting.fetch_sub(1, Relaxed);
+                match got {
+                    Ok(Ok(g)) => g,
+                    Ok(Err(_)) => Grant::Retired,
+                    Err(_) => {
+                        rx.close();
+                        match rx.try_recv() {
+                            // Given at the last moment: take it.
+                            Ok(g) => g,
+                            Err(_) => return Err(CheckoutError::Timeout),
+                        }
+                    }
+                }
+            }
+        };
+        match grant {
+            Grant::Conn(c) => Ok(c),
+            Grant::Retired => Err(CheckoutError::Retired),
+            Grant::Dial => {
+                match dial(ctx, &self.backend, &self.database, &self.user, password).await {
+                    Ok(c) => {
+                        self.stats.server_opened.fetch_add(1, Relaxed);
+                        Ok(c)
+                    }
+                    Err(e) => {
+                        self.stats.server_errors.fetch_add(1, Relaxed);
+                        self.closed_one();
+                        Err(CheckoutError::Dial(e))
+                    }
+                }
+            }
+        }
+    }
+
+    /// A slot freed (a connection closed, a dial failed): the first waiter may open one.
+    fn closed_one(&self) {
+        let mut g = lock(&self.inner);
+        g.open -= 1;
+        while let Some(w) = g.waiters.pop_front() {
+            if w.send(Grant::Dial).is_ok() {
+                g.open += 1;
+                break;
+            }
+        }
+    }
+
+    /// Gives a connection back: to the first waiting client, else to the idle list. A broken
+    /// one, one past `serverLifetime` or of a retired pool is closed.
+    pub fn checkin(&self, mut conn: ServerConn, lifetime: Duration) {
+        if conn.broken || self.is_retired() || conn.created.elapsed() >= lifetime {
+            drop(conn);
+            self.stats.server_closed.fetch_add(1, Relaxed);
+            self.closed_one();
+            return;
+        }
+        conn.last_used = Instant::now();
+        let mut g = lock(&self.inner);
+        while let Some(w) = g.waiters.pop_front() {
+            match w.send(Grant::Conn(conn)) {
+                Ok(()) => return,
+                Err(Grant::Conn(c)) => conn = c,
+                Err(_) => unreachable!("sent a connection"),
+            }
+        }
+        g.idle.push(conn);
+    }
+
+    /// Closes connections idle past `idle_timeout` or older than `lifetime`; opens new ones
+    /// while fewer than `min_idle` are idle and the pool has room.
+    async fn maintain(
+        self: &Arc<Self>,
+        ctx: &DialContext,
+        password: &str,
+        settings: &crate::config::PgPool,
+    ) {
+        let (closed, want) = {
+            let mut g = lock(&self.inner);
+            let before = g.idle.len();
+            g.idle.retain(|c| {
+                c.last_used.elapsed() < settings.server_idle_timeout
+                    && c.created.elapsed() < settings.server_lifetime
+            });
+            let closed = before - g.idle.len();
+            g.open -= closed;
+            let want = settings
+                .min_idle
+                .saturating_sub(g.idle.len())
+                .min(self.size - g.open);
+            g.open += want;
+            (closed, want)
+        };
+        if closed > 0 {
+            self.stats.server_closed.fetch_add(closed as u64, Relaxed);
+            debug!(pool = ?self, closed, "idle server connections closed");
+        }
+        for _ in 0..want {
+            match dial(ctx, &self.backend, &self.database, &self.user, password).await {
+                Ok(c) => {
+                    self.stats.server_opened.fetch_add(1, Relaxed);
+                    self.checkin(c, settings.server_lifetime);
+                }
+                Err(e) => {
+                    self.stats.server_errors.fetch_add(1, Relaxed);
+                    self.closed_one();
+                    debug!(error = %e, "minIdle: a server connection could not be opened");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Closes every idle connection and tells the holders and the waiters to leave.
+    fn retire(&self) {
+        self.retired.send_replace(true);
+        let mut g = lock(&self.inner);
+        let idle = std::mem::take(&mut g.idle);
+        g.open -= idle.len();
+        self.stats
+            .server_closed
+            .fetch_add(idle.len() as u64, Relaxed);
+        for w in std::mem::take(&mut g.waiters) {
+            let _ = w.send(Grant::Retired);
+        }
+    }
+}
+
+/// Counters of all pools, read at scrape time.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Clients logged in now.
+    pub clients: AtomicU64,
+    /// Clients holding a server connection now.
+    pub active: AtomicU64,
+    /// Clients waiting in a queue now.
+    pub waiting: AtomicU64,
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    pub queue_timeouts: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub server_opened: AtomicU64,
+    pub server_closed: AtomicU64,
+    pub server_errors: AtomicU64,
+    /// Transactions in flight failed because their server connection went (failover).
+    pub failed_in_flight: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    /// CancelRequests forwarded to a server, and dropped (unknown key, idle client).
+    pub cancels: AtomicU64,
+    pub cancels_dropped: AtomicU64,
+    /// Named statements found prepared on the server connection, and prepared there anew.
+    pub prepared_hits: AtomicU64,
+    pub prepared_misses: AtomicU64,
+    /// Clients pinned now, and pins, by reason (in `PinReason::ALL` order).
+    pub pinned: [std::sync::atomic::AtomicI64; super::pinning::PinReason::ALL.len()],
+    pub pins: [AtomicU64; super::pinning::PinReason::ALL.len()],
+    /// Wait for a server connection: sum in microseconds and bucket counts.
+    pub wait_sum_us: AtomicU64,
+    pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
+}
+
+/// Upper bounds (seconds) of the wait histogram's buckets.
+pub const WAIT_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+impl PoolStats {
+    pub fn pin(&self, reason: super::pinning::PinReason, delta: i64) {
+        let i = super::pinning::PinReason::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .expect("listed");
+        self.pinned[i].fetch_add(delta, Relaxed);
+        if delta > 0 {
+            self.pins[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn record_wait(&self, waited: Duration) {
+        let secs = waited.as_secs_f64();
+        self.wait_sum_us
+            .fetch_add(waited.as_micros() as u64, Relaxed);
+        let i = WAIT_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(WAIT_BUCKETS.len());
+        self.wait_buckets[i].fetch_add(1, Relaxed);
+    }
+}
+
+type PoolKey = (String, String, String);
+
+/// The pools of one portal, the pool watcher, and the clients' own keys for BackendKeyData.
+#[derive(Debug, Default)]
+pub struct PgHub {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    pub stats: Arc<PoolStats>,
+    watching: OnceLock<()>,
+    next_pid: AtomicU64,
+    /// The keys given to clients (BackendKeyData), and where their cancels go.
+    pub(super) cancels: Mutex<HashMap<(u32, u32), Arc<super::CancelSlot>>>,
+    /// SCRAM verifiers made from the users' passwords, by user, with the password they were
+    /// made from.
+    pub(super) verifiers: Mutex<HashMap<String, (String, Arc<super::scram::Verifier>)>>,
+}
+
+impl PgHub {
+    /// A process id for a client's BackendKeyData.
+    pub fn next_pid(&self) -> u32 {
+        (self.next_pid.fetch_add(1, Relaxed) % u64::from(u32::MAX - 1)) as u32 + 1
+    }
+
+    /// The pool of `backend` (by name and address), `database` and `user`; a retired one is
+    /// replaced. `password` is what the pool's own connections (minIdle) log in with.
+    pub fn pool(
+        self: &Arc<Self>,
+        backend: &Backend,
+        database: &str,
+        user: &str,
+        password: &str,
+        ctx: &DialContext,
+    ) -> Arc<Pool> {
+        let Some(settings) = ctx.config.pg_pool.clone() else {
+            unreachable!("pooling is configured")
+        };
+        let key = (
+            format!("{}/{}", backend.name, backend.address),
+            database.to_string(),
+            user.to_string(),
+        );
+        let mut pools = lock(&self.pools);
+        if let Some(p) = pools.get(&key) {
+            if !p.is_retired() && p.size == settings.pool_size {
+                return p.clone();
+            }
+        }
+        let pool = Arc::new(Pool {
+            backend: backend.clone(),
+            database: database.into(),
+            user: user.into(),
+            size: settings.pool_size,
+            inner: Mutex::default(),
+            retired: watch::channel(false).0,
+            active: AtomicU64::new(0),
+            stats: self.stats.clone(),
+        });
+        if let Some(old) = pools.insert(key, pool.clone()) {
+            old.retire();
+        }
+        // The pool's upkeep: idle timeout, lifetime, minIdle; ends when the pool is retired
+        // or dropped.
+        let weak: Weak<Pool> = Arc::downgrade(&pool);
+        let (ctx, password) = (ctx.clone(), password.to_string());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { break };
+                if pool.is_retired() {
+                    break;
+                }
+                pool.maintain(&ctx, &password, &settings).await;
+            }
+        });
+        pool
+    }
+
+    /// Every pool, for metrics and status.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        lock(&self.pools).values().cloned().collect()
+    }
+
+    /// Starts (once) the task that retires the pools of backends no longer routable.
+    pub fn watch(
+        self: &Arc<Self>,
+        mut config: watch::Receiver<Arc<Config>>,
+        mut health: watch::Receiver<HealthView>,
+    ) {
+        if self.watching.set(()).is_err() {
+            return;
+        }
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = health.changed() => if r.is_err() { break },
+                    r = config.changed() => if r.is_err() { break },
+                }
+                let Some(hub) = hub.upgrade() else { break };
+                let config = config.borrow().clone();
+                let view = health.borrow().clone();
+                hub.retire_unroutable(&config, &view);
+            }
+        });
+    }
+
+    /// Retires every pool whose backend may not take transactions under `config` and `view`.
+    /// Without a leader (failover under way) the old one is retired all the same: it may be
+    /// the demoted node, and nothing may be written to it.
+    pub fn retire_unroutable(&self, config: &Config, view: &HealthView) {
+        let eligible: Vec<String> = route::eligible_by_health(config, view)
+            .into_iter()
+            .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
+            .collect();
+        let mut pools = lock(&self.pools);
+        pools.retain(|key, pool| {
+            if eligible.contains(&key.0) {
+                return true;
+            }
+            info!(backend = %pool.backend.name, database = %pool.database, user = %pool.user, "backend no longer takes transactions: its pooled server connections are closed");
+            pool.retire();
+            false
+        });
+    }
+}

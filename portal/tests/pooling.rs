@@ -1,0 +1,974 @@
+//! PostgreSQL transaction and session pooling (`pooling.mode: transaction | session`) through
+//! the standalone portal in front of real PostgreSQL 15 servers on loopback, with real
+//! clients: psql, pgbench (simple and extended protocol, many clients on a small pool, the
+//! backend count read from pg_stat_activity), tokio-postgres, python3-psycopg; wrong
+//! passwords; the queue timeout; parameter replay; cancel; failover with a promoted streaming
+//! standby while pooled clients sit idle and while one runs a transaction.
+
+#[path = "common/servers.rs"]
+mod servers;
+#[path = "common/tls.rs"]
+mod tlsca;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use servers::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+};
+
+const PW: &str = "pgpw";
+
+struct Portal {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    dir: TempDir,
+}
+
+impl Portal {
+    /// A portal in front of `backends` with `pooling` (YAML flow map without braces), users
+    /// `postgres` and `app` (password `apppw`).
+    async fn start(backends: &[&Postgres], pooling: &str, extra: &str) -> Portal {
+        let dir = TempDir::new("pool-portal");
+        let users = dir.path().join("users.yaml");
+        std::fs::write(&users, format!("postgres: {PW}\napp: apppw\n")).unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let tls = if extra.contains("tls:") {
+            ""
+        } else {
+            "tls: {mode: disabled}\n"
+        };
+        let mut yaml = format!(
+            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\n{tls}limits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}, auth: {{usersFile: {}}}}}\n{extra}backends:\n",
+            users.display()
+        );
+        for (i, b) in backends.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{name: pg{i}, address: \"{}\"}}\n",
+                b.address()
+            ));
+        }
+        let path = dir.path().join("portal.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            portal::server::standalone(Some(path), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let p = Portal {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            stop: Some(stop),
+            task: Some(task),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(p.admin).await.is_err() {
+            assert!(Instant::now() < deadline, "portal did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p.wait_leader("pg0").await;
+        p
+    }
+
+    fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        let body = http(self.admin, "/status").await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    async fn metrics(&self) -> String {
+        http(self.admin, "/metrics").await
+    }
+
+    async fn wait_leader(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.status().await;
+            if s["leader"] == name {
+                return;
+            }
+            assert!(Instant::now() < deadline, "leader {name} not seen: {s:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// psql through the portal as `user`.
+    async fn psql(&self, user: &str, password: &str, sql: &str) -> (bool, String, String) {
+        run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port(),
+                "-U",
+                user,
+                "-d",
+                "postgres",
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+            &[
+                ("PGPASSWORD", password),
+                ("PGCONNECT_TIMEOUT", "5"),
+                ("PGSSLMODE", "prefer"),
+            ],
+        )
+        .await
+    }
+
+    /// A tokio-postgres client through the portal.
+    async fn client(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let mut config = tokio_postgres::Config::new();
+        config.user(user).password(password).dbname("postgres");
+        let (client, connection) = config.connect_raw(tcp, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+}
+
+impl Drop for Portal {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn http(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+fn have_postgres() -> bool {
+    !skip_without(&[&format!("{PG_BIN}/postgres"), "psql"])
+}
+
+/// Backends of `user` connected to `pg` (from pg_stat_activity, as the superuser directly).
+fn backends_of(pg: &Postgres, user: &str) -> usize {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND backend_type = 'client backend'"
+    ))
+    .parse()
+    .unwrap()
+}
+
+fn with_app_user(pg: &Postgres) {
+    pg.psql("CREATE ROLE app LOGIN PASSWORD 'apppw'");
+    pg.psql("CREATE TABLE t (id serial PRIMARY KEY, v text); GRANT ALL ON t TO app; GRANT ALL ON SEQUENCE t_id_seq TO app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_logs_in_with_scram_and_a_wrong_password_never_reaches_the_backend() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+
+    // Wrong password, unknown user: 28P01, and no server connection was ever opened.
+    let (ok, _, err) = portal.psql("app", "wrong", "SELECT 1").await;
+    assert!(
+        !ok && err.contains("password authentication failed for user \"app\""),
+        "{err}"
+    );
+    let (ok, _, err) = portal.psql("nobody", "x", "SELECT 1").await;
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+    let m = portal.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "dbportal_pool_server_connection_events_total{event=\"opened\"}"
+        ),
+        0.0
+    );
+    assert_eq!(metric(&m, "dbportal_pool_auth_failures_total"), 2.0);
+    assert_eq!(backends_of(&pg, "app"), 0);
+
+    // The right one: queries run as that user on the backend.
+    let (ok, out, err) = portal.psql("app", "apppw", "SELECT current_user").await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "app");
+    let (ok, out, err) = portal
+        .psql(
+            "app",
+            "apppw",
+            "INSERT INTO t (v) VALUES ('a'); SELECT count(*) FROM t",
+        )
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "1");
+    // An SQL error is the client's own, the session goes on.
+    let (ok, _, err) = portal.psql("app", "apppw", "SELECT * FROM missing").await;
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    // psql's \copy (COPY FROM STDIN) holds the server connection through the copy.
+    let (ok, out, err) = portal
+        .psql(
+            "app",
+            "apppw",
+            "COPY (SELECT generate_series(1, 3)) TO STDOUT",
+        )
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "1\n2\n3");
+    let m = portal.metrics().await;
+    assert!(metric(&m, "dbportal_pool_transactions_total") >= 4.0, "{m}");
+    let s = portal.status().await;
+    assert_eq!(s["pooling"]["pools"][0]["user"], "app", "{s:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_many_clients_on_a_small_pool_simple_extended_and_prepared() {
+    if !have_postgres() || skip_without(&["pgbench"]) {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    let (ok, _, err) = run(
+        "pgbench",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "postgres",
+        ],
+        &[("PGPASSWORD", PW)],
+    )
+    .await;
+    assert!(ok, "pgbench -i: {err}");
+    pg.psql("CREATE ROLE app LOGIN PASSWORD 'apppw'; GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app");
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 4", "").await;
+    for mode in ["simple", "extended", "prepared"] {
+        let port = portal.port();
+        let bench = tokio::spawn(async move {
+            run(
+                "pgbench",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "app",
+                    "-c",
+                    "40",
+                    "-j",
+                    "2",
+                    "-t",
+                    "50",
+                    "-M",
+                    mode,
+                    "-n",
+                    "postgres",
+                ],
+                &[("PGPASSWORD", "apppw")],
+            )
+            .await
+        });
+        // While it runs, the backend never has more than the pool.
+        let mut most = 0;
+        while !bench.is_finished() {
+            most = most.max(backends_of(&pg, "app"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (ok, out, err) = bench.await.unwrap();
+        assert!(ok, "pgbench -M {mode}: {out}\n{err}");
+        assert!(
+            out.contains("number of transactions actually processed: 2000/2000"),
+            "{out}"
+        );
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        assert!(most <= 4, "{most} server connections for a pool of 4");
+        eprintln!("pgbench -M {mode}: at most {most} backends");
+    }
+    let m = portal.metrics().await;
+    assert!(
+        metric(&m, "dbportal_pool_transactions_total") >= 4000.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "dbportal_pool_server_connection_events_total{event=\"opened\"}"
+        ) <= 4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_the_queue_timeout_gets_53300_and_a_held_transaction_keeps_its_connection() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(
+        &[&pg],
+        "mode: transaction, poolSize: 1, queueTimeout: 300ms",
+        "",
+    )
+    .await;
+    let a = portal.client("app", "apppw").await.unwrap();
+    a.simple_query("BEGIN").await.unwrap();
+    a.simple_query("INSERT INTO t (v) VALUES ('held')")
+        .await
+        .unwrap();
+    // The only server connection is held by a's open transaction: b waits, then gets 53300.
+    let (ok, _, err) = portal.psql("app", "apppw", "SELECT 1").await;
+    assert!(
+        !ok && err.contains("no server connection available within pooling.queueTimeout"),
+        "{err}"
+    );
+    let m = portal.metrics().await;
+    assert_eq!(metric(&m, "dbportal_pool_queue_timeouts_total"), 1.0);
+    // a's transaction is intact: it sees its own row, then commits.
+    assert_eq!(query_one(&a, "SELECT count(*) FROM t").await, "1");
+    a.simple_query("COMMIT").await.unwrap();
+    // Once it ended, the next client gets the connection.
+    let (ok, out, err) = portal.psql("app", "apppw", "SELECT count(*) FROM t").await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_parameters_follow_the_client_across_server_connections() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    let a = portal.client("app", "apppw").await.unwrap();
+    let b = portal.client("app", "apppw").await.unwrap();
+    a.simple_query("SET TimeZone TO 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    a.simple_query("SET application_name TO 'client-a'")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        // b and a alternate on the two server connections; each keeps its own values.
+        let tb = query_one(&b, "SHOW TimeZone").await;
+        assert_ne!(tb, "Asia/Tokyo");
+        let ta = query_one(&a, "SHOW TimeZone").await;
+        assert_eq!(ta, "Asia/Tokyo");
+        assert_eq!(query_one(&a, "SHOW application_name").await, "client-a");
+        assert_eq!(query_one(&b, "SHOW application_name").await, "");
+        // Hold one connection in b's transaction so a must use the other one.
+        b.simple_query("BEGIN").await.unwrap();
+        assert_eq!(query_one(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+        b.simple_query("COMMIT").await.unwrap();
+    }
+    // A startup parameter (psql's PGAPPNAME, PGTZ) is applied too.
+    let (ok, out, err) = run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &portal.port(),
+            "-U",
+            "app",
+            "-d",
+            "postgres",
+            "-XAtq",
+            "-c",
+            "SHOW application_name",
+            "-c",
+            "SHOW TimeZone",
+        ],
+        &[
+            ("PGPASSWORD", "apppw"),
+            ("PGAPPNAME", "from-startup"),
+            ("PGTZ", "America/Lima"),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "from-startup\nAmerica/Lima");
+    // An invalid value fails the login with the server's reason.
+    let (ok, _, err) = run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &portal.port(),
+            "-U",
+            "app",
+            "-d",
+            "postgres",
+            "-XAtq",
+            "-c",
+            "SELECT 1",
+        ],
+        &[("PGPASSWORD", "apppw"), ("PGTZ", "Not/AZone")],
+    )
+    .await;
+    assert!(!ok && err.contains("invalid startup parameter"), "{err}");
+    // Startup options cannot be kept: refused, naming why.
+    let (ok, _, err) = run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &portal.port(),
+            "-U",
+            "app",
+            "-d",
+            "postgres",
+            "-XAtq",
+            "-c",
+            "SELECT 1",
+        ],
+        &[("PGPASSWORD", "apppw"), ("PGOPTIONS", "-c work_mem=64MB")],
+    )
+    .await;
+    assert!(!ok && err.contains("startup options"), "{err}");
+}
+
+/// The server's (or the portal's) message of a query error.
+fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
+}
+
+async fn query_one(c: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = c.simple_query(sql).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row in {rows:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_one_server_connection_and_discards_it_before_the_next_client() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(
+        &[&pg],
+        "mode: session, poolSize: 1, queueTimeout: 300ms",
+        "",
+    )
+    .await;
+    let a = portal.client("app", "apppw").await.unwrap();
+    a.simple_query("CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (7)")
+        .await
+        .unwrap();
+    a.simple_query("SET work_mem TO '7MB'").await.unwrap();
+    assert_eq!(query_one(&a, "SELECT x FROM mine").await, "7");
+    let pid = query_one(&a, "SELECT pg_backend_pid()").await;
+    // The pool's only connection is a's for its session.
+    let (ok, _, err) = portal.psql("app", "apppw", "SELECT 1").await;
+    assert!(!ok && err.contains("queueTimeout"), "{err}");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next client gets the same server connection, reset by DISCARD ALL.
+    let b = portal.client("app", "apppw").await.unwrap();
+    assert_eq!(query_one(&b, "SELECT pg_backend_pid()").await, pid);
+    assert_eq!(query_one(&b, "SHOW work_mem").await, "4MB");
+    let e = b.simple_query("SELECT x FROM mine").await.unwrap_err();
+    assert!(db_text(&e).contains("does not exist"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_clients_get_an_error_and_others_go_on() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    let good = portal.client("app", "apppw").await.unwrap();
+    // A startup packet with an unterminated parameter.
+    let mut s = TcpStream::connect(portal.addr).await.unwrap();
+    let mut bad = vec![0, 0, 0, 0, 0, 3, 0, 0];
+    bad.extend_from_slice(b"user\0app");
+    let len = bad.len() as u32;
+    bad[..4].copy_from_slice(&len.to_be_bytes());
+    s.write_all(&bad).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        out.first() == Some(&b'E') && text.contains("08P01") && text.contains("unterminated"),
+        "{text}"
+    );
+    // A logged-in client that sends a message with an impossible length.
+    let c = portal.client("app", "apppw").await.unwrap();
+    drop(c);
+    let mut raw = login_raw(portal.addr, "app", "apppw").await;
+    raw.write_all(&[b'Q', 0, 0, 0, 2]).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("08P01") && text.contains("invalid message"),
+        "{text}"
+    );
+    assert_eq!(query_one(&good, "SELECT 40 + 2").await, "42");
+}
+
+/// A raw client logged in through SCRAM (the portal's own wire helpers and tokio-postgres's
+/// SCRAM client), positioned after the first ReadyForQuery.
+async fn login_raw(addr: SocketAddr, user: &str, password: &str) -> TcpStream {
+    use portal::wire::postgres::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup_message(&[
+        ("user", user),
+        ("database", "postgres"),
+    ]))
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+    loop {
+        while let Ok(Some(n)) = frame(&buf, 1 << 20) {
+            let msg: Vec<u8> = buf.drain(..n).collect();
+            match (msg[0], parse_authentication(&msg[5..])) {
+                (b'R', Some((AUTH_SASL, _))) => s
+                    .write_all(&sasl_initial("SCRAM-SHA-256", scram.message()))
+                    .await
+                    .unwrap(),
+                (b'R', Some((AUTH_SASL_CONTINUE, data))) => {
+                    scram.update(data).unwrap();
+                    s.write_all(&message(b'p', scram.message())).await.unwrap();
+                }
+                (b'Z', _) => return s,
+                (b'E', _) => panic!("{}", error_text(&msg[5..])),
+                _ => {}
+            }
+        }
+        assert!(
+            s.read_buf(&mut buf).await.unwrap() > 0,
+            "closed during login"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight() {
+    if !have_postgres() {
+        return;
+    }
+    let mut primary = Postgres::primary(PW);
+    with_app_user(&primary);
+    let standby = Postgres::standby_of(&primary);
+    let portal = Portal::start(
+        &[&primary, &standby],
+        "mode: transaction, poolSize: 5",
+        "timeouts: {connect: 20s}\n",
+    )
+    .await;
+    const IDLE: usize = 200;
+    let mut clients = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        let c = portal
+            .client("app", "apppw")
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        if i % 20 == 0 {
+            c.simple_query("INSERT INTO t (v) VALUES ('before')")
+                .await
+                .unwrap();
+        }
+        clients.push(c);
+    }
+    // One client is inside a transaction when the leader goes.
+    let busy = portal.client("app", "apppw").await.unwrap();
+    busy.simple_query("BEGIN").await.unwrap();
+    busy.simple_query("INSERT INTO t (v) VALUES ('in flight')")
+        .await
+        .unwrap();
+    assert!(backends_of(&primary, "app") <= 5);
+
+    primary.stop();
+    standby.promote();
+    portal.wait_leader("pg1").await;
+
+    // The transaction in flight fails with an ErrorResponse, and its client stays usable.
+    let e = busy.simple_query("COMMIT").await.unwrap_err();
+    assert!(db_text(&e).contains("the transaction was lost"), "{e:?}");
+    assert_eq!(query_one(&busy, "SELECT 1").await, "1");
+    // Every idle client's next transaction runs on the new leader, with no error and no
+    // reconnect.
+    let mut ok = 0;
+    for c in &clients {
+        assert!(!c.is_closed());
+        c.simple_query("INSERT INTO t (v) VALUES ('after')")
+            .await
+            .unwrap();
+        ok += 1;
+    }
+    assert_eq!(ok, IDLE);
+    assert_eq!(
+        query_one(&clients[0], "SELECT pg_is_in_recovery()::text").await,
+        "false"
+    );
+    assert_eq!(
+        standby.psql("SELECT count(*) FROM t WHERE v = 'after'"),
+        IDLE.to_string()
+    );
+    assert_eq!(
+        standby.psql("SELECT count(*) FROM t WHERE v = 'in flight'"),
+        "0"
+    );
+    assert!(backends_of(&standby, "app") <= 5);
+    let m = portal.metrics().await;
+    assert_eq!(metric(&m, "dbportal_pool_failed_in_flight_total"), 1.0);
+    let _ = &portal.dir;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    let a = std::sync::Arc::new(portal.client("app", "apppw").await.unwrap());
+    let token = a.cancel_token();
+    // Idle: nothing to cancel, the request is dropped.
+    let tcp = TcpStream::connect(portal.addr).await.unwrap();
+    token
+        .cancel_query_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &portal.metrics().await,
+        "dbportal_pool_cancels_total{result=\"dropped\"}",
+    ) != 1.0
+    {
+        assert!(Instant::now() < deadline, "the idle cancel was not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let running = {
+        let a = a.clone();
+        tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'") != "1" {
+        assert!(Instant::now() < deadline, "the query did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tcp = TcpStream::connect(portal.addr).await.unwrap();
+    token
+        .cancel_query_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let e = running.await.unwrap().unwrap_err();
+    assert!(db_text(&e).starts_with("57014"), "{e:?}");
+    assert_eq!(query_one(&a, "SELECT 'still here'").await, "still here");
+    let m = portal.metrics().await;
+    assert_eq!(
+        metric(&m, "dbportal_pool_cancels_total{result=\"forwarded\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "dbportal_pool_cancels_total{result=\"dropped\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_with_real_drivers_across_server_connections() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(
+        &[&pg],
+        "mode: transaction, poolSize: 3, maxPreparedStatements: 4",
+        "",
+    )
+    .await;
+    // tokio-postgres prepares a named statement for every query with parameters.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(portal.client("app", "apppw").await.unwrap());
+    }
+    let mut statements = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let sql = format!("SELECT $1::int + {i}");
+        statements.push(c.prepare(&sql).await.unwrap());
+    }
+    for round in 0..20i32 {
+        for (i, c) in clients.iter().enumerate() {
+            // Hold some connections in transactions so that statements land on others.
+            if round % 3 == 0 && i % 2 == 0 {
+                c.simple_query("BEGIN").await.unwrap();
+            }
+            let row = c.query_one(&statements[i], &[&round]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), round + i as i32);
+            // More distinct statements than maxPreparedStatements: the LRU closes some.
+            let v: i64 = c
+                .query_one(
+                    &format!("SELECT count(*) + {} FROM t WHERE id > $1", round % 7),
+                    &[&0i32],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(v, i64::from(round % 7));
+            if round % 3 == 0 && i % 2 == 0 {
+                c.simple_query("COMMIT").await.unwrap();
+            }
+        }
+    }
+    // A statement that fails to prepare is an error for its client only.
+    let e = clients[0]
+        .prepare("SELECT * FROM nowhere")
+        .await
+        .unwrap_err();
+    assert!(db_text(&e).starts_with("42P01"), "{e:?}");
+    assert_eq!(
+        clients[0]
+            .query_one(&statements[0], &[&1i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+    // The server connections never hold more than maxPreparedStatements of the portal's.
+    let most: i64 = pg
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
+        .parse()
+        .unwrap();
+    assert!(most <= 3);
+    let m = portal.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "dbportal_pool_prepared_statements_total{result=\"miss\"}"
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            &m,
+            "dbportal_pool_prepared_statements_total{result=\"hit\"}"
+        ) > 0.0
+    );
+
+    // psycopg 3 (libpq) with server-side prepared statements: prepare=True, executemany,
+    // DEALLOCATE, and Close of statements it drops.
+    if !installed("/usr/bin/python3") {
+        return;
+    }
+    let script = r#"
+import sys, psycopg
+port = sys.argv[1]
+conns = [psycopg.connect(f"host=127.0.0.1 port={port} user=app password=apppw dbname=postgres", autocommit=True, prepare_threshold=0) for _ in range(4)]
+for r in range(15):
+    for i, c in enumerate(conns):
+        got = c.execute("SELECT %s::int * 2 + %s::int", (r, i), prepare=True).fetchone()[0]
+        assert got == r * 2 + i, (got, r, i)
+        if r % 5 == 0:
+            with c.transaction():
+                c.cursor().executemany("INSERT INTO t (v) VALUES (%s)", [(f"py{i}",), (f"py{i}",)])
+for c in conns:
+    c.execute("DEALLOCATE ALL")
+    assert c.execute("SELECT %s::text", ("after",), prepare=True).fetchone()[0] == "after"
+print(conns[0].execute("SELECT count(*) FROM t WHERE v LIKE 'py%%'").fetchone()[0])
+"#;
+    let path = portal.dir.path().join("prepared.py");
+    std::fs::write(&path, script).unwrap();
+    let (ok, out, err) = run(
+        "/usr/bin/python3",
+        &[path.display().to_string(), portal.port()],
+        &[],
+    )
+    .await;
+    assert!(ok, "psycopg: {out}\n{err}");
+    assert_eq!(out, "24");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_that_cannot_move_pins_the_client_and_is_counted() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 3", "").await;
+    let a = portal.client("app", "apppw").await.unwrap();
+    let b = portal.client("app", "apppw").await.unwrap();
+    let c = portal.client("app", "apppw").await.unwrap();
+    a.simple_query("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    let pid_a = query_one(&a, "SELECT pg_backend_pid()").await;
+    b.simple_query("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    for i in 0..15 {
+        // Others come and go in between; a keeps its server connection and its table.
+        let other = portal.client("app", "apppw").await.unwrap();
+        assert_eq!(query_one(&other, "SHOW statement_timeout").await, "0");
+        let e = other
+            .simple_query("SELECT * FROM scratch")
+            .await
+            .unwrap_err();
+        assert!(db_text(&e).starts_with("42P01"), "{e:?}");
+        assert_eq!(query_one(&a, "SELECT count(*) FROM scratch").await, "1");
+        assert_eq!(query_one(&a, "SELECT pg_backend_pid()").await, pid_a);
+        assert_eq!(query_one(&b, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(query_one(&c, &format!("SELECT {i}")).await, i.to_string());
+    }
+    let m = portal.metrics().await;
+    assert_eq!(
+        metric(&m, "dbportal_pool_pinned_clients{reason=\"temp_table\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "dbportal_pool_pinned_clients{reason=\"set\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "dbportal_pool_pins_total{reason=\"listen\"}"),
+        0.0
+    );
+    drop(a);
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &portal.metrics().await,
+        "dbportal_pool_pinned_clients{reason=\"temp_table\"}",
+    ) != 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pinned client was not counted out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Their server connections were reset before anyone else got them.
+    for _ in 0..6 {
+        let d = portal.client("app", "apppw").await.unwrap();
+        assert_eq!(query_one(&d, "SHOW statement_timeout").await, "0");
+        assert!(d.simple_query("SELECT * FROM scratch").await.is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_clients_and_to_the_backend() {
+    if !have_postgres() {
+        return;
+    }
+    let dir = TempDir::new("pool-tls");
+    let ca = tlsca::TestCa::new("pool test CA");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca.cert_pem).unwrap();
+    let (db_cert, db_key) = ca
+        .server("db", &["localhost", "127.0.0.1"])
+        .write(dir.path(), "db");
+    let (portal_cert, portal_key) = ca
+        .server("portal", &["localhost", "127.0.0.1"])
+        .write(dir.path(), "portal");
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    pg.enable_tls(&db_cert, &db_key, true);
+    let tls = format!(
+        "tls: {{mode: terminate, certFile: \"{}\", keyFile: \"{}\", backend: {{enabled: true, caFile: \"{}\"}}}}\n",
+        portal_cert.display(),
+        portal_key.display(),
+        ca_path.display()
+    );
+    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", &tls).await;
+    let conninfo = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=postgres sslmode=verify-full sslrootcert={}",
+        portal.port(),
+        ca_path.display()
+    );
+    // The client's TLS is verified against the portal's certificate; the server connection
+    // is TLS too (the server refuses anything else).
+    let (ok, out, err) = run(
+        "psql",
+        &[
+            conninfo.as_str(),
+            "-XAtq",
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "-c",
+            "SELECT current_user",
+        ],
+        &[("PGPASSWORD", "apppw")],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "t\napp");
+    // A plaintext client is refused: the portal requires TLS.
+    let (ok, _, err) = run(
+        "psql",
+        &[
+            format!(
+                "host=127.0.0.1 port={} user=app dbname=postgres sslmode=disable",
+                portal.port()
+            )
+            .as_str(),
+            "-XAtqc",
+            "SELECT 1",
+        ],
+        &[("PGPASSWORD", "apppw")],
+    )
+    .await;
+    assert!(!ok && err.contains("requires TLS"), "{err}");
+}
