@@ -61,6 +61,39 @@ pub struct Shared {
     pub pg: Arc<pool::PgHub>,
 }
 
+/// `name/address` of each backend that health and leadership allow (administrative states
+/// aside): the shared server connections of multiplexing and pooling to any other backend
+/// are retired.
+pub(crate) fn routable_bases(config: &Config, view: &health::HealthView) -> Vec<String> {
+    crate::route::eligible_by_health(config, view)
+        .into_iter()
+        .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
+        .collect()
+}
+
+/// Calls `on_change` with `hub` after each configuration or health change, until either
+/// channel closes or the hub is dropped.
+pub(crate) fn on_route_change<T: Send + Sync + 'static>(
+    hub: &Arc<T>,
+    mut config: watch::Receiver<Arc<Config>>,
+    mut health: watch::Receiver<health::HealthView>,
+    on_change: fn(&T, &Config, &health::HealthView),
+) {
+    let hub = Arc::downgrade(hub);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = health.changed() => if r.is_err() { break },
+                r = config.changed() => if r.is_err() { break },
+            }
+            let Some(hub) = hub.upgrade() else { break };
+            let config = config.borrow().clone();
+            let view = health.borrow().clone();
+            on_change(&hub, &config, &view);
+        }
+    });
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;

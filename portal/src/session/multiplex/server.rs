@@ -30,7 +30,6 @@ use super::commands::PinReason;
 use crate::{
     config::{Backend, Config},
     health::{CredentialsSource, HealthView, ProbeCredentials},
-    route,
     tls::{BackendConnector, MaybeTls},
     wire::resp::{encode, scan_reply},
 };
@@ -760,35 +759,20 @@ impl Hub {
     /// Starts (once) the task that retires the pools of backends no longer routable.
     pub fn watch(
         self: &Arc<Self>,
-        mut config: watch::Receiver<Arc<Config>>,
-        mut health: watch::Receiver<HealthView>,
+        config: watch::Receiver<Arc<Config>>,
+        health: watch::Receiver<HealthView>,
     ) {
         if self.watching.set(()).is_err() {
             return;
         }
-        let hub = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = health.changed() => if r.is_err() { break },
-                    r = config.changed() => if r.is_err() { break },
-                }
-                let Some(hub) = hub.upgrade() else { break };
-                let config = config.borrow().clone();
-                let view = health.borrow().clone();
-                hub.retire_unroutable(&config, &view);
-            }
-        });
+        crate::session::on_route_change(self, config, health, Self::retire_unroutable);
     }
 
     /// Retires every pool whose backend may not take commands under `config` and `view`.
     /// Administrative states (drain, maint) do not retire a pool: like open sessions, the
     /// commands in flight finish; new commands go elsewhere (`Client::target`).
     pub fn retire_unroutable(&self, config: &Config, view: &HealthView) {
-        let eligible: Vec<String> = route::eligible_by_health(config, view)
-            .into_iter()
-            .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
-            .collect();
+        let eligible = crate::session::routable_bases(config, view);
         let waiting = config.routing == crate::config::RoutingMode::Leader && eligible.is_empty();
         for pool in lock(&self.pools).values() {
             if eligible.contains(&pool.base) || pool.is_retired() {

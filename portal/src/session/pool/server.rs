@@ -28,7 +28,6 @@ use tracing::{debug, info};
 use crate::{
     config::{Backend, Config},
     health::HealthView,
-    route,
     tls::{BackendConnector, MaybeTls},
     wire::postgres::{
         error_text, frame, parse_authentication, parse_key, parse_parameter_status, query,
@@ -727,35 +726,20 @@ impl PgHub {
     /// Starts (once) the task that retires the pools of backends no longer routable.
     pub fn watch(
         self: &Arc<Self>,
-        mut config: watch::Receiver<Arc<Config>>,
-        mut health: watch::Receiver<HealthView>,
+        config: watch::Receiver<Arc<Config>>,
+        health: watch::Receiver<HealthView>,
     ) {
         if self.watching.set(()).is_err() {
             return;
         }
-        let hub = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = health.changed() => if r.is_err() { break },
-                    r = config.changed() => if r.is_err() { break },
-                }
-                let Some(hub) = hub.upgrade() else { break };
-                let config = config.borrow().clone();
-                let view = health.borrow().clone();
-                hub.retire_unroutable(&config, &view);
-            }
-        });
+        crate::session::on_route_change(self, config, health, Self::retire_unroutable);
     }
 
     /// Retires every pool whose backend may not take transactions under `config` and `view`.
     /// Without a leader (failover under way) the old one is retired all the same: it may be
     /// the demoted node, and nothing may be written to it.
     pub fn retire_unroutable(&self, config: &Config, view: &HealthView) {
-        let eligible: Vec<String> = route::eligible_by_health(config, view)
-            .into_iter()
-            .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
-            .collect();
+        let eligible = crate::session::routable_bases(config, view);
         let mut pools = lock(&self.pools);
         pools.retain(|key, pool| {
             if eligible.contains(&key.0) {
