@@ -191,11 +191,7 @@ async fn negotiate(
             ))
             .await
         }
-        Err(e) => {
-            shared.state.metrics.reject(Rejection::Handshake);
-            shared.tls.record_failure(&e);
-            debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
-        }
+        Err(e) => negotiation_failed(&shared, Some(&e)),
     }
 }
 
@@ -232,11 +228,7 @@ async fn multiplexed(
             }
             Err(_) => shared.state.metrics.reject(Rejection::Handshake),
         },
-        Err(e) => {
-            shared.state.metrics.reject(Rejection::Handshake);
-            shared.tls.record_failure(&e);
-            debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
-        }
+        Err(e) => negotiation_failed(&shared, Some(&e)),
     }
 }
 
@@ -285,12 +277,16 @@ async fn pooled(
             ))
             .await
         }
-        Err(e) => {
-            shared.state.metrics.reject(Rejection::Handshake);
-            if let Some(e) = e {
-                shared.tls.record_failure(&e);
-                debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
-            }
-        }
+        Err(e) => negotiation_failed(&shared, e.as_ref()),
+    }
+}
+
+/// A client's negotiation failed: counted as a handshake rejection, and a TLS error (when
+/// there is one) recorded by reason and logged.
+fn negotiation_failed(shared: &Shared, error: Option<&crate::tls::TlsError>) {
+    shared.state.metrics.reject(Rejection::Handshake);
+    if let Some(e) = error {
+        shared.tls.record_failure(e);
+        debug!(error = %e, reason = e.label(), "closed: TLS negotiation failed");
     }
 }
