@@ -79,6 +79,19 @@ fn backend<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Val
         .unwrap()
 }
 
+/// Each backend `b<i>` took its weight's share of `total` sessions, within `tolerance`.
+fn assert_shares(got: &HashMap<String, u64>, weights: &[u64], total: u64, tolerance: u64) {
+    let sum: u64 = weights.iter().sum();
+    for (i, w) in weights.iter().enumerate() {
+        let expect = total * w / sum;
+        let n = got[&format!("b{i}")];
+        assert!(
+            n.abs_diff(expect) <= tolerance,
+            "b{i}: {n} sessions, expected {expect} ± {tolerance}"
+        );
+    }
+}
+
 async fn redis_backends(n: usize) -> Vec<RedisServer> {
     let mut v = Vec::new();
     for _ in 0..n {
@@ -115,14 +128,7 @@ async fn weights_are_honoured_by_roundrobin_source_and_leastconn() {
     }
     let got = totals(&portal).await;
     println!("roundrobin 1:2:5 over 1000 sessions: {got:?}");
-    for (i, w) in weights.iter().enumerate() {
-        let expect = 1000 * w / 8;
-        let n = got[&format!("b{i}")];
-        assert!(
-            n.abs_diff(expect) <= 25,
-            "b{i}: {n} sessions, expected {expect} ± 25"
-        );
-    }
+    assert_shares(&got, &weights, 1000, 25);
     portal.stop().await;
 
     // Source: 1,000 client addresses (127.0.x.y), each sticking to its backend.
@@ -134,14 +140,7 @@ async fn weights_are_honoured_by_roundrobin_source_and_leastconn() {
     }
     let got = totals(&portal).await;
     println!("source 1:2:5 over 1000 clients: {got:?}");
-    for (i, w) in weights.iter().enumerate() {
-        let expect = 1000 * w / 8;
-        let n = got[&format!("b{i}")];
-        assert!(
-            n.abs_diff(expect) <= 60,
-            "b{i}: {n} sessions, expected {expect} ± 60"
-        );
-    }
+    assert_shares(&got, &weights, 1000, 60);
     portal.stop().await;
 
     // Leastconn: 80 sessions held open spread as sessions per unit of weight.
