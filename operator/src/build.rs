@@ -177,11 +177,33 @@ impl Builder<'_> {
         self.dp.spec.portal.replicas
     }
 
+    /// The portals a PostgreSQL cancel may need to reach (session and transaction pooling):
+    /// every portal's own Service.
+    fn peers(&self) -> Vec<portal::config::Peer> {
+        if self.valid.config.pg_pool.is_none() {
+            return Vec::new();
+        }
+        (0..self.replicas())
+            .map(|i| {
+                let name = names::portal_pod(self.name(), i);
+                portal::config::Peer {
+                    address: format!(
+                        "{name}.{}.svc:{}",
+                        self.valid.namespace, self.valid.config.port
+                    ),
+                    name,
+                }
+            })
+            .collect()
+    }
+
     fn config_map(&self) -> Result<ConfigMap> {
         let text =
-            portal_yaml(&self.dp.spec, self.valid.config.port).map_err(|e| Error::Serialize {
-                kind: "ConfigMap",
-                message: e.to_string(),
+            portal_yaml(&self.dp.spec, self.valid.config.port, self.peers()).map_err(|e| {
+                Error::Serialize {
+                    kind: "ConfigMap",
+                    message: e.to_string(),
+                }
             })?;
         let header = format!(
             "# Written by {MANAGER} from DatabasePortal {}/{}; edit the DatabasePortal instead.\n",
@@ -458,9 +480,15 @@ pub fn users_secret(dp: &DatabasePortal) -> Option<String> {
 }
 
 /// The portal's configuration file: the spec plus what an in-cluster portal needs
-/// (`listen`, `admin`). `portal::config::parse_yaml` reads it back to the same spec.
-pub fn portal_yaml(spec: &DatabasePortalSpec, port: u16) -> Result<String, serde_yaml::Error> {
+/// (`listen`, `admin`, `adminTokenFile`, `peers`). `portal::config::parse_yaml` reads it back
+/// to the same spec.
+pub fn portal_yaml(
+    spec: &DatabasePortalSpec,
+    port: u16,
+    peers: Vec<portal::config::Peer>,
+) -> Result<String, serde_yaml::Error> {
     let mut spec = spec.clone();
+    spec.peers = peers;
     spec.listen = Some(format!("0.0.0.0:{port}"));
     spec.admin = Some(format!("0.0.0.0:{ADMIN_PORT}"));
     spec.admin_token_file = Some(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"));

@@ -348,6 +348,7 @@ fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
     assert_eq!(m.queue_timeout, std::time::Duration::from_secs(2));
     assert_eq!(m.users_secret.as_deref(), Some("orders-users"));
     assert_eq!(config.spec.pooling, dp.spec.pooling);
+    assert!(config.peers.is_empty(), "{:?}", config.peers);
 
     // The portal watches the users Secret, and its Role lets it read that Secret.
     let args = c
@@ -425,6 +426,19 @@ fn postgres_transaction_pooling_goes_through_the_configmap_and_its_users_secret_
     assert_eq!(p.queue_timeout, std::time::Duration::from_secs(2));
     assert_eq!(p.users_secret.as_deref(), Some("orders-users"));
     assert_eq!(config.spec.pooling, dp.spec.pooling);
+    // Every portal is a peer, by its own Service, for cancels that reach the other pod.
+    let peers: Vec<_> = config
+        .peers
+        .iter()
+        .map(|(name, address)| format!("{name}={address}"))
+        .collect();
+    assert_eq!(
+        peers,
+        [
+            "orders-portal-0=orders-portal-0.shop.svc:5432",
+            "orders-portal-1=orders-portal-1.shop.svc:5432"
+        ]
+    );
     let args = c
         .stateful_set
         .spec

@@ -366,6 +366,15 @@ impl CredentialsSource for SecretCredentials {
     }
 }
 
+/// A ConfigMap's configuration, with this portal's name among its `peers`: its Pod's.
+fn parse(text: &str, pod: &Option<String>) -> Result<Config, crate::config::ConfigError> {
+    let mut config = reload::parse_cluster(text)?;
+    if config.name.is_none() {
+        config.name.clone_from(pod);
+    }
+    Ok(config)
+}
+
 /// Starts a portal in a cluster: waits for a valid configuration in the ConfigMap (`None` if
 /// `shutdown` resolves first), listens on its addresses, and follows the ConfigMap, the Secrets
 /// and its own health, reporting on its Pod.
@@ -380,12 +389,13 @@ pub async fn start(
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
     // The first valid configuration: nothing can be served before it.
+    let pod = options.pod_name.clone();
     let mut cm_events = watch_named(configmaps, &options.configmap);
     let startup = async {
         loop {
             match next_change(&mut cm_events, &source).await {
                 Some(Change::Applied(cm)) => {
-                    match config_text(&cm).and_then(|t| reload::parse_cluster(&t).map(|c| (c, t))) {
+                    match config_text(&cm).and_then(|t| parse(&t, &pod).map(|c| (c, t))) {
                         Ok(found) => return Ok(found),
                         Err(e) => error!(
                             source = %source,
@@ -483,7 +493,7 @@ pub async fn start(
                     Some(Change::Applied(cm)) => match config_text(&cm) {
                         Ok(text) if text == last_text => {}
                         Ok(text) => {
-                            reload::publish(reload::parse_cluster(&text), &source, &tx, &status);
+                            reload::publish(parse(&text, &pod), &source, &tx, &status);
                             last_text = text;
                         }
                         Err(e) => {

@@ -34,20 +34,29 @@ struct Portal {
 
 impl Portal {
     /// A portal in front of `backends` with `pooling` (YAML flow map without braces), users
-    /// `postgres` and `app` (password `apppw`).
+    /// `postgres` and `app` (password `apppw`) unless `pooling` has its own `auth`.
     async fn start(backends: &[&Postgres], pooling: &str, extra: &str) -> Portal {
+        Portal::start_at(free_port(), backends, pooling, extra).await
+    }
+
+    /// [`start`](Self::start) listening on `port`.
+    async fn start_at(port: u16, backends: &[&Postgres], pooling: &str, extra: &str) -> Portal {
         let dir = TempDir::new("pool-portal");
         let users = dir.path().join("users.yaml");
         std::fs::write(&users, format!("postgres: {PW}\napp: apppw\n")).unwrap();
-        let (port, admin) = (free_port(), free_port());
+        let auth = if pooling.contains("auth:") {
+            String::new()
+        } else {
+            format!(", auth: {{usersFile: {}}}", users.display())
+        };
+        let admin = free_port();
         let tls = if extra.contains("tls:") {
             ""
         } else {
             "tls: {mode: disabled}\n"
         };
         let mut yaml = format!(
-            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\n{tls}limits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}, auth: {{usersFile: {}}}}}\n{extra}backends:\n",
-            users.display()
+            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\n{tls}limits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}{auth}}}\n{extra}backends:\n",
         );
         for (i, b) in backends.iter().enumerate() {
             yaml.push_str(&format!(
@@ -981,4 +990,274 @@ async fn tls_to_clients_and_to_the_backend() {
     )
     .await;
     assert!(!ok && err.contains("requires TLS"), "{err}");
+}
+
+/// The users' secrets as PostgreSQL keeps them (SCRAM verifier, md5 hash), read as the
+/// superuser.
+fn stored_secret(pg: &Postgres, user: &str) -> String {
+    pg.psql(&format!(
+        "SELECT passwd FROM pg_shadow WHERE usename = '{user}'"
+    ))
+}
+
+/// A user whose password is stored as an md5 hash, allowed to log in with md5.
+fn with_md5_user(pg: &Postgres) {
+    pg.psql("SET password_encryption = 'md5'; CREATE ROLE legacy LOGIN PASSWORD 'oldpw'");
+    pg.hba_first("host all legacy 127.0.0.1/32 md5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_is_stored_scram_passthrough_by_auth_query_or_verifier_and_md5_users() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    with_md5_user(&pg);
+    assert!(stored_secret(&pg, "app").starts_with("SCRAM-SHA-256$"));
+    assert!(stored_secret(&pg, "legacy").starts_with("md5"));
+    // Two ways to hold no password: the portal fetches the stored secrets with
+    // pooling.auth.query, or the users file holds the stored secrets themselves.
+    let dir = TempDir::new("pool-secrets");
+    let file = dir.path().join("users.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "app: \"{}\"\nlegacy: \"{}\"\n",
+            stored_secret(&pg, "app"),
+            stored_secret(&pg, "legacy")
+        ),
+    )
+    .unwrap();
+    for auth in [
+        "auth: {query: \"\"}".to_string(),
+        format!("auth: {{usersFile: {}}}", file.display()),
+    ] {
+        let portal = Portal::start(
+            &[&pg],
+            &format!("mode: transaction, poolSize: 2, {auth}"),
+            "",
+        )
+        .await;
+        // SCRAM to the client, and to the server with the key the client's proof revealed.
+        let (ok, out, err) = portal.psql("app", "apppw", "SELECT current_user").await;
+        assert!(ok, "{auth}: {err}");
+        assert_eq!(out, "app");
+        assert!(backends_of(&pg, "app") >= 1);
+        // md5 to the client (its secret is an md5 hash), and md5 to the server.
+        let (ok, out, err) = portal.psql("legacy", "oldpw", "SELECT current_user").await;
+        assert!(ok, "{auth}: {err}");
+        assert_eq!(out, "legacy");
+        // Wrong passwords and unknown users: 28P01, nothing opened for them.
+        for (user, password) in [("app", "wrong"), ("legacy", "wrong"), ("nobody", "x")] {
+            let (ok, _, err) = portal.psql(user, password, "SELECT 1").await;
+            assert!(
+                !ok && err.contains(&format!(
+                    "password authentication failed for user \"{user}\""
+                )),
+                "{auth}: {user}: {err}"
+            );
+        }
+        let m = portal.metrics().await;
+        assert_eq!(
+            metric(&m, "dbportal_pool_auth_failures_total"),
+            3.0,
+            "{auth}"
+        );
+        assert_eq!(
+            metric(
+                &m,
+                "dbportal_pool_server_connection_events_total{event=\"opened\"}"
+            ),
+            2.0,
+            "{auth}: one server connection for app, one for legacy"
+        );
+        let _ = &portal.dir;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_that_fails_refuses_the_client_and_names_no_secret() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(
+        &[&pg],
+        "mode: transaction, auth: {query: \"SELECT passwd FROM no_such_table WHERE usename = $1\"}",
+        "",
+    )
+    .await;
+    let (ok, _, err) = portal.psql("app", "apppw", "SELECT 1").await;
+    assert!(
+        !ok && err.contains("the portal cannot check passwords now"),
+        "{err}"
+    );
+    assert_eq!(backends_of(&pg, "app"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_the_other_portal_is_forwarded_to_the_one_that_gave_the_key() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let (pa, pb) = (free_port(), free_port());
+    let peers = format!(
+        "peers: [{{name: portal-b, address: \"127.0.0.1:{pb}\"}}, {{name: portal-a, address: \"127.0.0.1:{pa}\"}}]\n"
+    );
+    let a = Portal::start_at(
+        pa,
+        &[&pg],
+        "mode: transaction, poolSize: 2",
+        &format!("{peers}name: portal-a\n"),
+    )
+    .await;
+    let b = Portal::start_at(
+        pb,
+        &[&pg],
+        "mode: transaction, poolSize: 2",
+        &format!("{peers}name: portal-b\n"),
+    )
+    .await;
+    let client = std::sync::Arc::new(a.client("app", "apppw").await.unwrap());
+    let token = client.cancel_token();
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(20)").await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'") != "1" {
+        assert!(Instant::now() < deadline, "the query did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cancel reaches the other portal, as a load balancer may send it.
+    let tcp = TcpStream::connect(b.addr).await.unwrap();
+    token
+        .cancel_query_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let e = running.await.unwrap().unwrap_err();
+    assert!(db_text(&e).starts_with("57014"), "{e:?}");
+    assert_eq!(
+        query_one(&client, "SELECT 'still here'").await,
+        "still here"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ma, mb) = (a.metrics().await, b.metrics().await);
+        let sent = metric(&mb, "dbportal_pool_cancels_total{result=\"peer\"}");
+        let served = metric(&ma, "dbportal_pool_cancels_total{result=\"forwarded\"}");
+        if (sent, served) == (1.0, 1.0) {
+            assert_eq!(
+                metric(&ma, "dbportal_pool_cancels_total{result=\"peer\"}"),
+                0.0
+            );
+            assert_eq!(
+                metric(&mb, "dbportal_pool_cancels_total{result=\"forwarded\"}"),
+                0.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "peer {sent}, forwarded {served}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A key of a portal that is not among the peers is dropped, not bounced around.
+    let tcp = TcpStream::connect(b.addr).await.unwrap();
+    let mut raw = tcp;
+    let mut request = vec![0, 0, 0, 16];
+    request.extend_from_slice(&80_877_102u32.to_be_bytes());
+    request.extend_from_slice(&((9u32 << 23) | 1).to_be_bytes());
+    request.extend_from_slice(&7u32.to_be_bytes());
+    raw.write_all(&request).await.unwrap();
+    let _ = raw.read(&mut [0u8; 1]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &b.metrics().await,
+        "dbportal_pool_cancels_total{result=\"dropped\"}",
+    ) != 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stray cancel was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_keep_min_idle_close_idle_connections_and_replace_old_ones() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let wait_for = |what: &str, want: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !want() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // serverIdleTimeout: four connections opened by four transactions at once are closed
+    // when idle, down to minIdle.
+    {
+        let portal = Portal::start(
+            &[&pg],
+            "mode: transaction, poolSize: 4, minIdle: 1, serverIdleTimeout: 2s",
+            "",
+        )
+        .await;
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let c = portal.client("app", "apppw").await.unwrap();
+            c.simple_query("BEGIN; SELECT 1").await.unwrap();
+            clients.push(c);
+        }
+        assert_eq!(backends_of(&pg, "app"), 4);
+        for c in &clients {
+            c.simple_query("COMMIT").await.unwrap();
+        }
+        wait_for("idle connections closed down to minIdle", &|| {
+            backends_of(&pg, "app") == 1
+        });
+        let m = portal.metrics().await;
+        assert!(
+            metric(
+                &m,
+                "dbportal_pool_server_connection_events_total{event=\"closed\"}"
+            ) >= 3.0,
+            "{m}"
+        );
+        // The clients are still there; their next transactions open what they need.
+        for c in &clients {
+            assert_eq!(query_one(c, "SELECT 2").await, "2");
+        }
+    }
+    wait_for("the first portal's connections gone", &|| {
+        backends_of(&pg, "app") == 0
+    });
+    // minIdle: the pool opens connections nobody asked for; serverLifetime: they are
+    // replaced by new ones when they grow old.
+    let portal = Portal::start(
+        &[&pg],
+        "mode: transaction, poolSize: 4, minIdle: 2, serverLifetime: 2s",
+        "",
+    )
+    .await;
+    let c = portal.client("app", "apppw").await.unwrap();
+    wait_for("minIdle connections opened", &|| {
+        backends_of(&pg, "app") == 2
+    });
+    let pids = |pg: &Postgres| {
+        pg.psql("SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'")
+    };
+    let first = pids(&pg);
+    wait_for("old connections replaced", &|| {
+        let now = pids(&pg);
+        now.split(',').count() == 2 && now.split(',').all(|p| !first.split(',').any(|f| f == p))
+    });
+    assert_eq!(query_one(&c, "SELECT 3").await, "3");
 }

@@ -21,6 +21,9 @@ pub use pooling::{
 pub use spec::*;
 pub use spec_tls::*;
 
+/// The most `peers` a configuration may list: a cancel key gives its portal's place in 8 bits.
+pub const MAX_PEERS: usize = 255;
+
 /// A configuration that passed validation; every value is typed and every default resolved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -60,6 +63,10 @@ pub struct Config {
     pub multiplex: Option<Multiplex>,
     /// `pooling` of mode `session` or `transaction` (PostgreSQL).
     pub pg_pool: Option<PgPool>,
+    /// `peers`, sorted by name: a PostgreSQL cancel key carries its portal's place here.
+    pub peers: Vec<(String, Address)>,
+    /// This portal's name among the peers (`name`; in a cluster, the Pod's).
+    pub name: Option<String>,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
 }
@@ -305,6 +312,32 @@ impl DatabasePortalSpec {
             }
         }
 
+        let mut peers: Vec<(String, Address)> = Vec::with_capacity(self.peers.len());
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.name.is_empty() {
+                err(&format!("peers[{i}].name"), "must not be empty".into());
+            } else if self.peers[..i].iter().any(|o| o.name == p.name) {
+                err(
+                    &format!("peers[{i}].name"),
+                    format!("duplicate peer name {:?}", p.name),
+                );
+            }
+            match p.address.parse::<Address>() {
+                Ok(address) => peers.push((p.name.clone(), address)),
+                Err(e) => err(&format!("peers[{i}].address"), e.to_string()),
+            }
+        }
+        if self.peers.len() > MAX_PEERS {
+            err(
+                "peers",
+                format!(
+                    "{} peers; a cancel key has room for {MAX_PEERS}",
+                    self.peers.len()
+                ),
+            );
+        }
+        peers.sort_by(|a, b| a.0.cmp(&b.0));
+
         if self.admin_token_for_reads && self.admin_token_file.as_deref().unwrap_or("").is_empty() {
             err(
                 "adminTokenForReads",
@@ -511,6 +544,8 @@ impl DatabasePortalSpec {
             access_log: self.portal.access_log,
             multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
             pg_pool: self.pooling.as_ref().and_then(Pooling::pg_pool),
+            peers,
+            name: self.name.clone().filter(|n| !n.is_empty()),
             spec: self.clone(),
         })
     }

@@ -171,20 +171,28 @@ impl Pooling {
             if self.max_prepared_statements == 0 {
                 err("pooling.maxPreparedStatements", "must be at least 1".into());
             }
-            if self.auth.users_secret.is_none() && self.auth.users_file.is_none() {
+            if self.auth.is_empty() {
                 err(
                     "pooling.auth",
                     format!(
-                        "{} pooling needs the users clients log in as: set pooling.auth.usersSecret (standalone: usersFile)",
+                        "{} pooling needs the users clients log in as: set pooling.auth.usersSecret (standalone: usersFile) or pooling.auth.query",
                         self.mode.as_str()
                     ),
                 );
             }
         }
-        if self.auth.query.is_some() {
+        if let Some(query) = self.auth.query.as_deref().filter(|q| !q.trim().is_empty()) {
+            if !query.contains("$1") {
+                err(
+                    "pooling.auth.query",
+                    "must take the user name as $1 (for example SELECT passwd FROM pg_shadow WHERE usename = $1)".into(),
+                );
+            }
+        }
+        if self.auth.query.is_some() && !self.pooled() {
             err(
                 "pooling.auth.query",
-                "SCRAM passthrough (auth.query) is not supported by this portal version; use pooling.auth.usersSecret (standalone: usersFile)".into(),
+                "is for engine postgres with pooling.mode session or transaction".into(),
             );
         }
         if self.server_connections == 0 {
@@ -234,6 +242,13 @@ impl Pooling {
             max_prepared_statements: self.max_prepared_statements.max(1) as usize,
             users_secret: self.auth.users_secret.clone(),
             users_file: self.auth.users_file.clone(),
+            auth_query: self.auth.query.as_deref().map(|q| {
+                if q.trim().is_empty() {
+                    DEFAULT_AUTH_QUERY.to_string()
+                } else {
+                    q.to_string()
+                }
+            }),
         })
     }
 
@@ -289,9 +304,12 @@ pub struct PoolingAuth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub users_file: Option<String>,
-    /// postgres: fetch the users' SCRAM verifiers from the database with the probe
-    /// credentials (SCRAM passthrough). Not supported yet: a portal refuses a configuration
-    /// that sets it.
+    /// postgres: fetch a user's password verifier (SCRAM-SHA-256 or md5, as `pg_shadow`
+    /// keeps it) from the database with the probe credentials, for users not in
+    /// usersSecret; the portal checks the client against it and logs in to the backend with
+    /// the keys the client's proof reveals (SCRAM passthrough), so no password is stored.
+    /// `$1` is the user name; the verifier is the last column of the first row. Empty: the
+    /// default query, which reads `pg_shadow` (and so needs a superuser as the probe's user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
 }
@@ -317,6 +335,11 @@ impl PgPool {
     }
 }
 
+/// What `pooling.auth.query: ""` runs: PgBouncer's classic auth_query, minus expired
+/// passwords.
+pub const DEFAULT_AUTH_QUERY: &str =
+    "SELECT usename, passwd FROM pg_shadow WHERE usename = $1 AND (valuntil IS NULL OR valuntil > now())";
+
 /// Validated `pooling` of mode `session` or `transaction` (PostgreSQL).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PgPool {
@@ -330,6 +353,8 @@ pub struct PgPool {
     pub max_prepared_statements: usize,
     pub users_secret: Option<String>,
     pub users_file: Option<String>,
+    /// `auth.query` with the default filled in.
+    pub auth_query: Option<String>,
 }
 
 /// Validated `pooling` of mode `multiplex`.
@@ -581,13 +606,35 @@ mod tests {
         ] {
             assert!(fields.iter().any(|x| x == f), "{f} missing in {fields:?}");
         }
-        let query = format!("engine: postgres\n{base}pooling: {{mode: transaction, auth: {{usersFile: /u, query: \"\"}}}}\n");
-        let e = errors(&query);
+        // auth.query alone is enough; empty means the default query; a query must take $1.
+        let query = |q: &str| {
+            format!("engine: postgres\n{base}pooling: {{mode: transaction, auth: {{query: \"{q}\"}}}}\n")
+        };
+        let p = crate::config::parse_yaml(&query(""))
+            .unwrap()
+            .validate()
+            .unwrap()
+            .pg_pool
+            .unwrap();
+        assert_eq!(p.auth_query.as_deref(), Some(DEFAULT_AUTH_QUERY));
+        let own = "SELECT pw FROM auth.lookup($1)";
+        let p = crate::config::parse_yaml(&query(own))
+            .unwrap()
+            .validate()
+            .unwrap()
+            .pg_pool
+            .unwrap();
+        assert_eq!(p.auth_query.as_deref(), Some(own));
+        let e = errors(&query("SELECT passwd FROM pg_shadow"));
         assert!(
             e.iter()
-                .any(|e| e.field == "pooling.auth.query" && e.message.contains("not supported")),
+                .any(|e| e.field == "pooling.auth.query" && e.message.contains("$1")),
             "{e:?}"
         );
+        let e = errors(&format!(
+            "engine: redis\n{base}pooling: {{mode: multiplex, auth: {{query: \"\"}}}}\n"
+        ));
+        assert!(e.iter().any(|e| e.field == "pooling.auth.query"), "{e:?}");
         let size =
             format!("engine: postgres\n{base}pooling: {{mode: transaction, poolSize: -1}}\n");
         let err = crate::config::parse_yaml(&size).unwrap_err().to_string();

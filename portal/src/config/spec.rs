@@ -118,6 +118,29 @@ pub struct DatabasePortalSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[schemars(skip)]
     pub admin_token_for_reads: bool,
+
+    /// Portal only: the portals of one DatabasePortal, to which a PostgreSQL CancelRequest for
+    /// a key one of them gave out is forwarded (pooling mode session or transaction). A portal
+    /// skips its own name. In a cluster the operator writes every portal of the
+    /// DatabasePortal here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub peers: Vec<Peer>,
+
+    /// Standalone portal only: this portal's name among `peers` (in a cluster: its Pod's
+    /// name, `--pod-name` / `POD_NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub name: Option<String>,
+}
+
+/// Another portal of the same DatabasePortal (`peers`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The portal's name (in a cluster, its Pod's).
+    pub name: String,
+    /// `host:port` of its listener (in a cluster, its per-portal Service).
+    pub address: String,
 }
 
 /// The database engine behind the portal.

@@ -322,6 +322,42 @@ pub fn query(sql: &str) -> Vec<u8> {
     message(b'Q', &body)
 }
 
+/// Parse, Bind (one text parameter), Execute and Sync of an unnamed statement: `sql` run once
+/// with `$1` = `param`, its rows in text.
+pub fn query_with_param(sql: &str, param: &str) -> Vec<u8> {
+    let mut parse = vec![0u8];
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(&[0, 0, 0]);
+    let mut bind = vec![0u8, 0, 0, 0, 0, 1];
+    bind.extend_from_slice(&(param.len() as u32).to_be_bytes());
+    bind.extend_from_slice(param.as_bytes());
+    bind.extend_from_slice(&[0, 0]);
+    let mut out = message(b'P', &parse);
+    out.extend_from_slice(&message(b'B', &bind));
+    out.extend_from_slice(&message(b'E', &[0, 0, 0, 0, 0]));
+    out.extend_from_slice(&message(b'S', &[]));
+    out
+}
+
+/// The columns of a DataRow (`D`) body, `None` for NULL; `None` for a malformed body.
+pub fn data_row(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let count = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut rest = &body[2..];
+    let mut out = Vec::with_capacity(count.into());
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+        } else {
+            let len = len as usize;
+            out.push(Some(rest.get(..len)?));
+            rest = &rest[len..];
+        }
+    }
+    rest.is_empty().then_some(out)
+}
+
 /// The fields of an ErrorResponse or NoticeResponse body: code byte and text.
 pub fn error_fields(body: &[u8]) -> Vec<(u8, String)> {
     let mut out = Vec::new();
@@ -354,6 +390,28 @@ pub fn error_text(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_with_a_parameter_and_data_rows() {
+        let m = query_with_param("SELECT $1", "u");
+        let mut tags = Vec::new();
+        let mut rest = &m[..];
+        while let Some(n) = frame(rest, 1 << 10).unwrap() {
+            tags.push(rest[0]);
+            rest = &rest[n..];
+        }
+        assert_eq!((tags, rest.len()), (b"PBES".to_vec(), 0));
+        let row = [0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(data_row(&row), Some(vec![Some(&b"ab"[..]), None]));
+        for bad in [
+            &row[..1],
+            &row[..7],
+            &[0, 1, 0, 0, 0, 9, 1][..],
+            &[0, 0, 1][..],
+        ] {
+            assert_eq!(data_row(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn startup_codes_and_messages() {

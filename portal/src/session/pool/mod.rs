@@ -18,6 +18,8 @@
 //! May import: `admission`, `config`, `health`, `metrics`, `route`, `tls`, `wire` and the
 //! session's [`Shared`](super::Shared).
 
+mod auth;
+mod cancel;
 pub mod pinning;
 mod report;
 pub mod scram;
@@ -27,7 +29,7 @@ pub mod statements;
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
-    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    sync::{atomic::Ordering::Relaxed, Arc},
 };
 
 use tokio::{
@@ -38,7 +40,6 @@ use tokio::{
 use tracing::{debug, info};
 
 pub use report::{status, PoolCollector};
-use scram::{Exchange, Verifier};
 use server::{lock, CheckoutError, DialContext, Pool, ServerConn};
 pub use server::{PgHub, PoolStats, WAIT_BUCKETS};
 use statements::{Definition, Special};
@@ -47,15 +48,14 @@ use super::Shared;
 use crate::{
     admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
     config::{Config, PgPool},
-    health::{CredentialsSource, StandaloneCredentials, Users},
+    health::{CredentialsSource, StandaloneCredentials},
     metrics::CloseReason,
     route,
     wire::postgres::{
-        authentication, backend_key_data, error_response, frame, is_protocol_3, message,
-        message_len, parameter_status, parse_key, parse_parameter_status, parse_sasl_initial,
-        ready_for_query, startup_header, startup_params, ReadyStatus, AUTH_OK, AUTH_SASL,
-        AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, CANCEL_REQUEST, CANCEL_REQUEST_LEN, HEADER_LEN,
-        MAX_MESSAGE, MAX_STARTUP, PROTOCOL_3_0,
+        backend_key_data, error_response, frame, is_protocol_3, message, message_len,
+        parameter_status, parse_key, parse_parameter_status, ready_for_query, startup_header,
+        startup_params, ReadyStatus, CANCEL_REQUEST, CANCEL_REQUEST_LEN, HEADER_LEN, MAX_MESSAGE,
+        MAX_STARTUP, PROTOCOL_3_0,
     },
 };
 
@@ -133,7 +133,7 @@ pub async fn serve<C>(
         credentials,
         user: String::new(),
         database: String::new(),
-        password: String::new(),
+        login: Arc::default(),
         params: BTreeMap::new(),
         pool: None,
         held: None,
@@ -273,7 +273,8 @@ struct Client<C> {
     credentials: Arc<dyn CredentialsSource>,
     user: String,
     database: String,
-    password: String,
+    /// What the client's server connections log in with (its authentication's outcome).
+    login: Arc<auth::Login>,
     /// The client's view of the reported parameters (what it was told with ParameterStatus).
     params: BTreeMap<String, String>,
     /// The pool of the backend the client's transactions go to now.
@@ -292,8 +293,7 @@ struct Client<C> {
     cancel: Option<((u32, u32), Arc<CancelSlot>)>,
 }
 
-/// The server connection a client's cancel goes to: set while it holds one.
-pub type CancelSlot = Mutex<Option<(crate::config::Backend, (u32, u32))>>;
+pub use cancel::CancelSlot;
 
 enum ServerEvent {
     Data(std::io::Result<usize>),
@@ -333,23 +333,6 @@ fn replay_sql(client: &BTreeMap<String, String>, server: &BTreeMap<String, Strin
         sql.push_str(&format!("SET {name} TO '{value}';"));
     }
     sql
-}
-
-/// The verifier of a user's password (each costs thousands of HMACs, so it is made once per
-/// password and dropped when the password changes).
-fn verifier(hub: &PgHub, user: &str, password: &str) -> Arc<Verifier> {
-    let mut map = lock(&hub.verifiers);
-    if let Some((p, v)) = map.get(user) {
-        if p == password {
-            return v.clone();
-        }
-    }
-    let v = Arc::new(Verifier::new(password, &random::<16>(), scram::ITERATIONS));
-    if map.len() > 10_000 {
-        map.clear();
-    }
-    map.insert(user.to_string(), (password.to_string(), v.clone()));
-    v
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -511,85 +494,6 @@ where
         Ok(true)
     }
 
-    /// SCRAM-SHA-256 as the server. A user without a password in `pooling.auth` goes through
-    /// the same exchange with a made-up verifier, and fails at the proof like a wrong password.
-    async fn authenticate(&mut self) -> Result<(), CloseReason> {
-        let users: Option<Users> = match self.credentials.users(&self.settings.users_lookup()) {
-            Ok(u) => u,
-            Err(e) => {
-                info!(error = %e, "the users of pooling.auth cannot be read; the client is refused");
-                return Err(self
-                    .fatal("28000", "the portal cannot check passwords now")
-                    .await);
-            }
-        };
-        let password = users.and_then(|u| u.get(&self.user).cloned());
-        let verifier = match &password {
-            Some(p) => verifier(&self.hub, &self.user, p),
-            None => Arc::new(Verifier::new(
-                &String::from_utf8_lossy(&random::<16>()),
-                &random::<16>(),
-                scram::ITERATIONS,
-            )),
-        };
-        let offer = format!("{}\0\0", scram::MECHANISM);
-        self.send(&authentication(AUTH_SASL, offer.as_bytes()))
-            .await?;
-        let failed = |this: &Self| {
-            this.hub.stats.auth_failures.fetch_add(1, Relaxed);
-            format!("password authentication failed for user \"{}\"", this.user)
-        };
-        let (tag, body) = self.read_message(MAX_AUTH_MESSAGE).await?;
-        let Some((mechanism, data)) = (tag == b'p').then(|| parse_sasl_initial(&body)).flatten()
-        else {
-            return Err(self.fatal("08P01", "expected a SASLInitialResponse").await);
-        };
-        if mechanism != scram::MECHANISM.as_bytes() {
-            let text = failed(self);
-            return Err(self
-                .fatal(
-                    "28000",
-                    &format!(
-                        "{text}: SASL mechanism {:?} is not offered",
-                        String::from_utf8_lossy(mechanism)
-                    ),
-                )
-                .await);
-        }
-        let (exchange, server_first) = match Exchange::start(&verifier, data, &random::<18>()) {
-            Ok(x) => x,
-            Err(e) => {
-                let text = failed(self);
-                debug!(error = %e, "SCRAM exchange refused");
-                return Err(self.fatal("28P01", &text).await);
-            }
-        };
-        self.send(&authentication(AUTH_SASL_CONTINUE, server_first.as_bytes()))
-            .await?;
-        let (tag, body) = self.read_message(MAX_AUTH_MESSAGE).await?;
-        if tag != b'p' {
-            return Err(self.fatal("08P01", "expected a SASLResponse").await);
-        }
-        match exchange.finish(&verifier, &body) {
-            Ok((server_final, _client_key)) if password.is_some() => {
-                let mut out = authentication(AUTH_SASL_FINAL, server_final.as_bytes());
-                out.extend_from_slice(&authentication(AUTH_OK, &[]));
-                self.send(&out).await?;
-                self.password = password.unwrap_or_default();
-                Ok(())
-            }
-            other => {
-                if let Err(e) = other {
-                    debug!(error = %e, user = %self.user, "authentication failed");
-                } else {
-                    debug!(user = %self.user, "authentication failed: no such user in pooling.auth");
-                }
-                let text = failed(self);
-                Err(self.fatal("28P01", &text).await)
-            }
-        }
-    }
-
     /// After authentication: a first server connection, to learn the server's parameters
     /// and apply the client's startup ones (a value the server refuses fails the login), then
     /// ParameterStatus, BackendKeyData and ReadyForQuery.
@@ -618,8 +522,7 @@ where
         for (k, v) in &self.params {
             out.extend_from_slice(&parameter_status(k, v));
         }
-        let pid = self.hub.next_pid();
-        let secret = u32::from_be_bytes(random::<4>());
+        let (pid, secret) = self.hub.new_key(&self.config);
         let slot = Arc::new(CancelSlot::default());
         self.hub.register_cancel((pid, secret), slot.clone());
         self.cancel = Some(((pid, secret), slot));
@@ -680,6 +583,17 @@ where
             }
         }
         self.pool = None;
+        let backend = self.choose().await?;
+        let pool = self
+            .hub
+            .pool(&backend, &self.database, &self.user, &self.login, &self.ctx);
+        self.pool = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// The backend the routing mode chooses now, waiting up to `timeouts.connect` for one (a
+    /// failover).
+    async fn choose(&self) -> Result<crate::config::Backend, (&'static str, String)> {
         let config = self.config.clone();
         let mut health = self.shared.health.clone();
         let ip = self.ip;
@@ -716,16 +630,7 @@ where
                 }
             }
         };
-        let backend = config.backends[i].clone();
-        let pool = self.hub.pool(
-            &backend,
-            &self.database,
-            &self.user,
-            &self.password,
-            &self.ctx,
-        );
-        self.pool = Some(pool.clone());
-        Ok(pool)
+        Ok(config.backends[i].clone())
     }
 
     /// A server connection of the current pool, after the queue; errors as (SQLSTATE, text).
@@ -737,7 +642,7 @@ where
                 .settings
                 .queue_timeout
                 .saturating_sub(started.elapsed());
-            match pool.checkout(&self.ctx, &self.password, left).await {
+            match pool.checkout(&self.ctx, &self.login, left).await {
                 Ok(c) => {
                     self.hub.stats.record_wait(started.elapsed());
                     return Ok(c);
@@ -1437,39 +1342,5 @@ where
             self.lost_transaction = true;
         }
         Ok(())
-    }
-}
-
-impl PgHub {
-    fn register_cancel(&self, key: (u32, u32), slot: Arc<CancelSlot>) {
-        lock(&self.cancels).insert(key, slot);
-    }
-
-    fn forget_cancel(&self, key: (u32, u32)) {
-        lock(&self.cancels).remove(&key);
-    }
-
-    /// Serves a CancelRequest for one of this portal's keys: a CancelRequest with the server's
-    /// own key to the server connection running that client's query. Dropped when the key is
-    /// unknown or its client holds no server connection (it is idle).
-    async fn cancel(&self, key: (u32, u32), ctx: &DialContext) {
-        let target = lock(&self.cancels)
-            .get(&key)
-            .and_then(|slot| lock(slot).clone());
-        let Some((backend, server_key)) = target else {
-            self.stats.cancels_dropped.fetch_add(1, Relaxed);
-            debug!("CancelRequest for an unknown key or an idle client: dropped");
-            return;
-        };
-        match server::send_cancel(ctx, &backend, server_key).await {
-            Ok(()) => {
-                self.stats.cancels.fetch_add(1, Relaxed);
-                debug!(backend = %backend.name, "CancelRequest forwarded");
-            }
-            Err(e) => {
-                self.stats.cancels_dropped.fetch_add(1, Relaxed);
-                debug!(backend = %backend.name, error = %e, "CancelRequest could not be forwarded");
-            }
-        }
     }
 }

@@ -155,9 +155,10 @@ impl Collector for PoolCollector {
         counters(
             &mut e,
             "dbportal_pool_cancels",
-            "CancelRequests with a key of this portal: forwarded to the server running the client's query, or dropped (unknown key, idle client, server unreachable).",
+            "CancelRequests a client sent to this portal: forwarded to the server running the client's query, sent to the peer portal that gave out the key, or dropped (unknown key, idle client, server or peer unreachable).",
             [
                 ([("result", "forwarded")], s.cancels.load(Relaxed)),
+                ([("result", "peer")], s.cancels_to_peers.load(Relaxed)),
                 ([("result", "dropped")], s.cancels_dropped.load(Relaxed)),
             ],
         )?;

@@ -1,8 +1,10 @@
-//! SCRAM-SHA-256 (RFC 5802, RFC 7677) on the server's side, as PostgreSQL runs it: the portal
-//! checks a client's proof against a verifier made from the user's password, and never learns
-//! or forwards anything from which the password could be replayed. Channel binding is not
-//! offered (the portal's TLS is not the backend's), so gs2 flags `n` and `y` are accepted and
-//! `p` is refused. Pure functions over bytes, with the randomness passed in.
+//! SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL runs it, both sides of it. As the server,
+//! the portal checks a client's proof against a verifier (made from the user's password, or
+//! fetched from the database by `pooling.auth.query`) and learns the client's ClientKey from
+//! the proof; as a client, it logs in to a backend with that ClientKey and the verifier's
+//! ServerKey (SCRAM passthrough), so it never needs the password itself. Channel binding is
+//! not offered (the portal's TLS is not the backend's), so gs2 flags `n` and `y` are accepted
+//! and `p` is refused. Pure functions over bytes, with the randomness passed in.
 //!
 //! May import: nothing of the crate.
 
@@ -225,6 +227,83 @@ impl Exchange {
     }
 }
 
+/// The client's side of an exchange with a backend, knowing the ClientKey and ServerKey (not
+/// the password): what SCRAM passthrough logs in with.
+#[derive(Debug)]
+pub struct ClientExchange {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Option<String>,
+}
+
+impl ClientExchange {
+    /// The exchange and its client-first-message. `nonce` is random bytes of the caller's.
+    pub fn new(client_key: [u8; 32], server_key: [u8; 32], nonce: &[u8]) -> (Self, String) {
+        let nonce = B64.encode(nonce);
+        // The user is the startup's; PostgreSQL ignores this one.
+        let client_first_bare = format!("n=,r={nonce}");
+        let first = format!("n,,{client_first_bare}");
+        (
+            ClientExchange {
+                client_key,
+                server_key,
+                client_first_bare,
+                nonce,
+                auth_message: None,
+            },
+            first,
+        )
+    }
+
+    /// Reads the server-first-message and answers with the client-final-message.
+    pub fn respond(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+        let text = std::str::from_utf8(server_first)
+            .map_err(|_| ScramError::Malformed("server-first-message is not UTF-8"))?;
+        let nonce = text
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("no server nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Malformed(
+                "the server's nonce does not extend ours",
+            ));
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+        let signature = hmac(&sha256(&self.client_key), auth_message.as_bytes());
+        let mut proof = [0u8; 32];
+        for i in 0..32 {
+            proof[i] = self.client_key[i] ^ signature[i];
+        }
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks the server-final-message: the server knew the ServerKey.
+    pub fn verify(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let auth_message = self.auth_message.as_ref().ok_or(ScramError::Malformed(
+            "server-final-message before server-first",
+        ))?;
+        let text = std::str::from_utf8(server_final)
+            .map_err(|_| ScramError::Malformed("server-final-message is not UTF-8"))?;
+        let signature = text
+            .strip_prefix("v=")
+            .and_then(|v| B64.decode(v.trim_end()).ok())
+            .ok_or(ScramError::Malformed("no server signature"))?;
+        let expected = hmac(&self.server_key, auth_message.as_bytes());
+        let diff = expected
+            .iter()
+            .zip(signature.iter().chain(std::iter::repeat(&0)))
+            .fold((signature.len() != 32) as u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return Err(ScramError::Proof);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +327,33 @@ mod tests {
         run("s3cret", "s3cret").unwrap();
         run("pässwörd", "pässwörd").unwrap();
         assert_eq!(run("s3cret", "wrong"), Err(ScramError::Proof));
+    }
+
+    /// Passthrough: the key a real client's proof reveals logs in to a second server that
+    /// holds the same verifier, and that server's signature checks out; a wrong ServerKey is
+    /// caught.
+    #[test]
+    fn the_recovered_client_key_logs_in_elsewhere() {
+        let verifier =
+            Verifier::parse(&postgres_protocol::password::scram_sha_256(b"s3cret")).unwrap();
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
+        let (exchange, server_first) =
+            Exchange::start(&verifier, client.message(), b"nonce-one").unwrap();
+        client.update(server_first.as_bytes()).unwrap();
+        let (_, client_key) = exchange.finish(&verifier, client.message()).unwrap();
+
+        for (server_key, ok) in [(verifier.server_key, true), ([7u8; 32], false)] {
+            let (mut ours, first) = ClientExchange::new(client_key, server_key, b"nonce-two");
+            let (backend, server_first) =
+                Exchange::start(&verifier, first.as_bytes(), b"nonce-three").unwrap();
+            let last = ours.respond(server_first.as_bytes()).unwrap();
+            let (server_final, key) = backend.finish(&verifier, last.as_bytes()).unwrap();
+            assert_eq!(key, client_key);
+            assert_eq!(ours.verify(server_final.as_bytes()).is_ok(), ok);
+        }
+        let (mut ours, _) = ClientExchange::new([1; 32], [2; 32], b"n");
+        assert!(ours.respond(b"r=other,s=c2FsdA==,i=4096").is_err());
+        assert!(ours.verify(b"v=AAAA").is_err());
     }
 
     #[test]

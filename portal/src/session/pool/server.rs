@@ -16,7 +16,6 @@ use std::{
 };
 
 use futures::FutureExt;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -25,15 +24,12 @@ use tokio::{
 };
 use tracing::{debug, info};
 
+use super::auth::Login;
 use crate::{
     config::{Backend, Config},
     health::HealthView,
     tls::{BackendConnector, MaybeTls},
-    wire::postgres::{
-        error_text, frame, parse_authentication, parse_key, parse_parameter_status, query,
-        sasl_initial, startup_message, ReadyStatus, AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL,
-        AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, MAX_MESSAGE,
-    },
+    wire::postgres::{error_text, frame, parse_parameter_status, query, ReadyStatus, MAX_MESSAGE},
 };
 
 /// A server connection's stream: TCP, or TLS when `tls.backend` is on.
@@ -68,6 +64,85 @@ impl std::fmt::Debug for ServerConn {
 }
 
 impl ServerConn {
+    /// A connection that has just logged in; `broken` when the server sent more than asked.
+    pub(super) fn new(
+        stream: ServerStream,
+        params: BTreeMap<String, String>,
+        key: (u32, u32),
+        broken: bool,
+    ) -> ServerConn {
+        let now = Instant::now();
+        ServerConn {
+            stream,
+            params,
+            key,
+            statements: Default::default(),
+            created: now,
+            last_used: now,
+            broken,
+        }
+    }
+
+    /// Runs `sql` once with `$1` = `param` and returns the last column of its first row
+    /// (`None`: no row, or NULL). An ErrorResponse comes back as `Err` with its text.
+    pub async fn query_one(
+        &mut self,
+        sql: &str,
+        param: &str,
+        deadline: Duration,
+    ) -> io::Result<Option<String>> {
+        let work = async {
+            self.stream
+                .write_all(&crate::wire::postgres::query_with_param(sql, param))
+                .await?;
+            let mut buf = Vec::with_capacity(512);
+            let (mut value, mut error, mut rows) = (None, None, 0);
+            loop {
+                let Some(n) = frame(&buf, 1 << 20).map_err(io::Error::other)? else {
+                    if self.stream.read_buf(&mut buf).await? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the server closed the connection",
+                        ));
+                    }
+                    continue;
+                };
+                match buf[0] {
+                    b'D' => {
+                        rows += 1;
+                        if rows == 1 {
+                            let columns = crate::wire::postgres::data_row(&buf[5..n])
+                                .ok_or_else(|| io::Error::other("malformed DataRow"))?;
+                            value = columns
+                                .last()
+                                .copied()
+                                .flatten()
+                                .map(|v| String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                    b'E' => error = Some(error_text(&buf[5..n])),
+                    b'Z' => {
+                        buf.drain(..n);
+                        self.broken |= !buf.is_empty();
+                        return match error {
+                            Some(e) => Err(io::Error::other(e)),
+                            None => Ok(value),
+                        };
+                    }
+                    _ => {}
+                }
+                buf.drain(..n);
+            }
+        };
+        match timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
+            }
+        }
+    }
+
     /// Whether the server closed it or sent something unasked while it was idle.
     fn is_stale(&mut self) -> bool {
         let mut byte = [0u8; 1];
@@ -135,15 +210,14 @@ pub struct DialContext {
     pub connector: Option<BackendConnector>,
 }
 
-/// Opens a server connection to `backend` and logs in as `user` to `database` with
-/// `password` (SCRAM-SHA-256, md5 or cleartext, as the server asks), within
-/// `timeouts.connect`.
+/// Opens a server connection to `backend` and logs in as `user` to `database` with `login`
+/// (SCRAM-SHA-256, md5 or cleartext, as the server asks), within `timeouts.connect`.
 pub async fn dial(
     ctx: &DialContext,
     backend: &Backend,
     database: &str,
     user: &str,
-    password: &str,
+    login: &Login,
 ) -> io::Result<ServerConn> {
     let deadline = ctx.config.timeouts.connect;
     let work = async {
@@ -170,7 +244,7 @@ pub async fn dial(
                     .map_err(|e| io::Error::other(e.to_string()))?
             }
         };
-        login(stream, database, user, password).await
+        super::auth::login(stream, database, user, login).await
     };
     let mut conn = timeout(deadline, work).await.unwrap_or_else(|_| {
         Err(io::Error::new(
@@ -180,172 +254,6 @@ pub async fn dial(
     })?;
     conn.created = Instant::now();
     Ok(conn)
-}
-
-/// Sends a CancelRequest with a server's own key to `backend` (over TLS when `tls.backend`
-/// is on), within `timeouts.connect`.
-pub async fn send_cancel(ctx: &DialContext, backend: &Backend, key: (u32, u32)) -> io::Result<()> {
-    let work = async {
-        let mut tcp = match backend.address.ip() {
-            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
-            None => {
-                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
-            }
-        };
-        let request = crate::wire::postgres::cancel_request(key.0, key.1);
-        match &ctx.connector {
-            None => {
-                tcp.write_all(&request).await?;
-                // The server closes the connection when it has read the request.
-                let _ = tcp.read(&mut [0u8; 1]).await;
-            }
-            Some(connector) => {
-                crate::tls::postgres_ssl_request(&mut tcp)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let name = connector
-                    .server_name_for(&backend.address.host)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let mut tls = connector
-                    .handshake(tcp, name, None)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                tls.write_all(&request).await?;
-                tls.flush().await?;
-                let _ = tls.read(&mut [0u8; 1]).await;
-            }
-        }
-        Ok(())
-    };
-    timeout(ctx.config.timeouts.connect, work)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")))
-}
-
-fn denied(text: String) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, text)
-}
-
-async fn login(
-    mut stream: ServerStream,
-    database: &str,
-    user: &str,
-    password: &str,
-) -> io::Result<ServerConn> {
-    stream
-        .write_all(&startup_message(&[("user", user), ("database", database)]))
-        .await?;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut scram: Option<ScramSha256> = None;
-    let mut params = BTreeMap::new();
-    let mut key = (0, 0);
-    loop {
-        let n = match frame(&buf, 1 << 20).map_err(io::Error::other)? {
-            Some(n) => n,
-            None => {
-                if stream.read_buf(&mut buf).await? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the server closed the connection during login",
-                    ));
-                }
-                continue;
-            }
-        };
-        let body = buf[5..n].to_vec();
-        let tag = buf[0];
-        buf.drain(..n);
-        match tag {
-            b'R' => {
-                let (code, data) = parse_authentication(&body)
-                    .ok_or_else(|| io::Error::other("malformed authentication request"))?;
-                match code {
-                    AUTH_OK => {}
-                    AUTH_CLEARTEXT => {
-                        let mut m = password.as_bytes().to_vec();
-                        m.push(0);
-                        stream
-                            .write_all(&crate::wire::postgres::message(b'p', &m))
-                            .await?;
-                    }
-                    AUTH_MD5 => {
-                        let salt: [u8; 4] = data
-                            .get(..4)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| io::Error::other("malformed md5 request"))?;
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            user.as_bytes(),
-                            password.as_bytes(),
-                            salt,
-                        );
-                        let mut m = hash.into_bytes();
-                        m.push(0);
-                        stream
-                            .write_all(&crate::wire::postgres::message(b'p', &m))
-                            .await?;
-                    }
-                    AUTH_SASL => {
-                        let offers_scram = data
-                            .split(|&b| b == 0)
-                            .any(|m| m == super::scram::MECHANISM.as_bytes());
-                        if !offers_scram {
-                            return Err(denied(
-                                "the server offers no SASL mechanism the portal speaks".into(),
-                            ));
-                        }
-                        // gs2 flag `n`: a TLS server that offers -PLUS accepts it, while `y`
-                        // would read as a downgrade.
-                        let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                        stream
-                            .write_all(&sasl_initial(super::scram::MECHANISM, s.message()))
-                            .await?;
-                        scram = Some(s);
-                    }
-                    AUTH_SASL_CONTINUE => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| io::Error::other("SASLContinue before SASL"))?;
-                        s.update(data)?;
-                        stream
-                            .write_all(&crate::wire::postgres::message(b'p', s.message()))
-                            .await?;
-                    }
-                    AUTH_SASL_FINAL => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| io::Error::other("SASLFinal before SASL"))?;
-                        s.finish(data)?;
-                    }
-                    other => {
-                        return Err(denied(format!(
-                            "the server asks for authentication method {other}, which the portal does not speak"
-                        )))
-                    }
-                }
-            }
-            b'S' => {
-                if let Some((k, v)) = parse_parameter_status(&body) {
-                    params.insert(k, v);
-                }
-            }
-            b'K' => key = parse_key(&body).unwrap_or_default(),
-            b'E' => return Err(denied(error_text(&body))),
-            b'Z' => {
-                let now = Instant::now();
-                return Ok(ServerConn {
-                    stream,
-                    params,
-                    key,
-                    statements: Default::default(),
-                    created: now,
-                    last_used: now,
-                    broken: !buf.is_empty(),
-                });
-            }
-            // NoticeResponse, NegotiateProtocolVersion: nothing to do.
-            _ => {}
-        }
-    }
 }
 
 /// What a waiting client is given.
@@ -387,6 +295,8 @@ pub struct Pool {
     /// Clients holding one of its connections now.
     pub active: AtomicU64,
     stats: Arc<PoolStats>,
+    /// What the pool's own connections (minIdle) log in with: the last client's.
+    login: Mutex<Arc<Login>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -423,7 +333,7 @@ impl Pool {
     pub async fn checkout(
         self: &Arc<Self>,
         ctx: &DialContext,
-        password: &str,
+        login: &Login,
         queue: Duration,
     ) -> Result<ServerConn, CheckoutError> {
         let lifetime = ctx.config.pg_pool.as_ref().map(|p| p.server_lifetime);
@@ -473,7 +383,7 @@ impl Pool {
             Grant::Conn(c) => Ok(c),
             Grant::Retired => Err(CheckoutError::Retired),
             Grant::Dial => {
-                match dial(ctx, &self.backend, &self.database, &self.user, password).await {
+                match dial(ctx, &self.backend, &self.database, &self.user, login).await {
                     Ok(c) => {
                         self.stats.server_opened.fetch_add(1, Relaxed);
                         Ok(c)
@@ -523,12 +433,7 @@ impl Pool {
 
     /// Closes connections idle past `idle_timeout` or older than `lifetime`; opens new ones
     /// while fewer than `min_idle` are idle and the pool has room.
-    async fn maintain(
-        self: &Arc<Self>,
-        ctx: &DialContext,
-        password: &str,
-        settings: &crate::config::PgPool,
-    ) {
+    async fn maintain(self: &Arc<Self>, ctx: &DialContext, settings: &crate::config::PgPool) {
         let (closed, want) = {
             let mut g = lock(&self.inner);
             let before = g.idle.len();
@@ -549,8 +454,9 @@ impl Pool {
             self.stats.server_closed.fetch_add(closed as u64, Relaxed);
             debug!(pool = ?self, closed, "idle server connections closed");
         }
+        let login = lock(&self.login).clone();
         for _ in 0..want {
-            match dial(ctx, &self.backend, &self.database, &self.user, password).await {
+            match dial(ctx, &self.backend, &self.database, &self.user, &login).await {
                 Ok(c) => {
                     self.stats.server_opened.fetch_add(1, Relaxed);
                     self.checkin(c, settings.server_lifetime);
@@ -599,8 +505,10 @@ pub struct PoolStats {
     /// Transactions in flight failed because their server connection went (failover).
     pub failed_in_flight: AtomicU64,
     pub protocol_errors: AtomicU64,
-    /// CancelRequests forwarded to a server, and dropped (unknown key, idle client).
+    /// CancelRequests forwarded to a server, to the peer portal that gave out the key, and
+    /// dropped (unknown key, idle client, unreachable).
     pub cancels: AtomicU64,
+    pub cancels_to_peers: AtomicU64,
     pub cancels_dropped: AtomicU64,
     /// Named statements found prepared on the server connection, and prepared there anew.
     pub prepared_hits: AtomicU64,
@@ -648,28 +556,30 @@ pub struct PgHub {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub stats: Arc<PoolStats>,
     watching: OnceLock<()>,
-    next_pid: AtomicU64,
+    pub(super) next_pid: AtomicU64,
     /// The keys given to clients (BackendKeyData), and where their cancels go.
     pub(super) cancels: Mutex<HashMap<(u32, u32), Arc<super::CancelSlot>>>,
+    /// Keys of cancels this portal sent to a peer lately, with when: one that comes back is
+    /// dropped (peers whose lists disagree for a moment cannot bounce it for ever).
+    pub(super) sent_to_peers: Mutex<HashMap<(u32, u32), Instant>>,
     /// SCRAM verifiers made from the users' passwords, by user, with the password they were
     /// made from.
     pub(super) verifiers: Mutex<HashMap<String, (String, Arc<super::scram::Verifier>)>>,
+    /// Secrets fetched with `pooling.auth.query`, by user, with when (`None`: no such user).
+    pub(super) fetched: Mutex<HashMap<String, (Instant, Option<Arc<super::auth::Secret>>)>>,
+    /// Held while `pooling.auth.query` runs: one at a time.
+    pub(super) fetching: tokio::sync::Mutex<()>,
 }
 
 impl PgHub {
-    /// A process id for a client's BackendKeyData.
-    pub fn next_pid(&self) -> u32 {
-        (self.next_pid.fetch_add(1, Relaxed) % u64::from(u32::MAX - 1)) as u32 + 1
-    }
-
     /// The pool of `backend` (by name and address), `database` and `user`; a retired one is
-    /// replaced. `password` is what the pool's own connections (minIdle) log in with.
+    /// replaced. `login` is what the pool's own connections (minIdle) log in with from now.
     pub fn pool(
         self: &Arc<Self>,
         backend: &Backend,
         database: &str,
         user: &str,
-        password: &str,
+        login: &Arc<Login>,
         ctx: &DialContext,
     ) -> Arc<Pool> {
         let Some(settings) = ctx.config.pg_pool.clone() else {
@@ -683,6 +593,7 @@ impl PgHub {
         let mut pools = lock(&self.pools);
         if let Some(p) = pools.get(&key) {
             if !p.is_retired() && p.size == settings.pool_size {
+                *lock(&p.login) = login.clone();
                 return p.clone();
             }
         }
@@ -695,6 +606,7 @@ impl PgHub {
             retired: watch::channel(false).0,
             active: AtomicU64::new(0),
             stats: self.stats.clone(),
+            login: Mutex::new(login.clone()),
         });
         if let Some(old) = pools.insert(key, pool.clone()) {
             old.retire();
@@ -702,7 +614,7 @@ impl PgHub {
         // The pool's upkeep: idle timeout, lifetime, minIdle; ends when the pool is retired
         // or dropped.
         let weak: Weak<Pool> = Arc::downgrade(&pool);
-        let (ctx, password) = (ctx.clone(), password.to_string());
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -712,7 +624,7 @@ impl PgHub {
                 if pool.is_retired() {
                     break;
                 }
-                pool.maintain(&ctx, &password, &settings).await;
+                pool.maintain(&ctx, &settings).await;
             }
         });
         pool
