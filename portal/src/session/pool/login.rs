@@ -1,0 +1,188 @@
+//! The start of a pooled PostgreSQL client: its startup packet (user, database, the reported
+//! parameters it asks for; a CancelRequest instead), its authentication (in [`auth`](super::auth))
+//! and its login: a first server connection, whose parameters and the portal's own
+//! BackendKeyData the client is told.
+//!
+//! May import: `config`, `metrics`, `wire` and the rest of `pool`.
+
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use super::{CancelSlot, Client, REPLAYED};
+use crate::{
+    metrics::CloseReason,
+    wire::postgres::{
+        backend_key_data, is_protocol_3, message, parameter_status, parse_key, ready_for_query,
+        startup_header, startup_params, ReadyStatus, CANCEL_REQUEST, CANCEL_REQUEST_LEN,
+        MAX_STARTUP, PROTOCOL_3_0,
+    },
+};
+
+/// Startup parameters a client may send besides user and database: the replayed ones, and
+/// libpq's fallback_application_name.
+pub(super) fn startup_parameter(name: &str) -> Option<&'static str> {
+    if name == "fallback_application_name" {
+        return Some("application_name");
+    }
+    REPLAYED
+        .iter()
+        .copied()
+        .find(|r| r.eq_ignore_ascii_case(name))
+}
+
+impl<C> Client<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Startup and authentication. `Ok(true)`: logged in; `Ok(false)`: a CancelRequest was
+    /// served.
+    pub(super) async fn startup(&mut self) -> Result<bool, CloseReason> {
+        let mut header = [0u8; 8];
+        self.rd
+            .read_exact(&mut header)
+            .await
+            .map_err(|_| CloseReason::Error)?;
+        let (len, code) = startup_header(&header);
+        if (len, code) == (CANCEL_REQUEST_LEN, CANCEL_REQUEST) {
+            let mut key = [0u8; 8];
+            self.rd
+                .read_exact(&mut key)
+                .await
+                .map_err(|_| CloseReason::Error)?;
+            if let Some(key) = parse_key(&key) {
+                self.hub.cancel(key, &self.ctx).await;
+            }
+            return Ok(false);
+        }
+        if !is_protocol_3(code) || !(8..=MAX_STARTUP).contains(&len) {
+            self.hub.stats.protocol_errors.fetch_add(1, Relaxed);
+            return Err(self
+                .fatal(
+                    "08P01",
+                    &format!("unsupported startup packet (length {len}, code {code})"),
+                )
+                .await);
+        }
+        let mut body = vec![0u8; len as usize - 8];
+        self.rd
+            .read_exact(&mut body)
+            .await
+            .map_err(|_| CloseReason::Error)?;
+        let params = match startup_params(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                self.hub.stats.protocol_errors.fetch_add(1, Relaxed);
+                return Err(self.fatal("08P01", &e.to_string()).await);
+            }
+        };
+        let mut wanted = BTreeMap::new();
+        let mut unknown_options = Vec::new();
+        for (name, value) in params {
+            match name.as_str() {
+                "user" => self.user = value,
+                "database" => self.database = value,
+                "replication" if value != "false" && value != "0" && value != "off" => {
+                    return Err(self
+                        .fatal("08P01", "replication connections are not pooled: connect to the database directly")
+                        .await)
+                }
+                "replication" => {}
+                "options" if value.trim().is_empty() => {}
+                "options" => {
+                    return Err(self
+                        .fatal("0A000", "startup options (the options parameter, PGOPTIONS) cannot be kept across pooled server connections: set them with SET, or in the database or role settings")
+                        .await)
+                }
+                n if n.starts_with("_pq_.") => unknown_options.push(name),
+                n => match startup_parameter(n) {
+                    Some(key) => {
+                        if key != "application_name" || n != "fallback_application_name" || !wanted.contains_key(key) {
+                            wanted.insert(key.to_string(), value);
+                        }
+                    }
+                    None => {
+                        return Err(self
+                            .fatal("08P01", &format!("unsupported startup parameter: {name} (the pooling portal keeps only {})", REPLAYED.join(", ")))
+                            .await)
+                    }
+                },
+            }
+        }
+        if self.user.is_empty() {
+            return Err(self
+                .fatal(
+                    "28000",
+                    "no PostgreSQL user name specified in startup packet",
+                )
+                .await);
+        }
+        if self.database.is_empty() {
+            self.database = self.user.clone();
+        }
+        tracing::Span::current().record("user", tracing::field::display(&self.user));
+        if code != PROTOCOL_3_0 || !unknown_options.is_empty() {
+            // NegotiateProtocolVersion: the portal speaks 3.0 and no protocol options.
+            let mut b = 0u32.to_be_bytes().to_vec();
+            b.extend_from_slice(&(unknown_options.len() as u32).to_be_bytes());
+            for o in &unknown_options {
+                b.extend_from_slice(o.as_bytes());
+                b.push(0);
+            }
+            let m = message(b'v', &b);
+            self.send(&m).await?;
+        }
+        self.authenticate().await?;
+        self.login(wanted).await?;
+        Ok(true)
+    }
+
+    /// After authentication: a first server connection, to learn the server's parameters
+    /// and apply the client's startup ones (a value the server refuses fails the login), then
+    /// ParameterStatus, BackendKeyData and ReadyForQuery.
+    pub(super) async fn login(
+        &mut self,
+        wanted: BTreeMap<String, String>,
+    ) -> Result<(), CloseReason> {
+        let mut conn = match self.acquire_conn().await {
+            Ok(c) => c,
+            Err((sqlstate, text)) => return Err(self.fatal(sqlstate, &text).await),
+        };
+        let mut sql = String::new();
+        for (name, value) in &wanted {
+            if conn.params.get(name) != Some(value) {
+                sql.push_str(&format!("SET {name} TO '{}';", value.replace('\'', "''")));
+            }
+        }
+        if !sql.is_empty() {
+            if let Err(e) = conn.run(&sql, self.config.timeouts.server).await {
+                self.give_back(conn);
+                return Err(self
+                    .fatal("22023", &format!("invalid startup parameter: {e}"))
+                    .await);
+            }
+        }
+        self.params = conn.params.clone();
+        let pool = self.pool.clone().expect("acquired");
+        let mut out = Vec::with_capacity(512);
+        for (k, v) in &self.params {
+            out.extend_from_slice(&parameter_status(k, v));
+        }
+        let (pid, secret) = self.hub.new_key(&self.config);
+        let slot = Arc::new(CancelSlot::default());
+        self.hub.register_cancel((pid, secret), slot.clone());
+        self.cancel = Some(((pid, secret), slot));
+        out.extend_from_slice(&backend_key_data(pid, secret));
+        out.extend_from_slice(&ready_for_query(ReadyStatus::Idle));
+        if self.settings.transaction {
+            self.give_back(conn);
+        } else {
+            self.hold(conn, pool);
+        }
+        self.send(&out).await?;
+        Ok(())
+    }
+}
