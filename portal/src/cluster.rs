@@ -2,7 +2,7 @@
 //! certificate from a `kubernetes.io/tls` Secret, both watched through the Kubernetes API and
 //! applied live with the same validation and keep-last-good rule as the standalone file; probe
 //! credentials may come from a Secret too. The portal reports its own view (ready, leader,
-//! backends) in an annotation of its own Pod.
+//! backends) in an annotation of its own Pod ([`pod_report`](crate::pod_report)).
 //!
 //! Watches select one object by name (`metadata.name=NAME`), which a Role limited to that
 //! object by `resourceNames` allows for `list` and `watch`. On API outages the portal keeps
@@ -10,47 +10,38 @@
 //!
 //! Prepares what the serving loop serves, as `standalone` does from a file.
 //!
-//! May import: `config`, `error`, `health`, `reload`, `route`, `tls`.
+//! May import: `config`, `control`, `error`, `health`, `pod_report`, `reload`, `tls`.
 
 use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use anyhow::Context as _;
 use futures::{stream::BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::{
-    api::{Patch, PatchParams},
     runtime::{watcher, WatchStreamExt},
     Api, Client,
 };
-use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{BackendState, Config, ConfigError, FieldError, Health, Multiplex},
-    control::{Control, Overrides},
+    config::{Config, ConfigError, FieldError, Health, Multiplex},
+    control::Control,
     error::Error,
     health::{
-        self, CredentialsSource, HealthHandle, HealthView, ProbeCredentials, StandaloneCredentials,
-        Users,
+        self, CredentialsSource, HealthHandle, ProbeCredentials, StandaloneCredentials, Users,
     },
     reload::{self, Following, ReloadStatus},
-    route,
     tls::{CertSource, TlsRuntime},
 };
 
 /// The ConfigMap key holding the configuration.
 pub const CONFIG_KEY: &str = "portal.yaml";
-/// The annotation of the portal's own Pod that carries its [`Report`] (JSON).
-pub const REPORT_ANNOTATION: &str = "dbportal.dev/report";
-/// The least time between two patches of the report.
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
+pub use crate::pod_report::{BackendReport, Report, REPORT_ANNOTATION, REPORT_INTERVAL};
 /// Where a portal in a cluster finds its configuration, certificate and identity.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -83,70 +74,6 @@ pub struct Cluster {
     /// The watches of the ConfigMap and the Secrets, and the Pod's report; they stop when
     /// dropped.
     pub following: Following,
-}
-
-/// What a portal reports about itself on its Pod.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Report {
-    /// A configuration is served and some backend is routable.
-    pub ready: bool,
-    /// The leader this portal sees (none while there is a conflict).
-    pub leader: Option<String>,
-    pub backends: Vec<BackendReport>,
-    /// The ConfigMap holds a configuration that was refused; an older one is served.
-    pub config_stale: bool,
-}
-
-/// One backend as a portal sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BackendReport {
-    pub name: String,
-    pub up: bool,
-    pub role: &'static str,
-    /// `busy` or `misconf` while an up backend answers with a caveat.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<&'static str>,
-    /// `drain` or `maint` (from the configuration or the admin endpoint); absent when ready.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin_state: Option<&'static str>,
-}
-
-impl Report {
-    /// The report of a portal serving `config` with the health view `health`.
-    pub fn new(
-        config: &Config,
-        health: &HealthView,
-        overrides: &Overrides,
-        reload: &reload::ReloadState,
-    ) -> Self {
-        let admin_state = |name: &str| {
-            config
-                .backends
-                .iter()
-                .find(|b| b.name == name)
-                .map(|b| overrides.state(b))
-                .filter(|s| !s.is_ready())
-                .map(BackendState::as_str)
-        };
-        Report {
-            ready: !route::eligible(config, health, overrides).is_empty(),
-            leader: health.leader_name().map(str::to_string),
-            backends: health
-                .backends
-                .iter()
-                .map(|b| BackendReport {
-                    name: b.name.clone(),
-                    up: b.up,
-                    role: b.role.as_str(),
-                    state: b.caveat.filter(|_| b.up).map(|c| c.as_str()),
-                    admin_state: admin_state(&b.name),
-                })
-                .collect(),
-            config_stale: reload.stale,
-        }
-    }
 }
 
 type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
@@ -567,7 +494,7 @@ pub async fn start(
     match &options.pod_name {
         Some(pod) => {
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-            tasks.push(tokio::spawn(report(
+            tasks.push(tokio::spawn(crate::pod_report::report(
                 pods,
                 pod.clone(),
                 rx.clone(),
@@ -598,62 +525,6 @@ async fn bind(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListe
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { what, addr, source })
-}
-
-/// Patches the portal's [`Report`] onto its Pod whenever it changes, at most once per
-/// [`REPORT_INTERVAL`]; a failed patch is retried at the next interval.
-async fn report(
-    pods: Api<Pod>,
-    pod: String,
-    mut config: watch::Receiver<Arc<Config>>,
-    mut health: watch::Receiver<HealthView>,
-    mut overrides: watch::Receiver<Arc<Overrides>>,
-    status: ReloadStatus,
-) {
-    let mut sent: Option<Report> = None;
-    let mut failing = false;
-    loop {
-        let now = {
-            let c = config.borrow_and_update().clone();
-            let h = health.borrow_and_update().clone();
-            let o = overrides.borrow_and_update().clone();
-            Report::new(&c, &h, &o, &status.snapshot())
-        };
-        if sent.as_ref() != Some(&now) {
-            match patch_report(&pods, &pod, &now).await {
-                Ok(()) => {
-                    if failing {
-                        info!(pod = %pod, "reporting on the Pod again");
-                    }
-                    failing = false;
-                    sent = Some(now);
-                }
-                Err(e) => {
-                    if !failing {
-                        warn!(pod = %pod, error = %e, "cannot report on the Pod; retrying");
-                    }
-                    failing = true;
-                }
-            }
-        }
-        tokio::time::sleep(REPORT_INTERVAL).await;
-        // Wake on a change, or after an interval (the reload status has no notification).
-        tokio::select! {
-            r = config.changed() => if r.is_err() { return },
-            r = health.changed() => if r.is_err() { return },
-            r = overrides.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(REPORT_INTERVAL) => {}
-        }
-    }
-}
-
-async fn patch_report(pods: &Api<Pod>, pod: &str, report: &Report) -> anyhow::Result<()> {
-    let value = serde_json::to_string(report)?;
-    let patch = serde_json::json!({ "metadata": { "annotations": { REPORT_ANNOTATION: value } } });
-    pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("patching Pod {pod}"))?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -735,55 +606,5 @@ mod tests {
         let other = SecretCredentials::new(Some("other".into()));
         assert!(other.credentials(&config.health).is_err());
         assert!(secret_credentials(&secret(&[("username", "u")])).is_err());
-    }
-
-    #[test]
-    fn report_names_the_leader_unless_in_conflict() {
-        let config = reload::parse_cluster(
-            "engine: redis\nbackends: [{name: a, address: \"127.0.0.1:6379\"}, {name: b, address: \"127.0.0.1:6380\"}]\n",
-        )
-        .unwrap();
-        let mut view = HealthView::assume_up(["a", "b"]);
-        view.leader = Some(1);
-        let state = reload::ReloadState::default();
-        let r = Report::new(&config, &view, &Overrides::default(), &state);
-        assert_eq!(r.leader.as_deref(), Some("b"));
-        assert!(r.ready);
-        view.conflict = true;
-        assert_eq!(
-            Report::new(&config, &view, &Overrides::default(), &state).leader,
-            None
-        );
-        let json = serde_json::to_value(Report::new(&config, &view, &Overrides::default(), &state))
-            .unwrap();
-        assert_eq!(json["backends"][0]["role"], "unknown");
-        assert!(json.get("configStale").is_some());
-        assert!(
-            json["backends"][0].get("state").is_none(),
-            "no caveat, no state"
-        );
-
-        // A busy leader is reported as such, and still as the leader; a down node never is.
-        view.conflict = false;
-        view.backends[1].caveat = Some(crate::health::Caveat::Busy);
-        view.backends[0].caveat = Some(crate::health::Caveat::Misconf);
-        view.backends[0].up = false;
-        let json = serde_json::to_value(Report::new(&config, &view, &Overrides::default(), &state))
-            .unwrap();
-        assert_eq!(json["leader"], "b");
-        assert_eq!(json["backends"][1]["state"], "busy");
-        assert!(json["backends"][0].get("state").is_none());
-        assert!(
-            json["backends"][1].get("adminState").is_none(),
-            "ready is not reported"
-        );
-
-        // A drained leader: reported, and the portal has nothing to route new sessions to.
-        let control = Control::default();
-        control.set_state("b", Some(BackendState::Drain));
-        let r = Report::new(&config, &view, &control.current(), &state);
-        assert!(!r.ready);
-        let json = serde_json::to_value(r).unwrap();
-        assert_eq!(json["backends"][1]["adminState"], "drain");
     }
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod pod_report;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod route;
