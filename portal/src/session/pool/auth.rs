@@ -5,279 +5,35 @@
 //! that exchange left, a password, an md5 hash, or the ClientKey a SCRAM proof revealed
 //! (SCRAM passthrough: the portal never holds a password it could replay elsewhere).
 //!
-//! May import: `config`, `health`, `metrics`, `wire` and the rest of `pool`.
+//! May import: `config`, `health`, `metrics`, `wire` and the rest of `pool` (`conn`,
+//! `secret`, `scram`, `server`).
 
 use std::{
-    collections::BTreeMap,
-    io,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant},
 };
 
-use md5::{Digest, Md5};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use super::{
-    random,
-    scram::{self, ClientExchange, Exchange, Verifier},
-    server::{lock, PgHub, ServerConn, ServerStream},
+    conn::{lock, random},
+    scram::{self, Exchange, Verifier},
+    secret::{md5_salted, same, Login, Secret},
+    server::PgHub,
     Client, MAX_AUTH_MESSAGE,
 };
 use crate::{
     metrics::CloseReason,
     wire::postgres::{
-        authentication, error_text, frame, message, parse_authentication, parse_key,
-        parse_parameter_status, parse_sasl_initial, sasl_initial, startup_message, AUTH_CLEARTEXT,
-        AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL,
+        authentication, parse_sasl_initial, AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE,
+        AUTH_SASL_FINAL,
     },
 };
 
 /// How long a secret fetched with `pooling.auth.query` is used before it is fetched again (a
 /// changed password, or a user created or dropped, takes effect within this time).
 pub const FETCHED_FOR: Duration = Duration::from_secs(30);
-
-/// What the portal knows of a user's password, by its form (as PostgreSQL stores them).
-#[derive(Clone, PartialEq, Eq)]
-pub enum Secret {
-    /// The password itself: SCRAM-SHA-256 to the client, any method to the server.
-    Password(String),
-    /// `md5` and 32 hex digits, md5(password + user): md5 to the client and to the server.
-    Md5(String),
-    /// A SCRAM-SHA-256 verifier: SCRAM to the client; to the server with the keys the
-    /// client's proof reveals.
-    Scram(Verifier),
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Secret::Password(_) => "Secret::Password(<redacted>)",
-            Secret::Md5(_) => "Secret::Md5(<redacted>)",
-            Secret::Scram(_) => "Secret::Scram(<redacted>)",
-        })
-    }
-}
-
-impl Secret {
-    /// The secret a stored text stands for: an md5 hash, a SCRAM verifier, else a password.
-    pub fn parse(text: &str) -> Secret {
-        if is_md5_hash(text) {
-            return Secret::Md5(text.to_ascii_lowercase());
-        }
-        match text
-            .starts_with("SCRAM-SHA-256$")
-            .then(|| Verifier::parse(text))
-            .flatten()
-        {
-            Some(v) => Secret::Scram(v),
-            None => Secret::Password(text.to_string()),
-        }
-    }
-}
-
-fn is_md5_hash(text: &str) -> bool {
-    text.len() == 35 && text.starts_with("md5") && text[3..].bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// What the portal logs in to a backend with, as a client's user.
-#[derive(Clone, Default)]
-pub enum Login {
-    /// No password (a server that trusts the portal).
-    #[default]
-    None,
-    Password(String),
-    Md5(String),
-    Scram {
-        client_key: [u8; 32],
-        server_key: [u8; 32],
-    },
-}
-
-impl std::fmt::Debug for Login {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Login::None => "Login::None",
-            Login::Password(_) => "Login::Password(<redacted>)",
-            Login::Md5(_) => "Login::Md5(<redacted>)",
-            Login::Scram { .. } => "Login::Scram(<redacted>)",
-        })
-    }
-}
-
-fn md5_hex(parts: &[&[u8]]) -> String {
-    let mut h = Md5::new();
-    for p in parts {
-        h.update(p);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// PostgreSQL's md5 form of a password: `md5` + md5(password + user).
-pub fn md5_hash(password: &str, user: &str) -> String {
-    format!("md5{}", md5_hex(&[password.as_bytes(), user.as_bytes()]))
-}
-
-/// The answer to an md5 challenge with `salt`, from the md5 form of the password.
-pub fn md5_salted(hash: &str, salt: [u8; 4]) -> String {
-    format!("md5{}", md5_hex(&[hash[3..].as_bytes(), &salt]))
-}
-
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn denied(text: String) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, text)
-}
-
-/// Logs in to a backend on `stream` as `user` to `database`, answering the method the server
-/// asks for with what `login` holds; up to the first ReadyForQuery.
-pub(super) async fn login(
-    mut stream: ServerStream,
-    database: &str,
-    user: &str,
-    login: &Login,
-) -> io::Result<ServerConn> {
-    stream
-        .write_all(&startup_message(&[("user", user), ("database", database)]))
-        .await?;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut scram: Option<ScramSha256> = None;
-    let mut passthrough: Option<ClientExchange> = None;
-    let mut params = BTreeMap::new();
-    let mut key = (0, 0);
-    let cannot = |method: &str| {
-        denied(format!(
-            "the server asks for {method}, which the portal cannot answer for user \"{user}\" (it holds {})",
-            match login {
-                Login::None => "no password",
-                Login::Password(_) => "the password",
-                Login::Md5(_) => "only the md5 hash of the password",
-                Login::Scram { .. } => "only SCRAM keys",
-            }
-        ))
-    };
-    loop {
-        let Some(n) = frame(&buf, 1 << 20).map_err(io::Error::other)? else {
-            if stream.read_buf(&mut buf).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection during login",
-                ));
-            }
-            continue;
-        };
-        let body = buf[5..n].to_vec();
-        let tag = buf[0];
-        buf.drain(..n);
-        match tag {
-            b'R' => {
-                let (code, data) = parse_authentication(&body)
-                    .ok_or_else(|| io::Error::other("malformed authentication request"))?;
-                let reply = match (code, login) {
-                    (AUTH_OK, _) => None,
-                    (AUTH_CLEARTEXT, Login::Password(p)) => Some(message(b'p', &cstring(p))),
-                    (AUTH_CLEARTEXT, _) => return Err(cannot("a cleartext password")),
-                    (AUTH_MD5, Login::Password(_) | Login::Md5(_)) => {
-                        let salt: [u8; 4] = data
-                            .get(..4)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| io::Error::other("malformed md5 request"))?;
-                        let hash = match login {
-                            Login::Password(p) => md5_hash(p, user),
-                            Login::Md5(h) => h.clone(),
-                            _ => unreachable!("matched above"),
-                        };
-                        Some(message(b'p', &cstring(&md5_salted(&hash, salt))))
-                    }
-                    (AUTH_MD5, _) => return Err(cannot("md5")),
-                    (AUTH_SASL, Login::Password(_) | Login::Scram { .. }) => {
-                        let offers_scram = data
-                            .split(|&b| b == 0)
-                            .any(|m| m == scram::MECHANISM.as_bytes());
-                        if !offers_scram {
-                            return Err(denied(
-                                "the server offers no SASL mechanism the portal speaks".into(),
-                            ));
-                        }
-                        // gs2 flag `n`: a TLS server that offers -PLUS accepts it, while `y`
-                        // would read as a downgrade.
-                        let first = match login {
-                            Login::Password(p) => {
-                                let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
-                                let first = s.message().to_vec();
-                                scram = Some(s);
-                                first
-                            }
-                            Login::Scram {
-                                client_key,
-                                server_key,
-                            } => {
-                                let (x, first) =
-                                    ClientExchange::new(*client_key, *server_key, &random::<18>());
-                                passthrough = Some(x);
-                                first.into_bytes()
-                            }
-                            _ => unreachable!("matched above"),
-                        };
-                        Some(sasl_initial(scram::MECHANISM, &first))
-                    }
-                    (AUTH_SASL, _) => return Err(cannot("SCRAM-SHA-256")),
-                    (AUTH_SASL_CONTINUE, _) => {
-                        let last = match (&mut scram, &mut passthrough) {
-                            (Some(s), _) => {
-                                s.update(data)?;
-                                s.message().to_vec()
-                            }
-                            (None, Some(x)) => x
-                                .respond(data)
-                                .map_err(|e| io::Error::other(e.to_string()))?
-                                .into_bytes(),
-                            _ => return Err(io::Error::other("SASLContinue before SASL")),
-                        };
-                        Some(message(b'p', &last))
-                    }
-                    (AUTH_SASL_FINAL, _) => {
-                        match (&mut scram, &passthrough) {
-                            (Some(s), _) => s.finish(data)?,
-                            (None, Some(x)) => x.verify(data).map_err(|_| {
-                                denied("the server's SCRAM signature is not the verifier's".into())
-                            })?,
-                            _ => return Err(io::Error::other("SASLFinal before SASL")),
-                        }
-                        None
-                    }
-                    (other, _) => {
-                        return Err(denied(format!(
-                            "the server asks for authentication method {other}, which the portal does not speak"
-                        )))
-                    }
-                };
-                if let Some(reply) = reply {
-                    stream.write_all(&reply).await?;
-                }
-            }
-            b'S' => {
-                if let Some((k, v)) = parse_parameter_status(&body) {
-                    params.insert(k, v);
-                }
-            }
-            b'K' => key = parse_key(&body).unwrap_or_default(),
-            b'E' => return Err(denied(error_text(&body))),
-            b'Z' => return Ok(ServerConn::new(stream, params, key, !buf.is_empty())),
-            // NoticeResponse, NegotiateProtocolVersion: nothing to do.
-            _ => {}
-        }
-    }
-}
-
-fn cstring(text: &str) -> Vec<u8> {
-    let mut m = text.as_bytes().to_vec();
-    m.push(0);
-    m
-}
 
 /// The verifier of a user's password (each costs thousands of HMACs, so it is made once per
 /// password and dropped when the password changes).
@@ -400,7 +156,7 @@ where
             .and_then(|c| c.username.clone())
             .unwrap_or_else(|| "postgres".into());
         let login = probe.map_or(Login::None, |c| Login::Password(c.password));
-        let mut conn = super::server::dial(&self.ctx, &backend, "postgres", &user, &login)
+        let mut conn = super::conn::dial(&self.ctx, &backend, "postgres", &user, &login)
             .await
             .map_err(|e| {
                 format!(
@@ -490,40 +246,5 @@ where
             return Err(self.fatal("28P01", &text).await);
         }
         self.send(&authentication(AUTH_OK, &[])).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_are_read_by_their_form() {
-        let v = postgres_protocol::password::scram_sha_256(b"pw");
-        assert!(matches!(Secret::parse(&v), Secret::Scram(_)));
-        let md5 = md5_hash("pw", "app");
-        assert_eq!(Secret::parse(&md5), Secret::Md5(md5.clone()));
-        assert_eq!(
-            Secret::parse(&md5.to_ascii_uppercase().replacen("MD5", "md5", 1)),
-            Secret::Md5(md5.clone())
-        );
-        for password in ["pw", "md5", "md5xyz", "SCRAM-SHA-256$broken", ""] {
-            assert_eq!(Secret::parse(password), Secret::Password(password.into()));
-        }
-        assert!(!format!(
-            "{:?} {:?}",
-            Secret::parse("pw"),
-            Login::Password("pw".into())
-        )
-        .contains("pw)"));
-    }
-
-    /// The md5 answers are libpq's (postgres-protocol computes them the way libpq does).
-    #[test]
-    fn md5_answers_match_libpq() {
-        let salt = [1, 2, 3, 4];
-        let libpq = postgres_protocol::authentication::md5_hash(b"app", b"s3cret", salt);
-        assert_eq!(md5_salted(&md5_hash("s3cret", "app"), salt), libpq);
-        assert_ne!(md5_salted(&md5_hash("wrong", "app"), salt), libpq);
     }
 }

@@ -9,7 +9,7 @@
 
 use std::{
     io,
-    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant},
 };
 
@@ -21,13 +21,10 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    random,
-    server::{lock, DialContext, PgHub},
+    conn::{lock, random, DialContext},
+    server::{CancelSlot, PgHub},
 };
 use crate::config::{Address, Backend, Config};
-
-/// The server connection a client's cancel goes to: set while it holds one.
-pub type CancelSlot = Mutex<Option<(Backend, (u32, u32))>>;
 
 /// Bits of a process id below the portal's place.
 const PLACE_SHIFT: u32 = 23;

@@ -7,7 +7,8 @@ use std::{collections::VecDeque, sync::Arc};
 
 use tokio::sync::watch;
 
-use super::server::{Pool, ServerConn};
+use super::conn::ServerConn;
+use super::server::Pool;
 use super::statements::Definition;
 
 use crate::wire::postgres::ReadyStatus;

@@ -11,14 +11,21 @@
 //! in flight there gets an ErrorResponse, a client idle between transactions notices nothing
 //! and its next transaction goes to the new leader.
 //!
-//! - [`login`]: the startup packet and the login, with [`auth`] (both ends of
-//!   authentication: SCRAM, md5, `auth.query`, SCRAM passthrough) on [`scram`] (pure);
+//! - [`login`]: the startup packet and the login, with [`auth`] (the client's authentication:
+//!   SCRAM, md5, `auth.query`) on [`scram`] (pure, both sides of SCRAM);
 //! - [`frontend`]: the client's messages; [`backend`]: the server's, for the connection the
 //!   client [`held`]s;
 //! - [`cancel`]: the clients' keys and their CancelRequests, also through a peer portal;
-//! - [`server`]: server connections, pools, the queue, the retiring of pools; [`stats`]: the
-//!   counters; [`report`]: the `/metrics` families and the `/status` part;
+//! - [`conn`]: one server connection, dialled and logged in with a [`secret::Login`];
+//!   [`secret`]: the forms of a password (pure);
+//! - [`server`]: the pools, their queue, the retiring of pools; [`stats`]: the counters;
+//!   [`report`]: the `/metrics` families and the `/status` part;
 //! - [`statements`] and [`pinning`]: what the portal reads of the client's SQL.
+//!
+//! The client task is one type, `Client`, whose methods are split by job over `mod.rs`,
+//! `login.rs`, `auth.rs`, `frontend.rs` and `backend.rs`; those call each other as one impl
+//! does. Every other file imports only files below it: `secret` and `scram`, `conn`,
+//! `server`, `cancel`, with `held`, `stats`, `statements` and `pinning` beside.
 //!
 //! May import: `admission`, `config`, `health`, `metrics`, `route`, `tls`, `wire` and the
 //! session's [`Shared`](super::Shared).
@@ -26,12 +33,14 @@
 mod auth;
 mod backend;
 mod cancel;
+mod conn;
 mod frontend;
 mod held;
 mod login;
 pub mod pinning;
 mod report;
 pub mod scram;
+mod secret;
 pub mod server;
 pub mod statements;
 mod stats;
@@ -48,9 +57,10 @@ use tokio::{
 };
 use tracing::debug;
 
+use conn::{lock, DialContext, ServerConn};
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
-use server::{lock, CheckoutError, DialContext, Pool, ServerConn};
+use server::{CheckoutError, Pool};
 use statements::Definition;
 pub use stats::{PoolStats, WAIT_BUCKETS};
 
@@ -174,7 +184,7 @@ struct Client<C> {
     user: String,
     database: String,
     /// What the client's server connections log in with (its authentication's outcome).
-    login: Arc<auth::Login>,
+    login: Arc<secret::Login>,
     /// The client's view of the reported parameters (what it was told with ParameterStatus).
     params: BTreeMap<String, String>,
     /// The pool of the backend the client's transactions go to now.
@@ -194,8 +204,8 @@ struct Client<C> {
 }
 
 use backend::{server_event, ServerEvent};
-pub use cancel::CancelSlot;
 use held::Held;
+pub use server::CancelSlot;
 
 /// `SET name TO 'value'` statements that give a server connection the client's values.
 fn replay_sql(client: &BTreeMap<String, String>, server: &BTreeMap<String, String>) -> String {
@@ -217,13 +227,6 @@ fn replay_sql(client: &BTreeMap<String, String>, server: &BTreeMap<String, Strin
         sql.push_str(&format!("SET {name} TO '{value}';"));
     }
     sql
-}
-
-fn random<const N: usize>() -> [u8; N] {
-    use ring::rand::SecureRandom;
-    let mut out = [0u8; N];
-    let _ = ring::rand::SystemRandom::new().fill(&mut out);
-    out
 }
 
 impl<C> Client<C>

@@ -6,256 +6,28 @@
 //! May import: `config`, `health`, `route`, `tls`, `wire` and the rest of `pool`.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     io,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, MutexGuard, OnceLock, Weak,
+        Arc, Mutex, OnceLock, Weak,
     },
     time::{Duration, Instant},
 };
 
-use futures::FutureExt;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     sync::{oneshot, watch},
     time::timeout,
 };
 use tracing::{debug, info};
 
-use super::auth::Login;
+use super::conn::{dial, lock, DialContext, ServerConn};
+use super::secret::{Login, Secret};
 use super::stats::PoolStats;
 use crate::{
     config::{Backend, Config},
     health::HealthView,
-    tls::{BackendConnector, MaybeTls},
-    wire::postgres::{error_text, frame, parse_parameter_status, query, ReadyStatus, MAX_MESSAGE},
 };
-
-/// A server connection's stream: TCP, or TLS when `tls.backend` is on.
-pub type ServerStream = MaybeTls<TcpStream>;
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One server connection, logged in as its pool's user.
-pub struct ServerConn {
-    pub stream: ServerStream,
-    /// The values the server reported with ParameterStatus, as they are now.
-    pub params: BTreeMap<String, String>,
-    /// The server's BackendKeyData, for cancels.
-    pub key: (u32, u32),
-    /// The prepared statements the portal made on it.
-    pub statements: super::statements::ServerStatements,
-    created: Instant,
-    last_used: Instant,
-    /// The server's state is unknown (a client left mid-transaction, a read failed): close
-    /// instead of reusing.
-    pub broken: bool,
-}
-
-impl std::fmt::Debug for ServerConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerConn")
-            .field("key", &self.key.0)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerConn {
-    /// A connection that has just logged in; `broken` when the server sent more than asked.
-    pub(super) fn new(
-        stream: ServerStream,
-        params: BTreeMap<String, String>,
-        key: (u32, u32),
-        broken: bool,
-    ) -> ServerConn {
-        let now = Instant::now();
-        ServerConn {
-            stream,
-            params,
-            key,
-            statements: Default::default(),
-            created: now,
-            last_used: now,
-            broken,
-        }
-    }
-
-    /// Runs `sql` once with `$1` = `param` and returns the last column of its first row
-    /// (`None`: no row, or NULL). An ErrorResponse comes back as `Err` with its text.
-    pub async fn query_one(
-        &mut self,
-        sql: &str,
-        param: &str,
-        deadline: Duration,
-    ) -> io::Result<Option<String>> {
-        let work = async {
-            self.stream
-                .write_all(&crate::wire::postgres::query_with_param(sql, param))
-                .await?;
-            let mut buf = Vec::with_capacity(512);
-            let (mut value, mut error, mut rows) = (None, None, 0);
-            loop {
-                let Some(n) = frame(&buf, 1 << 20).map_err(io::Error::other)? else {
-                    if self.stream.read_buf(&mut buf).await? == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the server closed the connection",
-                        ));
-                    }
-                    continue;
-                };
-                match buf[0] {
-                    b'D' => {
-                        rows += 1;
-                        if rows == 1 {
-                            let columns = crate::wire::postgres::data_row(&buf[5..n])
-                                .ok_or_else(|| io::Error::other("malformed DataRow"))?;
-                            value = columns
-                                .last()
-                                .copied()
-                                .flatten()
-                                .map(|v| String::from_utf8_lossy(v).into_owned());
-                        }
-                    }
-                    b'E' => error = Some(error_text(&buf[5..n])),
-                    b'Z' => {
-                        buf.drain(..n);
-                        self.broken |= !buf.is_empty();
-                        return match error {
-                            Some(e) => Err(io::Error::other(e)),
-                            None => Ok(value),
-                        };
-                    }
-                    _ => {}
-                }
-                buf.drain(..n);
-            }
-        };
-        match timeout(deadline, work).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.broken = true;
-                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
-            }
-        }
-    }
-
-    /// Whether the server closed it or sent something unasked while it was idle.
-    fn is_stale(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        self.stream.read(&mut byte).now_or_never().is_some()
-    }
-
-    /// Runs `sql` (SET, DISCARD ALL) and reads up to its ReadyForQuery, keeping the
-    /// parameters it reports. An ErrorResponse comes back as `Err` with its text.
-    pub async fn run(&mut self, sql: &str, deadline: Duration) -> io::Result<()> {
-        let work = async {
-            self.stream.write_all(&query(sql)).await?;
-            let mut buf = Vec::with_capacity(512);
-            let mut error = None;
-            loop {
-                match frame(&buf, MAX_MESSAGE).map_err(io::Error::other)? {
-                    None => {
-                        if self.stream.read_buf(&mut buf).await? == 0 {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the server closed the connection",
-                            ));
-                        }
-                    }
-                    Some(n) => {
-                        let body = &buf[5..n];
-                        match buf[0] {
-                            b'S' => {
-                                if let Some((k, v)) = parse_parameter_status(body) {
-                                    self.params.insert(k, v);
-                                }
-                            }
-                            b'E' => error = Some(error_text(body)),
-                            b'Z' => {
-                                let idle = ReadyStatus::of(&buf[..n]) == Some(ReadyStatus::Idle);
-                                buf.drain(..n);
-                                if !buf.is_empty() || !idle {
-                                    self.broken = true;
-                                }
-                                return match error {
-                                    Some(e) => Err(io::Error::other(e)),
-                                    None => Ok(()),
-                                };
-                            }
-                            _ => {}
-                        }
-                        buf.drain(..n);
-                    }
-                }
-            }
-        };
-        match timeout(deadline, work).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.broken = true;
-                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
-            }
-        }
-    }
-}
-
-/// What a new server connection needs besides its pool's backend, database and user.
-#[derive(Clone)]
-pub struct DialContext {
-    pub config: Arc<Config>,
-    pub connector: Option<BackendConnector>,
-}
-
-/// Opens a server connection to `backend` and logs in as `user` to `database` with `login`
-/// (SCRAM-SHA-256, md5 or cleartext, as the server asks), within `timeouts.connect`.
-pub async fn dial(
-    ctx: &DialContext,
-    backend: &Backend,
-    database: &str,
-    user: &str,
-    login: &Login,
-) -> io::Result<ServerConn> {
-    let deadline = ctx.config.timeouts.connect;
-    let work = async {
-        let tcp = match backend.address.ip() {
-            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
-            None => {
-                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let stream = match &ctx.connector {
-            None => MaybeTls::Plain(tcp),
-            Some(connector) => {
-                let mut tcp = tcp;
-                crate::tls::postgres_ssl_request(&mut tcp)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let name = connector
-                    .server_name_for(&backend.address.host)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                connector
-                    .handshake(tcp, name, None)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?
-            }
-        };
-        super::auth::login(stream, database, user, login).await
-    };
-    let mut conn = timeout(deadline, work).await.unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {deadline:?}"),
-        ))
-    })?;
-    conn.created = Instant::now();
-    Ok(conn)
-}
 
 /// What a waiting client is given.
 enum Grant {
@@ -489,6 +261,9 @@ impl Pool {
 
 type PoolKey = (String, String, String);
 
+/// The server connection a client's cancel goes to: set while it holds one.
+pub type CancelSlot = Mutex<Option<(Backend, (u32, u32))>>;
+
 /// The pools of one portal, the pool watcher, and the clients' own keys for BackendKeyData.
 #[derive(Debug, Default)]
 pub struct PgHub {
@@ -497,7 +272,7 @@ pub struct PgHub {
     watching: OnceLock<()>,
     pub(super) next_pid: AtomicU64,
     /// The keys given to clients (BackendKeyData), and where their cancels go.
-    pub(super) cancels: Mutex<HashMap<(u32, u32), Arc<super::CancelSlot>>>,
+    pub(super) cancels: Mutex<HashMap<(u32, u32), Arc<CancelSlot>>>,
     /// Keys of cancels this portal sent to a peer lately, with when: one that comes back is
     /// dropped (peers whose lists disagree for a moment cannot bounce it for ever).
     pub(super) sent_to_peers: Mutex<HashMap<(u32, u32), Instant>>,
@@ -505,7 +280,7 @@ pub struct PgHub {
     /// made from.
     pub(super) verifiers: Mutex<HashMap<String, (String, Arc<super::scram::Verifier>)>>,
     /// Secrets fetched with `pooling.auth.query`, by user, with when (`None`: no such user).
-    pub(super) fetched: Mutex<HashMap<String, (Instant, Option<Arc<super::auth::Secret>>)>>,
+    pub(super) fetched: Mutex<HashMap<String, (Instant, Option<Arc<Secret>>)>>,
     /// Held while `pooling.auth.query` runs: one at a time.
     pub(super) fetching: tokio::sync::Mutex<()>,
 }

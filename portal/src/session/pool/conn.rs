@@ -1,0 +1,419 @@
+//! One server connection of PostgreSQL pooling: dialled (TLS when `tls.backend` is on), logged
+//! in as a client's user with what that client's authentication left ([`Login`]: a password,
+//! an md5 hash, or SCRAM keys), and driven for the portal's own statements (SET, DISCARD ALL,
+//! `auth.query`).
+//!
+//! May import: `config`, `tls`, `wire` and the rest of `pool` below it (`secret`, `scram`,
+//! `statements`).
+
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+use super::{
+    scram::{self, ClientExchange},
+    secret::{md5_hash, md5_salted, Login},
+};
+use crate::{
+    config::{Backend, Config},
+    tls::{BackendConnector, MaybeTls},
+    wire::postgres::{
+        error_text, frame, message, parse_authentication, parse_key, parse_parameter_status, query,
+        sasl_initial, startup_message, ReadyStatus, AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL,
+        AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, MAX_MESSAGE,
+    },
+};
+
+/// A server connection's stream: TCP, or TLS when `tls.backend` is on.
+pub type ServerStream = MaybeTls<TcpStream>;
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One server connection, logged in as its pool's user.
+pub struct ServerConn {
+    pub stream: ServerStream,
+    /// The values the server reported with ParameterStatus, as they are now.
+    pub params: BTreeMap<String, String>,
+    /// The server's BackendKeyData, for cancels.
+    pub key: (u32, u32),
+    /// The prepared statements the portal made on it.
+    pub statements: super::statements::ServerStatements,
+    pub(super) created: Instant,
+    pub(super) last_used: Instant,
+    /// The server's state is unknown (a client left mid-transaction, a read failed): close
+    /// instead of reusing.
+    pub broken: bool,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("key", &self.key.0)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConn {
+    /// A connection that has just logged in; `broken` when the server sent more than asked.
+    pub(super) fn new(
+        stream: ServerStream,
+        params: BTreeMap<String, String>,
+        key: (u32, u32),
+        broken: bool,
+    ) -> ServerConn {
+        let now = Instant::now();
+        ServerConn {
+            stream,
+            params,
+            key,
+            statements: Default::default(),
+            created: now,
+            last_used: now,
+            broken,
+        }
+    }
+
+    /// Runs `sql` once with `$1` = `param` and returns the last column of its first row
+    /// (`None`: no row, or NULL). An ErrorResponse comes back as `Err` with its text.
+    pub async fn query_one(
+        &mut self,
+        sql: &str,
+        param: &str,
+        deadline: Duration,
+    ) -> io::Result<Option<String>> {
+        let work = async {
+            self.stream
+                .write_all(&crate::wire::postgres::query_with_param(sql, param))
+                .await?;
+            let mut buf = Vec::with_capacity(512);
+            let (mut value, mut error, mut rows) = (None, None, 0);
+            loop {
+                let Some(n) = frame(&buf, 1 << 20).map_err(io::Error::other)? else {
+                    if self.stream.read_buf(&mut buf).await? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the server closed the connection",
+                        ));
+                    }
+                    continue;
+                };
+                match buf[0] {
+                    b'D' => {
+                        rows += 1;
+                        if rows == 1 {
+                            let columns = crate::wire::postgres::data_row(&buf[5..n])
+                                .ok_or_else(|| io::Error::other("malformed DataRow"))?;
+                            value = columns
+                                .last()
+                                .copied()
+                                .flatten()
+                                .map(|v| String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                    b'E' => error = Some(error_text(&buf[5..n])),
+                    b'Z' => {
+                        buf.drain(..n);
+                        self.broken |= !buf.is_empty();
+                        return match error {
+                            Some(e) => Err(io::Error::other(e)),
+                            None => Ok(value),
+                        };
+                    }
+                    _ => {}
+                }
+                buf.drain(..n);
+            }
+        };
+        match timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
+            }
+        }
+    }
+
+    /// Whether the server closed it or sent something unasked while it was idle.
+    pub(super) fn is_stale(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        self.stream.read(&mut byte).now_or_never().is_some()
+    }
+
+    /// Runs `sql` (SET, DISCARD ALL) and reads up to its ReadyForQuery, keeping the
+    /// parameters it reports. An ErrorResponse comes back as `Err` with its text.
+    pub async fn run(&mut self, sql: &str, deadline: Duration) -> io::Result<()> {
+        let work = async {
+            self.stream.write_all(&query(sql)).await?;
+            let mut buf = Vec::with_capacity(512);
+            let mut error = None;
+            loop {
+                match frame(&buf, MAX_MESSAGE).map_err(io::Error::other)? {
+                    None => {
+                        if self.stream.read_buf(&mut buf).await? == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the server closed the connection",
+                            ));
+                        }
+                    }
+                    Some(n) => {
+                        let body = &buf[5..n];
+                        match buf[0] {
+                            b'S' => {
+                                if let Some((k, v)) = parse_parameter_status(body) {
+                                    self.params.insert(k, v);
+                                }
+                            }
+                            b'E' => error = Some(error_text(body)),
+                            b'Z' => {
+                                let idle = ReadyStatus::of(&buf[..n]) == Some(ReadyStatus::Idle);
+                                buf.drain(..n);
+                                if !buf.is_empty() || !idle {
+                                    self.broken = true;
+                                }
+                                return match error {
+                                    Some(e) => Err(io::Error::other(e)),
+                                    None => Ok(()),
+                                };
+                            }
+                            _ => {}
+                        }
+                        buf.drain(..n);
+                    }
+                }
+            }
+        };
+        match timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))
+            }
+        }
+    }
+}
+
+/// What a new server connection needs besides its pool's backend, database and user.
+#[derive(Clone)]
+pub struct DialContext {
+    pub config: Arc<Config>,
+    pub connector: Option<BackendConnector>,
+}
+
+/// Opens a server connection to `backend` and logs in as `user` to `database` with `login`
+/// (SCRAM-SHA-256, md5 or cleartext, as the server asks), within `timeouts.connect`.
+pub async fn dial(
+    ctx: &DialContext,
+    backend: &Backend,
+    database: &str,
+    user: &str,
+    login: &Login,
+) -> io::Result<ServerConn> {
+    let deadline = ctx.config.timeouts.connect;
+    let work = async {
+        let tcp = match backend.address.ip() {
+            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
+            None => {
+                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream = match &ctx.connector {
+            None => MaybeTls::Plain(tcp),
+            Some(connector) => {
+                let mut tcp = tcp;
+                crate::tls::postgres_ssl_request(&mut tcp)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let name = connector
+                    .server_name_for(&backend.address.host)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                connector
+                    .handshake(tcp, name, None)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?
+            }
+        };
+        log_in(stream, database, user, login).await
+    };
+    let mut conn = timeout(deadline, work).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {deadline:?}"),
+        ))
+    })?;
+    conn.created = Instant::now();
+    Ok(conn)
+}
+
+fn denied(text: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, text)
+}
+
+/// Logs in to a backend on `stream` as `user` to `database`, answering the method the server
+/// asks for with what `login` holds; up to the first ReadyForQuery.
+pub(super) async fn log_in(
+    mut stream: ServerStream,
+    database: &str,
+    user: &str,
+    login: &Login,
+) -> io::Result<ServerConn> {
+    stream
+        .write_all(&startup_message(&[("user", user), ("database", database)]))
+        .await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut scram: Option<ScramSha256> = None;
+    let mut passthrough: Option<ClientExchange> = None;
+    let mut params = BTreeMap::new();
+    let mut key = (0, 0);
+    let cannot = |method: &str| {
+        denied(format!(
+            "the server asks for {method}, which the portal cannot answer for user \"{user}\" (it holds {})",
+            match login {
+                Login::None => "no password",
+                Login::Password(_) => "the password",
+                Login::Md5(_) => "only the md5 hash of the password",
+                Login::Scram { .. } => "only SCRAM keys",
+            }
+        ))
+    };
+    loop {
+        let Some(n) = frame(&buf, 1 << 20).map_err(io::Error::other)? else {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection during login",
+                ));
+            }
+            continue;
+        };
+        let body = buf[5..n].to_vec();
+        let tag = buf[0];
+        buf.drain(..n);
+        match tag {
+            b'R' => {
+                let (code, data) = parse_authentication(&body)
+                    .ok_or_else(|| io::Error::other("malformed authentication request"))?;
+                let reply = match (code, login) {
+                    (AUTH_OK, _) => None,
+                    (AUTH_CLEARTEXT, Login::Password(p)) => Some(message(b'p', &cstring(p))),
+                    (AUTH_CLEARTEXT, _) => return Err(cannot("a cleartext password")),
+                    (AUTH_MD5, Login::Password(_) | Login::Md5(_)) => {
+                        let salt: [u8; 4] = data
+                            .get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| io::Error::other("malformed md5 request"))?;
+                        let hash = match login {
+                            Login::Password(p) => md5_hash(p, user),
+                            Login::Md5(h) => h.clone(),
+                            _ => unreachable!("matched above"),
+                        };
+                        Some(message(b'p', &cstring(&md5_salted(&hash, salt))))
+                    }
+                    (AUTH_MD5, _) => return Err(cannot("md5")),
+                    (AUTH_SASL, Login::Password(_) | Login::Scram { .. }) => {
+                        let offers_scram = data
+                            .split(|&b| b == 0)
+                            .any(|m| m == scram::MECHANISM.as_bytes());
+                        if !offers_scram {
+                            return Err(denied(
+                                "the server offers no SASL mechanism the portal speaks".into(),
+                            ));
+                        }
+                        // gs2 flag `n`: a TLS server that offers -PLUS accepts it, while `y`
+                        // would read as a downgrade.
+                        let first = match login {
+                            Login::Password(p) => {
+                                let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
+                                let first = s.message().to_vec();
+                                scram = Some(s);
+                                first
+                            }
+                            Login::Scram {
+                                client_key,
+                                server_key,
+                            } => {
+                                let (x, first) =
+                                    ClientExchange::new(*client_key, *server_key, &random::<18>());
+                                passthrough = Some(x);
+                                first.into_bytes()
+                            }
+                            _ => unreachable!("matched above"),
+                        };
+                        Some(sasl_initial(scram::MECHANISM, &first))
+                    }
+                    (AUTH_SASL, _) => return Err(cannot("SCRAM-SHA-256")),
+                    (AUTH_SASL_CONTINUE, _) => {
+                        let last = match (&mut scram, &mut passthrough) {
+                            (Some(s), _) => {
+                                s.update(data)?;
+                                s.message().to_vec()
+                            }
+                            (None, Some(x)) => x
+                                .respond(data)
+                                .map_err(|e| io::Error::other(e.to_string()))?
+                                .into_bytes(),
+                            _ => return Err(io::Error::other("SASLContinue before SASL")),
+                        };
+                        Some(message(b'p', &last))
+                    }
+                    (AUTH_SASL_FINAL, _) => {
+                        match (&mut scram, &passthrough) {
+                            (Some(s), _) => s.finish(data)?,
+                            (None, Some(x)) => x.verify(data).map_err(|_| {
+                                denied("the server's SCRAM signature is not the verifier's".into())
+                            })?,
+                            _ => return Err(io::Error::other("SASLFinal before SASL")),
+                        }
+                        None
+                    }
+                    (other, _) => {
+                        return Err(denied(format!(
+                            "the server asks for authentication method {other}, which the portal does not speak"
+                        )))
+                    }
+                };
+                if let Some(reply) = reply {
+                    stream.write_all(&reply).await?;
+                }
+            }
+            b'S' => {
+                if let Some((k, v)) = parse_parameter_status(&body) {
+                    params.insert(k, v);
+                }
+            }
+            b'K' => key = parse_key(&body).unwrap_or_default(),
+            b'E' => return Err(denied(error_text(&body))),
+            b'Z' => return Ok(ServerConn::new(stream, params, key, !buf.is_empty())),
+            // NoticeResponse, NegotiateProtocolVersion: nothing to do.
+            _ => {}
+        }
+    }
+}
+
+fn cstring(text: &str) -> Vec<u8> {
+    let mut m = text.as_bytes().to_vec();
+    m.push(0);
+    m
+}
+
+/// `N` random bytes from the system's generator.
+pub(super) fn random<const N: usize>() -> [u8; N] {
+    use ring::rand::SecureRandom;
+    let mut out = [0u8; N];
+    let _ = ring::rand::SystemRandom::new().fill(&mut out);
+    out
+}
