@@ -241,13 +241,20 @@ async fn secrets_never_reach_the_admin_endpoint_or_the_log() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut seen = String::new();
-        for path in ["/status", "/readyz", "/metrics", "/healthz", "/nope"] {
+        // The stats page and its CSV form show each backend's last error too.
+        for path in ["/status", "/readyz", "/metrics", "/healthz", "/", "/nope"] {
             seen.push_str(&http_get(p.admin, path).await.1);
         }
+        let csv = http_get(p.admin, "/;csv").await.1;
+        seen.push_str(&csv);
         if !healthy {
             assert!(
                 seen.contains("credentials") || seen.contains("login refused"),
                 "{form}: the error says what is wrong: {seen}"
+            );
+            assert!(
+                csv.contains("failed: "),
+                "{form}: the page shows the error: {csv}"
             );
         }
         p.proc.signal("TERM");
