@@ -67,7 +67,10 @@ pub struct DatabasePortalSpec {
     pub timeouts: Timeouts,
 
     /// Client networks allowed to connect, as CIDRs (IPv4 or IPv6; a bare address is a
-    /// single host). Empty or absent: everyone may connect.
+    /// single host). Empty or absent: everyone may connect. IPv4 ranges also match
+    /// IPv4-mapped IPv6 clients (::ffff:10.1.2.3), and IPv6 ranges containing mapped addresses
+    /// match IPv4 clients: ::/0 admits every IPv4 client too. To admit only IPv6 clients, list
+    /// IPv6 prefixes such as 2000::/3.
     #[serde(
         default,
         rename = "allowedCIDRs",
