@@ -235,6 +235,10 @@ pub struct Metrics {
     /// Admin endpoint connections closed at once because the endpoint's connection cap was
     /// reached.
     pub admin_refused: AtomicU64,
+    /// Admin requests answered 431 (their head past `adminLimits.maxHeaderBytes`) and 413
+    /// (their body past `adminLimits.maxBodyBytes`).
+    pub admin_header_too_large: AtomicU64,
+    pub admin_body_too_large: AtomicU64,
     pub accepted: AtomicU64,
     pub sessions: AtomicU64,
     pub active_sessions: AtomicU64,
@@ -471,6 +475,16 @@ impl Collector for DataPlaneCollector {
             "dbportal_admin_connections_refused",
             "Admin endpoint connections closed at once because the endpoint's connection cap was reached.",
             m.admin_refused.load(Relaxed),
+        )?;
+        counters(
+            &mut e,
+            "dbportal_admin_requests_refused",
+            "Admin endpoint requests refused for their size, by reason: header_too_large (431), body_too_large (413).",
+            [
+                ("header_too_large", &m.admin_header_too_large),
+                ("body_too_large", &m.admin_body_too_large),
+            ]
+            .map(|(reason, n)| ([("reason", reason)], n.load(Relaxed))),
         )?;
         counter(
             &mut e,

@@ -14,7 +14,10 @@ mod verbs;
 
 use std::{
     convert::Infallible,
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -30,6 +33,7 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, regis
 
 use crate::{
     admission::AdmissionCollector,
+    config::AdminLimitValues,
     health::HealthCollector,
     metrics::{flag, gauge, CloseReason, DataPlaneCollector, Rejection},
     reload::ReloadCollector,
@@ -37,21 +41,35 @@ use crate::{
     session::Shared,
 };
 
-/// Admin connections served at once; more are closed at accept (counted in
-/// `dbportal_admin_connections_refused_total`), so a client cannot spend the process's
-/// descriptors through the endpoint. Probes and a scraper need a handful.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Largest request head (request line and headers) read; larger requests get 431.
-pub const MAX_HEAD: usize = 16 * 1024;
-/// Largest request body announced; the endpoint reads no body, larger ones get 413.
-pub const MAX_BODY: u64 = 64 * 1024;
-/// An admin connection lasts at most this long (a scraper reconnects; a slow client cannot
-/// keep a slot).
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Admin connections open now; the guard of one gives its place back when dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    /// A place among `max` open connections, or none when they are all taken.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Open> {
+        open.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Open(open.clone()))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
 
 /// Serves the admin endpoint until `stop` becomes true.
+///
+/// Its limits (`adminLimits`) are read from the current configuration for each new
+/// connection, so a reload applies them to the next ones: past `maxConnections` a connection
+/// is closed at accept (counted in `dbportal_admin_connections_refused_total`), so a client
+/// cannot spend the process's descriptors through the endpoint; a request head past
+/// `maxHeaderBytes` gets 431 and a body past `maxBodyBytes` 413 (both counted in
+/// `dbportal_admin_requests_refused_total`); a connection lasts at most
+/// `connectionLifetime`.
 pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(AtomicUsize::new(0));
     let registry = Arc::new(registry(&shared));
     loop {
         let stream = tokio::select! {
@@ -70,27 +88,38 @@ pub async fn serve(listener: TcpListener, shared: Shared, mut stop: watch::Recei
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let limits = shared.config.borrow().admin_limits;
+        let Some(place) = Open::take(&open, limits.max_connections) else {
             shared.state.metrics.admin_refused.fetch_add(1, Relaxed);
-            debug!("admin connection closed: {MAX_CONNECTIONS} open already");
+            debug!(
+                max = limits.max_connections,
+                "admin connection closed: adminLimits.maxConnections open already"
+            );
             continue;
         };
         let shared = shared.clone();
         let registry = registry.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _place = place;
+            let metrics = shared.state.metrics.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 let registry = registry.clone();
-                async move { Ok::<_, Infallible>(respond(&shared, &registry, req).await) }
+                async move { Ok::<_, Infallible>(respond(&shared, &registry, &limits, req).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(MAX_HEAD)
+                .max_buf_size(limits.max_header_bytes)
                 .max_headers(64)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            // hyper answers a head too large itself (431, or 414 for a URI past 64 KiB) and
+            // ends the connection with that error.
+            if let Ok(Err(e)) = tokio::time::timeout(limits.connection_lifetime, connection).await {
+                if e.is_parse_too_large() {
+                    metrics.admin_header_too_large.fetch_add(1, Relaxed);
+                }
+            }
         });
     }
 }
@@ -124,21 +153,28 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 async fn respond(
     shared: &Shared,
     registry: &Registry,
+    limits: &AdminLimitValues,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
+    let max_body = limits.max_body_bytes;
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_BODY)
+    if announced.is_some_and(|n| n > max_body)
         || req.headers().contains_key(header::TRANSFER_ENCODING)
     {
+        shared
+            .state
+            .metrics
+            .admin_body_too_large
+            .fetch_add(1, Relaxed);
         return reply(
             StatusCode::PAYLOAD_TOO_LARGE,
             TEXT,
-            format!("request bodies are limited to {MAX_BODY} bytes (and not chunked)\n"),
+            format!("request bodies are limited to {max_body} bytes (and not chunked)\n"),
         );
     }
     let path = req.uri().path().to_string();
@@ -151,7 +187,7 @@ async fn respond(
         let method = req.method().clone();
         let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
             req.into_body(),
-            MAX_BODY as usize,
+            max_body as usize,
         ))
         .await
         {

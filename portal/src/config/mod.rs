@@ -57,6 +57,8 @@ pub struct Config {
     pub admin_token_file: Option<std::path::PathBuf>,
     /// Reads of the admin endpoint need the token too (`adminTokenForReads`).
     pub admin_token_for_reads: bool,
+    /// The admin endpoint's limits (`adminLimits`).
+    pub admin_limits: AdminLimitValues,
     /// One log line per closed session (`portal.accessLog`).
     pub access_log: bool,
     /// `pooling` of mode `multiplex` (Redis); `None`: one backend connection per client.
@@ -123,6 +125,24 @@ pub struct TimeoutValues {
     pub check: std::time::Duration,
     pub handshake: std::time::Duration,
 }
+
+/// The admin endpoint's validated limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminLimitValues {
+    /// At least 1.
+    pub max_connections: usize,
+    /// [`ADMIN_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// [`ADMIN_BODY_BYTES`].
+    pub max_body_bytes: u64,
+    pub connection_lifetime: std::time::Duration,
+}
+
+/// The range of `adminLimits.maxHeaderBytes`: the HTTP parser's read buffer holds at least
+/// 8 KiB; past 1 MiB a request head is no admin request.
+pub const ADMIN_HEADER_BYTES: std::ops::RangeInclusive<u64> = 8 << 10..=1 << 20;
+/// The range of `adminLimits.maxBodyBytes`: the verbs' JSON bodies fit in 1 KiB.
+pub const ADMIN_BODY_BYTES: std::ops::RangeInclusive<u64> = 1 << 10..=1 << 20;
 
 /// One thing wrong with a configuration, with the field it is about (`backends[1].address`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -415,6 +435,40 @@ impl DatabasePortalSpec {
             }
         }
 
+        let admin_limits = &self.admin_limits;
+        if admin_limits.max_connections == 0 {
+            err("adminLimits.maxConnections", "must be at least 1".into());
+        }
+        for (name, size, range) in [
+            (
+                "adminLimits.maxHeaderBytes",
+                admin_limits.max_header_bytes,
+                ADMIN_HEADER_BYTES,
+            ),
+            (
+                "adminLimits.maxBodyBytes",
+                admin_limits.max_body_bytes,
+                ADMIN_BODY_BYTES,
+            ),
+        ] {
+            if !range.contains(&size.0) {
+                err(
+                    name,
+                    format!(
+                        "{size} is out of range; it is {} to {}",
+                        ByteSize(*range.start()),
+                        ByteSize(*range.end())
+                    ),
+                );
+            }
+        }
+        if admin_limits.connection_lifetime.is_zero() {
+            err(
+                "adminLimits.connectionLifetime",
+                "must be more than 0".into(),
+            );
+        }
+
         let mut allowed_cidrs = Vec::with_capacity(self.allowed_cidrs.len());
         for (i, text) in self.allowed_cidrs.iter().enumerate() {
             match parse_cidr(text) {
@@ -541,6 +595,12 @@ impl DatabasePortalSpec {
                 .filter(|f| !f.is_empty())
                 .map(std::path::PathBuf::from),
             admin_token_for_reads: self.admin_token_for_reads,
+            admin_limits: AdminLimitValues {
+                max_connections: admin_limits.max_connections as usize,
+                max_header_bytes: admin_limits.max_header_bytes.0 as usize,
+                max_body_bytes: admin_limits.max_body_bytes.0,
+                connection_lifetime: admin_limits.connection_lifetime.get(),
+            },
             access_log: self.portal.access_log,
             multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
             pg_pool: self.pooling.as_ref().and_then(Pooling::pg_pool),

@@ -9,7 +9,7 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use super::{Duration, Tls};
+use super::{ByteSize, Duration, Tls};
 
 /// Pattern of a backend address: `host:port`, IPv6 in brackets (`[::1]:6379`).
 pub const ADDRESS_PATTERN: &str =
@@ -67,7 +67,10 @@ pub struct DatabasePortalSpec {
     pub timeouts: Timeouts,
 
     /// Client networks allowed to connect, as CIDRs (IPv4 or IPv6; a bare address is a
-    /// single host). Empty or absent: everyone may connect.
+    /// single host). Empty or absent: everyone may connect. IPv4 ranges also match
+    /// IPv4-mapped IPv6 clients (::ffff:10.1.2.3), and IPv6 ranges containing mapped addresses
+    /// match IPv4 clients: ::/0 admits every IPv4 client too. To admit only IPv6 clients, list
+    /// IPv6 prefixes such as 2000::/3.
     #[serde(
         default,
         rename = "allowedCIDRs",
@@ -132,6 +135,14 @@ pub struct DatabasePortalSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub name: Option<String>,
+
+    /// Portal only: the admin endpoint's own limits (connections at once, request sizes, how
+    /// long a connection lasts), so that a client cannot spend the process's descriptors or
+    /// memory through it. Read for each new admin connection: a reload applies to the next
+    /// ones.
+    #[serde(default, skip_serializing_if = "AdminLimits::is_default")]
+    #[schemars(skip)]
+    pub admin_limits: AdminLimits,
 }
 
 /// Another portal of the same DatabasePortal (`peers`).
@@ -468,6 +479,57 @@ impl Default for Limits {
             max_negotiating: Self::default_max_negotiating(),
             max_negotiating_per_client: Self::default_max_negotiating_per_client(),
             connection_rate_per_client: 0,
+        }
+    }
+}
+
+/// The admin endpoint's limits (`adminLimits`, portal only).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminLimits {
+    /// Admin connections served at once; more are closed at accept. Probes and a scraper need
+    /// a handful. Default 64.
+    #[serde(default = "AdminLimits::default_max_connections")]
+    pub max_connections: u32,
+    /// Largest request head (request line and headers); a larger one gets 431. 8Ki to 1Mi,
+    /// default 16Ki.
+    #[serde(default = "AdminLimits::default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Largest request body (announced or chunked); a larger one gets 413. 1Ki to 1Mi,
+    /// default 64Ki.
+    #[serde(default = "AdminLimits::default_max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+    /// An admin connection is closed this long after it was accepted, busy or not (a scraper
+    /// reconnects; a slow client cannot keep a place). Default 60s.
+    #[serde(default = "AdminLimits::default_connection_lifetime")]
+    pub connection_lifetime: Duration,
+}
+
+impl AdminLimits {
+    fn default_max_connections() -> u32 {
+        64
+    }
+    fn default_max_header_bytes() -> ByteSize {
+        ByteSize(16 << 10)
+    }
+    fn default_max_body_bytes() -> ByteSize {
+        ByteSize(64 << 10)
+    }
+    fn default_connection_lifetime() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn is_default(&self) -> bool {
+        *self == AdminLimits::default()
+    }
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: Self::default_max_connections(),
+            max_header_bytes: Self::default_max_header_bytes(),
+            max_body_bytes: Self::default_max_body_bytes(),
+            connection_lifetime: Self::default_connection_lifetime(),
         }
     }
 }

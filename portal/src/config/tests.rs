@@ -35,6 +35,39 @@ fn defaults_follow_the_contract() {
     assert_eq!(c.max_negotiating, 1000);
     assert_eq!(c.max_negotiating_per_client, 64);
     assert_eq!(c.connection_rate_per_client, 0);
+    assert_eq!(
+        c.admin_limits,
+        AdminLimitValues {
+            max_connections: 64,
+            max_header_bytes: 16 << 10,
+            max_body_bytes: 64 << 10,
+            connection_lifetime: std::time::Duration::from_secs(60),
+        }
+    );
+}
+
+#[test]
+fn admin_limits_are_read_and_round_trip() {
+    let yaml = format!(
+        "{MINIMAL}adminLimits: {{maxConnections: 8, maxHeaderBytes: 8Ki, maxBodyBytes: 2048, connectionLifetime: 5s}}\n"
+    );
+    let spec = parse_yaml(&yaml).unwrap();
+    let c = spec.validate_standalone().unwrap();
+    assert_eq!(
+        c.admin_limits,
+        AdminLimitValues {
+            max_connections: 8,
+            max_header_bytes: 8 << 10,
+            max_body_bytes: 2048,
+            connection_lifetime: std::time::Duration::from_secs(5),
+        }
+    );
+    let written = serde_yaml::to_string(&spec).unwrap();
+    assert!(written.contains("maxHeaderBytes: 8Ki"), "{written}");
+    assert_eq!(parse_yaml(&written).unwrap(), spec);
+    // The defaults are not written out (the operator's ConfigMap stays as it was).
+    let minimal = serde_yaml::to_string(&parse_yaml(MINIMAL).unwrap()).unwrap();
+    assert!(!minimal.contains("adminLimits"), "{minimal}");
 }
 
 #[test]
@@ -188,6 +221,12 @@ fn invalid_configurations_name_the_field() {
         ("bad listen", base("listen: \"localhost\"\n"), "listen"),
         ("bad admin", base("admin: \"0.0.0.0:99999\"\n"), "admin"),
         ("bad service type", base("portal: {serviceType: Ingress}\n"), "portal.serviceType"),
+        ("admin maxConnections 0", base("adminLimits: {maxConnections: 0}\n"), "adminLimits.maxConnections"),
+        ("admin head below 8Ki", base("adminLimits: {maxHeaderBytes: 4Ki}\n"), "adminLimits.maxHeaderBytes"),
+        ("admin body over 1Mi", base("adminLimits: {maxBodyBytes: 2Mi}\n"), "adminLimits.maxBodyBytes"),
+        ("admin body not a size", base("adminLimits: {maxBodyBytes: lots}\n"), "adminLimits.maxBodyBytes"),
+        ("admin lifetime 0", base("adminLimits: {connectionLifetime: 0s}\n"), "adminLimits.connectionLifetime"),
+        ("unknown admin limit", base("adminLimits: {maxRequests: 5}\n"), "adminLimits.maxRequests"),
         ("not a map", "- engine: redis\n".into(), "(document)"),
         ("empty file", "".into(), "(document)"),
     ];

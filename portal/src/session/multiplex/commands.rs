@@ -1,6 +1,7 @@
 //! What the multiplexer does with each command, decided from its name and arguments alone
-//! (pure, unit-tested): forward it on a shared server connection, answer it in the portal, or
-//! pin the client to a dedicated connection because it creates per-connection state.
+//! (pure, unit-tested): forward it on a shared server connection, answer it in the portal,
+//! pin the client to a dedicated connection because it creates per-connection state, or send
+//! it on a connection of its own because it must reach a server busy with a script.
 //!
 //! May import: nothing outside `multiplex`.
 
@@ -94,6 +95,10 @@ pub enum Action {
     Local(Local),
     /// Needs a dedicated server connection.
     Pin(PinReason),
+    /// Sent on a server connection opened for it alone: SCRIPT KILL, FUNCTION KILL and
+    /// SHUTDOWN must reach a server busy with a script, and the server reads nothing more from
+    /// the connection running the script, which may be the shared one this client uses.
+    OutOfBand,
 }
 
 /// Upper-cases ASCII into `out` (command names arrive in any case).
@@ -147,6 +152,8 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
         }
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" => Action::Pin(PinReason::Subscribe),
         b"MONITOR" => Action::Pin(PinReason::Monitor),
+        b"SCRIPT" | b"FUNCTION" if is(args(1), "KILL") => Action::OutOfBand,
+        b"SHUTDOWN" => Action::OutOfBand,
         b"CLIENT" => {
             let mut sub = [0u8; 24];
             let sub = upper(args(1).unwrap_or_default(), &mut sub);
@@ -257,6 +264,13 @@ mod tests {
             ("client tracking off", Plain),
             ("client reply off", Pin(PinReason::ClientMode)),
             ("client list", Plain),
+            ("script kill", OutOfBand),
+            ("FUNCTION KILL", OutOfBand),
+            ("shutdown nosave", OutOfBand),
+            ("SHUTDOWN", OutOfBand),
+            ("script load x", Plain),
+            ("function list", Plain),
+            ("eval x 0", Plain),
             ("quit", Local(super::Local::Quit)),
             ("", Local(super::Local::Nothing)),
             ("averyveryverylongcommandnamethatisnotknown", Plain),

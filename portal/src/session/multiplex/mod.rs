@@ -1,8 +1,9 @@
 //! Redis multiplexing (`pooling.mode: multiplex`): one task per client parses its commands in
 //! place, answers the ones that concern only its own session (AUTH, HELLO, CLIENT ID /
 //! SETNAME / GETNAME, QUIT), sends runs of plain commands as one request to a shared server
-//! connection, and pins the client to a dedicated connection while it holds per-connection
-//! state. Replies come back in order: a client sticks to one shared connection while it has
+//! connection, pins the client to a dedicated connection while it holds per-connection
+//! state, and sends SCRIPT KILL, FUNCTION KILL and SHUTDOWN on a connection of their own, so
+//! that they reach a server busy with a script. Replies come back in order: a client sticks to one shared connection while it has
 //! commands in flight, and anything the portal answers itself waits until those are in.
 //!
 //! - [`commands`]: what to do with each command (pure);
@@ -413,9 +414,14 @@ impl Session {
                 self.pinned_command(action, &mut pin_out);
                 continue;
             }
-            if gate || matches!(action, Action::Local(_) | Action::Pin(_)) {
-                // Answered here or moving to a dedicated connection: after every reply in
-                // flight, so replies stay in order.
+            if gate
+                || matches!(
+                    action,
+                    Action::Local(_) | Action::Pin(_) | Action::OutOfBand
+                )
+            {
+                // Answered here, moving to a dedicated connection or sent on one of its own:
+                // after every reply in flight, so replies stay in order.
                 if !pin_out.is_empty() {
                     self.flush_pinned(&mut pin_out).await?;
                 }
@@ -457,6 +463,7 @@ impl Session {
                         }
                     }
                 }
+                Action::OutOfBand => self.out_of_band().await,
                 Action::Plain => {
                     if !self.send_plain().await? {
                         self.blocked = true;
@@ -534,6 +541,45 @@ impl Session {
             r.sink.fail(server::TRYAGAIN, u64::from(count));
         }
         Ok(true)
+    }
+
+    /// Sends the parsed command on a server connection opened for it alone, to the backend
+    /// this client's commands go to, and answers with its reply. A server busy with a script
+    /// reads nothing more from the connection running it, which may be the shared connection
+    /// this client uses: SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE queued there would wait
+    /// for the script they are meant to end. A SHUTDOWN that succeeds closes the connection
+    /// without a reply: the client is closed too, as Redis would close it.
+    async fn out_of_band(&mut self) {
+        let command = self.inbuf[self.in_start..self.in_start + self.cmd.len].to_vec();
+        self.consume();
+        let backend = match self.target().await {
+            Ok(i) => self.config.backends[i].clone(),
+            Err(why) => return self.reply(format!("-ERR {why}\r\n").as_bytes()),
+        };
+        let failed = |e: std::io::Error| {
+            format!(
+                "-ERR the server connection to {} failed: {e}\r\n",
+                backend.name
+            )
+        };
+        let stream = match server::dial(&self.ctx, &backend).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                if let Some(checker) = &self.shared.checker {
+                    checker.report_connect_failure(&backend.name);
+                }
+                return self.reply(failed(e).as_bytes());
+            }
+        };
+        self.hub.stats.out_of_band.fetch_add(1, Relaxed);
+        match server::send_alone(stream, &command, self.config.timeouts.server).await {
+            Ok(Some(reply)) => self.reply(&reply),
+            Ok(None) => {
+                debug!(backend = %backend.name, "the server closed the connection of a command sent alone; closing the client");
+                self.quitting = true;
+            }
+            Err(e) => self.reply(failed(e).as_bytes()),
+        }
     }
 
     /// The backend to send to now: the leader (or the routing mode's first choice), waiting

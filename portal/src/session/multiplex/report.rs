@@ -153,6 +153,12 @@ impl Collector for MultiplexCollector {
             "dbportal_multiplex_dedicated_reused",
             "Dedicated server connections cleaned with RESET and given to the next pinned client.",
             s.pinned_reused.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "dbportal_multiplex_out_of_band",
+            "Commands sent on a server connection opened for them alone (SCRIPT KILL, FUNCTION KILL, SHUTDOWN), so that they reach a server busy with a script.",
+            s.out_of_band.load(Relaxed),
         )
     }
 }
@@ -173,6 +179,7 @@ pub fn status(hub: &Hub) -> serde_json::Value {
         "slowConsumersCut": s.slow_consumers.load(Relaxed),
         "protocolErrors": s.malformed.load(Relaxed),
         "repliesFailed": s.replies_failed.load(Relaxed),
+        "outOfBand": s.out_of_band.load(Relaxed),
         "serverConnectionsOpened": s.server_connections_opened.load(Relaxed),
         "backends": by_backend(hub).into_iter().map(|p| json!({
             "name": p.0,

@@ -2,7 +2,8 @@
 //! one writer task (it batches the queued commands of many clients into one write) and one
 //! reader task (it finds where each reply ends and hands it to the client waiting for it,
 //! through a FIFO of reply slots); and a small pool of dedicated connections for pinned
-//! clients, cleaned with RESET (then AUTH) before they serve anyone else. Also the counters
+//! clients, cleaned with RESET (then AUTH) before they serve anyone else; and a connection of
+//! its own for a command that must reach a server busy with a script. Also the counters
 //! `/metrics` and `/status` read.
 //!
 //! May import: `config`, `health`, `metrics`, `route`, `tls`, `wire` and the rest of
@@ -277,6 +278,37 @@ pub async fn dial(ctx: &DialContext, backend: &Backend) -> io::Result<ServerStre
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer within {deadline:?}"),
+        ))
+    })
+}
+
+/// Sends `command` (one, whole) on `stream`, a connection opened for it alone, and returns
+/// its reply within `deadline`; `None` when the server closes the connection instead, as a
+/// SHUTDOWN that succeeds does. The connection is closed afterwards.
+pub async fn send_alone(
+    mut stream: ServerStream,
+    command: &[u8],
+    deadline: Duration,
+) -> io::Result<Option<Vec<u8>>> {
+    let exchange = async {
+        stream.write_all(command).await?;
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            if let Some(s) = scan_reply(&buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+            {
+                buf.truncate(s.len);
+                return Ok(Some(buf));
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    };
+    timeout(deadline, exchange).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no reply within {deadline:?}"),
         ))
     })
 }
@@ -669,6 +701,9 @@ pub struct MuxStats {
     pub replies_failed: AtomicU64,
     pub server_connections_opened: AtomicU64,
     pub server_connections_closed: AtomicU64,
+    /// Commands sent on a server connection opened for them alone (SCRIPT KILL, FUNCTION
+    /// KILL, SHUTDOWN).
+    pub out_of_band: AtomicU64,
 }
 
 /// Upper bounds of the batch size histogram's buckets.
