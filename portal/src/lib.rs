@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod logging;
 pub mod metrics;

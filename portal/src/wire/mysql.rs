@@ -107,14 +107,20 @@ pub fn greeting_caps_offset(payload: &[u8]) -> Result<usize, GreetingError> {
     Ok(offset)
 }
 
-/// The capability flags of a HandshakeResponse41 (or SSLRequest) payload.
+/// The capability flags of a HandshakeResponse41 (or SSLRequest) payload (none in a payload
+/// shorter than the flags).
 pub fn caps_of(response: &[u8]) -> u32 {
-    u32::from_le_bytes([response[0], response[1], response[2], response[3]])
+    response
+        .get(..4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// Sets the capability flags of a HandshakeResponse41 (or SSLRequest) payload.
+/// Sets the capability flags of a HandshakeResponse41 (or SSLRequest) payload (a payload
+/// shorter than the flags is left as it is).
 pub fn set_caps(response: &mut [u8], caps: u32) {
-    response[..4].copy_from_slice(&caps.to_le_bytes());
+    if let Some(flags) = response.get_mut(..4) {
+        flags.copy_from_slice(&caps.to_le_bytes());
+    }
 }
 
 #[cfg(test)]

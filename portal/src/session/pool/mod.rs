@@ -529,3 +529,46 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::splice::Tcp;
+
+    /// A pooled client's task is allocated for as long as the client stays, idle or not: the
+    /// rare, deep steps (startup, authentication, dialling a server connection) are boxed so
+    /// that their state does not widen every idle client's task.
+    #[tokio::test]
+    async fn a_pooled_clients_task_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let yaml = "engine: postgres\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}]\npooling: {mode: transaction, auth: {usersFile: /nonexistent}}\n";
+        let config = Arc::new(crate::config::parse_yaml(yaml).unwrap().validate().unwrap());
+        let (shared, _drivers) = crate::session::testing::shared(config.clone());
+        let state = shared.state.clone();
+        let permits = (
+            state.try_connection(10).unwrap(),
+            state.try_client(peer.ip(), 0).unwrap(),
+        );
+        let negotiating = state.try_negotiating(10).unwrap();
+        let task = super::serve(
+            Tcp::new(server),
+            peer.ip(),
+            permits,
+            negotiating,
+            config,
+            shared,
+        );
+        let size = std::mem::size_of_val(&task);
+        println!("pooled client task future: {size} bytes");
+        assert!(
+            size <= 100_000,
+            "a pooled client's future grew to {size} bytes"
+        );
+    }
+}
