@@ -280,10 +280,13 @@ pub struct PgHub {
     /// made from.
     pub(super) verifiers: Mutex<HashMap<String, (String, Arc<super::scram::Verifier>)>>,
     /// Secrets fetched with `pooling.auth.query`, by user, with when (`None`: no such user).
-    pub(super) fetched: Mutex<HashMap<String, (Instant, Option<Arc<Secret>>)>>,
+    pub(super) fetched: Mutex<HashMap<String, Fetched>>,
     /// Held while `pooling.auth.query` runs: one at a time.
     pub(super) fetching: tokio::sync::Mutex<()>,
 }
+
+/// A secret fetched with `pooling.auth.query`, with when (`None`: no such user).
+pub(super) type Fetched = (Instant, Option<Arc<Secret>>);
 
 impl PgHub {
     /// The pool of `backend` (by name and address), `database` and `user`; a retired one is
