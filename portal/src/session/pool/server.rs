@@ -3,7 +3,8 @@
 //! clients, the task that retires the pools of a backend that may no longer take writes (a
 //! demoted leader).
 //!
-//! May import: `config`, `health`, `route`, `tls`, `wire` and the rest of `pool`.
+//! May import: `config`, `health` and the rest of `pool`; from `session`, what retires the
+//! pools on a route change.
 
 use std::{
     collections::{HashMap, VecDeque},
