@@ -2,10 +2,12 @@
 //! ConfigMap, Certificate, RBAC and PodDisruptionBudget, and reports status.
 //!
 //! The crate root owns `run`: the HTTP endpoint, leader election and the controller while
-//! this replica leads. It sits on top: it may import any module, and no module but the tests
-//! imports it (modules name each other by path, `crate::error::Error`, never the root's
-//! re-exports).
-//! The layers, bottom up, are drawn in the README.
+//! this replica leads. It sits on top, and no module but the tests imports it (modules name
+//! each other by path, `crate::error::Error`, never the root's re-exports). The layers,
+//! bottom up, are drawn in the README.
+//!
+//! May import: `apply`, `args`, `controller`, `error`, `http`, `lease`, `metrics`,
+//! `watches`: any module.
 #![forbid(unsafe_code)]
 
 pub mod admin_token;

@@ -1,3 +1,7 @@
+//! The operator's binary: `operator crd` prints the CRD, `operator` runs the operator.
+//!
+//! May import: the library's root only (`run`, `Args`, `crd_yaml`, …).
+
 use clap::Parser;
 use operator::{Args, Command};
 

@@ -1,6 +1,6 @@
 //! The allow-list decision: may a client address connect under `allowedCIDRs`.
 //!
-//! May import: nothing from the crate (its tests use `config`).
+//! May import: nothing from the crate. Its tests use `config`.
 
 use std::net::IpAddr;
 

@@ -2,6 +2,8 @@
 //! networks, connection limits, timeouts and leader following.
 //!
 //! The layers and the one direction of imports are drawn in `portal/README.md`.
+//!
+//! May import: nothing; it only declares the modules.
 
 pub mod admin;
 pub mod admission;

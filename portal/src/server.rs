@@ -3,7 +3,9 @@
 //! shutdown. The top of the crate: it also runs the two ways of starting a portal, a file
 //! ([`standalone`]) or a cluster ([`cluster`]), which prepare what it serves.
 //!
-//! May import every module; nothing imports it.
+//! May import: `admin`, `admission`, `allow`, `cluster`, `config`, `control`, `error`,
+//! `health`, `metrics`, `reload`, `session`, `standalone`, `tls`: any module. Nothing
+//! imports it.
 
 use std::{
     future::Future,

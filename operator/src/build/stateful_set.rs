@@ -1,7 +1,7 @@
 //! `build::stateful_set`: the StatefulSet of the portal pods and its pod template, the
 //! largest child `build` makes.
 //!
-//! May import: what `build` may (it is part of it).
+//! May import: `names` (it is part of `build`, and may import what `build` may).
 
 use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,

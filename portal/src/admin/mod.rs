@@ -6,8 +6,8 @@
 //! `/healthz` and `/readyz` never need the token (the kubelet probes them); the page,
 //! `/status` and `/metrics` need it when `adminTokenForReads` is set.
 //!
-//! May import: `admission`, `allow`, `config`, `control`, `health`, `metrics`, `reload`,
-//! `route`, `session` (its `Shared`, the multiplexer's report). Never `server`.
+//! May import: `admission`, `allow`, `config`, `health`, `metrics`, `reload`, `route`,
+//! `session` (its `Shared`, the reports of multiplexing and pooling). Never `server`.
 
 mod page;
 mod verbs;

@@ -13,7 +13,8 @@
 //! valid token: 401, nothing changes; without `adminTokenFile`: 403. Overrides are kept by
 //! [`crate::control::Control`] and survive reloads; each change is logged.
 //!
-//! May import: `allow`, `config`, `control`, `metrics`, `session` (its `Shared`).
+//! May import: `allow`, `config`, `metrics`, `session` (its `Shared`, through which it
+//! reaches the overrides).
 
 use std::net::IpAddr;
 

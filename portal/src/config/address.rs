@@ -57,7 +57,7 @@ impl FromStr for Address {
                 return Err(fail("the host is empty"));
             }
             if host.parse::<std::net::Ipv4Addr>().is_err() {
-                super::check_dns_name(&host.to_ascii_lowercase()).map_err(|m| {
+                super::text::check_dns_name(&host.to_ascii_lowercase()).map_err(|m| {
                     fail(&format!(
                         "the host is neither an IP address nor a DNS name: {m}"
                     ))

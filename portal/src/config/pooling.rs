@@ -11,7 +11,9 @@ use std::{borrow::Cow, fmt, str::FromStr};
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{check_dns_name, Duration, Engine};
+use super::duration::Duration;
+use super::engine::Engine;
+use super::text::check_dns_name;
 
 /// How client connections share server connections. Absent, or mode none: one backend
 /// connection per client.

@@ -1,15 +1,23 @@
 //! The `DatabasePortal` resource: one type that is both the CRD's spec and the portal's
-//! standalone configuration file (portal-only keys are left out of the CRD schema).
+//! standalone configuration file (portal-only keys are left out of the CRD schema). The
+//! sections of the spec are here, except TLS ([`spec_tls`](super::spec_tls)), the portal
+//! pods ([`spec_pods`](super::spec_pods)), pooling ([`pooling`](super::pooling)) and the
+//! portal-only keys ([`spec_portal`](super::spec_portal)); the status is in
+//! [`spec_status`](super::spec_status).
 //!
 //! May import: nothing outside `config`.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
-use schemars::{JsonSchema, Schema, SchemaGenerator};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{ByteSize, Duration, Tls};
+use super::duration::Duration;
+use super::engine::{Engine, RoutingMode};
+use super::pooling::Pooling;
+use super::spec_pods::PortalPods;
+use super::spec_portal::{AdminLimits, Credentials, Peer};
+use super::spec_status::DatabasePortalStatus;
+use super::spec_tls::Tls;
 
 /// Pattern of a backend address: `host:port`, IPv6 in brackets (`[::1]:6379`).
 pub const ADDRESS_PATTERN: &str =
@@ -88,7 +96,7 @@ pub struct DatabasePortalSpec {
 
     /// How client connections share server connections (absent: one per client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pooling: Option<super::Pooling>,
+    pub pooling: Option<Pooling>,
 
     /// PROXY protocol on the client side (from a load balancer) and towards the backends.
     #[serde(default)]
@@ -143,62 +151,6 @@ pub struct DatabasePortalSpec {
     #[serde(default, skip_serializing_if = "AdminLimits::is_default")]
     #[schemars(skip)]
     pub admin_limits: AdminLimits,
-}
-
-/// Another portal of the same DatabasePortal (`peers`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Peer {
-    /// The portal's name (in a cluster, its Pod's).
-    pub name: String,
-    /// `host:port` of its listener (in a cluster, its per-portal Service).
-    pub address: String,
-}
-
-/// The database engine behind the portal.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// Redis, KeyDB or Valkey.
-    Redis,
-    /// PostgreSQL.
-    Postgres,
-    /// MySQL or MariaDB.
-    Mysql,
-    /// etcd (v3, HTTP health endpoint).
-    Etcd,
-    /// Any TCP service; health is a connect (or custom steps).
-    Tcp,
-}
-
-impl Engine {
-    /// The engine's well-known port; `None` for tcp, which has none.
-    pub fn default_port(self) -> Option<u16> {
-        match self {
-            Engine::Redis => Some(6379),
-            Engine::Postgres => Some(5432),
-            Engine::Mysql => Some(3306),
-            Engine::Etcd => Some(2379),
-            Engine::Tcp => None,
-        }
-    }
-
-    /// The routing mode used when `routing.mode` is absent.
-    pub fn default_routing(self) -> RoutingMode {
-        match self {
-            Engine::Tcp => RoutingMode::First,
-            _ => RoutingMode::Leader,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Engine::Redis => "redis",
-            Engine::Postgres => "postgres",
-            Engine::Mysql => "mysql",
-            Engine::Etcd => "etcd",
-            Engine::Tcp => "tcp",
-        }
-    }
 }
 
 /// One database node.
@@ -305,34 +257,6 @@ fn yes() -> bool {
     true
 }
 
-/// How new sessions are spread over healthy backends.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutingMode {
-    /// Only the node that the engine probe reports as the writable leader.
-    Leader,
-    /// The first healthy node in list order (the others are backups).
-    First,
-    /// Each healthy node in turn.
-    Roundrobin,
-    /// The healthy node with the fewest open sessions.
-    Leastconn,
-    /// A hash of the client IP, so one client keeps reaching one node.
-    Source,
-}
-
-impl RoutingMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RoutingMode::Leader => "leader",
-            RoutingMode::First => "first",
-            RoutingMode::Roundrobin => "roundrobin",
-            RoutingMode::Leastconn => "leastconn",
-            RoutingMode::Source => "source",
-        }
-    }
-}
-
 /// How backends are probed for health and role.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -386,33 +310,6 @@ impl Default for HealthCheck {
             credentials_secret: None,
             credentials: None,
             steps: Vec::new(),
-        }
-    }
-}
-
-/// Probe credentials of the standalone portal.
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum Credentials {
-    /// Given inline.
-    Inline {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        username: Option<String>,
-        password: String,
-    },
-    /// The path of a YAML file with `username` and `password`.
-    File(String),
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Credentials::Inline { username, .. } => f
-                .debug_struct("Inline")
-                .field("username", username)
-                .field("password", &"<redacted>")
-                .finish(),
-            Credentials::File(path) => f.debug_tuple("File").field(path).finish(),
         }
     }
 }
@@ -483,57 +380,6 @@ impl Default for Limits {
     }
 }
 
-/// The admin endpoint's limits (`adminLimits`, portal only).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct AdminLimits {
-    /// Admin connections served at once; more are closed at accept. Probes and a scraper need
-    /// a handful. Default 64.
-    #[serde(default = "AdminLimits::default_max_connections")]
-    pub max_connections: u32,
-    /// Largest request head (request line and headers); a larger one gets 431. 8Ki to 1Mi,
-    /// default 16Ki.
-    #[serde(default = "AdminLimits::default_max_header_bytes")]
-    pub max_header_bytes: ByteSize,
-    /// Largest request body (announced or chunked); a larger one gets 413. 1Ki to 1Mi,
-    /// default 64Ki.
-    #[serde(default = "AdminLimits::default_max_body_bytes")]
-    pub max_body_bytes: ByteSize,
-    /// An admin connection is closed this long after it was accepted, busy or not (a scraper
-    /// reconnects; a slow client cannot keep a place). Default 60s.
-    #[serde(default = "AdminLimits::default_connection_lifetime")]
-    pub connection_lifetime: Duration,
-}
-
-impl AdminLimits {
-    fn default_max_connections() -> u32 {
-        64
-    }
-    fn default_max_header_bytes() -> ByteSize {
-        ByteSize(16 << 10)
-    }
-    fn default_max_body_bytes() -> ByteSize {
-        ByteSize(64 << 10)
-    }
-    fn default_connection_lifetime() -> Duration {
-        Duration::from_secs(60)
-    }
-    fn is_default(&self) -> bool {
-        *self == AdminLimits::default()
-    }
-}
-
-impl Default for AdminLimits {
-    fn default() -> Self {
-        AdminLimits {
-            max_connections: Self::default_max_connections(),
-            max_header_bytes: Self::default_max_header_bytes(),
-            max_body_bytes: Self::default_max_body_bytes(),
-            connection_lifetime: Self::default_connection_lifetime(),
-        }
-    }
-}
-
 /// Inactivity and connect deadlines, written like 500ms, 30s, 1m, 24h or 1d.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -584,98 +430,6 @@ impl Default for Timeouts {
     }
 }
 
-/// The portal pods.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PortalPods {
-    /// Number of portal pods, each with its own Service and connection string. Default 2.
-    #[serde(default = "PortalPods::default_replicas")]
-    #[schemars(range(min = 1, max = 8))]
-    pub replicas: i32,
-    /// Portal image; default: the operator's own matching portal image.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub image: String,
-    /// Compute resources of the portal container. Default: requests cpu 50m, memory 64Mi;
-    /// limit memory 64Mi.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
-    /// Type of the portal Services: ClusterIP (default), NodePort or LoadBalancer.
-    #[serde(default)]
-    pub service_type: ServiceType,
-    /// Log level of the portals, a tracing filter: `info`, `debug`, `warn,portal=debug`.
-    /// Default: the operator's `--portal-log-level`, else info.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub log_level: String,
-    /// Log format of the portals: text or json (one JSON object per line). Default: the
-    /// operator's `--portal-log-format`, else text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-    /// One log line per closed session (client, backend, duration, bytes each way, close
-    /// reason), at info, in the log format above. Default true.
-    #[serde(
-        default = "PortalPods::default_access_log",
-        skip_serializing_if = "PortalPods::is_default_access_log"
-    )]
-    pub access_log: bool,
-}
-
-/// Format of log lines: text (human-readable, coloured only on a terminal) or json (one
-/// JSON object per line).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (coloured only on a terminal).
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl PortalPods {
-    fn default_replicas() -> i32 {
-        2
-    }
-    fn default_access_log() -> bool {
-        true
-    }
-    fn is_default_access_log(on: &bool) -> bool {
-        *on
-    }
-}
-
-impl Default for PortalPods {
-    fn default() -> Self {
-        PortalPods {
-            replicas: Self::default_replicas(),
-            image: String::new(),
-            resources: None,
-            service_type: ServiceType::default(),
-            log_level: String::new(),
-            log_format: None,
-            access_log: true,
-        }
-    }
-}
-
-/// Type of the portal Services.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
-pub enum ServiceType {
-    #[default]
-    ClusterIP,
-    NodePort,
-    LoadBalancer,
-}
-
-impl ServiceType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ServiceType::ClusterIP => "ClusterIP",
-            ServiceType::NodePort => "NodePort",
-            ServiceType::LoadBalancer => "LoadBalancer",
-        }
-    }
-}
-
 /// PROXY protocol settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -701,74 +455,4 @@ pub struct ProxyProtocol {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub trusted_cidrs: Vec<String>,
-}
-
-/// What the operator reports about a DatabasePortal.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DatabasePortalStatus {
-    /// The generation of the spec this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// The backend that the ready portals agree leads ("" when none).
-    #[serde(default)]
-    pub leader: String,
-    /// Number of portal pods that are ready.
-    #[serde(default)]
-    pub ready_portals: i32,
-    /// Ready portals over desired portals, as "2/2".
-    #[serde(default)]
-    pub ready: String,
-    /// One connection string per portal Service.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub endpoints: Vec<String>,
-    /// What each portal reports.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub portals: Vec<PortalReport>,
-    /// Ready, and Degraded with a reason (LeaderDisagreement, NoHealthyBackend,
-    /// CertificateNotReady, CertManagerMissing, InvalidSpec, ...).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "conditions_schema")]
-    pub conditions: Vec<Condition>,
-}
-
-/// One portal's own view.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub struct PortalReport {
-    /// Name of the portal pod.
-    pub name: String,
-    /// Whether the portal is ready (has a configuration and a routable backend).
-    #[serde(default)]
-    pub ready: bool,
-    /// The leader this portal sees ("" when none).
-    #[serde(default)]
-    pub leader: String,
-    /// Why the portal is not ready, or what else is wrong with it ("" when nothing).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
-    /// The backends this portal gives no new sessions to by administrative state (drain or
-    /// maint, from `spec.backends[].state` or the portal's admin endpoint); ready ones are not
-    /// listed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub backends: Vec<PortalBackendState>,
-}
-
-/// A backend's administrative state as one portal applies it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub struct PortalBackendState {
-    /// Name of the backend.
-    pub name: String,
-    /// drain or maint.
-    pub state: String,
-}
-
-/// Conditions as a list keyed by type, so server-side apply merges them by type.
-fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = generator.subschema_for::<Vec<Condition>>();
-    schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert(
-        "x-kubernetes-list-map-keys".into(),
-        serde_json::json!(["type"]),
-    );
-    schema
 }

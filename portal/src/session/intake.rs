@@ -2,8 +2,8 @@
 //! the client address, and the TLS / engine negotiation hook — then hands it to
 //! [`proxy`](super::proxy).
 //!
-//! May import: `admission`, `allow`, `config`, `metrics`, `proxy_protocol`, `splice`, `tls`
-//! and the session's own modules.
+//! May import: `admission`, `config`, `metrics`, `proxy_protocol`, `splice`, `tls` and the
+//! session's own modules.
 
 use std::{net::SocketAddr, sync::Arc};
 

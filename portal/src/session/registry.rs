@@ -2,7 +2,7 @@
 //! ([`control_sessions`]) re-checks them all on a configuration or health change, or the drain
 //! timeout, and closes those no longer admitted ([`keep_session`], a pure decision).
 //!
-//! May import: `allow`, `config`, `health`, `metrics`, `route` and the session's [`Shared`].
+//! May import: `allow`, `config`, `health`, `metrics` and the session's [`Shared`].
 
 use std::{
     net::IpAddr,

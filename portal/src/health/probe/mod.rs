@@ -1,7 +1,7 @@
 //! The engine probes: one connection to one backend, bounded by `timeouts.check` (connect and
 //! exchange), answering healthy with a role, or why not.
 //!
-//! May import: `config`, `wire` and the rest of `health`.
+//! May import: `config`, `tls` (its backend connector), `wire` and the rest of `health`.
 
 mod etcd;
 mod mysql;

@@ -1,5 +1,5 @@
 //! What the multiplexer reports: its `/metrics` families (a `Collector`, read from the
-//! [`MuxStats`] atomics and the pools at scrape time) and its part of `/status`.
+//! [`MuxStats`](super::MuxStats) atomics and the pools at scrape time) and its part of `/status`.
 //!
 //! May import: `metrics` and the rest of `multiplex`.
 
@@ -15,7 +15,7 @@ use prometheus_client::{
 };
 use serde_json::json;
 
-use super::{commands::PinReason, server::BATCH_BUCKETS, Hub};
+use super::{commands::PinReason, server::Hub, stats::BATCH_BUCKETS};
 use crate::metrics::{counter, counters, gauge, gauges};
 
 /// The multiplexer's families, for `admin::registry`.

@@ -5,8 +5,8 @@
 //! that exchange left, a password, an md5 hash, or the ClientKey a SCRAM proof revealed
 //! (SCRAM passthrough: the portal never holds a password it could replay elsewhere).
 //!
-//! May import: `config`, `health`, `metrics`, `wire` and the rest of `pool` (`conn`,
-//! `secret`, `scram`, `server`).
+//! May import: `metrics`, `wire` and the rest of `pool` (`conn`, `secret`, `scram`,
+//! `server`).
 
 use std::{
     sync::{atomic::Ordering::Relaxed, Arc},

@@ -3,7 +3,7 @@
 //! connection back in transaction mode), ParameterStatus kept; a lost connection (failover)
 //! fails the transaction in flight and nothing else.
 //!
-//! May import: `config`, `metrics`, `wire` and the rest of `pool`.
+//! May import: `metrics`, `wire` and the rest of `pool`.
 
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -3,7 +3,7 @@
 //! (Close of a statement, DEALLOCATE, a named Parse before Sync), or refused; named prepared
 //! statements are renamed per server connection and prepared where missing.
 //!
-//! May import: `config`, `metrics`, `wire` and the rest of `pool`.
+//! May import: `metrics`, `wire` and the rest of `pool`.
 
 use std::sync::atomic::Ordering::Relaxed;
 

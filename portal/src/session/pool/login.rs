@@ -3,7 +3,7 @@
 //! and its login: a first server connection, whose parameters and the portal's own
 //! BackendKeyData the client is told.
 //!
-//! May import: `config`, `metrics`, `wire` and the rest of `pool`.
+//! May import: `metrics`, `wire` and the rest of `pool`.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +12,8 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use super::{CancelSlot, Client, REPLAYED};
+use super::pinning::REPLAYED;
+use super::{CancelSlot, Client};
 use crate::{
     metrics::CloseReason,
     wire::postgres::{

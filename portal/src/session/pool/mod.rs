@@ -58,6 +58,7 @@ use tokio::{
 use tracing::debug;
 
 use conn::{lock, DialContext, ServerConn};
+pub use pinning::REPLAYED;
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
 use server::{CheckoutError, Pool};
@@ -73,18 +74,6 @@ use crate::{
     route,
     wire::postgres::{error_response, frame, ready_for_query, ReadyStatus, HEADER_LEN},
 };
-
-/// The reported parameters the portal replays with SET on a server connection whose value
-/// differs from the client's (the others, such as server_version, are the server's own).
-pub const REPLAYED: [&str; 7] = [
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "TimeZone",
-    "standard_conforming_strings",
-    "search_path",
-];
 
 /// The largest authentication message read from a client.
 const MAX_AUTH_MESSAGE: usize = 8 << 10;

@@ -2,9 +2,22 @@
 //! the SQL that creates it, recognised in simple queries and in Parse. A client that runs
 //! such a statement is pinned to its server connection until it disconnects (then the
 //! connection is reset with DISCARD ALL), so it never finds its state gone or another
-//! client's state in its way.
+//! client's state in its way. The reported parameters the portal replays itself
+//! ([`REPLAYED`]) are no such state.
 //!
 //! May import: nothing of the crate.
+
+/// The reported parameters the portal replays with SET on a server connection whose value
+/// differs from the client's (the others, such as server_version, are the server's own).
+pub const REPLAYED: [&str; 7] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "search_path",
+];
 
 /// What pinned a client: the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,7 +140,7 @@ fn skeleton(sql: &str) -> String {
 
 /// Parameters the portal replays (lower-case), whose SET needs no pinning.
 fn replayed(name: &str) -> bool {
-    super::REPLAYED
+    REPLAYED
         .iter()
         .any(|r| r.eq_ignore_ascii_case(name.trim_matches('"')))
 }

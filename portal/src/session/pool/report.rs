@@ -16,7 +16,7 @@ use prometheus_client::{
 };
 use serde_json::json;
 
-use super::{pinning::PinReason, PgHub, WAIT_BUCKETS};
+use super::{pinning::PinReason, server::PgHub, stats::WAIT_BUCKETS};
 use crate::metrics::{counter, counters, gauge, gauges};
 
 /// The pooler's families, for `admin::registry`.
@@ -48,7 +48,7 @@ impl Collector for PoolCollector {
         let hub = &self.0;
         let s = &hub.stats;
         let pools = hub.pools();
-        let labels = |p: &super::Pool| {
+        let labels = |p: &super::server::Pool| {
             [
                 ("backend", p.backend.name.clone()),
                 ("database", p.database.clone()),

@@ -91,7 +91,7 @@ pub fn md5_hash(password: &str, user: &str) -> String {
 
 /// The answer to an md5 challenge with `salt`, from the md5 form of the password.
 pub fn md5_salted(hash: &str, salt: [u8; 4]) -> String {
-    format!("md5{}", md5_hex(&[hash[3..].as_bytes(), &salt]))
+    format!("md5{}", md5_hex(&[&hash.as_bytes()[3..], &salt]))
 }
 
 /// Whether two byte strings are equal, in time that depends only on their length.

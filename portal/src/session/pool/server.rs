@@ -3,7 +3,8 @@
 //! clients, the task that retires the pools of a backend that may no longer take writes (a
 //! demoted leader).
 //!
-//! May import: `config`, `health`, `route`, `tls`, `wire` and the rest of `pool`.
+//! May import: `config`, `health` and the rest of `pool`; from `session`, what retires the
+//! pools on a route change.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -280,10 +281,13 @@ pub struct PgHub {
     /// made from.
     pub(super) verifiers: Mutex<HashMap<String, (String, Arc<super::scram::Verifier>)>>,
     /// Secrets fetched with `pooling.auth.query`, by user, with when (`None`: no such user).
-    pub(super) fetched: Mutex<HashMap<String, (Instant, Option<Arc<Secret>>)>>,
+    pub(super) fetched: Mutex<HashMap<String, Fetched>>,
     /// Held while `pooling.auth.query` runs: one at a time.
     pub(super) fetching: tokio::sync::Mutex<()>,
 }
+
+/// A secret fetched with `pooling.auth.query`, with when (`None`: no such user).
+pub(super) type Fetched = (Instant, Option<Arc<Secret>>);
 
 impl PgHub {
     /// The pool of `backend` (by name and address), `database` and `user`; a retired one is

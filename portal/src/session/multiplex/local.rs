@@ -1,0 +1,177 @@
+//! The commands a multiplexed client's own session answers, in the portal: AUTH and HELLO
+//! (checked against `pooling.auth`), CLIENT ID / SETNAME / GETNAME / SETINFO, SELECT 0, RESET
+//! and QUIT.
+//!
+//! May import: `health` and the rest of `multiplex`.
+
+use tracing::debug;
+
+use super::commands::Local;
+use super::Session;
+use crate::health::Users;
+
+const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+
+impl Session {
+    /// Checks HELLO's AUTH option, answering the error itself. True when the client may go on.
+    pub(super) fn hello_auth(&mut self) -> bool {
+        let mut i = 2;
+        let mut auth = None;
+        while let Some(a) = self.arg(i) {
+            if a.eq_ignore_ascii_case(b"AUTH") {
+                auth = Some((self.arg(i + 1), self.arg(i + 2)));
+                i += 3;
+            } else {
+                i += 2;
+            }
+        }
+        match auth {
+            Some((Some(user), Some(pass))) => {
+                let (user, pass) = (user.to_vec(), pass.to_vec());
+                let reply = self.check(&user, &pass);
+                if reply != b"+OK\r\n" {
+                    self.reply(reply);
+                    return false;
+                }
+                true
+            }
+            Some(_) => {
+                self.reply(b"-ERR Syntax error in HELLO option 'auth'\r\n");
+                false
+            }
+            None if !self.authed => {
+                self.reply(b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n");
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Checks a user's password against `pooling.auth`.
+    pub(super) fn check(&mut self, user: &[u8], pass: &[u8]) -> &'static [u8] {
+        let users: Option<Users> = match self.ctx.credentials.users(&self.settings) {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, "the users of pooling.auth cannot be read");
+                return b"-ERR the portal cannot check passwords now\r\n";
+            }
+        };
+        let Some(users) = users else {
+            return b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n";
+        };
+        let ok = std::str::from_utf8(user)
+            .ok()
+            .and_then(|u| users.get(u))
+            .is_some_and(|p| constant_time_eq(p.as_bytes(), pass));
+        if ok {
+            self.authed = true;
+            b"+OK\r\n"
+        } else {
+            WRONGPASS
+        }
+    }
+
+    /// Answers a command that concerns only this client's session.
+    pub(super) fn local(&mut self, local: Local) {
+        let argc = self.cmd.args.len();
+        match local {
+            Local::Nothing => {}
+            Local::Auth => {
+                let (user, pass) = match argc {
+                    2 => (
+                        b"default".to_vec(),
+                        self.arg(1).unwrap_or_default().to_vec(),
+                    ),
+                    3 => (
+                        self.arg(1).unwrap_or_default().to_vec(),
+                        self.arg(2).unwrap_or_default().to_vec(),
+                    ),
+                    _ => {
+                        self.reply(b"-ERR wrong number of arguments for 'auth' command\r\n");
+                        return;
+                    }
+                };
+                let reply = self.check(&user, &pass);
+                self.reply(reply);
+            }
+            Local::Hello => {
+                if let Some(v) = self.arg(1) {
+                    if v != b"2" && !v.eq_ignore_ascii_case(b"AUTH") {
+                        self.reply(b"-NOPROTO unsupported protocol version\r\n");
+                        return;
+                    }
+                }
+                if !self.hello_auth() {
+                    return;
+                }
+                let mut i = 2;
+                while let Some(a) = self.arg(i) {
+                    if a.eq_ignore_ascii_case(b"SETNAME") {
+                        self.name = self.arg(i + 1).map(<[u8]>::to_vec);
+                        i += 2;
+                    } else {
+                        i += if a.eq_ignore_ascii_case(b"AUTH") {
+                            3
+                        } else {
+                            2
+                        };
+                    }
+                }
+                let version = env!("CARGO_PKG_VERSION");
+                let id = self.id.to_string();
+                let mut r = Vec::new();
+                r.extend_from_slice(b"*14\r\n$6\r\nserver\r\n$8\r\ndbportal\r\n$7\r\nversion\r\n");
+                r.extend_from_slice(format!("${}\r\n{version}\r\n", version.len()).as_bytes());
+                r.extend_from_slice(b"$5\r\nproto\r\n:2\r\n$2\r\nid\r\n");
+                r.extend_from_slice(format!(":{id}\r\n").as_bytes());
+                r.extend_from_slice(b"$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n");
+                self.reply(&r);
+            }
+            Local::ClientId => {
+                let r = format!(":{}\r\n", self.id);
+                self.reply(r.as_bytes());
+            }
+            Local::ClientSetName => match self.arg(2).map(<[u8]>::to_vec) {
+                Some(name) if argc == 3 && !name.iter().any(|b| *b <= b' ' || *b > b'~') => {
+                    self.name = (!name.is_empty()).then_some(name);
+                    self.reply(b"+OK\r\n");
+                }
+                Some(_) if argc == 3 => self.reply(
+                    b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n",
+                ),
+                _ => self.reply(b"-ERR wrong number of arguments for 'client|setname' command\r\n"),
+            },
+            Local::ClientGetName => match self.name.clone() {
+                Some(name) => {
+                    let mut r = format!("${}\r\n", name.len()).into_bytes();
+                    r.extend_from_slice(&name);
+                    r.extend_from_slice(b"\r\n");
+                    self.reply(&r);
+                }
+                None => self.reply(b"$-1\r\n"),
+            },
+            Local::ClientSetInfo | Local::SelectZero => self.reply(b"+OK\r\n"),
+            Local::Reset => {
+                self.name = None;
+                self.authed = self
+                    .ctx
+                    .credentials
+                    .users(&self.settings)
+                    .is_ok_and(|u| u.is_none());
+                self.reply(b"+RESET\r\n");
+            }
+            Local::Quit => {
+                self.reply(b"+OK\r\n");
+                self.quitting = true;
+            }
+        }
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

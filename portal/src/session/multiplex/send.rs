@@ -1,0 +1,187 @@
+//! Where a multiplexed client's commands are sent: a run of plain commands as one request on
+//! the shared server connection the client sticks to while replies are in flight (or a new
+//! one once none are), a command that must reach a server busy with a script on a connection
+//! opened for it alone, and the backend both go to (the leader, or the routing mode's first
+//! choice).
+//!
+//! May import: `health`, `route`, `wire` and the rest of `multiplex`.
+
+use std::sync::{atomic::Ordering::Relaxed, Arc};
+
+use tracing::debug;
+
+use super::commands::{classify, Action};
+use super::conn::{dial, send_alone};
+use super::pipeline::{Request, ServerConn, TRYAGAIN};
+use super::{Session, Stop};
+use crate::{route, wire::resp::parse_command};
+
+impl Session {
+    /// Sends the run of plain commands that starts at the parsed one as one request. False
+    /// when it must wait for the replies in flight on a connection that went away.
+    pub(super) async fn send_plain(&mut self) -> Result<bool, Stop> {
+        let start = self.in_start;
+        let mut end = start + self.cmd.len;
+        let mut count: u32 = 1;
+        let max = self.settings.max_in_flight as u32;
+        while count < max {
+            let buf = &self.inbuf[end..self.in_end];
+            match parse_command(buf, &mut self.cmd) {
+                Ok(true) => {}
+                _ => break,
+            }
+            let cmd = &self.cmd;
+            if classify(cmd.args.len(), |i| cmd.arg(buf, i)) != Action::Plain {
+                break;
+            }
+            end += cmd.len;
+            count += 1;
+        }
+        let conn = match self.conn().await {
+            Ok(Some(conn)) => conn,
+            Ok(None) => return Ok(false),
+            Err(why) => {
+                self.in_start = end;
+                let error = format!("-ERR {why}\r\n");
+                self.reply(&error.repeat(count as usize).into_bytes());
+                return Ok(true);
+            }
+        };
+        self.in_start = end;
+        let data = self.inbuf[start..end].to_vec();
+        if let Ok(permits) = conn.permits.clone().acquire_many_owned(count).await {
+            permits.forget();
+        }
+        self.sent += u64::from(count);
+        let request = Request {
+            data,
+            replies: count,
+            sink: self.sink.clone(),
+        };
+        if let Err(r) = conn.send(request) {
+            r.sink.fail(TRYAGAIN, u64::from(count));
+        }
+        Ok(true)
+    }
+
+    /// Sends the parsed command on a server connection opened for it alone, to the backend
+    /// this client's commands go to, and answers with its reply. A server busy with a script
+    /// reads nothing more from the connection running it, which may be the shared connection
+    /// this client uses: SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE queued there would wait
+    /// for the script they are meant to end. A SHUTDOWN that succeeds closes the connection
+    /// without a reply: the client is closed too, as Redis would close it.
+    pub(super) async fn out_of_band(&mut self) {
+        let command = self.inbuf[self.in_start..self.in_start + self.cmd.len].to_vec();
+        self.consume();
+        let backend = match self.target().await {
+            Ok(i) => self.config.backends[i].clone(),
+            Err(why) => return self.reply(format!("-ERR {why}\r\n").as_bytes()),
+        };
+        let failed = |e: std::io::Error| {
+            format!(
+                "-ERR the server connection to {} failed: {e}\r\n",
+                backend.name
+            )
+        };
+        let stream = match dial(&self.ctx, &backend).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                if let Some(checker) = &self.shared.checker {
+                    checker.report_connect_failure(&backend.name);
+                }
+                return self.reply(failed(e).as_bytes());
+            }
+        };
+        self.hub.stats.out_of_band.fetch_add(1, Relaxed);
+        match send_alone(stream, &command, self.config.timeouts.server).await {
+            Ok(Some(reply)) => self.reply(&reply),
+            Ok(None) => {
+                debug!(backend = %backend.name, "the server closed the connection of a command sent alone; closing the client");
+                self.quitting = true;
+            }
+            Err(e) => self.reply(failed(e).as_bytes()),
+        }
+    }
+
+    /// The backend to send to now: the leader (or the routing mode's first choice), waiting
+    /// up to `timeouts.connect` for one.
+    pub(super) async fn target(&mut self) -> Result<usize, String> {
+        let config = self.config.clone();
+        let mut health = self.shared.health.clone();
+        let overrides = self.shared.state.control.current();
+        let order = |view: &crate::health::HealthView| {
+            let eligible = route::eligible(&config, view, &overrides);
+            let weights = route::weights(&config, view, &overrides, std::time::Instant::now());
+            route::order(
+                config.routing,
+                &eligible,
+                self.ip,
+                self.id as usize,
+                |i| weights[i],
+                |_| 0,
+            )
+            .first()
+            .copied()
+        };
+        let now = order(&health.borrow_and_update());
+        if let Some(i) = now {
+            return Ok(i);
+        }
+        let waited = tokio::time::timeout(
+            config.timeouts.connect,
+            health.wait_for(|v| order(v).is_some()),
+        )
+        .await;
+        match waited {
+            Ok(Ok(view)) => order(&view).ok_or_else(|| "no backend available".to_string()),
+            _ => Err(format!(
+                "no backend available (no leader within {:?}); the command was not applied",
+                config.timeouts.connect
+            )),
+        }
+    }
+
+    /// The shared connection to send on: the current one while it lives (replies in order),
+    /// else a new choice once nothing is in flight. `Ok(None)`: wait for replies first.
+    pub(super) async fn conn(&mut self) -> Result<Option<Arc<ServerConn>>, String> {
+        if let Some(c) = &self.current {
+            if !c.is_dead() {
+                return Ok(Some(c.clone()));
+            }
+        }
+        if !self.idle() {
+            return Ok(None);
+        }
+        self.current = None;
+        let i = self.target().await?;
+        let backend = self.config.backends[i].clone();
+        let pool = self
+            .hub
+            .pool(&backend, true, per_thread(self.settings.server_connections));
+        let conn = pool
+            .shared(self.id as usize, &self.ctx, self.settings.max_in_flight)
+            .await
+            .map_err(|e| {
+                if let Some(checker) = &self.shared.checker {
+                    checker.report_connect_failure(&backend.name);
+                }
+                format!("the server connection to {} failed: {e}", backend.name)
+            })?;
+        self.current = Some(conn.clone());
+        Ok(Some(conn))
+    }
+}
+
+/// Shared connections per data-plane thread: `serverConnections` spread over the threads
+/// (one each at least), so that the portal holds about `serverConnections` in all.
+fn per_thread(server_connections: usize) -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    server_connections.div_ceil(threads).max(1)
+}
