@@ -167,24 +167,21 @@ fn resp_seeds() -> Vec<Vec<u8>> {
 
 /// Every RESP reader, on one input.
 fn resp_readers(input: &[u8], cmd: &mut resp::Command) {
-    match resp::parse_command(input, cmd) {
-        Ok(true) => {
+    if let Ok(true) = resp::parse_command(input, cmd) {
+        assert!(
+            cmd.len <= input.len(),
+            "command {} of {}",
+            cmd.len,
+            input.len()
+        );
+        for (i, &(s, e)) in cmd.args.iter().enumerate() {
             assert!(
-                cmd.len <= input.len(),
-                "command {} of {}",
-                cmd.len,
-                input.len()
+                s <= e && e <= cmd.len,
+                "argument {i}: {s}..{e} of {}",
+                cmd.len
             );
-            for (i, &(s, e)) in cmd.args.iter().enumerate() {
-                assert!(
-                    s <= e && e <= cmd.len,
-                    "argument {i}: {s}..{e} of {}",
-                    cmd.len
-                );
-                let _ = cmd.arg(input, i);
-            }
+            let _ = cmd.arg(input, i);
         }
-        Ok(false) | Err(_) => {}
     }
     if let Ok(Some(s)) = resp::scan_reply(input) {
         assert!(
