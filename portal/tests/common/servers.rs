@@ -435,6 +435,29 @@ impl Postgres {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Stops this former primary and starts it again as a streaming standby of `leader`
+    /// (`standby.signal` and `primary_conninfo`), as a cluster manager demotes the old primary
+    /// after a failover. It follows the new timeline when it stopped cleanly before the promote.
+    pub fn restart_as_standby_of(&mut self, leader: &Postgres) {
+        self.stop();
+        let data = self.data();
+        let signal = data.join("standby.signal");
+        std::fs::write(&signal, "").unwrap();
+        let auto = data.join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
+        conf.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres password={}'\n",
+            leader.port, leader.password
+        ));
+        std::fs::write(&auto, conf).unwrap();
+        for f in [&signal, &auto] {
+            let _ = Command::new("chown")
+                .args(["postgres:postgres", &f.display().to_string()])
+                .status();
+        }
+        self.start();
+    }
+
     pub fn promote(&self) {
         let status = as_postgres(&format!("{PG_BIN}/pg_ctl"))
             .args(["promote", "-w", "-D", &self.data().display().to_string()])

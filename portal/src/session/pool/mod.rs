@@ -53,7 +53,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
-    time::{timeout, Instant},
+    time::{timeout, Duration, Instant},
 };
 use tracing::debug;
 
@@ -365,48 +365,86 @@ where
     }
 
     /// A server connection of the current pool, after the queue; errors as (SQLSTATE, text).
+    ///
+    /// A backend that cannot be reached, or refuses logins for now (57P03: shutting down,
+    /// starting up, in recovery), is what a failover looks like from here: the failure is
+    /// reported to the health checker and the client keeps waiting, within
+    /// `pooling.queueTimeout`, for the backend to come back or the leader to change, so that
+    /// a transaction begun in the middle of a failover runs on the new leader instead of
+    /// failing. A refused login (wrong password, no such role) fails at once.
     async fn acquire_conn(&mut self) -> Result<ServerConn, (&'static str, String)> {
         let started = Instant::now();
-        for _ in 0..3 {
+        let mut health = self.shared.health.clone();
+        let mut last_failure: Option<String> = None;
+        let mut retired = 0;
+        loop {
+            health.borrow_and_update();
             let pool = self.target().await?;
             let left = self
                 .settings
                 .queue_timeout
                 .saturating_sub(started.elapsed());
-            match pool.checkout(&self.ctx, &self.login, left).await {
+            let failure = match pool.checkout(&self.ctx, &self.login, left).await {
                 Ok(c) => {
                     self.hub.stats.record_wait(started.elapsed());
                     return Ok(c);
                 }
-                Err(CheckoutError::Retired) => continue,
+                Err(CheckoutError::Retired) => {
+                    retired += 1;
+                    if retired > 3 {
+                        // The leader keeps changing: a moment for the view to settle.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None
+                }
                 Err(CheckoutError::Timeout) => {
                     self.hub.stats.queue_timeouts.fetch_add(1, Relaxed);
-                    return Err((
-                        "53300",
-                        format!(
-                            "no server connection available within pooling.queueTimeout ({:?}): all {} of the pool are busy",
-                            self.settings.queue_timeout, self.settings.pool_size
+                    return Err(match last_failure {
+                        Some(e) => (
+                            "08006",
+                            format!(
+                                "no server connection within pooling.queueTimeout ({:?}): {e}",
+                                self.settings.queue_timeout
+                            ),
                         ),
-                    ));
+                        None => (
+                            "53300",
+                            format!(
+                                "no server connection available within pooling.queueTimeout ({:?}): all {} of the pool are busy",
+                                self.settings.queue_timeout, self.settings.pool_size
+                            ),
+                        ),
+                    });
                 }
                 Err(CheckoutError::Dial(e)) => {
-                    if e.kind() != std::io::ErrorKind::PermissionDenied {
-                        if let Some(checker) = &self.shared.checker {
-                            checker.report_connect_failure(&pool.backend.name);
-                        }
-                        return Err((
-                            "08006",
-                            format!("the server connection to {} failed: {e}", pool.backend.name),
-                        ));
+                    let refused_for_now = e.to_string().contains(" 57P03:");
+                    if e.kind() == std::io::ErrorKind::PermissionDenied && !refused_for_now {
+                        return Err(("28000", format!("the server refused the login: {e}")));
                     }
-                    return Err(("28000", format!("the server refused the login: {e}")));
+                    if let Some(checker) = &self.shared.checker {
+                        checker.report_connect_failure(&pool.backend.name);
+                    }
+                    Some(format!(
+                        "the server connection to {} failed: {e}",
+                        pool.backend.name
+                    ))
                 }
+            };
+            if let Some(text) = failure {
+                let left = self
+                    .settings
+                    .queue_timeout
+                    .saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    self.hub.stats.queue_timeouts.fetch_add(1, Relaxed);
+                    return Err(("08006", text));
+                }
+                last_failure = Some(text);
+                // Until the health view changes (the checker probes at once on the report),
+                // at most a quarter of a second before dialling again.
+                let _ = timeout(left.min(Duration::from_millis(250)), health.changed()).await;
             }
         }
-        Err((
-            "08006",
-            "no backend available: the leader keeps changing".into(),
-        ))
     }
 
     /// Takes a server connection for the client's next transaction and gives it the client's

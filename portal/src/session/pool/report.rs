@@ -121,7 +121,7 @@ impl Collector for PoolCollector {
         counter(
             &mut e,
             "dbportal_pool_queue_timeouts",
-            "Clients refused with SQLSTATE 53300 after waiting pooling.queueTimeout for a server connection.",
+            "Transactions refused after waiting pooling.queueTimeout for a server connection (53300: the pool was busy; 08006: its backend could not be reached).",
             s.queue_timeouts.load(Relaxed),
         )?;
         counter(
