@@ -2,6 +2,8 @@
 //! 1.20, started privately for this test binary), running with exactly the chart's RBAC.
 
 mod common;
+#[path = "../../portal/tests/common/servers.rs"]
+mod servers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,10 +13,10 @@ use anyhow::{ensure, Context as _};
 use common::{eventually, ControlPlane, OPERATOR_NAMESPACE};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use operator::apply::ApiSupport;
@@ -1321,6 +1323,305 @@ async fn binary_lease_namespace_missing(plane: &ControlPlane) -> anyhow::Result<
     Ok(())
 }
 
+/// psql through `port` as `user`: its output, or its error.
+async fn psql_via(port: u16, user: &str, password: &str, sql: &str) -> anyhow::Result<String> {
+    let (user, password, sql) = (user.to_string(), password.to_string(), sql.to_string());
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", &user])
+            .args(["-d", "postgres", "-XAtq", "-c", &sql])
+            .env("PGPASSWORD", &password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .env("PGSSLMODE", "disable")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .await?
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// PostgreSQL pooling along the operator's path: the DatabasePortal names a users Secret and
+/// a probe-credentials Secret; the operator writes them into the ConfigMap (with the peers)
+/// and the pod's arguments, and lets the portal's ServiceAccount read those two Secrets and no
+/// other. A portal run as that ServiceAccount (impersonated) from the operator's configuration
+/// (a copy with loopback listeners, since the pod's own addresses are for a pod) reads both
+/// Secrets through the API and pools a real PostgreSQL's clients with them; a password
+/// changed in the Secret and the database is the one that works next.
+async fn pooling_reads_the_secrets_it_is_given(
+    plane: &ControlPlane,
+    admin: Client,
+) -> anyhow::Result<()> {
+    if servers::skip_without(&[&format!("{}/postgres", servers::PG_BIN), "psql"]) {
+        return Ok(());
+    }
+    let ns = "lima";
+    let pg = tokio::task::spawn_blocking(|| {
+        let pg = servers::Postgres::primary("pgpw");
+        pg.psql("CREATE ROLE app LOGIN PASSWORD 'apppw'");
+        pg
+    })
+    .await?;
+    common::create_namespace(&admin, ns).await?;
+    let secrets = Api::<Secret>::namespaced(admin.clone(), ns);
+    for s in [
+        secret("orders-users", &[("app", "apppw")]),
+        secret(
+            "orders-probe",
+            &[("username", "postgres"), ("password", "pgpw")],
+        ),
+        secret("unrelated", &[("x", "y")]),
+    ] {
+        secrets.create(&PostParams::default(), &s).await?;
+    }
+    let port = servers::free_port();
+    let dp = portal(
+        ns,
+        json!({
+            "engine": "postgres",
+            "port": port,
+            "backends": [{"name": "pg0", "address": pg.address()}],
+            "pooling": {"mode": "transaction", "poolSize": 2, "auth": {"usersSecret": "orders-users"}},
+            "healthCheck": {"credentialsSecret": "orders-probe"}
+        }),
+    );
+    create(&admin, &dp).await?;
+    let dp = observed(&admin, ns, 1).await?;
+    ensure!(
+        condition(&dp, "Degraded").1 == "AsExpected",
+        "{:?}",
+        condition(&dp, "Degraded")
+    );
+
+    // What the operator wrote: the ConfigMap, the pod's arguments, the Role.
+    let cm = Api::<ConfigMap>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("portal.yaml"))
+        .context("no portal.yaml")?
+        .clone();
+    let config = portal::config::parse_yaml(&text)?
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let pool = config.pg_pool.as_ref().context("no pooling")?;
+    ensure!(pool.transaction && pool.pool_size == 2, "{text}");
+    ensure!(
+        pool.users_secret.as_deref() == Some("orders-users"),
+        "{text}"
+    );
+    ensure!(
+        config.health.credentials_secret.as_deref() == Some("orders-probe"),
+        "{text}"
+    );
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let peers: Vec<(String, String)> = yaml["peers"]
+        .as_sequence()
+        .context("no peers")?
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                p["address"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    ensure!(
+        peers
+            == vec![
+                (
+                    "orders-portal-0".to_string(),
+                    format!("orders-portal-0.{ns}.svc:{port}")
+                ),
+                (
+                    "orders-portal-1".to_string(),
+                    format!("orders-portal-1.{ns}.svc:{port}")
+                ),
+            ],
+        "peers {peers:?}"
+    );
+    let sts = Api::<StatefulSet>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let args = sts
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.containers.into_iter().next())
+        .and_then(|c| c.args)
+        .context("no container args")?;
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    ensure!(
+        arg("--users-secret").as_deref() == Some("orders-users")
+            && arg("--credentials-secret").as_deref() == Some("orders-probe"),
+        "args {args:?}"
+    );
+    let role = Api::<Role>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let mut readable: Vec<String> = role
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.resources.as_deref() == Some(&["secrets".to_string()][..]))
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect();
+    readable.sort();
+    ensure!(
+        readable.contains(&"orders-users".to_string())
+            && readable.contains(&"orders-probe".to_string())
+            && !readable.contains(&"unrelated".to_string()),
+        "the portal may read {readable:?}"
+    );
+
+    // The portal as the operator's ServiceAccount.
+    let mut kc = kube::config::Kubeconfig::read_from(&plane.admin_kubeconfig)?;
+    for auth in &mut kc.auth_infos {
+        if let Some(info) = auth.auth_info.as_mut() {
+            info.impersonate = Some(format!("system:serviceaccount:{ns}:orders-portal"));
+        }
+    }
+    let sa =
+        Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?;
+    let denied = Api::<Secret>::namespaced(sa.clone(), ns)
+        .get("unrelated")
+        .await;
+    ensure!(
+        matches!(&denied, Err(kube::Error::Api(e)) if e.code == 403),
+        "the portal's identity read an unrelated Secret: {denied:?}"
+    );
+    // The operator's configuration with loopback listeners, in a ConfigMap of its own that the
+    // ServiceAccount may read as well.
+    let (listen, admin_port) = (servers::free_port(), servers::free_port());
+    let token = std::env::temp_dir().join(format!("dbportal-lima-token-{}", std::process::id()));
+    std::fs::write(&token, "india-token\n")?;
+    let mut local = yaml.clone();
+    local["listen"] = format!("127.0.0.1:{listen}").into();
+    local["admin"] = format!("127.0.0.1:{admin_port}").into();
+    local["adminTokenFile"] = token.display().to_string().into();
+    let local_cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("orders-portal-local".into()),
+            ..Default::default()
+        },
+        data: Some([("portal.yaml".to_string(), serde_yaml::to_string(&local)?)].into()),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &local_cm)
+        .await?;
+    let meta = |name: &str| ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    };
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &Role {
+                metadata: meta("local-copy"),
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["configmaps".into()]),
+                    resource_names: Some(vec!["orders-portal-local".into()]),
+                    verbs: vec!["get".into(), "list".into(), "watch".into()],
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: meta("local-copy"),
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "Role".into(),
+                    name: "local-copy".into(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: "orders-portal".into(),
+                    namespace: Some(ns.into()),
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    let options = portal::cluster::Options {
+        namespace: ns.into(),
+        configmap: "orders-portal-local".into(),
+        tls_secret: None,
+        credentials_secret: arg("--credentials-secret"),
+        users_secret: arg("--users-secret"),
+        pod_name: None,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(portal::server::cluster(sa, options, async {
+        let _ = stopped.await;
+    }));
+    let result = async {
+        let who = eventually("a pooled login with the Secret's password", WAIT, || {
+            psql_via(listen, "app", "apppw", "SELECT current_user")
+        })
+        .await?;
+        ensure!(who == "app", "{who}");
+        let wrong = psql_via(listen, "app", "nope", "SELECT 1").await;
+        ensure!(
+            wrong.as_ref().is_err_and(|e| e.to_string().contains("password")),
+            "{wrong:?}"
+        );
+        // A new password in the database and the Secret: the portal follows the Secret.
+        pg.psql("ALTER ROLE app PASSWORD 'newpw'");
+        secrets
+            .patch(
+                "orders-users",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"stringData": {"app": "newpw"}})),
+            )
+            .await?;
+        eventually("the Secret's new password", WAIT, || {
+            psql_via(listen, "app", "newpw", "SELECT 1")
+        })
+        .await?;
+        ensure!(psql_via(listen, "app", "apppw", "SELECT 1").await.is_err());
+        let backends = pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+        );
+        ensure!(backends.parse::<usize>()? <= 2, "{backends} backends");
+        Ok(())
+    }
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    let _ = std::fs::remove_file(&token);
+    result
+}
+
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
     let started = std::time::Instant::now();
     let out = f.await;
@@ -1373,7 +1674,7 @@ fn operator_on_a_real_apiserver() {
         .await?;
         let standby = start_operator(&plane, "standby").await?;
 
-        let (a, b, c, d, e, f, g, h) = tokio::join!(
+        let (a, b, c, d, e, f, g, h, i) = tokio::join!(
             timed(minimal_portal_gets_a_certificate(admin.clone())),
             timed(children_and_status(admin.clone())),
             timed(children_are_restored(admin.clone())),
@@ -1382,6 +1683,7 @@ fn operator_on_a_real_apiserver() {
             timed(garbage_collection(admin.clone())),
             timed(tls_from_a_secret(admin.clone())),
             timed(portal_reports(admin.clone())),
+            timed(pooling_reads_the_secrets_it_is_given(&plane, admin.clone())),
         );
         for (name, r) in [
             ("minimal_portal_gets_a_certificate", a),
@@ -1392,6 +1694,7 @@ fn operator_on_a_real_apiserver() {
             ("garbage_collection", f),
             ("tls_from_a_secret", g),
             ("portal_reports", h),
+            ("pooling_reads_the_secrets_it_is_given", i),
         ] {
             match r {
                 (Ok(()), took) => eprintln!("ok: {name} ({took:.1?})"),

@@ -39,6 +39,7 @@ pub async fn install_crd(admin: &Client, crd: CustomResourceDefinition) -> anyho
     .await
 }
 
+/// Creates the namespace unless it exists.
 pub async fn create_namespace(admin: &Client, name: &str) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(admin.clone());
     let ns = Namespace {
@@ -48,8 +49,10 @@ pub async fn create_namespace(admin: &Client, name: &str) -> anyhow::Result<()> 
         },
         ..Default::default()
     };
-    api.create(&PostParams::default(), &ns).await?;
-    Ok(())
+    match api.create(&PostParams::default(), &ns).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        r => r.map(|_| ()).map_err(Into::into),
+    }
 }
 
 fn rules(file: &str) -> anyhow::Result<Vec<PolicyRule>> {
