@@ -3,10 +3,11 @@
 # PgBouncer (Debian's pgbouncer, pool_mode transaction, same pool size, same TLS certificate)
 # and the portal (pooling.mode transaction): pgbench -S over TLS, simple and prepared modes;
 # TPS, p50/p99 latency, the proxy's CPU seconds per 1,000 transactions, backend connections
-# used; then the portal's RSS per idle TLS client.
+# used; then the RSS per idle TLS client of the portal and of PgBouncer.
 #   bench/pooling.sh                                # 1,000 clients, pool 20, 15 s per run
 #   CLIENTS=200 SECONDS_PER_RUN=5 bench/pooling.sh  # quicker
 #   IDLE="5000 10000" bench/pooling.sh              # idle-client memory at these counts
+#   MODES= bench/pooling.sh                         # idle-client memory only
 # Needs: postgresql-15, pgbench, pgbouncer, openssl, python3-psycopg, a Rust toolchain.
 # Prints figures (Markdown); it is not a test. Run as root (PostgreSQL and PgBouncer run as
 # the postgres user).
@@ -18,6 +19,7 @@ POOL=${POOL:-20}
 SECS=${SECONDS_PER_RUN:-15}
 THREADS=${THREADS:-2}
 IDLE=${IDLE:-"5000 10000"}
+MODES=${MODES-"simple prepared"}
 PG_BIN=/usr/lib/postgresql/15/bin
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p dbportal-portal --bin portal
@@ -156,7 +158,7 @@ echo "$(nproc) cores; PostgreSQL 15, $(pgbouncer --version | head -1), the porta
 echo
 echo "| contender | mode | TPS | p50 ms | p99 ms | proxy CPU s / 1,000 tx | backends | errors |"
 echo "|---|---|---|---|---|---|---|---|"
-for mode in simple prepared; do
+for mode in $MODES; do
   run direct "$PGPORT" - "$mode"
   run pgbouncer "$BPORT" "$bouncer_pid" "$mode"
   run portal "$PPORT" "$portal_pid" "$mode"
@@ -165,23 +167,33 @@ echo
 for e in "${first_errors[@]}"; do echo "- first error, $e"; done
 echo
 
-# Memory per idle TLS client: the portal's RSS with N logged-in clients that sit idle.
-echo "| idle TLS clients | portal RSS MiB | KiB per client |"
-echo "|---|---|---|"
-rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-base=$(rss "$portal_pid")
-for n in $IDLE; do
-  /usr/bin/python3 - "$PPORT" "$n" "$portal_pid" "$base" <<'EOF'
+# Memory per idle TLS client: each proxy's RSS with N logged-in clients that ran one query
+# and sit idle, minus its RSS before (the same psycopg clients for both, one proxy at a time).
+# psycopg waits with select() unless told otherwise, which stops at file descriptor 1,024.
+echo "| idle TLS clients | portal RSS MiB | portal KiB per client | PgBouncer RSS MiB | PgBouncer KiB per client |"
+echo "|---|---|---|---|---|"
+idle() { # port pid n
+  PSYCOPG_WAIT_FUNC=wait_epoll /usr/bin/python3 - "$1" "$3" "$2" <<'EOF'
 import sys, psycopg, time
-port, n, pid, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+port, n, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rss = lambda: int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1])
+base = rss()
 conns = []
 for _ in range(n):
-    conns.append(psycopg.connect(f"host=127.0.0.1 port={port} user=postgres password=benchpw dbname=postgres sslmode=require"))
+    c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres password=benchpw dbname=postgres sslmode=require", autocommit=True)
+    c.execute("SELECT 1")
+    conns.append(c)
 time.sleep(2)
-rss = int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1])
-print(f"| {n} | {rss / 1024:.1f} | {(rss - base) / n:.2f} |")
+now = rss()
+print(f"{now / 1024:.1f} | {(now - base) / n:.2f}")
 for c in conns:
     c.close()
 EOF
+}
+for n in $IDLE; do
+  p=$(idle "$PPORT" "$portal_pid" "$n")
   sleep 2
+  b=$(idle "$BPORT" "$bouncer_pid" "$n")
+  sleep 2
+  echo "| $n | $p | $b |"
 done

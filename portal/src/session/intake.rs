@@ -17,7 +17,7 @@ use crate::{
     metrics::Rejection,
     proxy_protocol::{self, Header},
     splice::Tcp,
-    tls::{Pending, Untouched},
+    tls::{MaybeTls, Pending, Rewind, Untouched},
 };
 
 /// A connection already admitted by the accept loop.
@@ -146,17 +146,24 @@ async fn negotiate(
         .await;
     }
     if config.pg_pool.is_some() {
-        return Box::pin(pooled(
-            stream,
-            terminator,
-            peer,
-            early,
-            permits,
-            negotiating,
-            config,
-            shared,
-        ))
-        .await;
+        // The negotiation's future is freed before the session's starts: nothing of it stays
+        // allocated with the (mostly idle) client.
+        let negotiated = Box::pin(pooled_negotiation(stream, &terminator, early, &config)).await;
+        return match negotiated {
+            Ok(client) => {
+                let ip = peer.client.ip();
+                Box::pin(pool::serve(
+                    client,
+                    ip,
+                    permits,
+                    negotiating,
+                    config,
+                    shared,
+                ))
+                .await
+            }
+            Err(e) => negotiation_failed(&shared, e.as_ref()),
+        };
     }
     if terminator.is_transparent() {
         // Each phase is boxed: an async fn's future is as large as its largest state, and a
@@ -221,7 +228,8 @@ async fn multiplexed(
         )
         .await;
     }
-    match terminator.accept_with(Tcp::new(stream), early).await {
+    // Boxed, so that the handshake's state does not stay allocated with the client.
+    match Box::pin(terminator.accept_with(Tcp::new(stream), early)).await {
         Ok(accepted) => match accepted.into_stream() {
             Ok(client) => {
                 multiplex::serve(client, Vec::new(), ip, permits, negotiating, config, shared).await
@@ -233,51 +241,30 @@ async fn multiplexed(
 }
 
 /// `pooling.mode: session | transaction` (PostgreSQL): the portal negotiates TLS (or declines
-/// it) and speaks as the server to the client; its transactions go to pooled server
-/// connections.
-#[allow(clippy::too_many_arguments)]
-async fn pooled(
+/// it) as the server; the client then speaks to the portal, whose transactions go to pooled
+/// server connections ([`pool::serve`]).
+async fn pooled_negotiation(
     stream: TcpStream,
-    terminator: std::sync::Arc<crate::tls::Terminator>,
-    peer: Peer,
+    terminator: &crate::tls::Terminator,
     early: Vec<u8>,
-    permits: (ConnectionPermit, ClientPermit),
-    negotiating: NegotiationPermit,
-    config: Arc<Config>,
-    shared: Shared,
-) {
-    let ip = peer.client.ip();
-    let negotiated = if terminator.mode() == crate::config::TlsMode::Terminate {
-        match terminator.accept_with(Tcp::new(stream), early).await {
+    config: &Config,
+) -> Result<MaybeTls<Rewind<Tcp>>, Option<crate::tls::TlsError>> {
+    if terminator.mode() == crate::config::TlsMode::Terminate {
+        return match terminator.accept_with(Tcp::new(stream), early).await {
             Ok(accepted) => accepted.into_stream().map_err(|_| None),
             Err(e) => Err(Some(e)),
-        }
-    } else {
-        // No TLS to clients: decline SSLRequest and GSSENCRequest, then start up in plaintext.
-        let client = crate::tls::Rewind::with_prefix(Tcp::new(stream), early);
-        match timeout(
-            config.timeouts.handshake,
-            crate::tls::postgres_accept(client, None, false),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(Some),
-            Err(_) => Err(None),
-        }
-    };
-    match negotiated {
-        Ok(client) => {
-            Box::pin(pool::serve(
-                client,
-                ip,
-                permits,
-                negotiating,
-                config,
-                shared,
-            ))
-            .await
-        }
-        Err(e) => negotiation_failed(&shared, e.as_ref()),
+        };
+    }
+    // No TLS to clients: decline SSLRequest and GSSENCRequest, then start up in plaintext.
+    let client = Rewind::with_prefix(Tcp::new(stream), early);
+    match timeout(
+        config.timeouts.handshake,
+        crate::tls::postgres_accept(client, None, false),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(Some),
+        Err(_) => Err(None),
     }
 }
 

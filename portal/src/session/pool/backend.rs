@@ -105,8 +105,8 @@ where
             match tag {
                 b'S' => {
                     if let Some((k, v)) = parse_parameter_status(body) {
-                        h.conn.params.insert(k.clone(), v.clone());
-                        self.params.insert(k, v);
+                        super::conn::set_param(&mut h.conn.params, k.clone(), v.clone());
+                        super::conn::set_param(&mut self.params, k, v);
                     }
                     forward.extend_from_slice(whole);
                     continue;

@@ -42,11 +42,24 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Reported parameters (name to value). Shared: a client holds the map of the server
+/// connection that logged it in until a value of its own differs, so thousands of idle
+/// clients keep a handful of maps between them.
+pub type Params = Arc<BTreeMap<String, String>>;
+
+/// Sets `name` to `value`, copying the map first only when it is shared and the value is new.
+pub fn set_param(params: &mut Params, name: String, value: String) {
+    if params.get(&name) != Some(&value) {
+        Arc::make_mut(params).insert(name, value);
+    }
+}
+
 /// One server connection, logged in as its pool's user.
 pub struct ServerConn {
     pub stream: ServerStream,
-    /// The values the server reported with ParameterStatus, as they are now.
-    pub params: BTreeMap<String, String>,
+    /// The values the server reported with ParameterStatus, as they are now; shared with the
+    /// clients that were told the same values.
+    pub params: Params,
     /// The server's BackendKeyData, for cancels.
     pub key: (u32, u32),
     /// The prepared statements the portal made on it.
@@ -77,7 +90,7 @@ impl ServerConn {
         let now = Instant::now();
         ServerConn {
             stream,
-            params,
+            params: Arc::new(params),
             key,
             statements: Default::default(),
             created: now,
@@ -174,7 +187,7 @@ impl ServerConn {
                         match buf[0] {
                             b'S' => {
                                 if let Some((k, v)) = parse_parameter_status(body) {
-                                    self.params.insert(k, v);
+                                    set_param(&mut self.params, k, v);
                                 }
                             }
                             b'E' => error = Some(error_text(body)),

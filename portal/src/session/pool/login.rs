@@ -169,7 +169,7 @@ where
         self.params = conn.params.clone();
         let pool = self.pool.clone().expect("acquired");
         let mut out = Vec::with_capacity(512);
-        for (k, v) in &self.params {
+        for (k, v) in self.params.iter() {
             out.extend_from_slice(&parameter_status(k, v));
         }
         let (pid, secret) = self.hub.new_key(&self.config);

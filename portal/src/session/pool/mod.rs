@@ -57,7 +57,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use conn::{lock, DialContext, ServerConn};
+use conn::{lock, DialContext, Params, ServerConn};
 pub use pinning::REPLAYED;
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
@@ -121,7 +121,7 @@ pub async fn serve<C>(
         user: String::new(),
         database: String::new(),
         login: Arc::default(),
-        params: BTreeMap::new(),
+        params: Params::default(),
         pool: None,
         held: None,
         discard_until_sync: false,
@@ -159,6 +159,9 @@ pub async fn serve<C>(
     debug!(reason = reason.as_str(), "client closed");
 }
 
+/// The input buffer of a client between messages, in bytes.
+const IDLE_INPUT: usize = 512;
+
 struct Client<C> {
     rd: ReadHalf<C>,
     wr: WriteHalf<C>,
@@ -175,7 +178,7 @@ struct Client<C> {
     /// What the client's server connections log in with (its authentication's outcome).
     login: Arc<secret::Login>,
     /// The client's view of the reported parameters (what it was told with ParameterStatus).
-    params: BTreeMap<String, String>,
+    params: Params,
     /// The pool of the backend the client's transactions go to now.
     pool: Option<Arc<Pool>>,
     held: Option<Held>,
@@ -496,13 +499,17 @@ where
             if let Err(reason) = self.process().await {
                 return reason;
             }
-            // A small input buffer while idle (most pooled clients are), grown while busy.
-            if self.cin.is_empty() && self.cin.capacity() > 16 << 10 {
-                self.cin = Vec::new();
-            }
-            if self.cin.capacity() - self.cin.len() < 1024 {
-                self.cin
-                    .reserve(if self.cin.is_empty() { 2048 } else { 16 << 10 });
+            // A small input buffer while idle (most pooled clients are): room for a typical
+            // query in one read; a longer message grows it, and it shrinks back when empty.
+            if self.cin.is_empty() {
+                if self.cin.capacity() > IDLE_INPUT * 4 {
+                    self.cin = Vec::new();
+                }
+                if self.cin.capacity() < IDLE_INPUT {
+                    self.cin.reserve_exact(IDLE_INPUT);
+                }
+            } else if self.cin.capacity() - self.cin.len() < 1024 {
+                self.cin.reserve(16 << 10);
             }
             tokio::select! {
                 biased;
@@ -564,6 +571,20 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use crate::splice::Tcp;
+
+    /// Thousands of idle clients share a few maps of reported parameters: a client's copy is
+    /// made only when one of its values differs from the server connection's.
+    #[test]
+    fn reported_parameters_are_shared_until_a_value_differs() {
+        let server: super::Params = Arc::new([("TimeZone".into(), "UTC".into())].into());
+        let mut client = server.clone();
+        super::conn::set_param(&mut client, "TimeZone".into(), "UTC".into());
+        assert!(Arc::ptr_eq(&server, &client));
+        super::conn::set_param(&mut client, "TimeZone".into(), "Europe/Paris".into());
+        assert!(!Arc::ptr_eq(&server, &client));
+        assert_eq!(server["TimeZone"], "UTC");
+        assert_eq!(client["TimeZone"], "Europe/Paris");
+    }
 
     /// A pooled client's task is allocated for as long as the client stays, idle or not: the
     /// rare, deep steps (startup, authentication, dialling a server connection) are boxed so
