@@ -168,16 +168,17 @@ for e in "${first_errors[@]}"; do echo "- first error, $e"; done
 echo
 
 # Memory per idle TLS client: each proxy's RSS with N logged-in clients that ran one query
-# and sit idle, minus its RSS before (the same psycopg clients for both, one proxy at a time).
+# and sit idle, minus its RSS before the first count (a later count's clients reuse memory the
+# earlier ones freed, so each count is measured from the same start); the same psycopg clients
+# for both, one proxy at a time.
 # psycopg waits with select() unless told otherwise, which stops at file descriptor 1,024.
 echo "| idle TLS clients | portal RSS MiB | portal KiB per client | PgBouncer RSS MiB | PgBouncer KiB per client |"
 echo "|---|---|---|---|---|"
-idle() { # port pid n
-  PSYCOPG_WAIT_FUNC=wait_epoll /usr/bin/python3 - "$1" "$3" "$2" <<'EOF'
+idle() { # port pid n base
+  PSYCOPG_WAIT_FUNC=wait_epoll /usr/bin/python3 - "$1" "$3" "$2" "$4" <<'EOF'
 import sys, psycopg, time
-port, n, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+port, n, pid, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 rss = lambda: int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1])
-base = rss()
 conns = []
 for _ in range(n):
     c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres password=benchpw dbname=postgres sslmode=require", autocommit=True)
@@ -190,10 +191,13 @@ for c in conns:
     c.close()
 EOF
 }
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+portal_base=$(rss "$portal_pid")
+bouncer_base=$(rss "$bouncer_pid")
 for n in $IDLE; do
-  p=$(idle "$PPORT" "$portal_pid" "$n")
+  p=$(idle "$PPORT" "$portal_pid" "$n" "$portal_base")
   sleep 2
-  b=$(idle "$BPORT" "$bouncer_pid" "$n")
+  b=$(idle "$BPORT" "$bouncer_pid" "$n" "$bouncer_base")
   sleep 2
   echo "| $n | $p | $b |"
 done
