@@ -29,9 +29,9 @@ use crate::{
     config::{Backend, Config},
     tls::{BackendConnector, MaybeTls},
     wire::postgres::{
-        error_text, frame, message, parse_authentication, parse_key, parse_parameter_status, query,
-        sasl_initial, startup_message, ReadyStatus, AUTH_CLEARTEXT, AUTH_MD5, AUTH_OK, AUTH_SASL,
-        AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, MAX_MESSAGE,
+        error_fields, error_text, frame, message, parse_authentication, parse_key,
+        parse_parameter_status, query, sasl_initial, startup_message, ReadyStatus, AUTH_CLEARTEXT,
+        AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, MAX_MESSAGE,
     },
 };
 
@@ -276,6 +276,22 @@ fn denied(text: String) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, text)
 }
 
+/// The server's ErrorResponse to a login: a refusal (wrong password, no such role) is
+/// `PermissionDenied`; SQLSTATE 57P03 (shutting down, starting up, in recovery) says the
+/// server takes no logins for now, which is a failover's doing, so it reads as refused the
+/// way a closed port is (`ConnectionRefused`).
+fn login_error(body: &[u8]) -> io::Error {
+    let text = error_text(body);
+    if error_fields(body)
+        .iter()
+        .any(|(k, v)| *k == b'C' && v == "57P03")
+    {
+        io::Error::new(io::ErrorKind::ConnectionRefused, text)
+    } else {
+        denied(text)
+    }
+}
+
 /// Logs in to a backend on `stream` as `user` to `database`, answering the method the server
 /// asks for with what `login` holds; up to the first ReadyForQuery.
 pub(super) async fn log_in(
@@ -409,7 +425,7 @@ pub(super) async fn log_in(
                 }
             }
             b'K' => key = parse_key(&body).unwrap_or_default(),
-            b'E' => return Err(denied(error_text(&body))),
+            b'E' => return Err(login_error(&body)),
             b'Z' => return Ok(ServerConn::new(stream, params, key, !buf.is_empty())),
             // NoticeResponse, NegotiateProtocolVersion: nothing to do.
             _ => {}
@@ -429,4 +445,26 @@ pub(super) fn random<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     let _ = ring::rand::SystemRandom::new().fill(&mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+
+    use crate::wire::postgres::{error_response, HEADER_LEN};
+
+    /// A server that takes no logins for now reads as refused, like a closed port, so that
+    /// the client waits for the failover; a refused login stays a refusal.
+    #[test]
+    fn a_login_error_says_whether_to_wait() {
+        let error = |sqlstate: &str| {
+            let m = error_response("FATAL", sqlstate, "no");
+            super::login_error(&m[HEADER_LEN..])
+        };
+        let shutting_down = error("57P03");
+        assert_eq!(shutting_down.kind(), ErrorKind::ConnectionRefused);
+        assert!(shutting_down.to_string().contains("FATAL 57P03"));
+        assert_eq!(error("28P01").kind(), ErrorKind::PermissionDenied);
+        assert_eq!(error("3D000").kind(), ErrorKind::PermissionDenied);
+    }
 }

@@ -110,7 +110,7 @@ where
                     }
                     continue;
                 }
-                if let Err((sqlstate, text)) = Box::pin(self.acquire()).await {
+                if let Err((sqlstate, text)) = self.acquire().await {
                     if sqlstate == "53300" {
                         break Err(self.fatal(sqlstate, &text).await);
                     }

@@ -369,12 +369,12 @@ where
 
     /// A server connection of the current pool, after the queue; errors as (SQLSTATE, text).
     ///
-    /// A backend that cannot be reached, or refuses logins for now (57P03: shutting down,
+    /// A backend that cannot be reached, or takes no logins for now (57P03: shutting down,
     /// starting up, in recovery), is what a failover looks like from here: the failure is
     /// reported to the health checker and the client keeps waiting, within
-    /// `pooling.queueTimeout`, for the backend to come back or the leader to change, so that
-    /// a transaction begun in the middle of a failover runs on the new leader instead of
-    /// failing. A refused login (wrong password, no such role) fails at once.
+    /// `pooling.queueTimeout`, for the health view to change (the backend back, or another
+    /// leader), so that a transaction begun in the middle of a failover runs on the new leader
+    /// instead of failing. A refused login (wrong password, no such role) fails at once.
     async fn acquire_conn(&mut self) -> Result<ServerConn, (&'static str, String)> {
         let started = Instant::now();
         let mut health = self.shared.health.clone();
@@ -391,14 +391,6 @@ where
                 Ok(c) => {
                     self.hub.stats.record_wait(started.elapsed());
                     return Ok(c);
-                }
-                Err(CheckoutError::Retired) => {
-                    retired += 1;
-                    if retired > 3 {
-                        // The leader keeps changing: a moment for the view to settle.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    None
                 }
                 Err(CheckoutError::Timeout) => {
                     self.hub.stats.queue_timeouts.fetch_add(1, Relaxed);
@@ -419,34 +411,37 @@ where
                         ),
                     });
                 }
+                Err(CheckoutError::Retired) => {
+                    // The pool's backend stopped leading between choosing and checking out:
+                    // choose again, and after a few such turns wait for the view to settle.
+                    retired += 1;
+                    if retired <= 3 {
+                        continue;
+                    }
+                    "no backend available: the leader keeps changing".to_string()
+                }
                 Err(CheckoutError::Dial(e)) => {
-                    let refused_for_now = e.to_string().contains(" 57P03:");
-                    if e.kind() == std::io::ErrorKind::PermissionDenied && !refused_for_now {
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
                         return Err(("28000", format!("the server refused the login: {e}")));
                     }
                     if let Some(checker) = &self.shared.checker {
                         checker.report_connect_failure(&pool.backend.name);
                     }
-                    Some(format!(
-                        "the server connection to {} failed: {e}",
-                        pool.backend.name
-                    ))
+                    format!("the server connection to {} failed: {e}", pool.backend.name)
                 }
             };
-            if let Some(text) = failure {
-                let left = self
-                    .settings
-                    .queue_timeout
-                    .saturating_sub(started.elapsed());
-                if left.is_zero() {
-                    self.hub.stats.queue_timeouts.fetch_add(1, Relaxed);
-                    return Err(("08006", text));
-                }
-                last_failure = Some(text);
-                // Until the health view changes (the checker probes at once on the report),
-                // at most a quarter of a second before dialling again.
-                let _ = timeout(left.min(Duration::from_millis(250)), health.changed()).await;
+            let left = self
+                .settings
+                .queue_timeout
+                .saturating_sub(started.elapsed());
+            if left.is_zero() {
+                self.hub.stats.queue_timeouts.fetch_add(1, Relaxed);
+                return Err(("08006", failure));
             }
+            last_failure = Some(failure);
+            // Until the health view changes (the checker probes at once on a report), at most
+            // a quarter of a second before trying again.
+            let _ = timeout(left.min(Duration::from_millis(250)), health.changed()).await;
         }
     }
 

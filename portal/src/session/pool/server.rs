@@ -157,7 +157,9 @@ impl Pool {
             Grant::Conn(c) => Ok(c),
             Grant::Retired => Err(CheckoutError::Retired),
             Grant::Dial => {
-                match dial(ctx, &self.backend, &self.database, &self.user, login).await {
+                // Boxed: a dial is rare, and its state would otherwise widen every
+                // transaction's wait for a connection.
+                match Box::pin(dial(ctx, &self.backend, &self.database, &self.user, login)).await {
                     Ok(c) => {
                         self.stats.server_opened.fetch_add(1, Relaxed);
                         Ok(c)
