@@ -660,8 +660,9 @@ async fn writer(
 /// The failover a cluster manager runs: the old primary stops (fast), the streaming standby is
 /// promoted, and the old primary comes back as a standby of the new one. Through it: 200
 /// pooled clients sit idle and all stay connected; one client holds an open transaction and
-/// is told it was lost; six clients write in a loop, each acknowledged write is on the new
-/// leader, and the demoted node gets no connection from the portal.
+/// is told it was lost; six clients write in a loop, only their transactions in flight fail,
+/// each acknowledged write is on the new leader, and the demoted node gets no connection
+/// from the portal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight() {
     use std::sync::{atomic::AtomicBool, atomic::Ordering::Relaxed, Arc};
@@ -673,7 +674,7 @@ async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight(
     let standby = Postgres::standby_of(&primary);
     let portal = Portal::start(
         &[&primary, &standby],
-        "mode: transaction, poolSize: 5",
+        "mode: transaction, poolSize: 5, queueTimeout: 20s",
         "timeouts: {connect: 20s}\n",
     )
     .await;
@@ -748,9 +749,12 @@ async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight(
         standby.psql("SELECT count(*) FROM t WHERE v = 'in flight'"),
         "0"
     );
-    // The writers: still connected, each wrote on the new leader after the failover, at
-    // most its one transaction in flight failed, and every write whose COMMIT was
-    // acknowledged, before the failover or after, is on the new leader.
+    // The writers: still connected, each wrote on the new leader after the failover, only
+    // transactions in flight on a server connection the old primary closed failed (none for
+    // want of a connection while the leader changed; under load a writer may be caught in
+    // flight more than once while the old primary's backends are being terminated), and
+    // every write whose COMMIT was acknowledged, before the failover or after, is on the new
+    // leader.
     let mut acked = Vec::new();
     let mut errors = Vec::new();
     for (w, h) in writers.into_iter().enumerate() {
@@ -761,7 +765,12 @@ async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight(
             "writer {w} wrote nothing after the failover: {:?}",
             out.errors
         );
-        assert!(out.errors.len() <= 1, "writer {w}: {:?}", out.errors);
+        for e in &out.errors {
+            assert!(
+                e.contains("the transaction in flight") || e.contains("the transaction was lost"),
+                "writer {w} failed other than in flight: {e}"
+            );
+        }
         acked.extend(out.acked);
         errors.extend(out.errors);
     }
