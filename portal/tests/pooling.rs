@@ -1093,6 +1093,42 @@ async fn tls_to_clients_and_to_the_backend() {
     .await;
     assert!(ok, "{err}");
     assert_eq!(out, "t\napp");
+    // After the handshake the portal keeps the client's TLS records itself: TLS 1.3 and 1.2,
+    // queries and results of many records each way.
+    let big = "x".repeat(100_000);
+    for (version, want) in [
+        ("TLSv1.3", "protocol: TLSv1.3"),
+        ("TLSv1.2", "protocol: TLSv1.2"),
+    ] {
+        let (ok, out, err) = run(
+            "psql",
+            &[
+                format!("{conninfo} ssl_max_protocol_version={version}").as_str(),
+                "-XAtq",
+                "-c",
+                "\\conninfo",
+                "-c",
+                &format!("SELECT length('{big}')"),
+                "-c",
+                &format!("SELECT '{big}'"),
+                "-c",
+                "SELECT repeat('z', 200000)",
+            ],
+            &[("PGPASSWORD", "apppw")],
+        )
+        .await;
+        assert!(ok, "{version}: {err}");
+        // \\conninfo's second line names the client's TLS; then one line per query.
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{version}");
+        assert!(lines[1].contains(want), "{version}: {}", lines[1]);
+        assert_eq!(lines[2], "100000", "{version}");
+        assert!(
+            lines[3] == big,
+            "{version}: the 100,000 bytes came back changed"
+        );
+        assert!(lines[4] == "z".repeat(200_000), "{version}: 200,000 bytes");
+    }
     // A plaintext client is refused: the portal requires TLS.
     let (ok, _, err) = run(
         "psql",

@@ -259,7 +259,7 @@ async fn pooled_negotiation(
     let client = Rewind::with_prefix(Tcp::new(stream), early);
     match timeout(
         config.timeouts.handshake,
-        crate::tls::postgres_accept(client, None, false),
+        crate::tls::postgres_accept(client, None, false, false),
     )
     .await
     {

@@ -291,6 +291,10 @@ pub fn server_config(
         pair.key.clone(),
     )));
     config.alpn_protocols = alpn_for(settings.engine);
+    if settings.engine == Engine::Postgres {
+        // Pooled clients keep their own records after the handshake (`records`).
+        super::records::configure(&mut config);
+    }
     Ok(Arc::new(config))
 }
 

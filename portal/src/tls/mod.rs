@@ -15,6 +15,7 @@ mod certs;
 mod mysql;
 mod pg_sasl;
 mod postgres;
+mod records;
 mod runtime;
 mod store;
 mod stream;

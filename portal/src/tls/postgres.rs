@@ -26,6 +26,9 @@ const MAX_ROUNDS: usize = 3;
 /// requests are declined (`N`) and the client starts up in plaintext. Bytes read past the
 /// negotiation (a startup packet's header) are replayed by the returned stream.
 ///
+/// With `own_records`, the portal keeps the TLS records itself after the handshake
+/// ([`records`](super::records)), so an idle client holds only its keys.
+///
 /// A plaintext CancelRequest is let through even when TLS is required: it carries only a
 /// backend pid and a random key, libpq before 17 always sends it in plaintext, and refusing it
 /// would leave a client unable to cancel a runaway query.
@@ -33,6 +36,7 @@ pub async fn accept<S>(
     mut stream: Rewind<S>,
     tls: Option<&Arc<ServerConfig>>,
     require_tls: bool,
+    own_records: bool,
 ) -> Result<MaybeTls<Rewind<S>>, TlsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -50,7 +54,7 @@ where
                 ));
             };
             stream.unread(&header);
-            let stream = handshake(stream, config).await?;
+            let stream = handshake(stream, config, own_records).await?;
             if stream.alpn() != Some(ALPN) {
                 // PostgreSQL 17 requires ALPN in direct mode, so that a TLS connection meant
                 // for another protocol cannot be replayed against the database.
@@ -67,7 +71,7 @@ where
                     // into the session as if they had come over TLS (CVE-2021-23214).
                     stream.write_all(b"S").await?;
                     stream.flush().await?;
-                    return handshake(stream, config).await;
+                    return handshake(stream, config, own_records).await;
                 }
                 None => stream.write_all(b"N").await?,
             },
@@ -108,10 +112,15 @@ where
 async fn handshake<S>(
     stream: Rewind<S>,
     config: &Arc<ServerConfig>,
+    own_records: bool,
 ) -> Result<MaybeTls<Rewind<S>>, TlsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    if own_records {
+        let records = super::records::accept(stream, config.clone()).await?;
+        return Ok(MaybeTls::Records(Box::new(records)));
+    }
     let tls = tokio_rustls::TlsAcceptor::from(config.clone())
         .accept(stream)
         .await

@@ -84,10 +84,16 @@ type BuildKey = (
     crate::config::Engine,
     crate::config::Tls,
     std::time::Duration,
+    bool,
 );
 
 fn build_key(config: &Config) -> BuildKey {
-    (config.engine, config.tls.clone(), config.timeouts.handshake)
+    (
+        config.engine,
+        config.tls.clone(),
+        config.timeouts.handshake,
+        config.pg_pool.is_some(),
+    )
 }
 
 impl TlsRuntime {
@@ -224,7 +230,8 @@ impl TlsRuntime {
             store.as_ref().map(|s| s.subscribe()),
             backend,
         )
-        .with_handshake_timeout(config.timeouts.handshake);
+        .with_handshake_timeout(config.timeouts.handshake)
+        .with_own_records(config.pg_pool.is_some());
         inner.store = store;
         inner.terminator = Some(Arc::new(terminator));
         Ok(())

@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub enum MaybeTls<S> {
     Plain(S),
     Tls(Box<tokio_rustls::TlsStream<S>>),
+    /// TLS whose records the portal keeps after rustls' handshake (pooled PostgreSQL clients).
+    Records(Box<super::records::Records<S>>),
 }
 
 impl<S> std::fmt::Debug for MaybeTls<S> {
@@ -30,13 +32,19 @@ impl<S> std::fmt::Debug for MaybeTls<S> {
                     conn.alpn_protocol().map(String::from_utf8_lossy)
                 )
             }
+            MaybeTls::Records(r) => write!(
+                f,
+                "Records({:?}, alpn {:?})",
+                r.protocol_version(),
+                r.alpn().map(String::from_utf8_lossy)
+            ),
         }
     }
 }
 
 impl<S> MaybeTls<S> {
     pub fn is_tls(&self) -> bool {
-        matches!(self, MaybeTls::Tls(_))
+        matches!(self, MaybeTls::Tls(_) | MaybeTls::Records(_))
     }
 
     /// The negotiated TLS version, for logs and metrics.
@@ -44,6 +52,7 @@ impl<S> MaybeTls<S> {
         match self {
             MaybeTls::Plain(_) => None,
             MaybeTls::Tls(tls) => tls.get_ref().1.protocol_version(),
+            MaybeTls::Records(r) => Some(r.protocol_version()),
         }
     }
 
@@ -52,6 +61,7 @@ impl<S> MaybeTls<S> {
         match self {
             MaybeTls::Plain(_) => None,
             MaybeTls::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+            MaybeTls::Records(r) => r.alpn(),
         }
     }
 
@@ -62,7 +72,7 @@ impl<S> MaybeTls<S> {
                 tokio_rustls::TlsStream::Server(s) => s.get_ref().1.server_name(),
                 tokio_rustls::TlsStream::Client(_) => None,
             },
-            MaybeTls::Plain(_) => None,
+            MaybeTls::Plain(_) | MaybeTls::Records(_) => None,
         }
     }
 
@@ -71,6 +81,7 @@ impl<S> MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s,
             MaybeTls::Tls(tls) => tls.get_ref().0,
+            MaybeTls::Records(r) => r.get_ref(),
         }
     }
 }
@@ -84,6 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Records(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -97,6 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::Records(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -108,6 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            MaybeTls::Records(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -115,6 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.is_write_vectored(),
             MaybeTls::Tls(s) => s.is_write_vectored(),
+            MaybeTls::Records(s) => s.is_write_vectored(),
         }
     }
 
@@ -122,6 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::Records(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -129,6 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MaybeTls::Records(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct Terminator {
     certs: Option<watch::Receiver<Arc<Served>>>,
     backend: Option<BackendConnector>,
     handshake_timeout: Duration,
+    /// PostgreSQL clients' TLS records are kept by the portal after the handshake
+    /// ([`records`](super::records)): for pooled clients, which mostly idle.
+    own_records: bool,
 }
 
 impl std::fmt::Debug for Terminator {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for Terminator {
             .field("mode", &self.mode)
             .field("backend_tls", &self.backend.is_some())
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("own_records", &self.own_records)
             .finish()
     }
 }
@@ -93,6 +97,7 @@ impl Terminator {
             certs,
             backend,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            own_records: false,
         }
     }
 
@@ -115,11 +120,18 @@ impl Terminator {
             _ => BackendConnector::from_settings(config.tls.backend.as_ref())?,
         };
         Ok(Terminator::new(config.engine, mode, certs, backend)
-            .with_handshake_timeout(config.timeouts.handshake))
+            .with_handshake_timeout(config.timeouts.handshake)
+            .with_own_records(config.pg_pool.is_some()))
     }
 
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    /// PostgreSQL clients' TLS records kept by the portal after the handshake (pooling).
+    pub fn with_own_records(mut self, own: bool) -> Self {
+        self.own_records = own;
         self
     }
 
@@ -181,7 +193,9 @@ impl Terminator {
             (TlsMode::Disabled, Engine::Postgres) => {
                 // Backend TLS only: decline the client's SSLRequest so it starts up in
                 // plaintext, which the portal then encrypts.
-                let stream = self.deadline(postgres::accept(client, None, false)).await?;
+                let stream = self
+                    .deadline(postgres::accept(client, None, false, false))
+                    .await?;
                 Ok(Accepted {
                     state: State::Ready(stream),
                 })
@@ -196,7 +210,12 @@ impl Terminator {
             (TlsMode::Terminate, Engine::Postgres) => {
                 let config = self.served()?;
                 let stream = self
-                    .deadline(postgres::accept(client, Some(&config), true))
+                    .deadline(postgres::accept(
+                        client,
+                        Some(&config),
+                        true,
+                        self.own_records,
+                    ))
                     .await?;
                 Ok(Accepted {
                     state: State::Ready(stream),
