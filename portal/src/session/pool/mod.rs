@@ -47,6 +47,7 @@ mod stats;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    io,
     net::IpAddr,
     sync::{atomic::Ordering::Relaxed, Arc},
 };
@@ -159,8 +160,22 @@ pub async fn serve<C>(
     debug!(reason = reason.as_str(), "client closed");
 }
 
-/// The input buffer of a client between messages, in bytes.
-const IDLE_INPUT: usize = 512;
+/// Most bytes read from a client at once.
+const READ_CHUNK: usize = 16 << 10;
+
+/// Reads what the client sent onto `cin`, through a buffer on the stack of the poll that finds
+/// data: a client between messages (most pooled clients, most of the time) holds no input
+/// buffer at all.
+async fn read_input<R: AsyncRead + Unpin>(rd: &mut R, cin: &mut Vec<u8>) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut chunk);
+        std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
+        cin.extend_from_slice(buf.filled());
+        std::task::Poll::Ready(Ok(buf.filled().len()))
+    })
+    .await
+}
 
 struct Client<C> {
     rd: ReadHalf<C>,
@@ -494,17 +509,9 @@ where
             if let Err(reason) = self.process().await {
                 return reason;
             }
-            // A small input buffer while idle (most pooled clients are): room for a typical
-            // query in one read; a longer message grows it, and it shrinks back when empty.
-            if self.cin.is_empty() {
-                if self.cin.capacity() > IDLE_INPUT * 4 {
-                    self.cin = Vec::new();
-                }
-                if self.cin.capacity() < IDLE_INPUT {
-                    self.cin.reserve_exact(IDLE_INPUT);
-                }
-            } else if self.cin.capacity() - self.cin.len() < 1024 {
-                self.cin.reserve(16 << 10);
+            // No input buffer while idle (most pooled clients are): see `read_input`.
+            if self.cin.is_empty() && self.cin.capacity() > 0 {
+                self.cin = Vec::new();
             }
             tokio::select! {
                 biased;
@@ -519,7 +526,7 @@ where
                         return reason;
                     }
                 }
-                r = self.rd.read_buf(&mut self.cin) => match r {
+                r = read_input(&mut self.rd, &mut self.cin) => match r {
                     Ok(0) | Err(_) => return CloseReason::Done,
                     Ok(n) => {
                         metrics.add_bytes(crate::metrics::Direction::ClientToBackend, n as u64);
