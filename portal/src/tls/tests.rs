@@ -9,7 +9,7 @@ use super::*;
 use crate::config::{Engine, TlsMode, TlsVersion};
 
 #[path = "../../tests/common/tls.rs"]
-mod testca;
+pub(super) mod testca;
 use testca::{Leaf, TempDir, TestCa};
 
 fn settings(engine: Engine, leaf: &Leaf) -> ServerSettings {

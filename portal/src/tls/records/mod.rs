@@ -133,27 +133,20 @@ where
                 }
                 failed = Some(e);
             }
-            Ok(ConnectionState::EncodeTlsData(mut data)) => loop {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
                 let at = outgoing.len();
                 outgoing.resize(at + 512, 0);
-                match data.encode(&mut outgoing[at..]) {
-                    Ok(n) => {
-                        outgoing.truncate(at + n);
-                        break;
-                    }
+                let n = match data.encode(&mut outgoing[at..]) {
+                    Ok(n) => n,
                     Err(EncodeError::InsufficientSize(size)) => {
-                        outgoing.truncate(at);
-                        outgoing.reserve(size.required_size);
                         outgoing.resize(at + size.required_size, 0);
-                        let n = data
-                            .encode(&mut outgoing[at..])
-                            .map_err(|e| TlsError::Handshake(e.to_string()))?;
-                        outgoing.truncate(at + n);
-                        break;
+                        data.encode(&mut outgoing[at..])
+                            .map_err(|e| TlsError::Handshake(e.to_string()))?
                     }
                     Err(e) => return Err(TlsError::Handshake(e.to_string())),
-                }
-            },
+                };
+                outgoing.truncate(at + n);
+            }
             Ok(ConnectionState::TransmitTlsData(data)) => {
                 io.write_all(&outgoing).await?;
                 io.flush().await?;

@@ -16,10 +16,7 @@ use super::*;
 use crate::config::{Engine, TlsVersion};
 use crate::tls::{parse_pair, server_config, CertSource, ServerSettings};
 
-#[path = "../../../tests/common/tls.rs"]
-#[allow(dead_code)]
-mod testca;
-use testca::TestCa;
+use crate::tls::tests::testca::TestCa;
 
 fn configs(
     suite: &[SupportedCipherSuite],
@@ -422,7 +419,7 @@ async fn a_refused_handshake_sends_the_alert() {
     let client = tokio_rustls::TlsConnector::from(Arc::new(client_config))
         .connect(ServerName::try_from("localhost").unwrap(), c)
         .await;
-    let client_error = client.err().expect("the handshake fails").to_string();
+    let client_error = client.expect_err("the handshake fails").to_string();
     assert!(
         client_error.contains("NoApplicationProtocol"),
         "{client_error}"
