@@ -427,3 +427,93 @@ async fn a_refused_handshake_sends_the_alert() {
     let server_error = server.await.unwrap().err().unwrap().to_string();
     assert!(server_error.contains("handshake"), "{server_error}");
 }
+
+fn state(aead: Aead, tls13: bool, rbuf: Vec<u8>) -> State {
+    State {
+        rx: keys(aead, tls13),
+        tx: keys(aead, tls13),
+        rbuf,
+        plain: Vec::new(),
+        ppos: 0,
+        wbuf: Vec::new(),
+        wpos: 0,
+        read_closed: false,
+        close_sent: false,
+        key_update_due: false,
+        tls13,
+        postgresql_alpn: false,
+    }
+}
+
+/// The reader of a client's record stream, fed mutations of a valid stream (data, a
+/// KeyUpdate, more data under the new keys, close_notify): flips, cuts, insertions and length
+/// fields set to edges, from a fixed seed. It never panics, and whatever it accepts as data is
+/// a prefix of what was sealed.
+#[test]
+fn the_record_reader_survives_mutated_streams() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: usize| {
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1) as u64) as usize
+    };
+    for aead in [Aead::Aes128Gcm, Aead::Aes256Gcm, Aead::Chacha20] {
+        for tls13 in [true, false] {
+            let mut sealer = keys(aead, tls13);
+            let mut stream = Vec::new();
+            let first = message(700);
+            let second = message(300);
+            let key = sealer.sealing();
+            seal(&mut sealer, &key, APPLICATION_DATA, &[&first], &mut stream);
+            if tls13 {
+                seal(
+                    &mut sealer,
+                    &key,
+                    HANDSHAKE,
+                    &[&[KEY_UPDATE, 0, 0, 1, 0]],
+                    &mut stream,
+                );
+                sealer.update();
+            }
+            let key = sealer.sealing();
+            seal(&mut sealer, &key, APPLICATION_DATA, &[&second], &mut stream);
+            seal(&mut sealer, &key, ALERT, &[&[1, CLOSE_NOTIFY]], &mut stream);
+            let sent = [first.clone(), second.clone()].concat();
+            let mut clean = state(aead, tls13, stream.clone());
+            clean.open_all().unwrap();
+            assert!(
+                clean.plain == sent && clean.read_closed,
+                "{aead:?} tls13={tls13}"
+            );
+            for _ in 0..2_000 {
+                let mut bad = stream.clone();
+                for _ in 0..1 + next(3) {
+                    match next(4) {
+                        0 => {
+                            let i = next(bad.len());
+                            bad[i] ^= 1 << next(8);
+                        }
+                        1 => bad.truncate(next(bad.len() + 1)),
+                        2 => {
+                            let i = next(bad.len() + 1);
+                            bad.splice(i..i, (0..next(8)).map(|_| next(256) as u8));
+                        }
+                        _ if bad.len() >= 5 => {
+                            let i = next(bad.len() - 1);
+                            let edge = [0u16, 1, 16, 17, 0x4000, 0x4100, 0xffff][next(7)];
+                            bad[i..i + 2].copy_from_slice(&edge.to_be_bytes());
+                        }
+                        _ => {}
+                    }
+                }
+                let mut st = state(aead, tls13, bad);
+                let _ = st.open_all();
+                assert!(
+                    sent.starts_with(&st.plain),
+                    "{aead:?} tls13={tls13}: data accepted that was not sealed"
+                );
+            }
+        }
+    }
+}
