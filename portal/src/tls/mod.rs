@@ -11,6 +11,7 @@
 //! `admin`.
 
 pub(crate) mod backend;
+mod bytes;
 mod certs;
 mod mysql;
 mod pg_sasl;
@@ -24,6 +25,7 @@ mod terminate;
 use std::sync::Arc;
 
 pub use backend::BackendConnector;
+pub use bytes::poll_read_onto;
 pub use certs::{
     alpn_for, human_duration, load, parse_pair, server_config, CaSource, CertInfo, CertPair,
     CertSource, ServerSettings, SourceBytes,

@@ -11,6 +11,8 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::bytes::drain_into;
+
 /// A stream after negotiation: untouched, or wrapped in TLS (server or client side).
 pub enum MaybeTls<S> {
     Plain(S),
@@ -213,13 +215,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.pos < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.pos);
-            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
+            drain_into(&mut this.prefix, &mut this.pos, buf);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

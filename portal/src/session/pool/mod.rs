@@ -160,21 +160,10 @@ pub async fn serve<C>(
     debug!(reason = reason.as_str(), "client closed");
 }
 
-/// Most bytes read from a client at once.
-const READ_CHUNK: usize = 16 << 10;
-
-/// Reads what the client sent onto `cin`, through a buffer on the stack of the poll that finds
-/// data: a client between messages (most pooled clients, most of the time) holds no input
-/// buffer at all.
+/// Reads what the client sent onto `cin` ([`crate::tls::poll_read_onto`]): a client between
+/// messages (most pooled clients, most of the time) holds no input buffer at all.
 async fn read_input<R: AsyncRead + Unpin>(rd: &mut R, cin: &mut Vec<u8>) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut buf = tokio::io::ReadBuf::uninit(&mut chunk);
-        std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut buf))?;
-        cin.extend_from_slice(buf.filled());
-        std::task::Poll::Ready(Ok(buf.filled().len()))
-    })
-    .await
+    std::future::poll_fn(|cx| crate::tls::poll_read_onto(rd, cx, cin)).await
 }
 
 struct Client<C> {

@@ -18,7 +18,6 @@
 use std::{
     cell::RefCell,
     io,
-    mem::MaybeUninit,
     pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
@@ -31,6 +30,7 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::bytes::{drain_into, poll_read_onto};
 use super::TlsError;
 
 mod keys;
@@ -42,8 +42,6 @@ use record::{
     KEY_UPDATE, MAX_PLAIN,
 };
 
-/// Bytes read from the socket at once; on the stack, so an idle client holds none.
-const READ_CHUNK: usize = 16 << 10;
 /// Most bytes of handshake the client may have in flight before the portal answers.
 const MAX_HANDSHAKE: usize = 64 << 10;
 /// Records under one AES-GCM key before it is replaced (TLS 1.3) or the connection closed
@@ -229,20 +227,7 @@ where
     if used == 0 {
         incoming = Vec::new();
     }
-    let mut state = State {
-        rx,
-        tx,
-        rbuf: incoming,
-        plain,
-        ppos: 0,
-        wbuf: Vec::new(),
-        wpos: 0,
-        read_closed: false,
-        close_sent: false,
-        key_update_due: false,
-        tls13,
-        postgresql_alpn,
-    };
+    let mut state = State::new(rx, tx, incoming, plain, postgresql_alpn);
     // Records that came whole with the client's Finished are opened now, not when more comes.
     state.open_all()?;
     Ok(Records { io, state })
@@ -269,13 +254,12 @@ struct State {
     close_sent: bool,
     /// The client asked for the portal's keys to change (TLS 1.3 KeyUpdate, update_requested).
     key_update_due: bool,
-    tls13: bool,
     postgresql_alpn: bool,
 }
 
 impl<S> Records<S> {
     pub fn protocol_version(&self) -> ProtocolVersion {
-        if self.state.tls13 {
+        if self.state.rx.tls13 {
             ProtocolVersion::TLSv1_3
         } else {
             ProtocolVersion::TLSv1_2
@@ -295,6 +279,24 @@ impl<S> Records<S> {
 }
 
 impl State {
+    /// A connection's state after the handshake: its keys, the ciphertext and plaintext read
+    /// with the handshake.
+    fn new(rx: Keys, tx: Keys, rbuf: Vec<u8>, plain: Vec<u8>, postgresql_alpn: bool) -> Self {
+        State {
+            rx,
+            tx,
+            rbuf,
+            plain,
+            ppos: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            read_closed: false,
+            close_sent: false,
+            key_update_due: false,
+            postgresql_alpn,
+        }
+    }
+
     /// Opens every complete record in `rbuf` into `plain`; handles alerts and KeyUpdate.
     fn open_all(&mut self) -> io::Result<()> {
         let mut at = 0;
@@ -336,7 +338,7 @@ impl State {
     /// the keys first if they are due (KeyUpdate asked for, or the suite's record limit).
     fn seal(&mut self, typ: u8, bufs: &[&[u8]]) -> io::Result<()> {
         if self.tx.seq >= self.tx.aead.record_limit().saturating_sub(1) {
-            if !self.tls13 {
+            if !self.tx.tls13 {
                 return Err(invalid(
                     "TLS 1.2 record limit of the cipher suite reached: the connection ends",
                 ));
@@ -395,13 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
         loop {
             let st = &mut this.state;
             if st.ppos < st.plain.len() {
-                let n = buf.remaining().min(st.plain.len() - st.ppos);
-                buf.put_slice(&st.plain[st.ppos..st.ppos + n]);
-                st.ppos += n;
-                if st.ppos == st.plain.len() {
-                    st.plain = Vec::new();
-                    st.ppos = 0;
-                }
+                drain_into(&mut st.plain, &mut st.ppos, buf);
                 return Poll::Ready(Ok(()));
             }
             if st.key_update_due {
@@ -417,11 +413,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
             if st.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-            let mut rb = ReadBuf::uninit(&mut chunk);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            let n = ready!(poll_read_onto(&mut this.io, cx, &mut this.state.rbuf))?;
             let st = &mut this.state;
-            if rb.filled().is_empty() {
+            if n == 0 {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     if st.rbuf.is_empty() {
@@ -431,7 +425,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
                     },
                 )));
             }
-            st.rbuf.extend_from_slice(rb.filled());
             st.open_all()?;
         }
     }

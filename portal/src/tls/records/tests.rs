@@ -139,58 +139,38 @@ async fn exchange(suite: &[SupportedCipherSuite], version: &'static SupportedPro
 }
 
 #[tokio::test]
-async fn tls13_aes128_gcm() {
-    exchange(&[suites::TLS13_AES_128_GCM_SHA256], &rustls::version::TLS13).await;
-}
-
-#[tokio::test]
-async fn tls13_aes256_gcm() {
-    exchange(&[suites::TLS13_AES_256_GCM_SHA384], &rustls::version::TLS13).await;
-}
-
-#[tokio::test]
-async fn tls13_chacha20() {
-    exchange(
-        &[suites::TLS13_CHACHA20_POLY1305_SHA256],
-        &rustls::version::TLS13,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn tls12_aes128_gcm() {
-    exchange(
-        &[
-            suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            suites::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-        ],
-        &rustls::version::TLS12,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn tls12_aes256_gcm() {
-    exchange(
-        &[
-            suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-            suites::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-        ],
-        &rustls::version::TLS12,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn tls12_chacha20() {
-    exchange(
-        &[
-            suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-            suites::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
-        ],
-        &rustls::version::TLS12,
-    )
-    .await;
+async fn every_suite_and_version() {
+    let tls13 = &rustls::version::TLS13;
+    let tls12 = &rustls::version::TLS12;
+    let cases: [(&[SupportedCipherSuite], _); 6] = [
+        (&[suites::TLS13_AES_128_GCM_SHA256], tls13),
+        (&[suites::TLS13_AES_256_GCM_SHA384], tls13),
+        (&[suites::TLS13_CHACHA20_POLY1305_SHA256], tls13),
+        (
+            &[
+                suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                suites::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            ],
+            tls12,
+        ),
+        (
+            &[
+                suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                suites::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ],
+            tls12,
+        ),
+        (
+            &[
+                suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                suites::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+            tls12,
+        ),
+    ];
+    for (suite, version) in cases {
+        exchange(suite, version).await;
+    }
 }
 
 /// The portal replaces its own keys (as it does near the suite's record limit) and the client
@@ -300,14 +280,7 @@ async fn a_client_gone_mid_record_is_an_unexpected_eof() {
 #[test]
 fn key_derivation_matches_rfc_8448() {
     let secret = hex("a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643");
-    let mut keys = Keys {
-        aead: Aead::Aes128Gcm,
-        tls13: true,
-        key: [0; 32],
-        iv: [0; 12],
-        secret: [0; 48],
-        seq: 0,
-    };
+    let mut keys = keys(Aead::Aes128Gcm, true);
     keys.secret[..32].copy_from_slice(&secret);
     keys.derive();
     assert_eq!(keys.key[..16], hex("9f02283b6c9c07efc26bb9f2ac92e356")[..]);
@@ -429,20 +402,13 @@ async fn a_refused_handshake_sends_the_alert() {
 }
 
 fn state(aead: Aead, tls13: bool, rbuf: Vec<u8>) -> State {
-    State {
-        rx: keys(aead, tls13),
-        tx: keys(aead, tls13),
+    State::new(
+        keys(aead, tls13),
+        keys(aead, tls13),
         rbuf,
-        plain: Vec::new(),
-        ppos: 0,
-        wbuf: Vec::new(),
-        wpos: 0,
-        read_closed: false,
-        close_sent: false,
-        key_update_due: false,
-        tls13,
-        postgresql_alpn: false,
-    }
+        Vec::new(),
+        false,
+    )
 }
 
 /// The reader of a client's record stream, fed mutations of a valid stream (data, a
