@@ -185,20 +185,27 @@ prepare_source() {
     echo "$SOURCE_RECIPE" >"$stamp"
 }
 
-# build_binaries STAMP_NAME BIN...
+# stamp_want BIN...: what a set's stamp holds once its binaries are built.
+stamp_want() { echo "recipe=$BUILD_RECIPE source=$SOURCE_RECIPE k8s=v$K8S_VERSION bins=$*"; }
+
+# up_to_date STAMP_NAME BIN...: the set's stamp matches and every binary is there.
+up_to_date() {
+    local stamp=$BIN_DIR/.stamp-$1
+    shift
+    [[ -f $stamp && $(<"$stamp") == "$(stamp_want "$@")"* ]] || return 1
+    local b
+    for b in "$@"; do [[ -x $BIN_DIR/$b ]] || return 1; done
+}
+
+# build_binaries STAMP_NAME BIN...: one `make` for every binary named, so Go compiles the
+# packages they share once; the stamp of each set built here (control-plane, node) is
+# written after it.
 build_binaries() {
     local name=$1
     shift
-    local stamp=$BIN_DIR/.stamp-$name
-    local want
-    want="recipe=$BUILD_RECIPE source=$SOURCE_RECIPE k8s=v$K8S_VERSION bins=$*"
-    if [[ -f $stamp && $(<"$stamp") == "$want"* ]]; then
-        local b ok=1
-        for b in "$@"; do [[ -x $BIN_DIR/$b ]] || ok=0; done
-        if [[ $ok -eq 1 ]]; then
-            log "$name binaries are up to date in $BIN_DIR"
-            return 0
-        fi
+    if up_to_date "$name" "$@"; then
+        log "$name binaries are up to date in $BIN_DIR"
+        return 0
     fi
 
     ensure_build_tools
@@ -231,7 +238,19 @@ build_binaries() {
         install -m 0755 "$SRC_DIR/_output/local/bin/linux/amd64/$b" "$BIN_DIR/.$b.tmp"
         mv -f "$BIN_DIR/.$b.tmp" "$BIN_DIR/$b"
     done
-    echo "$want go=$(go_toolchain_id)" >"$stamp"
+    # Each set (control-plane, node) whose binaries all came out of this build is stamped.
+    local set bins all
+    for set in control-plane node; do
+        case $set in
+            control-plane) bins=("${CONTROL_PLANE_BINS[@]}") ;;
+            node) bins=("${NODE_BINS[@]}") ;;
+        esac
+        all=1
+        for b in "${bins[@]}"; do [[ " $* " == *" $b "* ]] || all=0; done
+        if [[ $all -eq 1 ]]; then
+            echo "$(stamp_want "${bins[@]}") go=$(go_toolchain_id)" >"$BIN_DIR/.stamp-$set"
+        fi
+    done
     log "built $* in $((SECONDS - started)) s"
 }
 
@@ -249,9 +268,14 @@ cmd_build() {
     # Serialise concurrent builds (e.g. parallel test binaries).
     exec 9>"$K8S_CACHE/.lock"
     flock 9
-    build_binaries control-plane "${CONTROL_PLANE_BINS[@]}"
-    if [[ $node -eq 1 ]]; then
+    if [[ $node -eq 0 ]]; then
+        build_binaries control-plane "${CONTROL_PLANE_BINS[@]}"
+    elif up_to_date control-plane "${CONTROL_PLANE_BINS[@]}"; then
         build_binaries node "${NODE_BINS[@]}"
+    else
+        # Both sets in one build: the node binaries share most packages with the control
+        # plane's, and a second `make` would walk (and partly rebuild) the tree again.
+        build_binaries all "${CONTROL_PLANE_BINS[@]}" "${NODE_BINS[@]}"
     fi
 }
 

@@ -16,9 +16,10 @@
 #   --no-cargo  use the static binaries already built (build-images.sh --no-cargo)
 #   --keep      leave the node running after `run` (stop it with `down DIR`)
 #
-# The operator is installed from the chart itself, rendered by charts/render.py
-# (Helm's library, in the virtualenv charts/venv.sh makes) with the local
-# images (pullPolicy Never), and applied with kubectl. `run` runs the suite
+# The operator is installed from the chart with the README's own commands
+# (`helm install dbportal charts/dbportal -n dbportal-system --create-namespace`,
+# `helm` being charts/bin/helm: Helm 4's library in the virtualenv charts/venv.sh
+# makes) with the local images (pullPolicy Never). `run` runs the suite
 # once per install: the chart's defaults (leader election, two replicas),
 # then, after removing that install, `leaderElection=false, replicas=1`;
 # `up` installs the defaults. Each suite prints its own `e2e result:` line.
@@ -103,44 +104,40 @@ build() {
     log "images built after $(($(now_ms) - t0)) ms"
 }
 
-# The chart's values for the local images, then VALUES (--set K=V flags).
-render_operator() {
-    local python
-    python=$(bash "$REPO/charts/venv.sh") || die "could not set up charts/venv.sh's virtualenv"
-    "$python" "$REPO/charts/render.py" --namespace "$OPERATOR_NS" --kube-version 1.20.2 \
-        --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
-        --set image.pullPolicy=Never --set portalImage="$PORTAL_IMAGE" "$@"
-}
-
-# install_operator DIR [--set K=V...]: the rendered chart applied, rolled out.
+# install_operator DIR [--set K=V...]: the chart installed with the README's commands (`helm
+# install`, then `kubectl rollout status`; `helm` is charts/bin/helm, Helm 4's library), with
+# the local images (pullPolicy Never) and VALUES.
 install_operator() {
     local dir=$1 t0
     shift
     t0=$(now_ms)
-    local kubectl=$DBPORTAL_K8S_BIN_DIR/kubectl
-    render_operator "$@" >"$dir/operator.yaml" || die "rendering the chart failed"
-    "$kubectl" get namespace "$OPERATOR_NS" >/dev/null 2>&1 ||
-        "$kubectl" create namespace "$OPERATOR_NS" >/dev/null
-    # kubectl 1.20 validates against its own schema; the API server checks what it serves.
-    "$kubectl" apply --validate=false -f "$dir/operator.yaml" >/dev/null
-    if ! "$kubectl" -n "$OPERATOR_NS" rollout status deployment/dbportal-operator \
+    local images=(--set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}"
+        --set image.pullPolicy=Never --set portalImage="$PORTAL_IMAGE")
+    if ! (cd "$REPO" && PATH=$REPO/charts/bin:$DBPORTAL_K8S_BIN_DIR:$PATH \
+        helm install dbportal charts/dbportal -n "$OPERATOR_NS" --create-namespace \
+        "${images[@]}" "$@" >"$dir/helm-install.log" 2>&1); then
+        cat "$dir/helm-install.log" >&2
+        die "helm install failed"
+    fi
+    if ! "$DBPORTAL_K8S_BIN_DIR/kubectl" -n "$OPERATOR_NS" rollout status deployment/dbportal-operator \
         --timeout=120s >/dev/null; then
-        "$kubectl" -n "$OPERATOR_NS" describe pods >&2 || true
-        "$kubectl" -n "$OPERATOR_NS" logs -l app.kubernetes.io/name=dbportal,app.kubernetes.io/component=operator \
+        "$DBPORTAL_K8S_BIN_DIR/kubectl" -n "$OPERATOR_NS" describe pods >&2 || true
+        "$DBPORTAL_K8S_BIN_DIR/kubectl" -n "$OPERATOR_NS" logs -l app.kubernetes.io/name=dbportal,app.kubernetes.io/component=operator \
             --tail=50 >&2 || true
         die "the operator did not become available"
     fi
     local replicas
-    replicas=$("$kubectl" -n "$OPERATOR_NS" get deployment/dbportal-operator \
+    replicas=$("$DBPORTAL_K8S_BIN_DIR/kubectl" -n "$OPERATOR_NS" get deployment/dbportal-operator \
         -o jsonpath='{.status.readyReplicas}')
     log "operator from the chart (${*:-defaults}): $replicas ready after $(($(now_ms) - t0)) ms"
 }
 
-# uninstall_operator DIR: what install_operator applied, deleted; its pods gone.
+# uninstall_operator DIR: the release removed with `helm uninstall`; its pods gone.
 uninstall_operator() {
     local dir=$1 kubectl=$DBPORTAL_K8S_BIN_DIR/kubectl t0
     t0=$(now_ms)
-    "$kubectl" delete --wait=true --timeout=60s -f "$dir/operator.yaml" >/dev/null
+    (cd "$REPO" && PATH=$REPO/charts/bin:$DBPORTAL_K8S_BIN_DIR:$PATH \
+        helm uninstall dbportal -n "$OPERATOR_NS" --wait >/dev/null)
     "$kubectl" -n "$OPERATOR_NS" wait --for=delete pod \
         -l app.kubernetes.io/name=dbportal,app.kubernetes.io/component=operator \
         --timeout=60s >/dev/null 2>&1 || true

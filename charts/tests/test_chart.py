@@ -27,8 +27,9 @@ from crd_schema import openapi_to_jsonschema  # noqa: E402
 import render  # noqa: E402
 
 # Versions the rendered objects are validated against: the oldest the schemas package has
-# and a current one. (The chart also supports 1.20, checked by the PDB test below.)
-KUBE_VERSIONS = ["1.25.0", "1.30.0"]
+# and the newest the project supports (1.33, the operator's API types). (The chart also
+# supports 1.20, checked by the PDB test below and installed by e2e/tests/test_install_docs.py.)
+KUBE_VERSIONS = ["1.25.0", "1.30.0", "1.33.0"]
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 DIGEST = "sha256:" + "ab" * 32
 

@@ -18,7 +18,10 @@
 # /src/target), so the binaries name no build machine's paths and a build here
 # matches the Dockerfile's byte for byte when the toolchain, Debian's static
 # glibc and the release profile are the same. Then `strip --strip-all`.
-# `--no-cargo` takes the binaries already built.
+# `--no-cargo` takes the binaries already built: by default the release build's, or with
+# DBPORTAL_IMAGE_PROFILE=debug those that `cargo test --target <host triple>` built with the
+# same crt-static flag (what .ci/run does, so that one compilation serves the tests and the
+# end-to-end images).
 set -euo pipefail
 
 cargo=1
@@ -48,7 +51,7 @@ fi
 
 mkdir -p "$out"
 for name in portal operator; do
-    bin=$target_dir/$triple/release/$name
+    bin=$target_dir/$triple/${DBPORTAL_IMAGE_PROFILE:-release}/$name
     [[ -x $bin ]] || { echo "image-rootfs.sh: $bin missing (run without --no-cargo)" >&2; exit 1; }
     if readelf -lW "$bin" | grep -q 'program interpreter'; then
         echo "image-rootfs.sh: $bin is dynamically linked; it would not run FROM scratch" >&2

@@ -486,11 +486,11 @@ pub fn portal_yaml(
     spec: &DatabasePortalSpec,
     port: u16,
     peers: Vec<portal::config::Peer>,
-) -> Result<String, serde_yaml::Error> {
+) -> Result<String, serde_norway::Error> {
     let mut spec = spec.clone();
     spec.peers = peers;
     spec.listen = Some(format!("0.0.0.0:{port}"));
     spec.admin = Some(format!("0.0.0.0:{ADMIN_PORT}"));
     spec.admin_token_file = Some(format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"));
-    serde_yaml::to_string(&spec)
+    serde_norway::to_string(&spec)
 }

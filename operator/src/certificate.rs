@@ -88,7 +88,7 @@ mod tests {
     const CRD: &str = include_str!("../tests/fixtures/cert-manager.io_certificates.yaml");
 
     fn v1_schema() -> Value {
-        let crd: Value = serde_yaml::from_str(CRD).unwrap();
+        let crd: Value = serde_norway::from_str(CRD).unwrap();
         assert_eq!(crd["spec"]["group"], Certificate::group(&()).as_ref());
         assert_eq!(
             crd["spec"]["names"]["kind"],

@@ -26,12 +26,12 @@ spec:
 "#;
 
 pub fn orders() -> DatabasePortal {
-    serde_yaml::from_str(ORDERS).unwrap()
+    serde_norway::from_str(ORDERS).unwrap()
 }
 
 /// Parses a DatabasePortal from inline YAML.
 pub fn from_yaml(text: &str) -> DatabasePortal {
-    serde_yaml::from_str(text).unwrap()
+    serde_norway::from_str(text).unwrap()
 }
 
 /// Chaining helpers on the (foreign) DatabasePortal type.
@@ -46,7 +46,7 @@ pub trait PortalFixture: Sized {
 impl PortalFixture for DatabasePortal {
     fn patch_spec(mut self, yaml: &str) -> Self {
         let mut spec = serde_json::to_value(&self.spec).unwrap();
-        let patch: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        let patch: serde_json::Value = serde_norway::from_str(yaml).unwrap();
         merge(&mut spec, patch);
         self.spec = serde_json::from_value(spec).unwrap();
         self

@@ -3,12 +3,16 @@
 //!
 //! May import: `metrics`.
 
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::metrics::Metrics;
@@ -26,7 +30,8 @@ impl Readiness {
     }
 }
 
-/// Serves until the task is dropped. Requests are tiny GETs; each gets 5 s to arrive.
+/// Serves until the task is dropped, HTTP/1.1 through hyper (as the portal's admin endpoint).
+/// Requests are tiny GETs: a head gets 5 s to arrive and 8 KiB at most, a connection 30 s.
 pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Readiness) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -39,67 +44,76 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Readiness) {
         };
         let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), handle(stream, metrics, ready)).await;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let reply = respond(&metrics, &ready, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .max_buf_size(8192)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), connection).await;
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: Metrics, ready: Readiness) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (code, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
+/// The answer to one request: what a path serves, by method.
+fn respond(
+    metrics: &Metrics,
+    ready: &Readiness,
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    let text = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match (method, path) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (
+            StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") if ready.get() => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "starting\n".to_string(),
-        ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
+        (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, text, "ok\n".into()),
+        (&Method::GET | &Method::HEAD, "/readyz") if ready.get() => {
+            (StatusCode::OK, text, "ok\n".into())
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            (StatusCode::SERVICE_UNAVAILABLE, text, "starting\n".into())
+        }
+        (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, text, "not found\n".into()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, text, "GET only\n".into()),
     };
-    let head = format!(
-        "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    }
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// One request as bytes on the wire, the connection closed after it; the whole answer.
+    async fn send(addr: std::net::SocketAddr, request: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(request).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        send(addr, request.as_bytes()).await
     }
 
     #[tokio::test]
@@ -116,7 +130,36 @@ mod tests {
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         let m = get(addr, "/metrics").await;
         assert!(m.contains("dbportal_operator_reconciles_total 1"), "{m}");
+        assert!(
+            m.contains("content-type: application/openmetrics-text"),
+            "{m}"
+        );
+        assert!(get(addr, "/metrics?x=1").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        let post = send(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.contains("allow: GET, HEAD"), "{post}");
+        // Not HTTP: hyper answers 400 and closes.
+        let junk = send(addr, b"\x16\x03\x01 not http\r\n\r\n").await;
+        assert!(junk.starts_with("HTTP/1.1 400"), "{junk}");
+        // A head past 8 KiB is refused rather than buffered.
+        let big = format!(
+            "GET /healthz HTTP/1.1\r\nx: {}\r\n\r\n",
+            "a".repeat(16 * 1024)
+        );
+        let big = send(addr, big.as_bytes()).await;
+        assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+        // Two requests on one connection (keep-alive) both answered.
+        let two = send(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(two.matches("HTTP/1.1 200").count(), 2, "{two}");
         server.abort();
     }
 }

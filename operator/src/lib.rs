@@ -53,7 +53,7 @@ pub use portal::config::{DatabasePortal, DatabasePortalSpec, DatabasePortalStatu
 /// The CRD as YAML, exactly as committed in `crds/databaseportal.yaml`.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&DatabasePortal::crd()).expect("the CRD serializes")
+    serde_norway::to_string(&DatabasePortal::crd()).expect("the CRD serializes")
 }
 
 /// Why the operator stopped other than by its shutdown signal.

@@ -84,10 +84,11 @@ fn ours(secret: &Secret, owner_uid: &str) -> bool {
 
 /// The DNS names in a PEM certificate's subjectAltName, and when it expires.
 fn names_and_expiry(cert_pem: &[u8]) -> Option<(Vec<String>, SystemTime)> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
     use x509_cert::der::Decode;
     use x509_cert::ext::pkix::name::GeneralName;
     use x509_cert::ext::pkix::SubjectAltName;
-    let der = rustls_pemfile::certs(&mut &cert_pem[..]).next()?.ok()?;
+    let der = CertificateDer::pem_slice_iter(cert_pem).next()?.ok()?;
     let cert = x509_cert::Certificate::from_der(der.as_ref()).ok()?;
     let tbs = &cert.tbs_certificate;
     let not_after = UNIX_EPOCH + tbs.validity.not_after.to_unix_duration();
@@ -383,10 +384,8 @@ mod tests {
         let now = SystemTime::now();
         let (ca, tls) = issued(&w, now);
         let der = |pem: &[u8]| -> CertificateDer<'static> {
-            rustls_pemfile::certs(&mut &pem[..])
-                .next()
-                .unwrap()
-                .unwrap()
+            use rustls::pki_types::pem::PemObject;
+            CertificateDer::from_pem_slice(pem).unwrap()
         };
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der(data(&ca, "ca.crt").unwrap())).unwrap();

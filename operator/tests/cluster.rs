@@ -1433,7 +1433,7 @@ async fn pooling_reads_the_secrets_it_is_given(
         config.health.credentials_secret.as_deref() == Some("orders-probe"),
         "{text}"
     );
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let yaml: serde_norway::Value = serde_norway::from_str(&text)?;
     let peers: Vec<(String, String)> = yaml["peers"]
         .as_sequence()
         .context("no peers")?
@@ -1514,7 +1514,7 @@ async fn pooling_reads_the_secrets_it_is_given(
             name: Some("orders-portal-local".into()),
             ..Default::default()
         },
-        data: Some([("portal.yaml".to_string(), serde_yaml::to_string(&local)?)].into()),
+        data: Some([("portal.yaml".to_string(), serde_norway::to_string(&local)?)].into()),
         ..Default::default()
     };
     Api::<ConfigMap>::namespaced(admin.clone(), ns)

@@ -258,9 +258,8 @@ async fn scram_first_step(
 ) -> (Vec<String>, u8, String) {
     let (mechanism, client_first) = ("SCRAM-SHA-256", format!("{flag},,n=,r={nonce}"));
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(ca).unwrap(),
-    )) {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(portal::tls::provider())

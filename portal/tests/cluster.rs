@@ -582,7 +582,7 @@ fn kubeconfig_via(kubeconfig: &std::path::Path, via: SocketAddr, out: &std::path
     for cluster in &mut kc.clusters {
         cluster.cluster.as_mut().unwrap().server = Some(format!("https://{via}"));
     }
-    std::fs::write(out, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    std::fs::write(out, serde_norway::to_string(&kc).unwrap()).unwrap();
 }
 
 /// Reads the first line a session receives (the backend's name).

@@ -57,7 +57,7 @@ pub async fn create_namespace(admin: &Client, name: &str) -> anyhow::Result<()> 
 
 fn rules(file: &str) -> anyhow::Result<Vec<PolicyRule>> {
     let path = repo_root().join("charts/dbportal/files").join(file);
-    Ok(serde_yaml::from_str(&std::fs::read_to_string(path)?)?)
+    Ok(serde_norway::from_str(&std::fs::read_to_string(path)?)?)
 }
 
 /// Grants the operator identity exactly the chart's ClusterRole and leader-election Role.
@@ -136,5 +136,5 @@ pub async fn install(admin: &Client) -> anyhow::Result<()> {
 /// cert-manager's Certificate CRD, from the test fixture.
 pub fn cert_manager_crd() -> anyhow::Result<CustomResourceDefinition> {
     let path = repo_root().join("operator/tests/fixtures/cert-manager.io_certificates.yaml");
-    Ok(serde_yaml::from_str(&std::fs::read_to_string(path)?)?)
+    Ok(serde_norway::from_str(&std::fs::read_to_string(path)?)?)
 }

@@ -66,7 +66,7 @@ pub fn parse_yaml(text: &str) -> Result<DatabasePortalSpec, ConfigError> {
         }));
     }
     let mut unknown = Vec::new();
-    let deserializer = serde_yaml::Deserializer::from_str(text);
+    let deserializer = serde_norway::Deserializer::from_str(text);
     let mut on_unknown = |path: serde_ignored::Path| unknown.push(field_path(&path));
     let ignoring = serde_ignored::Deserializer::new(deserializer, &mut on_unknown);
     let spec: DatabasePortalSpec = serde_path_to_error::deserialize(ignoring).map_err(|e| {

@@ -431,11 +431,11 @@ impl Default for Timeouts {
 }
 
 /// PROXY protocol settings.
+// The CRD carries no CEL rule (`x-kubernetes-validations`) for "trustedCIDRs is required when
+// accept is true": Kubernetes before 1.25 does not enforce one, and kubectl before 1.23 refuses
+// a CRD that has one. The operator refuses such a spec (InvalidSpec naming
+// `proxyProtocol.trustedCIDRs`) and the portal such a file, on every version.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!self.accept || (has(self.trustedCIDRs) && size(self.trustedCIDRs) > 0)",
-    "message": "trustedCIDRs is required when accept is true",
-}]))]
 pub struct ProxyProtocol {
     /// Expect a PROXY protocol v1 or v2 header from a load balancer in front of the portal, and
     /// apply allowedCIDRs and per-client limits to the client address it carries. A connection

@@ -62,11 +62,11 @@ fn admin_limits_are_read_and_round_trip() {
             connection_lifetime: std::time::Duration::from_secs(5),
         }
     );
-    let written = serde_yaml::to_string(&spec).unwrap();
+    let written = serde_norway::to_string(&spec).unwrap();
     assert!(written.contains("maxHeaderBytes: 8Ki"), "{written}");
     assert_eq!(parse_yaml(&written).unwrap(), spec);
     // The defaults are not written out (the operator's ConfigMap stays as it was).
-    let minimal = serde_yaml::to_string(&parse_yaml(MINIMAL).unwrap()).unwrap();
+    let minimal = serde_norway::to_string(&parse_yaml(MINIMAL).unwrap()).unwrap();
     assert!(!minimal.contains("adminLimits"), "{minimal}");
 }
 
@@ -143,7 +143,7 @@ drainTimeout: 5s
     assert_eq!(c.spec.tls.min_version, TlsVersion::V1_3);
 
     // What the operator writes into the ConfigMap must read back to the same spec.
-    let written = serde_yaml::to_string(&spec).unwrap();
+    let written = serde_norway::to_string(&spec).unwrap();
     assert_eq!(parse_yaml(&written).unwrap(), spec);
 }
 
@@ -294,7 +294,7 @@ fn backend_operations_fields_are_checked_and_defaulted() {
     assert_eq!(b.slow_start, std::time::Duration::from_secs(30));
     assert!(ok.access_log);
     // Defaults are not written back: a spec without the fields serialises as before.
-    let yaml = serde_yaml::to_string(&ok.spec.backends[0]).unwrap();
+    let yaml = serde_norway::to_string(&ok.spec.backends[0]).unwrap();
     assert_eq!(yaml.trim(), "name: a\naddress: 127.0.0.1:1");
 
     for (weight, field) in [("0", "backends[0].weight"), ("257", "backends[0].weight")] {

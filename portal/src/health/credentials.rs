@@ -56,7 +56,7 @@ pub fn read_users(path: &str) -> Result<Users, String> {
 
 /// A users map from YAML text (`name: password` lines).
 pub fn parse_users(text: &str) -> Result<Users, String> {
-    let map: serde_yaml::Mapping = serde_yaml::from_str(text).map_err(|e| {
+    let map: serde_norway::Mapping = serde_norway::from_str(text).map_err(|e| {
         format!(
             "is not a YAML map of user name to password (line {})",
             e.location().map_or(0, |l| l.line())
@@ -64,12 +64,12 @@ pub fn parse_users(text: &str) -> Result<Users, String> {
     })?;
     let mut users = BTreeMap::new();
     for (k, v) in map {
-        let serde_yaml::Value::String(name) = k else {
+        let serde_norway::Value::String(name) = k else {
             return Err("has a user name that is not a string".into());
         };
         let password = match v {
-            serde_yaml::Value::String(s) => s,
-            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_norway::Value::String(s) => s,
+            serde_norway::Value::Number(n) => n.to_string(),
             _ => return Err(format!("has a password for {name:?} that is not a string")),
         };
         users.insert(name, password);
@@ -124,8 +124,8 @@ pub fn read_file(path: &str) -> Result<ProbeCredentials, String> {
 
 /// The file's text: a YAML map, or the password alone.
 fn parse_file(text: &str) -> Result<ProbeCredentials, String> {
-    use serde_yaml::Value;
-    let string = |map: &serde_yaml::Mapping, key: &str| -> Result<Option<String>, String> {
+    use serde_norway::Value;
+    let string = |map: &serde_norway::Mapping, key: &str| -> Result<Option<String>, String> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -136,7 +136,7 @@ fn parse_file(text: &str) -> Result<ProbeCredentials, String> {
     };
     // Only a map with `password` or `username` is read as YAML; anything else (a password
     // with a colon or a `#`, say) is the password itself.
-    if let Ok(Value::Mapping(map)) = serde_yaml::from_str::<Value>(text) {
+    if let Ok(Value::Mapping(map)) = serde_norway::from_str::<Value>(text) {
         if map.contains_key("password") || map.contains_key("username") {
             let password = string(&map, "password")?
                 .ok_or_else(|| "has no `password` (keys: username, password)".to_string())?;

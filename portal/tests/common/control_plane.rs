@@ -114,7 +114,7 @@ impl ControlPlane {
                 c.user = Some(PORTAL_USER.into());
             }
         }
-        std::fs::write(&plane.portal_kubeconfig, serde_yaml::to_string(&kc)?)?;
+        std::fs::write(&plane.portal_kubeconfig, serde_norway::to_string(&kc)?)?;
         eprintln!(
             "control plane up in {:.1?} ({})",
             started.elapsed(),
