@@ -68,6 +68,21 @@ fn a_bad_address_is_invalid_spec_naming_the_field() {
 }
 
 #[test]
+fn proxy_accept_without_trusted_peers_is_invalid_spec_on_every_kubernetes() {
+    // The CRD carries no CEL rule for this (servers before 1.25 do not enforce one): the
+    // operator is what refuses it, naming the field.
+    let dp = orders().patch_spec("proxyProtocol: {accept: true}");
+    assert_eq!(invalid_fields(&dp), ["proxyProtocol.trustedCIDRs"]);
+    let dp = orders().patch_spec(r#"proxyProtocol: {accept: true, trustedCIDRs: ["10.0.0.0/24"]}"#);
+    assert!(validate(&dp).is_ok());
+    let crd = crate::crd_yaml();
+    assert!(
+        !crd.contains("x-kubernetes-validations"),
+        "a CEL rule is back in the CRD"
+    );
+}
+
+#[test]
 fn terminate_without_a_certificate_source_gets_the_operators_own_ca() {
     // Terminate is the default mode: the minimal DatabasePortal.
     let dp = from_yaml(

@@ -927,3 +927,76 @@ async fn shutdown_nosave_reaches_a_busy_server() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until the portal has closed `s` (EOF or reset, after any replies still on the way).
+async fn closed_within(s: &mut TcpStream, what: &str) {
+    let mut rest = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await {
+        Ok(_) => {}
+        Err(_) => panic!("{what}: still open after 10 s"),
+    }
+}
+
+/// Multiplexed clients are in the session registry: narrowing `allowedCIDRs` closes the
+/// clients it excludes and keeps the others; `POST /sessions/close` by client closes that
+/// address's clients and says how many; by backend, the clients pinned to one of its
+/// connections (MULTI), not those on the shared connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_changes_and_admin_closes_reach_multiplexed_clients() {
+    if skip_without(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    const TOKEN: &str = "mux-admin-token-0123456789";
+    let redis = Redis::start();
+    let extra = format!("{MUX}adminTokenFile: $DIR/token\nallowedCIDRs: [\"127.0.0.0/8\"]\n");
+    let p = Standalone::start(&[&redis], &extra).await;
+    std::fs::write(p._dir.path().join("token"), TOKEN).unwrap();
+    p.wait_leader("r0").await;
+    let mut kept = Vec::new();
+    let mut cut = Vec::new();
+    for _ in 0..2 {
+        kept.push(connect_from("127.0.0.2", p.addr).await);
+        cut.push(connect_from("127.0.0.3", p.addr).await);
+    }
+    for s in kept.iter_mut().chain(cut.iter_mut()) {
+        assert_eq!(command(s, &["PING"]).await.unwrap(), "+PONG");
+    }
+    rewrite_config(&p._dir.path().join("portal.yaml"), |yaml| {
+        yaml.replace(
+            "allowedCIDRs: [\"127.0.0.0/8\"]",
+            "allowedCIDRs: [\"127.0.0.2/32\", \"127.0.0.4/32\"]",
+        )
+    });
+    for s in &mut cut {
+        closed_within(s, "a client of an excluded address").await;
+    }
+    for s in &mut kept {
+        assert_eq!(command(s, &["PING"]).await.unwrap(), "+PONG");
+    }
+    let close = |body: &'static str| {
+        let admin = p.admin;
+        async move {
+            let (code, body) =
+                admin_request(admin, "POST", "/sessions/close", Some(TOKEN), body).await;
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["closed"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(close(r#"{"client": "127.0.0.2"}"#).await, 2);
+    for s in &mut kept {
+        closed_within(s, "a client closed by address").await;
+    }
+    // By backend: only the client pinned to r0's dedicated connection (inside MULTI).
+    let mut pinned = connect_from("127.0.0.4", p.addr).await;
+    let mut shared = connect_from("127.0.0.4", p.addr).await;
+    assert_eq!(command(&mut pinned, &["MULTI"]).await.unwrap(), "+OK");
+    assert_eq!(command(&mut shared, &["PING"]).await.unwrap(), "+PONG");
+    assert_eq!(close(r#"{"backend": "r0"}"#).await, 1);
+    closed_within(&mut pinned, "a client pinned to the backend").await;
+    assert_eq!(command(&mut shared, &["PING"]).await.unwrap(), "+PONG");
+    // The queued transaction was not left on a connection another client gets.
+    let mut next = connect_from("127.0.0.4", p.addr).await;
+    assert_eq!(command(&mut next, &["MULTI"]).await.unwrap(), "+OK");
+    assert_eq!(command(&mut next, &["EXEC"]).await.unwrap(), "*0");
+}

@@ -144,6 +144,24 @@ impl Portal {
         .await
     }
 
+    /// The configuration file the portal follows.
+    fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("portal.yaml")
+    }
+
+    /// A tokio-postgres client through the portal from the loopback address `from`.
+    async fn client_from(&self, from: &str, user: &str, password: &str) -> tokio_postgres::Client {
+        let tcp = connect_from(from, self.addr).await;
+        let mut config = tokio_postgres::Config::new();
+        config.user(user).password(password).dbname("postgres");
+        let (client, connection) = config
+            .connect_raw(tcp, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
     /// A tokio-postgres client through the portal.
     async fn client(
         &self,
@@ -1415,4 +1433,112 @@ async fn pools_keep_min_idle_close_idle_connections_and_replace_old_ones() {
         now.split(',').count() == 2 && now.split(',').all(|p| !first.split(',').any(|f| f == p))
     });
     assert_eq!(query_one(&c, "SELECT 3").await, "3");
+}
+
+/// Waits until the portal has closed `c` (its connection task ended, or a query fails).
+async fn closed_within(c: &tokio_postgres::Client, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.is_closed() && c.simple_query("SELECT 1").await.is_ok() {
+        assert!(Instant::now() < deadline, "{what}: still open after 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pooled clients are in the session registry, in both pooling modes: narrowing
+/// `allowedCIDRs` closes the clients it excludes and keeps the others; `POST /sessions/close`
+/// by client closes that address's clients and says how many; by backend, the clients that
+/// hold one of its server connections now (mid-transaction; in session mode every logged-in
+/// client), and a transaction cut that way is never handed to the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_changes_and_admin_closes_reach_pooled_clients() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    for mode in ["transaction", "session"] {
+        // One server connection in transaction mode: a transaction left on it would be seen.
+        let size = if mode == "transaction" { 1 } else { 8 };
+        let dir = TempDir::new("pool-admin");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "pool-admin-token-0123456789").unwrap();
+        let extra = format!(
+            "adminTokenFile: {}\nallowedCIDRs: [\"127.0.0.0/8\"]\n",
+            token.display()
+        );
+        let pooling = format!("mode: {mode}, poolSize: {size}, queueTimeout: 5s");
+        let portal = Portal::start(&[&pg], &pooling, &extra).await;
+        let kept = [
+            portal.client_from("127.0.0.2", "app", "apppw").await,
+            portal.client_from("127.0.0.2", "app", "apppw").await,
+        ];
+        let cut = [
+            portal.client_from("127.0.0.3", "app", "apppw").await,
+            portal.client_from("127.0.0.3", "app", "apppw").await,
+        ];
+        for c in kept.iter().chain(&cut) {
+            assert_eq!(query_one(c, "SELECT 1").await, "1");
+        }
+        rewrite_config(&portal.config_path(), |yaml| {
+            yaml.replace(
+                "allowedCIDRs: [\"127.0.0.0/8\"]",
+                "allowedCIDRs: [\"127.0.0.2/32\", \"127.0.0.4/32\"]",
+            )
+        });
+        for c in &cut {
+            closed_within(c, &format!("{mode}: a client of an excluded address")).await;
+        }
+        for c in &kept {
+            assert_eq!(query_one(c, "SELECT 1").await, "1", "{mode}: a kept client");
+        }
+        let close = |body: &'static str| {
+            let admin = portal.admin;
+            async move {
+                let (code, body) = admin_request(
+                    admin,
+                    "POST",
+                    "/sessions/close",
+                    Some("pool-admin-token-0123456789"),
+                    body,
+                )
+                .await;
+                assert_eq!(code, 200, "{body}");
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                v["closed"].as_u64().unwrap()
+            }
+        };
+        assert_eq!(close(r#"{"client": "127.0.0.2"}"#).await, 2, "{mode}");
+        for c in &kept {
+            closed_within(c, &format!("{mode}: a client closed by address")).await;
+        }
+        // By backend: the client in a transaction holds pg0's connection; the other has run
+        // a query (in session mode it holds one too).
+        let busy = portal.client_from("127.0.0.4", "app", "apppw").await;
+        let idle = portal.client_from("127.0.0.4", "app", "apppw").await;
+        assert_eq!(query_one(&idle, "SELECT 1").await, "1");
+        busy.simple_query("BEGIN; INSERT INTO t (v) VALUES ('cut')")
+            .await
+            .unwrap();
+        let holding = if mode == "transaction" { 1 } else { 2 };
+        assert_eq!(close(r#"{"backend": "pg0"}"#).await, holding, "{mode}");
+        closed_within(&busy, &format!("{mode}: a client mid-transaction")).await;
+        let next = if mode == "transaction" {
+            idle
+        } else {
+            closed_within(&idle, "session: a logged-in client").await;
+            portal.client_from("127.0.0.4", "app", "apppw").await
+        };
+        // The cut transaction was rolled back, not handed over: the next client is in none.
+        assert_eq!(
+            query_one(&next, "SELECT count(*) FROM t WHERE v = 'cut'").await,
+            "0",
+            "{mode}"
+        );
+        assert_eq!(
+            query_one(&next, "SELECT now() = statement_timestamp()").await,
+            "t",
+            "{mode}: the next client's statement ran in a transaction of its own"
+        );
+        assert_eq!(close(r#"{"client": "127.0.0.9"}"#).await, 0, "{mode}");
+    }
 }

@@ -116,9 +116,9 @@ fn run_inner(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
         let closed = match (b.backend, b.client) {
             (Some(backend), None) => {
                 known(shared, &backend)?;
-                let n = shared
-                    .sessions
-                    .close_where(|_, on| (on == backend).then_some(CloseReason::Admin));
+                let n = shared.sessions.close_where(|seen| {
+                    (seen.backend == Some(backend.as_str())).then_some(CloseReason::Admin)
+                });
                 info!(backend = %backend, closed = n, "admin: sessions of the backend closed");
                 n
             }
@@ -130,9 +130,9 @@ fn run_inner(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
                     )
                 })?;
                 let ip = allow::canonical(ip);
-                let n = shared
-                    .sessions
-                    .close_where(|c, _| (allow::canonical(c) == ip).then_some(CloseReason::Admin));
+                let n = shared.sessions.close_where(|seen| {
+                    (allow::canonical(seen.client) == ip).then_some(CloseReason::Admin)
+                });
                 info!(client = %ip, closed = n, "admin: sessions of the client closed");
                 n
             }
@@ -166,7 +166,7 @@ fn run_inner(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
             let cut = if b.cut_sessions {
                 shared
                     .sessions
-                    .close_where(|_, on| (on == name).then_some(CloseReason::Admin))
+                    .close_where(|seen| (seen.backend == Some(name)).then_some(CloseReason::Admin))
             } else {
                 0
             };

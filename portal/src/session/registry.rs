@@ -2,6 +2,12 @@
 //! ([`control_sessions`]) re-checks them all on a configuration or health change, or the drain
 //! timeout, and closes those no longer admitted ([`keep_session`], a pure decision).
 //!
+//! Every data plane registers its clients here, so that allow-list re-checks, `POST
+//! /sessions/close`, the drain and shutdown reach them all the same way. A forwarded session
+//! is bound to its backend for its whole life (a leader change may cut it); a pooled or
+//! multiplexed client is not (it outlives failovers) and says which backend it is on while it
+//! holds a server connection there ([`Registration::on_backend`]), for closes by backend.
+//!
 //! May import: `allow`, `config`, `health`, `metrics` and the session's [`Shared`].
 
 use std::{
@@ -65,8 +71,30 @@ struct Slots {
 #[derive(Debug)]
 struct Entry {
     client: IpAddr,
-    backend: String,
+    /// A forwarded session's backend, for its whole life; `None` for a pooled or multiplexed
+    /// client, whose backend of the moment is in its [`Close`].
+    bound: Option<String>,
     close: Arc<Close>,
+}
+
+/// What a decision on one open client sees.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen<'a> {
+    pub client: IpAddr,
+    /// The backend it is on now, if any (a pooled client between transactions is on none).
+    pub backend: Option<&'a str>,
+    /// Whether the session belongs to that backend (a forwarded one): a leader change cuts it.
+    pub bound: bool,
+}
+
+/// Whether an open client of any plane may go on: the allow-list for every one, the backend's
+/// state for a session bound to it.
+pub fn keep_seen(config: &Config, health: &HealthView, seen: Seen<'_>) -> Result<(), CloseReason> {
+    match (seen.bound, seen.backend) {
+        (true, Some(backend)) => keep_session(config, health, seen.client, backend),
+        _ if !allow::is_allowed(&config.allowed_cidrs, seen.client) => Err(CloseReason::Policy),
+        _ => Ok(()),
+    }
 }
 
 /// How the control side tells one session to close, and why.
@@ -80,6 +108,10 @@ pub struct Close {
 struct CloseState {
     reason: Option<CloseReason>,
     waker: Option<Waker>,
+    /// An unbound client's backend: the last one it held a server connection of, and whether
+    /// it holds one now.
+    backend: Option<Box<str>>,
+    holding: bool,
 }
 
 impl Close {
@@ -93,6 +125,16 @@ impl Close {
         };
         if let Some(w) = waker {
             w.wake();
+        }
+    }
+
+    /// An unbound client's backend of the moment, for [`Sessions::close_where`].
+    fn backend(&self) -> Option<Box<str>> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.holding {
+            st.backend.clone()
+        } else {
+            None
         }
     }
 
@@ -120,22 +162,42 @@ impl Sessions {
         client: IpAddr,
         backend: String,
     ) -> Result<Registration, CloseReason> {
+        self.insert(shared, client, Some(backend))
+    }
+
+    /// Registers a pooled or multiplexed client: bound to no backend, so that only the
+    /// allow-list, closes by client (or by the backend it is on at the moment) and shutdown
+    /// end it.
+    pub fn register_client(
+        self: &Arc<Self>,
+        shared: &Shared,
+        client: IpAddr,
+    ) -> Result<Registration, CloseReason> {
+        self.insert(shared, client, None)
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        shared: &Shared,
+        client: IpAddr,
+        bound: Option<String>,
+    ) -> Result<Registration, CloseReason> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         // Read under the lock: a change published before this point is seen here, one
         // published after it is applied by `control_sessions` to this entry.
         if *shared.kill.borrow() {
             return Err(CloseReason::Shutdown);
         }
-        keep_session(
-            &shared.config.borrow(),
-            &shared.health.borrow(),
+        let seen = Seen {
             client,
-            &backend,
-        )?;
+            backend: bound.as_deref(),
+            bound: bound.is_some(),
+        };
+        keep_seen(&shared.config.borrow(), &shared.health.borrow(), seen)?;
         let close = Arc::new(Close::default());
         let entry = Some(Entry {
             client,
-            backend,
+            bound,
             close: close.clone(),
         });
         let key = match slots.free.pop() {
@@ -165,15 +227,21 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Closes the sessions `decide` gives a reason for.
-    pub fn close_where(
-        &self,
-        mut decide: impl FnMut(IpAddr, &str) -> Option<CloseReason>,
-    ) -> usize {
+    /// Closes the sessions `decide` gives a reason for; how many.
+    pub fn close_where(&self, mut decide: impl FnMut(Seen<'_>) -> Option<CloseReason>) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for e in slots.entries.iter().flatten() {
-            if let Some(why) = decide(e.client, &e.backend) {
+            let on = match &e.bound {
+                Some(_) => None,
+                None => e.close.backend(),
+            };
+            let seen = Seen {
+                client: e.client,
+                backend: e.bound.as_deref().or(on.as_deref()),
+                bound: e.bound.is_some(),
+            };
+            if let Some(why) = decide(seen) {
                 e.close.close(why);
                 closed += 1;
             }
@@ -194,6 +262,52 @@ impl Registration {
     /// The reason to close, if asked; see [`Close`].
     pub(super) fn poll_reason(&self, cx: &Context<'_>, register: bool) -> Option<CloseReason> {
         self.close.poll_reason(cx, register)
+    }
+
+    /// What a task's loop waits on to learn that the session must close.
+    pub fn signal(&self) -> CloseSignal {
+        CloseSignal(self.close.clone())
+    }
+
+    /// An unbound client holds a server connection of `backend` now (`Some`), or none.
+    pub fn on_backend(&self, backend: Option<&str>) {
+        let mut st = self.close.state.lock().unwrap_or_else(|e| e.into_inner());
+        match backend {
+            Some(name) => {
+                if st.backend.as_deref() != Some(name) {
+                    st.backend = Some(name.into());
+                }
+                st.holding = true;
+            }
+            None => st.holding = false,
+        }
+    }
+}
+
+/// A registered session's close request, for a task that keeps its [`Registration`]
+/// elsewhere.
+#[derive(Debug)]
+pub struct CloseSignal(Arc<Close>);
+
+/// Resolves with the reason once the session of `signal` is asked to close; never without one.
+pub async fn closed(signal: Option<&CloseSignal>) -> CloseReason {
+    match signal {
+        Some(s) => s.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl CloseSignal {
+    /// Resolves with the reason once the session is asked to close. Keep one across a loop's
+    /// turns: the waker is registered at its first poll only (a task's waker does not change).
+    pub fn closed(&self) -> impl std::future::Future<Output = CloseReason> + '_ {
+        let mut first = true;
+        std::future::poll_fn(
+            move |cx| match self.0.poll_reason(cx, std::mem::take(&mut first)) {
+                Some(why) => std::task::Poll::Ready(why),
+                None => std::task::Poll::Pending,
+            },
+        )
     }
 }
 
@@ -237,13 +351,12 @@ pub async fn control_sessions(mut shared: Shared) {
             else => return,
         }
         if *shared.kill.borrow_and_update() {
-            sessions.close_where(|_, _| Some(CloseReason::Shutdown));
+            sessions.close_where(|_| Some(CloseReason::Shutdown));
             continue;
         }
         let config = shared.config.borrow_and_update().clone();
         let health = shared.health.borrow_and_update().clone();
-        let closed = sessions
-            .close_where(|client, backend| keep_session(&config, &health, client, backend).err());
+        let closed = sessions.close_where(|seen| keep_seen(&config, &health, seen).err());
         if closed > 0 {
             debug!(
                 closed,
@@ -302,6 +415,79 @@ mod tests {
             .validate()
             .unwrap();
         assert!(backend_keeps_sessions(&keep, &h, "a"));
+    }
+
+    /// A pooled or multiplexed client follows the allow-list but not the leader, and is "on"
+    /// a backend only while it holds one of its server connections.
+    #[tokio::test]
+    async fn unbound_clients_follow_the_allow_list_and_their_backend_of_the_moment() {
+        let yaml = "engine: redis\ntls: {mode: disabled}\nbackends: [{name: a, address: \"127.0.0.1:1\"}, {name: b, address: \"127.0.0.1:2\"}]\nallowedCIDRs: [127.0.0.2/32]\n";
+        let c = crate::config::parse_yaml(yaml).unwrap().validate().unwrap();
+        let mut h = HealthView::assume_up(["a", "b"]);
+        h.leader = Some(0);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let seen = |client: &str, backend: Option<&'static str>, bound: bool| Seen {
+            client: ip(client),
+            backend,
+            bound,
+        };
+        // b stopped leading: a session bound to it is cut, a pooled client on it is not.
+        assert_eq!(
+            keep_seen(&c, &h, seen("127.0.0.2", Some("b"), true)),
+            Err(CloseReason::Backend)
+        );
+        assert_eq!(
+            keep_seen(&c, &h, seen("127.0.0.2", Some("b"), false)),
+            Ok(())
+        );
+        assert_eq!(keep_seen(&c, &h, seen("127.0.0.2", None, false)), Ok(()));
+        assert_eq!(
+            keep_seen(&c, &h, seen("127.0.0.3", None, false)),
+            Err(CloseReason::Policy)
+        );
+
+        // Routing `first` from here: the forwarded session's backend needs no leader.
+        let first = crate::config::parse_yaml(
+            &yaml.replace("engine: redis", "engine: redis\nrouting: {mode: first}"),
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let (shared, _drivers) = shared(Arc::new(first));
+        let sessions = shared.sessions.clone();
+        let pooled = sessions.register_client(&shared, ip("127.0.0.2")).unwrap();
+        let forwarded = sessions
+            .register(&shared, ip("127.0.0.2"), "a".into())
+            .unwrap();
+        let on = |name: &'static str| {
+            sessions.close_where(|s| (s.backend == Some(name)).then_some(CloseReason::Admin))
+        };
+        assert_eq!(
+            on("b"),
+            0,
+            "a pooled client between transactions is on no backend"
+        );
+        pooled.on_backend(Some("b"));
+        assert_eq!(on("b"), 1);
+        pooled.on_backend(None);
+        assert_eq!(on("b"), 0);
+        assert_eq!(on("a"), 1, "the forwarded session stays on its backend");
+        let noop = Waker::noop();
+        let cx = Context::from_waker(noop);
+        assert_eq!(
+            pooled.close.poll_reason(&cx, false),
+            Some(CloseReason::Admin)
+        );
+        assert_eq!(
+            forwarded.close.poll_reason(&cx, false),
+            Some(CloseReason::Admin)
+        );
+        assert_eq!(
+            sessions
+                .register_client(&shared, ip("127.0.0.3"))
+                .unwrap_err(),
+            CloseReason::Policy
+        );
     }
 
     #[tokio::test]

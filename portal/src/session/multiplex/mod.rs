@@ -61,7 +61,10 @@ pub use server::Hub;
 use sink::Sink;
 pub use stats::{MuxStats, BATCH_BUCKETS};
 
-use super::Shared;
+use super::{
+    registry::{self, Registration},
+    Shared,
+};
 use crate::{
     admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
     config::{Config, Multiplex},
@@ -141,8 +144,16 @@ pub async fn serve<C>(
         blocked: false,
         quitting: false,
         fatal: None,
+        registration: None,
     };
-    let reason = session.run(client).await;
+    let reason = match session.shared.sessions.register_client(&session.shared, ip) {
+        Ok(registration) => {
+            session.registration = Some(registration);
+            session.run(client).await
+        }
+        // The configuration or shutdown in force already excludes the client.
+        Err(reason) => reason,
+    };
     if let Some(p) = session.pinned.take() {
         hub.stats.pin(p.reason, -1);
     }
@@ -182,6 +193,8 @@ struct Session {
     quitting: bool,
     /// A protocol error to send once the replies in flight are in; then close.
     fatal: Option<String>,
+    /// The client's place in the session registry.
+    registration: Option<Registration>,
 }
 
 /// Why processing stopped: the session ends.
@@ -209,6 +222,10 @@ impl Session {
         let sink = self.sink.clone();
         let replied = sink.notify.notified();
         tokio::pin!(replied);
+        // Allow-list re-checks, `POST /sessions/close` and the drain reach the client here.
+        let signal = self.registration.as_ref().map(Registration::signal);
+        let closed = registry::closed(signal.as_ref());
+        tokio::pin!(closed);
         loop {
             match self.process().await {
                 Ok(()) => {}
@@ -290,6 +307,10 @@ impl Session {
                     }
                 },
                 _ = &mut killed => return CloseReason::Shutdown,
+                why = &mut closed => {
+                    debug!(reason = why.as_str(), "multiplexed client closed by the portal");
+                    return why;
+                }
                 r = health.changed(), if has_pinned => {
                     if r.is_err() {
                         return CloseReason::Shutdown;

@@ -89,6 +89,9 @@ impl Session {
             .map_err(|e| format!("no dedicated server connection: {e}"))?;
         self.hub.stats.pin(reason, 1);
         debug!(reason = reason.as_str(), backend = %backend.name, "client pinned");
+        if let Some(r) = &self.registration {
+            r.on_backend(Some(&backend.name));
+        }
         self.pinned = Some(Pinned {
             conn,
             reason,
@@ -230,6 +233,9 @@ impl Session {
             return;
         }
         let p = self.pinned.take().expect("checked");
+        if let Some(r) = &self.registration {
+            r.on_backend(None);
+        }
         self.hub.stats.pin(p.reason, -1);
         debug!(reason = p.reason.as_str(), "client unpinned");
         p.conn.release(self.ctx.clone());

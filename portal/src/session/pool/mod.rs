@@ -66,7 +66,10 @@ use server::{CheckoutError, Pool};
 use statements::Definition;
 pub use stats::{PoolStats, WAIT_BUCKETS};
 
-use super::Shared;
+use super::{
+    registry::{self, Registration},
+    Shared,
+};
 use crate::{
     admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
     config::{Config, PgPool},
@@ -130,23 +133,25 @@ pub async fn serve<C>(
         statements: HashMap::new(),
         pinned: None,
         cancel: None,
+        registration: None,
     };
     let started = timeout(config.timeouts.handshake, Box::pin(c.startup())).await;
     drop(negotiating);
     let reason = match started {
-        Ok(Ok(true)) => {
-            hub.stats.clients.fetch_add(1, Relaxed);
-            let reason = c.run().await;
-            Box::pin(c.finish()).await;
-            if let Some((key, _)) = &c.cancel {
-                hub.forget_cancel(*key);
+        Ok(Ok(true)) => match c.shared.sessions.register_client(&c.shared, ip) {
+            // A change published during the login already excludes the client.
+            Err(reason) => {
+                Box::pin(c.finish()).await;
+                reason
             }
-            if let Some(reason) = c.pinned {
-                hub.stats.pin(reason, -1);
+            Ok(registration) => {
+                if let Some(h) = &c.held {
+                    registration.on_backend(Some(&h.pool.backend.name));
+                }
+                c.registration = Some(registration);
+                c.session().await
             }
-            hub.stats.clients.fetch_sub(1, Relaxed);
-            reason
-        }
+        },
         Ok(Ok(false)) => CloseReason::Done,
         Ok(Err(reason)) => reason,
         Err(_) => {
@@ -158,6 +163,28 @@ pub async fn serve<C>(
     metrics.active_sessions.fetch_sub(1, Relaxed);
     drop(permits);
     debug!(reason = reason.as_str(), "client closed");
+}
+
+impl<C> Client<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// A logged-in client's session, until it leaves or is closed; its server connection given
+    /// back or closed.
+    async fn session(&mut self) -> CloseReason {
+        let hub = self.hub.clone();
+        hub.stats.clients.fetch_add(1, Relaxed);
+        let reason = self.run().await;
+        Box::pin(self.finish()).await;
+        if let Some((key, _)) = &self.cancel {
+            hub.forget_cancel(*key);
+        }
+        if let Some(reason) = self.pinned {
+            hub.stats.pin(reason, -1);
+        }
+        hub.stats.clients.fetch_sub(1, Relaxed);
+        reason
+    }
 }
 
 /// Reads what the client sent onto `cin` ([`crate::tls::poll_read_onto`]): a client between
@@ -197,6 +224,8 @@ struct Client<C> {
     pinned: Option<pinning::PinReason>,
     /// The key given to the client, and where a cancel with it goes now.
     cancel: Option<((u32, u32), Arc<CancelSlot>)>,
+    /// The client's place in the session registry, once logged in.
+    registration: Option<Registration>,
 }
 
 use backend::{server_event, ServerEvent};
@@ -281,6 +310,9 @@ where
         }
         self.hub.stats.active.fetch_add(1, Relaxed);
         pool.active.fetch_add(1, Relaxed);
+        if let Some(r) = &self.registration {
+            r.on_backend(Some(&pool.backend.name));
+        }
         self.held = Some(Held {
             conn,
             retired: pool.retired(),
@@ -304,6 +336,9 @@ where
         if let Some(mut h) = self.held.take() {
             if let Some((_, slot)) = &self.cancel {
                 *lock(slot) = None;
+            }
+            if let Some(r) = &self.registration {
+                r.on_backend(None);
             }
             self.hub.stats.active.fetch_sub(1, Relaxed);
             h.pool.active.fetch_sub(1, Relaxed);
@@ -494,6 +529,10 @@ where
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let mut kill = self.shared.kill.clone();
+        // Allow-list re-checks, `POST /sessions/close` and the drain reach the client here.
+        let signal = self.registration.as_ref().map(Registration::signal);
+        let closed = registry::closed(signal.as_ref());
+        tokio::pin!(closed);
         loop {
             if let Err(reason) = self.process().await {
                 return reason;
@@ -505,6 +544,10 @@ where
             tokio::select! {
                 biased;
                 _ = kill.changed() => return CloseReason::Shutdown,
+                why = &mut closed => {
+                    debug!(reason = why.as_str(), "pooled client closed by the portal");
+                    return why;
+                }
                 ev = server_event(self.held.as_mut()) => {
                     let r = match ev {
                         ServerEvent::Data(Ok(n)) if n > 0 => self.server_data().await,
