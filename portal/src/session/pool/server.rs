@@ -30,6 +30,47 @@ use crate::{
     health::HealthView,
 };
 
+/// A slot taken to open a connection: given back ([`Pool::closed_one`]) when dropped, unless
+/// the connection was opened ([`Slot::keep`]).
+struct Slot<'a>(Option<&'a Pool>);
+
+impl Slot<'_> {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0 {
+            pool.closed_one();
+        }
+    }
+}
+
+/// A checkout queued for a grant. Dropped with a grant in it (the client left at that
+/// moment), the grant goes back: a connection is closed and its slot, like a slot to dial, is
+/// given to the next waiter, so no slot is lost.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Conn(conn)) => {
+                drop(conn);
+                self.pool.stats.server_closed.fetch_add(1, Relaxed);
+                self.pool.closed_one();
+            }
+            Ok(Grant::Dial) => self.pool.closed_one(),
+            Ok(Grant::Retired) | Err(_) => {}
+        }
+    }
+}
+
 /// What a waiting client is given.
 enum Grant {
     Conn(ServerConn),
@@ -135,16 +176,18 @@ impl Pool {
         };
         let grant = match rx {
             None => Grant::Dial,
-            Some(mut rx) => {
+            Some(rx) => {
+                // Whatever is given to a checkout dropped while it waits goes back (Waiting).
+                let mut rx = Waiting { pool: self, rx };
                 self.stats.waiting.fetch_add(1, Relaxed);
-                let got = timeout(queue, &mut rx).await;
+                let got = timeout(queue, &mut rx.rx).await;
                 self.stats.waiting.fetch_sub(1, Relaxed);
                 match got {
                     Ok(Ok(g)) => g,
                     Ok(Err(_)) => Grant::Retired,
                     Err(_) => {
-                        rx.close();
-                        match rx.try_recv() {
+                        rx.rx.close();
+                        match rx.rx.try_recv() {
                             // Given at the last moment: take it.
                             Ok(g) => g,
                             Err(_) => return Err(CheckoutError::Timeout),
@@ -157,16 +200,20 @@ impl Pool {
             Grant::Conn(c) => Ok(c),
             Grant::Retired => Err(CheckoutError::Retired),
             Grant::Dial => {
+                // The slot goes back if the dial fails or the checkout is dropped during it
+                // (the client's handshake deadline, the client gone).
+                let slot = Slot(Some(self));
                 // Boxed: a dial is rare, and its state would otherwise widen every
                 // transaction's wait for a connection.
                 match Box::pin(dial(ctx, &self.backend, &self.database, &self.user, login)).await {
                     Ok(c) => {
+                        slot.keep();
                         self.stats.server_opened.fetch_add(1, Relaxed);
                         Ok(c)
                     }
                     Err(e) => {
                         self.stats.server_errors.fetch_add(1, Relaxed);
-                        self.closed_one();
+                        drop(slot);
                         Err(CheckoutError::Dial(e))
                     }
                 }
@@ -381,5 +428,82 @@ impl PgHub {
             pool.retire();
             false
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkout dropped while it dials (the client's handshake deadline, the client gone)
+    /// gives its slot back: a pool of one then lets the next checkout dial at once instead of
+    /// queueing behind a slot no connection will fill. So does a grant sent to a checkout that
+    /// is dropped before it takes it.
+    #[tokio::test]
+    async fn a_checkout_dropped_mid_dial_or_granted_gives_its_slot_back() {
+        // A backend that accepts and never answers: every dial hangs.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let yaml = format!("engine: postgres\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"{addr}\"}}]\npooling: {{mode: transaction, poolSize: 1, auth: {{usersFile: /nonexistent}}}}\n");
+        let config = Arc::new(
+            crate::config::parse_yaml(&yaml)
+                .unwrap()
+                .validate()
+                .unwrap(),
+        );
+        let ctx = DialContext {
+            config: config.clone(),
+            connector: None,
+        };
+        let hub = Arc::new(PgHub::default());
+        let login = Arc::new(Login::default());
+        let pool = hub.pool(&config.backends[0], "db", "app", &login, &ctx);
+        let short = Duration::from_millis(200);
+        for _ in 0..3 {
+            let dialling = timeout(short, pool.checkout(&ctx, &login, Duration::from_secs(5)));
+            assert!(dialling.await.is_err(), "the dial should hang");
+            assert_eq!(
+                pool.counts(),
+                (0, 0),
+                "the dropped dial's slot is free again"
+            );
+        }
+        // A waiter dropped after a slot was granted to it: the slot goes to the next one.
+        let checkout = |pool: Arc<Pool>| {
+            let (ctx, login) = (ctx.clone(), login.clone());
+            tokio::spawn(async move {
+                let _ = pool.checkout(&ctx, &login, Duration::from_secs(30)).await;
+            })
+        };
+        let first = checkout(pool.clone());
+        while pool.counts().0 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let waiter = checkout(pool.clone());
+        while pool.waiting() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The dialling checkout is dropped: its slot is granted to the waiter, which is
+        // dropped in turn; the slot must come back to the pool.
+        first.abort();
+        waiter.abort();
+        let _ = first.await;
+        let _ = waiter.await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.counts() != (0, 0) {
+            assert!(
+                Instant::now() < deadline,
+                "a slot was lost: {:?}",
+                pool.counts()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        accepting.abort();
     }
 }
