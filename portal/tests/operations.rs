@@ -24,26 +24,10 @@ async fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    within("admin request", async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-        (status, body.to_string())
-    })
+    within(
+        "admin request",
+        servers::admin_request(addr, method, path, token, body),
+    )
     .await
 }
 
