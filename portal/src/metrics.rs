@@ -105,10 +105,14 @@ pub enum CloseReason {
     /// Cut through the admin endpoint (a backend put in maintenance with `cutSessions`, or
     /// `POST /sessions/close`).
     Admin,
+    /// The client sent a TLS record the portal refused (a failed tag, an oversized record, a
+    /// message the protocol does not allow there): the alert was sent and the connection
+    /// closed.
+    TlsRecord,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Done,
         CloseReason::ClientTimeout,
         CloseReason::ServerTimeout,
@@ -117,6 +121,7 @@ impl CloseReason {
         CloseReason::Backend,
         CloseReason::Shutdown,
         CloseReason::Admin,
+        CloseReason::TlsRecord,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +134,7 @@ impl CloseReason {
             CloseReason::Backend => "backend",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Admin => "admin",
+            CloseReason::TlsRecord => "tls_record",
         }
     }
 }

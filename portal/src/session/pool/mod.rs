@@ -56,7 +56,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     time::{timeout, Duration, Instant},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use conn::{lock, DialContext, Params, ServerConn};
 pub use pinning::REPLAYED;
@@ -154,10 +154,28 @@ pub async fn serve<C>(
             CloseReason::ClientTimeout
         }
     };
+    // An orderly end of a TLS client's connection says so (close_notify); after a refused
+    // record this sends the alert if it is still unsent. Bounded: the client may not read.
+    let _ = timeout(CLOSE_GRACE, c.wr.shutdown()).await;
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
     drop(permits);
     debug!(reason = reason.as_str(), "client closed");
+}
+
+/// How long the end of a session waits for the client to take its close_notify or alert.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why reading from the client failed: a TLS record the portal refused (counted and logged
+/// apart, a possible attack), or the client going away.
+fn read_failure(e: &io::Error, ip: IpAddr) -> CloseReason {
+    match crate::tls::record_error(e) {
+        Some(refused) if refused.sent => {
+            warn!(client = %ip, error = %refused, "TLS record refused; connection closed");
+            CloseReason::TlsRecord
+        }
+        _ => CloseReason::Done,
+    }
 }
 
 /// Reads what the client sent onto `cin` ([`crate::tls::poll_read_onto`]): a client between
@@ -260,12 +278,11 @@ where
                     return Ok((tag, body));
                 }
                 Ok(None) => {
-                    if self
-                        .rd
-                        .read_buf(&mut self.cin)
-                        .await
-                        .map_err(|_| CloseReason::Error)?
-                        == 0
+                    let read = self.rd.read_buf(&mut self.cin).await;
+                    if read.map_err(|e| match read_failure(&e, self.ip) {
+                        CloseReason::Done => CloseReason::Error,
+                        refused => refused,
+                    })? == 0
                     {
                         return Err(CloseReason::Done);
                     }
@@ -516,7 +533,8 @@ where
                     }
                 }
                 r = read_input(&mut self.rd, &mut self.cin) => match r {
-                    Ok(0) | Err(_) => return CloseReason::Done,
+                    Ok(0) => return CloseReason::Done,
+                    Err(e) => return read_failure(&e, self.ip),
                     Ok(n) => {
                         metrics.add_bytes(crate::metrics::Direction::ClientToBackend, n as u64);
                         last_read = Instant::now();
