@@ -24,10 +24,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{
-    config::{BackendState, Config},
-    control::Control,
-};
+use crate::{config::BackendState, config::Config, control::Control};
 
 /// Why a new client was closed before reaching a backend. The name is the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,9 +102,7 @@ pub enum CloseReason {
     /// Cut through the admin endpoint (a backend put in maintenance with `cutSessions`, or
     /// `POST /sessions/close`).
     Admin,
-    /// The client sent a TLS record the portal refused (a failed tag, an oversized record, a
-    /// message the protocol does not allow there): the alert was sent and the connection
-    /// closed.
+    /// The portal refused a TLS record of the client (bad tag, too large, not allowed there).
     TlsRecord,
 }
 

@@ -3,7 +3,7 @@
 //! or a KeyUpdate in the Finished flight) is left to the record layer; then rustls' kernel
 //! connection and traffic keys.
 //!
-//! May import: the rest of `tls`.
+//! May import: `wire` (PostgreSQL's ALPN name) and the rest of `tls`.
 
 use std::sync::Arc;
 

@@ -586,12 +586,13 @@ fn tls12_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     )
 }
 
+/// What [`sink`] returns: the most bytes held unsent, what it read, how reading ended, the
+/// stream.
+type Sunk = (usize, Vec<u8>, io::Result<()>, Records<DuplexStream>);
+
 /// A server that reads until the client stops, recording the most sealed bytes it ever held
 /// unsent; it returns that, what it read and how reading ended.
-fn sink(
-    s: DuplexStream,
-    config: Arc<ServerConfig>,
-) -> tokio::task::JoinHandle<(usize, Vec<u8>, io::Result<()>, Records<DuplexStream>)> {
+fn sink(s: DuplexStream, config: Arc<ServerConfig>) -> tokio::task::JoinHandle<Sunk> {
     tokio::spawn(async move {
         let mut records = accept(s, config).await.unwrap();
         let mut most_unsent = 0;
