@@ -23,10 +23,14 @@
 //! and an orderly end sends `close_notify`. Renegotiation (a TLS 1.2 handshake record) is
 //! refused with `unexpected_message`.
 //!
-//! An idle client holds no buffer: its keys (see [`keys`]: 44 wiped bytes a direction for
-//! AES-256-GCM and ChaCha20-Poly1305, rustls' AEAD for AES-128-GCM) and, for TLS 1.3, the
-//! kernel connection. rustls' AEADs are built on ring, whose expanded keys are not wiped when
-//! freed; the keys the portal holds itself are.
+//! Why not rustls' own connection after the handshake: it keeps, per client, a read buffer
+//! and some 3 KiB of connection state, where most pooled clients sit idle; rustls' kernel-TLS
+//! handover is the supported way to keep only the keys. An idle client holds no buffer: its
+//! keys (see [`keys`]: 44 wiped bytes a direction for AES-256-GCM and ChaCha20-Poly1305;
+//! rustls' 560-byte AEAD a direction for AES-128-GCM, whose key rustls' public API cannot take
+//! back) and, for TLS 1.3, the kernel connection (784 bytes with its key schedule). rustls'
+//! AEADs are built on ring, whose expanded keys are not wiped when freed; the keys the portal
+//! holds itself are.
 //!
 //! May import: `wire` (PostgreSQL's ALPN name) and the rest of `tls`.
 
@@ -345,7 +349,12 @@ impl State {
     /// Seals a KeyUpdate (update_not_requested) under the old keys and takes the next ones,
     /// if the client asked for it or the suite's record limit is near (TLS 1.3).
     fn rekey_if_due(&mut self) -> io::Result<()> {
-        if !self.key_update_due || self.close_sent {
+        if !self.key_update_due {
+            return Ok(());
+        }
+        if self.close_sent {
+            // Nothing is sealed after close_notify, a KeyUpdate reply neither.
+            self.key_update_due = false;
             return Ok(());
         }
         let Some(kernel) = self.kernel.as_mut() else {
