@@ -24,10 +24,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{
-    config::{BackendState, Config},
-    control::Control,
-};
+use crate::{config::BackendState, config::Config, control::Control};
 
 /// Why a new client was closed before reaching a backend. The name is the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,10 +102,12 @@ pub enum CloseReason {
     /// Cut through the admin endpoint (a backend put in maintenance with `cutSessions`, or
     /// `POST /sessions/close`).
     Admin,
+    /// The portal refused a TLS record of the client (bad tag, too large, not allowed there).
+    TlsRecord,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Done,
         CloseReason::ClientTimeout,
         CloseReason::ServerTimeout,
@@ -117,6 +116,7 @@ impl CloseReason {
         CloseReason::Backend,
         CloseReason::Shutdown,
         CloseReason::Admin,
+        CloseReason::TlsRecord,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +129,7 @@ impl CloseReason {
             CloseReason::Backend => "backend",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Admin => "admin",
+            CloseReason::TlsRecord => "tls_record",
         }
     }
 }

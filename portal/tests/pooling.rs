@@ -595,9 +595,46 @@ async fn malformed_clients_get_an_error_and_others_go_on() {
 /// A raw client logged in through SCRAM (the portal's own wire helpers and tokio-postgres's
 /// SCRAM client), positioned after the first ReadyForQuery.
 async fn login_raw(addr: SocketAddr, user: &str, password: &str) -> TcpStream {
+    login_on(TcpStream::connect(addr).await.unwrap(), user, password).await
+}
+
+/// A client logged in over TLS (SSLRequest, then rustls at `version`), after the first
+/// ReadyForQuery.
+async fn login_tls(
+    addr: SocketAddr,
+    ca_pem: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&portal::wire::postgres::ssl_request())
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer[0], b'S');
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(portal::tls::provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    login_on(tls, "app", "apppw").await
+}
+
+async fn login_on<S>(mut s: S, user: &str, password: &str) -> S
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use portal::wire::postgres::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&startup_message(&[
         ("user", user),
         ("database", "postgres"),
@@ -1163,6 +1200,43 @@ async fn tls_to_clients_and_to_the_backend() {
     )
     .await;
     assert!(!ok && err.contains("requires TLS"), "{err}");
+
+    // The portal ends a client's TLS with close_notify: after Terminate, and in answer to the
+    // client's own (a client that sees none reads an unexpected end of file).
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        for terminate in [true, false] {
+            let mut tls = login_tls(portal.addr, &ca.cert_pem, version).await;
+            if terminate {
+                tls.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+                tls.flush().await.unwrap();
+            } else {
+                tls.shutdown().await.unwrap();
+            }
+            let mut rest = Vec::new();
+            let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
+                .await
+                .expect("the portal closes");
+            assert!(end.is_ok(), "{version:?} terminate={terminate}: {end:?}");
+        }
+    }
+    // A record that fails its check: the client gets bad_record_mac, the portal counts it
+    // apart from ordinary disconnects.
+    let mut tls = login_tls(portal.addr, &ca.cert_pem, &rustls::version::TLS13).await;
+    let mut forged = vec![23, 3, 3, 0, 40];
+    forged.extend_from_slice(&[0x5a; 40]);
+    tls.get_mut().0.write_all(&forged).await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest))
+        .await
+        .expect("the portal closes");
+    let e = end.expect_err("an alert");
+    assert!(e.to_string().contains("BadRecordMac"), "{e}");
+    let refused = r#"dbportal_sessions_closed_total{reason="tls_record"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&portal.metrics().await, refused) < 1.0 {
+        assert!(Instant::now() < deadline, "{}", portal.metrics().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The users' secrets as PostgreSQL keeps them (SCRAM verifier, md5 hash), read as the

@@ -35,6 +35,7 @@ pub use postgres::{
     accept as postgres_accept, error_response as postgres_error_response,
     ssl_request as postgres_ssl_request,
 };
+pub use records::{record_error, RecordError};
 pub use runtime::{TlsRuntime, CERT_POLL_INTERVAL};
 pub use store::{CertStore, Refusal, Reload, Served, TlsStatus};
 pub use stream::{MaybeTls, Rewind};

@@ -46,7 +46,7 @@ pub mod statements;
 mod stats;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     io,
     net::IpAddr,
     sync::{atomic::Ordering::Relaxed, Arc},
@@ -56,7 +56,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     time::{timeout, Duration, Instant},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use conn::{lock, DialContext, Params, ServerConn};
 pub use pinning::REPLAYED;
@@ -159,6 +159,9 @@ pub async fn serve<C>(
             CloseReason::ClientTimeout
         }
     };
+    // An orderly end of a TLS client's connection says so (close_notify); after a refused
+    // record this sends the alert if it is still unsent. Bounded: the client may not read.
+    let _ = timeout(CLOSE_GRACE, c.wr.shutdown()).await;
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
     drop(permits);
@@ -184,6 +187,21 @@ where
         }
         hub.stats.clients.fetch_sub(1, Relaxed);
         reason
+    }
+}
+
+/// How long the end of a session waits for the client to take its close_notify or alert.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why reading from the client failed: a TLS record the portal refused (counted and logged
+/// apart, a possible attack), or the client going away.
+fn read_failure(e: &io::Error, ip: IpAddr) -> CloseReason {
+    match crate::tls::record_error(e) {
+        Some(refused) if refused.sent => {
+            warn!(client = %ip, error = %refused, "TLS record refused; connection closed");
+            CloseReason::TlsRecord
+        }
+        _ => CloseReason::Done,
     }
 }
 
@@ -232,28 +250,6 @@ use backend::{server_event, ServerEvent};
 use held::Held;
 pub use server::CancelSlot;
 
-/// `SET name TO 'value'` statements that give a server connection the client's values.
-fn replay_sql(client: &BTreeMap<String, String>, server: &BTreeMap<String, String>) -> String {
-    let backslashes = server
-        .get("standard_conforming_strings")
-        .is_some_and(|v| v == "off");
-    let mut sql = String::new();
-    for name in REPLAYED {
-        let Some(want) = client.get(name) else {
-            continue;
-        };
-        if server.get(name) == Some(want) {
-            continue;
-        }
-        let mut value = want.replace('\'', "''");
-        if backslashes {
-            value = value.replace('\\', "\\\\");
-        }
-        sql.push_str(&format!("SET {name} TO '{value}';"));
-    }
-    sql
-}
-
 impl<C> Client<C>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -289,12 +285,11 @@ where
                     return Ok((tag, body));
                 }
                 Ok(None) => {
-                    if self
-                        .rd
-                        .read_buf(&mut self.cin)
-                        .await
-                        .map_err(|_| CloseReason::Error)?
-                        == 0
+                    let read = self.rd.read_buf(&mut self.cin).await;
+                    if read.map_err(|e| match read_failure(&e, self.ip) {
+                        CloseReason::Done => CloseReason::Error,
+                        refused => refused,
+                    })? == 0
                     {
                         return Err(CloseReason::Done);
                     }
@@ -489,7 +484,7 @@ where
     async fn acquire(&mut self) -> Result<(), (&'static str, String)> {
         let mut conn = self.acquire_conn().await?;
         let pool = self.pool.clone().expect("acquired");
-        let sql = replay_sql(&self.params, &conn.params);
+        let sql = pinning::replay_sql(&self.params, &conn.params);
         if !sql.is_empty() {
             if let Err(e) = conn.run(&sql, self.config.timeouts.server).await {
                 conn.broken = true;
@@ -559,7 +554,8 @@ where
                     }
                 }
                 r = read_input(&mut self.rd, &mut self.cin) => match r {
-                    Ok(0) | Err(_) => return CloseReason::Done,
+                    Ok(0) => return CloseReason::Done,
+                    Err(e) => return read_failure(&e, self.ip),
                     Ok(n) => {
                         metrics.add_bytes(crate::metrics::Direction::ClientToBackend, n as u64);
                         last_read = Instant::now();

@@ -3,7 +3,7 @@
 //! such a statement is pinned to its server connection until it disconnects (then the
 //! connection is reset with DISCARD ALL), so it never finds its state gone or another
 //! client's state in its way. The reported parameters the portal replays itself
-//! ([`REPLAYED`]) are no such state.
+//! ([`REPLAYED`], with [`replay_sql`]) are no such state.
 //!
 //! May import: nothing of the crate.
 
@@ -191,6 +191,31 @@ pub fn pin_reason(sql: &str) -> Option<PinReason> {
         }
     }
     None
+}
+
+/// `SET name TO 'value'` statements that give a server connection the client's values.
+pub fn replay_sql(
+    client: &std::collections::BTreeMap<String, String>,
+    server: &std::collections::BTreeMap<String, String>,
+) -> String {
+    let backslashes = server
+        .get("standard_conforming_strings")
+        .is_some_and(|v| v == "off");
+    let mut sql = String::new();
+    for name in REPLAYED {
+        let Some(want) = client.get(name) else {
+            continue;
+        };
+        if server.get(name) == Some(want) {
+            continue;
+        }
+        let mut value = want.replace('\'', "''");
+        if backslashes {
+            value = value.replace('\\', "\\\\");
+        }
+        sql.push_str(&format!("SET {name} TO '{value}';"));
+    }
+    sql
 }
 
 #[cfg(test)]

@@ -1,173 +1,157 @@
-//! The traffic keys of one direction of a client's TLS and how they change: the IV and
-//! sequence number that make each record's nonce, and TLS 1.3 KeyUpdate (RFC 8446 7.2, 7.3).
+//! The traffic keys of one direction of a client's TLS as rustls hands them over
+//! (`ConnectionTrafficSecrets`), the AEAD rustls builds from them, and the record sequence
+//! number that goes with them.
+//!
+//! A suite with a 32-byte key (AES-256-GCM, ChaCha20-Poly1305) is held as its key and IV only,
+//! wiped on drop, and rustls' AEAD is built for each batch of records: an idle client holds
+//! 44 bytes a direction instead of rustls' 560-byte AEAD. AES-128-GCM keeps the AEAD rustls
+//! built: rustls' public `AeadKey` can only be made from 32 bytes (`From<[u8; 32]>`), and
+//! its AES-128 AEAD refuses a 32-byte key, so a 16-byte key cannot be handed back to it.
 //!
 //! May import: the rest of `tls` only.
 
-use ring::{aead, hkdf};
-use rustls::ConnectionTrafficSecrets;
+use rustls::{
+    crypto::cipher::{AeadKey, Iv, MessageDecrypter, MessageEncrypter, NONCE_LEN},
+    ConnectionTrafficSecrets, SupportedCipherSuite,
+};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use super::GCM_RECORD_LIMIT;
 use crate::tls::TlsError;
 
-/// The AEAD of a suite.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Aead {
-    Aes128Gcm,
-    Aes256Gcm,
-    Chacha20,
+/// rustls' own ceiling on a sequence number, below the suite's confidentiality limit.
+const SEQ_SOFT_LIMIT: u64 = 0xffff_ffff_ffff_0000;
+
+/// A key and IV, wiped when dropped.
+pub(super) struct Secret {
+    pub(super) key: [u8; 32],
+    pub(super) iv: [u8; NONCE_LEN],
 }
 
-impl Aead {
-    pub(super) fn algorithm(self) -> &'static aead::Algorithm {
-        match self {
-            Aead::Aes128Gcm => &aead::AES_128_GCM,
-            Aead::Aes256Gcm => &aead::AES_256_GCM,
-            Aead::Chacha20 => &aead::CHACHA20_POLY1305,
-        }
+impl Zeroize for Secret {
+    fn zeroize(&mut self) {
+        self.key.zeroize();
+        self.iv.zeroize();
     }
+}
 
-    pub(super) fn key_len(self) -> usize {
-        match self {
-            Aead::Aes128Gcm => 16,
-            Aead::Aes256Gcm | Aead::Chacha20 => 32,
-        }
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.zeroize();
     }
+}
 
-    /// The TLS 1.3 suite's hash: SHA-384 for AES-256-GCM, SHA-256 for the others.
-    pub(super) fn hkdf(self) -> (hkdf::Algorithm, usize) {
-        match self {
-            Aead::Aes256Gcm => (hkdf::HKDF_SHA384, 48),
-            Aead::Aes128Gcm | Aead::Chacha20 => (hkdf::HKDF_SHA256, 32),
-        }
-    }
+impl ZeroizeOnDrop for Secret {}
 
-    pub(super) fn record_limit(self) -> u64 {
-        match self {
-            Aead::Aes128Gcm | Aead::Aes256Gcm => GCM_RECORD_LIMIT,
-            Aead::Chacha20 => u64::MAX,
-        }
-    }
+/// An AEAD rustls builds for a suite: its record decrypter or encrypter.
+pub(super) trait Build {
+    fn build(suite: SupportedCipherSuite, key: AeadKey, iv: &[u8; NONCE_LEN]) -> Box<Self>;
+}
 
-    /// TLS 1.2 AES-GCM carries 8 bytes of its nonce in each record.
-    pub(super) fn explicit_nonce(self, tls13: bool) -> usize {
-        match (tls13, self) {
-            (false, Aead::Aes128Gcm | Aead::Aes256Gcm) => 8,
-            _ => 0,
+impl Build for dyn MessageDecrypter {
+    fn build(suite: SupportedCipherSuite, key: AeadKey, iv: &[u8; NONCE_LEN]) -> Box<Self> {
+        match suite {
+            SupportedCipherSuite::Tls13(s) => s.aead_alg.decrypter(key, Iv::from(*iv)),
+            SupportedCipherSuite::Tls12(s) => {
+                let fixed = s.aead_alg.key_block_shape().fixed_iv_len;
+                s.aead_alg.decrypter(key, &iv[..fixed])
+            }
         }
     }
+}
+
+impl Build for dyn MessageEncrypter {
+    fn build(suite: SupportedCipherSuite, key: AeadKey, iv: &[u8; NONCE_LEN]) -> Box<Self> {
+        match suite {
+            SupportedCipherSuite::Tls13(s) => s.aead_alg.encrypter(key, Iv::from(*iv)),
+            SupportedCipherSuite::Tls12(s) => {
+                // rustls' TLS 1.2 IV: the fixed part, then the explicit nonce's start.
+                let shape = s.aead_alg.key_block_shape();
+                let (fixed, rest) = iv.split_at(shape.fixed_iv_len);
+                s.aead_alg
+                    .encrypter(key, fixed, &rest[..shape.explicit_nonce_len])
+            }
+        }
+    }
+}
+
+/// What a direction holds between batches of records.
+enum Held<T: ?Sized> {
+    Secret(Secret),
+    Built(Box<T>),
 }
 
 /// The keys of one direction.
-#[derive(Clone)]
-pub(super) struct Keys {
-    pub(super) aead: Aead,
-    pub(super) tls13: bool,
-    pub(super) key: [u8; 32],
-    pub(super) iv: [u8; 12],
-    /// The TLS 1.3 traffic secret these keys come from (the first `hash_len` bytes), for
-    /// KeyUpdate.
-    pub(super) secret: [u8; 48],
+pub(super) struct Keys<T: ?Sized> {
+    pub(super) suite: SupportedCipherSuite,
+    held: Held<T>,
+    /// The sequence number of the next record.
     pub(super) seq: u64,
 }
 
-impl Keys {
+impl<T: ?Sized + Build> Keys<T> {
     pub(super) fn new(
+        suite: SupportedCipherSuite,
         (seq, secrets): (u64, ConnectionTrafficSecrets),
-        tls13: bool,
-        secret: Option<&[u8]>,
     ) -> Result<Self, TlsError> {
-        let (aead, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Aead::Aes128Gcm, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Aead::Aes256Gcm, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Aead::Chacha20, key, iv),
+        let (key, iv, keep_aead) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (key, iv, true),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv, false),
             _ => {
                 return Err(TlsError::Handshake(
                     "the negotiated cipher suite has no record layer here".into(),
                 ))
             }
         };
-        let mut keys = Keys {
-            aead,
-            tls13,
-            key: [0; 32],
-            iv: [0; 12],
-            secret: [0; 48],
-            seq,
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(iv.as_ref());
+        let held = match <[u8; 32]>::try_from(key.as_ref()) {
+            Ok(bytes) if !keep_aead => Held::Secret(Secret {
+                key: bytes,
+                iv: nonce,
+            }),
+            _ => {
+                let built = T::build(suite, key, &nonce);
+                nonce.zeroize();
+                Held::Built(built)
+            }
         };
-        keys.key[..aead.key_len()].copy_from_slice(key.as_ref());
-        keys.iv.copy_from_slice(iv.as_ref());
-        if tls13 {
-            let secret = secret.ok_or_else(|| {
-                TlsError::Handshake("TLS 1.3 traffic secret not seen during the handshake".into())
-            })?;
-            if secret.len() != aead.hkdf().1 {
-                return Err(TlsError::Handshake(format!(
-                    "TLS 1.3 traffic secret of {} bytes for {aead:?}",
-                    secret.len()
-                )));
-            }
-            keys.secret[..secret.len()].copy_from_slice(secret);
-            // The caught secret must be the one these keys come from, or a KeyUpdate would
-            // derive keys the client does not have.
-            let mut derived = keys.clone();
-            derived.derive();
-            if derived.key != keys.key || derived.iv != keys.iv {
-                return Err(TlsError::Handshake(
-                    "TLS 1.3 traffic secret does not match the connection's keys".into(),
-                ));
+        Ok(Keys { suite, held, seq })
+    }
+
+    /// The AEAD for this batch of records: the one kept, or one built into `batch` (and
+    /// dropped with it).
+    pub(super) fn aead<'a>(&'a mut self, batch: &'a mut Option<Box<T>>) -> &'a mut T {
+        match &mut self.held {
+            Held::Built(aead) => aead,
+            Held::Secret(s) => {
+                batch.get_or_insert_with(|| T::build(self.suite, AeadKey::from(s.key), &s.iv))
             }
         }
-        Ok(keys)
-    }
-
-    pub(super) fn sealing(&self) -> aead::LessSafeKey {
-        let key = aead::UnboundKey::new(self.aead.algorithm(), &self.key[..self.aead.key_len()])
-            .expect("key length matches its algorithm");
-        aead::LessSafeKey::new(key)
-    }
-
-    /// The per-record nonce: the IV with the sequence number XORed into its last 8 bytes.
-    pub(super) fn nonce(&self) -> [u8; 12] {
-        let mut nonce = self.iv;
-        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
-            *n ^= s;
-        }
-        nonce
-    }
-
-    /// TLS 1.3 KeyUpdate: the next traffic secret, its key and IV; the sequence restarts.
-    pub(super) fn update(&mut self) {
-        let (alg, len) = self.aead.hkdf();
-        let mut next = [0u8; 48];
-        expand_label(alg, &self.secret[..len], b"traffic upd", &mut next[..len]);
-        self.secret = next;
-        self.derive();
-        self.seq = 0;
-    }
-
-    /// Key and IV from the traffic secret (RFC 8446 7.3).
-    pub(super) fn derive(&mut self) {
-        let (alg, len) = self.aead.hkdf();
-        let key_len = self.aead.key_len();
-        let secret = self.secret;
-        expand_label(alg, &secret[..len], b"key", &mut self.key[..key_len]);
-        expand_label(alg, &secret[..len], b"iv", &mut self.iv);
     }
 }
 
-/// HKDF-Expand-Label with an empty context (RFC 8446 7.1).
-fn expand_label(alg: hkdf::Algorithm, secret: &[u8], label: &[u8], out: &mut [u8]) {
-    struct Len(usize);
-    impl hkdf::KeyType for Len {
-        fn len(&self) -> usize {
-            self.0
+impl<T: ?Sized> Keys<T> {
+    pub(super) fn tls13(&self) -> bool {
+        matches!(self.suite, SupportedCipherSuite::Tls13(_))
+    }
+
+    /// Records that may be sealed under one key: the suite's confidentiality limit (2^24 for
+    /// AES-GCM), or rustls' own ceiling.
+    pub(super) fn record_limit(&self) -> u64 {
+        let common = match self.suite {
+            SupportedCipherSuite::Tls13(s) => &s.common,
+            SupportedCipherSuite::Tls12(s) => &s.common,
+        };
+        common.confidentiality_limit.min(SEQ_SOFT_LIMIT)
+    }
+
+    /// The key material held, if this direction holds its secret (for the wiping test).
+    #[cfg(test)]
+    pub(super) fn secret(&mut self) -> Option<&mut Secret> {
+        match &mut self.held {
+            Held::Secret(s) => Some(s),
+            Held::Built(_) => None,
         }
     }
-    let length = (out.len() as u16).to_be_bytes();
-    let label_len = [(6 + label.len()) as u8];
-    let info: [&[u8]; 5] = [&length, &label_len, b"tls13 ", label, &[0]];
-    hkdf::Prk::new_less_safe(alg, secret)
-        .expand(&info, Len(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .expect("HKDF output within 255 hash lengths");
 }

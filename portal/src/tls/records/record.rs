@@ -1,206 +1,252 @@
-//! One TLS record: found whole in a buffer, opened in place, sealed; what a record may hold
-//! after the handshake and the error that names what it may not.
+//! One TLS record after the handshake: its framing (header, size limits), its opening and
+//! sealing through rustls' `MessageDecrypter` / `MessageEncrypter`, and what its content type
+//! allows; the refusal that names the alert a fault is answered with.
 //!
 //! May import: the rest of `tls` only.
 
-use std::io;
+use std::{fmt, io};
 
-use ring::aead;
-
-use super::keys::Keys;
+use rustls::{
+    crypto::cipher::{
+        InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks,
+        OutboundPlainMessage,
+    },
+    AlertDescription, ContentType, Error, PeerMisbehaved, ProtocolVersion,
+};
 
 /// Record header: type, legacy version, length.
 pub(super) const HEADER: usize = 5;
-/// The AEAD tag of every suite offered.
-const TAG: usize = 16;
-/// Most plaintext in one record (2^14).
+/// Most plaintext in one record (2^14, RFC 8446 5.1, RFC 5246 6.2.1).
 pub(super) const MAX_PLAIN: usize = 1 << 14;
-/// Most ciphertext in one record: TLS 1.3 allows 2^14 + 256, TLS 1.2 2^14 + 2048.
-const MAX_CIPHER: usize = MAX_PLAIN + 2048;
+/// Most ciphertext in one record: 2^14 + 256 in TLS 1.3 (RFC 8446 5.2), 2^14 + 2048 in TLS
+/// 1.2 (RFC 5246 6.2.3).
+pub(super) fn max_cipher(tls13: bool) -> usize {
+    MAX_PLAIN + if tls13 { 256 } else { 2048 }
+}
 
-const CHANGE_CIPHER_SPEC: u8 = 20;
-pub(super) const ALERT: u8 = 21;
-pub(super) const HANDSHAKE: u8 = 22;
-pub(super) const APPLICATION_DATA: u8 = 23;
 pub(super) const KEY_UPDATE: u8 = 24;
-pub(super) const CLOSE_NOTIFY: u8 = 0;
-const USER_CANCELED: u8 = 90;
+pub(super) const WARNING: u8 = 1;
+pub(super) const FATAL: u8 = 2;
 
-pub(super) fn invalid(what: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.into())
+/// Why a client's TLS connection ended in its record layer: a record the portal refused (the
+/// alert it sent before closing), or a fatal alert the client sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordError {
+    /// The alert sent (`sent`) or received.
+    pub alert: AlertDescription,
+    /// `true`: the portal refused what the client sent and told it with `alert`.
+    pub sent: bool,
+    pub why: String,
 }
 
-/// What one record held, once opened.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Opened {
-    /// Application data at this range of the record's payload.
-    Data(std::ops::Range<usize>),
-    /// close_notify: the client sends no more.
-    Closed,
-    /// A TLS 1.3 KeyUpdate; `true` if the client asks for the portal's keys to change too.
-    KeyUpdate(bool),
-    /// A record with nothing for the reader (an empty fragment, user_canceled).
-    Nothing,
-}
-
-/// Opens one record in place. `record` is the whole record (header and payload); the
-/// plaintext range returned is within it.
-pub(super) fn open(
-    keys: &mut Keys,
-    key: &aead::LessSafeKey,
-    record: &mut [u8],
-) -> io::Result<Opened> {
-    let typ = record[0];
-    let len = u16::from_be_bytes([record[3], record[4]]) as usize;
-    debug_assert_eq!(record.len(), HEADER + len);
-    if keys.seq == u64::MAX {
-        return Err(invalid("TLS record sequence number exhausted"));
-    }
-    let explicit = keys.aead.explicit_nonce(keys.tls13);
-    if len < explicit + TAG {
-        return Err(invalid(format!(
-            "TLS record of {len} bytes, shorter than its nonce and tag"
-        )));
-    }
-    let mut nonce = keys.nonce();
-    let (header, payload) = record.split_at_mut(HEADER);
-    let (plain_at, sealed) = if keys.tls13 {
-        if typ != APPLICATION_DATA {
-            return Err(invalid(format!(
-                "TLS 1.3 record of type {typ} after the handshake (only application_data, 23)"
-            )));
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.sent {
+            write!(f, "{} (alert {:?} sent)", self.why, self.alert)
+        } else {
+            write!(f, "{}", self.why)
         }
-        (HEADER, &mut payload[..])
-    } else {
-        if explicit > 0 {
-            nonce[..4].copy_from_slice(&keys.iv[..4]);
-            nonce[4..].copy_from_slice(&payload[..8]);
-        }
-        (HEADER + explicit, &mut payload[explicit..])
-    };
-    let aad_tls12;
-    let aad: &[u8] = if keys.tls13 {
-        header
-    } else {
-        let mut aad = [0u8; 13];
-        aad[..8].copy_from_slice(&keys.seq.to_be_bytes());
-        aad[8..11].copy_from_slice(&header[..3]);
-        aad[11..].copy_from_slice(&((sealed.len() - TAG) as u16).to_be_bytes());
-        aad_tls12 = aad;
-        &aad_tls12
-    };
-    let plain_len = key
-        .open_in_place(
-            aead::Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(aad),
-            sealed,
-        )
-        .map_err(|_| invalid("TLS record from the client failed to decrypt (bad_record_mac)"))?
-        .len();
-    keys.seq += 1;
-    let (typ, plain) = if keys.tls13 {
-        // TLSInnerPlaintext: content, the real type, zero padding.
-        let inner = &record[plain_at..plain_at + plain_len];
-        let Some(end) = inner.iter().rposition(|&b| b != 0) else {
-            return Err(invalid("TLS 1.3 record with no content type"));
-        };
-        (inner[end], plain_at..plain_at + end)
-    } else {
-        (typ, plain_at..plain_at + plain_len)
-    };
-    let body = &record[plain.clone()];
-    match typ {
-        APPLICATION_DATA if body.is_empty() => Ok(Opened::Nothing),
-        APPLICATION_DATA => Ok(Opened::Data(plain)),
-        ALERT => match body {
-            [_, CLOSE_NOTIFY] => Ok(Opened::Closed),
-            [_, USER_CANCELED] => Ok(Opened::Nothing),
-            [_, description] => Err(invalid(format!("TLS alert {description} from the client"))),
-            _ => Err(invalid(format!("TLS alert of {} bytes", body.len()))),
-        },
-        HANDSHAKE if keys.tls13 => match body {
-            [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => Ok(Opened::KeyUpdate(*request == 1)),
-            [KEY_UPDATE, ..] => Err(invalid("malformed TLS 1.3 KeyUpdate")),
-            [kind, ..] => Err(invalid(format!(
-                "TLS handshake message {kind} after the handshake (only KeyUpdate, 24)"
-            ))),
-            [] => Err(invalid("empty TLS handshake record")),
-        },
-        HANDSHAKE => Err(invalid("TLS renegotiation is not supported")),
-        CHANGE_CIPHER_SPEC => Err(invalid("TLS change_cipher_spec after the handshake")),
-        other => Err(invalid(format!("TLS record of unknown type {other}"))),
     }
 }
 
-/// Seals `plain` (at most 2^14 bytes) as one record of type `typ`, appended to `out`.
-pub(super) fn seal(
-    keys: &mut Keys,
-    key: &aead::LessSafeKey,
-    typ: u8,
-    plain: &[&[u8]],
-    out: &mut Vec<u8>,
-) {
-    let plain_len: usize = plain.iter().map(|p| p.len()).sum();
-    debug_assert!(plain_len <= MAX_PLAIN);
-    let explicit = keys.aead.explicit_nonce(keys.tls13);
-    let inner = plain_len + usize::from(keys.tls13);
-    let len = explicit + inner + TAG;
-    let start = out.len();
-    let outer = if keys.tls13 { APPLICATION_DATA } else { typ };
-    out.reserve(HEADER + len);
-    out.push(outer);
-    out.extend_from_slice(&[3, 3]);
-    out.extend_from_slice(&(len as u16).to_be_bytes());
-    let nonce = keys.nonce();
-    if explicit > 0 {
-        out.extend_from_slice(&nonce[4..]);
+impl std::error::Error for RecordError {}
+
+impl RecordError {
+    pub(super) fn io(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, self.clone())
     }
-    let body_at = out.len();
-    for p in plain {
-        out.extend_from_slice(p);
-    }
-    if keys.tls13 {
-        out.push(typ);
-    }
-    let mut aad = [0u8; 13];
-    let aad: &[u8] = if keys.tls13 {
-        aad[..HEADER].copy_from_slice(&out[start..start + HEADER]);
-        &aad[..HEADER]
-    } else {
-        aad[..8].copy_from_slice(&keys.seq.to_be_bytes());
-        aad[8] = typ;
-        aad[9..11].copy_from_slice(&[3, 3]);
-        aad[11..].copy_from_slice(&(plain_len as u16).to_be_bytes());
-        &aad
-    };
-    let tag = key
-        .seal_in_place_separate_tag(
-            aead::Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(aad),
-            &mut out[body_at..],
-        )
-        .expect("a record's plaintext is within the AEAD's limit");
-    out.extend_from_slice(tag.as_ref());
-    keys.seq += 1;
 }
 
-/// The length of the first record in `buf` if it is all there; an error for a record the
-/// protocol does not allow.
-pub(super) fn complete_record(buf: &[u8]) -> io::Result<Option<usize>> {
+/// The portal refuses a record: `alert` goes to the client, then the connection ends.
+pub(super) fn refuse(alert: AlertDescription, why: impl Into<String>) -> RecordError {
+    RecordError {
+        alert,
+        sent: true,
+        why: why.into(),
+    }
+}
+
+/// The error a read returns when the record layer ended for `e`.
+pub fn record_error(e: &io::Error) -> Option<&RecordError> {
+    e.get_ref()?.downcast_ref()
+}
+
+/// The length of the first record in `buf` if it is all there; a refusal for a header the
+/// protocol does not allow (an unknown version, a record longer than the version allows).
+pub(super) fn frame(buf: &[u8], tls13: bool) -> Result<Option<usize>, RecordError> {
     if buf.len() < HEADER {
         return Ok(None);
     }
-    let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
-    if len > MAX_CIPHER {
-        return Err(invalid(format!(
-            "TLS record of {len} bytes (at most {MAX_CIPHER})"
-        )));
-    }
     if buf[1] != 3 {
-        return Err(invalid(format!(
-            "TLS record with version byte {:#04x}",
-            buf[1]
-        )));
+        return Err(refuse(
+            AlertDescription::DecodeError,
+            format!("TLS record with version byte {:#04x}", buf[1]),
+        ));
+    }
+    let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    if len > max_cipher(tls13) {
+        return Err(refuse(
+            AlertDescription::RecordOverflow,
+            format!(
+                "TLS record of {len} bytes (at most {} in TLS 1.{})",
+                max_cipher(tls13),
+                if tls13 { 3 } else { 2 }
+            ),
+        ));
     }
     Ok((buf.len() >= HEADER + len).then_some(HEADER + len))
+}
+
+/// What one record held.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Content<'a> {
+    Data(&'a [u8]),
+    /// An alert: its level and description.
+    Alert(u8, u8),
+    /// TLS 1.3 handshake bytes (a KeyUpdate, maybe a fragment of one).
+    Handshake(&'a [u8]),
+}
+
+/// Opens one whole record (header and payload) in place with `dec` at sequence number `seq`:
+/// rustls checks the tag, removes TLS 1.3 padding and limits the plaintext to 2^14; the type
+/// is then one a connection after its handshake may carry.
+pub(super) fn open<'a>(
+    dec: &mut dyn MessageDecrypter,
+    seq: u64,
+    tls13: bool,
+    record: &'a mut [u8],
+) -> Result<Content<'a>, RecordError> {
+    let (header, payload) = record.split_at_mut(HEADER);
+    let typ = ContentType::from(header[0]);
+    if tls13 && typ != ContentType::ApplicationData {
+        return Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            format!(
+                "TLS 1.3 record of type {} after the handshake (only application_data, 23)",
+                header[0]
+            ),
+        ));
+    }
+    let version = ProtocolVersion::from(u16::from_be_bytes([header[1], header[2]]));
+    let plain = dec
+        .decrypt(InboundOpaqueMessage::new(typ, version, payload), seq)
+        .map_err(|e| match e {
+            Error::DecryptError => refuse(
+                AlertDescription::BadRecordMac,
+                "TLS record from the client failed to decrypt (bad_record_mac)",
+            ),
+            Error::PeerSentOversizedRecord => refuse(
+                AlertDescription::RecordOverflow,
+                "TLS record from the client with more than 2^14 bytes of plaintext",
+            ),
+            Error::PeerMisbehaved(PeerMisbehaved::IllegalMiddleboxChangeCipherSpec) => refuse(
+                AlertDescription::UnexpectedMessage,
+                "TLS 1.3 change_cipher_spec after the handshake",
+            ),
+            e => refuse(
+                AlertDescription::UnexpectedMessage,
+                format!("TLS record from the client refused: {e}"),
+            ),
+        })?;
+    content(plain.typ, plain.payload, tls13)
+}
+
+/// What a record of type `typ` may carry after the handshake.
+fn content(typ: ContentType, body: &[u8], tls13: bool) -> Result<Content<'_>, RecordError> {
+    match typ {
+        ContentType::ApplicationData => Ok(Content::Data(body)),
+        ContentType::Alert => match body {
+            [level, description] => Ok(Content::Alert(*level, *description)),
+            _ => Err(refuse(
+                AlertDescription::DecodeError,
+                format!("TLS alert of {} bytes", body.len()),
+            )),
+        },
+        ContentType::Handshake if tls13 && body.is_empty() => Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            "empty TLS handshake record",
+        )),
+        ContentType::Handshake if tls13 => Ok(Content::Handshake(body)),
+        ContentType::Handshake => Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            "TLS renegotiation is not supported",
+        )),
+        ContentType::ChangeCipherSpec => Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            "TLS change_cipher_spec after the handshake",
+        )),
+        other => Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            format!("TLS record of unexpected type {}", u8::from(other)),
+        )),
+    }
+}
+
+/// What a TLS 1.3 handshake message read after the handshake asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Handshake {
+    /// More bytes are needed.
+    Partial,
+    /// A whole KeyUpdate (`true`: the client asks for the portal's keys to change too) that
+    /// ends its record, as a key change must (RFC 8446 5.1).
+    KeyUpdate(bool),
+}
+
+/// Reads the handshake bytes `hs` gathered so far, which end where a record ended.
+pub(super) fn handshake(hs: &[u8]) -> Result<Handshake, RecordError> {
+    let [kind, a, b, c, rest @ ..] = hs else {
+        return Ok(Handshake::Partial);
+    };
+    if *kind != KEY_UPDATE {
+        return Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            format!("TLS handshake message {kind} after the handshake (only KeyUpdate, 24)"),
+        ));
+    }
+    if [*a, *b, *c] != [0, 0, 1] {
+        return Err(refuse(
+            AlertDescription::DecodeError,
+            "malformed TLS 1.3 KeyUpdate",
+        ));
+    }
+    match rest {
+        [] => Ok(Handshake::Partial),
+        [request @ (0 | 1)] => Ok(Handshake::KeyUpdate(*request == 1)),
+        [_, _, ..] => Err(refuse(
+            AlertDescription::UnexpectedMessage,
+            "TLS 1.3 KeyUpdate not at the end of its record",
+        )),
+        [_] => Err(refuse(
+            AlertDescription::IllegalParameter,
+            "TLS 1.3 KeyUpdate with an invalid request_update",
+        )),
+    }
+}
+
+/// Seals `plain` (at most 2^14 bytes, in slices) as one record of type `typ` with `enc` at
+/// sequence number `seq`, appended to `out`.
+pub(super) fn seal(
+    enc: &mut dyn MessageEncrypter,
+    seq: u64,
+    typ: ContentType,
+    plain: &[&[u8]],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let record = enc
+        .encrypt(
+            OutboundPlainMessage {
+                typ,
+                version: ProtocolVersion::TLSv1_2,
+                payload: OutboundChunks::new(plain),
+            },
+            seq,
+        )
+        .map_err(|e| io::Error::other(format!("sealing a TLS record: {e}")))?
+        .encode();
+    if out.is_empty() {
+        *out = record;
+    } else {
+        out.extend_from_slice(&record);
+    }
+    Ok(())
 }
