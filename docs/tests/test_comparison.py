@@ -3,8 +3,8 @@ every configuration field it names in backticks (`pooling.mode`, `backends[].wei
 `adminTokenFile`, `routing.mode: roundrobin`) is a field of the configuration reference
 (docs/configuration.md), and of the CRD (`spec` fields) or of the portal's configuration types
 (the standalone keys), with a value the field takes; every admin endpoint verb it names
-(`POST /backends/<name>/state`) is one the operations guide (or the shared API contract, when
-it is there) documents; every admin path it names (`/metrics`) is documented.
+(`POST /backends/<name>/state`) is one the operations guide documents; every admin path it
+names (`/metrics`) is documented.
 
 A backticked name counts as a dbportal field when it is shaped like one: dotted lower camel
 case segments, with `[]` after a list, optionally prefixed `spec.` or `status.`, optionally
@@ -27,8 +27,6 @@ from test_docs import CRD, DOCS, ROOT, SPEC_SCHEMA, crd_paths, table_keys  # noq
 COMPARISON = DOCS / "comparison.md"
 CONFIGURATION = (DOCS / "configuration.md").read_text()
 OPERATIONS = (DOCS / "operations.md").read_text()
-# The shared API contract, beside the repository (read-only), when it is there.
-API_SPEC = ROOT.parent / "shared" / "spec" / "api.md"
 STATUS_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
 
 SEGMENT = r"[a-z][A-Za-z0-9]*(?:\[\])?"
@@ -163,9 +161,9 @@ def field_errors(markdown):
 
 
 def documented_verbs():
-    """(method, path) of the admin verbs the operations guide and the API contract show: as
+    """(method, path) of the admin verbs the operations guide shows: as
     `POST /backends/<name>/state` in backticks, or as a curl command line."""
-    texts = [OPERATIONS] + ([API_SPEC.read_text()] if API_SPEC.exists() else [])
+    texts = [OPERATIONS]
     verbs = set()
     for text in texts:
         for token in backticked(text):
@@ -199,7 +197,7 @@ def verb_errors(markdown):
                        for dm, dp in documented):
                 errors.append(f"`{token}`: not an admin verb docs/operations.md documents")
         elif ADMIN_PATH.fullmatch(token):
-            docs = OPERATIONS + CONFIGURATION + (API_SPEC.read_text() if API_SPEC.exists() else "")
+            docs = OPERATIONS + CONFIGURATION
             if f"`{token}`" not in docs and not any(p == token for _, p in documented):
                 errors.append(f"`{token}`: not an admin path the docs document")
     return errors
