@@ -115,6 +115,17 @@ def test_readme_install_commands_work_on_the_oldest_supported_version(cluster):
     r = sh(env, "helm status dbportal -n dbportal-system")
     assert r.returncode == 0 and "STATUS: deployed" in r.stdout, r.stdout + r.stderr
 
+    # The upgrade steps of docs/operations.md from a checkout: the chart's CRD applied from
+    # `helm show crds`, then `helm upgrade` keeping the values and changing one.
+    r = sh(env, "helm show crds charts/dbportal | "
+                "kubectl apply --server-side --force-conflicts -f -")
+    assert r.returncode == 0, r.stderr
+    r = sh(env, "helm upgrade dbportal charts/dbportal -n dbportal-system --reuse-values "
+                "--set replicas=1")
+    assert r.returncode == 0 and "REVISION: 2" in r.stdout, r.stdout + r.stderr
+    deployment = kubectl_json(env, "-n dbportal-system get deployment dbportal-operator")
+    assert deployment["spec"]["replicas"] == 1
+
 
 def test_readme_example_is_accepted_and_explained(cluster):
     env = cluster
