@@ -4,8 +4,8 @@ helm-python-sdk, the same as charts/render.py), so that the tests run the README
 commands word for word where Helm's binary is not installed (it is no Debian package):
 
     helm install NAME CHART [-n NS] [--create-namespace] [-f FILE]... [--set K=V]...
-                 [--set-string K=V]... [--set-json K=JSON]... [--wait] [--timeout DURATION]
-    helm upgrade NAME CHART [-n NS] [--reuse-values] [-f ...] [--set ...] [--wait]
+                 [--set-string K=V]... [--set-json K=JSON]... [--timeout DURATION]
+    helm upgrade NAME CHART [-n NS] [--reuse-values] [-f ...] [--set ...]
     helm uninstall NAME [-n NS] [--wait]
     helm show crds CHART
     helm status NAME [-n NS]
@@ -55,7 +55,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         c.add_argument("chart")
         c.add_argument("--namespace", "-n", default=argparse.SUPPRESS)
         c.add_argument("--create-namespace", action="store_true")
-        c.add_argument("--wait", action="store_true")
         c.add_argument("--timeout", default="5m0s")
         value_flags(c)
         if name == "upgrade":
@@ -98,15 +97,14 @@ def main(argv: list[str]) -> int:
             summary(cfg.status(args.release))
             return 0
         values = render.user_values(args)
-        wait = "watcher" if args.wait else None
         chart = chart_dir(args.chart)
         if args.command == "install":
             release = cfg.install(chart, args.release, values, namespace=args.namespace,
-                                  create_namespace=args.create_namespace, wait=wait,
+                                  create_namespace=args.create_namespace,
                                   timeout=seconds(args.timeout))
         else:
             release = cfg.upgrade(chart, args.release, values, namespace=args.namespace,
-                                  reuse_values=args.reuse_values, wait=wait,
+                                  reuse_values=args.reuse_values,
                                   timeout=seconds(args.timeout))
     summary(release)
     return 0

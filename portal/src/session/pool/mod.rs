@@ -138,20 +138,21 @@ pub async fn serve<C>(
     let started = timeout(config.timeouts.handshake, Box::pin(c.startup())).await;
     drop(negotiating);
     let reason = match started {
-        Ok(Ok(true)) => match c.shared.sessions.register_client(&c.shared, ip) {
-            // A change published during the login already excludes the client.
-            Err(reason) => {
-                Box::pin(c.finish()).await;
-                reason
-            }
-            Ok(registration) => {
-                if let Some(h) = &c.held {
-                    registration.on_backend(Some(&h.pool.backend.name));
+        Ok(Ok(true)) => {
+            let reason = match c.shared.sessions.register_client(&c.shared, ip) {
+                Ok(registration) => {
+                    if let Some(h) = &c.held {
+                        registration.on_backend(Some(&h.pool.backend.name));
+                    }
+                    c.registration = Some(registration);
+                    c.session().await
                 }
-                c.registration = Some(registration);
-                c.session().await
-            }
-        },
+                // A change published during the login already excludes the client.
+                Err(reason) => reason,
+            };
+            Box::pin(c.end()).await;
+            reason
+        }
         Ok(Ok(false)) => CloseReason::Done,
         Ok(Err(reason)) => reason,
         Err(_) => {
@@ -172,21 +173,24 @@ impl<C> Client<C>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// A logged-in client's session, until it leaves or is closed; its server connection given
-    /// back or closed.
+    /// A logged-in, registered client's session, until it leaves or is closed.
     async fn session(&mut self) -> CloseReason {
-        let hub = self.hub.clone();
-        hub.stats.clients.fetch_add(1, Relaxed);
+        self.hub.stats.clients.fetch_add(1, Relaxed);
         let reason = self.run().await;
-        Box::pin(self.finish()).await;
+        self.hub.stats.clients.fetch_sub(1, Relaxed);
+        reason
+    }
+
+    /// After a logged-in client: its server connection given back or closed, its cancel key
+    /// forgotten, its pin uncounted.
+    async fn end(&mut self) {
+        self.finish().await;
         if let Some((key, _)) = &self.cancel {
-            hub.forget_cancel(*key);
+            self.hub.forget_cancel(*key);
         }
         if let Some(reason) = self.pinned {
-            hub.stats.pin(reason, -1);
+            self.hub.stats.pin(reason, -1);
         }
-        hub.stats.clients.fetch_sub(1, Relaxed);
-        reason
     }
 }
 
