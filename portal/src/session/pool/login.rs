@@ -17,9 +17,9 @@ use super::{CancelSlot, Client};
 use crate::{
     metrics::CloseReason,
     wire::postgres::{
-        backend_key_data, is_protocol_3, message, parameter_status, parse_key, ready_for_query,
-        startup_header, startup_params, ReadyStatus, CANCEL_REQUEST, CANCEL_REQUEST_LEN,
-        MAX_STARTUP, PROTOCOL_3_0,
+        backend::Backend, backend_key_data, is_protocol_3, parameter_status, parse_key,
+        ready_for_query, startup_header, startup_params, ReadyStatus, CANCEL_REQUEST,
+        CANCEL_REQUEST_LEN, MAX_STARTUP, PROTOCOL_3_0,
     },
 };
 
@@ -127,13 +127,16 @@ where
         tracing::Span::current().record("user", tracing::field::display(&self.user));
         if code != PROTOCOL_3_0 || !unknown_options.is_empty() {
             // NegotiateProtocolVersion: the portal speaks 3.0 and no protocol options.
-            let mut b = 0u32.to_be_bytes().to_vec();
-            b.extend_from_slice(&(unknown_options.len() as u32).to_be_bytes());
+            let mut options = (unknown_options.len() as u32).to_be_bytes().to_vec();
             for o in &unknown_options {
-                b.extend_from_slice(o.as_bytes());
-                b.push(0);
+                options.extend_from_slice(o.as_bytes());
+                options.push(0);
             }
-            let m = message(b'v', &b);
+            let m = Backend::NegotiateProtocolVersion {
+                minor: 0,
+                options: &options,
+            }
+            .to_bytes();
             self.send(&m).await?;
         }
         self.authenticate().await?;

@@ -4,8 +4,14 @@
 //! portal reads or writes itself (AuthenticationSASL's code, ReadyForQuery, ErrorResponse),
 //! and what a pooler needs to speak as the server: the startup parameters, the authentication
 //! exchange, ParameterStatus, BackendKeyData, the framing of a stream of typed messages.
+//! The typed messages themselves, decoded without copying: [`frontend`] (what a client
+//! sends) and [`backend`] (what a server sends); a tag means one thing from a client and
+//! another from a server (`S` is Sync one way, ParameterStatus the other).
 //!
 //! May import: nothing from the rest of the crate.
+
+pub mod backend;
+pub mod frontend;
 
 /// The request code of an SSLRequest.
 pub const SSL_REQUEST: u32 = 80_877_103;
@@ -144,6 +150,12 @@ pub enum FrameError {
     Length { tag: u8, len: u64, max: usize },
     #[error("{0}")]
     Body(String),
+    #[error("message {tag:?} of length {len} is malformed: {what}", tag = *tag as char)]
+    Malformed {
+        tag: u8,
+        len: usize,
+        what: &'static str,
+    },
 }
 
 /// The size of the complete typed message at the start of `buf`: `Ok(None)` until it is all
