@@ -283,7 +283,7 @@ fn denied(text: String) -> io::Error {
 /// way a closed port is (`ConnectionRefused`).
 fn login_error(body: &[u8]) -> io::Error {
     let text = error_text(body);
-    if Fields(body).get(b'C') == Some(b"57P03") {
+    if Fields(body).sqlstate() == Some(b"57P03") {
         io::Error::new(io::ErrorKind::ConnectionRefused, text)
     } else {
         denied(text)

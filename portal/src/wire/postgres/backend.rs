@@ -93,6 +93,11 @@ impl<'a> Fields<'a> {
         self.iter().find(|(c, _)| *c == code).map(|(_, t)| t)
     }
 
+    /// The SQLSTATE (field `C`).
+    pub fn sqlstate(&self) -> Option<&'a [u8]> {
+        self.get(b'C')
+    }
+
     /// Whether the severity is FATAL or PANIC: the server ends the connection.
     pub fn is_fatal(&self) -> bool {
         matches!(self.get(b'S'), Some(b"FATAL" | b"PANIC"))
@@ -548,7 +553,7 @@ mod tests {
             panic!("not an error");
         };
         assert!(f.is_fatal());
-        assert_eq!(f.get(b'C'), Some(&b"57P01"[..]));
+        assert_eq!(f.sqlstate(), Some(&b"57P01"[..]));
         assert_eq!(f.iter().count(), 4);
         assert!(!Fields(fields).is_fatal());
         assert!(is_streamed(b'D') && is_streamed(b'd') && !is_streamed(b'C'));
