@@ -6,8 +6,7 @@
 //!
 //! May import: nothing from the rest of the crate.
 
-use super::frontend::{malformed, Reader};
-use super::{FrameError, ReadyStatus, HEADER_LEN};
+use super::{malformed, FrameError, Reader, ReadyStatus, HEADER_LEN};
 
 const AUTHENTICATION: u8 = b'R';
 const PARAMETER_STATUS: u8 = b'S';

@@ -7,7 +7,7 @@
 //!
 //! May import: nothing from the rest of the crate.
 
-use super::{cstr, FrameError, HEADER_LEN};
+use super::{malformed, FrameError, Reader, HEADER_LEN};
 
 /// The tag of Query.
 const QUERY: u8 = b'Q';
@@ -111,75 +111,6 @@ pub enum Frontend<'a> {
     AuthResponse(&'a [u8]),
     /// A tag this decoder does not know, kept for the server to judge.
     Other { tag: u8, body: &'a [u8] },
-}
-
-/// The body's reader: each step fails with what was expected.
-pub(super) struct Reader<'a> {
-    pub(super) rest: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    pub(super) fn cstr(&mut self) -> Result<&'a [u8], &'static str> {
-        let (s, rest) = cstr(self.rest).ok_or("a string without its NUL")?;
-        self.rest = rest;
-        Ok(s)
-    }
-
-    pub(super) fn bytes(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
-        if self.rest.len() < n {
-            return Err("the body ends early");
-        }
-        let (b, rest) = self.rest.split_at(n);
-        self.rest = rest;
-        Ok(b)
-    }
-
-    pub(super) fn u8(&mut self) -> Result<u8, &'static str> {
-        Ok(self.bytes(1)?[0])
-    }
-
-    pub(super) fn u16(&mut self) -> Result<u16, &'static str> {
-        let b = self.bytes(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    pub(super) fn u32(&mut self) -> Result<u32, &'static str> {
-        let b = self.bytes(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// A value with an Int32 length before it, -1 for NULL.
-    pub(super) fn value(&mut self) -> Result<Option<&'a [u8]>, &'static str> {
-        match self.u32()? as i32 {
-            -1 => Ok(None),
-            n if n < 0 => Err("a negative value length"),
-            n => self.bytes(n as usize).map(Some),
-        }
-    }
-
-    /// `n` Int16 or Int32 items after an Int16 count.
-    pub(super) fn counted(&mut self, size: usize) -> Result<u16, &'static str> {
-        let n = self.u16()?;
-        self.bytes(size * n as usize)?;
-        Ok(n)
-    }
-
-    pub(super) fn end(&self) -> Result<(), &'static str> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err("bytes after the end of the body")
-        }
-    }
-}
-
-/// The error of a malformed body.
-pub(super) fn malformed(tag: u8, body: &[u8], what: &'static str) -> FrameError {
-    FrameError::Malformed {
-        tag,
-        len: body.len() + 4,
-        what,
-    }
 }
 
 /// The parameter formats, values and result formats of a Bind.

@@ -175,6 +175,75 @@ pub fn frame(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     Ok((buf.len() > len).then_some(len + 1))
 }
 
+/// A typed message's body, read in order: each step fails with what was expected.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn cstr(&mut self) -> Result<&'a [u8], &'static str> {
+        let (s, rest) = cstr(self.rest).ok_or("a string without its NUL")?;
+        self.rest = rest;
+        Ok(s)
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        if self.rest.len() < n {
+            return Err("the body ends early");
+        }
+        let (b, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn u8(&mut self) -> Result<u8, &'static str> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, &'static str> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A value with an Int32 length before it, -1 for NULL.
+    fn value(&mut self) -> Result<Option<&'a [u8]>, &'static str> {
+        match self.u32()? as i32 {
+            -1 => Ok(None),
+            n if n < 0 => Err("a negative value length"),
+            n => self.bytes(n as usize).map(Some),
+        }
+    }
+
+    /// Items of `size` bytes after their Int16 count; the count.
+    fn counted(&mut self, size: usize) -> Result<u16, &'static str> {
+        let n = self.u16()?;
+        self.bytes(size * n as usize)?;
+        Ok(n)
+    }
+
+    fn end(&self) -> Result<(), &'static str> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err("bytes after the end of the body")
+        }
+    }
+}
+
+/// The error of a malformed body.
+fn malformed(tag: u8, body: &[u8], what: &'static str) -> FrameError {
+    FrameError::Malformed {
+        tag,
+        len: body.len() + 4,
+        what,
+    }
+}
+
 /// The NUL-terminated string at the start of `buf` and what follows it.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = buf.iter().position(|&b| b == 0)?;
