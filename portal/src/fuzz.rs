@@ -112,9 +112,13 @@ fn postgres_readers(input: &[u8]) {
             let total: usize = columns.iter().flatten().map(|c| c.len()).sum();
             assert!(total <= body.len());
         }
-        let _ = crate::session::pool::statements::parse_parse(body);
-        let _ = crate::session::pool::statements::parse_bind(body);
-        let _ = crate::session::pool::statements::parse_target(body);
+        // What decodes encodes back to the same bytes.
+        if let Ok(m) = pg::frontend::Frontend::decode(input[0], body) {
+            assert_eq!(m.to_bytes(), &input[..n]);
+        }
+        if let Ok(m) = pg::backend::Backend::decode(input[0], body) {
+            assert_eq!(m.to_bytes(), &input[..n]);
+        }
         let _ = crate::session::pool::statements::special(body);
         let _ = crate::session::pool::pinning::pin_reason(&String::from_utf8_lossy(body));
     }

@@ -1616,3 +1616,46 @@ async fn allow_list_changes_and_admin_closes_reach_pooled_clients() {
         assert_eq!(close(r#"{"client": "127.0.0.9"}"#).await, 0, "{mode}");
     }
 }
+
+/// A login waits for a server connection within `pooling.queueTimeout`, not
+/// `timeouts.handshake`: with the pool's one connection held by a transaction for longer than
+/// the handshake deadline, a new client still logs in once it is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_waits_for_a_server_connection_past_the_handshake_deadline() {
+    if !have_postgres() {
+        return;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(
+        &[&pg],
+        "mode: transaction, poolSize: 1, queueTimeout: 10s",
+        "timeouts: {handshake: 500ms}\n",
+    )
+    .await;
+    let holder = portal.client("app", "apppw").await.unwrap();
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let addr = portal.addr;
+    let login = tokio::spawn(async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut config = tokio_postgres::Config::new();
+        config.user("app").password("apppw").dbname("postgres");
+        let (client, connection) = config.connect_raw(tcp, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let value = query_one(&client, "SELECT 2").await;
+        Ok::<_, tokio_postgres::Error>(value)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !login.is_finished(),
+        "the login did not wait for the pool's one connection: {:?}",
+        login.await
+    );
+    holder.simple_query("COMMIT").await.unwrap();
+    let value = tokio::time::timeout(Duration::from_secs(10), login)
+        .await
+        .expect("the login ended")
+        .unwrap()
+        .expect("logged in past timeouts.handshake");
+    assert_eq!(value, "2");
+}

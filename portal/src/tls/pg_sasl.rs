@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{read_err, TlsError};
 use crate::wire::postgres::{
+    backend::{Authentication, Backend},
     is_protocol_3, message_len, startup_header, AUTH_SASL, CANCEL_REQUEST, HEADER_LEN, MAX_STARTUP,
 };
 
@@ -93,24 +94,22 @@ pub(crate) fn inspect(buf: &[u8]) -> Step {
 /// The mechanism names of a complete AuthenticationSASL message (`R`, length, 10, names each
 /// ending in NUL, a final NUL); `None` if it is not well formed.
 pub(crate) fn mechanisms(message: &[u8]) -> Option<Vec<&[u8]>> {
-    if message.len() < 9 || message[0] != b'R' {
-        return None;
-    }
-    let len = message_len(message) as usize;
+    let len = message_len(message.get(..HEADER_LEN)?) as usize;
     if len + 1 != message.len() {
         return None;
     }
-    let mut names = Vec::new();
-    let mut rest = &message[9..];
-    loop {
-        let nul = rest.iter().position(|&b| b == 0)?;
-        if nul == 0 {
-            // The list's terminator must end the message.
-            return (rest.len() == 1).then_some(names);
-        }
-        names.push(&rest[..nul]);
-        rest = &rest[nul + 1..];
-    }
+    // The decoder checks that the list's terminator ends the message.
+    let Ok(Backend::Authentication(Authentication::Sasl { mechanisms })) =
+        Backend::decode(message[0], &message[HEADER_LEN..])
+    else {
+        return None;
+    };
+    Some(
+        mechanisms
+            .split(|&b| b == 0)
+            .take_while(|name| !name.is_empty())
+            .collect(),
+    )
 }
 
 fn is_plus(name: &[u8]) -> bool {
@@ -126,17 +125,13 @@ pub(crate) fn without_plus(message: &[u8]) -> Option<Vec<u8>> {
     if kept.len() == names.len() || kept.is_empty() {
         return None;
     }
-    let len = 4 + 4 + kept.iter().map(|n| n.len() + 1).sum::<usize>() + 1;
-    let mut out = Vec::with_capacity(len + 1);
-    out.push(b'R');
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.extend_from_slice(&AUTH_SASL.to_be_bytes());
+    let mut list = Vec::with_capacity(kept.iter().map(|n| n.len() + 1).sum::<usize>() + 1);
     for name in kept {
-        out.extend_from_slice(name);
-        out.push(0);
+        list.extend_from_slice(name);
+        list.push(0);
     }
-    out.push(0);
-    Some(out)
+    list.push(0);
+    Some(Backend::Authentication(Authentication::Sasl { mechanisms: &list }).to_bytes())
 }
 
 /// Relays the client's StartupMessage and the server's first answer, adjusting the SASL offer

@@ -31,6 +31,7 @@
 pub mod commands;
 mod conn;
 mod local;
+mod machine;
 mod pinned;
 mod pipeline;
 mod report;
@@ -51,9 +52,10 @@ use tokio::{
 };
 use tracing::debug;
 
+use commands::classify;
 pub use commands::PinReason;
-use commands::{classify, Action, Local};
 use conn::DialContext;
+use machine::{step, Step};
 use pinned::{read_pinned, Pinned};
 use pipeline::ServerConn;
 pub use report::{status, MultiplexCollector};
@@ -332,7 +334,7 @@ impl Session {
                 }
                 _ = &mut idle => {
                     let next = last_read + idle_timeout;
-                    if next <= Instant::now() && self.idle() && self.pinned.as_ref().is_none_or(|p| !p.holds_state()) {
+                    if next <= Instant::now() && self.idle() && self.pinned.as_ref().is_none_or(|p| !p.state.holds_state()) {
                         return CloseReason::ClientTimeout;
                     }
                     idle.as_mut().reset(next.max(Instant::now() + Duration::from_millis(10)));
@@ -367,7 +369,7 @@ impl Session {
     /// Nothing in flight: every reply sent for is in the output.
     fn idle(&mut self) -> bool {
         self.pull_sink(true);
-        self.sent == self.delivered && self.pinned.as_ref().is_none_or(|p| p.pending == 0)
+        self.sent == self.delivered && self.pinned.as_ref().is_none_or(|p| p.state.pending == 0)
     }
 
     fn reply(&mut self, bytes: &[u8]) {
@@ -394,45 +396,31 @@ impl Session {
                 let cmd = &self.cmd;
                 classify(argc, |i| cmd.arg(buf, i))
             };
-            let gate = !self.authed
-                && !matches!(
-                    action,
-                    Action::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
-                        | Action::Pin(PinReason::Resp3)
-                );
-            let forwarded_while_pinned = !matches!(action, Action::Local(_))
-                || matches!(action, Action::Local(Local::Reset | Local::SelectZero));
-            if self.pinned.is_some() && !gate && forwarded_while_pinned {
+            let step = step(action, self.authed, self.pinned.is_some(), || self.idle());
+            if step == Step::Pinned {
                 self.pinned_command(action, &mut pin_out);
                 continue;
             }
-            if gate
-                || matches!(
-                    action,
-                    Action::Local(_) | Action::Pin(_) | Action::OutOfBand
-                )
-            {
+            if !pin_out.is_empty() && step != Step::Plain {
                 // Answered here, moving to a dedicated connection or sent on one of its own:
-                // after every reply in flight, so replies stay in order.
-                if !pin_out.is_empty() {
-                    self.flush_pinned(&mut pin_out).await?;
-                }
-                if !self.idle() {
-                    self.blocked = true;
-                    break;
-                }
+                // what was queued for the dedicated connection goes first.
+                self.flush_pinned(&mut pin_out).await?;
             }
-            if gate {
+            if step == Step::Wait {
+                self.blocked = true;
+                break;
+            }
+            if step == Step::NoAuth {
                 self.consume();
                 self.reply(NOAUTH);
                 continue;
             }
-            match action {
-                Action::Local(local) => {
+            match step {
+                Step::Local(local) => {
                     self.local(local);
                     self.consume();
                 }
-                Action::Pin(reason) => {
+                Step::Pin(reason) => {
                     if reason == PinReason::Resp3 && !self.hello_auth() {
                         self.consume();
                         continue;
@@ -443,7 +431,7 @@ impl Session {
                                 // The client's credentials stay here: the server sees HELLO 3.
                                 pin_out.extend_from_slice(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n");
                                 let p = self.pinned.as_mut().expect("just pinned");
-                                p.sticky = true;
+                                p.state.sticky = true;
                                 self.consume();
                             } else {
                                 self.pinned_command(action, &mut pin_out);
@@ -455,13 +443,15 @@ impl Session {
                         }
                     }
                 }
-                Action::OutOfBand => self.out_of_band().await,
-                Action::Plain => {
+                Step::OutOfBand => self.out_of_band().await,
+                Step::Plain => {
                     if !self.send_plain().await? {
                         self.blocked = true;
                         break;
                     }
                 }
+                // Handled above.
+                Step::Pinned | Step::Wait | Step::NoAuth => {}
             }
         }
         if !pin_out.is_empty() {

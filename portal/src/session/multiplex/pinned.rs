@@ -8,13 +8,11 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
-use super::commands::{is, subscription_command, subscription_event, Action, PinReason};
+use super::commands::{Action, PinReason};
+use super::machine::PinState;
 use super::server::PinnedConn;
 use super::{Session, Stop};
-use crate::{
-    metrics::CloseReason,
-    wire::resp::{array_head, scan_reply},
-};
+use crate::{metrics::CloseReason, wire::resp::scan_reply};
 
 /// A client's dedicated server connection and the state that keeps it.
 pub(super) struct Pinned {
@@ -22,41 +20,7 @@ pub(super) struct Pinned {
     /// What pinned the client (the metric label).
     pub(super) reason: PinReason,
     pub(super) inbuf: Vec<u8>,
-    /// Commands sent whose reply has not arrived.
-    pub(super) pending: u64,
-    /// Replies cannot be counted (MONITOR, CLIENT REPLY OFF, RESP3): kept until the client
-    /// leaves.
-    pub(super) sticky: bool,
-    pub(super) multi: bool,
-    pub(super) watch: bool,
-    pub(super) other_db: bool,
-    pub(super) tracking: bool,
-    /// Subscribed to channels or patterns / to shard channels, per the latest count.
-    pub(super) subscribed: [bool; 2],
-    /// Subscription replies announced and not yet in.
-    pub(super) sub_expected: u64,
-    /// An unsubscribe-all sent, not yet answered with a count of 0.
-    pub(super) unsub_all: [bool; 2],
-}
-
-impl Pinned {
-    pub(super) fn holds_state(&self) -> bool {
-        self.sticky
-            || self.pending > 0
-            || self.multi
-            || self.watch
-            || self.other_db
-            || self.tracking
-            || self.subscribed.iter().any(|&s| s)
-            || self.sub_expected > 0
-            || self.unsub_all.iter().any(|&s| s)
-    }
-
-    pub(super) fn in_pubsub(&self) -> bool {
-        self.subscribed.iter().any(|&s| s)
-            || self.sub_expected > 0
-            || self.unsub_all.iter().any(|&s| s)
-    }
+    pub(super) state: PinState,
 }
 
 /// Waits for `p`'s server to send something (forever when not pinned).
@@ -96,15 +60,7 @@ impl Session {
             conn,
             reason,
             inbuf: Vec::with_capacity(4096),
-            pending: 0,
-            sticky: false,
-            multi: false,
-            watch: false,
-            other_db: false,
-            tracking: false,
-            subscribed: [false; 2],
-            sub_expected: 0,
-            unsub_all: [false; 2],
+            state: PinState::default(),
         });
         Ok(())
     }
@@ -113,53 +69,10 @@ impl Session {
     pub(super) fn pinned_command(&mut self, action: Action, pin_out: &mut Vec<u8>) {
         let buf = &self.inbuf[self.in_start..self.in_end];
         let cmd = &self.cmd;
-        let arg = |i| cmd.arg(buf, i);
         let p = self.pinned.as_mut().expect("pinned");
         pin_out.extend_from_slice(&buf[..cmd.len]);
-        let name = arg(0).unwrap_or_default();
-        let word = |w: &str| name.eq_ignore_ascii_case(w.as_bytes());
-        if let Some((kind, replies)) = subscription_command(cmd.args.len(), arg) {
-            let k = kind as usize;
-            match replies {
-                Some(n) => p.sub_expected += n as u64,
-                None => p.unsub_all[k] = true,
-            }
-            self.in_start += cmd.len;
-            return;
-        }
-        match action {
-            Action::Pin(PinReason::Multi) => p.multi = true,
-            Action::Pin(PinReason::Watch) => p.watch = true,
-            Action::Pin(PinReason::Select) => p.other_db = true,
-            Action::Pin(PinReason::Tracking) => p.tracking = true,
-            Action::Pin(PinReason::Monitor | PinReason::ClientMode | PinReason::Resp3) => {
-                p.sticky = true
-            }
-            _ => {}
-        }
-        if word("EXEC") || word("DISCARD") {
-            p.multi = false;
-            p.watch = false;
-        } else if word("UNWATCH") {
-            p.watch = false;
-        } else if word("SELECT") && arg(1) == Some(b"0") {
-            p.other_db = false;
-        } else if word("CLIENT") && is(arg(1), "TRACKING") && is(arg(2), "off") {
-            p.tracking = false;
-        } else if word("RESET") {
-            p.multi = false;
-            p.watch = false;
-            p.other_db = false;
-            p.tracking = false;
-            p.subscribed = [false; 2];
-            p.unsub_all = [false; 2];
-            p.sub_expected = 0;
-        }
-        // A sticky client's replies are not counted: CLIENT REPLY OFF/SKIP and MONITOR break
-        // the one-reply-per-command rule, and its connection is never given back anyway.
-        if !p.sticky {
-            p.pending += 1;
-        }
+        p.state
+            .on_command(action, cmd.args.len(), |i| cmd.arg(buf, i));
         self.in_start += cmd.len;
     }
 
@@ -181,7 +94,7 @@ impl Session {
     /// state ends.
     pub(super) fn pinned_replies(&mut self) -> Result<(), Stop> {
         let p = self.pinned.as_mut().expect("pinned");
-        if p.sticky && !p.in_pubsub() {
+        if p.state.sticky && !p.state.in_pubsub() {
             self.out.extend_from_slice(&p.inbuf);
             p.inbuf.clear();
             return Ok(());
@@ -196,29 +109,9 @@ impl Session {
                     return Err(Stop::Close(CloseReason::Error));
                 }
             };
-            let reply = &p.inbuf[pos..pos + scanned.len];
+            p.state
+                .on_reply(scanned.kind, &p.inbuf[pos..pos + scanned.len]);
             pos += scanned.len;
-            if scanned.kind == b'>' {
-                continue;
-            }
-            if p.in_pubsub() {
-                if let Some((kind, answers)) = array_head(reply)
-                    .and_then(|(head, count)| subscription_event(head).map(|e| (e, count)))
-                    .map(|((kind, answers), count)| (kind, answers.then_some(count)))
-                {
-                    if let Some(count) = answers {
-                        let k = kind as usize;
-                        p.sub_expected = p.sub_expected.saturating_sub(1);
-                        let count = count.unwrap_or(0);
-                        p.subscribed[k] = count > 0;
-                        if count == 0 {
-                            p.unsub_all[k] = false;
-                        }
-                    }
-                    continue;
-                }
-            }
-            p.pending = p.pending.saturating_sub(1);
         }
         self.out.extend_from_slice(&p.inbuf[..pos]);
         p.inbuf.drain(..pos);
@@ -229,7 +122,7 @@ impl Session {
     /// Gives the dedicated connection back once its state has ended.
     pub(super) fn maybe_release(&mut self) {
         let Some(p) = &self.pinned else { return };
-        if p.holds_state() || !p.inbuf.is_empty() {
+        if p.state.holds_state() || !p.inbuf.is_empty() {
             return;
         }
         let p = self.pinned.take().expect("checked");

@@ -26,8 +26,8 @@ use super::{
 use crate::{
     metrics::CloseReason,
     wire::postgres::{
-        authentication, parse_sasl_initial, AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE,
-        AUTH_SASL_FINAL,
+        authentication, frontend::Frontend, parse_sasl_initial, AUTH_MD5, AUTH_OK, AUTH_SASL,
+        AUTH_SASL_CONTINUE, AUTH_SASL_FINAL,
     },
 };
 
@@ -185,8 +185,7 @@ where
         self.send(&authentication(AUTH_SASL, offer.as_bytes()))
             .await?;
         let (tag, body) = self.read_message(MAX_AUTH_MESSAGE).await?;
-        let Some((mechanism, data)) = (tag == b'p').then(|| parse_sasl_initial(&body)).flatten()
-        else {
+        let Some((mechanism, data)) = auth_response(tag, &body).and_then(parse_sasl_initial) else {
             return Err(self.fatal("08P01", "expected a SASLInitialResponse").await);
         };
         if mechanism != scram::MECHANISM.as_bytes() {
@@ -208,10 +207,10 @@ where
         self.send(&authentication(AUTH_SASL_CONTINUE, server_first.as_bytes()))
             .await?;
         let (tag, body) = self.read_message(MAX_AUTH_MESSAGE).await?;
-        if tag != b'p' {
+        let Some(body) = auth_response(tag, &body) else {
             return Err(self.fatal("08P01", "expected a SASLResponse").await);
-        }
-        match exchange.finish(verifier, &body) {
+        };
+        match exchange.finish(verifier, body) {
             Ok((server_final, client_key)) if known => {
                 let mut out = authentication(AUTH_SASL_FINAL, server_final.as_bytes());
                 out.extend_from_slice(&authentication(AUTH_OK, &[]));
@@ -236,15 +235,23 @@ where
         let salt = random::<4>();
         self.send(&authentication(AUTH_MD5, &salt)).await?;
         let (tag, body) = self.read_message(MAX_AUTH_MESSAGE).await?;
-        if tag != b'p' {
+        let Some(body) = auth_response(tag, &body) else {
             return Err(self.fatal("08P01", "expected a PasswordMessage").await);
-        }
-        let answer = body.strip_suffix(&[0]).unwrap_or(&body);
+        };
+        let answer = body.strip_suffix(&[0]).unwrap_or(body);
         if !same(answer, md5_salted(hash, salt).as_bytes()) {
             debug!(user = %self.user, "md5 authentication failed");
             let text = self.auth_failed();
             return Err(self.fatal("28P01", &text).await);
         }
         self.send(&authentication(AUTH_OK, &[])).await
+    }
+}
+
+/// The body of an authentication answer (a `p` message), `None` for any other message.
+fn auth_response(tag: u8, body: &[u8]) -> Option<&[u8]> {
+    match Frontend::decode(tag, body) {
+        Ok(Frontend::AuthResponse(body)) => Some(body),
+        _ => None,
     }
 }

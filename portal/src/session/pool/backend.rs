@@ -1,7 +1,8 @@
-//! What the server connection a pooled PostgreSQL client holds sends back: forwarded to the
-//! client in order with the portal's own answers, ReadyForQuery followed (status `I` gives the
-//! connection back in transaction mode), ParameterStatus kept; a lost connection (failover)
-//! fails the transaction in flight and nothing else.
+//! What the server connection a pooled PostgreSQL client holds sends back: framed, rows and
+//! COPY data streamed through as they come, each other message decoded and handed to the
+//! client's [`Machine`](super::machine::Machine), which says what reaches the client;
+//! ParameterStatus kept; the connection given back when the machine says a transaction ended
+//! (transaction mode); a lost connection (failover) reported to the machine.
 //!
 //! May import: `metrics`, `wire` and the rest of `pool`.
 
@@ -16,12 +17,13 @@ use tracing::debug;
 use crate::{
     metrics::CloseReason,
     wire::postgres::{
-        error_response, message_len, parse_parameter_status, ready_for_query, ReadyStatus,
-        HEADER_LEN, MAX_MESSAGE,
+        backend::{is_streamed, Backend},
+        error_text, message_len, HEADER_LEN, MAX_MESSAGE,
     },
 };
 
-use super::held::{due_locals, Expect, Held};
+use super::held::Held;
+use super::machine::{Lost, ServerStep};
 use super::Client;
 
 pub(super) enum ServerEvent {
@@ -60,10 +62,8 @@ where
         }
     }
 
-    /// Forwards what the server sent, following ReadyForQuery, ParameterStatus and the
-    /// answers the client waits for (the portal's own answers go in between, its own
-    /// messages' answers are dropped); gives the connection back at the end of a transaction
-    /// (transaction mode).
+    /// Forwards what the server sent as the machine says, keeping the parameters it reports;
+    /// gives the connection back at the end of a transaction (transaction mode).
     pub(super) async fn server_data(&mut self) -> Result<(), CloseReason> {
         let h = self.held.as_mut().expect("held");
         let mut pos = 0;
@@ -92,7 +92,7 @@ where
                 break;
             }
             // Rows and COPY data are forwarded as they come, whatever their size.
-            if matches!(tag, b'D' | b'd') {
+            if is_streamed(tag) {
                 h.skip = mlen + 1;
                 continue;
             }
@@ -101,96 +101,29 @@ where
             }
             let whole = &h.sbuf[pos..pos + 1 + mlen];
             let body = &whole[HEADER_LEN..];
-            pos += mlen + 1;
-            match tag {
-                b'S' => {
-                    if let Some((k, v)) = parse_parameter_status(body) {
-                        super::conn::set_param(&mut h.conn.params, k.clone(), v.clone());
-                        super::conn::set_param(&mut self.params, k, v);
-                    }
-                    forward.extend_from_slice(whole);
-                    continue;
-                }
-                b'N' | b'A' => {
-                    forward.extend_from_slice(whole);
-                    continue;
-                }
-                b'E' => {
-                    // A FATAL error ends the server connection, not the client's session: it
-                    // is not forwarded, and the client hears of it as a lost connection.
-                    let fields = crate::wire::postgres::error_fields(body);
-                    if fields
-                        .iter()
-                        .any(|(k, v)| *k == b'S' && (v == "FATAL" || v == "PANIC"))
-                    {
-                        fatal = Some(crate::wire::postgres::error_text(body));
-                        pos -= mlen + 1;
-                        break;
-                    }
-                }
-                b'Z' => {
-                    h.status = body
-                        .first()
-                        .and_then(|&b| ReadyStatus::from_byte(b))
-                        .unwrap_or(ReadyStatus::Failed);
-                }
-                _ => {}
-            }
-            due_locals(&mut h.expect, &mut forward);
-            let front = match h.expect.front() {
-                Some(Expect::Server { tag, swallow, .. }) => Some((*tag, *swallow)),
-                _ => None,
+            let Ok(msg) = Backend::decode(tag, body) else {
+                bad = true;
+                break;
             };
-            let Some((front, swallow)) = front else {
-                // Nothing expected (a server speaking out of turn): passed on.
-                forward.extend_from_slice(whole);
-                continue;
-            };
-            if tag == b'E' && !matches!(front, b'Q' | b'F' | b'S') {
-                // An extended-protocol message failed: the server skips to the next Sync,
-                // and so do the answers the client waits for.
-                forward.extend_from_slice(whole);
-                if let Some(Expect::Server {
-                    forget: Some(def), ..
-                }) = h.expect.pop_front()
-                {
-                    h.conn.statements.remove(&def);
-                }
-                while let Some(e) = h.expect.front() {
-                    if matches!(e, Expect::Server { tag: b'S', .. }) {
-                        break;
-                    }
-                    if let Some(Expect::Server {
-                        forget: Some(def), ..
-                    }) = h.expect.pop_front()
-                    {
-                        h.conn.statements.remove(&def);
-                    }
-                }
-                continue;
+            if let Backend::ParameterStatus { name, value } = msg {
+                let (k, v) = (
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                );
+                super::conn::set_param(&mut h.conn.params, k.clone(), v.clone());
+                super::conn::set_param(&mut self.params, k, v);
             }
-            if tag == b'Z' {
-                // Completes the Query or Sync at the front (and anything left before it).
-                while let Some(e) = h.expect.pop_front() {
-                    match e {
-                        Expect::Server {
-                            tag: b'Q' | b'F' | b'S',
-                            ..
-                        } => break,
-                        Expect::Local(bytes) => forward.extend_from_slice(&bytes),
-                        Expect::Server { .. } => {}
-                    }
+            match self
+                .machine
+                .on_server(msg, whole, &mut h.conn.statements, &mut forward)
+            {
+                ServerStep::Next => pos += mlen + 1,
+                ServerStep::Ended => {
+                    // Left unread: the connection is not given back.
+                    fatal = Some(error_text(body));
+                    break;
                 }
-                forward.extend_from_slice(whole);
-            } else if Held::completes(front, tag) {
-                h.expect.pop_front();
-                if !swallow {
-                    forward.extend_from_slice(whole);
-                }
-            } else if !swallow {
-                forward.extend_from_slice(whole);
             }
-            due_locals(&mut h.expect, &mut forward);
         }
         h.sbuf.drain(..pos);
         if !forward.is_empty() {
@@ -209,55 +142,28 @@ where
                 .await;
         }
         let h = self.held.as_ref().expect("held");
-        if self.settings.transaction
-            && self.pinned.is_none()
-            && h.expect.is_empty()
-            && h.status == ReadyStatus::Idle
-            && h.sbuf.is_empty()
-            && h.skip == 0
-        {
+        if self.machine.release_due() && h.sbuf.is_empty() && h.skip == 0 {
             self.hub.stats.transactions.fetch_add(1, Relaxed);
             self.release(false);
         }
         Ok(())
     }
 
-    /// The held connection is gone (closed, broken, or its backend stopped leading): what was
-    /// in flight fails with an ErrorResponse; a client idle between transactions notices
-    /// nothing. Session mode ends the session: its state is gone.
+    /// The held connection is gone (closed, broken, or its backend stopped leading): the
+    /// machine says what the client hears of it.
     pub(super) async fn server_lost(&mut self, why: &str) -> Result<(), CloseReason> {
         let Some(h) = &self.held else { return Ok(()) };
-        let (pending, extended, status, midway) = (h.pending(), h.extended(), h.status, h.skip > 0);
+        let midway = h.skip > 0;
+        let mut out = Vec::new();
+        let lost = self.machine.on_server_lost(why, midway, &mut out);
         self.release(true);
-        debug!(why, pending, "server connection lost");
-        if midway {
-            // Part of a message reached the client: nothing more can be said in protocol.
-            return Err(CloseReason::Backend);
+        self.count();
+        debug!(why, "server connection lost");
+        match lost {
+            Lost::Close => Err(CloseReason::Backend),
+            Lost::Fatal(text) => Err(self.fatal("08006", &text).await),
+            Lost::Continue if out.is_empty() => Ok(()),
+            Lost::Continue => self.send(&out).await,
         }
-        if !self.settings.transaction || self.pinned.is_some() {
-            return Err(self
-                .fatal(
-                    "08006",
-                    &format!("{why}: the session's server connection was closed"),
-                )
-                .await);
-        }
-        if pending > 0 || extended {
-            self.hub.stats.failed_in_flight.fetch_add(1, Relaxed);
-            let mut out = error_response(
-                "ERROR",
-                "08006",
-                &format!("{why}: the transaction in flight was rolled back or may not have completed; start it again"),
-            );
-            for _ in 0..pending {
-                out.extend_from_slice(&ready_for_query(ReadyStatus::Idle));
-            }
-            self.discard_until_sync = extended;
-            self.send(&out).await?;
-        } else if status != ReadyStatus::Idle {
-            self.hub.stats.failed_in_flight.fetch_add(1, Relaxed);
-            self.lost_transaction = true;
-        }
-        Ok(())
     }
 }

@@ -30,9 +30,10 @@ use crate::{
     session::hub::{open_server, within_connect},
     tls::{BackendConnector, MaybeTls},
     wire::postgres::{
-        error_fields, error_text, frame, message, parse_authentication, parse_key,
-        parse_parameter_status, query, sasl_initial, startup_message, ReadyStatus, AUTH_CLEARTEXT,
-        AUTH_MD5, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL, MAX_MESSAGE,
+        backend::{Authentication, Backend as Message, Fields},
+        error_text, frame,
+        frontend::Frontend,
+        query, sasl_initial, startup_message, ReadyStatus, HEADER_LEN, MAX_MESSAGE,
     },
 };
 
@@ -124,11 +125,12 @@ impl ServerConn {
                     }
                     continue;
                 };
-                match buf[0] {
-                    b'D' => {
+                let body = &buf[HEADER_LEN..n];
+                match Message::decode(buf[0], body).map_err(io::Error::other)? {
+                    Message::DataRow { body, .. } => {
                         rows += 1;
                         if rows == 1 {
-                            let columns = crate::wire::postgres::data_row(&buf[5..n])
+                            let columns = crate::wire::postgres::data_row(body)
                                 .ok_or_else(|| io::Error::other("malformed DataRow"))?;
                             value = columns
                                 .last()
@@ -137,8 +139,8 @@ impl ServerConn {
                                 .map(|v| String::from_utf8_lossy(v).into_owned());
                         }
                     }
-                    b'E' => error = Some(error_text(&buf[5..n])),
-                    b'Z' => {
+                    Message::ErrorResponse(_) => error = Some(error_text(body)),
+                    Message::ReadyForQuery(_) => {
                         buf.drain(..n);
                         self.broken |= !buf.is_empty();
                         return match error {
@@ -184,16 +186,15 @@ impl ServerConn {
                         }
                     }
                     Some(n) => {
-                        let body = &buf[5..n];
-                        match buf[0] {
-                            b'S' => {
-                                if let Some((k, v)) = parse_parameter_status(body) {
-                                    set_param(&mut self.params, k, v);
-                                }
+                        let body = &buf[HEADER_LEN..n];
+                        match Message::decode(buf[0], body).map_err(io::Error::other)? {
+                            Message::ParameterStatus { name, value } => {
+                                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                                set_param(&mut self.params, text(name), text(value));
                             }
-                            b'E' => error = Some(error_text(body)),
-                            b'Z' => {
-                                let idle = ReadyStatus::of(&buf[..n]) == Some(ReadyStatus::Idle);
+                            Message::ErrorResponse(_) => error = Some(error_text(body)),
+                            Message::ReadyForQuery(status) => {
+                                let idle = status == ReadyStatus::Idle;
                                 buf.drain(..n);
                                 if !buf.is_empty() || !idle {
                                     self.broken = true;
@@ -255,10 +256,7 @@ fn denied(text: String) -> io::Error {
 /// way a closed port is (`ConnectionRefused`).
 fn login_error(body: &[u8]) -> io::Error {
     let text = error_text(body);
-    if error_fields(body)
-        .iter()
-        .any(|(k, v)| *k == b'C' && v == "57P03")
-    {
+    if Fields(body).sqlstate() == Some(b"57P03") {
         io::Error::new(io::ErrorKind::ConnectionRefused, text)
     } else {
         denied(text)
@@ -302,32 +300,33 @@ pub(super) async fn log_in(
             }
             continue;
         };
-        let body = buf[5..n].to_vec();
-        let tag = buf[0];
+        let message = buf[..n].to_vec();
         buf.drain(..n);
-        match tag {
-            b'R' => {
-                let (code, data) = parse_authentication(&body)
-                    .ok_or_else(|| io::Error::other("malformed authentication request"))?;
-                let reply = match (code, login) {
-                    (AUTH_OK, _) => None,
-                    (AUTH_CLEARTEXT, Login::Password(p)) => Some(message(b'p', &cstring(p))),
-                    (AUTH_CLEARTEXT, _) => return Err(cannot("a cleartext password")),
-                    (AUTH_MD5, Login::Password(_) | Login::Md5(_)) => {
-                        let salt: [u8; 4] = data
-                            .get(..4)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or_else(|| io::Error::other("malformed md5 request"))?;
+        let body = &message[HEADER_LEN..];
+        match Message::decode(message[0], body).map_err(io::Error::other)? {
+            Message::Authentication(request) => {
+                let reply = match (request, login) {
+                    (Authentication::Ok, _) => None,
+                    (Authentication::CleartextPassword, Login::Password(p)) => {
+                        Some(password_message(p))
+                    }
+                    (Authentication::CleartextPassword, _) => {
+                        return Err(cannot("a cleartext password"))
+                    }
+                    (Authentication::Md5Password { salt }, Login::Password(_) | Login::Md5(_)) => {
                         let hash = match login {
                             Login::Password(p) => md5_hash(p, user),
                             Login::Md5(h) => h.clone(),
                             _ => unreachable!("matched above"),
                         };
-                        Some(message(b'p', &cstring(&md5_salted(&hash, salt))))
+                        Some(password_message(&md5_salted(&hash, salt)))
                     }
-                    (AUTH_MD5, _) => return Err(cannot("md5")),
-                    (AUTH_SASL, Login::Password(_) | Login::Scram { .. }) => {
-                        let offers_scram = data
+                    (Authentication::Md5Password { .. }, _) => return Err(cannot("md5")),
+                    (
+                        Authentication::Sasl { mechanisms },
+                        Login::Password(_) | Login::Scram { .. },
+                    ) => {
+                        let offers_scram = mechanisms
                             .split(|&b| b == 0)
                             .any(|m| m == scram::MECHANISM.as_bytes());
                         if !offers_scram {
@@ -357,8 +356,8 @@ pub(super) async fn log_in(
                         };
                         Some(sasl_initial(scram::MECHANISM, &first))
                     }
-                    (AUTH_SASL, _) => return Err(cannot("SCRAM-SHA-256")),
-                    (AUTH_SASL_CONTINUE, _) => {
+                    (Authentication::Sasl { .. }, _) => return Err(cannot("SCRAM-SHA-256")),
+                    (Authentication::SaslContinue(data), _) => {
                         let last = match (&mut scram, &mut passthrough) {
                             (Some(s), _) => {
                                 s.update(data)?;
@@ -370,9 +369,9 @@ pub(super) async fn log_in(
                                 .into_bytes(),
                             _ => return Err(io::Error::other("SASLContinue before SASL")),
                         };
-                        Some(message(b'p', &last))
+                        Some(Frontend::AuthResponse(&last).to_bytes())
                     }
-                    (AUTH_SASL_FINAL, _) => {
+                    (Authentication::SaslFinal(data), _) => {
                         match (&mut scram, &passthrough) {
                             (Some(s), _) => s.finish(data)?,
                             (None, Some(x)) => x.verify(data).map_err(|_| {
@@ -384,7 +383,8 @@ pub(super) async fn log_in(
                     }
                     (other, _) => {
                         return Err(denied(format!(
-                            "the server asks for authentication method {other}, which the portal does not speak"
+                            "the server asks for authentication method {}, which the portal does not speak",
+                            other.code()
                         )))
                     }
                 };
@@ -392,24 +392,26 @@ pub(super) async fn log_in(
                     stream.write_all(&reply).await?;
                 }
             }
-            b'S' => {
-                if let Some((k, v)) = parse_parameter_status(&body) {
-                    params.insert(k, v);
-                }
+            Message::ParameterStatus { name, value } => {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                params.insert(text(name), text(value));
             }
-            b'K' => key = parse_key(&body).unwrap_or_default(),
-            b'E' => return Err(login_error(&body)),
-            b'Z' => return Ok(ServerConn::new(stream, params, key, !buf.is_empty())),
+            Message::BackendKeyData { pid, secret } => key = (pid, secret),
+            Message::ErrorResponse(_) => return Err(login_error(body)),
+            Message::ReadyForQuery(_) => {
+                return Ok(ServerConn::new(stream, params, key, !buf.is_empty()))
+            }
             // NoticeResponse, NegotiateProtocolVersion: nothing to do.
             _ => {}
         }
     }
 }
 
-fn cstring(text: &str) -> Vec<u8> {
-    let mut m = text.as_bytes().to_vec();
-    m.push(0);
-    m
+/// A PasswordMessage with `text` (a cleartext password or an md5 answer).
+fn password_message(text: &str) -> Vec<u8> {
+    let mut body = text.as_bytes().to_vec();
+    body.push(0);
+    Frontend::AuthResponse(&body).to_bytes()
 }
 
 /// `N` random bytes from the system's generator.

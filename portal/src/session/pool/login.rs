@@ -10,16 +10,20 @@ use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
+    time::timeout,
+};
+use tracing::debug;
 
 use super::pinning::REPLAYED;
 use super::{CancelSlot, Client};
 use crate::{
     metrics::CloseReason,
     wire::postgres::{
-        backend_key_data, is_protocol_3, message, parameter_status, parse_key, ready_for_query,
-        startup_header, startup_params, ReadyStatus, CANCEL_REQUEST, CANCEL_REQUEST_LEN,
-        MAX_STARTUP, PROTOCOL_3_0,
+        backend::Backend, backend_key_data, is_protocol_3, parameter_status, parse_key,
+        ready_for_query, startup_header, startup_params, ReadyStatus, CANCEL_REQUEST,
+        CANCEL_REQUEST_LEN, MAX_STARTUP, PROTOCOL_3_0,
     },
 };
 
@@ -39,9 +43,29 @@ impl<C> Client<C>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// Startup and authentication. `Ok(true)`: logged in; `Ok(false)`: a CancelRequest was
-    /// served.
+    /// The client's start: its part (startup packet, authentication) within
+    /// `timeouts.handshake`, then its login, whose wait for a server connection is bounded by
+    /// `pooling.queueTimeout` instead (a burst of logins on a small pool queues, and the
+    /// client that waits too long gets an error that says so). `Ok(true)`: logged in;
+    /// `Ok(false)`: a CancelRequest was served.
     pub(super) async fn startup(&mut self) -> Result<bool, CloseReason> {
+        let deadline = self.config.timeouts.handshake;
+        let wanted = match timeout(deadline, self.handshake()).await {
+            Ok(Ok(Some(wanted))) => wanted,
+            Ok(Ok(None)) => return Ok(false),
+            Ok(Err(reason)) => return Err(reason),
+            Err(_) => {
+                debug!("closed: no startup and authentication within timeouts.handshake");
+                return Err(CloseReason::ClientTimeout);
+            }
+        };
+        self.login(wanted).await?;
+        Ok(true)
+    }
+
+    /// The startup packet and authentication: the startup parameters the client wants, or
+    /// `None` when it sent a CancelRequest (served).
+    async fn handshake(&mut self) -> Result<Option<BTreeMap<String, String>>, CloseReason> {
         let mut header = [0u8; 8];
         self.rd
             .read_exact(&mut header)
@@ -57,7 +81,7 @@ where
             if let Some(key) = parse_key(&key) {
                 self.hub.cancel(key, &self.ctx).await;
             }
-            return Ok(false);
+            return Ok(None);
         }
         if !is_protocol_3(code) || !(8..=MAX_STARTUP).contains(&len) {
             self.hub.stats.protocol_errors.fetch_add(1, Relaxed);
@@ -127,18 +151,20 @@ where
         tracing::Span::current().record("user", tracing::field::display(&self.user));
         if code != PROTOCOL_3_0 || !unknown_options.is_empty() {
             // NegotiateProtocolVersion: the portal speaks 3.0 and no protocol options.
-            let mut b = 0u32.to_be_bytes().to_vec();
-            b.extend_from_slice(&(unknown_options.len() as u32).to_be_bytes());
+            let mut options = (unknown_options.len() as u32).to_be_bytes().to_vec();
             for o in &unknown_options {
-                b.extend_from_slice(o.as_bytes());
-                b.push(0);
+                options.extend_from_slice(o.as_bytes());
+                options.push(0);
             }
-            let m = message(b'v', &b);
+            let m = Backend::NegotiateProtocolVersion {
+                minor: 0,
+                options: &options,
+            }
+            .to_bytes();
             self.send(&m).await?;
         }
         self.authenticate().await?;
-        self.login(wanted).await?;
-        Ok(true)
+        Ok(Some(wanted))
     }
 
     /// After authentication: a first server connection, to learn the server's parameters

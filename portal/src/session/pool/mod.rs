@@ -13,8 +13,10 @@
 //!
 //! - [`login`]: the startup packet and the login, with [`auth`] (the client's authentication:
 //!   SCRAM, md5, `auth.query`) on [`scram`] (pure, both sides of SCRAM);
-//! - [`frontend`]: the client's messages; [`backend`]: the server's, for the connection the
-//!   client [`held`]s;
+//! - [`machine`]: the client's decisions (pure): what to forward, what the portal answers,
+//!   when to take a server connection and give it back; [`frontend`]: reading the client's
+//!   messages into it; [`backend`]: reading the server's, for the connection the client
+//!   [`held`]s;
 //! - [`cancel`]: the clients' keys and their CancelRequests, also through a peer portal;
 //! - [`conn`]: one server connection, dialled and logged in with a [`secret::Login`];
 //!   [`secret`]: the forms of a password (pure);
@@ -25,9 +27,11 @@
 //! The client task is one type, `Client`, whose methods are split by job over `mod.rs`,
 //! `login.rs`, `auth.rs`, `frontend.rs` and `backend.rs`; those call each other as one impl
 //! does. Every other file imports only files below it: `secret` and `scram`, `conn`,
-//! `server`, `cancel`, with `held`, `stats`, `statements` and `pinning` beside.
+//! `server`, `cancel`, with `machine` (on `inflight`), `held`, `stats`, `statements` and
+//! `pinning` beside.
 //!
-//! May import: `config`, `health`, `metrics`, `tls`, `wire` and the session's
+//! May import: `admission` (the permits it is handed), `config`, `health`, `metrics`, `tls`,
+//! `wire` and the session's
 //! [`Shared`](super::Shared), [`Admitted`](super::Admitted) and [`hub`](super::hub).
 
 mod auth;
@@ -36,7 +40,9 @@ mod cancel;
 mod conn;
 mod frontend;
 mod held;
+mod inflight;
 mod login;
+mod machine;
 pub mod pinning;
 mod report;
 pub mod scram;
@@ -46,7 +52,7 @@ pub mod statements;
 mod stats;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    future::Future,
     io,
     net::IpAddr,
     sync::{atomic::Ordering::Relaxed, Arc},
@@ -63,19 +69,19 @@ pub use pinning::REPLAYED;
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
 use server::{CheckoutError, Pool};
-use statements::Definition;
 pub use stats::{PoolStats, WAIT_BUCKETS};
 
 use super::{
     registry::{self, Registration},
-    Admitted, Shared,
+    Admitted, SessionPermits, Shared,
 };
 use crate::{
+    admission::NegotiationPermit,
     config::{Config, PgPool},
     health::{CredentialsSource, StandaloneCredentials},
     metrics::CloseReason,
     session::hub::first_choice,
-    wire::postgres::{error_response, frame, ready_for_query, ReadyStatus, HEADER_LEN},
+    wire::postgres::{error_response, frame, HEADER_LEN},
 };
 
 /// The largest authentication message read from a client.
@@ -83,11 +89,39 @@ const MAX_AUTH_MESSAGE: usize = 8 << 10;
 
 /// Serves one admitted PostgreSQL client whose TLS (if any) is already negotiated, until it
 /// leaves or is closed.
-pub async fn serve<C>(admitted: Admitted<C>, shared: Shared)
+pub fn serve<C>(admitted: Admitted<C>, shared: Shared) -> impl Future<Output = ()>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (ip, config) = (admitted.peer.client.ip(), admitted.config.clone());
+    // Taken apart here, not in the task: an idle client's future keeps only what it uses.
+    let Admitted {
+        stream,
+        peer,
+        permits,
+        negotiating,
+        config,
+        ..
+    } = admitted;
+    client_task(
+        stream,
+        peer.client.ip(),
+        permits,
+        negotiating,
+        config,
+        shared,
+    )
+}
+
+async fn client_task<C>(
+    stream: C,
+    ip: IpAddr,
+    permits: SessionPermits,
+    negotiating: NegotiationPermit,
+    config: Arc<Config>,
+    shared: Shared,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Some(settings) = config.plane.pg_pool().cloned() else {
         return;
     };
@@ -101,7 +135,8 @@ where
     let metrics = shared.state.metrics.clone();
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
-    let (rd, wr) = tokio::io::split(admitted.stream);
+    let (rd, wr) = tokio::io::split(stream);
+    let machine = Machine::new(settings.transaction, settings.max_prepared_statements);
     let mut c = Client {
         rd,
         wr,
@@ -122,17 +157,14 @@ where
         params: Params::default(),
         pool: None,
         held: None,
-        discard_until_sync: false,
-        lost_transaction: false,
-        statements: HashMap::new(),
-        pinned: None,
+        machine,
         cancel: None,
         registration: None,
     };
-    let started = timeout(config.timeouts.handshake, Box::pin(c.startup())).await;
-    drop(admitted.negotiating);
+    let started = Box::pin(c.startup()).await;
+    drop(negotiating);
     let reason = match started {
-        Ok(Ok(true)) => {
+        Ok(true) => {
             let reason = match c.shared.sessions.register_client(&c.shared, ip) {
                 Ok(registration) => {
                     if let Some(h) = &c.held {
@@ -147,19 +179,15 @@ where
             Box::pin(c.end()).await;
             reason
         }
-        Ok(Ok(false)) => CloseReason::Done,
-        Ok(Err(reason)) => reason,
-        Err(_) => {
-            debug!("closed: no startup and authentication within timeouts.handshake");
-            CloseReason::ClientTimeout
-        }
+        Ok(false) => CloseReason::Done,
+        Err(reason) => reason,
     };
     // An orderly end of a TLS client's connection says so (close_notify); after a refused
     // record this sends the alert if it is still unsent. Bounded: the client may not read.
     let _ = timeout(CLOSE_GRACE, c.wr.shutdown()).await;
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
-    drop(admitted.permits);
+    drop(permits);
     debug!(reason = reason.as_str(), "client closed");
 }
 
@@ -182,7 +210,7 @@ where
         if let Some((key, _)) = &self.cancel {
             self.hub.forget_cancel(*key);
         }
-        if let Some(reason) = self.pinned {
+        if let Some(reason) = self.machine.pinned() {
             self.hub.stats.pin(reason, -1);
         }
     }
@@ -229,15 +257,8 @@ struct Client<C> {
     /// The pool of the backend the client's transactions go to now.
     pool: Option<Arc<Pool>>,
     held: Option<Held>,
-    /// After an error the portal made up in an extended-protocol sequence: skip to Sync.
-    discard_until_sync: bool,
-    /// The client's open transaction block was lost with its server connection (failover):
-    /// its next message gets an error, then it starts afresh.
-    lost_transaction: bool,
-    /// The client's named prepared statements.
-    statements: HashMap<Vec<u8>, Definition>,
-    /// Session state keeps the client on its server connection until it disconnects.
-    pinned: Option<pinning::PinReason>,
+    /// The client's decisions: what is in flight, its statements, whether it is pinned.
+    machine: Machine,
     /// The key given to the client, and where a cancel with it goes now.
     cancel: Option<((u32, u32), Arc<CancelSlot>)>,
     /// The client's place in the session registry, once logged in.
@@ -246,6 +267,7 @@ struct Client<C> {
 
 use backend::{server_event, ServerEvent};
 use held::Held;
+use machine::Machine;
 pub use server::CancelSlot;
 
 impl<C> Client<C>
@@ -312,9 +334,8 @@ where
             pool,
             sbuf: Vec::new(),
             skip: 0,
-            expect: VecDeque::new(),
-            status: ReadyStatus::Idle,
         });
+        self.machine.acquired();
     }
 
     /// Returns a connection that is not held to its pool.
@@ -326,6 +347,7 @@ where
 
     /// Lets go of the held connection (to its pool, or closed when `broken`).
     fn release(&mut self, broken: bool) {
+        self.machine.released();
         if let Some(mut h) = self.held.take() {
             if let Some((_, slot)) = &self.cancel {
                 *lock(slot) = None;
@@ -467,24 +489,6 @@ where
         Ok(())
     }
 
-    /// The portal's answer to a message it cannot forward: an ErrorResponse, then what ends the
-    /// client's sequence (ReadyForQuery for a query, skipping to Sync for extended protocol).
-    async fn refuse(
-        &mut self,
-        tag: u8,
-        severity: &str,
-        sqlstate: &str,
-        text: &str,
-    ) -> Result<(), CloseReason> {
-        let mut out = error_response(severity, sqlstate, text);
-        match tag {
-            b'Q' | b'S' | b'F' => out.extend_from_slice(&ready_for_query(ReadyStatus::Idle)),
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.discard_until_sync = true,
-            _ => {}
-        }
-        self.send(&out).await
-    }
-
     async fn run(&mut self) -> CloseReason {
         let metrics = self.shared.state.metrics.clone();
         let idle_timeout = self.config.timeouts.client;
@@ -544,11 +548,8 @@ where
     /// session mode; one left mid-transaction is closed.
     async fn finish(&mut self) {
         let Some(h) = &mut self.held else { return };
-        let clean = h.expect.is_empty()
-            && h.status == ReadyStatus::Idle
-            && h.sbuf.is_empty()
-            && h.skip == 0;
-        if clean && (!self.settings.transaction || self.pinned.is_some()) {
+        let clean = self.machine.is_clean() && h.sbuf.is_empty() && h.skip == 0;
+        if clean && self.machine.keeps_connection() {
             let ok = h
                 .conn
                 .run("DISCARD ALL", self.config.timeouts.server)

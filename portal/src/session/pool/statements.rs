@@ -8,73 +8,51 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::wire::postgres::{cstr, message};
+use crate::wire::postgres::{
+    cstr,
+    frontend::{Frontend, TargetKind},
+};
 
 /// A statement's definition: the Parse body after its name (query, parameter types).
 pub type Definition = Arc<[u8]>;
 
-/// A Parse message's statement name and definition.
-pub fn parse_parse(body: &[u8]) -> Option<(&[u8], Definition)> {
-    let (name, rest) = cstr(body)?;
-    // The query, then the parameter count and types: checked for shape only.
-    let (_, types) = cstr(rest)?;
-    let n = types
-        .get(..2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)?;
-    if types.len() != 2 + 4 * n {
-        return None;
-    }
-    Some((name, rest.into()))
-}
-
 /// A Parse message for `name` with `def`.
 pub fn parse_message(name: &str, def: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(name.len() + 1 + def.len());
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    body.extend_from_slice(def);
-    message(b'P', &body)
+    let query = cstr(def).map_or(def, |(q, _)| q);
+    Frontend::Parse {
+        name: name.as_bytes(),
+        query,
+        definition: def,
+    }
+    .to_bytes()
 }
 
 /// A Close of the statement `name`.
 pub fn close_statement(name: &str) -> Vec<u8> {
-    let mut body = vec![b'S'];
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    message(b'C', &body)
+    Frontend::Close {
+        kind: TargetKind::Statement,
+        name: name.as_bytes(),
+    }
+    .to_bytes()
 }
 
-/// The statement a Bind body uses, and the rest around it: (portal, statement, after).
-pub fn parse_bind(body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
-    let (portal, rest) = cstr(body)?;
-    let (statement, after) = cstr(rest)?;
-    Some((portal, statement, after))
+/// A Describe of the statement `name`.
+pub fn describe_statement(name: &str) -> Vec<u8> {
+    Frontend::Describe {
+        kind: TargetKind::Statement,
+        name: name.as_bytes(),
+    }
+    .to_bytes()
 }
 
-/// A Bind message with the statement renamed.
-pub fn bind_message(portal: &[u8], statement: &str, after: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(portal.len() + statement.len() + 2 + after.len());
-    body.extend_from_slice(portal);
-    body.push(0);
-    body.extend_from_slice(statement.as_bytes());
-    body.push(0);
-    body.extend_from_slice(after);
-    message(b'B', &body)
-}
-
-/// The kind (`S` statement, `P` portal) and name of a Describe or Close body.
-pub fn parse_target(body: &[u8]) -> Option<(u8, &[u8])> {
-    let (&kind, rest) = body.split_first()?;
-    let (name, after) = cstr(rest)?;
-    (matches!(kind, b'S' | b'P') && after.is_empty()).then_some((kind, name))
-}
-
-/// A Describe (`tag` D) or Close (`tag` C) of the statement `name`.
-pub fn target_message(tag: u8, name: &str) -> Vec<u8> {
-    let mut body = vec![b'S'];
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    message(tag, &body)
+/// A Bind message with the statement renamed (`rest`: the body after the statement's name).
+pub fn bind_message(portal: &[u8], statement: &str, rest: &[u8]) -> Vec<u8> {
+    Frontend::Bind {
+        portal,
+        statement: statement.as_bytes(),
+        rest,
+    }
+    .to_bytes()
 }
 
 /// A simple query the portal handles itself.
@@ -186,29 +164,40 @@ mod tests {
 
     #[test]
     fn parse_bind_describe_close_round_trip() {
-        let mut body = b"s1\0SELECT $1\0".to_vec();
-        body.extend_from_slice(&1u16.to_be_bytes());
-        body.extend_from_slice(&23u32.to_be_bytes());
-        let (name, def) = parse_parse(&body).unwrap();
-        assert_eq!(name, b"s1");
+        let mut def = b"SELECT $1\0".to_vec();
+        def.extend_from_slice(&1u16.to_be_bytes());
+        def.extend_from_slice(&23u32.to_be_bytes());
         let p = parse_message("dbportal_1", &def);
-        let (n2, d2) = parse_parse(&p[5..]).unwrap();
-        assert_eq!((n2, &d2[..]), (&b"dbportal_1"[..], &def[..]));
-        assert!(parse_parse(b"s1\0SELECT\0\0\x01").is_none());
-        let bind = b"\0s1\0\0\0\0\0\0\0";
-        let (portal, stmt, after) = parse_bind(bind).unwrap();
-        assert_eq!((portal, stmt), (&b""[..], &b"s1"[..]));
-        let b = bind_message(portal, "dbportal_1", after);
-        assert_eq!(parse_bind(&b[5..]).unwrap().1, b"dbportal_1");
-        assert_eq!(parse_target(b"Ss1\0"), Some((b'S', &b"s1"[..])));
-        assert_eq!(parse_target(b"Xs1\0"), None);
         assert_eq!(
-            parse_target(&target_message(b'D', "x")[5..]),
-            Some((b'S', &b"x"[..]))
+            Frontend::decode(p[0], &p[5..]).unwrap(),
+            Frontend::Parse {
+                name: b"dbportal_1",
+                query: b"SELECT $1",
+                definition: &def
+            }
+        );
+        let b = bind_message(b"", "dbportal_1", b"\0\0\0\0\0\0");
+        assert_eq!(
+            Frontend::decode(b[0], &b[5..]),
+            Ok(Frontend::Bind {
+                portal: b"",
+                statement: b"dbportal_1",
+                rest: b"\0\0\0\0\0\0"
+            })
         );
         assert_eq!(
-            parse_target(&close_statement("x")[5..]),
-            Some((b'S', &b"x"[..]))
+            Frontend::decode(b'D', &describe_statement("x")[5..]),
+            Ok(Frontend::Describe {
+                kind: TargetKind::Statement,
+                name: b"x"
+            })
+        );
+        assert_eq!(
+            Frontend::decode(b'C', &close_statement("x")[5..]),
+            Ok(Frontend::Close {
+                kind: TargetKind::Statement,
+                name: b"x"
+            })
         );
     }
 

@@ -4,8 +4,14 @@
 //! portal reads or writes itself (AuthenticationSASL's code, ReadyForQuery, ErrorResponse),
 //! and what a pooler needs to speak as the server: the startup parameters, the authentication
 //! exchange, ParameterStatus, BackendKeyData, the framing of a stream of typed messages.
+//! The typed messages themselves, decoded without copying: [`frontend`] (what a client
+//! sends) and [`backend`] (what a server sends); a tag means one thing from a client and
+//! another from a server (`S` is Sync one way, ParameterStatus the other).
 //!
 //! May import: nothing from the rest of the crate.
+
+pub mod backend;
+pub mod frontend;
 
 /// The request code of an SSLRequest.
 pub const SSL_REQUEST: u32 = 80_877_103;
@@ -144,6 +150,12 @@ pub enum FrameError {
     Length { tag: u8, len: u64, max: usize },
     #[error("{0}")]
     Body(String),
+    #[error("message {tag:?} of length {len} is malformed: {what}", tag = *tag as char)]
+    Malformed {
+        tag: u8,
+        len: usize,
+        what: &'static str,
+    },
 }
 
 /// The size of the complete typed message at the start of `buf`: `Ok(None)` until it is all
@@ -161,6 +173,75 @@ pub fn frame(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
         });
     }
     Ok((buf.len() > len).then_some(len + 1))
+}
+
+/// A typed message's body, read in order: each step fails with what was expected.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn cstr(&mut self) -> Result<&'a [u8], &'static str> {
+        let (s, rest) = cstr(self.rest).ok_or("a string without its NUL")?;
+        self.rest = rest;
+        Ok(s)
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        if self.rest.len() < n {
+            return Err("the body ends early");
+        }
+        let (b, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn u8(&mut self) -> Result<u8, &'static str> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, &'static str> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A value with an Int32 length before it, -1 for NULL.
+    fn value(&mut self) -> Result<Option<&'a [u8]>, &'static str> {
+        match self.u32()? as i32 {
+            -1 => Ok(None),
+            n if n < 0 => Err("a negative value length"),
+            n => self.bytes(n as usize).map(Some),
+        }
+    }
+
+    /// Items of `size` bytes after their Int16 count; the count.
+    fn counted(&mut self, size: usize) -> Result<u16, &'static str> {
+        let n = self.u16()?;
+        self.bytes(size * n as usize)?;
+        Ok(n)
+    }
+
+    fn end(&self) -> Result<(), &'static str> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err("bytes after the end of the body")
+        }
+    }
+}
+
+/// The error of a malformed body.
+fn malformed(tag: u8, body: &[u8], what: &'static str) -> FrameError {
+    FrameError::Malformed {
+        tag,
+        len: body.len() + 4,
+        what,
+    }
 }
 
 /// The NUL-terminated string at the start of `buf` and what follows it.
