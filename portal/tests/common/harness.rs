@@ -333,8 +333,8 @@ pub async fn redis_cli(port: u16, args: &[&str]) -> Outcome {
     run("redis-cli", &redis_cli_args(port, args), &[]).await
 }
 
-/// One HTTP/1.0 request, blocking: `method path` to `addr` with the bearer `token` if any and,
-/// unless it is a GET, the JSON `body`. The status code and the body.
+/// One HTTP/1.0 request, blocking: `method path` to `addr` with the bearer `token` if any and
+/// the JSON `body` (a GET without one has no body headers). The status code and the body.
 pub fn http_blocking(
     addr: SocketAddr,
     method: &str,
@@ -393,11 +393,6 @@ pub async fn http(
 /// `GET path` on the admin endpoint: status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http(addr, "GET", path, None, "").await
-}
-
-/// `POST path` with the JSON `body` on the admin endpoint: status code and body.
-pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    http(addr, "POST", path, None, body).await
 }
 
 /// The admin endpoint's `/status`, parsed.

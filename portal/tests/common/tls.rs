@@ -2,8 +2,7 @@
 //! generated with rcgen, written to temp files for the portal and the real clients.
 //!
 //! Used by the integration tests (as `common::tls`) and the unit tests of `portal::tls`
-//! (by path); depends only on rcgen, std and `harness.rs`, which it includes for
-//! [`TempDir`].
+//! (by path); depends only on rcgen, std and `harness.rs`, which it loads for [`TempDir`].
 #![allow(dead_code)]
 
 use std::{
@@ -115,7 +114,9 @@ impl Leaf {
     }
 }
 
-// The library's unit tests include this file alone and want its temporary directory.
+// The library's unit tests include this file alone and want its temporary directory; the
+// integration tests reach the harness through here too (`common::harness`), so that the file
+// is loaded once.
 #[path = "harness.rs"]
-mod harness;
+pub mod harness;
 pub use harness::TempDir;
