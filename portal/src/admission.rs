@@ -7,11 +7,15 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicU64, AtomicUsize,
+            Ordering::{Relaxed, SeqCst},
+        },
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
@@ -39,6 +43,10 @@ pub struct State {
     negotiating: AtomicUsize,
     /// The same per client address (`limits.maxNegotiatingPerClient`).
     negotiating_per_client: Mutex<HashMap<IpAddr, u32>>,
+    /// Accept loops waiting for a negotiation to end (at `limits.maxNegotiating`), and the
+    /// notice they wait for.
+    slot_waiters: AtomicUsize,
+    slot_freed: Notify,
     /// New connections per client address (`limits.connectionRatePerClient`).
     rates: Mutex<RateTable>,
     ticket: AtomicUsize,
@@ -62,6 +70,8 @@ impl State {
             per_client: Mutex::new(HashMap::new()),
             negotiating: AtomicUsize::new(0),
             negotiating_per_client: Mutex::new(HashMap::new()),
+            slot_waiters: AtomicUsize::new(0),
+            slot_freed: Notify::new(),
             rates: Mutex::new(RateTable::new()),
             ticket: AtomicUsize::new(0),
             generation: AtomicU64::new(1),
@@ -133,15 +143,36 @@ impl State {
 
     /// Takes a negotiation slot unless `max` are taken.
     pub fn try_negotiating(self: &Arc<Self>, max: u32) -> Option<NegotiationPermit> {
-        let n = self.negotiating.fetch_add(1, Relaxed);
+        let n = self.negotiating.fetch_add(1, SeqCst);
         if n >= max as usize {
-            self.negotiating.fetch_sub(1, Relaxed);
+            self.negotiating.fetch_sub(1, SeqCst);
             return None;
         }
         Some(NegotiationPermit {
             state: self.clone(),
             client: None,
         })
+    }
+
+    /// Resolves once fewer than `max` connections are negotiating. The accept loop waits here
+    /// at `limits.maxNegotiating` instead of accepting and closing: the burst waits in the
+    /// listen backlog, as behind HAProxy's maxconn, until a negotiation ends. A limit raised by
+    /// a reload is seen within 100 ms.
+    pub async fn negotiation_slot(&self, max: u32) {
+        if self.negotiating() < max as usize {
+            return;
+        }
+        self.slot_waiters.fetch_add(1, SeqCst);
+        loop {
+            let freed = self.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.negotiating.load(SeqCst) < max as usize {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+        }
+        self.slot_waiters.fetch_sub(1, SeqCst);
     }
 
     /// Counts a new connection of `ip`; false when it makes more than `per_second` (0 =
@@ -205,6 +236,15 @@ pub struct NegotiationPermit {
 }
 
 impl NegotiationPermit {
+    /// The client's own part of the negotiation (PROXY header, TLS handshake) is over: from
+    /// here on the connection waits for the database, which `limits.maxNegotiatingPerClient`
+    /// does not count. It stays counted under `limits.maxNegotiating` until it is a session.
+    pub fn leave_client(&mut self) {
+        if let Some(ip) = self.client.take() {
+            self.state.release_negotiating_client(ip);
+        }
+    }
+
     /// Counts this connection against `ip`'s negotiating limit `max` (0 = unlimited).
     fn claim_client(&mut self, ip: IpAddr, max: u32) -> Result<(), Rejection> {
         // Unlimited: nothing to count (and no lock to take per connection).
@@ -228,18 +268,24 @@ impl NegotiationPermit {
 
 impl Drop for NegotiationPermit {
     fn drop(&mut self) {
-        self.state.negotiating.fetch_sub(1, Relaxed);
-        if let Some(ip) = self.client {
-            let mut map = self
-                .state
-                .negotiating_per_client
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
+        self.state.negotiating.fetch_sub(1, SeqCst);
+        if self.state.slot_waiters.load(SeqCst) > 0 {
+            self.state.slot_freed.notify_waiters();
+        }
+        self.leave_client();
+    }
+}
+
+impl State {
+    fn release_negotiating_client(&self, ip: IpAddr) {
+        let mut map = self
+            .negotiating_per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
             }
         }
     }
@@ -296,6 +342,23 @@ impl RateTable {
         let left = 1000 - ms % 1000;
         e.current + (u64::from(e.previous) * left).div_ceil(1000) as u32
     }
+}
+
+/// A listening socket for clients whose backlog holds a burst of `max_connections` (HAProxy
+/// sizes a frontend's backlog by its maxconn the same way; the kernel caps it at
+/// net.core.somaxconn): connections past `limits.maxNegotiating` wait there for their turn.
+pub fn listener(
+    addr: SocketAddr,
+    max_connections: u32,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(max_connections.clamp(1024, 65535))
 }
 
 /// Admission of a client once its address is known: the allow-list, the new-connection rate,

@@ -10,7 +10,8 @@
 //!
 //! Prepares what the serving loop serves, as `standalone` does from a file.
 //!
-//! May import: `config`, `control`, `error`, `health`, `pod_report`, `reload`, `tls`.
+//! May import: `admission` (the listener), `config`, `control`, `error`, `health`,
+//! `pod_report`, `reload`, `tls`.
 
 use std::{
     future::Future,
@@ -391,7 +392,14 @@ pub async fn start(
         }
     }
 
-    let listener = bind(config.listen, "clients").await?;
+    let listener =
+        crate::admission::listener(config.listen, config.max_connections).map_err(|source| {
+            Error::Bind {
+                what: "clients",
+                addr: config.listen,
+                source,
+            }
+        })?;
     let admin = bind(config.admin, "the admin endpoint").await?;
     info!(
         config = %source,

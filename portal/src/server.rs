@@ -235,6 +235,14 @@ async fn accept_loop(
     let state = &shared.state;
     let mut backoff = Duration::ZERO;
     loop {
+        // At limits.maxNegotiating, accept nothing until a negotiation ends: the burst waits
+        // in the listen backlog instead of being closed.
+        let max_negotiating = shared.config.borrow().max_negotiating;
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => return,
+            _ = state.negotiation_slot(max_negotiating) => {}
+        }
         let accepted = tokio::select! {
             biased;
             _ = &mut shutdown => return,

@@ -2,7 +2,7 @@
 //! as it changes; its probes' credentials from files. Prepares what the serving loop serves,
 //! as `cluster` does in a cluster.
 //!
-//! May import: `config`, `error`, `health`, `reload`, `tls`.
+//! May import: `admission` (the listener), `config`, `error`, `health`, `reload`, `tls`.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -52,12 +52,13 @@ pub async fn start(path: Option<PathBuf>) -> Result<Standalone, Error> {
         origin: origin.clone(),
         source,
     })?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "clients",
-            addr: config.listen,
-            source,
+    let listener =
+        crate::admission::listener(config.listen, config.max_connections).map_err(|source| {
+            Error::Bind {
+                what: "clients",
+                addr: config.listen,
+                source,
+            }
         })?;
     let admin = TcpListener::bind(config.admin)
         .await

@@ -340,12 +340,16 @@ pub struct Limits {
     pub max_connections_per_client: u32,
     /// Connections still negotiating per portal: accepted but not yet a session (waiting for
     /// a PROXY header, in the TLS handshake or the PostgreSQL/MySQL startup, connecting to the
-    /// database). Past it a new connection is closed at once, so slow or half-open clients
-    /// cannot hold every slot of maxConnections. Default 1000.
+    /// database). At it the portal accepts no new connection until a negotiation ends (the
+    /// burst waits in the listen backlog), so slow or half-open clients cannot hold every slot
+    /// of maxConnections. Default 1000.
     #[serde(default = "Limits::default_max_negotiating")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_negotiating: u32,
-    /// Connections still negotiating per client IP address; 0 means unlimited. Default 64.
+    /// Connections in their own part of the negotiation (the TLS handshake) per client IP
+    /// address, past which a new one is closed at once; the wait for the database
+    /// is not counted. 0 means unlimited (default): one application's pool, or many clients
+    /// behind one NAT or node address, open thousands at once.
     #[serde(default = "Limits::default_max_negotiating_per_client")]
     #[schemars(range(min = 0, max = 1000000))]
     pub max_negotiating_per_client: u32,
@@ -364,7 +368,7 @@ impl Limits {
         1000
     }
     fn default_max_negotiating_per_client() -> u32 {
-        64
+        0
     }
 }
 

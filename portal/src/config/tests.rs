@@ -33,7 +33,7 @@ fn defaults_follow_the_contract() {
     assert!(c.proxy_trusted.is_empty());
     assert_eq!(c.timeouts.handshake, std::time::Duration::from_secs(5));
     assert_eq!(c.max_negotiating, 1000);
-    assert_eq!(c.max_negotiating_per_client, 64);
+    assert_eq!(c.max_negotiating_per_client, 0);
     assert_eq!(c.connection_rate_per_client, 0);
     assert_eq!(
         c.admin_limits,

@@ -40,7 +40,7 @@ pub async fn proxy<N>(
     peer: Peer,
     early: Vec<u8>,
     permits: (ConnectionPermit, ClientPermit),
-    negotiating: NegotiationPermit,
+    mut negotiating: NegotiationPermit,
     config: Arc<Config>,
     mut shared: Shared,
 ) where
@@ -48,6 +48,8 @@ pub async fn proxy<N>(
     N::Client: 'static,
     N::Server: 'static,
 {
+    // Waiting for a route and the backend is not the client's negotiation.
+    negotiating.leave_client();
     let state = shared.state.clone();
     let health = match Box::pin(wait_for_route(&config, &mut shared)).await {
         Some(health) => health,

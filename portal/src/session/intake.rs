@@ -152,6 +152,9 @@ async fn negotiate(
         return match negotiated {
             Ok(client) => {
                 let ip = peer.client.ip();
+                // The login waits for a server connection: not the client's negotiation.
+                let mut negotiating = negotiating;
+                negotiating.leave_client();
                 Box::pin(pool::serve(
                     client,
                     ip,
