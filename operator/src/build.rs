@@ -180,7 +180,7 @@ impl Builder<'_> {
     /// The portals a PostgreSQL cancel may need to reach (session and transaction pooling):
     /// every portal's own Service.
     fn peers(&self) -> Vec<portal::config::Peer> {
-        if self.valid.config.pg_pool.is_none() {
+        if self.valid.config.plane.pg_pool().is_none() {
             return Vec::new();
         }
         (0..self.replicas())

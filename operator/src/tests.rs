@@ -354,7 +354,9 @@ fn pooling_goes_through_the_configmap_and_its_users_secret_is_readable() {
         .validate()
         .unwrap();
     let m = config
-        .multiplex
+        .plane
+        .multiplex()
+        .cloned()
         .expect("multiplex in the portal's configuration");
     assert_eq!(
         (m.server_connections, m.max_in_flight, m.client_output_limit),
@@ -431,7 +433,9 @@ fn postgres_transaction_pooling_goes_through_the_configmap_and_its_users_secret_
         .validate()
         .unwrap();
     let p = config
-        .pg_pool
+        .plane
+        .pg_pool()
+        .cloned()
         .expect("pooling in the portal's configuration");
     assert!(p.transaction);
     assert_eq!(

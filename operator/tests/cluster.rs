@@ -1425,7 +1425,7 @@ async fn pooling_reads_the_secrets_it_is_given(
     let config = portal::config::parse_yaml(&text)?
         .validate()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let pool = config.pg_pool.as_ref().context("no pooling")?;
+    let pool = config.plane.pg_pool().context("no pooling")?;
     ensure!(pool.transaction && pool.pool_size == 2, "{text}");
     ensure!(
         pool.users_secret.as_deref() == Some("orders-users"),

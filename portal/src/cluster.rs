@@ -29,7 +29,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, FieldError, Health, Multiplex},
+    config::{Config, ConfigError, DataPlane, FieldError, Health, Multiplex},
     control::Control,
     error::Error,
     health::{
@@ -364,13 +364,14 @@ pub async fn start(
         .credentials_secret
         .clone()
         .or_else(|| config.health.credentials_secret.clone());
-    let users_name = options.users_secret.clone().or_else(|| {
-        config
-            .multiplex
-            .as_ref()
-            .and_then(|m| m.users_secret.clone())
-            .or_else(|| config.pg_pool.as_ref().and_then(|p| p.users_secret.clone()))
-    });
+    let users_name = options
+        .users_secret
+        .clone()
+        .or_else(|| match &config.plane {
+            DataPlane::Multiplex(m) => m.users_secret.clone(),
+            DataPlane::Pool(p) => p.users_secret.clone(),
+            DataPlane::Forward => None,
+        });
     let credentials =
         Arc::new(SecretCredentials::new(creds_name.clone()).with_users(users_name.clone()));
     let mut users_events = users_name
@@ -585,7 +586,7 @@ mod tests {
         .unwrap()
         .validate()
         .unwrap();
-        let m = config.multiplex.unwrap();
+        let m = config.plane.multiplex().cloned().unwrap();
         let source = SecretCredentials::new(None).with_users(Some("users".into()));
         assert!(source
             .users(&m)

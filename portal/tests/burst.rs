@@ -170,9 +170,15 @@ async fn two_thousand_connections_from_one_address_all_get_in_pooled() {
     }
     const PW: &str = "burstpw";
     let pg = Postgres::primary(PW);
+    // The clients' user has a SCRAM verifier of few iterations, stored in PostgreSQL and in
+    // the portal's users file alike (as production poolers keep verifiers, not passwords):
+    // each client's proof is then cheap to compute, and the burst measures the portal's
+    // admission rather than 2,000 runs of PBKDF2 on this machine's two cores.
+    let verifier = scram_verifier("burstapp", 16);
+    pg.psql(&format!("CREATE ROLE burst LOGIN PASSWORD '{verifier}'"));
     let dir = TempDir::new("burst-users");
     let users = dir.path().join("users.yaml");
-    std::fs::write(&users, format!("postgres: {PW}\n")).unwrap();
+    std::fs::write(&users, format!("postgres: {PW}\nburst: \"{verifier}\"\n")).unwrap();
     let portal = start_portal(
         &format!(
             "engine: postgres\ntls: {{mode: disabled}}\nhealthCheck: {{credentials: {{username: postgres, password: {PW}}}}}\npooling: {{mode: transaction, auth: {{usersFile: {}}}}}\nbackends:\n  - {{name: pg0, address: \"{}\"}}\n",
@@ -187,7 +193,7 @@ async fn two_thousand_connections_from_one_address_all_get_in_pooled() {
     let (ok, failures) = burst(move |_| async move {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let mut config = tokio_postgres::Config::new();
-        config.user("postgres").password(PW).dbname("postgres");
+        config.user("burst").password("burstapp").dbname("postgres");
         let (client, connection) = config
             .connect_raw(tcp, tokio_postgres::NoTls)
             .await
@@ -221,4 +227,29 @@ async fn two_thousand_connections_from_one_address_all_get_in_pooled() {
             .join("\n")
     );
     assert_eq!(metric_sum(&m, "dbportal_rejections_total"), 0.0, "{m}");
+}
+
+/// A SCRAM-SHA-256 verifier of `password` with `iterations` (PostgreSQL's stored form).
+fn scram_verifier(password: &str, iterations: u32) -> String {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use ring::{digest, hmac, pbkdf2};
+    let salt = *b"dbportal-burst-1";
+    let mut salted = [0u8; 32];
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(iterations).unwrap(),
+        &salt,
+        password.as_bytes(),
+        &mut salted,
+    );
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
+    let client_key = hmac::sign(&key, b"Client Key");
+    let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
+    let server_key = hmac::sign(&key, b"Server Key");
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        STANDARD.encode(salt),
+        STANDARD.encode(stored_key.as_ref()),
+        STANDARD.encode(server_key.as_ref())
+    )
 }

@@ -417,8 +417,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "reload": state.reload.snapshot(),
         },
         "tls": shared.tls.status_json(),
-        "multiplex": config.multiplex.as_ref().map(|_| crate::session::multiplex::status(&shared.mux)),
-        "pooling": config.pg_pool.as_ref().map(|_| crate::session::pool::status(&shared.pg)),
+        "multiplex": config.plane.multiplex().map(|_| crate::session::multiplex::status(&shared.mux)),
+        "pooling": config.plane.pg_pool().map(|_| crate::session::pool::status(&shared.pg)),
     })
 }
 

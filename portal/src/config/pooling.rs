@@ -519,7 +519,7 @@ mod tests {
         let base = "backends: [{name: a, address: \"127.0.0.1:1\"}]\n";
         let ok = format!("engine: redis\n{base}pooling: {{mode: multiplex, clientOutputLimit: 64Ki, auth: {{usersSecret: users}}}}\n");
         let config = crate::config::parse_yaml(&ok).unwrap().validate().unwrap();
-        let m = config.multiplex.unwrap();
+        let m = config.plane.multiplex().cloned().unwrap();
         assert_eq!(
             (m.server_connections, m.max_in_flight, m.client_output_limit),
             (4, 1024, 65536)
@@ -561,8 +561,8 @@ mod tests {
         let base = "backends: [{name: a, address: \"127.0.0.1:1\"}]\n";
         let ok = format!("engine: postgres\n{base}pooling: {{mode: transaction, auth: {{usersFile: /u.yaml}}}}\n");
         let config = crate::config::parse_yaml(&ok).unwrap().validate().unwrap();
-        assert!(config.multiplex.is_none());
-        let p = config.pg_pool.unwrap();
+        assert!(config.plane.multiplex().is_none());
+        let p = config.plane.pg_pool().cloned().unwrap();
         assert!(p.transaction);
         assert_eq!(
             (p.pool_size, p.min_idle, p.max_prepared_statements),
@@ -577,7 +577,9 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap()
-            .pg_pool
+            .plane
+            .pg_pool()
+            .cloned()
             .unwrap();
         assert!(!p.transaction);
         assert_eq!(
@@ -617,7 +619,9 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap()
-            .pg_pool
+            .plane
+            .pg_pool()
+            .cloned()
             .unwrap();
         assert_eq!(p.auth_query.as_deref(), Some(DEFAULT_AUTH_QUERY));
         let own = "SELECT pw FROM auth.lookup($1)";
@@ -625,7 +629,9 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap()
-            .pg_pool
+            .plane
+            .pg_pool()
+            .cloned()
             .unwrap();
         assert_eq!(p.auth_query.as_deref(), Some(own));
         let e = errors(&query("SELECT passwd FROM pg_shadow"));

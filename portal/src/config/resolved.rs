@@ -55,16 +55,43 @@ pub struct Config {
     pub admin_limits: AdminLimitValues,
     /// One log line per closed session (`portal.accessLog`).
     pub access_log: bool,
-    /// `pooling` of mode `multiplex` (Redis); `None`: one backend connection per client.
-    pub multiplex: Option<Multiplex>,
-    /// `pooling` of mode `session` or `transaction` (PostgreSQL).
-    pub pg_pool: Option<PgPool>,
+    /// Where an admitted client's traffic goes (`pooling.mode`).
+    pub plane: DataPlane,
     /// `peers`, sorted by name: a PostgreSQL cancel key carries its portal's place here.
     pub peers: Vec<(String, Address)>,
     /// This portal's name among the peers (`name`; in a cluster, the Pod's).
     pub name: Option<String>,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
+}
+
+/// The data plane that serves every client of a portal, from `pooling.mode`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataPlane {
+    /// No pooling: one backend connection per client, bytes copied both ways.
+    Forward,
+    /// `multiplex` (Redis): commands on a few shared server connections.
+    Multiplex(Multiplex),
+    /// `session` or `transaction` (PostgreSQL): transactions on pooled server connections.
+    Pool(PgPool),
+}
+
+impl DataPlane {
+    /// Multiplexing's settings, if this plane multiplexes.
+    pub fn multiplex(&self) -> Option<&Multiplex> {
+        match self {
+            DataPlane::Multiplex(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Pooling's settings, if this plane pools.
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match self {
+            DataPlane::Pool(p) => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// A validated backend.

@@ -10,9 +10,9 @@ use super::address::Address;
 use super::duration::Duration;
 use super::engine::{Engine, RoutingMode};
 use super::error::{ConfigError, FieldError};
-use super::pooling::{ByteSize, Pooling, PoolingMode};
+use super::pooling::{ByteSize, PoolingMode};
 use super::resolved::{
-    AdminLimitValues, Backend, Config, Health, Step, TimeoutValues, ADMIN_BODY_BYTES,
+    AdminLimitValues, Backend, Config, DataPlane, Health, Step, TimeoutValues, ADMIN_BODY_BYTES,
     ADMIN_HEADER_BYTES, MAX_PEERS,
 };
 use super::spec::DatabasePortalSpec;
@@ -353,8 +353,14 @@ impl DatabasePortalSpec {
                 connection_lifetime: admin_limits.connection_lifetime.get(),
             },
             access_log: self.portal.access_log,
-            multiplex: self.pooling.as_ref().and_then(Pooling::multiplex),
-            pg_pool: self.pooling.as_ref().and_then(Pooling::pg_pool),
+            plane: match self.pooling.as_ref() {
+                Some(p) => match (p.multiplex(), p.pg_pool()) {
+                    (Some(m), _) => DataPlane::Multiplex(m),
+                    (None, Some(pg)) => DataPlane::Pool(pg),
+                    (None, None) => DataPlane::Forward,
+                },
+                None => DataPlane::Forward,
+            },
             peers,
             name: self.name.clone().filter(|n| !n.is_empty()),
             spec: self.clone(),

@@ -2,8 +2,8 @@
 //! it, register the session and splice bytes both ways in a task sized to what an idle
 //! session holds ([`Established`]).
 //!
-//! May import: `admission` (the permits a session holds), `config`, `metrics`,
-//! `proxy_protocol`, `splice`, `tls` and the session's own modules.
+//! May import: `metrics`, `proxy_protocol`, `splice`, `tls` and the session's own modules
+//! (the permits a session holds come in its [`Admitted`](super::Admitted)).
 
 use std::{
     future::Future,
@@ -22,11 +22,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::{
     dial::{connect, wait_for_route},
     registry::Registration,
-    Peer, Shared,
+    Admitted, SessionPermits, Shared,
 };
 use crate::{
-    admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
-    config::Config,
     metrics::{Metrics, Place, Rejection},
     proxy_protocol,
     splice::{Outcome, Splice, Tcp},
@@ -35,19 +33,21 @@ use crate::{
 
 /// Connects to a backend, finishes the client's negotiation (TLS, engine) against it, and
 /// copies bytes both ways until the session ends.
-pub async fn proxy<N>(
-    client: N,
-    peer: Peer,
-    early: Vec<u8>,
-    permits: (ConnectionPermit, ClientPermit),
-    mut negotiating: NegotiationPermit,
-    config: Arc<Config>,
-    mut shared: Shared,
-) where
+pub async fn proxy<N>(admitted: Admitted<N>, mut shared: Shared)
+where
     N: Negotiation<Tcp>,
     N::Client: 'static,
     N::Server: 'static,
 {
+    let Admitted {
+        stream: client,
+        peer,
+        early,
+        permits,
+        mut negotiating,
+        config,
+        generation,
+    } = admitted;
     // Waiting for a route and the backend is not the client's negotiation.
     negotiating.leave_client();
     let state = shared.state.clone();
@@ -120,7 +120,7 @@ pub async fn proxy<N>(
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
     place.stats().sessions.fetch_add(1, Relaxed);
-    debug!("session open");
+    debug!(generation, "session open");
     let registration = match shared.sessions.register(&shared, peer.client.ip(), name) {
         Ok(r) => r,
         Err(reason) => {
@@ -168,7 +168,7 @@ pin_project_lite::pin_project! {
         registered_waker: bool,
         metrics: Arc<Metrics>,
         place: Place,
-        permits: Option<(ConnectionPermit, ClientPermit)>,
+        permits: Option<SessionPermits>,
         opened: std::time::Instant,
         client: SocketAddr,
         access_log: bool,

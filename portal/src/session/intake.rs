@@ -10,10 +10,10 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::{net::TcpStream, time::timeout};
 use tracing::{debug, warn};
 
-use super::{forward::proxy, multiplex, pool, Peer, Shared};
+use super::{forward::proxy, multiplex, pool, Admitted, Peer, SessionPermits, Shared};
 use crate::{
-    admission::{admit, ClientPermit, ConnectionPermit, NegotiationPermit},
-    config::Config,
+    admission::{admit, ConnectionPermit, NegotiationPermit},
+    config::{Config, DataPlane},
     metrics::Rejection,
     proxy_protocol::{self, Header},
     splice::Tcp,
@@ -24,7 +24,7 @@ use crate::{
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    permits: (ConnectionPermit, ClientPermit),
+    permits: SessionPermits,
     negotiating: NegotiationPermit,
     config: Arc<Config>,
     shared: Shared,
@@ -34,20 +34,19 @@ pub async fn serve(
     } else {
         None
     };
-    let peer = Peer {
-        client: peer,
-        local,
-    };
-    negotiate(
+    let admitted = Admitted {
         stream,
-        peer,
-        Vec::new(),
+        peer: Peer {
+            client: peer,
+            local,
+        },
+        early: Vec::new(),
         permits,
         negotiating,
+        generation: shared.state.generation(),
         config,
-        shared,
-    )
-    .await
+    };
+    negotiate(admitted, shared).await
 }
 
 /// A connection whose client address comes from a PROXY header: read it (bounded), then
@@ -101,30 +100,22 @@ pub async fn serve_proxied(
             return;
         }
     };
-    negotiate(
+    let admitted = Admitted {
         stream,
         peer,
         early,
-        (permit, client),
+        permits: (permit, client),
         negotiating,
+        generation: state.generation(),
         config,
-        shared,
-    )
-    .await
+    };
+    negotiate(admitted, shared).await
 }
 
 /// The hook where TLS termination and engine-specific negotiation (PostgreSQL SSLRequest,
-/// MySQL) turn the TCP stream into the client stream; `proxy` takes any
-/// `AsyncRead + AsyncWrite`.
-async fn negotiate(
-    stream: TcpStream,
-    peer: Peer,
-    early: Vec<u8>,
-    permits: (ConnectionPermit, ClientPermit),
-    negotiating: NegotiationPermit,
-    config: Arc<Config>,
-    shared: Shared,
-) {
+/// MySQL) turn the TCP stream into the client stream, and the one place that hands the client
+/// to its data plane.
+async fn negotiate(admitted: Admitted<TcpStream>, shared: Shared) {
     let Some(terminator) = shared.tls.terminator() else {
         // TLS is required but no certificate could be loaded: failing closed beats serving
         // plaintext.
@@ -132,74 +123,37 @@ async fn negotiate(
         warn!("closed: tls.mode is terminate but no certificate is available");
         return;
     };
-    if config.multiplex.is_some() {
-        return Box::pin(multiplexed(
-            stream,
-            terminator,
-            peer,
-            early,
-            permits,
-            negotiating,
-            config,
-            shared,
-        ))
-        .await;
+    match &admitted.config.plane {
+        DataPlane::Multiplex(_) => Box::pin(multiplexed(admitted, terminator, shared)).await,
+        DataPlane::Pool(_) => Box::pin(pooled(admitted, terminator, shared)).await,
+        DataPlane::Forward => Box::pin(forwarded(admitted, terminator, shared)).await,
     }
-    if config.pg_pool.is_some() {
-        // The negotiation's future is freed before the session's starts: nothing of it stays
-        // allocated with the (mostly idle) client.
-        let negotiated = Box::pin(pooled_negotiation(stream, &terminator, early, &config)).await;
-        return match negotiated {
-            Ok(client) => {
-                let ip = peer.client.ip();
-                // The login waits for a server connection: not the client's negotiation.
-                let mut negotiating = negotiating;
-                negotiating.leave_client();
-                Box::pin(pool::serve(
-                    client,
-                    ip,
-                    permits,
-                    negotiating,
-                    config,
-                    shared,
-                ))
-                .await
-            }
-            Err(e) => negotiation_failed(&shared, e.as_ref()),
-        };
-    }
+}
+
+/// No pooling: the 1:1 forward ([`proxy`]), after the client's side of TLS where it comes
+/// before any backend is used.
+async fn forwarded(
+    mut admitted: Admitted<TcpStream>,
+    terminator: Arc<crate::tls::Terminator>,
+    shared: Shared,
+) {
     if terminator.is_transparent() {
         // Each phase is boxed: an async fn's future is as large as its largest state, and a
         // plaintext session must not carry the room of a TLS handshake while it idles.
-        return Box::pin(proxy(
-            Untouched(Tcp::new(stream)),
-            peer,
-            early,
-            permits,
-            negotiating,
-            config,
-            shared,
-        ))
-        .await;
+        let admitted = admitted.map_stream(|s| Untouched(Tcp::new(s)));
+        return Box::pin(proxy(admitted, shared)).await;
     }
     // Phase one (TLS handshake, PostgreSQL negotiation) before any backend is used; MySQL's
     // in-protocol upgrade waits for the backend's greeting in `proxy`.
-    match Box::pin(terminator.accept_with(Tcp::new(stream), early)).await {
+    let early = std::mem::take(&mut admitted.early);
+    let (tcp, admitted) = admitted.take_stream();
+    match Box::pin(terminator.accept_with(Tcp::new(tcp), early)).await {
         Ok(accepted) => {
             let pending = Pending {
                 terminator,
                 accepted,
             };
-            Box::pin(proxy(
-                pending,
-                peer,
-                Vec::new(),
-                permits,
-                negotiating,
-                config,
-                shared,
-            ))
-            .await
+            Box::pin(proxy(admitted.with_stream(pending), shared)).await
         }
         Err(e) => negotiation_failed(&shared, Some(&e)),
     }
@@ -207,39 +161,49 @@ async fn negotiate(
 
 /// `pooling.mode: multiplex`: the client's TLS (if any) is terminated here and its commands
 /// go to shared server connections instead of a backend connection of its own.
-#[allow(clippy::too_many_arguments)]
 async fn multiplexed(
-    stream: TcpStream,
-    terminator: std::sync::Arc<crate::tls::Terminator>,
-    peer: Peer,
-    early: Vec<u8>,
-    permits: (ConnectionPermit, ClientPermit),
-    negotiating: NegotiationPermit,
-    config: Arc<Config>,
+    mut admitted: Admitted<TcpStream>,
+    terminator: Arc<crate::tls::Terminator>,
     shared: Shared,
 ) {
-    let ip = peer.client.ip();
     if terminator.mode() != crate::config::TlsMode::Terminate {
-        return multiplex::serve(
-            Tcp::new(stream),
-            early,
-            ip,
-            permits,
-            negotiating,
-            config,
-            shared,
-        )
-        .await;
+        return multiplex::serve(admitted.map_stream(Tcp::new), shared).await;
     }
     // Boxed, so that the handshake's state does not stay allocated with the client.
-    match Box::pin(terminator.accept_with(Tcp::new(stream), early)).await {
+    let early = std::mem::take(&mut admitted.early);
+    let (tcp, admitted) = admitted.take_stream();
+    match Box::pin(terminator.accept_with(Tcp::new(tcp), early)).await {
         Ok(accepted) => match accepted.into_stream() {
-            Ok(client) => {
-                multiplex::serve(client, Vec::new(), ip, permits, negotiating, config, shared).await
-            }
+            Ok(client) => multiplex::serve(admitted.with_stream(client), shared).await,
             Err(_) => shared.state.metrics.reject(Rejection::Handshake),
         },
         Err(e) => negotiation_failed(&shared, Some(&e)),
+    }
+}
+
+/// `pooling.mode: session | transaction`: the negotiation's future is freed before the
+/// session's starts, so nothing of it stays allocated with the (mostly idle) client.
+async fn pooled(
+    mut admitted: Admitted<TcpStream>,
+    terminator: Arc<crate::tls::Terminator>,
+    shared: Shared,
+) {
+    let early = std::mem::take(&mut admitted.early);
+    let (tcp, mut admitted) = admitted.take_stream();
+    let negotiated = Box::pin(pooled_negotiation(
+        tcp,
+        &terminator,
+        early,
+        &admitted.config,
+    ))
+    .await;
+    match negotiated {
+        Ok(client) => {
+            // The login waits for a server connection: not the client's negotiation.
+            admitted.negotiating.leave_client();
+            Box::pin(pool::serve(admitted.with_stream(client), shared)).await
+        }
+        Err(e) => negotiation_failed(&shared, e.as_ref()),
     }
 }
 

@@ -14,6 +14,7 @@
 
 mod dial;
 mod forward;
+pub(crate) mod hub;
 mod intake;
 pub mod multiplex;
 pub mod pool;
@@ -29,7 +30,12 @@ pub use registry::{
     backend_keeps_sessions, control_sessions, keep_session, Close, Registration, Sessions,
 };
 
-use crate::{admission::State, config::Config, health, tls::TlsRuntime};
+use crate::{
+    admission::{ClientPermit, ConnectionPermit, NegotiationPermit, State},
+    config::Config,
+    health,
+    tls::TlsRuntime,
+};
 
 /// Where a session comes from and arrives at, as seen by admission and the PROXY header we
 /// send.
@@ -39,6 +45,64 @@ pub struct Peer {
     pub client: SocketAddr,
     /// The portal address the client connected to.
     pub local: Option<SocketAddr>,
+}
+
+/// A client admitted by intake, handed to its data plane: its stream as negotiated so far and
+/// what its admission decided. Dropping it gives every slot back.
+#[derive(Debug)]
+pub struct Admitted<S> {
+    pub stream: S,
+    pub peer: Peer,
+    /// The client's first bytes, read past what intake needed (behind a PROXY header).
+    pub early: Vec<u8>,
+    /// Its slots under `limits.maxConnections` and `limits.maxConnectionsPerClient`, held
+    /// while it is served.
+    pub permits: SessionPermits,
+    /// Counted under `limits.maxNegotiating` until the plane has made it a session.
+    pub negotiating: NegotiationPermit,
+    /// The configuration it was admitted under, and that configuration's generation.
+    pub config: Arc<Config>,
+    pub generation: u64,
+}
+
+/// The slots an admitted client holds while it is served.
+pub type SessionPermits = (ConnectionPermit, ClientPermit);
+
+impl<S> Admitted<S> {
+    /// The same client on the stream `f` makes of its own.
+    pub fn map_stream<T>(self, f: impl FnOnce(S) -> T) -> Admitted<T> {
+        let (stream, rest) = self.take_stream();
+        rest.with_stream(f(stream))
+    }
+
+    /// The stream, apart from the rest (for a negotiation that consumes it).
+    pub fn take_stream(self) -> (S, Admitted<()>) {
+        let rest = Admitted {
+            stream: (),
+            peer: self.peer,
+            early: self.early,
+            permits: self.permits,
+            negotiating: self.negotiating,
+            config: self.config,
+            generation: self.generation,
+        };
+        (self.stream, rest)
+    }
+}
+
+impl Admitted<()> {
+    /// The same client on the stream a negotiation turned it into.
+    pub fn with_stream<T>(self, stream: T) -> Admitted<T> {
+        Admitted {
+            stream,
+            peer: self.peer,
+            early: self.early,
+            permits: self.permits,
+            negotiating: self.negotiating,
+            config: self.config,
+            generation: self.generation,
+        }
+    }
 }
 
 /// What every session task receives.
@@ -59,39 +123,6 @@ pub struct Shared {
     pub mux: Arc<multiplex::Hub>,
     /// PostgreSQL pooling: the pools and their counters.
     pub pg: Arc<pool::PgHub>,
-}
-
-/// `name/address` of each backend that health and leadership allow (administrative states
-/// aside): the shared server connections of multiplexing and pooling to any other backend
-/// are retired.
-pub(crate) fn routable_bases(config: &Config, view: &health::HealthView) -> Vec<String> {
-    crate::route::eligible_by_health(config, view)
-        .into_iter()
-        .map(|i| format!("{}/{}", config.backends[i].name, config.backends[i].address))
-        .collect()
-}
-
-/// Calls `on_change` with `hub` after each configuration or health change, until either
-/// channel closes or the hub is dropped.
-pub(crate) fn on_route_change<T: Send + Sync + 'static>(
-    hub: &Arc<T>,
-    mut config: watch::Receiver<Arc<Config>>,
-    mut health: watch::Receiver<health::HealthView>,
-    on_change: fn(&T, &Config, &health::HealthView),
-) {
-    let hub = Arc::downgrade(hub);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                r = health.changed() => if r.is_err() { break },
-                r = config.changed() => if r.is_err() { break },
-            }
-            let Some(hub) = hub.upgrade() else { break };
-            let config = config.borrow().clone();
-            let view = health.borrow().clone();
-            on_change(&hub, &config, &view);
-        }
-    });
 }
 
 #[cfg(test)]

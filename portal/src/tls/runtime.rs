@@ -92,7 +92,7 @@ fn build_key(config: &Config) -> BuildKey {
         config.engine,
         config.tls.clone(),
         config.timeouts.handshake,
-        config.pg_pool.is_some(),
+        config.plane.pg_pool().is_some(),
     )
 }
 
@@ -231,7 +231,7 @@ impl TlsRuntime {
             backend,
         )
         .with_handshake_timeout(config.timeouts.handshake)
-        .with_own_records(config.pg_pool.is_some());
+        .with_own_records(config.plane.pg_pool().is_some());
         inner.store = store;
         inner.terminator = Some(Arc::new(terminator));
         Ok(())

@@ -121,7 +121,7 @@ impl Terminator {
         };
         Ok(Terminator::new(config.engine, mode, certs, backend)
             .with_handshake_timeout(config.timeouts.handshake)
-            .with_own_records(config.pg_pool.is_some()))
+            .with_own_records(config.plane.pg_pool().is_some()))
     }
 
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {

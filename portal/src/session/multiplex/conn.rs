@@ -2,7 +2,7 @@
 //! logged in with the probe credentials within `timeouts.connect`; and a command sent alone on
 //! a connection opened for it.
 //!
-//! May import: `config`, `health`, `tls`, `wire`.
+//! May import: `config`, `health`, `tls`, `wire` and the session's [`hub`](crate::session::hub).
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -15,6 +15,7 @@ use tokio::{
 use crate::{
     config::{Backend, Config},
     health::{CredentialsSource, ProbeCredentials},
+    session::hub::{open_server, within_connect},
     tls::{BackendConnector, MaybeTls},
     wire::resp::{encode, scan_reply},
 };
@@ -76,27 +77,8 @@ pub(super) async fn expect_ok(stream: &mut ServerStream, n: usize) -> io::Result
 
 /// Opens and logs in one server connection to `backend`, within `timeouts.connect`.
 pub async fn dial(ctx: &DialContext, backend: &Backend) -> io::Result<ServerStream> {
-    let deadline = ctx.config.timeouts.connect;
     let work = async {
-        let tcp = match backend.address.ip() {
-            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
-            None => {
-                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let mut stream = match &ctx.connector {
-            None => MaybeTls::Plain(tcp),
-            Some(connector) => {
-                let name = connector
-                    .server_name_for(&backend.address.host)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                connector
-                    .handshake(tcp, name, None)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?
-            }
-        };
+        let mut stream = open_server(backend, ctx.connector.as_ref(), false).await?;
         let creds = ctx.credentials().map_err(io::Error::other)?;
         let auth = login(&creds);
         if !auth.is_empty() {
@@ -105,12 +87,7 @@ pub async fn dial(ctx: &DialContext, backend: &Backend) -> io::Result<ServerStre
         }
         Ok(stream)
     };
-    timeout(deadline, work).await.unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {deadline:?}"),
-        ))
-    })
+    within_connect(ctx.config.timeouts.connect, work).await
 }
 
 /// Sends `command` (one, whole) on `stream`, a connection opened for it alone, and returns

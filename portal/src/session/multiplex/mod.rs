@@ -25,8 +25,8 @@
 //! file imports only files below it: `commands`, `sink` and `conn` at the bottom, then
 //! `stats`, `pipeline`, `server` and `report`.
 //!
-//! May import: `admission`, `config`, `health`, `metrics`, `route`, `tls`, `wire` and the
-//! session's [`Shared`](super::Shared).
+//! May import: `config`, `health`, `metrics`, `route`, `tls`, `wire` and the session's
+//! [`Shared`](super::Shared) and [`Admitted`](super::Admitted).
 
 pub mod commands;
 mod conn;
@@ -63,10 +63,9 @@ pub use stats::{MuxStats, BATCH_BUCKETS};
 
 use super::{
     registry::{self, Registration},
-    Shared,
+    Admitted, Shared,
 };
 use crate::{
-    admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
     config::{Config, Multiplex},
     health::{CredentialsSource, StandaloneCredentials},
     metrics::CloseReason,
@@ -83,21 +82,25 @@ const IN_HIGH: usize = 1 << 20;
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 
 /// Serves one admitted client in multiplex mode until it leaves or is closed.
-pub async fn serve<C>(
-    client: C,
-    early: Vec<u8>,
-    ip: IpAddr,
-    permits: (ConnectionPermit, ClientPermit),
-    negotiating: NegotiationPermit,
-    config: Arc<Config>,
-    shared: Shared,
-) where
+pub async fn serve<C>(admitted: Admitted<C>, shared: Shared)
+where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Admitted {
+        stream: client,
+        peer,
+        early,
+        permits,
+        negotiating,
+        config,
+        generation,
+    } = admitted;
     drop(negotiating);
-    let Some(settings) = config.multiplex.clone() else {
+    let Some(settings) = config.plane.multiplex().cloned() else {
         return;
     };
+    let ip = peer.client.ip();
+    debug!(generation, "multiplexed client");
     let hub = shared.mux.clone();
     hub.watch(shared.config.clone(), shared.health.clone());
     let credentials: Arc<dyn CredentialsSource> = match &shared.checker {

@@ -15,7 +15,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, watch, Semaphore},
+    sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::warn;
 
@@ -31,16 +31,37 @@ pub const TRYAGAIN: &[u8] =
 pub const LOST: &[u8] =
     b"-ERR the server connection was lost; the command may or may not have been applied\r\n";
 
-/// Commands of one client, queued for a server connection.
+/// Commands of one client, queued for a server connection, with their places under
+/// `maxInFlight`: each reply delivered gives one back, and whatever ends the request (the
+/// replies in, the connection failed, the request never written) gives back the rest.
 pub struct Request {
     pub data: Vec<u8>,
     pub replies: u32,
     pub sink: Arc<Sink>,
+    pub in_flight: Option<OwnedSemaphorePermit>,
 }
 
 struct Slot {
     sink: Arc<Sink>,
     replies: u32,
+    in_flight: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    fn of(r: Request) -> Slot {
+        Slot {
+            sink: r.sink,
+            replies: r.replies,
+            in_flight: r.in_flight,
+        }
+    }
+
+    /// `n` replies delivered: their places under `maxInFlight` are free.
+    fn delivered(&mut self, n: u64) {
+        if let Some(p) = self.in_flight.as_mut() {
+            drop(p.split(n as usize));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -161,19 +182,13 @@ async fn writer(
         buf.clear();
         let mut commands = u64::from(first.replies);
         buf.extend_from_slice(&first.data);
-        slots.push(Slot {
-            sink: first.sink,
-            replies: first.replies,
-        });
+        slots.push(Slot::of(first));
         while buf.len() < BATCH_BYTES {
             match rx.try_recv() {
                 Ok(r) => {
                     commands += u64::from(r.replies);
                     buf.extend_from_slice(&r.data);
-                    slots.push(Slot {
-                        sink: r.sink,
-                        replies: r.replies,
-                    });
+                    slots.push(Slot::of(r));
                 }
                 Err(_) => break,
             }
@@ -258,9 +273,9 @@ async fn reader(
                     run += 1;
                     slot.replies -= 1;
                     if slot.replies == 0 {
+                        // Dropped with its last places under maxInFlight.
                         let slot = current.take().expect("set above");
                         slot.sink.deliver(&buf[run_start..start], run);
-                        conn.permits.add_permits(run as usize);
                         run = 0;
                         run_start = start;
                     }
@@ -273,9 +288,9 @@ async fn reader(
             }
         }
         if run > 0 {
-            let slot = current.as_ref().expect("a partial run has its slot");
+            let slot = current.as_mut().expect("a partial run has its slot");
             slot.sink.deliver(&buf[run_start..start], run);
-            conn.permits.add_permits(run as usize);
+            slot.delivered(run);
         }
     };
     conn.fail(error, current.map(|s| (s.sink, s.replies)));

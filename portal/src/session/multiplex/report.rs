@@ -1,46 +1,25 @@
 //! What the multiplexer reports: its `/metrics` families (a `Collector`, read from the
 //! [`MuxStats`](super::MuxStats) atomics and the pools at scrape time) and its part of `/status`.
 //!
-//! May import: `metrics` and the rest of `multiplex`.
+//! May import: `metrics`, the rest of `multiplex` and the session's [`hub`](crate::session::hub).
 
 use std::{
     fmt,
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
-    metrics::MetricType,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use serde_json::json;
 
 use super::{commands::PinReason, server::Hub, stats::BATCH_BUCKETS};
-use crate::metrics::{counter, counters, gauge, gauges};
+use crate::{
+    metrics::{counter, counters, gauge, gauges},
+    session::hub::bucketed_histogram,
+};
 
 /// The multiplexer's families, for `admin::registry`.
 #[derive(Debug)]
 pub struct MultiplexCollector(pub Arc<Hub>);
-
-/// A histogram with explicit buckets (`counts[i]` batches of at most `BATCH_BUCKETS[i]`
-/// commands, the last one for larger ones).
-fn histogram(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    sum: u64,
-    stats: &[u64],
-) -> fmt::Result {
-    let mut cumulative = 0;
-    let mut buckets = Vec::with_capacity(stats.len());
-    for (i, n) in stats.iter().enumerate() {
-        cumulative += n;
-        let le = BATCH_BUCKETS.get(i).map_or(f64::INFINITY, |&b| b as f64);
-        buckets.push((le, cumulative));
-    }
-    e.encode_descriptor(name, help, None, MetricType::Histogram)?
-        .encode_histogram::<NoLabelSet>(sum as f64, cumulative, &buckets, None)
-}
 
 /// Per backend name: shared connections alive, dedicated connections open, commands in
 /// flight, and whether it is retired (its pools are per data-plane thread: summed here).
@@ -123,12 +102,13 @@ impl Collector for MultiplexCollector {
             s.commands.load(Relaxed),
         )?;
         let buckets: Vec<u64> = s.batch_buckets.iter().map(|b| b.load(Relaxed)).collect();
-        histogram(
+        bucketed_histogram(
             &mut e,
             "dbportal_multiplex_batch_size",
             "Commands per write to a shared server connection.",
-            s.commands.load(Relaxed),
+            s.commands.load(Relaxed) as f64,
             &buckets,
+            |i| BATCH_BUCKETS.get(i).map(|&b| b as f64),
         )?;
         counter(
             &mut e,

@@ -4,7 +4,7 @@
 //! opened for it alone, and the backend both go to (the leader, or the routing mode's first
 //! choice).
 //!
-//! May import: `health`, `route`, `wire` and the rest of `multiplex`.
+//! May import: `wire`, the rest of `multiplex` and the session's [`hub`](crate::session::hub).
 
 use std::sync::{atomic::Ordering::Relaxed, Arc};
 
@@ -14,7 +14,7 @@ use super::commands::{classify, Action};
 use super::conn::{dial, send_alone};
 use super::pipeline::{Request, ServerConn, TRYAGAIN};
 use super::{Session, Stop};
-use crate::{route, wire::resp::parse_command};
+use crate::{session::hub::first_choice, wire::resp::parse_command};
 
 impl Session {
     /// Sends the run of plain commands that starts at the parsed one as one request. False
@@ -49,14 +49,15 @@ impl Session {
         };
         self.in_start = end;
         let data = self.inbuf[start..end].to_vec();
-        if let Ok(permits) = conn.permits.clone().acquire_many_owned(count).await {
-            permits.forget();
-        }
+        // Waits while maxInFlight commands are in flight; none when the connection is gone
+        // (then the request comes back failed).
+        let in_flight = conn.permits.clone().acquire_many_owned(count).await.ok();
         self.sent += u64::from(count);
         let request = Request {
             data,
             replies: count,
             sink: self.sink.clone(),
+            in_flight,
         };
         if let Err(r) = conn.send(request) {
             r.sink.fail(TRYAGAIN, u64::from(count));
@@ -106,39 +107,11 @@ impl Session {
     /// The backend to send to now: the leader (or the routing mode's first choice), waiting
     /// up to `timeouts.connect` for one.
     pub(super) async fn target(&mut self) -> Result<usize, String> {
-        let config = self.config.clone();
-        let mut health = self.shared.health.clone();
-        let overrides = self.shared.state.control.current();
-        let order = |view: &crate::health::HealthView| {
-            let eligible = route::eligible(&config, view, &overrides);
-            let weights = route::weights(&config, view, &overrides, std::time::Instant::now());
-            route::order(
-                config.routing,
-                &eligible,
-                self.ip,
-                self.id as usize,
-                |i| weights[i],
-                |_| 0,
-            )
-            .first()
-            .copied()
-        };
-        let now = order(&health.borrow_and_update());
-        if let Some(i) = now {
-            return Ok(i);
-        }
-        let waited = tokio::time::timeout(
-            config.timeouts.connect,
-            health.wait_for(|v| order(v).is_some()),
-        )
-        .await;
-        match waited {
-            Ok(Ok(view)) => order(&view).ok_or_else(|| "no backend available".to_string()),
-            _ => Err(format!(
-                "no backend available (no leader within {:?}); the command was not applied",
-                config.timeouts.connect
-            )),
-        }
+        first_choice(&self.config, &self.shared, self.ip, self.id as usize)
+            .await
+            .map_err(|waited| {
+                format!("no backend available (no leader within {waited:?}); the command was not applied")
+            })
     }
 
     /// The shared connection to send on: the current one while it lives (replies in order),

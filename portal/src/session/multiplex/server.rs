@@ -12,7 +12,7 @@ use std::{
     io,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -249,7 +249,7 @@ pub struct Hub {
     pools: Mutex<HashMap<String, Arc<BackendPool>>>,
     pub stats: Arc<MuxStats>,
     next_client: AtomicU64,
-    watching: OnceLock<()>,
+    watching: crate::session::hub::RouteWatch,
 }
 
 impl Hub {
@@ -307,17 +307,15 @@ impl Hub {
         config: watch::Receiver<Arc<Config>>,
         health: watch::Receiver<HealthView>,
     ) {
-        if self.watching.set(()).is_err() {
-            return;
-        }
-        crate::session::on_route_change(self, config, health, Self::retire_unroutable);
+        self.watching
+            .start(self, config, health, Self::retire_unroutable);
     }
 
     /// Retires every pool whose backend may not take commands under `config` and `view`.
     /// Administrative states (drain, maint) do not retire a pool: like open sessions, the
     /// commands in flight finish; new commands go elsewhere (`Client::target`).
     pub fn retire_unroutable(&self, config: &Config, view: &HealthView) {
-        let eligible = crate::session::routable_bases(config, view);
+        let eligible = crate::session::hub::routable_bases(config, view);
         let waiting = config.routing == crate::config::RoutingMode::Leader && eligible.is_empty();
         for pool in lock(&self.pools).values() {
             if eligible.contains(&pool.base) || pool.is_retired() {

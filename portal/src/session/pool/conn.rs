@@ -3,8 +3,8 @@
 //! an md5 hash, or SCRAM keys), and driven for the portal's own statements (SET, DISCARD ALL,
 //! `auth.query`).
 //!
-//! May import: `config`, `tls`, `wire` and the rest of `pool` below it (`secret`, `scram`,
-//! `statements`).
+//! May import: `config`, `tls`, `wire`, the rest of `pool` below it (`secret`, `scram`,
+//! `statements`) and the session's [`hub`](crate::session::hub).
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +27,7 @@ use super::{
 };
 use crate::{
     config::{Backend, Config},
+    session::hub::{open_server, within_connect},
     tls::{BackendConnector, MaybeTls},
     wire::postgres::{
         error_fields, error_text, frame, message, parse_authentication, parse_key,
@@ -235,39 +236,11 @@ pub async fn dial(
     user: &str,
     login: &Login,
 ) -> io::Result<ServerConn> {
-    let deadline = ctx.config.timeouts.connect;
     let work = async {
-        let tcp = match backend.address.ip() {
-            Some(ip) => TcpStream::connect((ip, backend.address.port)).await?,
-            None => {
-                TcpStream::connect((backend.address.host.as_str(), backend.address.port)).await?
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let stream = match &ctx.connector {
-            None => MaybeTls::Plain(tcp),
-            Some(connector) => {
-                let mut tcp = tcp;
-                crate::tls::postgres_ssl_request(&mut tcp)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let name = connector
-                    .server_name_for(&backend.address.host)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                connector
-                    .handshake(tcp, name, None)
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))?
-            }
-        };
+        let stream = open_server(backend, ctx.connector.as_ref(), true).await?;
         log_in(stream, database, user, login).await
     };
-    let mut conn = timeout(deadline, work).await.unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {deadline:?}"),
-        ))
-    })?;
+    let mut conn = within_connect(ctx.config.timeouts.connect, work).await?;
     conn.created = Instant::now();
     Ok(conn)
 }

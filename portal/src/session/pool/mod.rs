@@ -27,8 +27,8 @@
 //! does. Every other file imports only files below it: `secret` and `scram`, `conn`,
 //! `server`, `cancel`, with `held`, `stats`, `statements` and `pinning` beside.
 //!
-//! May import: `admission`, `config`, `health`, `metrics`, `route`, `tls`, `wire` and the
-//! session's [`Shared`](super::Shared).
+//! May import: `config`, `health`, `metrics`, `tls`, `wire` and the session's
+//! [`Shared`](super::Shared), [`Admitted`](super::Admitted) and [`hub`](super::hub).
 
 mod auth;
 mod backend;
@@ -68,14 +68,13 @@ pub use stats::{PoolStats, WAIT_BUCKETS};
 
 use super::{
     registry::{self, Registration},
-    Shared,
+    Admitted, Shared,
 };
 use crate::{
-    admission::{ClientPermit, ConnectionPermit, NegotiationPermit},
     config::{Config, PgPool},
     health::{CredentialsSource, StandaloneCredentials},
     metrics::CloseReason,
-    route,
+    session::hub::first_choice,
     wire::postgres::{error_response, frame, ready_for_query, ReadyStatus, HEADER_LEN},
 };
 
@@ -84,17 +83,12 @@ const MAX_AUTH_MESSAGE: usize = 8 << 10;
 
 /// Serves one admitted PostgreSQL client whose TLS (if any) is already negotiated, until it
 /// leaves or is closed.
-pub async fn serve<C>(
-    client: C,
-    ip: IpAddr,
-    permits: (ConnectionPermit, ClientPermit),
-    negotiating: NegotiationPermit,
-    config: Arc<Config>,
-    shared: Shared,
-) where
+pub async fn serve<C>(admitted: Admitted<C>, shared: Shared)
+where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(settings) = config.pg_pool.clone() else {
+    let (ip, config) = (admitted.peer.client.ip(), admitted.config.clone());
+    let Some(settings) = config.plane.pg_pool().cloned() else {
         return;
     };
     let hub = shared.pg.clone();
@@ -107,7 +101,7 @@ pub async fn serve<C>(
     let metrics = shared.state.metrics.clone();
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
-    let (rd, wr) = tokio::io::split(client);
+    let (rd, wr) = tokio::io::split(admitted.stream);
     let mut c = Client {
         rd,
         wr,
@@ -136,7 +130,7 @@ pub async fn serve<C>(
         registration: None,
     };
     let started = timeout(config.timeouts.handshake, Box::pin(c.startup())).await;
-    drop(negotiating);
+    drop(admitted.negotiating);
     let reason = match started {
         Ok(Ok(true)) => {
             let reason = match c.shared.sessions.register_client(&c.shared, ip) {
@@ -165,7 +159,7 @@ pub async fn serve<C>(
     let _ = timeout(CLOSE_GRACE, c.wr.shutdown()).await;
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
-    drop(permits);
+    drop(admitted.permits);
     debug!(reason = reason.as_str(), "client closed");
 }
 
@@ -366,43 +360,13 @@ where
     /// The backend the routing mode chooses now, waiting up to `timeouts.connect` for one (a
     /// failover).
     async fn choose(&self) -> Result<crate::config::Backend, (&'static str, String)> {
-        let config = self.config.clone();
-        let mut health = self.shared.health.clone();
-        let ip = self.ip;
-        let overrides = self.shared.state.control.current();
-        let order = |view: &crate::health::HealthView| {
-            let eligible = route::eligible(&config, view, &overrides);
-            let weights = route::weights(&config, view, &overrides, std::time::Instant::now());
-            route::order(config.routing, &eligible, ip, 0, |i| weights[i], |_| 0)
-                .first()
-                .copied()
-        };
-        let now = order(&health.borrow_and_update());
-        let i = match now {
-            Some(i) => i,
-            None => {
-                match timeout(
-                    config.timeouts.connect,
-                    health.wait_for(|v| order(v).is_some()),
-                )
-                .await
-                {
-                    Ok(Ok(view)) => {
-                        order(&view).ok_or(("08006", "no backend available".to_string()))?
-                    }
-                    _ => {
-                        return Err((
-                            "08006",
-                            format!(
-                                "no backend available (no leader within {:?})",
-                                config.timeouts.connect
-                            ),
-                        ))
-                    }
-                }
-            }
-        };
-        Ok(config.backends[i].clone())
+        match first_choice(&self.config, &self.shared, self.ip, 0).await {
+            Ok(i) => Ok(self.config.backends[i].clone()),
+            Err(waited) => Err((
+                "08006",
+                format!("no backend available (no leader within {waited:?})"),
+            )),
+        }
     }
 
     /// A server connection of the current pool, after the queue; errors as (SQLSTATE, text).
@@ -637,15 +601,19 @@ mod tests {
             state.try_connection(10).unwrap(),
             state.try_client(peer.ip(), 0).unwrap(),
         );
-        let negotiating = state.try_negotiating(10).unwrap();
-        let task = super::serve(
-            Tcp::new(server),
-            peer.ip(),
+        let admitted = crate::session::Admitted {
+            stream: Tcp::new(server),
+            peer: crate::session::Peer {
+                client: peer,
+                local: None,
+            },
+            early: Vec::new(),
             permits,
-            negotiating,
+            negotiating: state.try_negotiating(10).unwrap(),
             config,
-            shared,
-        );
+            generation: 1,
+        };
+        let task = super::serve(admitted, shared);
         let size = std::mem::size_of_val(&task);
         println!("pooled client task future: {size} bytes");
         assert!(

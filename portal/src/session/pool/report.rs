@@ -2,46 +2,25 @@
 //! [`PoolStats`](super::PoolStats) atomics and the pools at scrape time) and its part of
 //! `/status`.
 //!
-//! May import: `metrics` and the rest of `pool`.
+//! May import: `metrics`, the rest of `pool` and the session's [`hub`](crate::session::hub).
 
 use std::{
     fmt,
     sync::{atomic::Ordering::Relaxed, Arc},
 };
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
-    metrics::MetricType,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use serde_json::json;
 
 use super::{pinning::PinReason, server::PgHub, stats::WAIT_BUCKETS};
-use crate::metrics::{counter, counters, gauge, gauges};
+use crate::{
+    metrics::{counter, counters, gauge, gauges},
+    session::hub::bucketed_histogram,
+};
 
 /// The pooler's families, for `admin::registry`.
 #[derive(Debug)]
 pub struct PoolCollector(pub Arc<PgHub>);
-
-/// A histogram with the explicit buckets of [`WAIT_BUCKETS`] (the last count for larger
-/// values).
-fn histogram(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    sum: f64,
-    counts: &[u64],
-) -> fmt::Result {
-    let mut cumulative = 0;
-    let mut buckets = Vec::with_capacity(counts.len());
-    for (i, n) in counts.iter().enumerate() {
-        cumulative += n;
-        let le = WAIT_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-        buckets.push((le, cumulative));
-    }
-    e.encode_descriptor(name, help, None, MetricType::Histogram)?
-        .encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
-}
 
 impl Collector for PoolCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
@@ -99,12 +78,13 @@ impl Collector for PoolCollector {
             pools.iter().map(|p| (labels(p), p.waiting() as i64)),
         )?;
         let counts: Vec<u64> = s.wait_buckets.iter().map(|b| b.load(Relaxed)).collect();
-        histogram(
+        bucketed_histogram(
             &mut e,
             "dbportal_pool_wait_seconds",
             "Time a client waited for a server connection of its pool (including opening one).",
             s.wait_sum_us.load(Relaxed) as f64 / 1e6,
             &counts,
+            |i| WAIT_BUCKETS.get(i).copied(),
         )?;
         counter(
             &mut e,

@@ -11,7 +11,7 @@ use std::{
     io,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, OnceLock, Weak,
+        Arc, Mutex, Weak,
     },
     time::{Duration, Instant},
 };
@@ -151,7 +151,7 @@ impl Pool {
         login: &Login,
         queue: Duration,
     ) -> Result<ServerConn, CheckoutError> {
-        let lifetime = ctx.config.pg_pool.as_ref().map(|p| p.server_lifetime);
+        let lifetime = ctx.config.plane.pg_pool().map(|p| p.server_lifetime);
         let rx = {
             let mut g = lock(&self.inner);
             if self.is_retired() {
@@ -319,7 +319,7 @@ pub type CancelSlot = Mutex<Option<(Backend, (u32, u32))>>;
 pub struct PgHub {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub stats: Arc<PoolStats>,
-    watching: OnceLock<()>,
+    watching: crate::session::hub::RouteWatch,
     pub(super) next_pid: AtomicU64,
     /// The keys given to clients (BackendKeyData), and where their cancels go.
     pub(super) cancels: Mutex<HashMap<(u32, u32), Arc<CancelSlot>>>,
@@ -349,7 +349,7 @@ impl PgHub {
         login: &Arc<Login>,
         ctx: &DialContext,
     ) -> Arc<Pool> {
-        let Some(settings) = ctx.config.pg_pool.clone() else {
+        let Some(settings) = ctx.config.plane.pg_pool().cloned() else {
             unreachable!("pooling is configured")
         };
         let key = (
@@ -408,17 +408,15 @@ impl PgHub {
         config: watch::Receiver<Arc<Config>>,
         health: watch::Receiver<HealthView>,
     ) {
-        if self.watching.set(()).is_err() {
-            return;
-        }
-        crate::session::on_route_change(self, config, health, Self::retire_unroutable);
+        self.watching
+            .start(self, config, health, Self::retire_unroutable);
     }
 
     /// Retires every pool whose backend may not take transactions under `config` and `view`.
     /// Without a leader (failover under way) the old one is retired all the same: it may be
     /// the demoted node, and nothing may be written to it.
     pub fn retire_unroutable(&self, config: &Config, view: &HealthView) {
-        let eligible = crate::session::routable_bases(config, view);
+        let eligible = crate::session::hub::routable_bases(config, view);
         let mut pools = lock(&self.pools);
         pools.retain(|key, pool| {
             if eligible.contains(&key.0) {
