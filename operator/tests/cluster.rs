@@ -2,6 +2,8 @@
 //! 1.20, started privately for this test binary), running with exactly the chart's RBAC.
 
 mod common;
+#[path = "../../portal/tests/common/harness.rs"]
+mod harness;
 #[path = "../../portal/tests/common/servers.rs"]
 mod servers;
 
@@ -1369,7 +1371,7 @@ async fn pooling_reads_the_secrets_it_is_given(
     plane: &ControlPlane,
     admin: Client,
 ) -> anyhow::Result<()> {
-    if servers::skip_without(&[&format!("{}/postgres", servers::PG_BIN), "psql"]) {
+    if harness::skip_without(&[&format!("{}/postgres", servers::PG_BIN), "psql"]) {
         return Ok(());
     }
     let ns = "lima";
@@ -1391,7 +1393,7 @@ async fn pooling_reads_the_secrets_it_is_given(
     ] {
         secrets.create(&PostParams::default(), &s).await?;
     }
-    let port = servers::free_port();
+    let port = harness::free_port();
     let dp = portal(
         ns,
         json!({
@@ -1502,7 +1504,7 @@ async fn pooling_reads_the_secrets_it_is_given(
     );
     // The operator's configuration with loopback listeners, in a ConfigMap of its own that the
     // ServiceAccount may read as well.
-    let (listen, admin_port) = (servers::free_port(), servers::free_port());
+    let (listen, admin_port) = (harness::free_port(), harness::free_port());
     let token = std::env::temp_dir().join(format!("dbportal-lima-token-{}", std::process::id()));
     std::fs::write(&token, "india-token\n")?;
     let mut local = yaml.clone();

@@ -12,6 +12,8 @@
 //! Run with `bench/failover.sh` (release build). Prints median and max failover times and the
 //! writes accepted by the demoted node.
 
+#[path = "../tests/common/harness.rs"]
+mod harness;
 #[path = "../tests/common/servers.rs"]
 mod servers;
 
@@ -27,7 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use servers::{free_port, wait_until, Proc, Redis, TempDir};
+use harness::{free_port, wait_until, Proc, TempDir};
+use servers::Redis;
 
 const ROUNDS: usize = 10;
 const RETRY: Duration = Duration::from_millis(10);

@@ -7,19 +7,16 @@
 //! `channel_binding=disable` (and what `prefer` does).
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
-#[path = "common/tls.rs"]
-mod tlsca;
+
+use common::tls as tlsca;
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use common::Portal;
+use common::{skip_without, Outcome, Portal, PortalBuilder, TempDir};
 use portal::health::{spawn_checker, HealthHandle, HealthView, StandaloneCredentials};
-use servers::{run, skip_without};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::watch,
@@ -28,7 +25,7 @@ use tokio::{
 /// The databases' CA and certificate, a CA that signed nothing here, and the portal's own
 /// certificate for its clients (from the databases' CA, to keep one trust file).
 struct Pki {
-    _dir: tlsca::TempDir,
+    _dir: TempDir,
     ca: PathBuf,
     wrong_ca: PathBuf,
     db_cert: PathBuf,
@@ -39,7 +36,7 @@ struct Pki {
 
 impl Pki {
     fn new(tag: &str) -> Pki {
-        let dir = tlsca::TempDir::new(tag);
+        let dir = TempDir::new(tag);
         let ca = tlsca::TestCa::new("database CA");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &ca.cert_pem).unwrap();
@@ -104,7 +101,10 @@ async fn portal_with_checker(
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let checker = spawn_checker(config_rx, Arc::new(StandaloneCredentials));
     let (unused, _) = watch::channel(HealthView::default());
-    let portal = Portal::start_with(config, unused, checker.view()).await;
+    let portal = PortalBuilder::new(yaml)
+        .health(unused, checker.view())
+        .start()
+        .await;
     (portal, checker, config_tx)
 }
 
@@ -127,24 +127,15 @@ async fn wait_leader(checker: &HealthHandle) {
     wait_view(checker, "db0 leads", |v| v.leader_name() == Some("db0")).await;
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 /// redis-cli through the portal, with TLS trusting `ca` when given.
-async fn redis_cli(portal: &Portal, ca: Option<&Path>, cmd: &[&str]) -> (bool, String, String) {
-    let mut args = match ca {
-        Some(ca) => strings(&["--tls", "--cacert", &ca.display().to_string()]),
+async fn redis_cli(portal: &Portal, ca: Option<&Path>, cmd: &[&str]) -> Outcome {
+    let ca = ca.map(|ca| ca.display().to_string());
+    let mut args = match &ca {
+        Some(ca) => vec!["--tls", "--cacert", ca],
         None => Vec::new(),
     };
-    args.extend(strings(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &portal.addr.port().to_string(),
-    ]));
-    args.extend(strings(cmd));
-    run("redis-cli", &args, &[]).await
+    args.extend_from_slice(cmd);
+    common::redis_cli(portal.addr.port(), &args).await
 }
 
 /// Redis multiplexing with TLS both ways: the portal terminates the clients' TLS and its
@@ -156,7 +147,7 @@ async fn redis_multiplexing_over_tls_both_ways() {
     }
     let pki = Pki::new("backend-tls-mux");
     let (cert, key, ca) = (pki.db_cert.clone(), pki.db_key.clone(), pki.ca.clone());
-    let redis = tokio::task::spawn_blocking(move || servers::Redis::start_tls(&cert, &key, &ca))
+    let redis = tokio::task::spawn_blocking(move || common::Redis::start_tls(&cert, &key, &ca))
         .await
         .unwrap();
     let yaml = pki.yaml(
@@ -197,16 +188,11 @@ async fn redis_sessions_reencrypted_to_a_tls_only_redis() {
     }
     let pki = Pki::new("backend-tls-redis");
     let (cert, key, ca) = (pki.db_cert.clone(), pki.db_key.clone(), pki.ca.clone());
-    let redis = tokio::task::spawn_blocking(move || servers::Redis::start_tls(&cert, &key, &ca))
+    let redis = tokio::task::spawn_blocking(move || common::Redis::start_tls(&cert, &key, &ca))
         .await
         .unwrap();
     // The server takes TLS only: plaintext gets no PONG.
-    let (_, out, _) = run(
-        "redis-cli",
-        &strings(&["-h", "127.0.0.1", "-p", &redis.port.to_string(), "PING"]),
-        &[],
-    )
-    .await;
+    let (_, out, _) = common::redis_cli(redis.port, &["PING"]).await;
     assert_ne!(out, "PONG", "the server must refuse plaintext");
 
     // Plaintext clients, re-encrypted by the portal; the checker probes over TLS too.
@@ -333,13 +319,13 @@ async fn wait_ready(portal: &common::PortalProcess) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
-    if skip_without(&["psql", &format!("{}/postgres", servers::PG_BIN)]) {
+    if skip_without(&["psql", &format!("{}/postgres", common::PG_BIN)]) {
         return;
     }
     let pki = Pki::new("backend-tls-pg");
     let (cert, key) = (pki.db_cert.clone(), pki.db_key.clone());
     let pg = tokio::task::spawn_blocking(move || {
-        let pg = servers::Postgres::primary("pgpw");
+        let pg = common::Postgres::primary("pgpw");
         pg.enable_tls(&cert, &key, true);
         // One role per authentication request the server can answer a startup with.
         pg.psql("SET password_encryption = 'md5'; CREATE ROLE app_md5 LOGIN PASSWORD 'md5pw'");
@@ -357,20 +343,11 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     // psql as `user` (password `password`) with more conninfo (libpq's defaults otherwise:
     // sslmode=prefer, channel_binding=prefer); (ok, out, err).
     let psql = |port: u16, user: &str, password: &str, conninfo: &str| {
-        let conninfo = format!(
-            "host=localhost hostaddr=127.0.0.1 port={port} user={user} dbname=postgres \
-             sslrootcert={} connect_timeout=10 {conninfo}",
+        let psql = common::psql(port, user, password).conninfo(&format!(
+            "host=localhost hostaddr=127.0.0.1 sslrootcert={} connect_timeout=10 {conninfo}",
             pki.ca.display()
-        );
-        let password = password.to_string();
-        async move {
-            run(
-                "psql",
-                &strings(&[&conninfo, "-XAtq", "-c", ssl_query]),
-                &[("PGPASSWORD", &password)],
-            )
-            .await
-        }
+        ));
+        async move { psql.run(&["-XAtq", "-c", ssl_query]).await }
     };
     // The server refuses plaintext.
     let (ok, out, err) = psql(pg.port, "postgres", "pgpw", "sslmode=disable").await;
@@ -442,8 +419,9 @@ async fn postgres_sessions_reencrypted_to_a_ssl_postgres() {
     // portal's certificate, the server refuses, and the portal logs the fix.
     let dir = pki.ca.parent().unwrap();
     let config = dir.join("portal.yaml");
-    std::fs::write(&config, with_credentials(true)).unwrap();
-    let portal = common::PortalProcess::spawn(&config);
+    let portal = PortalBuilder::new(&with_credentials(true))
+        .file(&config)
+        .spawn();
     wait_ready(&portal).await;
     let port = portal.addr.port();
     let (ok, out, err) = psql(
@@ -522,11 +500,11 @@ async fn etcd_over_https_through_the_portal_with_its_raft_leader_in_status() {
     let pki = Pki::new("backend-tls-etcd");
     let tls = (pki.db_cert.clone(), pki.db_key.clone(), pki.ca.clone());
     let etcd = tokio::task::spawn_blocking(move || {
-        servers::Etcd::start(
+        common::Etcd::start(
             1,
-            &servers::EtcdOptions {
+            &common::EtcdOptions {
                 tls: Some(tls),
-                ..servers::EtcdOptions::default()
+                ..common::EtcdOptions::default()
             },
         )
     })

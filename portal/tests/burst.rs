@@ -5,8 +5,7 @@
 //! pooling in front of a real PostgreSQL 15. Every client keeps its connection open until all
 //! have been answered, so the 2,000 are open together.
 
-#[path = "common/servers.rs"]
-mod servers;
+mod common;
 
 use std::{
     net::SocketAddr,
@@ -14,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use servers::*;
+use common::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -26,61 +25,21 @@ const BURST: usize = 2000;
 /// The whole burst's bound.
 const WITHIN: Duration = Duration::from_secs(120);
 
-/// A standalone portal on the file `yaml` (its `listen` and `admin` filled in), on the real
-/// listener (`server::standalone`), stopped when dropped.
-struct Standalone {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    _dir: TempDir,
-}
-
-impl Standalone {
-    async fn start(yaml: &str, leader: &str) -> Standalone {
-        let dir = TempDir::new("burst-portal");
-        let (port, admin) = (free_port(), free_port());
-        let text = format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\n{yaml}");
-        assert!(
-            !text.contains("limits"),
-            "the burst runs on the default limits"
-        );
-        let path = dir.path().join("portal.yaml");
-        std::fs::write(&path, text).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            portal::server::standalone(Some(path), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        wait_until("the portal's leader", Duration::from_secs(20), || {
-            http_get(admin, "/status")
-                .and_then(|r| Some(r.split_once("\r\n\r\n")?.1.to_string()))
-                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
-                .is_some_and(|status| status["leader"] == leader)
-        });
-        Standalone {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-            stop: Some(stop),
-            _dir: dir,
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        admin_request(self.admin, "GET", "/metrics", None, "")
-            .await
-            .1
-    }
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
+/// The standalone portal on the file `yaml` (its `listen` and `admin` filled in) once it
+/// names `leader` the leader.
+async fn start_portal(yaml: &str, leader: &str) -> Standalone {
+    let text = format!("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{yaml}");
+    assert!(
+        !text.contains("limits"),
+        "the burst runs on the default limits"
+    );
+    let portal = PortalBuilder::new(&text).standalone().await;
+    portal
+        .wait_status("the portal's leader", Duration::from_secs(20), |s| {
+            s["leader"] == leader
+        })
+        .await;
+    portal
 }
 
 /// The sum of the samples of `name` (any labels) in the metrics text.
@@ -171,7 +130,7 @@ async fn redis_burst(extra: &str) {
         return;
     }
     let redis = Redis::start();
-    let portal = Standalone::start(
+    let portal = start_portal(
         &format!(
             "engine: redis\ntls: {{mode: disabled}}\n{extra}backends:\n  - {{name: r0, address: \"{}\"}}\n",
             redis.address()
@@ -220,7 +179,7 @@ async fn two_thousand_connections_from_one_address_all_get_in_pooled() {
     let dir = TempDir::new("burst-users");
     let users = dir.path().join("users.yaml");
     std::fs::write(&users, format!("postgres: {PW}\nburst: \"{verifier}\"\n")).unwrap();
-    let portal = Standalone::start(
+    let portal = start_portal(
         &format!(
             "engine: postgres\ntls: {{mode: disabled}}\nhealthCheck: {{credentials: {{username: postgres, password: {PW}}}}}\npooling: {{mode: transaction, auth: {{usersFile: {}}}}}\nbackends:\n  - {{name: pg0, address: \"{}\"}}\n",
             users.display(),

@@ -1,39 +1,14 @@
 //! The portal binary's command line: `--check FILE` (validate and exit, like `haproxy -c`) and
 //! the log options (`--log-format json`, no ANSI colours when stderr is not a terminal).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// A private directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "dbportal-cli-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{Proc, TempDir};
 
 fn portal() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_portal"));
@@ -66,7 +41,7 @@ admin: "127.0.0.1:0"
 
 #[test]
 fn check_accepts_a_good_file_with_one_line() {
-    let dir = Dir::new();
+    let dir = TempDir::new("cli");
     let path = dir.write("good.yaml", GOOD);
     let out = check(&path);
     assert!(out.status.success(), "{out:?}");
@@ -79,7 +54,7 @@ fn check_accepts_a_good_file_with_one_line() {
 
 #[test]
 fn check_refuses_a_bad_file_naming_the_field() {
-    let dir = Dir::new();
+    let dir = TempDir::new("cli");
     let bad = dir.write(
         "bad.yaml",
         &GOOD.replace(r#"["10.0.0.0/8"]"#, r#"["10.0.0.0/8", "10.0.0.0/33"]"#),
@@ -118,7 +93,7 @@ fn check_refuses_a_bad_file_naming_the_field() {
 /// Starts the portal on `config` with `args`, returns its stderr lines up to "portal
 /// listening", and stops it by PID.
 fn first_lines(config: &Path, args: &[&str]) -> Vec<String> {
-    let mut child = portal()
+    let child = portal()
         .arg("--config")
         .arg(config)
         .args(args)
@@ -127,7 +102,8 @@ fn first_lines(config: &Path, args: &[&str]) -> Vec<String> {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut proc = Proc::adopt(child, "KILL");
+    let stderr = proc.child().stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -147,8 +123,7 @@ fn first_lines(config: &Path, args: &[&str]) -> Vec<String> {
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    proc.kill();
     assert!(
         lines.iter().any(|l| l.contains("portal listening")),
         "{lines:?}"
@@ -158,7 +133,7 @@ fn first_lines(config: &Path, args: &[&str]) -> Vec<String> {
 
 #[test]
 fn logs_are_plain_text_on_a_pipe_or_json_when_asked() {
-    let dir = Dir::new();
+    let dir = TempDir::new("cli");
     let config = dir.write("portal.yaml", GOOD);
     for line in first_lines(&config, &[]) {
         assert!(!line.contains('\u{1b}'), "ANSI escape on a pipe: {line:?}");

@@ -680,7 +680,7 @@ async fn portal_serves_through_an_api_outage_and_reconnects() {
             "last good configuration"
         );
         assert!(
-            portal.proc.0.try_wait().unwrap().is_none(),
+            portal.proc.running(),
             "the portal exited during the outage: {:?}",
             portal.log.lock().unwrap()
         );

@@ -751,16 +751,12 @@ async fn reload_under_load_drops_nothing_and_cuts_removed_networks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_redis_and_drains_on_sigterm() {
     let redis = RedisServer::start().await;
-    let dir = TempDir::new("binary");
-    let path = dir.write(
-        "portal.yaml",
-        &yaml(
-            "redis",
-            &[("r0", redis.addr)],
-            "routing: {mode: first}\ndrainTimeout: 20s",
-        ),
-    );
-    let mut p = PortalProcess::spawn(&path);
+    let mut p = PortalBuilder::new(&yaml(
+        "redis",
+        &[("r0", redis.addr)],
+        "routing: {mode: first}\ndrainTimeout: 20s",
+    ))
+    .spawn();
     let mut session = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(
         within("SET", redis_cmd(&mut session, &["SET", "a", "1"]))
@@ -785,10 +781,7 @@ async fn binary_serves_redis_and_drains_on_sigterm() {
         Ok(mut s) => closed_within(&mut s, SHORT).await,
     };
     assert!(refused, "a new connection was served while draining");
-    assert!(
-        p.proc.0.try_wait().unwrap().is_none(),
-        "exited before its session ended"
-    );
+    assert!(p.proc.running(), "exited before its session ended");
     drop(session);
     let status = tokio::task::spawn_blocking(move || {
         let s = p.proc.wait_exit(STEP);
@@ -811,8 +804,9 @@ async fn binary_closes_sessions_at_the_drain_timeout_and_refuses_bad_files() {
     let echo = TestServer::echo().await;
     let dir = TempDir::new("binary-drain");
     let good = yaml("tcp", &[("e", echo.addr)], "drainTimeout: 500ms");
-    let path = dir.write("portal.yaml", &good);
-    let mut p = PortalProcess::spawn(&path);
+    let mut p = PortalBuilder::new(&good)
+        .file(&dir.path().join("portal.yaml"))
+        .spawn();
     let mut session = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(
         within("echo", echo_roundtrip(&mut session, b"x"))

@@ -4,10 +4,8 @@
 //! is needed.
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
-#[path = "common/tls.rs"]
-mod tlsca;
+
+use common::tls as tlsca;
 
 use std::{
     io::Write as _,
@@ -163,12 +161,12 @@ async fn a_change_only_polling_sees_is_applied_once_stable() {
 /// appears in any admin response or log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_admin_endpoint_or_the_log() {
-    if !servers::installed("redis-server") {
+    if !common::installed("redis-server") {
         return;
     }
     let secret = format!("S3cret-{}-pw", std::process::id());
     let other = format!("0ther-{}-pw", std::process::id());
-    let redis = servers::Redis::start_with(&["--requirepass", &secret]);
+    let redis = common::Redis::start_with(&["--requirepass", &secret]);
     let dir = TempDir::new("secrets");
     let secret_dir = dir.path().join("mounted");
     std::fs::create_dir_all(&secret_dir).unwrap();
@@ -222,8 +220,9 @@ async fn secrets_never_reach_the_admin_endpoint_or_the_log() {
              healthCheck: {{interval: 100ms, rise: 1, fall: 1, credentials: {credentials}}}\n",
             redis.address()
         );
-        let path = dir.write("portal.yaml", &config);
-        let mut p = PortalProcess::spawn(&path);
+        let mut p = PortalBuilder::new(&config)
+            .file(&dir.path().join("portal.yaml"))
+            .spawn();
         let deadline = Instant::now() + STEP;
         loop {
             let st: serde_json::Value =
@@ -274,7 +273,7 @@ async fn secrets_never_reach_the_admin_endpoint_or_the_log() {
 }
 
 struct Pki {
-    _dir: tlsca::TempDir,
+    _dir: TempDir,
     ca: tlsca::TestCa,
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
@@ -282,7 +281,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        let dir = tlsca::TempDir::new("hardening-pki");
+        let dir = TempDir::new("hardening-pki");
         let ca = tlsca::TestCa::new("dbportal test CA");
         let (cert, key) = ca
             .server("portal", &["localhost", "127.0.0.1"])

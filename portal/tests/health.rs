@@ -1,19 +1,17 @@
 //! Health probes and the checker against real servers on loopback (Redis, PostgreSQL, MariaDB,
 //! etcd) and small fakes (KeyDB roles, a loading node, custom steps).
 
-#[path = "common/fake_redis.rs"]
-mod fake_redis;
-#[path = "common/servers.rs"]
-mod servers;
-#[path = "common/tls.rs"]
-mod tlsca;
+mod common;
+
+use common::tls as tlsca;
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use fake_redis::{Fake, FakeRedis};
+use common::fake_redis::{Fake, FakeRedis};
+use common::*;
 use portal::{
     config::{Address, Config},
     health::{
@@ -21,7 +19,6 @@ use portal::{
         spawn_checker, HealthHandle, HealthView, ProbeCredentials, Role, StandaloneCredentials,
     },
 };
-use servers::*;
 use tokio::sync::watch;
 
 /// A validated configuration for `engine` with these backends and extra YAML (plaintext

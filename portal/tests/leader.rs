@@ -2,105 +2,35 @@
 //! servers on loopback: switchover, sessions cut, no writes on the demoted node, waiting for a
 //! leader, split brain, and what `/status` and `/metrics` say about it.
 
-#[path = "common/servers.rs"]
-mod servers;
+mod common;
 
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use servers::*;
+use common::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::oneshot,
 };
 
-struct Standalone {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: TempDir,
-}
-
-impl Standalone {
-    async fn start(backends: &[&Redis], extra: &str) -> Standalone {
-        let dir = TempDir::new("portal");
-        let (port, admin) = (free_port(), free_port());
-        let mut yaml = format!(
-            "engine: redis\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\ntls: {{mode: disabled}}\nbackends:\n"
-        );
-        for (i, b) in backends.iter().enumerate() {
-            yaml.push_str(&format!(
-                "  - {{name: r{i}, address: \"{}\"}}\n",
-                b.address()
-            ));
-        }
-        yaml.push_str(extra);
-        let path = dir.path().join("portal.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            portal::server::standalone(Some(path), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let p = Standalone {
-            addr,
-            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(p.admin).await.is_err() {
-            assert!(Instant::now() < deadline, "portal did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        p
+/// The standalone portal in front of `backends` (r0, r1, ...) with `extra` YAML.
+async fn start_portal(backends: &[&Redis], extra: &str) -> Standalone {
+    let mut yaml = "engine: redis\nlisten: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntls: {mode: disabled}\nbackends:\n".to_string();
+    for (i, b) in backends.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - {{name: r{i}, address: \"{}\"}}\n",
+            b.address()
+        ));
     }
-
-    async fn status(&self) -> serde_json::Value {
-        let body = http(self.admin, "/status").await;
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    }
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-async fn http(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    yaml.push_str(extra);
+    PortalBuilder::new(&yaml).standalone().await
 }
 
 /// Sends one command on `s` and reads one reply line (enough for SET / PING / errors).
 async fn command(s: &mut TcpStream, args: &[&str]) -> std::io::Result<String> {
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(req.as_bytes()).await?;
+    s.write_all(&resp(args)).await?;
     let mut buf = vec![0u8; 512];
     let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
         .await
@@ -124,24 +54,6 @@ async fn write_once(portal: SocketAddr, key: &str) -> bool {
     matches!(command(&mut s, &["SET", key, "1"]).await, Ok(r) if r == "+OK")
 }
 
-/// Waits for the portal's `/status` to satisfy `ok`.
-async fn wait_status(
-    p: &Standalone,
-    within: Duration,
-    what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = p.status().await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{what} not seen: {s:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_cuts_sessions_and_no_write_reaches_the_demoted_node() {
     if !installed("redis-server") {
@@ -150,11 +62,9 @@ async fn switchover_cuts_sessions_and_no_write_reaches_the_demoted_node() {
     let a = Redis::start();
     let b = Redis::replica_of(a.port);
     b.wait_replicating();
-    let p = Standalone::start(&[&a, &b], "").await;
-    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
-        s["leader"] == "r0"
-    })
-    .await;
+    let p = start_portal(&[&a, &b], "").await;
+    p.wait_status("leader r0", Duration::from_secs(5), |s| s["leader"] == "r0")
+        .await;
 
     let mut session = TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(
@@ -206,12 +116,11 @@ async fn switchover_cuts_sessions_and_no_write_reaches_the_demoted_node() {
     assert_eq!(a.cli(&["EXISTS", "after:0", "after:1", "after:2"]), "0");
     assert!(b.cli(&["DBSIZE"]).parse::<u32>().unwrap() >= 20);
 
-    let s = wait_status(&p, Duration::from_secs(3), "leader r1", |s| {
-        s["leader"] == "r1"
-    })
-    .await;
+    let s = p
+        .wait_status("leader r1", Duration::from_secs(3), |s| s["leader"] == "r1")
+        .await;
     assert_eq!(s["leaderConflict"], false);
-    let metrics = http(p.admin, "/metrics").await;
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains("dbportal_leader_changes_total 1"),
         "{metrics}"
@@ -230,14 +139,12 @@ async fn crash_of_the_primary_and_clients_waiting_for_a_leader() {
     let mut a = Redis::start();
     let b = Redis::replica_of(a.port);
     b.wait_replicating();
-    let p = Standalone::start(&[&a, &b], "timeouts: {connect: 10s}\n").await;
-    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
-        s["leader"] == "r0"
-    })
-    .await;
+    let p = start_portal(&[&a, &b], "timeouts: {connect: 10s}\n").await;
+    p.wait_status("leader r0", Duration::from_secs(5), |s| s["leader"] == "r0")
+        .await;
 
     a.kill();
-    wait_status(&p, Duration::from_secs(5), "no leader", |s| {
+    p.wait_status("no leader", Duration::from_secs(5), |s| {
         s["leader"].is_null()
     })
     .await;
@@ -263,11 +170,12 @@ async fn split_brain_routes_nowhere_until_resolved() {
     }
     let a = Redis::start();
     let b = Redis::start();
-    let p = Standalone::start(&[&a, &b], "timeouts: {connect: 500ms}\n").await;
-    let s = wait_status(&p, Duration::from_secs(5), "conflict", |s| {
-        s["leaderConflict"] == true
-    })
-    .await;
+    let p = start_portal(&[&a, &b], "timeouts: {connect: 500ms}\n").await;
+    let s = p
+        .wait_status("conflict", Duration::from_secs(5), |s| {
+            s["leaderConflict"] == true
+        })
+        .await;
     assert!(s["leader"].is_null());
     assert!(
         !write_once(p.addr, "nowhere").await,
@@ -275,11 +183,11 @@ async fn split_brain_routes_nowhere_until_resolved() {
     );
     assert_eq!(a.cli(&["DBSIZE"]), "0");
     assert_eq!(b.cli(&["DBSIZE"]), "0");
-    let metrics = http(p.admin, "/metrics").await;
+    let metrics = p.metrics().await;
     assert!(metrics.contains("dbportal_leader_conflict 1"), "{metrics}");
 
     b.cli(&["REPLICAOF", "127.0.0.1", &a.port.to_string()]);
-    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
+    p.wait_status("leader r0", Duration::from_secs(5), |s| {
         s["leader"] == "r0" && s["leaderConflict"] == false
     })
     .await;
@@ -306,34 +214,29 @@ async fn busy_leader_is_killable(setup: &[&str], start: &[&str], kill: &[&str]) 
     if !setup.is_empty() {
         a.cli(setup);
     }
-    let p = Standalone::start(
+    let p = start_portal(
         &[&a, &b],
         "healthCheck: {interval: 100ms, rise: 1, fall: 2}\ntimeouts: {check: 1s}\n",
     )
     .await;
-    wait_status(&p, Duration::from_secs(5), "leader r0", |s| {
-        s["leader"] == "r0"
-    })
-    .await;
+    p.wait_status("leader r0", Duration::from_secs(5), |s| s["leader"] == "r0")
+        .await;
 
     // The user's long script, sent through the portal; its reply comes when it ends. The loop
     // is bounded (tens of seconds at most) in case the kill never arrives.
     let mut runner = TcpStream::connect(p.addr).await.unwrap();
-    let mut req = format!("*{}\r\n", start.len());
-    for x in start {
-        req.push_str(&format!("${}\r\n{x}\r\n", x.len()));
-    }
-    runner.write_all(req.as_bytes()).await.unwrap();
+    runner.write_all(&resp(start)).await.unwrap();
 
-    let s = wait_status(&p, Duration::from_secs(10), "r0 busy", |s| {
-        s["backends"][0]["state"] == "busy"
-    })
-    .await;
+    let s = p
+        .wait_status("r0 busy", Duration::from_secs(10), |s| {
+            s["backends"][0]["state"] == "busy"
+        })
+        .await;
     assert_eq!(s["leader"], "r0", "a busy leader stays the leader: {s:#}");
     assert_eq!(s["backends"][0]["up"], true, "{s:#}");
     assert_eq!(s["backends"][0]["role"], "leader", "{s:#}");
     assert_eq!(s["ready"], true, "{s:#}");
-    let metrics = http(p.admin, "/metrics").await;
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains("dbportal_backend_caveat{backend=\"r0\",caveat=\"busy\"} 1"),
         "{metrics}"
@@ -355,10 +258,11 @@ async fn busy_leader_is_killable(setup: &[&str], start: &[&str], kill: &[&str]) 
     );
     assert_eq!(command(&mut user, &["PING"]).await.unwrap(), "+PONG");
 
-    let s = wait_status(&p, Duration::from_secs(5), "r0 answers normally", |s| {
-        s["backends"][0]["state"] == "up"
-    })
-    .await;
+    let s = p
+        .wait_status("r0 answers normally", Duration::from_secs(5), |s| {
+            s["backends"][0]["state"] == "up"
+        })
+        .await;
     assert_eq!(s["leader"], "r0");
     assert_eq!(s["leaderChanges"], 0, "no leader change while busy: {s:#}");
     assert_eq!(s["failovers"], 0, "{s:#}");

@@ -6,13 +6,13 @@
 //! handed on — and exits.
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use common::{closed_within, eventually, within, PortalProcess, TempDir, STEP};
-use servers::{skip_without, Postgres, Redis, PG_BIN};
+use common::{
+    closed_within, eventually, skip_without, within, PortalBuilder, PortalProcess, Postgres, Redis,
+    TempDir, PG_BIN, STEP,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -40,8 +40,8 @@ impl Plane {
         }
     }
 
-    /// The portal's configuration file in `dir`, with `drain` as drainTimeout.
-    fn config(&self, dir: &TempDir, drain: &str) -> PathBuf {
+    /// The portal's configuration, with `drain` as drainTimeout (its users file in `dir`).
+    fn config(&self, dir: &TempDir, drain: &str) -> String {
         let head = format!(
             "port: 7000\nlisten: \"127.0.0.1:0\"\nadmin: \"127.0.0.1:0\"\ntls: {{mode: disabled}}\ndrainTimeout: {drain}\n"
         );
@@ -59,7 +59,7 @@ impl Plane {
                 redis.address()
             ),
         };
-        dir.write("portal.yaml", &format!("{head}{body}"))
+        format!("{head}{body}")
     }
 
     /// A client through the portal at `addr`, answered once.
@@ -178,7 +178,8 @@ async fn sigterm_keeps_pooled_and_multiplexed_clients_until_they_leave() {
     for plane in planes(pg) {
         let what = plane.name();
         let dir = TempDir::new("lifecycle-drain");
-        let p = PortalProcess::spawn(&plane.config(&dir, "20s"));
+        let yaml = plane.config(&dir, "20s");
+        let p = PortalBuilder::new(&yaml).in_dir(dir).spawn();
         wait_leader(&p).await;
         let mut client = plane.connect(p.addr).await;
 
@@ -199,10 +200,7 @@ async fn sigterm_keeps_pooled_and_multiplexed_clients_until_they_leave() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut p = p;
-        assert!(
-            p.proc.0.try_wait().unwrap().is_none(),
-            "{what}: exited before its client left"
-        );
+        assert!(p.proc.running(), "{what}: exited before its client left");
         assert!(client.works().await, "{what}: the open client, still");
         // The last client leaves: the portal exits.
         drop(client);
@@ -217,7 +215,8 @@ async fn the_drain_timeout_closes_pooled_and_multiplexed_clients() {
     for plane in planes(pg) {
         let what = plane.name();
         let dir = TempDir::new("lifecycle-timeout");
-        let p = PortalProcess::spawn(&plane.config(&dir, "500ms"));
+        let yaml = plane.config(&dir, "500ms");
+        let p = PortalBuilder::new(&yaml).in_dir(dir).spawn();
         wait_leader(&p).await;
         let mut idle = plane.connect(p.addr).await;
         let mut busy = plane.connect(p.addr).await;

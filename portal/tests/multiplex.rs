@@ -5,129 +5,36 @@
 //! and busy clients; AUTH with ACL users; SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE
 //! reaching a server busy with a script on a shared connection.
 
-#[path = "common/servers.rs"]
-mod servers;
+mod common;
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use servers::*;
+use common::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::oneshot,
 };
 
-struct Standalone {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: TempDir,
-}
-
-impl Standalone {
-    async fn start(backends: &[&Redis], extra: &str) -> Standalone {
-        let dir = TempDir::new("mux-portal");
-        let (port, admin) = (free_port(), free_port());
-        let mut yaml = format!(
-            "engine: redis\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\ntls: {{mode: disabled}}\nlimits: {{maxConnections: 12000, maxNegotiating: 12000, maxNegotiatingPerClient: 0}}\nbackends:\n"
-        );
-        if !extra.contains("healthCheck:") {
-            yaml.insert_str(0, "healthCheck: {interval: 200ms, rise: 1, fall: 1}\n");
-        }
-        for (i, b) in backends.iter().enumerate() {
-            yaml.push_str(&format!(
-                "  - {{name: r{i}, address: \"{}\"}}\n",
-                b.address()
-            ));
-        }
-        yaml.push_str(&extra.replace("$DIR", &dir.path().display().to_string()));
-        let path = dir.path().join("portal.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            portal::server::standalone(Some(path), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let p = Standalone {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(p.admin).await.is_err() {
-            assert!(Instant::now() < deadline, "portal did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        p
+/// The standalone portal in front of `backends` (r0, r1, ...) with `extra` YAML (`$DIR` in it
+/// names a private directory), room for thousands of clients and a fast health check unless
+/// `extra` sets one.
+async fn start_portal(backends: &[&Redis], extra: &str) -> Standalone {
+    let dir = TempDir::new("mux-portal");
+    let mut yaml = "engine: redis\nlisten: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntls: {mode: disabled}\nlimits: {maxConnections: 12000, maxNegotiating: 12000, maxNegotiatingPerClient: 0}\nbackends:\n".to_string();
+    if !extra.contains("healthCheck:") {
+        yaml.insert_str(0, "healthCheck: {interval: 200ms, rise: 1, fall: 1}\n");
     }
-
-    async fn status(&self) -> serde_json::Value {
-        let body = http(self.admin, "/status").await;
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    for (i, b) in backends.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - {{name: r{i}, address: \"{}\"}}\n",
+            b.address()
+        ));
     }
-
-    async fn metrics(&self) -> String {
-        http(self.admin, "/metrics").await
-    }
-
-    async fn wait_leader(&self, name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = self.status().await;
-            if s["leader"] == name {
-                return;
-            }
-            assert!(Instant::now() < deadline, "leader {name} not seen: {s:#}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-async fn http(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
-fn resp(args: &[&str]) -> Vec<u8> {
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    req.into_bytes()
+    yaml.push_str(&extra.replace("$DIR", &dir.path().display().to_string()));
+    PortalBuilder::new(&yaml).in_dir(dir).standalone().await
 }
 
 /// Reads until `n` complete replies are in (simple parser for the tests' replies).
@@ -210,7 +117,7 @@ async fn a_client_library_sees_the_same_as_direct() {
     }
     let Some(python) = python() else { return };
     let redis = Redis::start();
-    let p = Standalone::start(&[&redis], MUX).await;
+    let p = start_portal(&[&redis], MUX).await;
     p.wait_leader("r0").await;
     let run = |addr: String| {
         let python = python.clone();
@@ -228,7 +135,7 @@ async fn a_client_library_sees_the_same_as_direct() {
 
     let m = p.metrics().await;
     for reason in ["multi", "watch", "subscribe", "blocking", "select"] {
-        let pins = metric(
+        let pins = sample(
             &m,
             &format!("dbportal_multiplex_pins_total{{reason=\"{reason}\"}}"),
         );
@@ -243,7 +150,7 @@ async fn a_client_library_sees_the_same_as_direct() {
         .map(|v| v.as_i64().unwrap())
         .sum();
     assert_eq!(pinned, 0, "{s:#}");
-    assert!(metric(&m, "dbportal_multiplex_dedicated_reused_total") >= 1.0);
+    assert!(sample(&m, "dbportal_multiplex_dedicated_reused_total") >= 1.0);
 }
 
 /// redis-cli and redis-benchmark (pipelined and not) through the portal: every request
@@ -254,14 +161,15 @@ async fn redis_cli_and_redis_benchmark_work_through_the_portal() {
         return;
     }
     let redis = Redis::start();
-    let p = Standalone::start(&[&redis], MUX).await;
+    let p = start_portal(&[&redis], MUX).await;
     p.wait_leader("r0").await;
-    let port = p.addr.port().to_string();
+    let port = p.addr.port();
     let cli = |args: &[&str]| {
-        let mut all = vec!["-p", &port];
-        all.extend_from_slice(args);
-        let all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
-        async move { run("redis-cli", &all, &[]).await }
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            redis_cli(port, &args).await
+        }
     };
     assert_eq!(cli(&["SET", "a", "1"]).await.1, "OK");
     assert_eq!(cli(&["GET", "a"]).await.1, "1");
@@ -275,7 +183,7 @@ async fn redis_cli_and_redis_benchmark_work_through_the_portal() {
             "redis-benchmark",
             &[
                 "-p",
-                &port,
+                &port.to_string(),
                 "-t",
                 "set,get,incr,lpush,lpop,mset",
                 "-n",
@@ -300,11 +208,11 @@ async fn redis_cli_and_redis_benchmark_work_through_the_portal() {
         .count();
     assert!(shared <= 4, "{:#?}", server_clients(&redis));
     let m = p.metrics().await;
-    assert!(metric(&m, "dbportal_multiplex_commands_total") >= 240_000.0);
+    assert!(sample(&m, "dbportal_multiplex_commands_total") >= 240_000.0);
     // Pipelining clients keep their pipelines: batches hold many commands.
-    let batches = metric(&m, "dbportal_multiplex_batch_size_count");
+    let batches = sample(&m, "dbportal_multiplex_batch_size_count");
     assert!(
-        metric(&m, "dbportal_multiplex_commands_total") / batches > 2.0,
+        sample(&m, "dbportal_multiplex_commands_total") / batches > 2.0,
         "{m}"
     );
 }
@@ -317,7 +225,7 @@ async fn five_thousand_clients_share_four_server_connections() {
         return;
     }
     let redis = Redis::start_with(&["--maxclients", "100"]);
-    let p = Standalone::start(&[&redis], MUX).await;
+    let p = start_portal(&[&redis], MUX).await;
     p.wait_leader("r0").await;
     const N: usize = 5000;
     let mut clients = Vec::with_capacity(N);
@@ -380,7 +288,7 @@ async fn a_slow_consumer_is_cut_without_stalling_others() {
         return;
     }
     let redis = Redis::start();
-    let p = Standalone::start(
+    let p = start_portal(
         &[&redis],
         "pooling: {mode: multiplex, serverConnections: 1, clientOutputLimit: 256Ki}\n",
     )
@@ -408,7 +316,7 @@ async fn a_slow_consumer_is_cut_without_stalling_others() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = p.metrics().await;
-        if metric(&m, "dbportal_multiplex_slow_consumers_cut_total") >= 1.0 {
+        if sample(&m, "dbportal_multiplex_slow_consumers_cut_total") >= 1.0 {
             break;
         }
         assert!(
@@ -448,7 +356,7 @@ async fn a_malformed_client_gets_an_error_and_others_go_on() {
         return;
     }
     let redis = Redis::start();
-    let p = Standalone::start(&[&redis], MUX).await;
+    let p = start_portal(&[&redis], MUX).await;
     p.wait_leader("r0").await;
     let mut good = TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(command(&mut good, &["SET", "a", "1"]).await.unwrap(), "+OK");
@@ -476,8 +384,8 @@ async fn a_malformed_client_gets_an_error_and_others_go_on() {
         assert_eq!(command(&mut good, &["GET", "a"]).await.unwrap(), "$1\r\n1");
     }
     let m = p.metrics().await;
-    assert_eq!(metric(&m, "dbportal_multiplex_protocol_errors_total"), 3.0);
-    assert_eq!(metric(&m, "dbportal_multiplex_replies_failed_total"), 0.0);
+    assert_eq!(sample(&m, "dbportal_multiplex_protocol_errors_total"), 3.0);
+    assert_eq!(sample(&m, "dbportal_multiplex_replies_failed_total"), 0.0);
 }
 
 /// AUTH and HELLO are answered by the portal against `pooling.auth.usersFile` (the default
@@ -496,7 +404,7 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
         "healthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{password: server-secret}}}}\npooling: {{mode: multiplex, auth: {{usersFile: {}}}}}\n",
         file.display()
     );
-    let p = Standalone::start(&[&redis], &extra).await;
+    let p = start_portal(&[&redis], &extra).await;
     p.wait_leader("r0").await;
 
     let mut s = TcpStream::connect(p.addr).await.unwrap();
@@ -541,12 +449,9 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
     assert_eq!(command(&mut h, &["PING"]).await.unwrap(), "+PONG");
 
     // redis-cli with a user and a password, and a pipeline through redis-py.
-    let port = p.addr.port().to_string();
-    let (_, out, _) = run(
-        "redis-cli",
+    let (_, out, _) = redis_cli(
+        p.addr.port(),
         &[
-            "-p",
-            &port,
             "--user",
             "alice",
             "--pass",
@@ -555,7 +460,6 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
             "GET",
             "a",
         ],
-        &[],
     )
     .await;
     assert_eq!(out, "1");
@@ -577,18 +481,9 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
 
     // The server never saw a client's password: every connection it has is the portal's
     // (logged in with the probe's credentials, as user default).
-    let (_, list, _) = run(
-        "redis-cli",
-        &[
-            "-p",
-            &redis.port.to_string(),
-            "-a",
-            "server-secret",
-            "--no-auth-warning",
-            "CLIENT",
-            "LIST",
-        ],
-        &[],
+    let (_, list, _) = redis_cli(
+        redis.port,
+        &["-a", "server-secret", "--no-auth-warning", "CLIENT", "LIST"],
     )
     .await;
     assert!(list.lines().all(|l| l.contains("user=default")), "{list}");
@@ -606,7 +501,7 @@ async fn failover_keeps_idle_clients_and_writes_nothing_to_the_demoted_node() {
     let a = Redis::start();
     let b = Redis::replica_of(a.port);
     b.wait_replicating();
-    let p = Standalone::start(&[&a, &b], MUX).await;
+    let p = start_portal(&[&a, &b], MUX).await;
     p.wait_leader("r0").await;
 
     let mut idle = Vec::new();
@@ -693,7 +588,7 @@ async fn failover_keeps_idle_clients_and_writes_nothing_to_the_demoted_node() {
     assert_eq!(a.cli(&["GET", "idle:7"]), "a");
     let m = p.metrics().await;
     assert_eq!(
-        metric(&m, "dbportal_sessions_closed_total{reason=\"backend\"}"),
+        sample(&m, "dbportal_sessions_closed_total{reason=\"backend\"}"),
         0.0,
         "no client was cut"
     );
@@ -707,7 +602,7 @@ async fn without_a_leader_commands_get_an_error_and_the_client_stays() {
         return;
     }
     let mut redis = Redis::start();
-    let p = Standalone::start(
+    let p = start_portal(
         &[&redis],
         "timeouts: {connect: 1s}\npooling: {mode: multiplex}\n",
     )
@@ -772,7 +667,7 @@ impl BusyLeader {
         }
         let mut backends = vec![&leader];
         backends.extend(replica.as_ref());
-        let portal = Standalone::start(
+        let portal = start_portal(
             &backends,
             "healthCheck: {interval: 100ms, rise: 1, fall: 2}\ntimeouts: {check: 1s}\n\
              pooling: {mode: multiplex, serverConnections: 1}\n",
@@ -836,7 +731,7 @@ async fn busy_script_is_killed_through_the_portal(setup: &[&str], start: &[&str]
         "$1\r\n1"
     );
     let m = p.metrics().await;
-    assert_eq!(metric(&m, "dbportal_multiplex_out_of_band_total"), 1.0);
+    assert_eq!(sample(&m, "dbportal_multiplex_out_of_band_total"), 1.0);
     let deadline = Instant::now() + Duration::from_secs(5);
     let s = loop {
         let s = p.status().await;
@@ -949,19 +844,19 @@ async fn allow_list_changes_and_admin_closes_reach_multiplexed_clients() {
     const TOKEN: &str = "mux-admin-token-0123456789";
     let redis = Redis::start();
     let extra = format!("{MUX}adminTokenFile: $DIR/token\nallowedCIDRs: [\"127.0.0.0/8\"]\n");
-    let p = Standalone::start(&[&redis], &extra).await;
-    std::fs::write(p._dir.path().join("token"), TOKEN).unwrap();
+    let p = start_portal(&[&redis], &extra).await;
+    std::fs::write(p.dir().join("token"), TOKEN).unwrap();
     p.wait_leader("r0").await;
     let mut kept = Vec::new();
     let mut cut = Vec::new();
     for _ in 0..2 {
-        kept.push(connect_from("127.0.0.2", p.addr).await);
-        cut.push(connect_from("127.0.0.3", p.addr).await);
+        kept.push(connect_from("127.0.0.2", p.addr).await.unwrap());
+        cut.push(connect_from("127.0.0.3", p.addr).await.unwrap());
     }
     for s in kept.iter_mut().chain(cut.iter_mut()) {
         assert_eq!(command(s, &["PING"]).await.unwrap(), "+PONG");
     }
-    rewrite_config(&p._dir.path().join("portal.yaml"), |yaml| {
+    rewrite_config(&p.dir().join("portal.yaml"), |yaml| {
         yaml.replace(
             "allowedCIDRs: [\"127.0.0.0/8\"]",
             "allowedCIDRs: [\"127.0.0.2/32\", \"127.0.0.4/32\"]",
@@ -976,8 +871,7 @@ async fn allow_list_changes_and_admin_closes_reach_multiplexed_clients() {
     let close = |body: &'static str| {
         let admin = p.admin;
         async move {
-            let (code, body) =
-                admin_request(admin, "POST", "/sessions/close", Some(TOKEN), body).await;
+            let (code, body) = http(admin, "POST", "/sessions/close", Some(TOKEN), body).await;
             assert_eq!(code, 200, "{body}");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             v["closed"].as_u64().unwrap()
@@ -988,15 +882,15 @@ async fn allow_list_changes_and_admin_closes_reach_multiplexed_clients() {
         closed_within(s, "a client closed by address").await;
     }
     // By backend: only the client pinned to r0's dedicated connection (inside MULTI).
-    let mut pinned = connect_from("127.0.0.4", p.addr).await;
-    let mut shared = connect_from("127.0.0.4", p.addr).await;
+    let mut pinned = connect_from("127.0.0.4", p.addr).await.unwrap();
+    let mut shared = connect_from("127.0.0.4", p.addr).await.unwrap();
     assert_eq!(command(&mut pinned, &["MULTI"]).await.unwrap(), "+OK");
     assert_eq!(command(&mut shared, &["PING"]).await.unwrap(), "+PONG");
     assert_eq!(close(r#"{"backend": "r0"}"#).await, 1);
     closed_within(&mut pinned, "a client pinned to the backend").await;
     assert_eq!(command(&mut shared, &["PING"]).await.unwrap(), "+PONG");
     // The queued transaction was not left on a connection another client gets.
-    let mut next = connect_from("127.0.0.4", p.addr).await;
+    let mut next = connect_from("127.0.0.4", p.addr).await.unwrap();
     assert_eq!(command(&mut next, &["MULTI"]).await.unwrap(), "+OK");
     assert_eq!(command(&mut next, &["EXEC"]).await.unwrap(), "*0");
 }

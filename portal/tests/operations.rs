@@ -3,8 +3,6 @@
 //! stats page in a real browser, and the access log. Real redis-server backends on loopback.
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
@@ -15,21 +13,6 @@ use tokio::{
 };
 
 const TOKEN: &str = "s3cret-token-0123456789";
-
-/// An HTTP/1.0 request to the admin endpoint: status and body.
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    within(
-        "admin request",
-        servers::admin_request(addr, method, path, token, body),
-    )
-    .await
-}
 
 /// Opens a session and checks that a real Redis answers through it.
 async fn session(portal: SocketAddr) -> TcpStream {
@@ -505,7 +488,7 @@ async fn state_changing_requests_need_the_token_and_change_nothing_without_it() 
 /// the other drained, as headless Chromium renders the stats page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stats_page_shows_a_backend_down_and_a_drain_in_a_real_browser() {
-    if servers::skip_without(&["chromium"]) {
+    if common::skip_without(&["chromium"]) {
         return;
     }
     let mut servers = redis_backends(2).await;
@@ -566,9 +549,9 @@ async fn the_stats_page_shows_a_backend_down_and_a_drain_in_a_real_browser() {
         args.push(url.clone());
         args
     };
-    let (ok, dom, err) = servers::run("chromium", &browser(vec!["--dump-dom".into()]), &[]).await;
+    let (ok, dom, err) = common::run("chromium", &browser(vec!["--dump-dom".into()]), &[]).await;
     assert!(ok, "chromium --dump-dom failed: {err}");
-    let (ok, _, err) = servers::run(
+    let (ok, _, err) = common::run(
         "chromium",
         &browser(vec![format!("--screenshot={}", shot.display())]),
         &[],
@@ -622,7 +605,6 @@ async fn the_stats_page_shows_a_backend_down_and_a_drain_in_a_real_browser() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_session_is_logged_once_unless_the_access_log_is_off() {
     let servers = redis_backends(1).await;
-    let dir = TempDir::new("access-log");
     for (on, json) in [(true, false), (true, true), (false, false)] {
         let yaml = backends_yaml(
             "roundrobin",
@@ -630,13 +612,8 @@ async fn a_closed_session_is_logged_once_unless_the_access_log_is_off() {
             &[],
             if on { "" } else { "portal: {accessLog: false}" },
         );
-        let path = dir.write("portal.yaml", &yaml);
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portal"));
-        cmd.arg("--config").arg(&path);
-        if json {
-            cmd.args(["--log-format", "json"]);
-        }
-        let portal = PortalProcess::spawn_command(cmd);
+        let args: &[&str] = if json { &["--log-format", "json"] } else { &[] };
+        let portal = PortalBuilder::new(&yaml).args(args).spawn();
         let mut s = TcpStream::connect(portal.addr).await.unwrap();
         assert_eq!(redis_cmd(&mut s, &["SET", "k", "v"]).await.unwrap(), "+OK");
         let client = s.local_addr().unwrap().to_string();

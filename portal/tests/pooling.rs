@@ -6,38 +6,39 @@
 //! standby (the old primary demoted to its standby) while pooled clients sit idle, one holds a
 //! transaction open and others write in a loop.
 
-#[path = "common/servers.rs"]
-mod servers;
-#[path = "common/tls.rs"]
-mod tlsca;
+mod common;
+
+use common::tls as tlsca;
 
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use servers::*;
+use common::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::oneshot,
 };
 
 const PW: &str = "pgpw";
 
-struct Portal {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    dir: TempDir,
+/// The standalone portal with pooling in front of PostgreSQL servers.
+struct Portal(Standalone);
+
+impl std::ops::Deref for Portal {
+    type Target = Standalone;
+
+    fn deref(&self) -> &Standalone {
+        &self.0
+    }
 }
 
 impl Portal {
     /// A portal in front of `backends` with `pooling` (YAML flow map without braces), users
     /// `postgres` and `app` (password `apppw`) unless `pooling` has its own `auth`.
     async fn start(backends: &[&Postgres], pooling: &str, extra: &str) -> Portal {
-        Portal::start_at(free_port(), backends, pooling, extra).await
+        Portal::start_at(0, backends, pooling, extra).await
     }
 
     /// [`start`](Self::start) listening on `port`.
@@ -50,14 +51,13 @@ impl Portal {
         } else {
             format!(", auth: {{usersFile: {}}}", users.display())
         };
-        let admin = free_port();
         let tls = if extra.contains("tls:") {
             ""
         } else {
             "tls: {mode: disabled}\n"
         };
         let mut yaml = format!(
-            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\n{tls}limits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}{auth}}}\n{extra}backends:\n",
+            "engine: postgres\nlisten: 127.0.0.1:{port}\nadmin: 127.0.0.1:0\n{tls}limits: {{maxConnections: 6000, maxNegotiating: 6000, maxNegotiatingPerClient: 0}}\nhealthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{username: postgres, password: {PW}}}}}\npooling: {{{pooling}{auth}}}\n{extra}backends:\n",
         );
         for (i, b) in backends.iter().enumerate() {
             yaml.push_str(&format!(
@@ -65,28 +65,7 @@ impl Portal {
                 b.address()
             ));
         }
-        let path = dir.path().join("portal.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            portal::server::standalone(Some(path), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let p = Portal {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-            stop: Some(stop),
-            task: Some(task),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(p.admin).await.is_err() {
-            assert!(Instant::now() < deadline, "portal did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let p = Portal(PortalBuilder::new(&yaml).in_dir(dir).standalone().await);
         p.wait_leader("pg0").await;
         p
     }
@@ -95,63 +74,24 @@ impl Portal {
         self.addr.port().to_string()
     }
 
-    async fn status(&self) -> serde_json::Value {
-        let body = http(self.admin, "/status").await;
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    }
-
-    async fn metrics(&self) -> String {
-        http(self.admin, "/metrics").await
-    }
-
     async fn wait_leader(&self, name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.status().await;
-            if s["leader"] == name {
-                return;
-            }
-            assert!(Instant::now() < deadline, "leader {name} not seen: {s:#}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_status(&format!("leader {name}"), Duration::from_secs(20), |s| {
+            s["leader"] == name
+        })
+        .await;
     }
 
     /// psql through the portal as `user`.
     async fn psql(&self, user: &str, password: &str, sql: &str) -> (bool, String, String) {
-        run(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port(),
-                "-U",
-                user,
-                "-d",
-                "postgres",
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ],
-            &[
-                ("PGPASSWORD", password),
-                ("PGCONNECT_TIMEOUT", "5"),
-                ("PGSSLMODE", "prefer"),
-            ],
-        )
-        .await
-    }
-
-    /// The configuration file the portal follows.
-    fn config_path(&self) -> std::path::PathBuf {
-        self.dir.path().join("portal.yaml")
+        psql(self.addr.port(), user, password)
+            .conninfo("connect_timeout=5 sslmode=prefer")
+            .run(&["-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .await
     }
 
     /// A tokio-postgres client through the portal from the loopback address `from`.
     async fn client_from(&self, from: &str, user: &str, password: &str) -> tokio_postgres::Client {
-        let tcp = connect_from(from, self.addr).await;
+        let tcp = connect_from(from, self.addr).await.unwrap();
         let mut config = tokio_postgres::Config::new();
         config.user(user).password(password).dbname("postgres");
         let (client, connection) = config
@@ -175,35 +115,6 @@ impl Portal {
         tokio::spawn(connection);
         Ok(client)
     }
-}
-
-impl Drop for Portal {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-async fn http(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
 fn have_postgres() -> bool {
@@ -246,13 +157,13 @@ async fn psql_logs_in_with_scram_and_a_wrong_password_never_reaches_the_backend(
     );
     let m = portal.metrics().await;
     assert_eq!(
-        metric(
+        sample(
             &m,
             "dbportal_pool_server_connection_events_total{event=\"opened\"}"
         ),
         0.0
     );
-    assert_eq!(metric(&m, "dbportal_pool_auth_failures_total"), 2.0);
+    assert_eq!(sample(&m, "dbportal_pool_auth_failures_total"), 2.0);
     assert_eq!(backends_of(&pg, "app"), 0);
 
     // The right one: queries run as that user on the backend.
@@ -282,7 +193,7 @@ async fn psql_logs_in_with_scram_and_a_wrong_password_never_reaches_the_backend(
     assert!(ok, "{err}");
     assert_eq!(out, "1\n2\n3");
     let m = portal.metrics().await;
-    assert!(metric(&m, "dbportal_pool_transactions_total") >= 4.0, "{m}");
+    assert!(sample(&m, "dbportal_pool_transactions_total") >= 4.0, "{m}");
     let s = portal.status().await;
     assert_eq!(s["pooling"]["pools"][0]["user"], "app", "{s:#}");
 }
@@ -359,11 +270,11 @@ async fn pgbench_many_clients_on_a_small_pool_simple_extended_and_prepared() {
     }
     let m = portal.metrics().await;
     assert!(
-        metric(&m, "dbportal_pool_transactions_total") >= 4000.0,
+        sample(&m, "dbportal_pool_transactions_total") >= 4000.0,
         "{m}"
     );
     assert!(
-        metric(
+        sample(
             &m,
             "dbportal_pool_server_connection_events_total{event=\"opened\"}"
         ) <= 4.0
@@ -395,7 +306,7 @@ async fn a_client_past_the_queue_timeout_gets_53300_and_a_held_transaction_keeps
         "{err}"
     );
     let m = portal.metrics().await;
-    assert_eq!(metric(&m, "dbportal_pool_queue_timeouts_total"), 1.0);
+    assert_eq!(sample(&m, "dbportal_pool_queue_timeouts_total"), 1.0);
     // a's transaction is intact: it sees its own row, then commits.
     assert_eq!(query_one(&a, "SELECT count(*) FROM t").await, "1");
     a.simple_query("COMMIT").await.unwrap();
@@ -435,71 +346,30 @@ async fn session_parameters_follow_the_client_across_server_connections() {
         b.simple_query("COMMIT").await.unwrap();
     }
     // A startup parameter (psql's PGAPPNAME, PGTZ) is applied too.
-    let (ok, out, err) = run(
-        "psql",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &portal.port(),
-            "-U",
-            "app",
-            "-d",
-            "postgres",
+    let (ok, out, err) = psql(portal.addr.port(), "app", "apppw")
+        .env("PGAPPNAME", "from-startup")
+        .env("PGTZ", "America/Lima")
+        .run(&[
             "-XAtq",
             "-c",
             "SHOW application_name",
             "-c",
             "SHOW TimeZone",
-        ],
-        &[
-            ("PGPASSWORD", "apppw"),
-            ("PGAPPNAME", "from-startup"),
-            ("PGTZ", "America/Lima"),
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(ok, "{err}");
     assert_eq!(out, "from-startup\nAmerica/Lima");
     // An invalid value fails the login with the server's reason.
-    let (ok, _, err) = run(
-        "psql",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &portal.port(),
-            "-U",
-            "app",
-            "-d",
-            "postgres",
-            "-XAtq",
-            "-c",
-            "SELECT 1",
-        ],
-        &[("PGPASSWORD", "apppw"), ("PGTZ", "Not/AZone")],
-    )
-    .await;
+    let (ok, _, err) = psql(portal.addr.port(), "app", "apppw")
+        .env("PGTZ", "Not/AZone")
+        .run(&["-XAtq", "-c", "SELECT 1"])
+        .await;
     assert!(!ok && err.contains("invalid startup parameter"), "{err}");
     // Startup options cannot be kept: refused, naming why.
-    let (ok, _, err) = run(
-        "psql",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &portal.port(),
-            "-U",
-            "app",
-            "-d",
-            "postgres",
-            "-XAtq",
-            "-c",
-            "SELECT 1",
-        ],
-        &[("PGPASSWORD", "apppw"), ("PGOPTIONS", "-c work_mem=64MB")],
-    )
-    .await;
+    let (ok, _, err) = psql(portal.addr.port(), "app", "apppw")
+        .env("PGOPTIONS", "-c work_mem=64MB")
+        .run(&["-XAtq", "-c", "SELECT 1"])
+        .await;
     assert!(!ok && err.contains("startup options"), "{err}");
 }
 
@@ -852,10 +722,10 @@ async fn failover_keeps_idle_pooled_clients_and_fails_the_transaction_in_flight(
     assert!(backends_of(&standby, "app") <= 5);
     let m = portal.metrics().await;
     assert_eq!(
-        metric(&m, "dbportal_pool_failed_in_flight_total"),
+        sample(&m, "dbportal_pool_failed_in_flight_total"),
         1.0 + errors.len() as f64
     );
-    let _ = &portal.dir;
+    let _ = portal.dir();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -875,7 +745,7 @@ async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on()
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
+    while sample(
         &portal.metrics().await,
         "dbportal_pool_cancels_total{result=\"dropped\"}",
     ) != 1.0
@@ -903,7 +773,7 @@ async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on()
     // Counted once the server has taken the request (it closes the cancel connection), which
     // may come after the client already heard of the cancel.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
+    while sample(
         &portal.metrics().await,
         "dbportal_pool_cancels_total{result=\"forwarded\"}",
     ) != 1.0
@@ -916,7 +786,7 @@ async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on()
     }
     let m = portal.metrics().await;
     assert_eq!(
-        metric(&m, "dbportal_pool_cancels_total{result=\"dropped\"}"),
+        sample(&m, "dbportal_pool_cancels_total{result=\"dropped\"}"),
         1.0
     );
 }
@@ -989,13 +859,13 @@ async fn prepared_statements_work_with_real_drivers_across_server_connections() 
     assert!(most <= 3);
     let m = portal.metrics().await;
     assert!(
-        metric(
+        sample(
             &m,
             "dbportal_pool_prepared_statements_total{result=\"miss\"}"
         ) > 0.0
     );
     assert!(
-        metric(
+        sample(
             &m,
             "dbportal_pool_prepared_statements_total{result=\"hit\"}"
         ) > 0.0
@@ -1022,7 +892,7 @@ for c in conns:
     assert c.execute("SELECT %s::text", ("after",), prepare=True).fetchone()[0] == "after"
 print(conns[0].execute("SELECT count(*) FROM t WHERE v LIKE 'py%%'").fetchone()[0])
 "#;
-    let path = portal.dir.path().join("prepared.py");
+    let path = portal.dir().join("prepared.py");
     std::fs::write(&path, script).unwrap();
     let (ok, out, err) = run(
         "/usr/bin/python3",
@@ -1068,21 +938,21 @@ async fn session_state_that_cannot_move_pins_the_client_and_is_counted() {
     }
     let m = portal.metrics().await;
     assert_eq!(
-        metric(&m, "dbportal_pool_pinned_clients{reason=\"temp_table\"}"),
+        sample(&m, "dbportal_pool_pinned_clients{reason=\"temp_table\"}"),
         1.0
     );
     assert_eq!(
-        metric(&m, "dbportal_pool_pinned_clients{reason=\"set\"}"),
+        sample(&m, "dbportal_pool_pinned_clients{reason=\"set\"}"),
         1.0
     );
     assert_eq!(
-        metric(&m, "dbportal_pool_pins_total{reason=\"listen\"}"),
+        sample(&m, "dbportal_pool_pins_total{reason=\"listen\"}"),
         0.0
     );
     drop(a);
     drop(b);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
+    while sample(
         &portal.metrics().await,
         "dbportal_pool_pinned_clients{reason=\"temp_table\"}",
     ) != 0.0
@@ -1127,25 +997,22 @@ async fn tls_to_clients_and_to_the_backend() {
     );
     let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", &tls).await;
     let conninfo = format!(
-        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=postgres sslmode=verify-full sslrootcert={}",
-        portal.port(),
+        "host=localhost hostaddr=127.0.0.1 sslmode=verify-full sslrootcert={}",
         ca_path.display()
     );
+    let port = portal.addr.port();
     // The client's TLS is verified against the portal's certificate; the server connection
     // is TLS too (the server refuses anything else).
-    let (ok, out, err) = run(
-        "psql",
-        &[
-            conninfo.as_str(),
+    let (ok, out, err) = psql(port, "app", "apppw")
+        .conninfo(&conninfo)
+        .run(&[
             "-XAtq",
             "-c",
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             "-c",
             "SELECT current_user",
-        ],
-        &[("PGPASSWORD", "apppw")],
-    )
-    .await;
+        ])
+        .await;
     assert!(ok, "{err}");
     assert_eq!(out, "t\napp");
     // After the handshake the portal keeps the client's TLS records itself: TLS 1.3 and 1.2,
@@ -1155,10 +1022,9 @@ async fn tls_to_clients_and_to_the_backend() {
         ("TLSv1.3", "protocol: TLSv1.3"),
         ("TLSv1.2", "protocol: TLSv1.2"),
     ] {
-        let (ok, out, err) = run(
-            "psql",
-            &[
-                format!("{conninfo} ssl_max_protocol_version={version}").as_str(),
+        let (ok, out, err) = psql(port, "app", "apppw")
+            .conninfo(&format!("{conninfo} ssl_max_protocol_version={version}"))
+            .run(&[
                 "-XAtq",
                 "-c",
                 "\\conninfo",
@@ -1168,10 +1034,8 @@ async fn tls_to_clients_and_to_the_backend() {
                 &format!("SELECT '{big}'"),
                 "-c",
                 "SELECT repeat('z', 200000)",
-            ],
-            &[("PGPASSWORD", "apppw")],
-        )
-        .await;
+            ])
+            .await;
         assert!(ok, "{version}: {err}");
         // \\conninfo's second line names the client's TLS; then one line per query.
         let lines: Vec<&str> = out.lines().collect();
@@ -1185,20 +1049,10 @@ async fn tls_to_clients_and_to_the_backend() {
         assert!(lines[4] == "z".repeat(200_000), "{version}: 200,000 bytes");
     }
     // A plaintext client is refused: the portal requires TLS.
-    let (ok, _, err) = run(
-        "psql",
-        &[
-            format!(
-                "host=127.0.0.1 port={} user=app dbname=postgres sslmode=disable",
-                portal.port()
-            )
-            .as_str(),
-            "-XAtqc",
-            "SELECT 1",
-        ],
-        &[("PGPASSWORD", "apppw")],
-    )
-    .await;
+    let (ok, _, err) = psql(port, "app", "apppw")
+        .conninfo("sslmode=disable")
+        .run(&["-XAtqc", "SELECT 1"])
+        .await;
     assert!(!ok && err.contains("requires TLS"), "{err}");
 
     // The portal ends a client's TLS with close_notify: after Terminate, and in answer to the
@@ -1233,7 +1087,7 @@ async fn tls_to_clients_and_to_the_backend() {
     assert!(e.to_string().contains("BadRecordMac"), "{e}");
     let refused = r#"dbportal_sessions_closed_total{reason="tls_record"}"#;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&portal.metrics().await, refused) < 1.0 {
+    while sample(&portal.metrics().await, refused) < 1.0 {
         assert!(Instant::now() < deadline, "{}", portal.metrics().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1307,19 +1161,19 @@ async fn no_password_is_stored_scram_passthrough_by_auth_query_or_verifier_and_m
         }
         let m = portal.metrics().await;
         assert_eq!(
-            metric(&m, "dbportal_pool_auth_failures_total"),
+            sample(&m, "dbportal_pool_auth_failures_total"),
             3.0,
             "{auth}"
         );
         assert_eq!(
-            metric(
+            sample(
                 &m,
                 "dbportal_pool_server_connection_events_total{event=\"opened\"}"
             ),
             2.0,
             "{auth}: one server connection for app, one for legacy"
         );
-        let _ = &portal.dir;
+        let _ = portal.dir();
     }
 }
 
@@ -1395,15 +1249,15 @@ async fn a_cancel_sent_to_the_other_portal_is_forwarded_to_the_one_that_gave_the
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (ma, mb) = (a.metrics().await, b.metrics().await);
-        let sent = metric(&mb, "dbportal_pool_cancels_total{result=\"peer\"}");
-        let served = metric(&ma, "dbportal_pool_cancels_total{result=\"forwarded\"}");
+        let sent = sample(&mb, "dbportal_pool_cancels_total{result=\"peer\"}");
+        let served = sample(&ma, "dbportal_pool_cancels_total{result=\"forwarded\"}");
         if (sent, served) == (1.0, 1.0) {
             assert_eq!(
-                metric(&ma, "dbportal_pool_cancels_total{result=\"peer\"}"),
+                sample(&ma, "dbportal_pool_cancels_total{result=\"peer\"}"),
                 0.0
             );
             assert_eq!(
-                metric(&mb, "dbportal_pool_cancels_total{result=\"forwarded\"}"),
+                sample(&mb, "dbportal_pool_cancels_total{result=\"forwarded\"}"),
                 0.0
             );
             break;
@@ -1421,7 +1275,7 @@ async fn a_cancel_sent_to_the_other_portal_is_forwarded_to_the_one_that_gave_the
     raw.write_all(&request).await.unwrap();
     let _ = raw.read(&mut [0u8; 1]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
+    while sample(
         &b.metrics().await,
         "dbportal_pool_cancels_total{result=\"dropped\"}",
     ) != 1.0
@@ -1472,7 +1326,7 @@ async fn pools_keep_min_idle_close_idle_connections_and_replace_old_ones() {
         });
         let m = portal.metrics().await;
         assert!(
-            metric(
+            sample(
                 &m,
                 "dbportal_pool_server_connection_events_total{event=\"closed\"}"
             ) >= 3.0,
@@ -1553,7 +1407,7 @@ async fn allow_list_changes_and_admin_closes_reach_pooled_clients() {
         for c in kept.iter().chain(&cut) {
             assert_eq!(query_one(c, "SELECT 1").await, "1");
         }
-        rewrite_config(&portal.config_path(), |yaml| {
+        rewrite_config(&portal.path, |yaml| {
             yaml.replace(
                 "allowedCIDRs: [\"127.0.0.0/8\"]",
                 "allowedCIDRs: [\"127.0.0.2/32\", \"127.0.0.4/32\"]",
@@ -1568,7 +1422,7 @@ async fn allow_list_changes_and_admin_closes_reach_pooled_clients() {
         let close = |body: &'static str| {
             let admin = portal.admin;
             async move {
-                let (code, body) = admin_request(
+                let (code, body) = http(
                     admin,
                     "POST",
                     "/sessions/close",

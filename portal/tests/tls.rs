@@ -3,10 +3,8 @@
 //! rotation under load with the portal binary, and malformed negotiations.
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
-#[path = "common/tls.rs"]
-mod tlsca;
+
+use common::tls as tlsca;
 
 use std::{
     path::PathBuf,
@@ -17,9 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{metric, Portal, PortalProcess, RedisServer, TestServer};
+use common::{metric, Portal, PortalBuilder, RedisServer, TempDir, TestServer};
+use common::{psql, redis_cli, run, skip_without};
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-use servers::{run, skip_without};
 use tlsca::{Leaf, TestCa};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -28,7 +26,7 @@ use tokio::{
 
 /// A CA, a server certificate for localhost / 127.0.0.1, and their files.
 struct Pki {
-    dir: tlsca::TempDir,
+    dir: TempDir,
     ca: TestCa,
     ca_file: PathBuf,
     cert: PathBuf,
@@ -37,7 +35,7 @@ struct Pki {
 
 impl Pki {
     fn new(tag: &str) -> Pki {
-        let dir = tlsca::TempDir::new(tag);
+        let dir = TempDir::new(tag);
         let ca = TestCa::new("dbportal test CA");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &ca.cert_pem).unwrap();
@@ -132,25 +130,15 @@ async fn redis_cli_over_tls_and_client_certificates() {
     let redis = RedisServer::start().await;
     let pki = Pki::new("tls-redis");
     let portal = Portal::start(&pki.yaml("redis", &redis.addr.to_string(), "")).await;
-    let port = portal.addr.port().to_string();
+    let port = portal.addr.port();
     let ca = pki.ca_file.display().to_string();
     let cli = |extra: Vec<String>, cmd: &'static [&'static str]| {
-        let port = port.clone();
-        let ca = ca.clone();
+        let mut args: Vec<String> = vec!["--tls".into(), "--cacert".into(), ca.clone()];
+        args.extend(extra);
+        args.extend(cmd.iter().map(|s| s.to_string()));
         async move {
-            let mut args: Vec<String> = vec![
-                "--tls".into(),
-                "--cacert".into(),
-                ca,
-                "-h".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port,
-            ];
-            args.extend(extra);
-            args.extend(cmd.iter().map(|s| s.to_string()));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run("redis-cli", &args, &[]).await
+            redis_cli(port, &args).await
         }
     };
     let (ok, out, err) = cli(vec![], &["PING"]).await;
@@ -159,7 +147,7 @@ async fn redis_cli_over_tls_and_client_certificates() {
     assert_eq!(cli(vec![], &["GET", "k"]).await.1, "over-tls");
 
     // Plaintext to a TLS portal gets nowhere.
-    let (_, out, _) = run("redis-cli", &["-h", "127.0.0.1", "-p", &port, "PING"], &[]).await;
+    let (_, out, _) = redis_cli(port, &["PING"]).await;
     assert_ne!(out, "PONG");
 
     let status = portal.status().await;
@@ -185,24 +173,14 @@ async fn redis_cli_over_tls_and_client_certificates() {
         &format!("  clientCAFile: \"{}\"\n", client_ca.display()),
     ))
     .await;
-    let port = portal.addr.port().to_string();
+    let port = portal.addr.port();
     let cli = |extra: Vec<String>| {
-        let port = port.clone();
-        let ca = ca.clone();
+        let mut args: Vec<String> = vec!["--tls".into(), "--cacert".into(), ca.clone()];
+        args.extend(extra);
+        args.push("PING".into());
         async move {
-            let mut args: Vec<String> = vec![
-                "--tls".into(),
-                "--cacert".into(),
-                ca,
-                "-h".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port,
-            ];
-            args.extend(extra);
-            args.push("PING".into());
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run("redis-cli", &args, &[]).await
+            redis_cli(port, &args).await
         }
     };
     let with_cert = |leaf: Leaf, stem: &str| {
@@ -302,10 +280,10 @@ fn pg_startup(user: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_verify_full_direct_tls_and_plaintext_refusal() {
-    if skip_without(&["psql", &format!("{}/postgres", servers::PG_BIN)]) {
+    if skip_without(&["psql", &format!("{}/postgres", common::PG_BIN)]) {
         return;
     }
-    let pg = tokio::task::spawn_blocking(|| servers::Postgres::primary("s3cret"))
+    let pg = tokio::task::spawn_blocking(|| common::Postgres::primary("s3cret"))
         .await
         .unwrap();
     let pki = Pki::new("tls-pg");
@@ -313,34 +291,26 @@ async fn psql_verify_full_direct_tls_and_plaintext_refusal() {
     let port = portal.addr.port();
     let conninfo = |mode: &str| {
         format!(
-            "host=localhost hostaddr=127.0.0.1 port={port} user=postgres dbname=postgres \
-             sslmode={mode} sslrootcert={} connect_timeout=10",
+            "host=localhost hostaddr=127.0.0.1 sslmode={mode} sslrootcert={} connect_timeout=10",
             pki.ca_file.display()
         )
     };
-    let env = [("PGPASSWORD", "s3cret")];
-    let (ok, out, err) = run(
-        "psql",
-        &[&conninfo("verify-full"), "-XAtq", "-c", "SELECT 40 + 2"],
-        &env,
-    )
-    .await;
+    let (ok, out, err) = psql(port, "postgres", "s3cret")
+        .conninfo(&conninfo("verify-full"))
+        .run(&["-XAtq", "-c", "SELECT 40 + 2"])
+        .await;
     assert!(ok && out == "42", "{out} {err}");
-    let (ok, out, err) = run(
-        "psql",
-        &[&conninfo("verify-full"), "-Xq", "-c", "\\conninfo"],
-        &env,
-    )
-    .await;
+    let (ok, out, err) = psql(port, "postgres", "s3cret")
+        .conninfo(&conninfo("verify-full"))
+        .run(&["-Xq", "-c", "\\conninfo"])
+        .await;
     assert!(ok && out.contains("SSL connection"), "{out} {err}");
 
     // A plaintext client is told why it is refused.
-    let (ok, out, err) = run(
-        "psql",
-        &[&conninfo("disable"), "-XAtq", "-c", "SELECT 1"],
-        &env,
-    )
-    .await;
+    let (ok, out, err) = psql(port, "postgres", "s3cret")
+        .conninfo(&conninfo("disable"))
+        .run(&["-XAtq", "-c", "SELECT 1"])
+        .await;
     assert!(!ok, "{out}");
     assert!(err.contains("requires TLS"), "{err}");
 
@@ -371,7 +341,7 @@ async fn mariadb_client_through_a_mysql_portal() {
     if skip_without(&["mariadb", "mariadbd", "mariadb-install-db"]) {
         return;
     }
-    let db = tokio::task::spawn_blocking(|| servers::Mariadb::start("app", "pw"))
+    let db = tokio::task::spawn_blocking(|| common::Mariadb::start("app", "pw"))
         .await
         .unwrap();
     let pki = Pki::new("tls-mysql");
@@ -503,9 +473,9 @@ async fn certificate_rotation_under_load() {
     }
     let redis = RedisServer::start().await;
     let pki = Pki::new("tls-rotate");
-    let config = pki.dir.path().join("portal.yaml");
-    std::fs::write(&config, pki.yaml("redis", &redis.addr.to_string(), "")).unwrap();
-    let portal = PortalProcess::spawn(&config);
+    let portal = PortalBuilder::new(&pki.yaml("redis", &redis.addr.to_string(), ""))
+        .file(&pki.dir.path().join("portal.yaml"))
+        .spawn();
     let addr = portal.addr;
     let client = pki.client_config(&[]);
     assert!(served_cn(addr, client.clone()).await.contains("portal-1"));

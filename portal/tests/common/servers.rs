@@ -1,165 +1,19 @@
 //! Real database servers for tests, started from the Debian packages on free loopback ports in
 //! private temporary directories, and stopped by PID when dropped: Redis, PostgreSQL (as the
-//! `postgres` user when run as root), MariaDB and etcd.
+//! `postgres` user when run as root) and MariaDB. Each has its command-line client at hand.
+//!
+//! The operator's tests and the benchmarks include this file by path, beside `harness.rs`.
 #![allow(dead_code)]
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Whether `program` can be run (tests skip a server that is not installed).
-pub fn installed(program: &str) -> bool {
-    Path::new(program).exists()
-        || std::env::var_os("PATH").is_some_and(|paths| {
-            std::env::split_paths(&paths).any(|dir| dir.join(program).exists())
-        })
-}
-
-/// Whether a test must skip because one of `programs` is not installed (and says which).
-pub fn skip_without(programs: &[&str]) -> bool {
-    let missing: Vec<_> = programs.iter().filter(|p| !installed(p)).collect();
-    if !missing.is_empty() {
-        eprintln!("skipped: {missing:?} not installed");
-        return true;
-    }
-    false
-}
-
-/// Runs a client program (at most 30 s, through `timeout`) off the async runtime:
-/// (success, stdout, stderr), both trimmed.
-pub async fn run<A: AsRef<std::ffi::OsStr>>(
-    program: &str,
-    args: &[A],
-    env: &[(&str, &str)],
-) -> (bool, String, String) {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("30").arg(program).args(args).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
-}
-
-/// A private directory, removed when dropped.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> TempDir {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "dbportal-{prefix}-{}-{n}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process stopped by its PID when dropped: `signal` first, SIGKILL after 5 s.
-#[derive(Debug)]
-pub struct Proc {
-    child: Option<Child>,
-    signal: &'static str,
-}
-
-impl Proc {
-    pub fn spawn(mut command: Command, signal: &'static str) -> Proc {
-        command.stdin(Stdio::null());
-        if std::env::var_os("DBPORTAL_TEST_SERVER_LOGS").is_none() {
-            command.stdout(Stdio::null()).stderr(Stdio::null());
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-        Proc {
-            child: Some(child),
-            signal,
-        }
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Sends `signal` to the process and waits for it to end (SIGKILL after 5 s).
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = child.id().to_string();
-        let _ = Command::new("kill")
-            .args([&format!("-{}", self.signal), &pid])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-
-    /// SIGKILL at once, like a crash.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Polls `ready` every 50 ms until it holds or `within` passes.
-pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} not ready within {within:?}");
-}
+use super::harness::{
+    free_port, psql, redis_cli_blocking, run_blocking, wait_until, Proc, TempDir,
+};
 
 /// A `redis-server` without persistence.
 #[derive(Debug)]
@@ -183,19 +37,23 @@ impl Redis {
     }
 
     pub fn start_with(extra: &[&str]) -> Redis {
-        let dir = TempDir::new("redis");
-        let port = free_port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let proc = Redis::spawn(port, &dir, &extra);
-        let redis = Redis {
-            port,
-            dir,
-            proc,
-            extra,
-            cli_tls: Vec::new(),
-        };
-        redis.wait_ready();
-        redis
+        // A few ports: another test may take the free one before the server binds it.
+        for _ in 0..5 {
+            let dir = TempDir::new("redis");
+            let port = free_port();
+            let mut redis = Redis {
+                port,
+                proc: Redis::spawn(port, &dir, &extra),
+                dir,
+                extra: extra.clone(),
+                cli_tls: Vec::new(),
+            };
+            if redis.ready_unless_exited() {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start");
     }
 
     fn spawn(port: u16, dir: &TempDir, extra: &[String]) -> Proc {
@@ -224,10 +82,27 @@ impl Redis {
     }
 
     fn wait_ready(&self) {
-        wait_until("redis-server", Duration::from_secs(10), || {
-            // PONG, or NOAUTH when a password is required: either way it answers.
-            self.try_cli(&["PING"]).is_some_and(|r| !r.is_empty())
-        });
+        wait_until("redis-server", Duration::from_secs(10), || self.answers());
+    }
+
+    /// PONG, or NOAUTH when a password is required: either way it answers.
+    fn answers(&self) -> bool {
+        self.try_cli(&["PING"]).is_some_and(|r| !r.is_empty())
+    }
+
+    /// Waits for the server to answer (true) or to exit, its port taken (false).
+    fn ready_unless_exited(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !self.proc.running() {
+                return false;
+            }
+            if self.answers() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server not ready within 10 s");
     }
 
     pub fn address(&self) -> String {
@@ -269,16 +144,10 @@ impl Redis {
     }
 
     fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(&self.cli_tls)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let mut all: Vec<&str> = self.cli_tls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        let (ok, out, _) = redis_cli_blocking(self.port, &all);
+        ok.then_some(out)
     }
 
     /// Runs a command with redis-cli and returns its output.
@@ -468,17 +337,10 @@ impl Postgres {
     }
 
     pub fn try_psql(&self, user: &str, password: &str, sql: &str) -> Option<String> {
-        let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", user, "-d", "postgres", "-XAtq", "-c", sql])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "2")
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let (ok, out, _) = psql(self.port, user, password)
+            .conninfo("connect_timeout=2")
+            .run_blocking(&["-XAtq", "-c", sql]);
+        ok.then_some(out)
     }
 
     /// Runs SQL as `postgres`.
@@ -627,216 +489,20 @@ impl Mariadb {
     }
 
     pub fn try_sql(&self, sql: &str) -> Option<String> {
-        let out = Command::new("mariadb")
-            .args([
-                "--no-defaults",
-                "-h",
-                "127.0.0.1",
-                "-P",
-                &self.port.to_string(),
-            ])
-            .args(["-u", &self.user, &format!("-p{}", self.password)])
-            .args(if self.client_tls { &["--ssl"][..] } else { &[] })
-            .args(["--connect-timeout=2", "-N", "-B", "-e", sql])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let port = self.port.to_string();
+        let password = format!("-p{}", self.password);
+        let mut args = vec!["--no-defaults", "-h", "127.0.0.1", "-P", &port];
+        args.extend(["-u", &self.user, &password]);
+        if self.client_tls {
+            args.push("--ssl");
+        }
+        args.extend(["--connect-timeout=2", "-N", "-B", "-e", sql]);
+        let (ok, out, _) = run_blocking("mariadb", &args, &[]);
+        ok.then_some(out)
     }
 
     pub fn sql(&self, sql: &str) -> String {
         self.try_sql(sql)
             .unwrap_or_else(|| panic!("mariadb {sql:?} on port {} failed", self.port))
     }
-}
-
-/// One member of an etcd cluster.
-#[derive(Debug)]
-pub struct EtcdMember {
-    pub name: String,
-    pub client_port: u16,
-    proc: Option<Proc>,
-    /// The CA of the member's HTTPS client URL, when it has one.
-    ca: Option<PathBuf>,
-}
-
-impl EtcdMember {
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
-    }
-
-    /// The client URL, `http://` or `https://`.
-    pub fn url(&self) -> String {
-        let scheme = if self.ca.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
-    }
-
-    /// Stops the member (SIGTERM).
-    pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.stop();
-        }
-    }
-
-    /// Runs `etcdctl` against this member alone; its output on success.
-    pub fn etcdctl(&self, args: &[&str]) -> Option<String> {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.url()))
-            .arg("--command-timeout=3s");
-        if let Some(ca) = &self.ca {
-            cmd.arg(format!("--cacert={}", ca.display()));
-        }
-        let out = cmd.args(args).stderr(Stdio::null()).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-}
-
-/// How to start an etcd cluster besides its size.
-#[derive(Debug, Default, Clone)]
-pub struct EtcdOptions {
-    /// Serve clients over HTTPS with this certificate, key and (for the helper's etcdctl) CA;
-    /// peers stay on HTTP.
-    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
-    /// More flags for every member (e.g. `--quota-backend-bytes=...`).
-    pub extra: Vec<String>,
-}
-
-/// An etcd cluster of `n` members on loopback.
-#[derive(Debug)]
-pub struct Etcd {
-    pub members: Vec<EtcdMember>,
-    dir: TempDir,
-}
-
-impl Etcd {
-    pub fn cluster(n: usize) -> Etcd {
-        Etcd::start(n, &EtcdOptions::default())
-    }
-
-    pub fn start(n: usize, options: &EtcdOptions) -> Etcd {
-        let dir = TempDir::new("etcd");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let initial: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect();
-        let initial = initial.join(",");
-        let scheme = if options.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let mut members = Vec::new();
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let mut cmd = Command::new("etcd");
-            cmd.arg(format!("--name=m{i}"))
-                .arg(format!(
-                    "--data-dir={}",
-                    dir.path().join(format!("m{i}")).display()
-                ))
-                .arg(format!(
-                    "--listen-client-urls={scheme}://127.0.0.1:{client}"
-                ))
-                .arg(format!(
-                    "--advertise-client-urls={scheme}://127.0.0.1:{client}"
-                ))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-                ))
-                .arg(format!("--initial-cluster={initial}"))
-                .arg("--initial-cluster-state=new")
-                .arg("--initial-cluster-token=dbportal-test")
-                .args(&options.extra);
-            if let Some((cert, key, _)) = &options.tls {
-                cmd.arg(format!("--cert-file={}", cert.display()))
-                    .arg(format!("--key-file={}", key.display()));
-            }
-            members.push(EtcdMember {
-                name: format!("m{i}"),
-                client_port: *client,
-                proc: Some(Proc::spawn(cmd, "TERM")),
-                ca: options.tls.as_ref().map(|(_, _, ca)| ca.clone()),
-            });
-        }
-        let etcd = Etcd { members, dir };
-        for m in &etcd.members {
-            wait_until("etcd member", Duration::from_secs(20), || match &m.ca {
-                None => http_get(m.client_port, "/health").is_some_and(|b| b.contains("\"true\"")),
-                Some(_) => m.etcdctl(&["endpoint", "health"]).is_some(),
-            });
-        }
-        etcd
-    }
-}
-
-/// A tiny blocking HTTP GET on loopback, for readiness checks.
-pub fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-/// An admin endpoint request (`method path` with a JSON `body`, the bearer `token` if any):
-/// the status code and the body.
-pub async fn admin_request(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .expect("the admin endpoint answered within 10 s")
-        .unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_string())
-}
-
-/// A TCP connection to `to` from the loopback address `from` (e.g. "127.0.0.3"), so that
-/// one test has clients of several addresses.
-pub async fn connect_from(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    socket.connect(to).await.unwrap()
-}
-
-/// Rewrites the file a standalone portal follows (beside it, then renamed over it, so that
-/// the portal never reads half of it).
-pub fn rewrite_config(path: &Path, edit: impl FnOnce(String) -> String) {
-    let text = edit(std::fs::read_to_string(path).unwrap());
-    let tmp = path.with_extension("yaml.new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }

@@ -1,8 +1,8 @@
 //! Test certificates: a throwaway CA and the server and client certificates it signs,
 //! generated with rcgen, written to temp files for the portal and the real clients.
 //!
-//! Used by the integration tests (`#[path = "common/tls.rs"]`) and the unit tests of
-//! `portal::tls`; depends only on rcgen and std.
+//! Used by the integration tests (as `common::tls`) and the unit tests of `portal::tls`
+//! (by path); depends only on rcgen, std and `harness.rs`, which it loads for [`TempDir`].
 #![allow(dead_code)]
 
 use std::{
@@ -114,30 +114,9 @@ impl Leaf {
     }
 }
 
-/// A private temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "dbportal-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+// The library's unit tests include this file alone and want its temporary directory; the
+// integration tests reach the harness through here too (`common::harness`), so that the file
+// is loaded once.
+#[path = "harness.rs"]
+pub mod harness;
+pub use harness::TempDir;
