@@ -65,8 +65,8 @@ pub struct Pooling {
     /// `8M`). Default 8Mi.
     #[serde(default = "Pooling::default_client_output_limit")]
     pub client_output_limit: ByteSize,
-    /// How long a client waits for a server connection (postgres: of its pool; redis: a
-    /// dedicated one for a pinned client) before it gets an error (postgres: SQLSTATE 53300;
+    /// How long a client waits for a server connection (postgres: of its pool, at login too;
+    /// redis: a dedicated one for a pinned client) before it gets an error (postgres: SQLSTATE 53300;
     /// 08006 when its backend could not be reached all that time, as in a failover).
     /// Default 5s.
     #[serde(default = "Pooling::default_queue_timeout")]

@@ -402,7 +402,9 @@ pub struct Timeouts {
     #[serde(default = "Timeouts::two_seconds")]
     pub check: Duration,
     /// Deadline of a client's negotiation: the PROXY header, the TLS handshake, PostgreSQL's
-    /// SSLRequest and startup, MySQL's handshake. Default 5s.
+    /// SSLRequest and startup, MySQL's handshake. With PostgreSQL pooling it covers the
+    /// startup packet and the authentication; the login's wait for a server connection is
+    /// bounded by pooling.queueTimeout instead. Default 5s.
     #[serde(default = "Timeouts::five_seconds")]
     pub handshake: Duration,
 }
