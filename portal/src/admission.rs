@@ -2,7 +2,8 @@
 //! permits that hold a slot under each limit and give it back on drop, the per-client
 //! connection rate, and [`admit`], the decision for a client address.
 //!
-//! May import: `allow`, `config`, `control`, `metrics`, `reload`. Never `session`, `server` or `admin`.
+//! May import: `allow`, `config`, `control`, `error` (a listener that cannot be opened),
+//! `metrics`, `reload`. Never `session`, `server` or `admin`.
 
 use std::{
     collections::HashMap,
@@ -359,6 +360,19 @@ pub fn listener(
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(max_connections.clamp(1024, 65535))
+}
+
+/// The portal's listening sockets: the clients' ([`listener`]) and the admin endpoint's.
+pub async fn bind(
+    config: &Config,
+) -> Result<(tokio::net::TcpListener, tokio::net::TcpListener), crate::error::Error> {
+    let bind_error = |what, addr| move |source| crate::error::Error::Bind { what, addr, source };
+    let clients = listener(config.listen, config.max_connections)
+        .map_err(bind_error("clients", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .map_err(bind_error("the admin endpoint", config.admin))?;
+    Ok((clients, admin))
 }
 
 /// Admission of a client once its address is known: the allow-list, the new-connection rate,

@@ -10,8 +10,8 @@
 //!
 //! Prepares what the serving loop serves, as `standalone` does from a file.
 //!
-//! May import: `admission` (the listener), `config`, `control`, `error`, `health`,
-//! `pod_report`, `reload`, `tls`.
+//! May import: `admission` (the listeners), `config`, `control`, `health`, `pod_report`,
+//! `reload`, `tls`.
 
 use std::{
     future::Future,
@@ -31,7 +31,6 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Config, ConfigError, DataPlane, FieldError, Health, Multiplex},
     control::Control,
-    error::Error,
     health::{
         self, CredentialsSource, HealthHandle, ProbeCredentials, StandaloneCredentials, Users,
     },
@@ -393,15 +392,7 @@ pub async fn start(
         }
     }
 
-    let listener =
-        crate::admission::listener(config.listen, config.max_connections).map_err(|source| {
-            Error::Bind {
-                what: "clients",
-                addr: config.listen,
-                source,
-            }
-        })?;
-    let admin = bind(config.admin, "the admin endpoint").await?;
+    let (listener, admin) = crate::admission::bind(&config).await?;
     info!(
         config = %source,
         listen = %config.listen,
@@ -528,12 +519,6 @@ pub async fn start(
             sender: None,
         },
     }))
-}
-
-async fn bind(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
 }
 
 #[cfg(test)]

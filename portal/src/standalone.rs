@@ -2,7 +2,7 @@
 //! as it changes; its probes' credentials from files. Prepares what the serving loop serves,
 //! as `cluster` does in a cluster.
 //!
-//! May import: `admission` (the listener), `config`, `error`, `health`, `reload`, `tls`.
+//! May import: `admission` (the listeners), `config`, `error`, `health`, `reload`, `tls`.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -52,21 +52,7 @@ pub async fn start(path: Option<PathBuf>) -> Result<Standalone, Error> {
         origin: origin.clone(),
         source,
     })?;
-    let listener =
-        crate::admission::listener(config.listen, config.max_connections).map_err(|source| {
-            Error::Bind {
-                what: "clients",
-                addr: config.listen,
-                source,
-            }
-        })?;
-    let admin = TcpListener::bind(config.admin)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "the admin endpoint",
-            addr: config.admin,
-            source,
-        })?;
+    let (listener, admin) = crate::admission::bind(&config).await?;
     info!(
         config = %origin,
         listen = %local(&listener),

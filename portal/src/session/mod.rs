@@ -71,14 +71,18 @@ pub type SessionPermits = (ConnectionPermit, ClientPermit);
 impl<S> Admitted<S> {
     /// The same client on the stream `f` makes of its own.
     pub fn map_stream<T>(self, f: impl FnOnce(S) -> T) -> Admitted<T> {
-        let (stream, rest) = self.take_stream();
-        rest.with_stream(f(stream))
+        let (stream, rest) = self.replace(());
+        rest.replace(f(stream)).1
     }
 
     /// The stream, apart from the rest (for a negotiation that consumes it).
     pub fn take_stream(self) -> (S, Admitted<()>) {
+        self.replace(())
+    }
+
+    fn replace<T>(self, stream: T) -> (S, Admitted<T>) {
         let rest = Admitted {
-            stream: (),
+            stream,
             peer: self.peer,
             early: self.early,
             permits: self.permits,
@@ -93,15 +97,7 @@ impl<S> Admitted<S> {
 impl Admitted<()> {
     /// The same client on the stream a negotiation turned it into.
     pub fn with_stream<T>(self, stream: T) -> Admitted<T> {
-        Admitted {
-            stream,
-            peer: self.peer,
-            early: self.early,
-            permits: self.permits,
-            negotiating: self.negotiating,
-            config: self.config,
-            generation: self.generation,
-        }
+        self.replace(stream).1
     }
 }
 
