@@ -25,7 +25,7 @@ thread, tokio's) cancel too. The portal's health probe (a full SCRAM login to Po
 PING to Redis) is set to `HEALTH_INTERVAL` (default 1h, with `rise: 1`: one probe at start),
 since its cost follows the clock, not the operations; the "idle" rows give each proxy's
 instructions per second of idle with its defaults (the portal's probe every 1 s), measured
-the same way (an idle run against one 4x longer). Instruction counts cover user space only;
+the same way (an idle run against one 5x as long). Instruction counts cover user space only;
 the kernel's TCP path is entered by the system calls counted beside them. epoll_wait counts
 depend on how events batch up under strace's slowdown; reads and writes do not.
 glibc picks its string functions by the CPU valgrind reports; `rep stosb`/`rep movsb` are
@@ -417,6 +417,11 @@ def smoke(contender, load, label, tls):
     return details
 
 
+def idle_ratio(p, b):
+    """p / b, unless b is too near zero for a ratio to mean anything."""
+    return f"{p / b:,.0f}" if b >= 100 else "–"
+
+
 def idle(contender, label):
     """Instructions per second of an idle proxy, started and stopped as in the counted runs:
     (run idling 5 IDLE_SECONDS - run idling IDLE_SECONDS) / (4 IDLE_SECONDS)."""
@@ -469,7 +474,7 @@ def section_pg(setup):
         b = idle(pgbouncer(pg_port, False), "pg-PgBouncer")
         tables.append(f"#### idle, per second (defaults: the portal's health probe, a SCRAM login, every 1 s)\n\n"
                       f"| user-space instructions per idle second | portal | PgBouncer | portal / PgBouncer |\n"
-                      f"|---|---|---|---|\n| idle, plaintext | {p:,.0f} | {b:,.0f} | {p / b:,.0f} |")
+                      f"|---|---|---|---|\n| idle, plaintext | {p:,.0f} | {b:,.0f} | {idle_ratio(p, b)} |")
     return tables
 
 
@@ -516,7 +521,7 @@ def section_redis(setup):
         b = idle(nutcracker(redis_port, 4), "redis-nutcracker")
         tables.append(f"#### idle, per second (defaults: the portal's health probe, a PING, every 1 s)\n\n"
                       f"| user-space instructions per idle second | portal | nutcracker -v 4 | portal / nutcracker |\n"
-                      f"|---|---|---|---|\n| idle | {p:,.0f} | {b:,.0f} | {p / b:,.0f} |")
+                      f"|---|---|---|---|\n| idle | {p:,.0f} | {b:,.0f} | {idle_ratio(p, b)} |")
     return tables
 
 
