@@ -15,12 +15,13 @@ SERIES_SUFFIXES = ("_sum", "_count", "_bucket")
 def portal_metrics() -> dict[str, str]:
     """name -> type of every family the portal's /metrics writes: the collectors' calls of the
     helpers in `portal/src/metrics.rs` (`counter(e, "name", ...)`, `gauges(...)`,
-    `histogram(...)`); the encoder adds `_total` to counters."""
+    `histogram(...)`) and of `bucketed_histogram(...)` in `portal/src/session/hub.rs`; the
+    encoder adds `_total` to counters."""
     found: dict[str, str] = {}
     for path in sorted((ROOT / "portal" / "src").rglob("*.rs")):
         text = path.read_text()
         for helper, name in re.findall(
-                r'\b(counters?|gauges?|histograms?)\(\s*&?(?:mut )?\w+,\s*"(dbportal_\w+)"', text):
+                r'\b(?:bucketed_)?(counters?|gauges?|histograms?)\(\s*&?(?:mut )?\w+,\s*"(dbportal_\w+)"', text):
             kind = helper.rstrip("s")
             found[name + ("_total" if kind == "counter" else "")] = kind
     return found
