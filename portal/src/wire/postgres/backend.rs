@@ -6,7 +6,7 @@
 //!
 //! May import: nothing from the rest of the crate.
 
-use super::{malformed, FrameError, Reader, ReadyStatus, HEADER_LEN};
+use super::{encode_framed, malformed, put_cstr, FrameError, Reader, ReadyStatus};
 
 const AUTHENTICATION: u8 = b'R';
 const PARAMETER_STATUS: u8 = b'S';
@@ -352,14 +352,7 @@ impl<'a> Backend<'a> {
 
     /// Appends the message (tag, length, body) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.push(self.tag());
-        out.extend_from_slice(&[0; 4]);
-        let with_nul = |out: &mut Vec<u8>, s: &[u8]| {
-            out.extend_from_slice(s);
-            out.push(0);
-        };
-        match *self {
+        encode_framed(out, self.tag(), |out| match *self {
             Backend::Authentication(a) => {
                 out.extend_from_slice(&a.code().to_be_bytes());
                 match a {
@@ -372,15 +365,15 @@ impl<'a> Backend<'a> {
                 }
             }
             Backend::ParameterStatus { name, value } => {
-                with_nul(out, name);
-                with_nul(out, value);
+                put_cstr(out, name);
+                put_cstr(out, value);
             }
             Backend::BackendKeyData { pid, secret } => {
                 out.extend_from_slice(&pid.to_be_bytes());
                 out.extend_from_slice(&secret.to_be_bytes());
             }
             Backend::ReadyForQuery(status) => out.push(status.as_byte()),
-            Backend::CommandComplete { tag } => with_nul(out, tag),
+            Backend::CommandComplete { tag } => put_cstr(out, tag),
             Backend::CopyInResponse(c)
             | Backend::CopyOutResponse(c)
             | Backend::CopyBothResponse(c) => {
@@ -398,8 +391,8 @@ impl<'a> Backend<'a> {
                 payload,
             } => {
                 out.extend_from_slice(&pid.to_be_bytes());
-                with_nul(out, channel);
-                with_nul(out, payload);
+                put_cstr(out, channel);
+                put_cstr(out, payload);
             }
             Backend::FunctionCallResponse { value } => match value {
                 Some(v) => {
@@ -425,9 +418,7 @@ impl<'a> Backend<'a> {
             | Backend::DataRow { body, .. }
             | Backend::CopyData(body)
             | Backend::Other { body, .. } => out.extend_from_slice(body),
-        }
-        let len = (out.len() - start - 1) as u32;
-        out[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        });
     }
 
     /// The message as bytes.
@@ -443,7 +434,7 @@ mod tests {
     use super::*;
     use crate::wire::postgres::{
         authentication, backend_key_data, error_response, frame, parameter_status, ready_for_query,
-        MAX_MESSAGE,
+        HEADER_LEN, MAX_MESSAGE,
     };
 
     fn decoded(bytes: &[u8]) -> Backend<'_> {

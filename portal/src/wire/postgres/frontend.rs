@@ -7,7 +7,7 @@
 //!
 //! May import: nothing from the rest of the crate.
 
-use super::{malformed, FrameError, Reader, HEADER_LEN};
+use super::{encode_framed, malformed, put_cstr, FrameError, Reader};
 
 /// The tag of Query.
 const QUERY: u8 = b'Q';
@@ -220,19 +220,12 @@ impl<'a> Frontend<'a> {
 
     /// Appends the message (tag, length, body) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.push(self.tag());
-        out.extend_from_slice(&[0; 4]);
-        let with_nul = |out: &mut Vec<u8>, s: &[u8]| {
-            out.extend_from_slice(s);
-            out.push(0);
-        };
-        match *self {
-            Frontend::Query { sql } => with_nul(out, sql),
+        encode_framed(out, self.tag(), |out| match *self {
+            Frontend::Query { sql } => put_cstr(out, sql),
             Frontend::Parse {
                 name, definition, ..
             } => {
-                with_nul(out, name);
+                put_cstr(out, name);
                 out.extend_from_slice(definition);
             }
             Frontend::Bind {
@@ -240,27 +233,25 @@ impl<'a> Frontend<'a> {
                 statement,
                 rest,
             } => {
-                with_nul(out, portal);
-                with_nul(out, statement);
+                put_cstr(out, portal);
+                put_cstr(out, statement);
                 out.extend_from_slice(rest);
             }
             Frontend::Describe { kind, name } | Frontend::Close { kind, name } => {
                 out.push(kind.as_byte());
-                with_nul(out, name);
+                put_cstr(out, name);
             }
             Frontend::Execute { portal, max_rows } => {
-                with_nul(out, portal);
+                put_cstr(out, portal);
                 out.extend_from_slice(&max_rows.to_be_bytes());
             }
             Frontend::Sync | Frontend::Flush | Frontend::Terminate | Frontend::CopyDone => {}
-            Frontend::CopyFail { message } => with_nul(out, message),
+            Frontend::CopyFail { message } => put_cstr(out, message),
             Frontend::CopyData(body)
             | Frontend::FunctionCall { body }
             | Frontend::AuthResponse(body)
             | Frontend::Other { body, .. } => out.extend_from_slice(body),
-        }
-        let len = (out.len() - start - 1) as u32;
-        out[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        });
     }
 
     /// The message as bytes.
@@ -288,7 +279,7 @@ pub fn starts_with_sync(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::postgres::{frame, query, query_with_param, MAX_MESSAGE};
+    use crate::wire::postgres::{frame, query, query_with_param, HEADER_LEN, MAX_MESSAGE};
 
     fn decoded(bytes: &[u8]) -> Frontend<'_> {
         let n = frame(bytes, MAX_MESSAGE).unwrap().unwrap();

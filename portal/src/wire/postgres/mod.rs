@@ -468,6 +468,23 @@ pub fn error_text(body: &[u8]) -> String {
     format!("{} {}: {}", get(b'S'), get(b'C'), get(b'M'))
 }
 
+/// Appends a typed message: `tag`, its length (patched once `body` has written the rest),
+/// then what `body` writes.
+pub(crate) fn encode_framed(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.push(tag);
+    out.extend_from_slice(&[0; 4]);
+    body(out);
+    let len = (out.len() - start - 1) as u32;
+    out[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Appends `s` and its terminating NUL.
+pub(crate) fn put_cstr(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(s);
+    out.push(0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
