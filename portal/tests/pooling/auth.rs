@@ -198,17 +198,14 @@ async fn no_password_is_stored_scram_passthrough_by_auth_query_or_verifier_and_m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_query_that_fails_refuses_the_client_and_names_no_secret() {
-    if !have_postgres() {
-        return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(
-        &[&pg],
+    let Some((pg, portal)) = app_portal(
         "mode: transaction, auth: {query: \"SELECT passwd FROM no_such_table WHERE usename = $1\"}",
         "",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     let (ok, _, err) = portal.psql("app", "apppw", "SELECT 1").await;
     assert!(
         !ok && err.contains("the portal cannot check passwords now"),

@@ -6,12 +6,9 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_logs_in_with_scram_and_a_wrong_password_never_reaches_the_backend() {
-    if !have_postgres() {
+    let Some((pg, portal)) = app_portal("mode: transaction, poolSize: 2", "").await else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    };
 
     // Wrong password, unknown user: 28P01, and no server connection was ever opened.
     let (ok, _, err) = portal.psql("app", "wrong", "SELECT 1").await;
@@ -152,17 +149,11 @@ async fn pgbench_many_clients_on_a_small_pool_simple_extended_and_prepared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_past_the_queue_timeout_gets_53300_and_a_held_transaction_keeps_its_connection() {
-    if !have_postgres() {
+    let Some((_pg, portal)) =
+        app_portal("mode: transaction, poolSize: 1, queueTimeout: 300ms", "").await
+    else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(
-        &[&pg],
-        "mode: transaction, poolSize: 1, queueTimeout: 300ms",
-        "",
-    )
-    .await;
+    };
     let a = portal.client("app", "apppw").await.unwrap();
     a.simple_query("BEGIN").await.unwrap();
     a.simple_query("INSERT INTO t (v) VALUES ('held')")
@@ -187,12 +178,9 @@ async fn a_client_past_the_queue_timeout_gets_53300_and_a_held_transaction_keeps
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_parameters_follow_the_client_across_server_connections() {
-    if !have_postgres() {
+    let Some((_pg, portal)) = app_portal("mode: transaction, poolSize: 2", "").await else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    };
     let a = portal.client("app", "apppw").await.unwrap();
     let b = portal.client("app", "apppw").await.unwrap();
     a.simple_query("SET TimeZone TO 'Asia/Tokyo'")
@@ -244,17 +232,11 @@ async fn session_parameters_follow_the_client_across_server_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_keeps_one_server_connection_and_discards_it_before_the_next_client() {
-    if !have_postgres() {
+    let Some((_pg, portal)) =
+        app_portal("mode: session, poolSize: 1, queueTimeout: 300ms", "").await
+    else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(
-        &[&pg],
-        "mode: session, poolSize: 1, queueTimeout: 300ms",
-        "",
-    )
-    .await;
+    };
     let a = portal.client("app", "apppw").await.unwrap();
     a.simple_query("CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (7)")
         .await
@@ -277,12 +259,9 @@ async fn session_mode_keeps_one_server_connection_and_discards_it_before_the_nex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_clients_get_an_error_and_others_go_on() {
-    if !have_postgres() {
+    let Some((_pg, portal)) = app_portal("mode: transaction, poolSize: 2", "").await else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    };
     let good = portal.client("app", "apppw").await.unwrap();
     // A startup packet with an unterminated parameter.
     let mut s = TcpStream::connect(portal.addr).await.unwrap();

@@ -182,17 +182,14 @@ async fn allow_list_changes_and_admin_closes_reach_pooled_clients() {
 /// the handshake deadline, a new client still logs in once it is given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_waits_for_a_server_connection_past_the_handshake_deadline() {
-    if !have_postgres() {
-        return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(
-        &[&pg],
+    let Some((_pg, portal)) = app_portal(
         "mode: transaction, poolSize: 1, queueTimeout: 10s",
         "timeouts: {handshake: 500ms}\n",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     let holder = portal.client("app", "apppw").await.unwrap();
     holder.simple_query("BEGIN; SELECT 1").await.unwrap();
     let addr = portal.addr;

@@ -136,6 +136,18 @@ fn backends_of(pg: &Postgres, user: &str) -> usize {
     .unwrap()
 }
 
+/// A primary with the `app` user and its table `t`, and a portal pooling it with `pooling`
+/// (and `extra`); `None` where PostgreSQL is not installed.
+async fn app_portal(pooling: &str, extra: &str) -> Option<(Postgres, Portal)> {
+    if !have_postgres() {
+        return None;
+    }
+    let pg = Postgres::primary(PW);
+    with_app_user(&pg);
+    let portal = Portal::start(&[&pg], pooling, extra).await;
+    Some((pg, portal))
+}
+
 fn with_app_user(pg: &Postgres) {
     pg.psql("CREATE ROLE app LOGIN PASSWORD 'apppw'");
     pg.psql("CREATE TABLE t (id serial PRIMARY KEY, v text); GRANT ALL ON t TO app; GRANT ALL ON SEQUENCE t_id_seq TO app");

@@ -5,12 +5,9 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on() {
-    if !have_postgres() {
+    let Some((pg, portal)) = app_portal("mode: transaction, poolSize: 2", "").await else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 2", "").await;
+    };
     let a = std::sync::Arc::new(portal.client("app", "apppw").await.unwrap());
     let token = a.cancel_token();
     // Idle: nothing to cancel, the request is dropped.
@@ -68,17 +65,14 @@ async fn a_cancel_through_the_portal_reaches_the_query_and_the_session_goes_on()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_work_with_real_drivers_across_server_connections() {
-    if !have_postgres() {
-        return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(
-        &[&pg],
+    let Some((pg, portal)) = app_portal(
         "mode: transaction, poolSize: 3, maxPreparedStatements: 4",
         "",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     // tokio-postgres prepares a named statement for every query with parameters.
     let mut clients = Vec::new();
     for _ in 0..6 {
@@ -181,12 +175,9 @@ print(conns[0].execute("SELECT count(*) FROM t WHERE v LIKE 'py%%'").fetchone()[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_state_that_cannot_move_pins_the_client_and_is_counted() {
-    if !have_postgres() {
+    let Some((_pg, portal)) = app_portal("mode: transaction, poolSize: 3", "").await else {
         return;
-    }
-    let pg = Postgres::primary(PW);
-    with_app_user(&pg);
-    let portal = Portal::start(&[&pg], "mode: transaction, poolSize: 3", "").await;
+    };
     let a = portal.client("app", "apppw").await.unwrap();
     let b = portal.client("app", "apppw").await.unwrap();
     let c = portal.client("app", "apppw").await.unwrap();
