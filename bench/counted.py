@@ -42,7 +42,8 @@ CARGO_TARGET_DIR), PG_N (transactions per client in the short run, 200), PG_PROT
 ("simple extended"), LOGIN_T (transactions per client in the login runs, 20), REDIS_N1 and
 REDIS_N16 (GETs in the short run, 10000 and 80000), SERVER_CONNECTIONS (redis, 4 for both),
 HEALTH_INTERVAL (1h), IDLE_SECONDS (5; 0 skips the idle rows), KEEP_OUT (a directory to copy
-the callgrind outputs of the longer runs into, for callgrind_annotate).
+the callgrind outputs of the longer runs into, for callgrind_annotate); to profile one part:
+CONTENDERS ("portal anchor"), WIRES ("plaintext TLS"), LOGINS (1; 0 skips the login rows).
 
 Needs (run as root; PostgreSQL and PgBouncer run as the postgres user): valgrind, strace,
 PostgreSQL 15 (initdb, postgres, pgbench, psql), pgbouncer, openssl, redis-server,
@@ -77,6 +78,9 @@ SERVER_CONNECTIONS = int(os.environ.get("SERVER_CONNECTIONS", "4"))
 HEALTH_INTERVAL = os.environ.get("HEALTH_INTERVAL", "1h")
 IDLE_SECONDS = float(os.environ.get("IDLE_SECONDS", "5"))
 KEEP_OUT = os.environ.get("KEEP_OUT")
+CONTENDERS = os.environ.get("CONTENDERS", "portal anchor").split()
+WIRES = os.environ.get("WIRES", "plaintext TLS").split()
+LOGINS = os.environ.get("LOGINS", "1") != "0"
 CLIENTS, POOL, PASSWORD = 10, 5, "benchpw"
 PG_USER = pwd.getpwnam("postgres")
 # Files PostgreSQL and PgBouncer read or write (and the tools' outputs): private to the
@@ -311,7 +315,7 @@ def table(title, columns, rows, extra_col=None):
              + (f" {extra_col} |" if extra_col else ""),
              "|---|---|---|---|" + ("---|" if extra_col else "")]
     for name, work in rows:
-        a, b = work[columns[0]], work[columns[1]]
+        a, b = work.get(columns[0], {}), work.get(columns[1], {})
         c = work.get(extra_col) if extra_col else None
         keys = ["Ir"] + sorted(
             (k for k in set(a) | set(b) | set(c or ()) if k != "Ir"
@@ -446,7 +450,10 @@ def section_pg(setup):
     tables = []
     for tls in (False, True):
         wire = "TLS" if tls else "plaintext"
+        if wire not in WIRES:
+            continue
         contenders = {"portal": portal_pg(pg_port, tls), "PgBouncer": pgbouncer(pg_port, tls)}
+        contenders = {k: v for k, v in contenders.items() if ("portal" if k == "portal" else "anchor") in CONTENDERS}
         for name, c in contenders.items():
             got = smoke(c, pgbench(tls, "simple", 5), f"{name}-smoke", tls)
             if tls:
@@ -459,16 +466,17 @@ def section_pg(setup):
                                     pgbench(tls, protocol, 5 * PG_N), 4 * PG_N * CLIENTS, STRINGS[name])
             rows.append((f"{protocol}", work))
         work = {}
-        for name, c in contenders.items():
+        for name, c in contenders.items() if LOGINS else ():
             # The same transactions, with a login each (-C) or with one login per client.
             work[name] = per_op(c, f"pg-{name}-{wire}-login", pgbench(tls, "simple", LOGIN_T),
                                 pgbench(tls, "simple", LOGIN_T, connect=True), (LOGIN_T - 1) * CLIENTS)
         login_rows.append(("login", work))
         tables.append(f"#### {wire}, per transaction\n\n"
                       + table(f"pgbench -S, {CLIENTS} clients, pool {POOL}", ["portal", "PgBouncer"], rows))
-        tables.append(f"#### {wire}, per client login (connect, SCRAM, disconnect: `-C` against one login per "
-                      f"client)\n\n" + table(f"pgbench -S -C, {CLIENTS} clients, pool {POOL}", ["portal", "PgBouncer"],
-                                               login_rows))
+        if LOGINS:
+            tables.append(f"#### {wire}, per client login (connect, SCRAM, disconnect: `-C` against one login per "
+                          f"client)\n\n" + table(f"pgbench -S -C, {CLIENTS} clients, pool {POOL}", ["portal", "PgBouncer"],
+                                                   login_rows))
     if IDLE_SECONDS:
         p = idle(portal_pg(pg_port, False, health="1s"), "pg-portal")
         b = idle(pgbouncer(pg_port, False), "pg-PgBouncer")

@@ -120,7 +120,8 @@ fn postgres_readers(input: &[u8]) {
             assert_eq!(m.to_bytes(), &input[..n]);
         }
         let _ = crate::session::pool::statements::special(body);
-        let _ = crate::session::pool::pinning::pin_reason(&String::from_utf8_lossy(body));
+        let pinning = crate::session::pool::pinning::pin_reason(body);
+        assert_eq!(pinning, crate::session::pool::pinning::in_full(body));
     }
     if input.len() >= 8 {
         let header: [u8; 8] = input[..8].try_into().expect("8 bytes");

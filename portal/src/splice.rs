@@ -13,7 +13,9 @@
 //! duration of a read and its write-through: no session owns it, and nothing is zeroed per
 //! read. [`Tcp`] is the socket type the data plane reads from: a read shorter than the buffer
 //! means the kernel's receive queue is drained, so it waits for the next readiness event
-//! instead of issuing a read that would only return `EAGAIN`.
+//! instead of issuing a read that would only return `EAGAIN`. A read into uninitialized
+//! memory (the pooled and multiplexed clients' buffers) is tokio's own, which does the same
+//! and does not zero the memory first.
 //!
 //! May import: `metrics`.
 
@@ -130,12 +132,22 @@ impl AsyncRead for Tcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        // Free when the caller's buffer is initialized, as the data plane's are.
+        let this = self.get_mut();
+        if buf.initialized().len() < buf.capacity() {
+            // Uninitialized memory (a `Vec`'s spare capacity, a buffer on the stack): tokio's
+            // own read fills it without zeroing it first, and it too waits for readiness after
+            // a short read.
+            #[cfg(test)]
+            {
+                this.reads += 1;
+            }
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
         let dst = buf.initialize_unfilled();
         if dst.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        let n = ready!(self.get_mut().poll_read_slice(cx, dst))?;
+        let n = ready!(this.poll_read_slice(cx, dst))?;
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
@@ -585,6 +597,40 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(got, b"last");
+    }
+
+    /// Uninitialized memory (a `Vec`'s spare capacity, as the pooled clients read into) gets
+    /// the bytes as they come, a short read included, and the end of the stream after them.
+    #[tokio::test]
+    async fn a_read_into_spare_capacity_gets_every_byte_and_the_end() {
+        let (mut tcp, mut peer) = tcp_pair().await;
+        let mut got: Vec<u8> = Vec::with_capacity(64);
+        peer.write_all(b"0123456789").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read_buf(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((n, &got[..]), (10, &b"0123456789"[..]));
+        // Drained: the next poll waits.
+        let pending = std::future::poll_fn(|cx| {
+            let mut spare = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+            let mut rb = ReadBuf::uninit(&mut spare);
+            Poll::Ready(Pin::new(&mut tcp).poll_read(cx, &mut rb).is_pending())
+        })
+        .await;
+        assert!(pending, "a read after a short read found data");
+        peer.write_all(b"last").await.unwrap();
+        peer.shutdown().await.unwrap();
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), tcp.read_buf(&mut got))
+                .await
+                .expect("no wake-up after new data or FIN")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(got, b"0123456789last");
     }
 
     #[tokio::test]

@@ -21,9 +21,23 @@ pub fn poll_read_onto<R: AsyncRead + Unpin + ?Sized>(
     cx: &mut Context<'_>,
     out: &mut Vec<u8>,
 ) -> Poll<io::Result<usize>> {
+    poll_read_onto_or(rd, cx, out, Vec::new)
+}
+
+/// [`poll_read_onto`], with `fresh` giving `out` its buffer when bytes arrive and it has none
+/// (a buffer lent for as long as it holds bytes).
+pub fn poll_read_onto_or<R: AsyncRead + Unpin + ?Sized>(
+    rd: &mut R,
+    cx: &mut Context<'_>,
+    out: &mut Vec<u8>,
+    fresh: impl FnOnce() -> Vec<u8>,
+) -> Poll<io::Result<usize>> {
     let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
     let mut buf = ReadBuf::uninit(&mut chunk);
     std::task::ready!(Pin::new(rd).poll_read(cx, &mut buf))?;
+    if out.capacity() == 0 && !buf.filled().is_empty() {
+        *out = fresh();
+    }
     out.extend_from_slice(buf.filled());
     Poll::Ready(Ok(buf.filled().len()))
 }

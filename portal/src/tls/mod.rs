@@ -25,7 +25,7 @@ mod terminate;
 use std::sync::Arc;
 
 pub use backend::BackendConnector;
-pub use bytes::poll_read_onto;
+pub use bytes::{poll_read_onto, poll_read_onto_or};
 pub use certs::{
     alpn_for, human_duration, load, parse_pair, server_config, CaSource, CertInfo, CertPair,
     CertSource, ServerSettings, SourceBytes,

@@ -24,6 +24,7 @@ use crate::{
 
 use super::held::Held;
 use super::machine::{Lost, ServerStep};
+use super::spare;
 use super::Client;
 
 pub(super) enum ServerEvent {
@@ -36,6 +37,9 @@ pub(super) async fn server_event(held: Option<&mut Held>) -> ServerEvent {
         return std::future::pending().await;
     };
     if h.sbuf.capacity() - h.sbuf.len() < 4096 {
+        if h.sbuf.capacity() == 0 {
+            h.sbuf = spare::bytes();
+        }
         h.sbuf.reserve(16 << 10);
     }
     tokio::select! {
@@ -70,7 +74,7 @@ where
         let len = h.sbuf.len();
         let mut bad = false;
         let mut fatal = None;
-        let mut forward: Vec<u8> = Vec::with_capacity(len);
+        let mut forward = spare::bytes();
         loop {
             if h.skip > 0 {
                 let take = h.skip.min(len - pos);
@@ -126,9 +130,13 @@ where
             }
         }
         h.sbuf.drain(..pos);
-        if !forward.is_empty() {
-            self.send(&forward).await?;
-        }
+        let sent = if forward.is_empty() {
+            Ok(())
+        } else {
+            self.send(&forward).await
+        };
+        spare::give_bytes(forward);
+        sent?;
         if bad {
             self.hub.stats.protocol_errors.fetch_add(1, Relaxed);
             return self

@@ -77,12 +77,13 @@ impl PgHub {
             return self.to_peer(key, ctx).await;
         };
         let target = lock(&slot).clone();
-        let Some((backend, server_key)) = target else {
+        let Some((pool, server_key)) = target else {
             self.stats.cancels_dropped.fetch_add(1, Relaxed);
             debug!("CancelRequest for an idle client: dropped");
             return;
         };
-        match send_cancel(ctx, &backend, server_key).await {
+        let backend = &pool.backend;
+        match send_cancel(ctx, backend, server_key).await {
             Ok(()) => {
                 self.stats.cancels.fetch_add(1, Relaxed);
                 debug!(backend = %backend.name, "CancelRequest forwarded");

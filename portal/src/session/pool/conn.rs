@@ -56,6 +56,25 @@ pub fn set_param(params: &mut Params, name: String, value: String) {
     }
 }
 
+/// Whether a client's parameters and a server connection's are the same. Equal maps held
+/// apart are made one (both keep the map at the lower address), so that clients and
+/// connections with the same values come to share one map and the next check of any two of
+/// them compares two pointers.
+pub fn same_params(client: &mut Params, server: &mut Params) -> bool {
+    if Arc::ptr_eq(client, server) {
+        return true;
+    }
+    if client != server {
+        return false;
+    }
+    if Arc::as_ptr(client) < Arc::as_ptr(server) {
+        *server = client.clone();
+    } else {
+        *client = server.clone();
+    }
+    true
+}
+
 /// One server connection, logged in as its pool's user.
 pub struct ServerConn {
     pub stream: ServerStream,

@@ -20,6 +20,7 @@ use crate::{
 };
 
 use super::machine::{ClientStep, Out};
+use super::spare;
 use super::Client;
 
 /// The server-bound bytes written in one go at most, before reading on.
@@ -31,16 +32,24 @@ where
 {
     /// Handles every complete message the client sent.
     pub(super) async fn process(&mut self) -> Result<(), CloseReason> {
+        if self.cin.len() < HEADER_LEN {
+            return Ok(());
+        }
         let cin = std::mem::take(&mut self.cin);
         let mut pos = 0;
-        let mut out = Out::default();
-        let result = self.process_from(&cin, &mut pos, &mut out).await;
+        let mut out = Out {
+            server: spare::bytes(),
+            client: spare::bytes(),
+        };
+        let mut result = self.process_from(&cin, &mut pos, &mut out).await;
         self.cin = cin;
         self.cin.drain(..pos);
         self.count();
         if result.is_ok() && !out.server.is_empty() {
-            self.write_server(&out.server).await?;
+            result = self.write_server(&out.server).await;
         }
+        spare::give_bytes(out.server);
+        spare::give_bytes(out.client);
         result
     }
 

@@ -3,9 +3,9 @@
 //! the portal's own answers queued between them; with the transaction status the server last
 //! reported.
 //!
-//! May import: `wire` and the rest of `pool` (`statements`).
+//! May import: `wire` and the rest of `pool` (`spare`, `statements`).
 
-use std::collections::VecDeque;
+use std::{cell::RefCell, collections::VecDeque};
 
 use crate::wire::postgres::{backend::Backend, ReadyStatus};
 
@@ -47,6 +47,16 @@ impl Sent {
                     | Backend::PortalSuspended
             ),
         }
+    }
+}
+
+thread_local! {
+    static SPARE_QUEUES: RefCell<Vec<VecDeque<Expect>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl super::spare::Lent for Expect {
+    fn store() -> &'static std::thread::LocalKey<RefCell<Vec<VecDeque<Self>>>> {
+        &SPARE_QUEUES
     }
 }
 

@@ -10,9 +10,9 @@
 //! Parse followed by Sync itself. Named prepared statements are renamed per server connection
 //! and prepared where missing. A lost server connection fails what was in flight on it.
 //!
-//! May import: `wire` and the rest of `pool` (`inflight`, `pinning`, `statements`).
+//! May import: `wire` and the rest of `pool` (`inflight`, `pinning`, `spare`, `statements`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use crate::wire::postgres::{
     backend::Backend,
@@ -23,6 +23,7 @@ use crate::wire::postgres::{
 
 use super::inflight::{Expect, InFlight, Sent};
 use super::pinning::{self, PinReason};
+use super::spare;
 use super::statements::{self, Definition, ServerStatements, Special};
 
 /// Counters the task adds to the pool's statistics.
@@ -122,7 +123,7 @@ impl Machine {
     /// A server connection is held now.
     pub(super) fn acquired(&mut self) {
         self.held = Some(InFlight {
-            expect: VecDeque::new(),
+            expect: spare::queue(),
             status: ReadyStatus::Idle,
             unsynced: false,
         });
@@ -130,7 +131,9 @@ impl Machine {
 
     /// The server connection was let go.
     pub(super) fn released(&mut self) {
-        self.held = None;
+        if let Some(h) = self.held.take() {
+            spare::give_queue(h.expect);
+        }
     }
 
     /// Whether the held connection has nothing in flight, no transaction open and no
@@ -335,11 +338,7 @@ impl Machine {
         out: &mut Out,
     ) {
         if self.transaction && self.pinned.is_none() {
-            if let Some(reason) = msg
-                .sql()
-                .and_then(|q| std::str::from_utf8(q).ok())
-                .and_then(pinning::pin_reason)
-            {
+            if let Some(reason) = msg.sql().and_then(pinning::pin_reason) {
                 self.pinned = Some(reason);
                 self.tally.pinned = Some(reason);
             }

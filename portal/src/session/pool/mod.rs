@@ -22,7 +22,8 @@
 //!   [`secret`]: the forms of a password (pure);
 //! - [`server`]: the pools, their queue, the retiring of pools; [`stats`]: the counters;
 //!   [`report`]: the `/metrics` families and the `/status` part;
-//! - [`statements`] and [`pinning`]: what the portal reads of the client's SQL.
+//! - [`statements`] and [`pinning`]: what the portal reads of the client's SQL, after the
+//!   first look of [`sql`].
 //!
 //! The client task is one type, `Client`, whose methods are split by job over `mod.rs`,
 //! `login.rs`, `auth.rs`, `frontend.rs` and `backend.rs`; those call each other as one impl
@@ -48,6 +49,8 @@ mod report;
 pub mod scram;
 mod secret;
 pub mod server;
+mod spare;
+mod sql;
 pub mod statements;
 mod stats;
 
@@ -234,7 +237,7 @@ fn read_failure(e: &io::Error, ip: IpAddr) -> CloseReason {
 /// Reads what the client sent onto `cin` ([`crate::tls::poll_read_onto`]): a client between
 /// messages (most pooled clients, most of the time) holds no input buffer at all.
 async fn read_input<R: AsyncRead + Unpin>(rd: &mut R, cin: &mut Vec<u8>) -> io::Result<usize> {
-    std::future::poll_fn(|cx| crate::tls::poll_read_onto(rd, cx, cin)).await
+    std::future::poll_fn(|cx| crate::tls::poll_read_onto_or(rd, cx, cin, spare::bytes)).await
 }
 
 struct Client<C> {
@@ -321,7 +324,7 @@ where
 
     fn hold(&mut self, conn: ServerConn, pool: Arc<Pool>) {
         if let Some((_, slot)) = &self.cancel {
-            *lock(slot) = Some((pool.backend.clone(), conn.key));
+            *lock(slot) = Some((pool.clone(), conn.key));
         }
         self.hub.stats.active.fetch_add(1, Relaxed);
         pool.active.fetch_add(1, Relaxed);
@@ -358,6 +361,7 @@ where
             self.hub.stats.active.fetch_sub(1, Relaxed);
             h.pool.active.fetch_sub(1, Relaxed);
             h.conn.broken |= broken || !h.sbuf.is_empty() || h.skip > 0;
+            spare::give_if_empty(&mut h.sbuf);
             h.pool.checkin(h.conn, self.settings.server_lifetime);
         }
     }
@@ -400,6 +404,13 @@ where
     /// leader), so that a transaction begun in the middle of a failover runs on the new leader
     /// instead of failing. A refused login (wrong password, no such role) fails at once.
     async fn acquire_conn(&mut self) -> Result<ServerConn, (&'static str, String)> {
+        // The common case: an idle connection of the current pool, taken without a wait.
+        if let Some(pool) = &self.pool {
+            if let Some(c) = pool.take_idle(Some(self.settings.server_lifetime)) {
+                self.hub.stats.record_wait(Duration::ZERO);
+                return Ok(c);
+            }
+        }
         let started = Instant::now();
         let mut health = self.shared.health.clone();
         let mut last_failure: Option<String> = None;
@@ -474,7 +485,11 @@ where
     async fn acquire(&mut self) -> Result<(), (&'static str, String)> {
         let mut conn = self.acquire_conn().await?;
         let pool = self.pool.clone().expect("acquired");
-        let sql = pinning::replay_sql(&self.params, &conn.params);
+        let sql = if conn::same_params(&mut self.params, &mut conn.params) {
+            String::new()
+        } else {
+            pinning::replay_sql(&self.params, &conn.params)
+        };
         if !sql.is_empty() {
             if let Err(e) = conn.run(&sql, self.config.timeouts.server).await {
                 conn.broken = true;
@@ -496,6 +511,8 @@ where
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let mut kill = self.shared.kill.clone();
+        let killed = kill.changed();
+        tokio::pin!(killed);
         // Allow-list re-checks, `POST /sessions/close` and the drain reach the client here.
         let signal = self.registration.as_ref().map(Registration::signal);
         let closed = registry::closed(signal.as_ref());
@@ -505,12 +522,10 @@ where
                 return reason;
             }
             // No input buffer while idle (most pooled clients are): see `read_input`.
-            if self.cin.is_empty() && self.cin.capacity() > 0 {
-                self.cin = Vec::new();
-            }
+            spare::give_if_empty(&mut self.cin);
             tokio::select! {
                 biased;
-                _ = kill.changed() => return CloseReason::Shutdown,
+                _ = &mut killed => return CloseReason::Shutdown,
                 why = &mut closed => {
                     debug!(reason = why.as_str(), "pooled client closed by the portal");
                     return why;
@@ -583,6 +598,20 @@ mod tests {
         assert!(!Arc::ptr_eq(&server, &client));
         assert_eq!(server["TimeZone"], "UTC");
         assert_eq!(client["TimeZone"], "Europe/Paris");
+    }
+
+    /// Equal parameter maps held apart become one at their first comparison; different ones
+    /// stay apart.
+    #[test]
+    fn equal_parameters_come_to_share_one_map() {
+        let map = |tz: &str| -> super::Params { Arc::new([("TimeZone".into(), tz.into())].into()) };
+        let (mut a, mut b, mut c) = (map("UTC"), map("UTC"), map("Europe/Paris"));
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(super::conn::same_params(&mut a, &mut b));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!super::conn::same_params(&mut a, &mut c));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(c["TimeZone"], "Europe/Paris");
     }
 
     /// A pooled client's task is allocated for as long as the client stays, idle or not: the

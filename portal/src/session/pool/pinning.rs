@@ -5,7 +5,11 @@
 //! client's state in its way. The reported parameters the portal replays itself
 //! ([`REPLAYED`], with [`replay_sql`]) are no such state.
 //!
-//! May import: nothing of the crate.
+//! Only statements that [`may_pin`] reads in full: the others are told by their first word.
+//!
+//! May import: nothing of the crate but the rest of `pool` (`sql`).
+
+use super::sql;
 
 /// The reported parameters the portal replays with SET on a server connection whose value
 /// differs from the client's (the others, such as server_version, are the server's own).
@@ -158,9 +162,34 @@ fn temporary(rest: &[&str]) -> bool {
     matches!(rest.first(), Some(&"temp" | &"temporary"))
 }
 
+/// The first words of the statements that can leave session state behind: any other
+/// statement is told by its first word alone ([`may_pin`]).
+const PINNING_WORDS: [&[u8]; 5] = [b"listen", b"prepare", b"declare", b"create", b"set"];
+
+/// Whether `sql` may leave session state: it starts with one of [`PINNING_WORDS`] or
+/// cannot be told by its first word (a comment or parenthesis first), holds more than one
+/// statement, or names an advisory-lock function. Everything else (the common case) is
+/// settled here without reading the text in full.
+fn may_pin(sql: &[u8]) -> bool {
+    let word = sql::first_word(sql);
+    word.is_empty()
+        || PINNING_WORDS.iter().any(|k| word.eq_ignore_ascii_case(k))
+        || sql::several_statements(sql)
+        || sql::contains_ignore_case(sql, b"advisory")
+}
+
 /// The first statement of `sql` that leaves session state behind, if any.
-pub fn pin_reason(sql: &str) -> Option<PinReason> {
-    let text = skeleton(sql);
+pub fn pin_reason(sql: &[u8]) -> Option<PinReason> {
+    if !may_pin(sql) {
+        return None;
+    }
+    in_full(sql)
+}
+
+/// [`pin_reason`] read on the whole text: the same answer for every text (the fuzz target
+/// checks it), at the cost of a lower-cased copy.
+pub fn in_full(sql: &[u8]) -> Option<PinReason> {
+    let text = skeleton(&String::from_utf8_lossy(sql));
     if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
         return Some(PinReason::AdvisoryLock);
     }
@@ -271,7 +300,46 @@ mod tests {
             ),
             ("INSERT INTO t VALUES ($1)", None),
         ] {
-            assert_eq!(pin_reason(sql), reason, "{sql}");
+            assert_eq!(pin_reason(sql.as_bytes()), reason, "{sql}");
+        }
+    }
+
+    /// The first-word look settles only what the whole text would settle the same way.
+    #[test]
+    fn the_first_word_says_what_the_whole_text_says() {
+        let mut texts: Vec<String> = Vec::new();
+        for head in [
+            "", " ", "\n", "/* x */ ", "-- x\n", "(", "'a' ", "\"set\" ", "$$ x $$ ", "é ",
+        ] {
+            for body in [
+                "SELECT 1",
+                "select pg_advisory_lock(1)",
+                "SELECT PG_TRY_ADVISORY_LOCK(1)",
+                "LISTEN x",
+                "listen\"x\"",
+                "SET search_path = x",
+                "set_config('a', 'b', false)",
+                "SET LOCAL x = 1",
+                "Prepare p AS SELECT 1",
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                "create temp table t (a int)",
+                "CREATE TABLE t (a int)",
+                "INSERT INTO t VALUES (';listen x')",
+                "SELECT 1; LISTEN x",
+                "SELECT 1;",
+                "UPDATE t SET a = 1",
+                "WITH x AS (SELECT 1) SELECT * FROM x",
+                "SELECT 'advisory'",
+            ] {
+                texts.push(format!("{head}{body}"));
+            }
+        }
+        for text in texts {
+            assert_eq!(
+                pin_reason(text.as_bytes()),
+                in_full(text.as_bytes()),
+                "{text}"
+            );
         }
     }
 
@@ -280,7 +348,7 @@ mod tests {
         for sql in [
             "'", "\"", "$a", "$$", "/*", "--", "$a$ x", "é'ü", "set", ";;;",
         ] {
-            let _ = pin_reason(sql);
+            let _ = pin_reason(sql.as_bytes());
         }
     }
 }

@@ -157,12 +157,7 @@ impl Pool {
             if self.is_retired() {
                 return Err(CheckoutError::Retired);
             }
-            while let Some(mut c) = g.idle.pop() {
-                if c.is_stale() || lifetime.is_some_and(|l| c.created.elapsed() >= l) {
-                    g.open -= 1;
-                    self.stats.server_closed.fetch_add(1, Relaxed);
-                    continue;
-                }
+            if let Some(c) = self.pop_idle(&mut g, lifetime) {
                 return Ok(c);
             }
             if g.open < self.size {
@@ -221,6 +216,34 @@ impl Pool {
         }
     }
 
+    /// An idle connection of the pool, without waiting, if one is there (the common case of
+    /// [`Pool::checkout`]).
+    pub fn take_idle(&self, lifetime: Option<Duration>) -> Option<ServerConn> {
+        let mut g = lock(&self.inner);
+        if self.is_retired() {
+            return None;
+        }
+        self.pop_idle(&mut g, lifetime)
+    }
+
+    /// The most recently used idle connection that is neither stale nor past `lifetime`; the
+    /// others on the way are closed.
+    fn pop_idle(&self, g: &mut Inner, lifetime: Option<Duration>) -> Option<ServerConn> {
+        if g.idle.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        while let Some(mut c) = g.idle.pop() {
+            if c.is_stale() || lifetime.is_some_and(|l| now.duration_since(c.created) >= l) {
+                g.open -= 1;
+                self.stats.server_closed.fetch_add(1, Relaxed);
+                continue;
+            }
+            return Some(c);
+        }
+        None
+    }
+
     /// A slot freed (a connection closed, a dial failed): the first waiter may open one.
     fn closed_one(&self) {
         let mut g = lock(&self.inner);
@@ -236,13 +259,14 @@ impl Pool {
     /// Gives a connection back: to the first waiting client, else to the idle list. A broken
     /// one, one past `serverLifetime` or of a retired pool is closed.
     pub fn checkin(&self, mut conn: ServerConn, lifetime: Duration) {
-        if conn.broken || self.is_retired() || conn.created.elapsed() >= lifetime {
+        let now = Instant::now();
+        if conn.broken || self.is_retired() || now.duration_since(conn.created) >= lifetime {
             drop(conn);
             self.stats.server_closed.fetch_add(1, Relaxed);
             self.closed_one();
             return;
         }
-        conn.last_used = Instant::now();
+        conn.last_used = now;
         let mut g = lock(&self.inner);
         while let Some(w) = g.waiters.pop_front() {
             match w.send(Grant::Conn(conn)) {
@@ -312,7 +336,7 @@ impl Pool {
 type PoolKey = (String, String, String);
 
 /// The server connection a client's cancel goes to: set while it holds one.
-pub type CancelSlot = Mutex<Option<(Backend, (u32, u32))>>;
+pub type CancelSlot = Mutex<Option<(Arc<Pool>, (u32, u32))>>;
 
 /// The pools of one portal, the pool watcher, and the clients' own keys for BackendKeyData.
 #[derive(Debug, Default)]

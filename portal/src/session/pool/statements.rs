@@ -2,9 +2,10 @@
 //! statements by name, each server connection's statements by definition (query and parameter
 //! types) under a name of the portal's, bounded and closed least recently used first; the
 //! rewriting of Parse, Bind and Describe to the server's names; and the simple queries the
-//! portal answers or follows itself (DEALLOCATE, DISCARD ALL).
+//! portal answers or follows itself (DEALLOCATE, DISCARD ALL), told by their first word before
+//! anything else is read.
 //!
-//! May import: `wire`.
+//! May import: `wire` and the rest of `pool` (`sql`).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -68,6 +69,9 @@ pub enum Special {
 
 /// Recognises DEALLOCATE and DISCARD ALL as the whole of a simple query.
 pub fn special(query: &[u8]) -> Option<Special> {
+    if !super::sql::starts_with_any(query, &[b"deallocate", b"discard"]) {
+        return None;
+    }
     let text = std::str::from_utf8(query.strip_suffix(&[0]).unwrap_or(query)).ok()?;
     let text = text.trim().trim_end_matches(';').trim();
     let words: Vec<&str> = text.split_whitespace().collect();
