@@ -29,7 +29,7 @@ pub struct Pooling {
     /// (postgres): a server connection for each transaction, given back when it ends.
     #[serde(default)]
     pub mode: PoolingMode,
-    /// session, transaction: server connections per backend and per database and user.
+    /// session, transaction: server connections per backend, database, user and set of startup parameters (clients sending the same parameters share a pool).
     /// Default 20.
     #[serde(default = "Pooling::default_pool_size")]
     #[schemars(range(min = 1, max = 10000))]

@@ -222,12 +222,6 @@ async fn session_parameters_follow_the_client_across_server_connections() {
         .run(&["-XAtq", "-c", "SELECT 1"])
         .await;
     assert!(!ok && err.contains("invalid startup parameter"), "{err}");
-    // Startup options cannot be kept: refused, naming why.
-    let (ok, _, err) = psql(portal.addr.port(), "app", "apppw")
-        .env("PGOPTIONS", "-c work_mem=64MB")
-        .run(&["-XAtq", "-c", "SELECT 1"])
-        .await;
-    assert!(!ok && err.contains("startup options"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

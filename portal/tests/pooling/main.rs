@@ -4,7 +4,8 @@
 //! backend count read from pg_stat_activity), tokio-postgres, python3-psycopg; wrong
 //! passwords; the queue timeout; parameter replay; cancel; failover with a promoted streaming
 //! standby (the old primary demoted to its standby) while pooled clients sit idle, one holds a
-//! transaction open and others write in a loop.
+//! transaction open and others write in a loop; what a pooled session shows against a direct
+//! one (startup parameters and RESET, PREPARE and DEALLOCATE, unreported parameters).
 
 mod auth;
 mod clients;
@@ -13,6 +14,7 @@ mod common;
 mod failover;
 mod lifecycle;
 mod statements;
+mod transparency;
 
 use common::tls as tlsca;
 

@@ -156,7 +156,7 @@ where
             .and_then(|c| c.username.clone())
             .unwrap_or_else(|| "postgres".into());
         let login = probe.map_or(Login::None, |c| Login::Password(c.password));
-        let mut conn = super::conn::dial(&self.ctx, &backend, "postgres", &user, &login)
+        let mut conn = super::conn::dial(&self.ctx, &backend, "postgres", &user, &[], &login)
             .await
             .map_err(|e| {
                 format!(

@@ -56,6 +56,10 @@ pub fn set_param(params: &mut Params, name: String, value: String) {
     }
 }
 
+/// The startup parameters a server connection is opened with besides user and database
+/// (sorted by name): those of the clients its pool serves (see `PgHub::pool`).
+pub type Startup = Arc<[(String, String)]>;
+
 /// Whether a client's parameters and a server connection's are the same. Equal maps held
 /// apart are made one (both keep the map at the lower address), so that clients and
 /// connections with the same values come to share one map and the next check of any two of
@@ -254,11 +258,12 @@ pub async fn dial(
     backend: &Backend,
     database: &str,
     user: &str,
+    startup: &[(String, String)],
     login: &Login,
 ) -> io::Result<ServerConn> {
     let work = async {
         let stream = open_server(backend, ctx.connector.as_ref(), true).await?;
-        log_in(stream, database, user, login).await
+        log_in(stream, database, user, startup, login).await
     };
     let mut conn = within_connect(ctx.config.timeouts.connect, work).await?;
     conn.created = Instant::now();
@@ -275,10 +280,14 @@ fn denied(text: String) -> io::Error {
 /// way a closed port is (`ConnectionRefused`).
 fn login_error(body: &[u8]) -> io::Error {
     let text = error_text(body);
-    if Fields(body).sqlstate() == Some(b"57P03") {
-        io::Error::new(io::ErrorKind::ConnectionRefused, text)
-    } else {
-        denied(text)
+    match Fields(body).sqlstate() {
+        Some(b"57P03") => io::Error::new(io::ErrorKind::ConnectionRefused, text),
+        // A startup parameter the server refuses (an invalid value, an unknown or protected
+        // setting in `options`): the client's own doing.
+        Some(s) if s.starts_with(b"22") || s.starts_with(b"42") => {
+            io::Error::new(io::ErrorKind::InvalidInput, text)
+        }
+        _ => denied(text),
     }
 }
 
@@ -288,11 +297,12 @@ pub(super) async fn log_in(
     mut stream: ServerStream,
     database: &str,
     user: &str,
+    startup: &[(String, String)],
     login: &Login,
 ) -> io::Result<ServerConn> {
-    stream
-        .write_all(&startup_message(&[("user", user), ("database", database)]))
-        .await?;
+    let mut params = vec![("user", user), ("database", database)];
+    params.extend(startup.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    stream.write_all(&startup_message(&params)).await?;
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut scram: Option<ScramSha256> = None;
     let mut passthrough: Option<ClientExchange> = None;
@@ -460,5 +470,7 @@ mod tests {
         assert!(shutting_down.to_string().contains("FATAL 57P03"));
         assert_eq!(error("28P01").kind(), ErrorKind::PermissionDenied);
         assert_eq!(error("3D000").kind(), ErrorKind::PermissionDenied);
+        assert_eq!(error("22023").kind(), ErrorKind::InvalidInput);
+        assert_eq!(error("42704").kind(), ErrorKind::InvalidInput);
     }
 }

@@ -17,7 +17,7 @@ use tokio::{
 use tracing::debug;
 
 use super::pinning::REPLAYED;
-use super::{CancelSlot, Client};
+use super::{CancelSlot, Client, Startup};
 use crate::{
     metrics::CloseReason,
     wire::postgres::{
@@ -27,16 +27,31 @@ use crate::{
     },
 };
 
-/// Startup parameters a client may send besides user and database: the replayed ones, and
-/// libpq's fallback_application_name.
-pub(super) fn startup_parameter(name: &str) -> Option<&'static str> {
-    if name == "fallback_application_name" {
-        return Some("application_name");
+/// The client's startup parameters besides user and database, split into the reported ones
+/// the portal replays ([`REPLAYED`], under their reported names; set with `SET` at login, and
+/// set again after the client's `RESET` of them, see the machine) and the others (`options`,
+/// `extra_float_digits`, any setting), which its server connections are opened with: they
+/// are its pool's key, so clients of different drivers share one pool, and a client with
+/// options of its own gets connections that have them from the start, as a direct one.
+/// libpq's fallback_application_name counts when no application_name is given.
+pub(super) fn split_startup(
+    params: BTreeMap<String, String>,
+    fallback_application_name: Option<String>,
+) -> (Startup, BTreeMap<String, String>) {
+    let mut wanted = BTreeMap::new();
+    let mut others = Vec::new();
+    for (name, value) in params {
+        match REPLAYED.iter().find(|r| r.eq_ignore_ascii_case(&name)) {
+            Some(reported) => {
+                wanted.insert(reported.to_string(), value);
+            }
+            None => others.push((name, value)),
+        }
     }
-    REPLAYED
-        .iter()
-        .copied()
-        .find(|r| r.eq_ignore_ascii_case(name))
+    if let Some(name) = fallback_application_name {
+        wanted.entry("application_name".into()).or_insert(name);
+    }
+    (others.into(), wanted)
 }
 
 impl<C> Client<C>
@@ -104,39 +119,32 @@ where
                 return Err(self.fatal("08P01", &e.to_string()).await);
             }
         };
-        let mut wanted = BTreeMap::new();
+        let mut startup = BTreeMap::new();
+        let mut fallback_application_name = None;
         let mut unknown_options = Vec::new();
         for (name, value) in params {
             match name.as_str() {
                 "user" => self.user = value,
                 "database" => self.database = value,
-                "replication" if value != "false" && value != "0" && value != "off" => {
-                    return Err(self
-                        .fatal("08P01", "replication connections are not pooled: connect to the database directly")
-                        .await)
-                }
+                "replication" if value != "false" && value != "0" && value != "off" => return Err(
+                    self.fatal(
+                        "08P01",
+                        "replication connections are not pooled: connect to the database directly",
+                    )
+                    .await,
+                ),
                 "replication" => {}
                 "options" if value.trim().is_empty() => {}
-                "options" => {
-                    return Err(self
-                        .fatal("0A000", "startup options (the options parameter, PGOPTIONS) cannot be kept across pooled server connections: set them with SET, or in the database or role settings")
-                        .await)
-                }
+                "fallback_application_name" => fallback_application_name = Some(value),
                 n if n.starts_with("_pq_.") => unknown_options.push(name),
-                n => match startup_parameter(n) {
-                    Some(key) => {
-                        if key != "application_name" || n != "fallback_application_name" || !wanted.contains_key(key) {
-                            wanted.insert(key.to_string(), value);
-                        }
-                    }
-                    None => {
-                        return Err(self
-                            .fatal("08P01", &format!("unsupported startup parameter: {name} (the pooling portal keeps only {})", REPLAYED.join(", ")))
-                            .await)
-                    }
-                },
+                _ => {
+                    startup.insert(name, value);
+                }
             }
         }
+        let (startup, wanted) = split_startup(startup, fallback_application_name);
+        self.startup = startup;
+        self.machine.set_startup_values(&wanted);
         if self.user.is_empty() {
             return Err(self
                 .fatal(

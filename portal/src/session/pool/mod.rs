@@ -67,7 +67,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use conn::{lock, DialContext, Params, ServerConn};
+use conn::{lock, DialContext, Params, ServerConn, Startup};
 pub use pinning::REPLAYED;
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
@@ -156,6 +156,7 @@ async fn client_task<C>(
         credentials,
         user: String::new(),
         database: String::new(),
+        startup: Startup::from([]),
         login: Arc::default(),
         params: Params::default(),
         pool: None,
@@ -253,6 +254,9 @@ struct Client<C> {
     credentials: Arc<dyn CredentialsSource>,
     user: String,
     database: String,
+    /// The startup parameters its server connections are opened with: all the client sent
+    /// in session mode, all but application_name in transaction mode (see `login`).
+    startup: Startup,
     /// What the client's server connections log in with (its authentication's outcome).
     login: Arc<secret::Login>,
     /// The client's view of the reported parameters (what it was told with ParameterStatus).
@@ -376,9 +380,14 @@ where
         }
         self.pool = None;
         let backend = self.choose().await?;
-        let pool = self
-            .hub
-            .pool(&backend, &self.database, &self.user, &self.login, &self.ctx);
+        let pool = self.hub.pool(
+            &backend,
+            &self.database,
+            &self.user,
+            &self.startup,
+            &self.login,
+            &self.ctx,
+        );
         self.pool = Some(pool.clone());
         Ok(pool)
     }
@@ -458,6 +467,9 @@ where
                 Err(CheckoutError::Dial(e)) => {
                     if e.kind() == std::io::ErrorKind::PermissionDenied {
                         return Err(("28000", format!("the server refused the login: {e}")));
+                    }
+                    if e.kind() == std::io::ErrorKind::InvalidInput {
+                        return Err(("22023", format!("invalid startup parameter: {e}")));
                     }
                     if let Some(checker) = &self.shared.checker {
                         checker.report_connect_failure(&pool.backend.name);

@@ -13,14 +13,15 @@ use super::sql;
 
 /// The reported parameters the portal replays with SET on a server connection whose value
 /// differs from the client's (the others, such as server_version, are the server's own).
-pub const REPLAYED: [&str; 7] = [
+/// Only parameters the server reports with ParameterStatus can be followed: a `SET` of any
+/// other (search_path among them: PostgreSQL 15 does not report it) pins the client.
+pub const REPLAYED: [&str; 6] = [
     "application_name",
     "client_encoding",
     "DateStyle",
     "IntervalStyle",
     "TimeZone",
     "standard_conforming_strings",
-    "search_path",
 ];
 
 /// What pinned a client: the metric label.
@@ -38,7 +39,8 @@ pub enum PinReason {
     Prepare,
     /// SET SESSION AUTHORIZATION, SET ROLE.
     SessionAuthorization,
-    /// SET of a parameter the portal does not replay (anything but the reported ones).
+    /// SET (or `set_config(…)`) of a parameter the portal does not replay (anything but the
+    /// reported ones).
     Set,
 }
 
@@ -166,16 +168,21 @@ fn temporary(rest: &[&str]) -> bool {
 /// statement is told by its first word alone ([`may_pin`]).
 const PINNING_WORDS: [&[u8]; 5] = [b"listen", b"prepare", b"declare", b"create", b"set"];
 
+/// Functions, named anywhere in a statement, that leave session state.
+const PINNING_FUNCTIONS: [&[u8]; 2] = [b"advisory", b"set_config"];
+
 /// Whether `sql` may leave session state: it starts with one of [`PINNING_WORDS`] or
 /// cannot be told by its first word (a comment or parenthesis first), holds more than one
-/// statement, or names an advisory-lock function. Everything else (the common case) is
+/// statement, or names one of [`PINNING_FUNCTIONS`]. Everything else (the common case) is
 /// settled here without reading the text in full.
 fn may_pin(sql: &[u8]) -> bool {
     let word = sql::first_word(sql);
     word.is_empty()
         || PINNING_WORDS.iter().any(|k| word.eq_ignore_ascii_case(k))
         || sql::several_statements(sql)
-        || sql::contains_ignore_case(sql, b"advisory")
+        || PINNING_FUNCTIONS
+            .iter()
+            .any(|f| sql::contains_ignore_case(sql, f))
 }
 
 /// The first statement of `sql` that leaves session state behind, if any.
@@ -192,6 +199,10 @@ pub fn in_full(sql: &[u8]) -> Option<PinReason> {
     let text = skeleton(&String::from_utf8_lossy(sql));
     if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
         return Some(PinReason::AdvisoryLock);
+    }
+    // set_config(name, value, is_local): pinned whatever is_local says (read conservatively).
+    if text.contains("set_config") {
+        return Some(PinReason::Set);
     }
     for statement in text.split(';') {
         let words: Vec<&str> = statement
@@ -287,6 +298,16 @@ mod tests {
             ("SET statement_timeout = 100", Some(PinReason::Set)),
             ("SET SESSION work_mem TO '8MB'", Some(PinReason::Set)),
             ("SET TimeZone TO 'UTC'", None),
+            ("SET search_path = myschema", Some(PinReason::Set)),
+            ("set search_path to public, \"Other\"", Some(PinReason::Set)),
+            (
+                "SELECT set_config('search_path', 'x', false)",
+                Some(PinReason::Set),
+            ),
+            (
+                "SELECT SET_CONFIG('work_mem', '8MB', true)",
+                Some(PinReason::Set),
+            ),
             ("set application_name = 'x'", None),
             ("SET LOCAL statement_timeout = 100", None),
             ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
@@ -330,6 +351,7 @@ mod tests {
                 "UPDATE t SET a = 1",
                 "WITH x AS (SELECT 1) SELECT * FROM x",
                 "SELECT 'advisory'",
+                "SELECT set_config('a', 'b', false)",
             ] {
                 texts.push(format!("{head}{body}"));
             }

@@ -5,6 +5,7 @@
 //! May import: `metrics`, the rest of `pool` and the session's [`hub`](crate::session::hub).
 
 use std::{
+    collections::BTreeMap,
     fmt,
     sync::{atomic::Ordering::Relaxed, Arc},
 };
@@ -51,19 +52,25 @@ impl Collector for PoolCollector {
                 ]
             },
         )?;
-        let mut conns = Vec::new();
+        // The pools of one backend, database and user (one per set of startup parameters)
+        // count together.
+        let mut per_labels: BTreeMap<[(&str, String); 3], [i64; 4]> = BTreeMap::new();
         for p in &pools {
             let (open, idle) = p.counts();
             let active = p.active.load(Relaxed) as usize;
-            let mut l = labels(p).to_vec();
-            l.push(("state", "active".into()));
-            conns.push((l.clone(), active as i64));
-            l.pop();
-            l.push(("state", "idle".into()));
-            conns.push((l.clone(), idle as i64));
-            l.pop();
-            l.push(("state", "opening".into()));
-            conns.push((l, open.saturating_sub(idle + active) as i64));
+            let sum = per_labels.entry(labels(p)).or_default();
+            sum[0] += active as i64;
+            sum[1] += idle as i64;
+            sum[2] += open.saturating_sub(idle + active) as i64;
+            sum[3] += p.waiting() as i64;
+        }
+        let mut conns = Vec::new();
+        for (l, [active, idle, opening, _]) in &per_labels {
+            for (state, n) in [("active", active), ("idle", idle), ("opening", opening)] {
+                let mut l = l.to_vec();
+                l.push(("state", state.into()));
+                conns.push((l, *n));
+            }
         }
         gauges(
             &mut e,
@@ -75,7 +82,7 @@ impl Collector for PoolCollector {
             &mut e,
             "dbportal_pool_waiting_clients",
             "Clients queued for a server connection, per pool.",
-            pools.iter().map(|p| (labels(p), p.waiting() as i64)),
+            per_labels.iter().map(|(l, sum)| (l.clone(), sum[3])),
         )?;
         let counts: Vec<u64> = s.wait_buckets.iter().map(|b| b.load(Relaxed)).collect();
         bucketed_histogram(
@@ -190,6 +197,7 @@ pub fn status(hub: &PgHub) -> serde_json::Value {
                 "backend": p.backend.name,
                 "database": p.database,
                 "user": p.user,
+                "startup": p.startup.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
                 "open": open,
                 "idle": idle,
                 "active": p.active.load(Relaxed),

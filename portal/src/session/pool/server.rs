@@ -22,7 +22,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use super::conn::{dial, lock, DialContext, ServerConn};
+use super::conn::{dial, lock, DialContext, ServerConn, Startup};
 use super::secret::{Login, Secret};
 use super::stats::PoolStats;
 use crate::{
@@ -104,6 +104,8 @@ pub struct Pool {
     pub backend: Backend,
     pub database: String,
     pub user: String,
+    /// The startup parameters its connections are opened with (its clients').
+    pub startup: Startup,
     size: usize,
     inner: Mutex<Inner>,
     retired: watch::Sender<bool>,
@@ -200,7 +202,16 @@ impl Pool {
                 let slot = Slot(Some(self));
                 // Boxed: a dial is rare, and its state would otherwise widen every
                 // transaction's wait for a connection.
-                match Box::pin(dial(ctx, &self.backend, &self.database, &self.user, login)).await {
+                match Box::pin(dial(
+                    ctx,
+                    &self.backend,
+                    &self.database,
+                    &self.user,
+                    &self.startup,
+                    login,
+                ))
+                .await
+                {
                     Ok(c) => {
                         slot.keep();
                         self.stats.server_opened.fetch_add(1, Relaxed);
@@ -303,7 +314,16 @@ impl Pool {
         }
         let login = lock(&self.login).clone();
         for _ in 0..want {
-            match dial(ctx, &self.backend, &self.database, &self.user, &login).await {
+            match dial(
+                ctx,
+                &self.backend,
+                &self.database,
+                &self.user,
+                &self.startup,
+                &login,
+            )
+            .await
+            {
                 Ok(c) => {
                     self.stats.server_opened.fetch_add(1, Relaxed);
                     self.checkin(c, settings.server_lifetime);
@@ -333,7 +353,8 @@ impl Pool {
     }
 }
 
-type PoolKey = (String, String, String);
+/// Backend (name/address), database, user, startup parameters.
+type PoolKey = (String, String, String, Startup);
 
 /// The server connection a client's cancel goes to: set while it holds one.
 pub type CancelSlot = Mutex<Option<(Arc<Pool>, (u32, u32))>>;
@@ -370,6 +391,7 @@ impl PgHub {
         backend: &Backend,
         database: &str,
         user: &str,
+        startup: &Startup,
         login: &Arc<Login>,
         ctx: &DialContext,
     ) -> Arc<Pool> {
@@ -380,6 +402,7 @@ impl PgHub {
             format!("{}/{}", backend.name, backend.address),
             database.to_string(),
             user.to_string(),
+            startup.clone(),
         );
         let mut pools = lock(&self.pools);
         if let Some(p) = pools.get(&key) {
@@ -392,6 +415,7 @@ impl PgHub {
             backend: backend.clone(),
             database: database.into(),
             user: user.into(),
+            startup: startup.clone(),
             size: settings.pool_size,
             inner: Mutex::default(),
             retired: watch::channel(false).0,
@@ -399,12 +423,14 @@ impl PgHub {
             stats: self.stats.clone(),
             login: Mutex::new(login.clone()),
         });
-        if let Some(old) = pools.insert(key, pool.clone()) {
+        if let Some(old) = pools.insert(key.clone(), pool.clone()) {
             old.retire();
         }
         // The pool's upkeep: idle timeout, lifetime, minIdle; ends when the pool is retired
-        // or dropped.
+        // or dropped, or forgotten once no client uses it and it has no connection left (pools
+        // come and go with the startup parameters of the clients).
         let weak: Weak<Pool> = Arc::downgrade(&pool);
+        let hub = Arc::downgrade(self);
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -416,9 +442,29 @@ impl PgHub {
                     break;
                 }
                 pool.maintain(&ctx, &settings).await;
+                if settings.min_idle == 0 && pool.counts().0 == 0 {
+                    if let Some(hub) = hub.upgrade() {
+                        if hub.forget_unused(&key, pool) {
+                            break;
+                        }
+                    }
+                }
             }
         });
         pool
+    }
+
+    /// Removes the pool of `key` if it is `pool` and nothing but the map and the caller hold
+    /// it (no client uses it); whether it was removed.
+    fn forget_unused(&self, key: &PoolKey, pool: Arc<Pool>) -> bool {
+        let mut pools = lock(&self.pools);
+        let ours = pools.get(key).is_some_and(|p| Arc::ptr_eq(p, &pool));
+        // The map's reference and `pool`: no client holds it.
+        if ours && Arc::strong_count(&pool) == 2 {
+            pools.remove(key);
+            return true;
+        }
+        false
     }
 
     /// Every pool, for metrics and status.
@@ -485,7 +531,14 @@ mod tests {
         };
         let hub = Arc::new(PgHub::default());
         let login = Arc::new(Login::default());
-        let pool = hub.pool(&config.backends[0], "db", "app", &login, &ctx);
+        let pool = hub.pool(
+            &config.backends[0],
+            "db",
+            "app",
+            &Startup::from([]),
+            &login,
+            &ctx,
+        );
         let short = Duration::from_millis(200);
         for _ in 0..3 {
             let dialling = timeout(short, pool.checkout(&ctx, &login, Duration::from_secs(5)));

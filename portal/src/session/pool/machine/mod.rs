@@ -10,7 +10,8 @@
 //! Parse followed by Sync itself. Named prepared statements are renamed per server connection
 //! and prepared where missing. A lost server connection fails what was in flight on it.
 //!
-//! May import: `wire` and the rest of `pool` (`inflight`, `pinning`, `spare`, `statements`).
+//! May import: `wire` and the rest of `pool` (`inflight`, `pinning`, `spare`, `sql`,
+//! `statements`).
 
 use std::collections::HashMap;
 
@@ -20,6 +21,8 @@ use crate::wire::postgres::{
     frontend::{Frontend, TargetKind},
     ready_for_query, ReadyStatus,
 };
+
+mod prepared;
 
 use super::inflight::{Expect, InFlight, Sent};
 use super::pinning::{self, PinReason};
@@ -95,6 +98,9 @@ pub(super) struct Machine {
     lost_transaction: bool,
     /// The client's named prepared statements.
     statements: HashMap<Vec<u8>, Definition>,
+    /// The reported parameters the client gave at startup: what its `RESET` returns them to
+    /// (a server connection's own startup values are the server's defaults).
+    startup_values: Vec<(String, String)>,
     /// What is in flight on the held server connection; `None` when none is held.
     held: Option<InFlight>,
     /// Counters not yet added to the pool's statistics.
@@ -110,9 +116,18 @@ impl Machine {
             discard_until_sync: false,
             lost_transaction: false,
             statements: HashMap::new(),
+            startup_values: Vec::new(),
             held: None,
             tally: Tally::default(),
         }
+    }
+
+    /// The reported parameters the client gave at startup (names as the server reports them).
+    pub(super) fn set_startup_values(
+        &mut self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) {
+        self.startup_values = values.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
 
     /// Why the client is pinned, if it is.
@@ -244,90 +259,6 @@ impl Machine {
         }
     }
 
-    /// The portal's own answer to a statement Close or a DEALLOCATE (the client's statement
-    /// is forgotten; the server connections keep theirs, bounded), when the message is one.
-    fn answer_locally(&mut self, msg: Frontend<'_>) -> Option<Vec<u8>> {
-        match msg {
-            Frontend::Close {
-                kind: TargetKind::Statement,
-                name,
-            } if !name.is_empty() => {
-                self.statements.remove(name);
-                Some(Backend::CloseComplete.to_bytes())
-            }
-            Frontend::Query { sql } => {
-                let tag: &[u8] = match statements::special(sql)? {
-                    Special::Deallocate(name) => {
-                        self.statements.remove(name.as_bytes());
-                        b"DEALLOCATE"
-                    }
-                    Special::DeallocateAll => {
-                        self.statements.clear();
-                        b"DEALLOCATE ALL"
-                    }
-                    Special::DiscardAll => return None,
-                };
-                let status = self.held.as_ref().map_or(ReadyStatus::Idle, |h| h.status);
-                let mut out = Backend::CommandComplete { tag }.to_bytes();
-                out.extend_from_slice(&ready_for_query(status));
-                Some(out)
-            }
-            _ => None,
-        }
-    }
-
-    /// ParseComplete and ReadyForQuery for a named Parse followed by a Sync, the statement
-    /// recorded for its first use; `None` for anything else.
-    fn prepare_locally(&mut self, msg: Frontend<'_>) -> Option<Vec<u8>> {
-        let Frontend::Parse {
-            name,
-            query,
-            definition,
-        } = msg
-        else {
-            return None;
-        };
-        if name.is_empty() || statements::special(query).is_some() {
-            return None;
-        }
-        self.statements.insert(name.to_vec(), definition.into());
-        let mut out = Backend::ParseComplete.to_bytes();
-        out.extend_from_slice(&ready_for_query(ReadyStatus::Idle));
-        Some(out)
-    }
-
-    /// The server's name for a client statement's definition, preparing it there first (a
-    /// Parse the client does not see) when the connection lacks it.
-    fn ensure(
-        &mut self,
-        def: &Definition,
-        conn: &mut ServerStatements,
-        out: &mut Vec<u8>,
-    ) -> String {
-        if let Some(name) = conn.get(def) {
-            self.tally.prepared_hits += 1;
-            return name;
-        }
-        self.tally.prepared_misses += 1;
-        let h = self.held.as_mut().expect("held");
-        let (name, evicted) = conn.insert(def.clone(), self.max_prepared);
-        if let Some(old) = evicted {
-            out.extend_from_slice(&statements::close_statement(&old));
-            h.expect.push_back(Expect::Server {
-                sent: Sent::Close,
-                swallow: true,
-                forget: None,
-            });
-        }
-        out.extend_from_slice(&statements::parse_message(&name, def));
-        h.expect.push_back(Expect::Server {
-            sent: Sent::Parse,
-            swallow: true,
-            forget: Some(def.clone()),
-        });
-        name
-    }
-
     /// Queues the client's message for the held server connection, with named statements
     /// renamed to the server's; answers that are due at once go to the client.
     fn forward(
@@ -360,8 +291,33 @@ impl Machine {
                 if let Some(answer) = self.answer_locally(msg) {
                     self.in_flight().expect.push_back(Expect::Local(answer));
                     as_is = false;
-                } else {
+                } else if let Some(set) = self.after_reset(sql) {
+                    // The client's RESET, then the portal's own SET (answer swallowed; the
+                    // ParameterStatus it brings reaches the client).
+                    out.server.extend_from_slice(raw);
+                    out.server.extend_from_slice(
+                        &Frontend::Query {
+                            sql: set.as_bytes(),
+                        }
+                        .to_bytes(),
+                    );
                     if statements::special(sql) == Some(Special::DiscardAll) {
+                        self.statements.clear();
+                        conn.clear();
+                    }
+                    let h = self.in_flight();
+                    h.wait(Sent::Query, None);
+                    h.expect.push_back(Expect::Server {
+                        sent: Sent::Query,
+                        swallow: true,
+                        forget: None,
+                    });
+                    as_is = false;
+                } else {
+                    if let Some(Special::DiscardAll | Special::DeallocateAll) =
+                        statements::special(sql)
+                    {
+                        // The server forgets every prepared statement, the portal's too.
                         self.statements.clear();
                         conn.clear();
                     }
@@ -378,53 +334,7 @@ impl Machine {
                 name,
                 query,
                 definition,
-            } => {
-                if let Some(special) = statements::special(query) {
-                    // DEALLOCATE or DISCARD ALL through the extended protocol: the client's
-                    // statements are forgotten, and the server's: DEALLOCATE of one name runs
-                    // as DEALLOCATE ALL there (the client's name is not the server's), and the
-                    // portal prepares again what it needs.
-                    if let Special::Deallocate(name) = special {
-                        self.statements.remove(name.as_bytes());
-                        out.server.extend_from_slice(&statements::parse_message(
-                            "",
-                            b"DEALLOCATE ALL\0\0\0",
-                        ));
-                    } else {
-                        self.statements.clear();
-                        out.server.extend_from_slice(raw);
-                    }
-                    conn.clear();
-                    self.in_flight().wait(Sent::Parse, None);
-                    as_is = false;
-                } else if !name.is_empty() {
-                    let def: Definition = definition.into();
-                    self.statements.insert(name.to_vec(), def.clone());
-                    if conn.get(&def).is_some() {
-                        self.tally.prepared_hits += 1;
-                        let done = Backend::ParseComplete.to_bytes();
-                        self.in_flight().expect.push_back(Expect::Local(done));
-                    } else {
-                        self.tally.prepared_misses += 1;
-                        let (server_name, evicted) = conn.insert(def.clone(), self.max_prepared);
-                        if let Some(old) = evicted {
-                            out.server
-                                .extend_from_slice(&statements::close_statement(&old));
-                            self.in_flight().expect.push_back(Expect::Server {
-                                sent: Sent::Close,
-                                swallow: true,
-                                forget: None,
-                            });
-                        }
-                        out.server
-                            .extend_from_slice(&statements::parse_message(&server_name, &def));
-                        self.in_flight().wait(Sent::Parse, Some(def));
-                    }
-                    as_is = false;
-                } else {
-                    self.in_flight().wait(Sent::Parse, None);
-                }
-            }
+            } => as_is = self.forward_parse(name, query, definition, conn, &mut out.server),
             Frontend::Bind {
                 portal,
                 statement,
@@ -539,15 +449,22 @@ impl Machine {
             return ServerStep::Next;
         }
         if let Backend::ReadyForQuery(_) = msg {
-            // Completes the Query or Sync at the front (and anything left before it).
+            // Completes the Query or Sync at the front (and anything left before it); the
+            // portal's own query's ReadyForQuery is not the client's.
+            let mut own = false;
             while let Some(e) = h.expect.pop_front() {
                 match e {
-                    Expect::Server { sent, .. } if sent.ends_at_ready() => break,
+                    Expect::Server { sent, swallow, .. } if sent.ends_at_ready() => {
+                        own = swallow;
+                        break;
+                    }
                     Expect::Local(bytes) => client.extend_from_slice(&bytes),
                     Expect::Server { .. } => {}
                 }
             }
-            client.extend_from_slice(raw);
+            if !own {
+                client.extend_from_slice(raw);
+            }
         } else if front.completed_by(&msg) {
             h.expect.pop_front();
             if !swallow {
@@ -1047,7 +964,8 @@ mod tests {
             "the portal's Parse is swallowed"
         );
         assert_eq!((s.m.tally.prepared_misses, s.events.as_str()), (1, "+-"));
-        // Closing it, and DEALLOCATE, with nothing held: answered by the portal.
+        // Closing it, and DEALLOCATE of one of the client's protocol-level statements, with
+        // nothing held: answered by the portal.
         let close = Frontend::Close {
             kind: TargetKind::Statement,
             name: b"s1",
@@ -1055,9 +973,56 @@ mod tests {
         .to_bytes();
         let (server, client, _) = s.client(&close);
         assert_eq!((server.len(), tags(&client)), (0, "3".into()));
-        let (server, client, _) = s.client(&query("DEALLOCATE ALL"));
+        s.client(&cat(&[
+            &parse("s2", "SELECT 2"),
+            &Frontend::Sync.to_bytes(),
+        ]));
+        let (server, client, _) = s.client(&query("DEALLOCATE s2"));
         assert_eq!((server.len(), tags(&client)), (0, "CZ".into()));
         assert_eq!(s.events, "+-");
+        // Another name (an SQL-level PREPARE) and DEALLOCATE ALL are the server's to answer.
+        for sql in ["DEALLOCATE q1", "DEALLOCATE ALL"] {
+            let (server, client, _) = s.client(&query(sql));
+            assert_eq!((tags(&server), client.len()), ("Q".into(), 0), "{sql}");
+            let answer = cat(&[&complete("DEALLOCATE"), &ready(ReadyStatus::Idle)]);
+            assert_eq!(tags(&s.server(&answer)), "CZ");
+        }
+        assert_eq!(s.events, "+-+-+-");
+    }
+
+    /// RESET returns a replayed parameter to the client's startup value, not the server
+    /// connection's: the portal's SET follows it, its answer unseen but for ParameterStatus.
+    #[test]
+    fn a_reset_is_followed_by_the_clients_startup_values() {
+        let mut s = Script::new(true);
+        s.m.set_startup_values(&[("DateStyle".to_string(), "Postgres, MDY".to_string())].into());
+        let (server, _, _) = s.client(&query("RESET datestyle"));
+        assert_eq!(tags(&server), "QQ");
+        assert!(String::from_utf8_lossy(&server).contains("SET DateStyle TO 'Postgres, MDY';"));
+        let answer = cat(&[
+            &Backend::ParameterStatus {
+                name: b"DateStyle",
+                value: b"ISO, MDY",
+            }
+            .to_bytes(),
+            &complete("RESET"),
+            &ready(ReadyStatus::Idle),
+            &Backend::ParameterStatus {
+                name: b"DateStyle",
+                value: b"Postgres, MDY",
+            }
+            .to_bytes(),
+            &complete("SET"),
+            &ready(ReadyStatus::Idle),
+        ]);
+        assert_eq!(tags(&s.server(&answer)), "SCZS");
+        assert_eq!(s.events, "+-", "held until the portal's SET is answered");
+        // Other statements, and RESET of a parameter the client did not give, as they are.
+        for sql in ["RESET work_mem", "SELECT 1", "RESET TimeZone"] {
+            let (server, _, _) = s.client(&query(sql));
+            assert_eq!(tags(&server), "Q", "{sql}");
+            s.server(&cat(&[&complete("RESET"), &ready(ReadyStatus::Idle)]));
+        }
     }
 
     #[test]
