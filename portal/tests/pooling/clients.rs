@@ -232,11 +232,9 @@ async fn session_mode_keeps_one_server_connection_and_discards_it_before_the_nex
         return;
     };
     let a = portal.client("app", "apppw").await.unwrap();
-    a.simple_query("CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (7)")
-        .await
-        .unwrap();
+    a.simple_query("PREPARE mine AS SELECT 7").await.unwrap();
     a.simple_query("SET work_mem TO '7MB'").await.unwrap();
-    assert_eq!(query_one(&a, "SELECT x FROM mine").await, "7");
+    assert_eq!(query_one(&a, "EXECUTE mine").await, "7");
     let pid = query_one(&a, "SELECT pg_backend_pid()").await;
     // The pool's only connection is a's for its session.
     let (ok, _, err) = portal.psql("app", "apppw", "SELECT 1").await;
@@ -247,7 +245,7 @@ async fn session_mode_keeps_one_server_connection_and_discards_it_before_the_nex
     let b = portal.client("app", "apppw").await.unwrap();
     assert_eq!(query_one(&b, "SELECT pg_backend_pid()").await, pid);
     assert_eq!(query_one(&b, "SHOW work_mem").await, "4MB");
-    let e = b.simple_query("SELECT x FROM mine").await.unwrap_err();
+    let e = b.simple_query("EXECUTE mine").await.unwrap_err();
     assert!(db_text(&e).contains("does not exist"), "{e:?}");
 }
 

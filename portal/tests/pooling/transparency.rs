@@ -55,6 +55,15 @@ const RESETS: &[&str] = &[
     "DISCARD ALL",
     "SHOW TimeZone",
     "SELECT interval '1 day 2 hours'",
+    "SET TIME ZONE 'UTC'",
+    "RESET TIME ZONE",
+    "SHOW TimeZone",
+    "SET TIME ZONE 'UTC'",
+    "SET TIME ZONE DEFAULT",
+    "SHOW TimeZone",
+    "SET DateStyle = ISO",
+    "SET SESSION DateStyle TO DEFAULT",
+    "SHOW DateStyle",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +78,7 @@ async fn session_mode_resets_to_the_clients_startup_parameters_as_direct() {
     let (direct, pooled) = direct_and_pooled(&pg, &portal, RESETS).await;
     assert_eq!(
         direct,
-        "Postgres, MDY\nPST8PDT\npostgres_verbose\nPostgres, MDY\nPST8PDT\nPostgres, MDY\npostgres_verbose\nPST8PDT\n@ 1 day 2 hours"
+        "Postgres, MDY\nPST8PDT\npostgres_verbose\nPostgres, MDY\nPST8PDT\nPostgres, MDY\npostgres_verbose\nPST8PDT\n@ 1 day 2 hours\nPST8PDT\nPST8PDT\nPostgres, MDY"
     );
     assert_eq!(pooled, direct);
 }
@@ -103,6 +112,45 @@ async fn transaction_mode_resets_to_the_clients_startup_parameters_and_takes_its
         !ok && err.contains("invalid startup parameter") && err.contains("no_such_setting"),
         "{err}"
     );
+}
+
+/// A session that leaves what DISCARD ALL does not undo (a library loaded, a temporary
+/// schema made) ends with its server connection closed: the next client's session is as new
+/// as a direct one (pg_regress' guc and temp tests), while a plain session's connection is
+/// reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_closes_a_connection_left_with_state_discard_all_keeps() {
+    let Some((_pg, portal)) = app_portal("mode: session, poolSize: 1", "").await else {
+        return;
+    };
+    let pid = || async {
+        let (ok, out, err) = portal.psql("app", "apppw", "SELECT pg_backend_pid()").await;
+        assert!(ok, "{err}");
+        out
+    };
+    let first = pid().await;
+    assert_eq!(pid().await, first, "a plain session's connection is reused");
+    for leftover in [
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "CREATE TEMP TABLE t (a int)",
+    ] {
+        let before = pid().await;
+        let (ok, _, err) = portal.psql("app", "apppw", leftover).await;
+        assert!(ok, "{leftover}: {err}");
+        let after = pid().await;
+        assert_ne!(after, before, "after {leftover}");
+        // As on a new connection: plpgsql not loaded, so its prefix is free; no temporary
+        // schema.
+        let (ok, out, err) = portal
+            .psql(
+                "app",
+                "apppw",
+                "SET plpgsql.extra_foo = true; SELECT pg_my_temp_schema() = 0",
+            )
+            .await;
+        assert!(ok, "after {leftover}: {err}");
+        assert_eq!(out, "t");
+    }
 }
 
 /// PREPARE, DEALLOCATE and PREPARE again under the same name, then DEALLOCATE ALL: the

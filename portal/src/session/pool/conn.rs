@@ -94,7 +94,17 @@ pub struct ServerConn {
     /// The server's state is unknown (a client left mid-transaction, a read failed): close
     /// instead of reusing.
     pub broken: bool,
+    /// What [`LEFTOVERS`] answered when it was new (`None`: not asked, or not answered).
+    pub(super) fresh: Option<String>,
 }
+
+/// The state a server session keeps through DISCARD ALL, as the server shows it: how many
+/// settings are defined with a dotted name (by a library loaded with LOAD or on first use, as
+/// plpgsql is; a client's `SET app.x` placeholder is not shown), and whether the session made
+/// its temporary schema (` temp`). A session ends "as new" when the answer is the one of the new connection.
+pub const LEFTOVERS: &str = "SELECT count(*) FILTER (WHERE name LIKE $1)::text \
+     || CASE WHEN pg_my_temp_schema() <> 0 THEN ' temp' ELSE '' END FROM pg_settings";
+const LEFTOVERS_PATTERN: &str = "%.%";
 
 impl std::fmt::Debug for ServerConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,6 +131,20 @@ impl ServerConn {
             created: now,
             last_used: now,
             broken,
+            fresh: None,
+        }
+    }
+
+    /// Whether the server session is as it was new, as far as [`LEFTOVERS`] tells: after
+    /// DISCARD ALL, what a session leaves behind that a new client would see (a library it
+    /// loaded, a temporary schema) makes the connection one to close, not to reuse.
+    pub async fn is_as_new(&mut self, deadline: Duration) -> bool {
+        let Some(fresh) = self.fresh.clone() else {
+            return true;
+        };
+        match self.query_one(LEFTOVERS, LEFTOVERS_PATTERN, deadline).await {
+            Ok(Some(now)) => now == fresh,
+            _ => false,
         }
     }
 
@@ -266,6 +290,13 @@ pub async fn dial(
         log_in(stream, database, user, startup, login).await
     };
     let mut conn = within_connect(ctx.config.timeouts.connect, work).await?;
+    // A server that cannot answer (not PostgreSQL's catalog) leaves `fresh` unknown: its
+    // connections are reused after DISCARD ALL without the comparison.
+    conn.fresh = conn
+        .query_one(LEFTOVERS, LEFTOVERS_PATTERN, ctx.config.timeouts.connect)
+        .await
+        .ok()
+        .flatten();
     conn.created = Instant::now();
     Ok(conn)
 }

@@ -572,16 +572,16 @@ where
     }
 
     /// At the end of the session: the held connection goes back, reset with DISCARD ALL in
-    /// session mode; one left mid-transaction is closed.
+    /// session mode (and after a pinned transaction-mode client); one left mid-transaction,
+    /// or with state DISCARD ALL does not undo (a library loaded, a temporary schema made:
+    /// [`conn::LEFTOVERS`]), is closed, so the next client finds a session as a new one.
     async fn finish(&mut self) {
         let Some(h) = &mut self.held else { return };
         let clean = self.machine.is_clean() && h.sbuf.is_empty() && h.skip == 0;
         if clean && self.machine.keeps_connection() {
-            let ok = h
-                .conn
-                .run("DISCARD ALL", self.config.timeouts.server)
-                .await
-                .is_ok();
+            let deadline = self.config.timeouts.server;
+            let ok = h.conn.run("DISCARD ALL", deadline).await.is_ok()
+                && h.conn.is_as_new(deadline).await;
             h.conn.statements.clear();
             self.release(!ok);
         } else {

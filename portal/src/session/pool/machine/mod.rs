@@ -1023,6 +1023,39 @@ mod tests {
             assert_eq!(tags(&server), "Q", "{sql}");
             s.server(&cat(&[&complete("RESET"), &ready(ReadyStatus::Idle)]));
         }
+        // Every spelling of a reset of a startup value: RESET TIME ZONE, SET ... TO DEFAULT.
+        let mut s = Script::new(true);
+        s.m.set_startup_values(&[("TimeZone".to_string(), "PST8PDT".to_string())].into());
+        for sql in [
+            "RESET TIME ZONE",
+            "SET TIME ZONE DEFAULT",
+            "set session time zone local;",
+            "SET timezone TO DEFAULT",
+            "SET SESSION \"TimeZone\"=default",
+            "RESET ALL",
+        ] {
+            let (server, _, _) = s.client(&query(sql));
+            assert_eq!(tags(&server), "QQ", "{sql}");
+            assert!(
+                String::from_utf8_lossy(&server).contains("SET TimeZone TO 'PST8PDT';"),
+                "{sql}"
+            );
+            s.server(&cat(&[
+                &complete("SET"),
+                &ready(ReadyStatus::Idle),
+                &complete("SET"),
+                &ready(ReadyStatus::Idle),
+            ]));
+        }
+        for sql in [
+            "SET TIME ZONE 'UTC'",
+            "SET timezone TO 'UTC'",
+            "SET LOCAL timezone TO DEFAULT",
+        ] {
+            let (server, _, _) = s.client(&query(sql));
+            assert_eq!(tags(&server), "Q", "{sql}");
+            s.server(&cat(&[&complete("SET"), &ready(ReadyStatus::Idle)]));
+        }
     }
 
     #[test]

@@ -18,38 +18,52 @@ use super::super::statements::{self, Definition, ServerStatements, Special};
 use super::Machine;
 
 impl Machine {
-    /// After the client's `RESET name`, `RESET ALL` or `DISCARD ALL` (the whole of a simple
-    /// query): the `SET`s that give the server connection the client's startup values again,
-    /// where the server's reset went to its own defaults.
+    /// After the client's `RESET name`, `RESET TIME ZONE`, `SET name TO DEFAULT`, `SET TIME
+    /// ZONE DEFAULT | LOCAL`, `RESET ALL` or `DISCARD ALL` (the whole of a simple query): the
+    /// `SET`s that give the server connection the client's startup values again, where the
+    /// server's reset went to its own defaults.
     pub(super) fn after_reset(&self, sql: &[u8]) -> Option<String> {
-        if self.startup_values.is_empty() || !sql::starts_with_any(sql, &[b"reset", b"discard"]) {
+        if self.startup_values.is_empty()
+            || !sql::starts_with_any(sql, &[b"reset", b"discard", b"set"])
+        {
             return None;
         }
         let text = std::str::from_utf8(sql.strip_suffix(&[0]).unwrap_or(sql)).ok()?;
-        let words: Vec<&str> = text
-            .trim()
-            .trim_end_matches(';')
-            .split_whitespace()
-            .collect();
-        let all = |w: &str| w.eq_ignore_ascii_case("all");
-        let names: Vec<&(String, String)> = match words.as_slice() {
-            [r, a] if r.eq_ignore_ascii_case("reset") && all(a) => {
-                self.startup_values.iter().collect()
+        let text = text.trim().trim_end_matches(';').replace('=', " = ");
+        let mut words: Vec<&str> = text.split_whitespace().collect();
+        let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+        if words.len() > 2 && is(words[0], "set") && is(words[1], "session") {
+            words.remove(1);
+        }
+        let name: &str = match words.as_slice() {
+            [r, a] if (is(r, "reset") || is(r, "discard")) && is(a, "all") => {
+                return self.sets_of_startup_values(|_| true);
             }
-            [d, a] if d.eq_ignore_ascii_case("discard") && all(a) => {
-                self.startup_values.iter().collect()
+            [r, t, z] if is(r, "reset") && is(t, "time") && is(z, "zone") => "timezone",
+            [s, t, z, d] if is(s, "set") && is(t, "time") && is(z, "zone") => {
+                if !(is(d, "default") || is(d, "local")) {
+                    return None;
+                }
+                "timezone"
             }
-            [r, name] if r.eq_ignore_ascii_case("reset") => {
-                let name = name.trim_matches('"');
-                self.startup_values
-                    .iter()
-                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .collect()
+            [r, name] if is(r, "reset") => name,
+            [s, name, to, d]
+                if is(s, "set") && (is(to, "to") || *to == "=") && is(d, "default") =>
+            {
+                name
             }
             _ => return None,
         };
-        let sql: String = names
+        let name = name.trim_matches('"');
+        self.sets_of_startup_values(|k| k.eq_ignore_ascii_case(name))
+    }
+
+    /// `SET`s of the client's startup values whose names `pick` chooses, if any.
+    fn sets_of_startup_values(&self, pick: impl Fn(&str) -> bool) -> Option<String> {
+        let sql: String = self
+            .startup_values
             .iter()
+            .filter(|(k, _)| pick(k))
             .map(|(k, v)| format!("SET {k} TO '{}';", v.replace('\'', "''")))
             .collect();
         (!sql.is_empty()).then_some(sql)
