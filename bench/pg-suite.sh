@@ -25,7 +25,7 @@ REPO=$PWD
 
 PATHS=${PATHS:-"direct session transaction pgbouncer"}
 CONCURRENT=${CONCURRENT:-20}
-RUN_TIMEOUT=${RUN_TIMEOUT:-1200}
+RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 PG_BIN=/usr/lib/postgresql/15/bin
 PGXS=/usr/lib/postgresql/15/lib/pgxs
 CACHE=$HOME/.cache/dbportal/pg-suite
@@ -200,6 +200,11 @@ EOF
   # "test name ... ok 12 ms", "     name ... FAILED 30 ms", "     name ... failed (ignored)"
   sed -nE 's/^(test +| +)([A-Za-z0-9_-]+) +\.\.\. (ok|FAILED|failed \(ignored\)).*/\2 \3/p' \
     "$dir/pg_regress.log" | sed "s/failed (ignored)/FAILED/; s#^#$path #"
+  # A test the run never reached (a hang, a crash) counts as failed.
+  local t
+  for t in $(sed -n 's/^test: *//p' "$SUITE/parallel_schedule"); do
+    grep -qE "^(test +| +)$t +\.\.\. " "$dir/pg_regress.log" || echo "$path $t FAILED (not run)"
+  done
   if ! grep -qE '\.\.\. (ok|FAILED)' "$dir/pg_regress.log"; then
     echo "$path (run) FAILED pg_regress did not run: $(head -3 "$dir/pg_regress.log" | tr '\n' ' ')"
   fi
@@ -220,7 +225,8 @@ for path in $PATHS; do
   run_path "$path" >>"$results"
 done
 
-failed() { awk -v p="$1" '$1 == p && $3 == "FAILED" {print $2}' "$results" | sort -u; }
+failed() { awk -v p="$1" '$1 == p && $3 == "FAILED" && $2 !~ /^\(/ {print $2}' "$results" | sort -u; }
+passed() { awk -v p="$1" '$1 == p && $3 == "ok" {print $2}' "$results" | sort -u; }
 echo
 echo "PostgreSQL $server_version, pg_regress from Debian's postgresql-15 $suite_version (parallel_schedule, installcheck, --max-concurrent-tests=$CONCURRENT), $(date -u +%Y-%m-%d)"
 echo "scram-sha-256 for TCP clients on every path; the portal and PgBouncer at their default pool sizes"
@@ -243,11 +249,14 @@ done
 for path in $PATHS; do
   list=$(failed "$path" | tr '\n' ' ')
   [ -n "$list" ] && { echo; echo "Failed, $path: $list"; }
+  notrun=$(awk -v p="$path" '$1 == p && $4 == "(not" {print $2}' "$results" | tr '\n' ' ')
+  [ -n "$notrun" ] && echo "(not run, the run stopped or hung first: $notrun)"
+  awk -v p="$path" '$1 == p && $2 ~ /^\(/ {$1 = ""; print "-" $0}' "$results"
 done
 if [[ " $PATHS " == *" pgbouncer "* ]]; then
   for path in session transaction; do
     [[ " $PATHS " == *" $path "* ]] || continue
-    worse=$(comm -23 <(failed "$path") <(failed pgbouncer) | tr '\n' ' ')
+    worse=$(comm -12 <(failed "$path") <(passed pgbouncer) | tr '\n' ' ')
     echo
     echo "Failed through the portal ($path) but passed through PgBouncer: ${worse:-none}"
   done

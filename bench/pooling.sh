@@ -63,7 +63,10 @@ pgbench -h 127.0.0.1 -p "$PGPORT" -U postgres -i -s 10 -q postgres >/dev/null 2>
 
 # PgBouncer: transaction mode, the same pool size, TLS to clients with the same certificate.
 BPORT=$(free_port)
-echo "\"postgres\" \"benchpw\"" > "$work/userlist.txt"
+# The stored SCRAM verifier, as PgBouncer's docs recommend (with the plaintext password it runs
+# PBKDF2 at every client login).
+verifier=$(psql -h 127.0.0.1 -p "$PGPORT" -U postgres -XAtqc "select passwd from pg_shadow where usename = 'postgres'" postgres)
+echo "\"postgres\" \"$verifier\"" > "$work/userlist.txt"
 cat > "$work/pgbouncer.ini" <<EOF
 [databases]
 postgres = host=127.0.0.1 port=$PGPORT dbname=postgres
