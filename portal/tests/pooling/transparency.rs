@@ -237,3 +237,47 @@ async fn a_set_of_an_unreported_parameter_never_reaches_the_next_client() {
         assert_eq!(b, defaults, "after {set}");
     }
 }
+
+/// libpq's `PQprepare` and `PQdescribePrepared` of the unnamed statement (psql's `\gdesc`) are
+/// two requests, which may run on different server connections in transaction mode; another
+/// client's unnamed statement in between must not be the one described or run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_of_one_request_is_the_clients_in_the_next() {
+    if !installed("/usr/bin/python3") {
+        return;
+    }
+    let Some((_pg, portal)) = app_portal("mode: transaction, poolSize: 1", "").await else {
+        return;
+    };
+    let script = r#"
+import sys, psycopg
+from psycopg import pq
+port = sys.argv[1]
+dsn = f"host=127.0.0.1 port={port} user=app password=apppw dbname=postgres"
+a, b = psycopg.connect(dsn, autocommit=True), psycopg.connect(dsn, autocommit=True)
+def check(res):
+    assert res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK), res.error_message
+    return res
+for i in range(3):
+    check(a.pgconn.prepare(b"", b"SELECT 1 AS mine"))
+    # b's unnamed statement, on the pool's only server connection, in between.
+    check(b.pgconn.prepare(b"", b"SELECT 2 AS theirs, 3 AS more"))
+    d = check(a.pgconn.describe_prepared(b""))
+    assert [d.fname(n) for n in range(d.nfields)] == [b"mine"], [d.fname(n) for n in range(d.nfields)]
+    r = check(a.pgconn.exec_prepared(b"", []))
+    assert r.get_value(0, 0) == b"1", r.get_value(0, 0)
+    r = check(b.pgconn.exec_prepared(b"", []))
+    assert r.get_value(0, 0) == b"2", r.get_value(0, 0)
+print("ok")
+"#;
+    let path = portal.dir().join("unnamed.py");
+    std::fs::write(&path, script).unwrap();
+    let (ok, out, err) = run(
+        "/usr/bin/python3",
+        &[path.display().to_string(), portal.port()],
+        &[],
+    )
+    .await;
+    assert!(ok, "psycopg: {out}\n{err}");
+    assert_eq!(out, "ok");
+}

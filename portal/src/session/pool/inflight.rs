@@ -81,6 +81,9 @@ pub(super) struct InFlight {
     /// Extended-protocol messages sent since the last Sync: the server keeps the unnamed
     /// statement and portal, and an implicit transaction, until a Sync ends them.
     pub(super) unsynced: bool,
+    /// The client's unnamed statement is the one on this connection (a Parse of it was sent
+    /// while the connection was held).
+    pub(super) has_unnamed: bool,
 }
 
 impl InFlight {

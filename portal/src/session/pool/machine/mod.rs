@@ -98,6 +98,10 @@ pub(super) struct Machine {
     lost_transaction: bool,
     /// The client's named prepared statements.
     statements: HashMap<Vec<u8>, Definition>,
+    /// The client's unnamed statement, when a Sync ended the request that prepared it
+    /// (libpq's `PQprepare(conn, "", …)`, psql's `\gdesc`): its Bind or Describe comes in a
+    /// later request, which may run on another server connection.
+    unnamed: Option<Definition>,
     /// The reported parameters the client gave at startup: what its `RESET` returns them to
     /// (a server connection's own startup values are the server's defaults).
     startup_values: Vec<(String, String)>,
@@ -116,6 +120,7 @@ impl Machine {
             discard_until_sync: false,
             lost_transaction: false,
             statements: HashMap::new(),
+            unnamed: None,
             startup_values: Vec::new(),
             held: None,
             tally: Tally::default(),
@@ -141,6 +146,7 @@ impl Machine {
             expect: spare::queue(),
             status: ReadyStatus::Idle,
             unsynced: false,
+            has_unnamed: false,
         });
     }
 
@@ -229,6 +235,17 @@ impl Machine {
             }
             return ClientStep::Acquire;
         };
+        if let Frontend::Parse {
+            name: b"",
+            query,
+            definition,
+        } = msg
+        {
+            if statements::special(query).is_none() {
+                self.unnamed = then_sync.then(|| definition.into());
+                self.in_flight().has_unnamed = true;
+            }
+        }
         self.forward(msg, raw, conn, out);
         ClientStep::Next
     }
@@ -340,6 +357,9 @@ impl Machine {
                 statement,
                 rest,
             } => {
+                if statement.is_empty() {
+                    self.ensure_unnamed(&mut out.server);
+                }
                 let named = (!statement.is_empty())
                     .then(|| self.statements.get(statement).cloned())
                     .flatten();
@@ -355,6 +375,9 @@ impl Machine {
                 self.in_flight().wait(Sent::Bind, None);
             }
             Frontend::Describe { kind, name } => {
+                if kind == TargetKind::Statement && name.is_empty() {
+                    self.ensure_unnamed(&mut out.server);
+                }
                 let named = (kind == TargetKind::Statement && !name.is_empty())
                     .then(|| self.statements.get(name).cloned())
                     .flatten();
@@ -988,6 +1011,57 @@ mod tests {
             assert_eq!(tags(&s.server(&answer)), "CZ");
         }
         assert_eq!(s.events, "+-+-+-");
+    }
+
+    /// psql's `\gdesc`: the unnamed statement prepared in one request (Parse, Sync) and
+    /// described in the next, which takes a connection anew: the portal prepares it there
+    /// first, unseen. Within one request, or after a Parse not ended by Sync, as it is.
+    #[test]
+    fn the_unnamed_statement_follows_the_client_to_its_next_request() {
+        let mut s = Script::new(true);
+        let (server, _, _) = s.client(&cat(&[&parse("", "SELECT 1"), &Frontend::Sync.to_bytes()]));
+        assert_eq!(tags(&server), "PS");
+        let done = cat(&[
+            &Backend::ParseComplete.to_bytes(),
+            &ready(ReadyStatus::Idle),
+        ]);
+        assert_eq!(tags(&s.server(&done)), "1Z");
+        let describe = Frontend::Describe {
+            kind: TargetKind::Statement,
+            name: b"",
+        }
+        .to_bytes();
+        let (server, _, _) = s.client(&cat(&[&describe, &Frontend::Sync.to_bytes()]));
+        assert_eq!(tags(&server), "PDS", "prepared again on the new connection");
+        assert!(server.windows(8).any(|w| w == b"SELECT 1"));
+        let answer = cat(&[
+            &Backend::ParseComplete.to_bytes(),
+            &Backend::ParameterDescription { types: b"" }.to_bytes(),
+            &Backend::NoData.to_bytes(),
+            &ready(ReadyStatus::Idle),
+        ]);
+        assert_eq!(
+            tags(&s.server(&answer)),
+            "tnZ",
+            "the portal's Parse is swallowed"
+        );
+        // Parse, Bind, Execute, Sync in one request: nothing added, and nothing kept.
+        let (server, _, _) = s.client(&cat(&[
+            &parse("", "SELECT 2"),
+            &bind(""),
+            &execute(),
+            &Frontend::Sync.to_bytes(),
+        ]));
+        assert_eq!(tags(&server), "PBES");
+        s.server(&cat(&[
+            &Backend::ParseComplete.to_bytes(),
+            &Backend::BindComplete.to_bytes(),
+            &complete("SELECT 1"),
+            &ready(ReadyStatus::Idle),
+        ]));
+        let (server, _, _) = s.client(&cat(&[&describe, &Frontend::Sync.to_bytes()]));
+        assert_eq!(tags(&server), "DS");
+        assert_eq!(s.events, "+-+-+-+");
     }
 
     /// RESET returns a replayed parameter to the client's startup value, not the server

@@ -151,6 +151,24 @@ impl Machine {
         name
     }
 
+    /// Before a Bind or Describe of the unnamed statement: the client's, prepared on this
+    /// connection first (a Parse the client does not see) when the request that prepared it
+    /// ran on another one.
+    pub(super) fn ensure_unnamed(&mut self, out: &mut Vec<u8>) {
+        let Some(def) = &self.unnamed else { return };
+        let h = self.held.as_mut().expect("held");
+        if h.has_unnamed {
+            return;
+        }
+        h.has_unnamed = true;
+        out.extend_from_slice(&statements::parse_message("", def));
+        h.expect.push_back(Expect::Server {
+            sent: Sent::Parse,
+            swallow: true,
+            forget: None,
+        });
+    }
+
     /// A Parse (`raw` not yet queued): DEALLOCATE, DEALLOCATE ALL and DISCARD ALL through the
     /// extended protocol, and named statements renamed and prepared once per connection.
     /// Whether the message goes to the server as it is.
