@@ -198,16 +198,18 @@ async fn redis_cli_over_tls_and_client_certificates() {
     assert_ne!(out, "PONG", "no client certificate");
     let (_, out, _) = cli(with_cert(TestCa::new("rogue").client("app"), "rogue")).await;
     assert_ne!(out, "PONG", "untrusted client certificate");
-    let metrics = portal.metrics().await;
-    assert!(
-        metric(
-            &metrics,
-            "dbportal_tls_negotiation_failures_total{reason=\"handshake\"}"
-        )
-        .unwrap()
-            >= 2.0,
-        "{metrics}"
-    );
+    // The client may exit on the portal's alert before the portal has counted the failure
+    // it sent the alert for: wait (bounded) for the count.
+    let failures = "dbportal_tls_negotiation_failures_total{reason=\"handshake\"}";
+    let mut metrics = portal.metrics().await;
+    for _ in 0..50 {
+        if metric(&metrics, failures).unwrap() >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        metrics = portal.metrics().await;
+    }
+    assert!(metric(&metrics, failures).unwrap() >= 2.0, "{metrics}");
     portal.stop().await;
 }
 
