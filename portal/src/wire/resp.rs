@@ -139,38 +139,71 @@ fn read_value<'a, R: tokio::io::AsyncBufRead + Unpin + Send + 'a>(
 
 /// Longest bulk argument of a command (Redis' own `proto-max-bulk-len`).
 pub const MAX_BULK: usize = 512 << 20;
-/// Most arguments in one command.
-pub const MAX_ARGS: usize = 1 << 20;
-/// Longest inline command (a line of words, as typed into telnet).
+/// Most arguments in one command (Redis': `INT_MAX`).
+pub const MAX_ARGS: i64 = i32::MAX as i64;
+/// Longest inline command without its newline, and longest length line (Redis'
+/// `PROTO_INLINE_MAX_SIZE`).
 pub const MAX_INLINE: usize = 64 << 10;
+/// Before AUTH, Redis takes at most this many arguments, and bulk strings at most this long.
+const UNAUTH_ARGS: i64 = 10;
+const UNAUTH_BULK: usize = 16384;
 
-/// Why a client's bytes are not a command: names what and where, never echoes much.
+/// Why a client's bytes are not a command, in Redis' own words (its reply is `-ERR` and
+/// this text, after which it closes the connection), naming the byte where one is at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Protocol error: {0}")]
 pub struct CommandError(pub String);
 
-/// Where each argument of one command lies in the buffer it was parsed from.
+fn refuse<T>(what: impl Into<String>) -> Result<T, CommandError> {
+    Err(CommandError(what.into()))
+}
+
+/// Where each argument of one command lies: in the buffer it was parsed from (a RESP array),
+/// or, for an inline command, in the command's own copy of its unquoted arguments.
 #[derive(Debug, Default, Clone)]
 pub struct Command {
     /// Bytes the command takes in the buffer (its whole frame).
     pub len: usize,
     /// `start..end` of each argument, the name first.
     pub args: Vec<(usize, usize)>,
+    /// An inline command's arguments, unquoted; `args` index into it when `inline`.
+    unquoted: Vec<u8>,
+    inline: bool,
 }
 
 impl Command {
     /// Argument `i` within `buf` (the buffer given to [`parse_command`]).
-    pub fn arg<'a>(&self, buf: &'a [u8], i: usize) -> Option<&'a [u8]> {
-        self.args.get(i).map(|&(s, e)| &buf[s..e])
+    pub fn arg<'a>(&'a self, buf: &'a [u8], i: usize) -> Option<&'a [u8]> {
+        let src = if self.inline { &self.unquoted[..] } else { buf };
+        self.args.get(i).map(|&(s, e)| &src[s..e])
     }
+
+    /// Whether it came as an inline command (a line of words) rather than a RESP array.
+    pub fn is_inline(&self) -> bool {
+        self.inline
+    }
+}
+
+/// Parses one complete command of a logged-in client at the start of `buf`; see
+/// [`parse_command_as`].
+pub fn parse_command(buf: &[u8], cmd: &mut Command) -> Result<bool, CommandError> {
+    parse_command_as(buf, cmd, true)
 }
 
 /// Parses one complete command at the start of `buf` into `cmd` (its argument list reused, so
 /// the hot path allocates nothing): `Ok(true)` when one is there, `Ok(false)` when more bytes
-/// are needed. Understands RESP arrays of bulk strings and inline commands. An empty inline
-/// line is a command with no arguments (Redis skips it).
-pub fn parse_command(buf: &[u8], cmd: &mut Command) -> Result<bool, CommandError> {
+/// are needed. It reads exactly what Redis' `processMultibulkBuffer` and
+/// `processInlineBuffer` read, and refuses what they refuse with their error text, so that a
+/// command forwarded to a shared server connection is the same command there, with one
+/// reply: RESP arrays of bulk strings (`*0` and negative counts are a command with no
+/// arguments, which Redis skips) and inline commands split as `sdssplitargs` splits them,
+/// quotes and escapes included. A line search stops at a NUL byte, as Redis' `strchr` does.
+/// `authed`: whether the client has logged in (before, Redis refuses more than 10 arguments
+/// and bulk strings over 16 KiB).
+pub fn parse_command_as(buf: &[u8], cmd: &mut Command, authed: bool) -> Result<bool, CommandError> {
     cmd.args.clear();
+    cmd.unquoted.clear();
+    cmd.inline = false;
     cmd.len = 0;
     let Some(&first) = buf.first() else {
         return Ok(false);
@@ -178,124 +211,205 @@ pub fn parse_command(buf: &[u8], cmd: &mut Command) -> Result<bool, CommandError
     if first != b'*' {
         return parse_inline(buf, cmd);
     }
-    let Some((count, mut pos)) = number_line(buf, 1, "multibulk length")? else {
+    let Some(cr) = find(buf, 0, b'\r') else {
+        if buf.len() > MAX_INLINE {
+            return refuse("too big mbulk count string");
+        }
         return Ok(false);
     };
-    if count > MAX_ARGS as i64 {
-        return Err(CommandError(format!(
-            "invalid multibulk length {count} (at most {MAX_ARGS})"
-        )));
+    if cr + 2 > buf.len() {
+        return Ok(false);
     }
+    let count = match string2ll(&buf[1..cr]) {
+        Some(n) if n <= MAX_ARGS => n,
+        _ => return refuse("invalid multibulk length"),
+    };
+    if count > UNAUTH_ARGS && !authed {
+        return refuse("unauthenticated multibulk length");
+    }
+    // Redis skips the byte after CR unread, whatever it is: so does this.
+    let mut pos = cr + 2;
     for _ in 0..count.max(0) {
-        match buf.get(pos) {
-            None => return Ok(false),
-            Some(b'$') => {}
-            Some(&b) => {
-                return Err(CommandError(format!(
-                    "expected '$' at byte {pos}, got {}",
-                    super::excerpt(&[b])
-                )))
+        let Some(cr) = find(buf, pos, b'\r') else {
+            if buf.len() - pos > MAX_INLINE {
+                return refuse("too big bulk count string");
             }
-        }
-        let Some((len, start)) = number_line(buf, pos + 1, "bulk length")? else {
             return Ok(false);
         };
-        if len < 0 || len as u64 > MAX_BULK as u64 {
-            return Err(CommandError(format!(
-                "invalid bulk length {len} at byte {pos} (0 to {MAX_BULK})"
-            )));
-        }
-        let end = start + len as usize;
-        if buf.len() < end + 2 {
+        if cr + 2 > buf.len() {
             return Ok(false);
         }
-        if &buf[end..end + 2] != b"\r\n" {
-            return Err(CommandError(format!(
-                "bulk string at byte {start} does not end with CRLF"
-            )));
+        if buf[pos] != b'$' {
+            return refuse(format!("expected '$', got '{}'", shown(buf[pos])));
         }
-        cmd.args.push((start, end));
-        pos = end + 2;
+        let len = match string2ll(&buf[pos + 1..cr]) {
+            Some(n) if (0..=MAX_BULK as i64).contains(&n) => n as usize,
+            _ => return refuse("invalid bulk length"),
+        };
+        if len > UNAUTH_BULK && !authed {
+            return refuse("unauthenticated bulk length");
+        }
+        let start = cr + 2;
+        // The two bytes after the data are skipped unread, as Redis does.
+        if buf.len() - start < len + 2 {
+            return Ok(false);
+        }
+        cmd.args.push((start, start + len));
+        pos = start + len + 2;
     }
     cmd.len = pos;
     Ok(true)
 }
 
 fn parse_inline(buf: &[u8], cmd: &mut Command) -> Result<bool, CommandError> {
-    let Some(nl) = buf.iter().take(MAX_INLINE + 1).position(|&b| b == b'\n') else {
+    let Some(nl) = find(buf, 0, b'\n') else {
         if buf.len() > MAX_INLINE {
-            return Err(CommandError(format!(
-                "inline command longer than {MAX_INLINE} bytes"
-            )));
+            return refuse("too big inline request");
         }
         return Ok(false);
     };
-    let line_end = if nl > 0 && buf[nl - 1] == b'\r' {
+    let end = if nl > 0 && buf[nl - 1] == b'\r' {
         nl - 1
     } else {
         nl
     };
-    let mut i = 0;
-    while i < line_end {
-        while i < line_end && buf[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let start = i;
-        while i < line_end && !buf[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i > start {
-            if buf[start] == b'"' || buf[start] == b'\'' {
-                return Err(CommandError(
-                    "quoted inline arguments are not supported; send RESP arrays".into(),
-                ));
-            }
-            cmd.args.push((start, i));
-        }
+    if split_args(&buf[..end], &mut cmd.unquoted, &mut cmd.args).is_none() {
+        return refuse("unbalanced quotes in request");
     }
+    cmd.inline = true;
     cmd.len = nl + 1;
     Ok(true)
 }
 
-/// The decimal number ending in CRLF at `at`, and the position after it; `None` if incomplete.
-fn number_line(buf: &[u8], at: usize, what: &str) -> Result<Option<(i64, usize)>, CommandError> {
-    let mut value: i64 = 0;
-    let mut negative = false;
-    let mut i = at;
-    loop {
-        let Some(&b) = buf.get(i) else {
-            if i - at > 20 {
-                return Err(CommandError(format!("{what} at byte {at} is too long")));
-            }
-            return Ok(None);
-        };
-        match b {
-            b'0'..=b'9' if i - at < 20 => {
-                value = value
-                    .checked_mul(10)
-                    .and_then(|v| v.checked_add(i64::from(b - b'0')))
-                    .ok_or_else(|| CommandError(format!("{what} at byte {at} is too large")))?;
-            }
-            b'-' if i == at => negative = true,
-            b'\r' if i > at + usize::from(negative) => {
-                return match buf.get(i + 1) {
-                    None => Ok(None),
-                    Some(b'\n') => Ok(Some((if negative { -value } else { value }, i + 2))),
-                    Some(_) => Err(CommandError(format!(
-                        "{what} at byte {at} is not followed by CRLF"
-                    ))),
-                };
-            }
-            _ => {
-                return Err(CommandError(format!(
-                    "invalid {what}: unexpected {} at byte {i}",
-                    super::excerpt(&[b])
-                )))
-            }
-        }
-        i += 1;
+/// The first `stop` byte in `buf` from `from`, as Redis' `strchr` on its query buffer finds
+/// it: a NUL byte ends the search.
+fn find(buf: &[u8], from: usize, stop: u8) -> Option<usize> {
+    let i = buf[from..].iter().position(|&b| b == stop || b == 0)?;
+    (buf[from + i] == stop).then_some(from + i)
+}
+
+/// A byte in an error reply, as Redis writes it with `%c` (CR and LF made spaces), non-printing
+/// bytes escaped.
+fn shown(b: u8) -> String {
+    match b {
+        b'\r' | b'\n' => " ".into(),
+        0x20..=0x7e => (b as char).to_string(),
+        _ => format!("\\x{b:02x}"),
     }
 }
+
+/// A decimal number as Redis' `string2ll` reads it: optional `-`, no `+`, no leading zeros,
+/// no blanks, within i64.
+fn string2ll(s: &[u8]) -> Option<i64> {
+    if s.is_empty() || s.len() >= 21 {
+        return None;
+    }
+    if s == b"0" {
+        return Some(0);
+    }
+    let (negative, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    if !matches!(digits.first(), Some(b'1'..=b'9')) {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    if negative {
+        i64::try_from(-i128::from(v)).ok()
+    } else {
+        i64::try_from(v).ok()
+    }
+}
+
+/// Splits an inline command line into arguments exactly as Redis' `sdssplitargs` does: words
+/// between blanks; "double quotes" with `\xHH`, `\n`, `\r`, `\t`, `\b`, `\a` and `\<any>`
+/// escapes; 'single quotes' with `\'`; a quote may open mid-word; a closing quote must be
+/// followed by a blank or the end. `None`: unbalanced quotes. Arguments are appended to
+/// `out`, their places to `args`.
+fn split_args(line: &[u8], out: &mut Vec<u8>, args: &mut Vec<(usize, usize)>) -> Option<()> {
+    // The line as the C string Redis reads: past its end, NUL.
+    let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
+    let hex = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+    let mut p = 0;
+    loop {
+        while at(p) != 0 && space(at(p)) {
+            p += 1;
+        }
+        if at(p) == 0 {
+            return Some(());
+        }
+        let start = out.len();
+        let (mut inq, mut insq, mut done) = (false, false, false);
+        while !done {
+            let c = at(p);
+            if inq {
+                if c == b'\\'
+                    && at(p + 1) == b'x'
+                    && at(p + 2).is_ascii_hexdigit()
+                    && at(p + 3).is_ascii_hexdigit()
+                {
+                    out.push(hex(at(p + 2)) * 16 + hex(at(p + 3)));
+                    p += 3;
+                } else if c == b'\\' && at(p + 1) != 0 {
+                    p += 1;
+                    out.push(match at(p) {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 0x08,
+                        b'a' => 0x07,
+                        other => other,
+                    });
+                } else if c == b'"' {
+                    if at(p + 1) != 0 && !space(at(p + 1)) {
+                        return None;
+                    }
+                    done = true;
+                } else if c == 0 {
+                    return None;
+                } else {
+                    out.push(c);
+                }
+            } else if insq {
+                if c == b'\\' && at(p + 1) == b'\'' {
+                    p += 1;
+                    out.push(b'\'');
+                } else if c == b'\'' {
+                    if at(p + 1) != 0 && !space(at(p + 1)) {
+                        return None;
+                    }
+                    done = true;
+                } else if c == 0 {
+                    return None;
+                } else {
+                    out.push(c);
+                }
+            } else {
+                match c {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => done = true,
+                    b'"' => inq = true,
+                    b'\'' => insq = true,
+                    _ => out.push(c),
+                }
+            }
+            if at(p) != 0 {
+                p += 1;
+            }
+        }
+        args.push((start, out.len()));
+    }
+}
+
+/// Most elements of one aggregate reply [`scan_reply`] takes.
+const MAX_AGGREGATE: u64 = 16 << 20;
 
 /// One complete reply found by [`scan_reply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,7 +481,7 @@ pub fn scan_reply(buf: &[u8]) -> Result<Option<Scanned>, RespError> {
                 pending -= 1;
                 if n > 0 {
                     let n = n as u64;
-                    if n > MAX_ARGS as u64 * 16 {
+                    if n > MAX_AGGREGATE {
                         return Err(RespError::Protocol(format!(
                             "aggregate of {n} elements at byte {pos}"
                         )));
@@ -498,19 +612,69 @@ mod tests {
             assert_eq!(command(partial).unwrap(), None, "{partial:?}");
         }
         for (bad, needle) in [
-            (&b"*1\r\n:3\r\n"[..], "expected '$' at byte 4"),
-            (b"*x\r\n", "unexpected x at byte 1"),
-            (b"*1\r\n$-1\r\n", "invalid bulk length -1"),
-            (
-                b"*1\r\n$999999999999\r\n",
-                "invalid bulk length 999999999999",
-            ),
-            (b"*1\r\n$3\r\nGETxx", "does not end with CRLF"),
-            (b"*99999999\r\n", "invalid multibulk length"),
-            (b"\"quoted\"\r\n", "quoted"),
+            (&b"*1\r\n:3\r\n"[..], "expected '$', got ':'"),
+            (b"*1\r\nfoo\r\n", "expected '$', got 'f'"),
+            (b"*x\r\n", "invalid multibulk length"),
+            (b"*03\r\n", "invalid multibulk length"),
+            (b"*3000000000\r\n", "invalid multibulk length"),
+            (b"*1\r\n$-1\r\n", "invalid bulk length"),
+            (b"*1\r\n$blabla\r\n", "invalid bulk length"),
+            (b"*1\r\n$999999999999\r\n", "invalid bulk length"),
+            (b"set \"\"\"k\"\"\" v\r\n", "unbalanced quotes in request"),
+            (b"get \"k\r\n", "unbalanced quotes in request"),
+            (b"get 'k'x\r\n", "unbalanced quotes in request"),
         ] {
             let err = command(bad).unwrap_err().to_string();
+            assert!(err.starts_with("Protocol error: "), "{bad:?}: {err}");
             assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+        // Before AUTH, Redis' smaller limits.
+        let mut cmd = Command::default();
+        let many = format!("*11\r\n{}", "$1\r\nx\r\n".repeat(11));
+        assert!(parse_command(many.as_bytes(), &mut cmd).unwrap());
+        let err = parse_command_as(many.as_bytes(), &mut cmd, false).unwrap_err();
+        assert!(err.0.contains("unauthenticated multibulk length"), "{err}");
+        // Too long without the byte that ends it: refused past 64 KiB, as Redis does.
+        let mut long = vec![b'x'; MAX_INLINE + 1];
+        assert!(command(&long)
+            .unwrap_err()
+            .0
+            .contains("too big inline request"));
+        long[0] = b'*';
+        assert!(command(&long)
+            .unwrap_err()
+            .0
+            .contains("too big mbulk count string"));
+        // A NUL ends Redis' search for the end of a line: the line never completes.
+        assert_eq!(command(b"GET a\x00b\r\nPING\r\n").unwrap(), None);
+        // The bytes after a bulk string are skipped unread, as Redis skips them.
+        assert_eq!(
+            command(b"*1\r\n$4\r\nPINGxx").unwrap(),
+            Some(vec![b"PING".to_vec()])
+        );
+    }
+
+    #[test]
+    fn inline_commands_split_as_redis_splits_them() {
+        let cases: [(&[u8], &[&[u8]]); 9] = [
+            (b"set k v\r\n", &[b"set", b"k", b"v"]),
+            (b"  get\t k  \n", &[b"get", b"k"]),
+            (b"set \"a b\" 'c d'\r\n", &[b"set", b"a b", b"c d"]),
+            (b"set \"\\x41\\n\\\"\" x\r\n", &[b"set", b"A\n\"", b"x"]),
+            (b"set 'it\\'s' x\r\n", &[b"set", b"it's", b"x"]),
+            (b"set ab\"c d\" x\r\n", &[b"set", b"abc d", b"x"]),
+            (b"set \"\" x\r\n", &[b"set", b"", b"x"]),
+            (b"\r\n", &[]),
+            (b"   \n", &[]),
+        ];
+        for (line, want) in cases {
+            let got = command(line).unwrap().expect("complete");
+            let want: Vec<Vec<u8>> = want.iter().map(|a| a.to_vec()).collect();
+            assert_eq!(got, want, "{}", excerpt(line));
+            let mut cmd = Command::default();
+            parse_command(line, &mut cmd).unwrap();
+            assert!(cmd.is_inline());
+            assert_eq!(cmd.len, line.len());
         }
     }
 

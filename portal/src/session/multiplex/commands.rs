@@ -22,15 +22,18 @@ pub enum PinReason {
     Select,
     /// CLIENT TRACKING on, until off.
     Tracking,
-    /// CLIENT REPLY OFF/SKIP, CLIENT CACHING, CLIENT NO-EVICT/NO-TOUCH: until the client
-    /// leaves.
+    /// CLIENT REPLY OFF/SKIP, CLIENT CACHING, CLIENT NO-EVICT/NO-TOUCH, SCRIPT DEBUG YES/SYNC:
+    /// until the client leaves.
     ClientMode,
     /// HELLO 3 (RESP3): until the client leaves.
     Resp3,
+    /// SYNC, PSYNC, REPLCONF: the client is a replica, its connection a replication stream,
+    /// until it leaves.
+    Replica,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 9] = [
+    pub const ALL: [PinReason; 10] = [
         PinReason::Multi,
         PinReason::Watch,
         PinReason::Blocking,
@@ -40,6 +43,7 @@ impl PinReason {
         PinReason::Tracking,
         PinReason::ClientMode,
         PinReason::Resp3,
+        PinReason::Replica,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +57,7 @@ impl PinReason {
             PinReason::Tracking => "tracking",
             PinReason::ClientMode => "client_mode",
             PinReason::Resp3 => "resp3",
+            PinReason::Replica => "replica",
         }
     }
 
@@ -61,7 +66,7 @@ impl PinReason {
     pub fn sticky(self) -> bool {
         matches!(
             self,
-            PinReason::Monitor | PinReason::ClientMode | PinReason::Resp3
+            PinReason::Monitor | PinReason::ClientMode | PinReason::Resp3 | PinReason::Replica
         )
     }
 }
@@ -80,6 +85,9 @@ pub enum Local {
     ClientSetInfo,
     /// SELECT 0 on a client that is not pinned: nothing to do.
     SelectZero,
+    /// UNSUBSCRIBE, PUNSUBSCRIBE, SUNSUBSCRIBE on a client that is not pinned, so subscribed
+    /// to nothing: one reply per channel named (or one), each with a count of 0.
+    Unsubscribe,
     /// RESET on a client that is not pinned.
     Reset,
     Quit,
@@ -151,6 +159,13 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
             }
         }
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" => Action::Pin(PinReason::Subscribe),
+        b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"SUNSUBSCRIBE" => Action::Local(Local::Unsubscribe),
+        // No reply (REPLCONF ACK), or a stream that is not replies (SYNC's RDB payload).
+        b"SYNC" | b"PSYNC" | b"REPLCONF" => Action::Pin(PinReason::Replica),
+        // The connection becomes a Lua debugging session.
+        b"SCRIPT" if is(args(1), "DEBUG") && !is(args(2), "NO") => {
+            Action::Pin(PinReason::ClientMode)
+        }
         b"MONITOR" => Action::Pin(PinReason::Monitor),
         b"SCRIPT" | b"FUNCTION" if is(args(1), "KILL") => Action::OutOfBand,
         b"SHUTDOWN" => Action::OutOfBand,
@@ -272,6 +287,13 @@ mod tests {
             ("function list", Plain),
             ("eval x 0", Plain),
             ("quit", Local(super::Local::Quit)),
+            ("unsubscribe a b", Local(super::Local::Unsubscribe)),
+            ("PUNSUBSCRIBE", Local(super::Local::Unsubscribe)),
+            ("sync", Pin(PinReason::Replica)),
+            ("PSYNC ? -1", Pin(PinReason::Replica)),
+            ("replconf ack 0", Pin(PinReason::Replica)),
+            ("script debug yes", Pin(PinReason::ClientMode)),
+            ("script debug no", Plain),
             ("", Local(super::Local::Nothing)),
             ("averyveryverylongcommandnamethatisnotknown", Plain),
         ] {

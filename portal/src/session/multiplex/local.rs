@@ -47,6 +47,23 @@ impl Session {
         }
     }
 
+    /// Keeps HELLO's SETNAME option as the client's name (the portal's, as CLIENT SETNAME).
+    pub(super) fn hello_setname(&mut self) {
+        let mut i = 2;
+        while let Some(a) = self.arg(i) {
+            if a.eq_ignore_ascii_case(b"SETNAME") {
+                self.name = self.arg(i + 1).map(<[u8]>::to_vec);
+                i += 2;
+            } else {
+                i += if a.eq_ignore_ascii_case(b"AUTH") {
+                    3
+                } else {
+                    2
+                };
+            }
+        }
+    }
+
     /// Checks a user's password against `pooling.auth`.
     pub(super) fn check(&mut self, user: &[u8], pass: &[u8]) -> &'static [u8] {
         let users: Option<Users> = match self.ctx.credentials.users(&self.settings) {
@@ -104,19 +121,7 @@ impl Session {
                 if !self.hello_auth() {
                     return;
                 }
-                let mut i = 2;
-                while let Some(a) = self.arg(i) {
-                    if a.eq_ignore_ascii_case(b"SETNAME") {
-                        self.name = self.arg(i + 1).map(<[u8]>::to_vec);
-                        i += 2;
-                    } else {
-                        i += if a.eq_ignore_ascii_case(b"AUTH") {
-                            3
-                        } else {
-                            2
-                        };
-                    }
-                }
+                self.hello_setname();
                 let version = env!("CARGO_PKG_VERSION");
                 let id = self.id.to_string();
                 let mut r = Vec::new();
@@ -151,6 +156,25 @@ impl Session {
                 None => self.reply(b"$-1\r\n"),
             },
             Local::ClientSetInfo | Local::SelectZero => self.reply(b"+OK\r\n"),
+            Local::Unsubscribe => {
+                // Not pinned, so subscribed to nothing: Redis answers each channel named (or
+                // once, with a nil channel) with a count of 0.
+                let kind = self.arg(0).unwrap_or_default().to_ascii_lowercase();
+                let mut r = Vec::new();
+                for i in 1..argc.max(2) {
+                    r.extend_from_slice(format!("*3\r\n${}\r\n", kind.len()).as_bytes());
+                    r.extend_from_slice(&kind);
+                    match self.arg(i) {
+                        Some(channel) => {
+                            r.extend_from_slice(format!("\r\n${}\r\n", channel.len()).as_bytes());
+                            r.extend_from_slice(channel);
+                            r.extend_from_slice(b"\r\n:0\r\n");
+                        }
+                        None => r.extend_from_slice(b"\r\n$-1\r\n:0\r\n"),
+                    }
+                }
+                self.reply(&r);
+            }
             Local::Reset => {
                 self.name = None;
                 self.authed = self

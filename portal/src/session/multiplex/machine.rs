@@ -22,6 +22,10 @@ pub(super) enum Step {
     NoAuth,
     /// Answered in the portal.
     Local(Local),
+    /// HELLO on a dedicated connection (pinned now, or asking for RESP3): its AUTH checked
+    /// here, then `HELLO <version>` sent there, so that the server speaks the protocol the
+    /// client asked for.
+    Hello,
     /// Take a dedicated connection, then send it there.
     Pin(PinReason),
     /// On a connection of its own (SCRIPT KILL, FUNCTION KILL, SHUTDOWN).
@@ -30,24 +34,44 @@ pub(super) enum Step {
     Plain,
 }
 
-/// The step for `action` when the client has logged in (`authed`), is pinned (`pinned`) and
-/// has nothing in flight (`idle`, asked only where it matters: not for a plain command).
-pub(super) fn step(
-    action: Action,
-    authed: bool,
-    pinned: bool,
-    idle: impl FnOnce() -> bool,
-) -> Step {
+/// Whether, and how, a client holds a dedicated connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Held {
+    No,
+    /// Its replies are counted: one per command, push messages and subscription events aside.
+    Counted,
+    /// Its replies cannot be counted (MONITOR, a replication stream, a Lua debugging
+    /// session): every command but QUIT goes to the server, in order.
+    Raw,
+}
+
+/// The step for `action` when the client has logged in (`authed`), holds a dedicated
+/// connection (`held`) and has nothing in flight (`idle`, asked only where it matters: not
+/// for a plain command).
+pub(super) fn step(action: Action, authed: bool, held: Held, idle: impl FnOnce() -> bool) -> Step {
     let gate = !authed
         && !matches!(
             action,
             Action::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
                 | Action::Pin(PinReason::Resp3)
         );
+    let hello = matches!(
+        action,
+        Action::Local(Local::Hello) | Action::Pin(PinReason::Resp3)
+    );
+    // What the server must see while pinned: its state may differ from what the portal would
+    // answer (a subscribed client's UNSUBSCRIBE, a SELECT 0 back from another database).
     let forwarded_while_pinned = !matches!(action, Action::Local(_))
-        || matches!(action, Action::Local(Local::Reset | Local::SelectZero));
-    if pinned && !gate && forwarded_while_pinned {
-        return Step::Pinned;
+        || matches!(
+            action,
+            Action::Local(Local::Reset | Local::SelectZero | Local::Unsubscribe)
+        );
+    if !gate {
+        match held {
+            Held::Raw if action != Action::Local(Local::Quit) => return Step::Pinned,
+            Held::Counted if forwarded_while_pinned && !hello => return Step::Pinned,
+            _ => {}
+        }
     }
     // Answered here, moving to a dedicated connection or sent on one of its own: after every
     // reply in flight, so that replies stay in order.
@@ -58,6 +82,9 @@ pub(super) fn step(
     if gate {
         return Step::NoAuth;
     }
+    if hello && (held != Held::No || action == Action::Pin(PinReason::Resp3)) {
+        return Step::Hello;
+    }
     match action {
         Action::Local(l) => Step::Local(l),
         Action::Pin(r) => Step::Pin(r),
@@ -66,14 +93,32 @@ pub(super) fn step(
     }
 }
 
+/// What CLIENT REPLY has set: whether the server answers the next commands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Replies {
+    #[default]
+    On,
+    /// CLIENT REPLY OFF: no reply until CLIENT REPLY ON.
+    Off,
+    /// CLIENT REPLY SKIP: no reply to the next command.
+    Skip,
+}
+
 /// The per-connection state a pinned client holds on its dedicated connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct PinState {
     /// Commands sent whose reply has not arrived.
     pub(super) pending: u64,
-    /// Replies cannot be counted (MONITOR, CLIENT REPLY OFF, RESP3): kept until the client
-    /// leaves.
+    /// Kept until the client leaves (MONITOR, CLIENT REPLY/CACHING/NO-EVICT/NO-TOUCH, RESP3,
+    /// a replica): the connection is closed afterwards, not reused.
     pub(super) sticky: bool,
+    /// Replies cannot be counted (MONITOR, SYNC/PSYNC/REPLCONF, SCRIPT DEBUG): passed on as
+    /// they come.
+    pub(super) raw: bool,
+    /// The server speaks RESP3 to this connection (HELLO 3): only push messages (`>`) are
+    /// events; a `*` reply always answers a command.
+    resp3: bool,
+    replies: Replies,
     multi: bool,
     watch: bool,
     other_db: bool,
@@ -90,11 +135,13 @@ impl PinState {
     /// Whether the dedicated connection must stay with the client.
     pub(super) fn holds_state(&self) -> bool {
         self.sticky
+            || self.raw
             || self.pending > 0
             || self.multi
             || self.watch
             || self.other_db
             || self.tracking
+            || self.replies != Replies::On
             || self.subscribed.iter().any(|&s| s)
             || self.sub_expected > 0
             || self.unsub_all.iter().any(|&s| s)
@@ -106,6 +153,42 @@ impl PinState {
             || self.unsub_all.iter().any(|&s| s)
     }
 
+    /// Whether a command answered by the portal while pinned gets its reply (CLIENT REPLY
+    /// OFF or SKIP silence it as they silence the server), moving past a SKIP.
+    pub(super) fn local_reply(&mut self) -> bool {
+        self.takes_reply(None)
+    }
+
+    /// Whether the server answers the next command (`mode`: the CLIENT REPLY it sets, if it
+    /// is one), as Redis' CLIENT REPLY and `resetClient` decide.
+    fn takes_reply(&mut self, mode: Option<Replies>) -> bool {
+        match mode {
+            Some(Replies::On) => {
+                self.replies = Replies::On;
+                return true;
+            }
+            Some(Replies::Off) => {
+                self.replies = Replies::Off;
+                return false;
+            }
+            Some(Replies::Skip) => {
+                if self.replies != Replies::Off {
+                    self.replies = Replies::Skip;
+                }
+                return false;
+            }
+            None => {}
+        }
+        match self.replies {
+            Replies::On => true,
+            Replies::Off => false,
+            Replies::Skip => {
+                self.replies = Replies::On;
+                false
+            }
+        }
+    }
+
     /// Follows the state the command (`argc` arguments, `arg(i)`; classified as `action`)
     /// sets or ends, as it is sent on the dedicated connection.
     pub(super) fn on_command<'a>(
@@ -114,25 +197,36 @@ impl PinState {
         argc: usize,
         arg: impl Fn(usize) -> Option<&'a [u8]> + Copy,
     ) {
-        if let Some((kind, replies)) = subscription_command(argc, arg) {
-            match replies {
-                Some(n) => self.sub_expected += n as u64,
-                None => self.unsub_all[kind as usize] = true,
+        let name = arg(0).unwrap_or_default();
+        let word = |w: &str| name.eq_ignore_ascii_case(w.as_bytes());
+        if !self.multi {
+            if let Some((kind, replies)) = subscription_command(argc, arg) {
+                match replies {
+                    Some(n) => self.sub_expected += n as u64,
+                    None => self.unsub_all[kind as usize] = true,
+                }
+                return;
             }
-            return;
         }
         match action {
             Action::Pin(PinReason::Multi) => self.multi = true,
             Action::Pin(PinReason::Watch) => self.watch = true,
             Action::Pin(PinReason::Select) => self.other_db = true,
             Action::Pin(PinReason::Tracking) => self.tracking = true,
-            Action::Pin(PinReason::Monitor | PinReason::ClientMode | PinReason::Resp3) => {
-                self.sticky = true
+            Action::Pin(PinReason::Monitor | PinReason::Replica) => {
+                self.sticky = true;
+                self.raw = true;
+            }
+            Action::Pin(r @ (PinReason::ClientMode | PinReason::Resp3)) => {
+                self.sticky = true;
+                // A Lua debugging session answers in its own way.
+                if r == PinReason::ClientMode && word("SCRIPT") {
+                    self.raw = true;
+                }
             }
             _ => {}
         }
-        let name = arg(0).unwrap_or_default();
-        let word = |w: &str| name.eq_ignore_ascii_case(w.as_bytes());
+        let mut mode = None;
         if word("EXEC") || word("DISCARD") {
             self.multi = false;
             self.watch = false;
@@ -140,19 +234,39 @@ impl PinState {
             self.watch = false;
         } else if word("SELECT") && arg(1) == Some(b"0") {
             self.other_db = false;
+        } else if word("HELLO") {
+            if let Some(v) = arg(1) {
+                if v == b"2" || v == b"3" {
+                    self.resp3 = v == b"3";
+                }
+            }
         } else if word("CLIENT") && is(arg(1), "TRACKING") && is(arg(2), "off") {
             self.tracking = false;
+        } else if word("CLIENT") && is(arg(1), "REPLY") && argc == 3 && !self.multi {
+            mode = [
+                ("ON", Replies::On),
+                ("OFF", Replies::Off),
+                ("SKIP", Replies::Skip),
+            ]
+            .into_iter()
+            .find(|(w, _)| is(arg(2), w))
+            .map(|(_, m)| m);
         } else if word("RESET") {
-            let sticky = self.sticky;
+            // RESET ends every mode before it answers, CLIENT REPLY OFF included; a SKIP still
+            // silences it.
+            let answered = self.replies != Replies::Skip;
             *self = PinState {
                 pending: self.pending,
-                sticky,
+                sticky: self.sticky,
+                raw: self.raw,
                 ..PinState::default()
             };
+            if answered && !self.raw {
+                self.pending += 1;
+            }
+            return;
         }
-        // A sticky client's replies are not counted: CLIENT REPLY OFF/SKIP and MONITOR break
-        // the one-reply-per-command rule, and its connection is never given back anyway.
-        if !self.sticky {
+        if self.takes_reply(mode) && !self.raw {
             self.pending += 1;
         }
     }
@@ -161,10 +275,8 @@ impl PinState {
     /// subscription event updates the subscriptions, a push message nothing, any other reply
     /// answers one command.
     pub(super) fn on_reply(&mut self, kind: u8, reply: &[u8]) {
-        if kind == b'>' {
-            return;
-        }
-        if self.in_pubsub() {
+        let event = kind == b'>' || (kind == b'*' && !self.resp3 && self.in_pubsub());
+        if event {
             let event = array_head(reply).and_then(|(head, count)| {
                 subscription_event(head).map(|(kind, answers)| (kind, answers.then_some(count)))
             });
@@ -180,6 +292,9 @@ impl PinState {
                 }
                 return;
             }
+        }
+        if kind == b'>' {
+            return;
         }
         self.pending = self.pending.saturating_sub(1);
     }
@@ -247,35 +362,56 @@ mod tests {
         let reset = commands(&inline(&["RESET"]))[0].0;
         let kill = commands(&inline(&["SCRIPT", "KILL"]))[0].0;
         let hello3 = commands(&inline(&["HELLO", "3"]))[0].0;
-        // (action, authed, pinned, idle) → step
+        let hello2 = commands(&inline(&["HELLO", "2"]))[0].0;
+        let unsubscribe = commands(&inline(&["UNSUBSCRIBE", "a"]))[0].0;
+        let quit = commands(&inline(&["QUIT"]))[0].0;
+        let monitor = commands(&inline(&["MONITOR"]))[0].0;
+        use Held::{Counted, Raw};
+        const NO: Held = Held::No;
+        // (action, authed, held, idle) → step
         let table = [
-            (get, true, false, true, Step::Plain),
+            (get, true, NO, true, Step::Plain),
             // Plain commands pipeline behind replies in flight.
-            (get, true, false, false, Step::Plain),
-            (get, false, false, true, Step::NoAuth),
+            (get, true, NO, false, Step::Plain),
+            (get, false, NO, true, Step::NoAuth),
             // Even a refusal waits for the replies before it.
-            (get, false, false, false, Step::Wait),
-            (auth, false, false, true, Step::Local(Local::Auth)),
-            (hello3, false, false, true, Step::Pin(PinReason::Resp3)),
-            (multi, true, false, true, Step::Pin(PinReason::Multi)),
-            (multi, true, false, false, Step::Wait),
-            (client_id, true, false, false, Step::Wait),
-            (client_id, true, false, true, Step::Local(Local::ClientId)),
-            (kill, true, false, true, Step::OutOfBand),
-            (kill, true, false, false, Step::Wait),
+            (get, false, NO, false, Step::Wait),
+            (auth, false, NO, true, Step::Local(Local::Auth)),
+            (hello3, false, NO, true, Step::Hello),
+            (hello3, true, NO, false, Step::Wait),
+            (hello2, true, NO, true, Step::Local(Local::Hello)),
+            (multi, true, NO, true, Step::Pin(PinReason::Multi)),
+            (multi, true, NO, false, Step::Wait),
+            (monitor, true, NO, true, Step::Pin(PinReason::Monitor)),
+            (client_id, true, NO, false, Step::Wait),
+            (client_id, true, NO, true, Step::Local(Local::ClientId)),
+            (unsubscribe, true, NO, true, Step::Local(Local::Unsubscribe)),
+            (kill, true, NO, true, Step::OutOfBand),
+            (kill, true, NO, false, Step::Wait),
             // Pinned: everything but the portal's own answers goes to the dedicated
             // connection, in order, with no wait.
-            (get, true, true, false, Step::Pinned),
-            (multi, true, true, false, Step::Pinned),
-            (reset, true, true, false, Step::Pinned),
-            (client_id, true, true, true, Step::Local(Local::ClientId)),
-            (get, false, true, true, Step::NoAuth),
+            (get, true, Counted, false, Step::Pinned),
+            (multi, true, Counted, false, Step::Pinned),
+            (reset, true, Counted, false, Step::Pinned),
+            (unsubscribe, true, Counted, false, Step::Pinned),
+            (client_id, true, Counted, true, Step::Local(Local::ClientId)),
+            (client_id, true, Counted, false, Step::Wait),
+            (get, false, Counted, true, Step::NoAuth),
+            // HELLO while pinned reaches the server, which must speak what the client asked
+            // for, after the replies in flight.
+            (hello2, true, Counted, true, Step::Hello),
+            (hello2, true, Counted, false, Step::Wait),
+            (hello3, true, Counted, true, Step::Hello),
+            // Replies that cannot be counted: everything to the server but QUIT.
+            (client_id, true, Raw, true, Step::Pinned),
+            (hello2, true, Raw, true, Step::Pinned),
+            (quit, true, Raw, true, Step::Local(Local::Quit)),
         ];
-        for (action, authed, pinned, idle, want) in table {
+        for (action, authed, held, idle, want) in table {
             assert_eq!(
-                step(action, authed, pinned, || idle),
+                step(action, authed, held, || idle),
                 want,
-                "{action:?} authed={authed} pinned={pinned} idle={idle}"
+                "{action:?} authed={authed} held={held:?} idle={idle}"
             );
         }
     }
@@ -365,5 +501,107 @@ mod tests {
         assert!(s.holds_state());
         receive(&mut s, b"*2\r\n$1\r\nq\r\n$1\r\nv\r\n");
         assert!(!s.holds_state());
+    }
+
+    #[test]
+    fn resp3_replies_are_counted_and_push_messages_are_not() {
+        let mut s = PinState::default();
+        send(
+            &mut s,
+            &script(&[&["HELLO", "3"], &["CLIENT", "TRACKING", "on"]]),
+        );
+        assert_eq!(s.pending, 2);
+        receive(&mut s, b"%1\r\n$5\r\nproto\r\n:3\r\n+OK\r\n");
+        assert_eq!(s.pending, 0);
+        send(&mut s, &script(&[&["GET", "k"]]));
+        // An invalidation pushed before the reply answers nothing.
+        receive(&mut s, b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n");
+        assert_eq!(s.pending, 1);
+        receive(&mut s, b"$1\r\nv\r\n");
+        assert_eq!(s.pending, 0);
+        // Subscribed in RESP3: subscription answers are pushes; a `*` reply that starts with
+        // "message" still answers a command.
+        send(
+            &mut s,
+            &script(&[&["SUBSCRIBE", "c"], &["LRANGE", "l", "0", "-1"]]),
+        );
+        receive(&mut s, b">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n");
+        assert!(s.in_pubsub());
+        receive(&mut s, b"*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n");
+        assert_eq!(s.pending, 0, "{s:?}");
+        // HELLO 2 ends RESP3: a `*` event counts as one again.
+        send(&mut s, &script(&[&["HELLO", "2"]]));
+        receive(&mut s, b"*2\r\n$5\r\nproto\r\n:2\r\n");
+        assert_eq!(s.pending, 0);
+        receive(&mut s, b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n");
+        assert_eq!(s.pending, 0);
+    }
+
+    #[test]
+    fn client_reply_off_and_skip_silence_replies() {
+        let mut s = PinState::default();
+        send(
+            &mut s,
+            &script(&[
+                &["CLIENT", "REPLY", "OFF"],
+                &["SET", "a", "1"],
+                &["GET", "a"],
+            ]),
+        );
+        assert_eq!(s.pending, 0, "nothing is answered while OFF");
+        assert!(!s.local_reply(), "nor by the portal");
+        send(&mut s, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
+        assert_eq!(s.pending, 0, "SKIP while OFF changes nothing");
+        send(
+            &mut s,
+            &script(&[&["CLIENT", "REPLY", "ON"], &["GET", "a"]]),
+        );
+        assert_eq!(s.pending, 2, "ON answers +OK, then every command");
+        receive(&mut s, b"+OK\r\n$1\r\n1\r\n");
+        send(
+            &mut s,
+            &script(&[&["CLIENT", "REPLY", "SKIP"], &["GET", "a"], &["GET", "b"]]),
+        );
+        assert_eq!(
+            s.pending, 1,
+            "SKIP and the command after it are not answered"
+        );
+        send(&mut s, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
+        assert!(
+            !s.local_reply(),
+            "a SKIP silences a command the portal answers"
+        );
+        assert!(s.local_reply());
+        send(&mut s, &script(&[&["CLIENT", "REPLY", "OFF"], &["RESET"]]));
+        assert_eq!(s.pending, 2, "RESET ends OFF and answers");
+    }
+
+    #[test]
+    fn monitor_and_replication_are_raw() {
+        for start in [
+            &["MONITOR"][..],
+            &["SYNC"],
+            &["PSYNC", "?", "-1"],
+            &["SCRIPT", "DEBUG", "SYNC"],
+        ] {
+            let mut s = PinState::default();
+            send(&mut s, &script(&[start, &["GET", "k"]]));
+            assert!(s.raw && s.sticky && s.holds_state(), "{start:?}");
+            assert_eq!(s.pending, 0, "{start:?}");
+        }
+        let mut s = PinState::default();
+        send(&mut s, &script(&[&["CLIENT", "NO-EVICT", "on"]]));
+        assert!(s.sticky && !s.raw);
+        assert_eq!(s.pending, 1);
+    }
+
+    #[test]
+    fn unsubscribe_in_a_transaction_is_queued_like_any_command() {
+        let mut s = PinState::default();
+        send(&mut s, &script(&[&["MULTI"], &["UNSUBSCRIBE", "a", "b"]]));
+        assert_eq!(s.pending, 2);
+        receive(&mut s, b"+OK\r\n+QUEUED\r\n");
+        assert_eq!(s.pending, 0);
+        assert!(!s.in_pubsub());
     }
 }

@@ -55,7 +55,7 @@ use tracing::debug;
 use commands::classify;
 pub use commands::PinReason;
 use conn::DialContext;
-use machine::{step, Step};
+use machine::{step, Held, Step};
 use pinned::{read_pinned, Pinned};
 use pipeline::ServerConn;
 pub use report::{status, MultiplexCollector};
@@ -72,7 +72,7 @@ use crate::{
     health::{CredentialsSource, StandaloneCredentials},
     metrics::CloseReason,
     route,
-    wire::resp::{parse_command, Command},
+    wire::resp::{parse_command_as, Command},
 };
 
 /// Unwritten reply bytes past which the client task stops taking more (the rest waits in its
@@ -147,6 +147,7 @@ where
         out_pos: 0,
         cmd: Command::default(),
         blocked: false,
+        partial: false,
         quitting: false,
         fatal: None,
         registration: None,
@@ -195,6 +196,9 @@ struct Session {
     cmd: Command,
     /// A command waits for the replies in flight before it.
     blocked: bool,
+    /// The input ends with part of a command: read on, whatever its size (a command longer
+    /// than `IN_HIGH` must be read whole to be handled).
+    partial: bool,
     quitting: bool,
     /// A protocol error to send once the replies in flight are in; then close.
     fatal: Option<String>,
@@ -265,7 +269,7 @@ impl Session {
                 && !self.quitting
                 && self.fatal.is_none()
                 && out_pending < OUT_HIGH
-                && unparsed < IN_HIGH;
+                && (unparsed < IN_HIGH || self.partial);
             let want_pinned = out_pending < OUT_HIGH;
             let has_pinned = self.pinned.is_some();
             if self.inbuf.len() - self.in_end < 2048 {
@@ -379,12 +383,16 @@ impl Session {
     /// Handles every complete command in the input that can be handled now.
     async fn process(&mut self) -> Result<(), Stop> {
         self.blocked = false;
+        self.partial = false;
         let mut pin_out: Vec<u8> = Vec::new();
         while !self.quitting && self.fatal.is_none() {
             let buf = &self.inbuf[self.in_start..self.in_end];
-            match parse_command(buf, &mut self.cmd) {
+            match parse_command_as(buf, &mut self.cmd, self.authed) {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => {
+                    self.partial = !buf.is_empty();
+                    break;
+                }
                 Err(e) => {
                     debug!(error = %e, "malformed command; closing the client");
                     self.fatal = Some(e.to_string());
@@ -396,7 +404,12 @@ impl Session {
                 let cmd = &self.cmd;
                 classify(argc, |i| cmd.arg(buf, i))
             };
-            let step = step(action, self.authed, self.pinned.is_some(), || self.idle());
+            let held = match &self.pinned {
+                None => Held::No,
+                Some(p) if p.state.raw => Held::Raw,
+                Some(_) => Held::Counted,
+            };
+            let step = step(action, self.authed, held, || self.idle());
             if step == Step::Pinned {
                 self.pinned_command(action, &mut pin_out);
                 continue;
@@ -417,32 +430,36 @@ impl Session {
             }
             match step {
                 Step::Local(local) => {
+                    // CLIENT REPLY OFF / SKIP silence the portal's answers as the server's.
+                    let quiet = self.pinned.as_mut().is_some_and(|p| !p.state.local_reply());
+                    let before = self.out.len();
                     self.local(local);
+                    if quiet {
+                        self.out.truncate(before);
+                    }
                     self.consume();
                 }
-                Step::Pin(reason) => {
-                    if reason == PinReason::Resp3 && !self.hello_auth() {
+                Step::Hello => {
+                    if !self.hello_auth() {
                         self.consume();
                         continue;
                     }
-                    match self.pin(reason).await {
-                        Ok(()) => {
-                            if reason == PinReason::Resp3 {
-                                // The client's credentials stay here: the server sees HELLO 3.
-                                pin_out.extend_from_slice(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n");
-                                let p = self.pinned.as_mut().expect("just pinned");
-                                p.state.sticky = true;
-                                self.consume();
-                            } else {
-                                self.pinned_command(action, &mut pin_out);
-                            }
-                        }
-                        Err(e) => {
+                    if self.pinned.is_none() {
+                        if let Err(e) = self.pin(PinReason::Resp3).await {
                             self.consume();
                             self.reply(format!("-ERR {e}\r\n").as_bytes());
+                            continue;
                         }
                     }
+                    self.hello_pinned(action, &mut pin_out);
                 }
+                Step::Pin(reason) => match self.pin(reason).await {
+                    Ok(()) => self.pinned_command(action, &mut pin_out),
+                    Err(e) => {
+                        self.consume();
+                        self.reply(format!("-ERR {e}\r\n").as_bytes());
+                    }
+                },
                 Step::OutOfBand => self.out_of_band().await,
                 Step::Plain => {
                     if !self.send_plain().await? {

@@ -76,6 +76,25 @@ impl Session {
         self.in_start += cmd.len;
     }
 
+    /// Sends HELLO on the dedicated connection with the protocol version alone (its AUTH was
+    /// checked here; SETNAME names the client here, as CLIENT SETNAME does), and follows the
+    /// protocol it sets.
+    pub(super) fn hello_pinned(&mut self, action: Action, pin_out: &mut Vec<u8>) {
+        self.hello_setname();
+        let mut words: Vec<Vec<u8>> = vec![b"HELLO".to_vec()];
+        words.extend(self.arg(1).map(<[u8]>::to_vec));
+        pin_out.extend_from_slice(format!("*{}\r\n", words.len()).as_bytes());
+        for w in &words {
+            pin_out.extend_from_slice(format!("${}\r\n", w.len()).as_bytes());
+            pin_out.extend_from_slice(w);
+            pin_out.extend_from_slice(b"\r\n");
+        }
+        let p = self.pinned.as_mut().expect("pinned");
+        p.state
+            .on_command(action, words.len(), |i| words.get(i).map(Vec::as_slice));
+        self.consume();
+    }
+
     pub(super) async fn flush_pinned(&mut self, pin_out: &mut Vec<u8>) -> Result<(), Stop> {
         let p = self.pinned.as_mut().expect("pinned");
         let wrote = tokio::time::timeout(
@@ -94,7 +113,7 @@ impl Session {
     /// state ends.
     pub(super) fn pinned_replies(&mut self) -> Result<(), Stop> {
         let p = self.pinned.as_mut().expect("pinned");
-        if p.state.sticky && !p.state.in_pubsub() {
+        if p.state.raw {
             self.out.extend_from_slice(&p.inbuf);
             p.inbuf.clear();
             return Ok(());
