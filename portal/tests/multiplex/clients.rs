@@ -258,12 +258,9 @@ async fn a_malformed_client_gets_an_error_and_others_go_on() {
     let mut good = TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(command(&mut good, &["SET", "a", "1"]).await.unwrap(), "+OK");
     for (bad, needle) in [
-        (
-            &b"*1\r\n$99999999999\r\n"[..],
-            "invalid bulk length 99999999999",
-        ),
-        (b"*2\r\n:1\r\n", "expected '$' at byte 4"),
-        (b"*1\r\n$3\r\nGETxx\r\n", "does not end with CRLF"),
+        (&b"*1\r\n$99999999999\r\n"[..], "invalid bulk length"),
+        (b"*2\r\n:1\r\n", "expected '$', got ':'"),
+        (b"*1\r\n$-1\r\n", "invalid bulk length"),
     ] {
         let mut s = TcpStream::connect(p.addr).await.unwrap();
         // A valid command first: its reply comes before the error.

@@ -3,7 +3,8 @@
 //! redis-py (Debian's python3-redis) compared with the same calls made direct; thousands of
 //! clients on four server connections; a slow consumer; a malformed client; failover with idle
 //! and busy clients; AUTH with ACL users; SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE
-//! reaching a server busy with a script on a shared connection.
+//! reaching a server busy with a script on a shared connection; and what Redis' own test
+//! suite found out of step, each compared with direct.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -11,6 +12,7 @@ mod common;
 mod access;
 mod busy;
 mod clients;
+mod desync;
 mod failover;
 
 use std::{

@@ -119,6 +119,10 @@ pub(super) struct PinState {
     /// events; a `*` reply always answers a command.
     resp3: bool,
     replies: Replies,
+    /// A CLIENT REPLY SKIP not sent yet: it goes just before the next command sent, or
+    /// silences the next one the portal answers (the server must skip what the client's next
+    /// command is, and it does not see the ones the portal answers).
+    skip_held: bool,
     multi: bool,
     watch: bool,
     other_db: bool,
@@ -156,7 +160,40 @@ impl PinState {
     /// Whether a command answered by the portal while pinned gets its reply (CLIENT REPLY
     /// OFF or SKIP silence it as they silence the server), moving past a SKIP.
     pub(super) fn local_reply(&mut self) -> bool {
+        if std::mem::take(&mut self.skip_held) {
+            return false;
+        }
         self.takes_reply(None)
+    }
+
+    /// Keeps a CLIENT REPLY SKIP (`argc` arguments, `arg(i)`) back instead of sending it
+    /// (see `skip_held`); true when it was.
+    pub(super) fn hold_skip<'a>(
+        &mut self,
+        argc: usize,
+        arg: impl Fn(usize) -> Option<&'a [u8]>,
+    ) -> bool {
+        let skip = argc == 3
+            && is(arg(0), "CLIENT")
+            && is(arg(1), "REPLY")
+            && is(arg(2), "SKIP")
+            && !self.multi
+            && !self.raw;
+        if skip {
+            self.skip_held = true;
+        }
+        skip
+    }
+
+    /// Whether a CLIENT REPLY SKIP held back goes out now, before the command about to be
+    /// sent (followed as sent, when it does).
+    pub(super) fn send_held_skip(&mut self) -> bool {
+        if !std::mem::take(&mut self.skip_held) {
+            return false;
+        }
+        let words: [&[u8]; 3] = [b"CLIENT", b"REPLY", b"SKIP"];
+        self.on_command(Action::Plain, 3, |i| words.get(i).copied());
+        true
     }
 
     /// Whether the server answers the next command (`mode`: the CLIENT REPLY it sets, if it
@@ -324,11 +361,26 @@ mod tests {
         out
     }
 
-    /// Feeds the commands of `sent` to `state`.
-    fn send(state: &mut PinState, sent: &[u8]) {
+    /// Feeds the commands of `sent` to `state` as the client's task sends them (a CLIENT REPLY
+    /// SKIP held back until the next command); returns the commands the server gets.
+    fn send(state: &mut PinState, sent: &[u8]) -> Vec<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
         for (action, args) in commands(sent) {
-            state.on_command(action, args.len(), |i| args.get(i).map(|a| a.as_slice()));
+            let arg = |i: usize| args.get(i).map(|a| a.as_slice());
+            if state.hold_skip(args.len(), arg) {
+                continue;
+            }
+            if state.send_held_skip() {
+                out.push(vec![
+                    b"CLIENT".to_vec(),
+                    b"REPLY".to_vec(),
+                    b"SKIP".to_vec(),
+                ]);
+            }
+            state.on_command(action, args.len(), arg);
+            out.push(args);
         }
+        out
     }
 
     /// Feeds the replies of `replies` to `state`.
@@ -566,7 +618,8 @@ mod tests {
             s.pending, 1,
             "SKIP and the command after it are not answered"
         );
-        send(&mut s, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
+        let sent = send(&mut s, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
+        assert!(sent.is_empty(), "a SKIP waits for the command it silences");
         assert!(
             !s.local_reply(),
             "a SKIP silences a command the portal answers"

@@ -14,6 +14,9 @@ use super::server::PinnedConn;
 use super::{Session, Stop};
 use crate::{metrics::CloseReason, wire::resp::scan_reply};
 
+/// CLIENT REPLY SKIP, sent just before the command it silences.
+const SKIP: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n";
+
 /// A client's dedicated server connection and the state that keeps it.
 pub(super) struct Pinned {
     pub(super) conn: PinnedConn,
@@ -70,10 +73,16 @@ impl Session {
         let buf = &self.inbuf[self.in_start..self.in_end];
         let cmd = &self.cmd;
         let p = self.pinned.as_mut().expect("pinned");
+        self.in_start += cmd.len;
+        if p.state.hold_skip(cmd.args.len(), |i| cmd.arg(buf, i)) {
+            return;
+        }
+        if p.state.send_held_skip() {
+            pin_out.extend_from_slice(SKIP);
+        }
         pin_out.extend_from_slice(&buf[..cmd.len]);
         p.state
             .on_command(action, cmd.args.len(), |i| cmd.arg(buf, i));
-        self.in_start += cmd.len;
     }
 
     /// Sends HELLO on the dedicated connection with the protocol version alone (its AUTH was
@@ -83,13 +92,16 @@ impl Session {
         self.hello_setname();
         let mut words: Vec<Vec<u8>> = vec![b"HELLO".to_vec()];
         words.extend(self.arg(1).map(<[u8]>::to_vec));
+        let p = self.pinned.as_mut().expect("pinned");
+        if p.state.send_held_skip() {
+            pin_out.extend_from_slice(SKIP);
+        }
         pin_out.extend_from_slice(format!("*{}\r\n", words.len()).as_bytes());
         for w in &words {
             pin_out.extend_from_slice(format!("${}\r\n", w.len()).as_bytes());
             pin_out.extend_from_slice(w);
             pin_out.extend_from_slice(b"\r\n");
         }
-        let p = self.pinned.as_mut().expect("pinned");
         p.state
             .on_command(action, words.len(), |i| words.get(i).map(Vec::as_slice));
         self.consume();
