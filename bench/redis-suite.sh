@@ -124,6 +124,7 @@ tls: {mode: disabled}
 timeouts: {client: 1h, server: 1h, connect: 5s}
 limits: {maxConnections: 2000, maxConnectionsPerClient: 0}
 pooling: {mode: multiplex}
+drainTimeout: 1s
 EOF
     RUST_LOG=${PORTAL_LOG:-warn} "$PORTAL_BIN" --config "$dir/portal.yaml" >"$dir/portal.log" 2>&1 &
     ppid=$!

@@ -216,12 +216,18 @@ pub fn subscription_command<'a>(
 ) -> Option<(SubKind, Option<usize>)> {
     let mut buf = [0u8; 24];
     let name = upper(args(0)?, &mut buf);
-    let kind = match name {
-        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" => SubKind::Channels,
-        b"SSUBSCRIBE" | b"SUNSUBSCRIBE" => SubKind::Shard,
+    let (kind, subscribe) = match name {
+        b"SUBSCRIBE" | b"PSUBSCRIBE" => (SubKind::Channels, true),
+        b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" => (SubKind::Channels, false),
+        b"SSUBSCRIBE" => (SubKind::Shard, true),
+        b"SUNSUBSCRIBE" => (SubKind::Shard, false),
         _ => return None,
     };
     let channels = argc.saturating_sub(1);
+    if subscribe && channels == 0 {
+        // Refused for its arity: one error reply, like any command.
+        return None;
+    }
     Some((kind, (channels > 0).then_some(channels)))
 }
 
@@ -311,6 +317,7 @@ mod tests {
         assert_eq!(sub("UNSUBSCRIBE"), Some((SubKind::Channels, None)));
         assert_eq!(sub("sunsubscribe x"), Some((SubKind::Shard, Some(1))));
         assert_eq!(sub("ping"), None);
+        assert_eq!(sub("SUBSCRIBE"), None, "an arity error, one reply");
         assert_eq!(
             subscription_event(b"message"),
             Some((SubKind::Channels, false))
