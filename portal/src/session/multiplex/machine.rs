@@ -1,10 +1,13 @@
 //! A multiplexed client's decisions, apart from its I/O (pure, unit-tested with byte scripts):
 //! [`step`], what to do with each classified command given whether the client has logged in,
-//! is pinned and has replies in flight; and [`PinState`], the per-connection state a pinned
-//! client's commands set and end (MULTI, WATCH, SELECT, CLIENT TRACKING, subscriptions,
-//! sticky modes) and its replies settle, which says when the dedicated connection can be
-//! given back. The client's task (`mod.rs`, `pinned.rs`) only reads, writes and follows
-//! these answers.
+//! is pinned (and whether its replies can be counted) and has replies in flight; and
+//! [`PinState`], the per-connection state a pinned client's commands set and end (MULTI,
+//! WATCH, SELECT, CLIENT TRACKING, subscriptions, CLIENT REPLY, RESP2 or RESP3, sticky and raw
+//! modes) and its replies settle: it counts the replies owed, one per command, none for a
+//! command CLIENT REPLY silences, push messages and subscription events apart, so that the
+//! portal's own answers go out in their place and the dedicated connection is given back
+//! only once nothing is owed. The client's task (`mod.rs`, `pinned.rs`) only reads, writes
+//! and follows these answers.
 //!
 //! May import: `wire` and the rest of `multiplex` below it (`commands`).
 
