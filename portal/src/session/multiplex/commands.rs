@@ -199,6 +199,33 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
     }
 }
 
+/// For a command that names clients by their ids (CLIENT TRACKING … REDIRECT id, CLIENT
+/// UNBLOCK id, CLIENT KILL … ID id, CLIENT LIST ID id…): the arguments holding ids, and
+/// whether it is a tracking redirect. The client knows the ids the portal gives (CLIENT ID);
+/// the server, its own connections' ids.
+pub fn client_id_arg<'a>(
+    argc: usize,
+    args: impl Fn(usize) -> Option<&'a [u8]>,
+) -> Option<(std::ops::Range<usize>, bool)> {
+    if !is(args(0), "CLIENT") {
+        return None;
+    }
+    let after = |word: &str, from: usize| {
+        (from..argc.saturating_sub(1))
+            .find(|&i| is(args(i), word))
+            .map(|i| i + 1..i + 2)
+    };
+    let mut sub = [0u8; 24];
+    match upper(args(1).unwrap_or_default(), &mut sub) {
+        b"UNBLOCK" if argc >= 3 => Some((2..3, false)),
+        b"TRACKING" => after("REDIRECT", 3).map(|i| (i, true)),
+        // The filter form (CLIENT KILL ID id …); the old form takes an address.
+        b"KILL" if argc >= 4 => after("ID", 2).map(|i| (i, false)),
+        b"LIST" if argc >= 4 && is(args(2), "ID") => Some((3..argc, false)),
+        _ => None,
+    }
+}
+
 /// The pub/sub kinds whose replies carry a subscription count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubKind {
@@ -305,6 +332,26 @@ mod tests {
         ] {
             assert_eq!(action(cmd), want, "{cmd}");
         }
+    }
+
+    #[test]
+    fn commands_naming_a_client_are_found() {
+        let find = |words: &str| {
+            let args: Vec<&[u8]> = words.split_whitespace().map(str::as_bytes).collect();
+            client_id_arg(args.len(), |i| args.get(i).copied())
+        };
+        assert_eq!(find("client unblock 7"), Some((2, false)));
+        assert_eq!(find("CLIENT UNBLOCK 7 ERROR"), Some((2, false)));
+        assert_eq!(find("client tracking on redirect 7 bcast"), Some((4, true)));
+        assert_eq!(find("client tracking on bcast"), None);
+        assert_eq!(find("client kill id 7"), Some((3, false)));
+        assert_eq!(
+            find("client kill type normal id 7 skipme no"),
+            Some((5, false))
+        );
+        assert_eq!(find("client kill 127.0.0.1:5000"), None);
+        assert_eq!(find("client id"), None);
+        assert_eq!(find("get redirect"), None);
     }
 
     #[test]

@@ -90,6 +90,33 @@ pub async fn dial(ctx: &DialContext, backend: &Backend) -> io::Result<ServerStre
     within_connect(ctx.config.timeouts.connect, work).await
 }
 
+/// The server's id of `stream` (CLIENT ID), within `deadline`.
+pub(super) async fn server_id(stream: &mut ServerStream, deadline: Duration) -> io::Result<u64> {
+    let ask = async {
+        stream
+            .write_all(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n")
+            .await?;
+        let mut buf = Vec::with_capacity(32);
+        loop {
+            if let Some(s) = scan_reply(&buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+            {
+                return std::str::from_utf8(&buf[1..s.len - 2])
+                    .ok()
+                    .filter(|_| s.kind == b':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "CLIENT ID"));
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "CLIENT ID"));
+            }
+        }
+    };
+    timeout(deadline, ask)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "CLIENT ID")))
+}
+
 /// Sends `command` (one, whole) on `stream`, a connection opened for it alone, and returns
 /// its reply within `deadline`; `None` when the server closes the connection instead, as a
 /// SHUTDOWN that succeeds does. The connection is closed afterwards.

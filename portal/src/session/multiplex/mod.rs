@@ -52,8 +52,8 @@ use tokio::{
 };
 use tracing::debug;
 
-use commands::classify;
 pub use commands::PinReason;
+use commands::{classify, client_id_arg};
 use conn::DialContext;
 use machine::{step, Held, Step};
 use pinned::{read_pinned, Pinned};
@@ -162,6 +162,7 @@ where
     };
     if let Some(p) = session.pinned.take() {
         hub.stats.pin(p.reason, -1);
+        hub.dedicated(session.id, None);
     }
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
@@ -399,6 +400,10 @@ impl Session {
                     break;
                 }
             }
+            if self.authed {
+                self.translate_client_id();
+            }
+            let buf = &self.inbuf[self.in_start..self.in_end];
             let argc = self.cmd.args.len();
             let action = {
                 let cmd = &self.cmd;
@@ -484,6 +489,43 @@ impl Session {
             self.in_start = 0;
         }
         Ok(())
+    }
+
+    /// Rewrites, in the input, a command that names a client by the id the portal gave it so
+    /// that it names the server connection that client holds (see `Hub::server_id_of`).
+    fn translate_client_id(&mut self) {
+        let buf = &self.inbuf[self.in_start..self.in_end];
+        let cmd = &self.cmd;
+        let Some((at, redirect)) = client_id_arg(cmd.args.len(), |i| cmd.arg(buf, i)) else {
+            return;
+        };
+        let args: Vec<Vec<u8>> = (0..cmd.args.len())
+            .map(|i| {
+                let arg = cmd.arg(buf, i).unwrap_or_default();
+                let id = std::str::from_utf8(arg)
+                    .ok()
+                    .and_then(|a| a.parse::<u64>().ok());
+                match id {
+                    // Not a number: left for the server's own error.
+                    Some(id) if at.contains(&i) => {
+                        self.hub.server_id_of(id, redirect).to_string().into_bytes()
+                    }
+                    _ => arg.to_vec(),
+                }
+            })
+            .collect();
+        let mut bytes = format!("*{}\r\n", args.len()).into_bytes();
+        for a in &args {
+            bytes.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            bytes.extend_from_slice(a);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let (start, len) = (self.in_start, cmd.len);
+        let grown = bytes.len() as isize - len as isize;
+        self.inbuf.splice(start..start + len, bytes);
+        self.in_end = (self.in_end as isize + grown) as usize;
+        let ok = parse_command_as(&self.inbuf[start..self.in_end], &mut self.cmd, true);
+        debug_assert_eq!(ok, Ok(true), "a command the portal wrote parses");
     }
 
     /// Drops the parsed command from the input.

@@ -59,6 +59,7 @@ impl Session {
         if let Some(r) = &self.registration {
             r.on_backend(Some(&backend.name));
         }
+        self.hub.dedicated(self.id, Some(&conn));
         self.pinned = Some(Pinned {
             conn,
             reason,
@@ -161,6 +162,7 @@ impl Session {
             r.on_backend(None);
         }
         self.hub.stats.pin(p.reason, -1);
+        self.hub.dedicated(self.id, None);
         debug!(reason = p.reason.as_str(), "client unpinned");
         p.conn.release(self.ctx.clone());
     }

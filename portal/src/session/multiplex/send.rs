@@ -10,7 +10,7 @@ use std::sync::{atomic::Ordering::Relaxed, Arc};
 
 use tracing::debug;
 
-use super::commands::{classify, Action};
+use super::commands::{classify, client_id_arg, Action};
 use super::conn::{dial, send_alone};
 use super::pipeline::{Request, ServerConn, TRYAGAIN};
 use super::{Session, Stop};
@@ -31,7 +31,10 @@ impl Session {
                 _ => break,
             }
             let cmd = &self.cmd;
-            if classify(cmd.args.len(), |i| cmd.arg(buf, i)) != Action::Plain {
+            // A command naming a client is rewritten first, on its own turn.
+            if classify(cmd.args.len(), |i| cmd.arg(buf, i)) != Action::Plain
+                || client_id_arg(cmd.args.len(), |i| cmd.arg(buf, i)).is_some()
+            {
                 break;
             }
             end += cmd.len;

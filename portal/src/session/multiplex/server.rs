@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use super::conn::{dial, expect_ok, login, DialContext, ServerStream};
+use super::conn::{dial, expect_ok, login, server_id, DialContext, ServerStream};
 use super::pipeline::{start, ServerConn, TRYAGAIN};
 use super::sink::lock;
 use super::stats::MuxStats;
@@ -42,7 +42,8 @@ pub struct BackendPool {
     backend: Backend,
     shared: Vec<Mutex<Option<Arc<ServerConn>>>>,
     opening: Vec<tokio::sync::Mutex<()>>,
-    idle_pinned: Mutex<Vec<ServerStream>>,
+    /// Idle dedicated connections, with their server-side ids.
+    idle_pinned: Mutex<Vec<(ServerStream, u64)>>,
     /// Dedicated connections open (idle or held).
     pinned_open: AtomicUsize,
     pinned_freed: Notify,
@@ -127,9 +128,11 @@ impl BackendPool {
             if self.is_retired() {
                 return Err(io::Error::other("the backend no longer takes commands"));
             }
-            if let Some(stream) = lock(&self.idle_pinned).pop() {
+            if let Some((stream, id)) = lock(&self.idle_pinned).pop() {
                 return Ok(PinnedConn {
                     stream: Some(stream),
+                    server_id: id,
+                    targeted: Arc::default(),
                     pool: self.clone(),
                 });
             }
@@ -143,9 +146,13 @@ impl BackendPool {
                 // Holds the place: dropped on a failed dial, it frees it.
                 let mut conn = PinnedConn {
                     stream: None,
+                    server_id: 0,
+                    targeted: Arc::default(),
                     pool: self.clone(),
                 };
-                conn.stream = Some(dial(ctx, &self.backend).await?);
+                let mut stream = dial(ctx, &self.backend).await?;
+                conn.server_id = server_id(&mut stream, ctx.config.timeouts.connect).await?;
+                conn.stream = Some(stream);
                 return Ok(conn);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -180,6 +187,12 @@ impl BackendPool {
 /// place, [`PinnedConn::release`] cleans it for the next client.
 pub struct PinnedConn {
     stream: Option<ServerStream>,
+    /// Its CLIENT ID on the server: what the client's own id stands for in the commands that
+    /// name a client (CLIENT TRACKING … REDIRECT, CLIENT UNBLOCK, CLIENT KILL ID).
+    pub server_id: u64,
+    /// Another client's tracking was redirected to it: closed afterwards, not reused, so that
+    /// no later client gets those invalidations.
+    pub targeted: Arc<AtomicBool>,
     pool: Arc<BackendPool>,
 }
 
@@ -205,9 +218,13 @@ impl PinnedConn {
     /// Cleans the connection with RESET (then AUTH again) and gives it back to the pool; a
     /// connection that does not answer both is closed instead.
     pub fn release(mut self, ctx: DialContext) {
+        if self.targeted.load(Relaxed) {
+            return;
+        }
         let Some(mut stream) = self.stream.take() else {
             return;
         };
+        let id = self.server_id;
         let pool = self.pool.clone();
         // The place stays counted while the connection is cleaned; `self` no longer holds it.
         std::mem::forget(self);
@@ -225,7 +242,7 @@ impl PinnedConn {
             .await;
             if matches!(clean, Ok(Ok(()))) && !pool.is_retired() {
                 pool.stats.pinned_reused.fetch_add(1, Relaxed);
-                lock(&pool.idle_pinned).push(stream);
+                lock(&pool.idle_pinned).push((stream, id));
             } else {
                 debug!(backend = %pool.name, "a dedicated connection did not clean up; closed");
                 pool.pinned_open.fetch_sub(1, Relaxed);
@@ -247,6 +264,9 @@ impl Drop for PinnedConn {
 #[derive(Debug, Default)]
 pub struct Hub {
     pools: Mutex<HashMap<String, Arc<BackendPool>>>,
+    /// Pinned clients by the id the portal gave them: their dedicated connection's id on the
+    /// server, and its `targeted` flag.
+    dedicated: Mutex<HashMap<u64, (u64, Arc<AtomicBool>)>>,
     pub stats: Arc<MuxStats>,
     next_client: AtomicU64,
     watching: crate::session::hub::RouteWatch,
@@ -255,6 +275,30 @@ pub struct Hub {
 impl Hub {
     pub fn next_client_id(&self) -> u64 {
         self.next_client.fetch_add(1, Relaxed) + 1
+    }
+
+    /// Client `id` holds `conn` (or, `None`, no dedicated connection any more).
+    pub fn dedicated(&self, id: u64, conn: Option<&PinnedConn>) {
+        let mut d = lock(&self.dedicated);
+        match conn {
+            Some(c) => d.insert(id, (c.server_id, c.targeted.clone())),
+            None => d.remove(&id),
+        };
+    }
+
+    /// The server-side id that client `id` stands for in a command naming a client: its
+    /// dedicated connection's, marked `targeted` when `redirect` (tracking goes there); 0,
+    /// which no server connection has, for a client without one.
+    pub fn server_id_of(&self, id: u64, redirect: bool) -> u64 {
+        match lock(&self.dedicated).get(&id) {
+            Some((server, targeted)) => {
+                if redirect {
+                    targeted.store(true, Relaxed);
+                }
+                *server
+            }
+            None => 0,
+        }
     }
 
     /// The pool of `backend` (by name and address, so a changed address gets a new one).
