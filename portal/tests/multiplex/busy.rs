@@ -1,5 +1,5 @@
 //! SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE reaching a server busy with a script on a
-//! shared connection.
+//! shared connection, and other clients answered `-BUSY` meanwhile, as direct.
 
 use super::*;
 
@@ -24,12 +24,26 @@ struct BusyLeader {
     runner: TcpStream,
     /// Clients that only move the next one onto the runner's data-plane thread.
     _others: Vec<TcpStream>,
+    /// Clients that sent a command before the script started, spread over the threads.
+    idle: Vec<TcpStream>,
 }
 
 impl BusyLeader {
     /// Starts a leader (with a replica when `replica`), runs `setup` on it directly, and
     /// sends `start` (the script) through the portal. Returns once the probe sees it busy.
     async fn start(replica: bool, setup: &[&str], start: &[&str]) -> BusyLeader {
+        Self::start_with(replica, setup, start, 1, 0).await
+    }
+
+    /// [`BusyLeader::start`] with `per_thread` shared connections per data-plane thread, and
+    /// `idle` clients that send a PING before the script starts.
+    async fn start_with(
+        replica: bool,
+        setup: &[&str],
+        start: &[&str],
+        per_thread: usize,
+        idle: usize,
+    ) -> BusyLeader {
         let leader = Redis::start_with(&["--busy-reply-threshold", "100"]);
         let replica = replica.then(|| Redis::replica_of(leader.port));
         if let Some(r) = &replica {
@@ -42,8 +56,11 @@ impl BusyLeader {
         backends.extend(replica.as_ref());
         let portal = start_portal(
             &backends,
-            "healthCheck: {interval: 100ms, rise: 1, fall: 2}\ntimeouts: {check: 1s}\n\
-             pooling: {mode: multiplex, serverConnections: 1}\n",
+            &format!(
+                "healthCheck: {{interval: 100ms, rise: 1, fall: 2}}\ntimeouts: {{check: 1s}}\n\
+                 pooling: {{mode: multiplex, serverConnections: {}}}\n",
+                per_thread * data_plane_threads()
+            ),
         )
         .await;
         portal.wait_leader("r0").await;
@@ -57,6 +74,12 @@ impl BusyLeader {
             let mut s = TcpStream::connect(portal.addr).await.unwrap();
             assert_eq!(command(&mut s, &["PING"]).await.unwrap(), "+PONG");
             others.push(s);
+        }
+        let mut idle_clients = Vec::new();
+        for _ in 0..idle {
+            let mut s = TcpStream::connect(portal.addr).await.unwrap();
+            assert_eq!(command(&mut s, &["PING"]).await.unwrap(), "+PONG");
+            idle_clients.push(s);
         }
         // Bounded (tens of seconds at most) in case the kill never arrives.
         runner.write_all(&resp(start)).await.unwrap();
@@ -76,6 +99,7 @@ impl BusyLeader {
             portal,
             runner,
             _others: others,
+            idle: idle_clients,
         }
     }
 }
@@ -193,5 +217,38 @@ async fn shutdown_nosave_reaches_a_busy_server() {
     while TcpStream::connect(busy.leader.address()).await.is_ok() {
         assert!(Instant::now() < deadline, "the server did not shut down");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// While a script runs past `busy-reply-threshold`, clients with nothing in flight get
+/// `-BUSY`, as direct, whichever shared connection they used before: none waits behind the
+/// script on the connection it holds (they go to another one), and the script can be killed
+/// once they have their answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_nothing_in_flight_get_busy_as_direct() {
+    if skip_without(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let script = "local i = 0 while i < 3e9 do i = i + 1 end return i";
+    let mut busy = BusyLeader::start_with(false, &[], &["EVAL", script, "0"], 2, 8).await;
+    let mut direct = TcpStream::connect(busy.leader.address()).await.unwrap();
+    let want = command(&mut direct, &["PING"]).await.unwrap();
+    assert!(want.starts_with("-BUSY"), "{want}");
+    for (i, s) in busy.idle.iter_mut().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(3), command(s, &["PING"]))
+            .await
+            .unwrap_or_else(|_| panic!("client {i} waits behind the script"))
+            .unwrap();
+        assert_eq!(got, want, "client {i}");
+    }
+    let mut user = TcpStream::connect(busy.portal.addr).await.unwrap();
+    assert_eq!(
+        command(&mut user, &["SCRIPT", "KILL"]).await.unwrap(),
+        "+OK"
+    );
+    let ended = replies(&mut busy.runner, 1).await.unwrap().remove(0);
+    assert!(ended.starts_with('-'), "{ended}");
+    for s in &mut busy.idle {
+        assert_eq!(command(s, &["PING"]).await.unwrap(), "+PONG");
     }
 }

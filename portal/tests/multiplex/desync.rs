@@ -2,8 +2,8 @@
 //! compared byte for byte with the same bytes sent direct: protocol errors and inline
 //! commands read as Redis reads them, HELLO 2 after HELLO 3, UNSUBSCRIBE from a client
 //! subscribed to nothing, CLIENT REPLY OFF/SKIP, a replication stream (SYNC), a command
-//! larger than the input high-water mark. Another client works on the shared connections all
-//! along, and none of its replies fails.
+//! larger than the input high-water mark, the client ids the portal gives named in commands.
+//! Another client works on the shared connections all along, and none of its replies fails.
 
 use super::*;
 
@@ -26,7 +26,7 @@ async fn exchange(addr: impl tokio::net::ToSocketAddrs, bytes: &[u8], wait: Dura
 
 /// A client that keeps reading and writing through the portal until told to stop; its
 /// count of commands, and the first reply that was not the one expected.
-fn bystander(
+pub(super) fn bystander(
     addr: std::net::SocketAddr,
 ) -> (
     tokio::sync::watch::Sender<bool>,
@@ -53,7 +53,7 @@ fn bystander(
     (stop, task)
 }
 
-async fn portal_with_bystander(
+pub(super) async fn portal_with_bystander(
     redis: &Redis,
 ) -> (
     Standalone,
@@ -71,7 +71,7 @@ async fn portal_with_bystander(
 }
 
 /// The bystander got every reply right, and no reply failed on a shared connection.
-async fn bystander_unharmed(
+pub(super) async fn bystander_unharmed(
     p: &Standalone,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<(u64, Option<String>)>,
@@ -286,5 +286,86 @@ async fn a_four_megabyte_command_goes_through() {
         command(&mut s, &["STRLEN", "big"]).await.unwrap(),
         format!(":{}", big.len())
     );
+    bystander_unharmed(&p, stop, task).await;
+}
+
+/// The ids CLIENT ID gives through the portal name that client in the commands that name
+/// one: tracking redirected to a subscribed client reaches it, CLIENT UNBLOCK frees a blocked
+/// one, CLIENT LIST ID shows its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_name_the_clients_the_portal_gave_them_to() {
+    if skip_without(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start();
+    let (p, stop, task) = portal_with_bystander(&redis).await;
+    let id = |reply: String| reply.trim_start_matches(':').to_string();
+
+    let mut target = TcpStream::connect(p.addr).await.unwrap();
+    let target_id = id(command(&mut target, &["CLIENT", "ID"]).await.unwrap());
+    let sub = command(&mut target, &["SUBSCRIBE", "__redis__:invalidate"]).await;
+    assert!(sub.unwrap().contains("subscribe"));
+    let mut tracker = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(
+        command(
+            &mut tracker,
+            &["CLIENT", "TRACKING", "on", "REDIRECT", &target_id]
+        )
+        .await
+        .unwrap(),
+        "+OK"
+    );
+    command(&mut tracker, &["GET", "tracked"]).await.unwrap();
+    let mut writer = TcpStream::connect(p.addr).await.unwrap();
+    command(&mut writer, &["SET", "tracked", "1"])
+        .await
+        .unwrap();
+    let invalidation = replies(&mut target, 1).await.unwrap().remove(0);
+    assert!(
+        invalidation.contains("invalidate") && invalidation.contains("tracked"),
+        "{invalidation}"
+    );
+
+    let mut blocked = TcpStream::connect(p.addr).await.unwrap();
+    let blocked_id = id(command(&mut blocked, &["CLIENT", "ID"]).await.unwrap());
+    blocked
+        .write_all(&resp(&["BLPOP", "nothing", "0"]))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = command(&mut writer, &["CLIENT", "LIST", "ID", &blocked_id])
+            .await
+            .unwrap();
+        if list.contains("flags=b") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never blocked: {list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        command(&mut writer, &["CLIENT", "UNBLOCK", &blocked_id])
+            .await
+            .unwrap(),
+        ":1"
+    );
+    assert_eq!(replies(&mut blocked, 1).await.unwrap()[0], "*-1");
+    // A client with no dedicated connection stands for none, and the rest of the command is
+    // checked as direct.
+    let mut direct = TcpStream::connect(redis.address()).await.unwrap();
+    for cmd in [
+        &["CLIENT", "UNBLOCK", "999999"][..],
+        &["CLIENT", "KILL", "ID", "999999"],
+        &["CLIENT", "KILL", "ID", "999999", "wrong_arg"],
+        &["CLIENT", "KILL", "ID", "0"],
+        &["CLIENT", "TRACKING", "on", "REDIRECT", "999999"],
+        &["CLIENT", "LIST", "ID", "999999"],
+    ] {
+        assert_eq!(
+            command(&mut writer, cmd).await.unwrap(),
+            command(&mut direct, cmd).await.unwrap(),
+            "{cmd:?}"
+        );
+    }
     bystander_unharmed(&p, stop, task).await;
 }

@@ -14,6 +14,7 @@ mod busy;
 mod clients;
 mod desync;
 mod failover;
+mod state;
 
 use std::{
     path::PathBuf,

@@ -199,6 +199,17 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
     }
 }
 
+/// Whether a command runs a script or a function (EVAL, EVALSHA, FCALL and their read-only
+/// forms): it may keep the server busy past `busy-reply-threshold`, when the server answers
+/// other connections `-BUSY` but reads nothing more from this one.
+pub fn runs_script(name: &[u8]) -> bool {
+    let mut buf = [0u8; 24];
+    matches!(
+        upper(name, &mut buf),
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO"
+    )
+}
+
 /// For a command that names clients by their ids (CLIENT TRACKING … REDIRECT id, CLIENT
 /// UNBLOCK id, CLIENT KILL … ID id, CLIENT LIST ID id…): the arguments holding ids, and
 /// whether it is a tracking redirect. The client knows the ids the portal gives (CLIENT ID);
@@ -335,21 +346,43 @@ mod tests {
     }
 
     #[test]
+    fn scripts_are_told_by_name() {
+        for name in [
+            "eval",
+            "EVALSHA",
+            "eval_ro",
+            "evalsha_ro",
+            "fcall",
+            "FCALL_RO",
+        ] {
+            assert!(runs_script(name.as_bytes()), "{name}");
+        }
+        for name in ["SCRIPT", "FUNCTION", "GET", "evalx", ""] {
+            assert!(!runs_script(name.as_bytes()), "{name}");
+        }
+    }
+
+    #[test]
     fn commands_naming_a_client_are_found() {
         let find = |words: &str| {
             let args: Vec<&[u8]> = words.split_whitespace().map(str::as_bytes).collect();
             client_id_arg(args.len(), |i| args.get(i).copied())
         };
-        assert_eq!(find("client unblock 7"), Some((2, false)));
-        assert_eq!(find("CLIENT UNBLOCK 7 ERROR"), Some((2, false)));
-        assert_eq!(find("client tracking on redirect 7 bcast"), Some((4, true)));
+        assert_eq!(find("client unblock 7"), Some((2..3, false)));
+        assert_eq!(find("CLIENT UNBLOCK 7 ERROR"), Some((2..3, false)));
+        assert_eq!(
+            find("client tracking on redirect 7 bcast"),
+            Some((4..5, true))
+        );
         assert_eq!(find("client tracking on bcast"), None);
-        assert_eq!(find("client kill id 7"), Some((3, false)));
+        assert_eq!(find("client kill id 7"), Some((3..4, false)));
         assert_eq!(
             find("client kill type normal id 7 skipme no"),
-            Some((5, false))
+            Some((5..6, false))
         );
         assert_eq!(find("client kill 127.0.0.1:5000"), None);
+        assert_eq!(find("client list id 7 8 9"), Some((3..6, false)));
+        assert_eq!(find("client list"), None);
         assert_eq!(find("client id"), None);
         assert_eq!(find("get redirect"), None);
     }

@@ -1,6 +1,6 @@
 //! The commands a multiplexed client's own session answers, in the portal: AUTH and HELLO
 //! (checked against `pooling.auth`), CLIENT ID / SETNAME / GETNAME / SETINFO, SELECT 0, RESET
-//! and QUIT.
+//! (of a client that is not pinned, or whose dedicated connection is raw) and QUIT.
 //!
 //! May import: `health` and the rest of `multiplex`.
 
@@ -86,6 +86,16 @@ impl Session {
         } else {
             WRONGPASS
         }
+    }
+
+    /// What RESET ends in the portal's part of the session: the client's name and login.
+    pub(super) fn reset_session(&mut self) {
+        self.name = None;
+        self.authed = self
+            .ctx
+            .credentials
+            .users(&self.settings)
+            .is_ok_and(|u| u.is_none());
     }
 
     /// Answers a command that concerns only this client's session.
@@ -176,12 +186,9 @@ impl Session {
                 self.reply(&r);
             }
             Local::Reset => {
-                self.name = None;
-                self.authed = self
-                    .ctx
-                    .credentials
-                    .users(&self.settings)
-                    .is_ok_and(|u| u.is_none());
+                // Not pinned, or on a connection whose replies cannot be counted (closed).
+                self.unpin();
+                self.reset_session();
                 self.reply(b"+RESET\r\n");
             }
             Local::Quit => {

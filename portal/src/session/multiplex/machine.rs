@@ -44,14 +44,19 @@ pub(super) enum Held {
     /// Its replies are counted: one per command, push messages and subscription events aside.
     Counted,
     /// Its replies cannot be counted (MONITOR, a replication stream, a Lua debugging
-    /// session): every command but QUIT goes to the server, in order.
+    /// session): every command but QUIT and RESET goes to the server, in order.
     Raw,
+    /// RESET sent on it and not answered yet: every command waits for its answer.
+    Resetting,
 }
 
 /// The step for `action` when the client has logged in (`authed`), holds a dedicated
 /// connection (`held`) and has nothing in flight (`idle`, asked only where it matters: not
 /// for a plain command).
 pub(super) fn step(action: Action, authed: bool, held: Held, idle: impl FnOnce() -> bool) -> Step {
+    if held == Held::Resetting {
+        return Step::Wait;
+    }
     let gate = !authed
         && !matches!(
             action,
@@ -64,14 +69,18 @@ pub(super) fn step(action: Action, authed: bool, held: Held, idle: impl FnOnce()
     );
     // What the server must see while pinned: its state may differ from what the portal would
     // answer (a subscribed client's UNSUBSCRIBE, a SELECT 0 back from another database).
+    // RESET waits for the replies in flight, then ends the dedicated connection (`pinned.rs`):
+    // the server must not go on with the connection its RESET logs out of the probe's user.
     let forwarded_while_pinned = !matches!(action, Action::Local(_))
         || matches!(
             action,
-            Action::Local(Local::Reset | Local::SelectZero | Local::Unsubscribe)
+            Action::Local(Local::SelectZero | Local::Unsubscribe)
         );
     if !gate {
         match held {
-            Held::Raw if action != Action::Local(Local::Quit) => return Step::Pinned,
+            Held::Raw if !matches!(action, Action::Local(Local::Quit | Local::Reset)) => {
+                return Step::Pinned
+            }
             Held::Counted if forwarded_while_pinned && !hello => return Step::Pinned,
             _ => {}
         }
@@ -136,6 +145,14 @@ pub(super) struct PinState {
     sub_expected: u64,
     /// An unsubscribe-all sent, not yet answered with a count of 0.
     unsub_all: [bool; 2],
+    /// RESET sent, with nothing else in flight: replies (messages, pushes) pass until its
+    /// `+RESET`, which ends the connection; whether the client gets that `+RESET` (a CLIENT
+    /// REPLY SKIP silences it).
+    pub(super) resetting: Option<bool>,
+    /// The transaction under way queued a command that changes how the connection answers
+    /// (a (un)subscribe, CLIENT REPLY, HELLO): they take effect inside EXEC's reply, whose
+    /// replies cannot be counted from then on (see `on_command`).
+    queued_mode: bool,
 }
 
 impl PinState {
@@ -143,6 +160,7 @@ impl PinState {
     pub(super) fn holds_state(&self) -> bool {
         self.sticky
             || self.raw
+            || self.resetting.is_some()
             || self.pending > 0
             || self.multi
             || self.watch
@@ -167,6 +185,15 @@ impl PinState {
             return false;
         }
         self.takes_reply(None)
+    }
+
+    /// Whether the client gets the reply of RESET sent while pinned: as Redis' RESET, which
+    /// ends CLIENT REPLY OFF before it answers but is still silenced by a SKIP (the SKIP held
+    /// back is then not sent: the portal drops the `+RESET` instead).
+    pub(super) fn reset_reply(&mut self) -> bool {
+        // A SKIP while OFF does nothing.
+        let skip = std::mem::take(&mut self.skip_held) && self.replies != Replies::Off;
+        !skip && self.replies != Replies::Skip
     }
 
     /// Keeps a CLIENT REPLY SKIP (`argc` arguments, `arg(i)`) back instead of sending it
@@ -239,14 +266,20 @@ impl PinState {
     ) {
         let name = arg(0).unwrap_or_default();
         let word = |w: &str| name.eq_ignore_ascii_case(w.as_bytes());
-        if !self.multi {
-            if let Some((kind, replies)) = subscription_command(argc, arg) {
+        if let Some((kind, replies)) = subscription_command(argc, arg) {
+            if self.multi {
+                // Queued: it subscribes (or not) inside EXEC.
+                self.queued_mode = true;
+            } else {
                 match replies {
                     Some(n) => self.sub_expected += n as u64,
                     None => self.unsub_all[kind as usize] = true,
                 }
                 return;
             }
+        }
+        if self.multi && (word("HELLO") || (word("CLIENT") && is(arg(1), "REPLY"))) {
+            self.queued_mode = true;
         }
         match action {
             Action::Pin(PinReason::Multi) => self.multi = true,
@@ -268,6 +301,14 @@ impl PinState {
         }
         let mut mode = None;
         if word("EXEC") || word("DISCARD") {
+            if word("EXEC") && std::mem::take(&mut self.queued_mode) {
+                // Subscriptions, CLIENT REPLY or a protocol change made inside EXEC: its reply
+                // and what follows are passed on as they come, and the connection stays with
+                // the client (closed afterwards, never given to another).
+                self.sticky = true;
+                self.raw = true;
+            }
+            self.queued_mode = false;
             self.multi = false;
             self.watch = false;
         } else if word("UNWATCH") {
@@ -291,22 +332,11 @@ impl PinState {
             .into_iter()
             .find(|(w, _)| is(arg(2), w))
             .map(|(_, m)| m);
-        } else if word("RESET") {
-            // RESET ends every mode before it answers, CLIENT REPLY OFF included; a SKIP still
-            // silences it.
-            let answered = self.replies != Replies::Skip;
-            *self = PinState {
-                pending: self.pending,
-                sticky: self.sticky,
-                raw: self.raw,
-                ..PinState::default()
-            };
-            if answered && !self.raw {
-                self.pending += 1;
-            }
-            return;
         }
-        if self.takes_reply(mode) && !self.raw {
+        if self.raw {
+            // From here on replies are passed on uncounted: none is owed any more.
+            self.pending = 0;
+        } else if self.takes_reply(mode) {
             self.pending += 1;
         }
     }
@@ -447,7 +477,14 @@ mod tests {
             // connection, in order, with no wait.
             (get, true, Counted, false, Step::Pinned),
             (multi, true, Counted, false, Step::Pinned),
-            (reset, true, Counted, false, Step::Pinned),
+            // RESET waits for the replies before it; the dedicated connection ends with it
+            // (raw or not, the client's task handles it as a local command).
+            (reset, true, Counted, false, Step::Wait),
+            (reset, true, Counted, true, Step::Local(Local::Reset)),
+            (reset, true, Raw, true, Step::Local(Local::Reset)),
+            (get, true, Held::Resetting, true, Step::Wait),
+            (client_id, true, Held::Resetting, true, Step::Wait),
+            (quit, true, Held::Resetting, true, Step::Wait),
             (unsubscribe, true, Counted, false, Step::Pinned),
             (client_id, true, Counted, true, Step::Local(Local::ClientId)),
             (client_id, true, Counted, false, Step::Wait),
@@ -532,18 +569,43 @@ mod tests {
     }
 
     #[test]
-    fn reset_ends_everything_but_a_sticky_mode() {
+    fn a_transaction_that_changes_how_replies_come_turns_raw_at_exec() {
+        for queued in [
+            &["SUBSCRIBE", "c"][..],
+            &["UNSUBSCRIBE"],
+            &["PSUBSCRIBE", "p*"],
+            &["CLIENT", "REPLY", "OFF"],
+            &["HELLO", "3"],
+        ] {
+            let mut s = PinState::default();
+            send(&mut s, &script(&[&["MULTI"], queued]));
+            assert_eq!(s.pending, 2, "{queued:?}: queued like any command");
+            assert!(!s.in_pubsub() && !s.raw, "{queued:?}: {s:?}");
+            receive(&mut s, b"+OK\r\n+QUEUED\r\n");
+            send(&mut s, &script(&[&["EXEC"]]));
+            assert!(s.raw && s.sticky, "{queued:?}: {s:?}");
+            assert_eq!(s.pending, 0, "{queued:?}: raw replies are not owed");
+        }
+        // DISCARD, or a transaction of plain commands, changes nothing.
         let mut s = PinState::default();
         send(
             &mut s,
-            &script(&[&["MULTI"], &["WATCH", "k"], &["SELECT", "3"], &["RESET"]]),
+            &script(&[&["MULTI"], &["SUBSCRIBE", "c"], &["DISCARD"]]),
         );
-        receive(&mut s, b"+OK\r\n+OK\r\n+OK\r\n+RESET\r\n");
-        assert!(!s.holds_state(), "{s:?}");
-        let mut m = PinState::default();
-        send(&mut m, &script(&[&["MONITOR"], &["RESET"]]));
-        assert!(m.sticky && m.holds_state());
-        assert_eq!(m.pending, 0, "a sticky client's replies are not counted");
+        send(&mut s, &script(&[&["MULTI"], &["GET", "k"], &["EXEC"]]));
+        assert!(!s.raw && !s.sticky, "{s:?}");
+        assert_eq!(s.pending, 6);
+    }
+
+    #[test]
+    fn monitor_after_commands_in_flight_owes_nothing() {
+        let mut s = PinState::default();
+        send(
+            &mut s,
+            &script(&[&["SELECT", "9"], &["GET", "k"], &["MONITOR"]]),
+        );
+        assert!(s.raw);
+        assert_eq!(s.pending, 0);
     }
 
     #[test]
@@ -628,8 +690,15 @@ mod tests {
             "a SKIP silences a command the portal answers"
         );
         assert!(s.local_reply());
-        send(&mut s, &script(&[&["CLIENT", "REPLY", "OFF"], &["RESET"]]));
-        assert_eq!(s.pending, 2, "RESET ends OFF and answers");
+        send(&mut s, &script(&[&["CLIENT", "REPLY", "OFF"]]));
+        assert!(s.reset_reply(), "RESET ends OFF and answers");
+        send(&mut s, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
+        assert!(s.reset_reply(), "a SKIP while OFF does nothing");
+        send(
+            &mut s,
+            &script(&[&["CLIENT", "REPLY", "ON"], &["CLIENT", "REPLY", "SKIP"]]),
+        );
+        assert!(!s.reset_reply(), "a SKIP silences RESET");
     }
 
     #[test]
@@ -649,15 +718,5 @@ mod tests {
         send(&mut s, &script(&[&["CLIENT", "NO-EVICT", "on"]]));
         assert!(s.sticky && !s.raw);
         assert_eq!(s.pending, 1);
-    }
-
-    #[test]
-    fn unsubscribe_in_a_transaction_is_queued_like_any_command() {
-        let mut s = PinState::default();
-        send(&mut s, &script(&[&["MULTI"], &["UNSUBSCRIBE", "a", "b"]]));
-        assert_eq!(s.pending, 2);
-        receive(&mut s, b"+OK\r\n+QUEUED\r\n");
-        assert_eq!(s.pending, 0);
-        assert!(!s.in_pubsub());
     }
 }

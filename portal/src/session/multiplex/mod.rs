@@ -53,7 +53,7 @@ use tokio::{
 use tracing::debug;
 
 pub use commands::PinReason;
-use commands::{classify, client_id_arg};
+use commands::{classify, client_id_arg, Local};
 use conn::DialContext;
 use machine::{step, Held, Step};
 use pinned::{read_pinned, Pinned};
@@ -411,6 +411,7 @@ impl Session {
             };
             let held = match &self.pinned {
                 None => Held::No,
+                Some(p) if p.state.resetting.is_some() => Held::Resetting,
                 Some(p) if p.state.raw => Held::Raw,
                 Some(_) => Held::Counted,
             };
@@ -434,9 +435,16 @@ impl Session {
                 continue;
             }
             match step {
+                Step::Local(Local::Reset) if self.pinned.as_ref().is_some_and(|p| !p.state.raw) => {
+                    self.consume();
+                    self.reset_pinned(&mut pin_out);
+                }
                 Step::Local(local) => {
                     // CLIENT REPLY OFF / SKIP silence the portal's answers as the server's.
-                    let quiet = self.pinned.as_mut().is_some_and(|p| !p.state.local_reply());
+                    let quiet = self.pinned.as_mut().is_some_and(|p| match local {
+                        Local::Reset => !p.state.reset_reply(),
+                        _ => !p.state.local_reply(),
+                    });
                     let before = self.out.len();
                     self.local(local);
                     if quiet {
@@ -506,8 +514,9 @@ impl Session {
                     .ok()
                     .and_then(|a| a.parse::<u64>().ok());
                 match id {
-                    // Not a number: left for the server's own error.
-                    Some(id) if at.contains(&i) => {
+                    // Not a number, or 0 (an id the portal never gives): left for the
+                    // server's own answer.
+                    Some(id) if id > 0 && at.contains(&i) => {
                         self.hub.server_id_of(id, redirect).to_string().into_bytes()
                     }
                     _ => arg.to_vec(),

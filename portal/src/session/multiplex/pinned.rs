@@ -16,6 +16,7 @@ use crate::{metrics::CloseReason, wire::resp::scan_reply};
 
 /// CLIENT REPLY SKIP, sent just before the command it silences.
 const SKIP: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n";
+const RESET: &[u8] = b"*1\r\n$5\r\nRESET\r\n";
 
 /// A client's dedicated server connection and the state that keeps it.
 pub(super) struct Pinned {
@@ -108,6 +109,18 @@ impl Session {
         self.consume();
     }
 
+    /// RESET of a pinned client, with nothing in flight: sent on the dedicated connection,
+    /// whose replies pass until its `+RESET` (messages and pushes sent before it included);
+    /// then the connection ends (`pinned_replies`), cleaned and logged in again before anyone
+    /// else gets it, and the client's next commands go where any client's go.
+    pub(super) fn reset_pinned(&mut self, pin_out: &mut Vec<u8>) {
+        let p = self.pinned.as_mut().expect("pinned");
+        let answered = p.state.reset_reply();
+        p.state.resetting = Some(answered);
+        pin_out.extend_from_slice(RESET);
+        self.reset_session();
+    }
+
     pub(super) async fn flush_pinned(&mut self, pin_out: &mut Vec<u8>) -> Result<(), Stop> {
         let p = self.pinned.as_mut().expect("pinned");
         let wrote = tokio::time::timeout(
@@ -141,8 +154,22 @@ impl Session {
                     return Err(Stop::Close(CloseReason::Error));
                 }
             };
-            p.state
-                .on_reply(scanned.kind, &p.inbuf[pos..pos + scanned.len]);
+            let reply = &p.inbuf[pos..pos + scanned.len];
+            if let Some(answered) = p.state.resetting {
+                // Nothing but RESET is owed: the first `+RESET` is its answer.
+                if reply == b"+RESET\r\n" {
+                    let end = pos + scanned.len;
+                    self.out.extend_from_slice(&p.inbuf[..pos]);
+                    if answered {
+                        self.out.extend_from_slice(reply);
+                    }
+                    p.inbuf.drain(..end);
+                    self.unpin();
+                    return Ok(());
+                }
+            } else {
+                p.state.on_reply(scanned.kind, reply);
+            }
             pos += scanned.len;
         }
         self.out.extend_from_slice(&p.inbuf[..pos]);
@@ -157,13 +184,23 @@ impl Session {
         if p.state.holds_state() || !p.inbuf.is_empty() {
             return;
         }
-        let p = self.pinned.take().expect("checked");
+        self.unpin();
+    }
+
+    /// Ends the dedicated connection, whatever state it holds (at RESET): one whose state
+    /// lasts as long as the client (MONITOR, a replica, RESP3, …) is closed; any other is
+    /// cleaned and given back.
+    pub(super) fn unpin(&mut self) {
+        let Some(p) = self.pinned.take() else { return };
         if let Some(r) = &self.registration {
             r.on_backend(None);
         }
         self.hub.stats.pin(p.reason, -1);
         self.hub.dedicated(self.id, None);
         debug!(reason = p.reason.as_str(), "client unpinned");
-        p.conn.release(self.ctx.clone());
+        if p.state.sticky || p.state.raw {
+            return;
+        }
+        p.conn.release(self.ctx.clone(), p.inbuf);
     }
 }

@@ -8,7 +8,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
         Arc, Mutex,
     },
 };
@@ -37,6 +37,9 @@ pub const LOST: &[u8] =
 pub struct Request {
     pub data: Vec<u8>,
     pub replies: u32,
+    /// Scripts and functions among the commands, counted in [`ServerConn::runs_script`]
+    /// (by the sender, before it queues the request) until the last reply is in.
+    pub scripts: u32,
     pub sink: Arc<Sink>,
     pub in_flight: Option<OwnedSemaphorePermit>,
 }
@@ -44,6 +47,7 @@ pub struct Request {
 struct Slot {
     sink: Arc<Sink>,
     replies: u32,
+    scripts: u32,
     in_flight: Option<OwnedSemaphorePermit>,
 }
 
@@ -52,6 +56,7 @@ impl Slot {
         Slot {
             sink: r.sink,
             replies: r.replies,
+            scripts: r.scripts,
             in_flight: r.in_flight,
         }
     }
@@ -78,6 +83,8 @@ pub struct ServerConn {
     pub permits: Arc<Semaphore>,
     max_in_flight: usize,
     dead: AtomicBool,
+    /// Scripts and functions queued or running on the connection.
+    pub scripts: AtomicU32,
     fifo: Mutex<Fifo>,
     kill: watch::Sender<bool>,
     stats: Arc<MuxStats>,
@@ -95,6 +102,12 @@ impl std::fmt::Debug for ServerConn {
 impl ServerConn {
     pub fn is_dead(&self) -> bool {
         self.dead.load(Relaxed)
+    }
+
+    /// Whether a script or function is queued or running here: the server may be busy with
+    /// it, reading nothing more from this connection.
+    pub fn runs_script(&self) -> bool {
+        self.scripts.load(Relaxed) > 0
     }
 
     pub fn in_flight(&self) -> usize {
@@ -153,6 +166,7 @@ pub(super) fn start(
         permits: Arc::new(Semaphore::new(max_in_flight)),
         max_in_flight,
         dead: AtomicBool::new(false),
+        scripts: AtomicU32::new(0),
         fifo: Mutex::default(),
         kill,
         stats,
@@ -275,6 +289,9 @@ async fn reader(
                     if slot.replies == 0 {
                         // Dropped with its last places under maxInFlight.
                         let slot = current.take().expect("set above");
+                        if slot.scripts > 0 {
+                            conn.scripts.fetch_sub(slot.scripts, Relaxed);
+                        }
                         slot.sink.deliver(&buf[run_start..start], run);
                         run = 0;
                         run_start = start;

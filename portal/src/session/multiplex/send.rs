@@ -10,7 +10,7 @@ use std::sync::{atomic::Ordering::Relaxed, Arc};
 
 use tracing::debug;
 
-use super::commands::{classify, client_id_arg, Action};
+use super::commands::{classify, client_id_arg, runs_script, Action};
 use super::conn::{dial, send_alone};
 use super::pipeline::{Request, ServerConn, TRYAGAIN};
 use super::{Session, Stop};
@@ -23,6 +23,7 @@ impl Session {
         let start = self.in_start;
         let mut end = start + self.cmd.len;
         let mut count: u32 = 1;
+        let mut scripts = u32::from(self.arg(0).is_some_and(runs_script));
         let max = self.settings.max_in_flight as u32;
         while count < max {
             let buf = &self.inbuf[end..self.in_end];
@@ -37,6 +38,7 @@ impl Session {
             {
                 break;
             }
+            scripts += u32::from(cmd.arg(buf, 0).is_some_and(runs_script));
             end += cmd.len;
             count += 1;
         }
@@ -56,13 +58,18 @@ impl Session {
         // (then the request comes back failed).
         let in_flight = conn.permits.clone().acquire_many_owned(count).await.ok();
         self.sent += u64::from(count);
+        // Counted before it is queued, so that a client choosing a connection after this one
+        // passes this connection over (see `BackendPool::shared`).
+        conn.scripts.fetch_add(scripts, Relaxed);
         let request = Request {
             data,
             replies: count,
+            scripts,
             sink: self.sink.clone(),
             in_flight,
         };
         if let Err(r) = conn.send(request) {
+            conn.scripts.fetch_sub(scripts, Relaxed);
             r.sink.fail(TRYAGAIN, u64::from(count));
         }
         Ok(true)
@@ -118,11 +125,13 @@ impl Session {
     }
 
     /// The shared connection to send on: the current one while it lives (replies in order),
-    /// else a new choice once nothing is in flight. `Ok(None)`: wait for replies first.
+    /// else a new choice once nothing is in flight; a new choice too when the current one
+    /// carries a script and nothing of this client is in flight (see `BackendPool::shared`).
+    /// `Ok(None)`: wait for replies first.
     pub(super) async fn conn(&mut self) -> Result<Option<Arc<ServerConn>>, String> {
-        if let Some(c) = &self.current {
-            if !c.is_dead() {
-                return Ok(Some(c.clone()));
+        if let Some(c) = self.current.clone() {
+            if !c.is_dead() && (!c.runs_script() || !self.idle()) {
+                return Ok(Some(c));
             }
         }
         if !self.idle() {

@@ -1,10 +1,10 @@
 //! The server side of multiplexing: per backend a pool ([`BackendPool`]) of a few shared
-//! server connections (see `pipeline`) and of dedicated connections for
-//! pinned clients ([`PinnedConn`], cleaned with RESET, then AUTH, before they serve anyone
-//! else); and the [`Hub`] of one portal's pools, with the task that retires the pools of a
-//! backend that may no longer take commands (a demoted leader).
+//! server connections (see `pipeline`) and of dedicated connections for pinned clients
+//! ([`PinnedConn`], cleaned by `conn::clean` before they serve anyone else); and the [`Hub`]
+//! of one portal's pools, with the task that retires the pools of a backend that may no
+//! longer take commands (a demoted leader).
 //!
-//! May import: `config`, `health`, `wire` and the rest of `multiplex` below it (`conn`,
+//! May import: `config`, `health` and the rest of `multiplex` below it (`conn`,
 //! `pipeline`, `sink`, `stats`); from `session`, what retires the pools on a route change.
 
 use std::{
@@ -18,20 +18,18 @@ use std::{
 };
 
 use tokio::{
-    io::AsyncWriteExt,
     sync::{watch, Notify},
     time::timeout,
 };
 use tracing::{debug, info};
 
-use super::conn::{dial, expect_ok, login, server_id, DialContext, ServerStream};
+use super::conn::{clean, dial, server_id, DialContext, ServerStream};
 use super::pipeline::{start, ServerConn, TRYAGAIN};
 use super::sink::lock;
 use super::stats::MuxStats;
 use crate::{
     config::{Backend, Config},
     health::HealthView,
-    wire::resp::encode,
 };
 
 /// The server connections of one backend.
@@ -84,14 +82,26 @@ impl BackendPool {
         self.retired.load(Relaxed)
     }
 
-    /// Shared connection `i % serverConnections`, opened if it is not (or no longer) alive.
+    /// Shared connection `i % serverConnections`, opened if it is not (or no longer) alive;
+    /// or, when that one carries a script or function, the next one that does not. A server
+    /// busy with a script reads nothing more from its connection, and answers the others
+    /// `-BUSY`, as it answers direct clients: a client with nothing in flight is not queued
+    /// behind a script that may not end before it gets an answer.
     pub async fn shared(
         self: &Arc<Self>,
         i: usize,
         ctx: &DialContext,
         max_in_flight: usize,
     ) -> io::Result<Arc<ServerConn>> {
-        let i = i % self.shared.len();
+        let n = self.shared.len();
+        let i = (0..n)
+            .map(|k| (i + k) % n)
+            .find(|&j| {
+                lock(&self.shared[j])
+                    .as_ref()
+                    .is_none_or(|c| c.is_dead() || !c.runs_script())
+            })
+            .unwrap_or(i % n);
         if let Some(c) = lock(&self.shared[i]).as_ref().filter(|c| !c.is_dead()) {
             return Ok(c.clone());
         }
@@ -215,9 +225,10 @@ impl PinnedConn {
         &self.pool.name
     }
 
-    /// Cleans the connection with RESET (then AUTH again) and gives it back to the pool; a
-    /// connection that does not answer both is closed instead.
-    pub fn release(mut self, ctx: DialContext) {
+    /// Cleans the connection (see `conn::clean`; `unread`: what was read of it and not passed
+    /// on) and gives it back to the pool; a connection that does not come out clean is closed
+    /// instead.
+    pub fn release(mut self, ctx: DialContext, unread: Vec<u8>) {
         if self.targeted.load(Relaxed) {
             return;
         }
@@ -230,17 +241,12 @@ impl PinnedConn {
         std::mem::forget(self);
         tokio::spawn(async move {
             let creds = ctx.credentials().ok().flatten();
-            let mut out = Vec::new();
-            encode(&mut out, &["RESET"]);
-            let auth = login(&creds);
-            let replies = 1 + usize::from(!auth.is_empty());
-            out.extend_from_slice(&auth);
-            let clean = timeout(ctx.config.timeouts.connect, async {
-                stream.write_all(&out).await?;
-                expect_ok(&mut stream, replies).await
-            })
+            let cleaned = timeout(
+                ctx.config.timeouts.connect,
+                clean(&mut stream, &creds, unread),
+            )
             .await;
-            if matches!(clean, Ok(Ok(()))) && !pool.is_retired() {
+            if matches!(cleaned, Ok(Ok(()))) && !pool.is_retired() {
                 pool.stats.pinned_reused.fetch_add(1, Relaxed);
                 lock(&pool.idle_pinned).push((stream, id));
             } else {
@@ -258,6 +264,11 @@ impl Drop for PinnedConn {
         self.pool.pinned_freed.notify_one();
     }
 }
+
+/// The id a command naming a client gets for a client with no dedicated connection: valid
+/// where Redis reads a client id (1 to `LONG_MAX`), so that the rest of the command is checked
+/// as direct, and held by no server connection (Redis counts its ids up from 1).
+pub const NO_CLIENT: u64 = i64::MAX as u64;
 
 /// The multiplexer of one portal: its pools by backend, and the task that retires the pools
 /// of backends that may no longer take commands (a demoted leader).
@@ -287,8 +298,8 @@ impl Hub {
     }
 
     /// The server-side id that client `id` stands for in a command naming a client: its
-    /// dedicated connection's, marked `targeted` when `redirect` (tracking goes there); 0,
-    /// which no server connection has, for a client without one.
+    /// dedicated connection's, marked `targeted` when `redirect` (tracking goes there);
+    /// [`NO_CLIENT`] for a client without one.
     pub fn server_id_of(&self, id: u64, redirect: bool) -> u64 {
         match lock(&self.dedicated).get(&id) {
             Some((server, targeted)) => {
@@ -297,7 +308,7 @@ impl Hub {
                 }
                 *server
             }
-            None => 0,
+            None => NO_CLIENT,
         }
     }
 
