@@ -1,41 +1,61 @@
 #!/usr/bin/env bash
 # Redis' own test suite (`runtest` from Debian's `redis` source package, external-server mode)
 # run directly against a redis-server and through the portal with `pooling.mode: multiplex`,
-# the same units on both paths, each unit against a fresh server (and a fresh portal).
+# the same units on both paths, each unit against a fresh server (and a fresh portal), in two
+# modes: `db9`, runtest's default, where every client first SELECTs database 9 (through the
+# portal that pins each client to a dedicated server connection), and `singledb`
+# (`--singledb`: database 0, no SELECT), where the clients' commands share the portal's shared
+# server connections, as most clients' do.
 #   bench/redis-suite.sh                              # the default units, a debug build
 #   UNITS="unit/protocol unit/multi" bench/redis-suite.sh
 #   PORTAL_BIN=target/release/portal bench/redis-suite.sh
-#   PATHS=multiplex bench/redis-suite.sh              # only through the portal
+#   PATHS=multiplex MODES=singledb bench/redis-suite.sh   # only through the portal, db 0
 # Needs: redis-server and tcl (runtest), dpkg-dev (dpkg-source), apt with deb-src reachable
 # (this script adds Debian's deb-src entry when none is configured, as root), python3, curl,
 # a Rust toolchain unless PORTAL_BIN is given.
 # The suite is cached under $HOME/.cache/dbportal/redis-suite. Everything runs on loopback
 # ports picked free, in a private temporary directory; only processes this script started are
 # stopped, by PID. Each unit is bounded by UNIT_TIMEOUT seconds (a hang counts as a failure).
-# Prints a Markdown table: path | passed | failed, then every failed test by path.
+# Prints a Markdown table: path | mode | passed | failed | skipped, then every failed test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
 # The units that apply to a proxy in front of one server (no replication, no restarts, no
-# server-side config files); tests that need what external mode cannot give are excluded by
-# tag below.
+# server-side config files): every unit of the suite that runs tests against an external
+# server; tests that need what external mode cannot give are excluded by tag below. (The other
+# units are tagged external:skip whole, or need a cluster, TLS or sentinel.)
 UNITS=${UNITS:-"unit/protocol unit/keyspace unit/info-command unit/quit unit/type/incr \
 unit/type/string unit/type/list unit/type/hash unit/type/set unit/multi unit/pubsub \
-unit/scripting unit/functions unit/tracking unit/expire unit/sort"}
+unit/scripting unit/functions unit/tracking unit/expire unit/sort unit/dump unit/bitfield \
+unit/bitops unit/geo unit/hyperloglog unit/introspection unit/introspection-2 unit/lazyfree \
+unit/other unit/pause unit/querybuf unit/replybufsize unit/scan unit/slowlog unit/violations \
+unit/type/list-2 unit/type/list-3 unit/type/stream unit/type/stream-cgroups unit/type/zset"}
 # needs:save/reset/config-* (server
 # restarts and CONFIG RESETSTAT of the whole server), needs:local-process (the server's own
 # process). needs:debug stays: the server below enables DEBUG.
 TAGS=${TAGS:-"-needs:save -needs:reset -needs:config-maxmemory -needs:config-resetstat -needs:local-process -needs:latency -needs:pfdebug"}
 PATHS=${PATHS:-"direct multiplex"}
+MODES=${MODES:-"db9 singledb"}
 # Tests of what multiplexing documents it does not do (docs/configuration.md, "What
-# multiplexing does not do"), skipped on both paths: each would stop its whole unit with an
-# exception. One per line: the test's name, then why.
+# multiplexing does not do"), skipped on both paths (some would stop their whole unit with an
+# exception). One per line: the test's name, then why.
 LIMITS=$(cat <<'EOF'
 Script ACL check|ACL rules run as the probe's user (AUTH of a Redis ACL user is the portal's)
 CLIENT GETREDIR provides correct client id|CLIENT GETREDIR answers the server-side id of the redirect target
 CLIENT TRACKINGINFO provides reasonable results when tracking on with options|CLIENT TRACKINGINFO's redirect is the server-side id
 CLIENT TRACKINGINFO provides reasonable results when tracking redir broken|CLIENT TRACKINGINFO's redirect is the server-side id
+CLIENT LIST with IDs|CLIENT LIST shows the server connection, whose id is the server's
+CLIENT SETNAME can assign a name to this connection|CLIENT LIST shows the server connection, not the name the portal keeps
+CLIENT SETNAME can change the name of an existing connection|CLIENT LIST shows the server connection, not the name the portal keeps
+After CLIENT SETNAME, connection can still be closed|CLIENT LIST shows the server connection, not the name the portal keeps
+MONITOR supports redacting command arguments|AUTH and HELLO are answered by the portal: MONITOR never sees them
+MONITOR correctly handles multi-exec cases|MONITOR also shows the portal's own commands (CLIENT ID of a dedicated connection it opens)
+query buffer resized correctly|CLIENT LIST shows the server connection's query buffer
+query buffer resized correctly when not idle|CLIENT LIST shows the server connection's query buffer
+verify reply buffer limits|CLIENT LIST shows the server connection's reply buffer
+SLOWLOG - logged entry sanity check|SLOWLOG shows the server connection's name and address
+SLOWLOG - can clean older entries|SLOWLOG shows the server connection's name and address
 EOF
 )
 # Tests that cannot run against an external server at all, though not tagged so by the suite
@@ -114,10 +134,11 @@ wait_port() { # port
   return 1
 }
 
-# One unit on one path, against a fresh server (and portal); prints its result lines.
-run_unit() { # path unit
-  local path=$1 unit=$2 dir
-  dir=$work/$path/${unit//\//_}
+# One unit on one path in one mode, against a fresh server (and portal); prints its result
+# lines, each prefixed with the path and mode.
+run_unit() { # path mode unit
+  local path=$1 mode=$2 unit=$3 dir
+  dir=$work/$path-$mode/${unit//\//_}
   mkdir -p "$dir"
   local rport
   rport=$(free_port)
@@ -155,6 +176,7 @@ EOF
   # runtest's own listener and servers: a port range of its own (it skips ports in use; a
   # port taken in between makes it stop at once, and it is tried again elsewhere).
   local rc=0 skips=()
+  [ "$mode" = singledb ] && skips+=(--singledb)
   while IFS='|' read -r name _; do
     [ -n "$name" ] && skips+=(--skiptest "$name")
   done <<<"$LIMITS
@@ -170,16 +192,17 @@ $EXTERNAL"
   sed 's/\x1b\[[0-9;]*m//g' "$dir/runtest.raw" >"$dir/runtest.log"
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "[err]: $unit did not finish within ${UNIT_TIMEOUT}s (hang)" >>"$dir/runtest.log"
-  elif ! grep -q '^\[ok\]\|^\[err\]\|^\[exception\]' "$dir/runtest.log"; then
+  elif ! grep -q '^\[ok\]\|^\[err\]\|^\[exception\]\|All tests passed' "$dir/runtest.log"; then
     echo "[err]: $unit did not run (exit status $rc): $(head -3 "$dir/runtest.log" | tr '\n' ' ')" >>"$dir/runtest.log"
   fi
-  grep -E '^\[(ok|err|exception|skip)\]' "$dir/runtest.log" | sed "s#^#$path $unit #" || true
+  local tag="$path $mode $unit"
+  grep -E '^\[(ok|err|exception|skip)\]' "$dir/runtest.log" | sed "s#^#$tag #" || true
   if [ -n "$ppid" ]; then
     if ! kill -0 "$ppid" 2>/dev/null; then
-      echo "$path $unit [err]: the portal exited (crash): $(tail -1 "$dir/portal.log")"
+      echo "$tag [err]: the portal exited (crash): $(tail -1 "$dir/portal.log")"
     fi
     stop "$ppid"
-    grep -iE 'warn|error|panic' "$dir/portal.log" | grep -v 'new leader' | head -5 | sed "s#^#$path $unit [log] #" || true
+    grep -iE 'warn|error|panic' "$dir/portal.log" | grep -v 'new leader' | head -5 | sed "s#^#$tag [log] #" || true
   fi
   stop "$rpid"
 }
@@ -187,9 +210,11 @@ $EXTERNAL"
 results=$work/results
 : >"$results"
 for unit in $UNITS; do
-  for path in $PATHS; do
-    echo "redis-suite: $path $unit" >&2
-    run_unit "$path" "$unit" >>"$results"
+  for mode in $MODES; do
+    for path in $PATHS; do
+      echo "redis-suite: $path $mode $unit" >&2
+      run_unit "$path" "$mode" "$unit" >>"$results"
+    done
   done
 done
 
@@ -198,15 +223,19 @@ echo "Redis $server_version, runtest from Debian's redis $suite_version ($(basen
 echo "units: $UNITS"
 echo "tags: $TAGS; the portal on $PORTAL_THREADS data-plane thread(s)"
 echo
-echo "| path | passed | failed | skipped |"
-echo "|---|---|---|---|"
-for path in $PATHS; do
-  ok=$(grep -c "^$path [^ ]* \[ok\]" "$results" || true)
-  bad=$(grep -cE "^$path [^ ]* \[(err|exception)\]" "$results" || true)
-  skipped=$(grep -c "^$path [^ ]* \[skip\]" "$results" || true)
-  label=$path
-  [ "$path" = multiplex ] && label='portal, `pooling.mode: multiplex`'
-  echo "| $label | $ok | $bad | $skipped |"
+echo "| path | mode | passed | failed | skipped |"
+echo "|---|---|---|---|---|"
+for mode in $MODES; do
+  for path in $PATHS; do
+    ok=$(grep -c "^$path $mode [^ ]* \[ok\]" "$results" || true)
+    bad=$(grep -cE "^$path $mode [^ ]* \[(err|exception)\]" "$results" || true)
+    skipped=$(grep -c "^$path $mode [^ ]* \[skip\]" "$results" || true)
+    label=$path
+    [ "$path" = multiplex ] && label='portal, `pooling.mode: multiplex`'
+    mlabel='`db9` (SELECT 9: dedicated connections)'
+    [ "$mode" = singledb ] && mlabel='`singledb` (db 0: shared connections)'
+    echo "| $label | $mlabel | $ok | $bad | $skipped |"
+  done
 done
 echo
 echo "Skipped on both paths:"
@@ -214,15 +243,17 @@ while IFS='|' read -r name why; do
   [ -n "$name" ] && echo "- \"$name\": $why"
 done <<<"$LIMITS
 $EXTERNAL"
-for path in $PATHS; do
-  if grep -qE "^$path [^ ]* \[(err|exception)\]" "$results"; then
-    echo
-    echo "Failed, $path:"
-    grep -E "^$path [^ ]* \[(err|exception)\]" "$results" | sed "s#^$path #- #"
-  fi
-  if grep -q "^$path [^ ]* \[log\]" "$results"; then
-    echo
-    echo "Portal log, $path:"
-    grep "^$path [^ ]* \[log\]" "$results" | sed "s#^$path #- #"
-  fi
+for mode in $MODES; do
+  for path in $PATHS; do
+    if grep -qE "^$path $mode [^ ]* \[(err|exception)\]" "$results"; then
+      echo
+      echo "Failed, $path $mode:"
+      grep -E "^$path $mode [^ ]* \[(err|exception)\]" "$results" | sed "s#^$path $mode #- #"
+    fi
+    if grep -q "^$path $mode [^ ]* \[log\]" "$results"; then
+      echo
+      echo "Portal log, $path $mode:"
+      grep "^$path $mode [^ ]* \[log\]" "$results" | sed "s#^$path $mode #- #"
+    fi
+  done
 done
