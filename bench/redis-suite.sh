@@ -42,9 +42,7 @@ MODES=${MODES:-"db9 singledb"}
 # exception). One per line: the test's name, then why.
 LIMITS=$(cat <<'EOF'
 Script ACL check|ACL rules run as the probe's user (AUTH of a Redis ACL user is the portal's)
-CLIENT GETREDIR provides correct client id|CLIENT GETREDIR answers the server-side id of the redirect target
-CLIENT TRACKINGINFO provides reasonable results when tracking on with options|CLIENT TRACKINGINFO's redirect is the server-side id
-CLIENT TRACKINGINFO provides reasonable results when tracking redir broken|CLIENT TRACKINGINFO's redirect is the server-side id
+CLIENT KILL SKIPME YES/NO will kill all clients|the server counts and kills the portal's connections (INFO clients, CLIENT KILL), not its clients
 CLIENT LIST with IDs|CLIENT LIST shows the server connection, whose id is the server's
 CLIENT SETNAME can assign a name to this connection|CLIENT LIST shows the server connection, not the name the portal keeps
 CLIENT SETNAME can change the name of an existing connection|CLIENT LIST shows the server connection, not the name the portal keeps
@@ -56,6 +54,7 @@ query buffer resized correctly when not idle|CLIENT LIST shows the server connec
 verify reply buffer limits|CLIENT LIST shows the server connection's reply buffer
 SLOWLOG - logged entry sanity check|SLOWLOG shows the server connection's name and address
 SLOWLOG - can clean older entries|SLOWLOG shows the server connection's name and address
+SLOWLOG - Rewritten commands are logged as their original command|SLOWLOG also logs the portal's own commands (the cleaning of a dedicated connection given back)
 EOF
 )
 # Tests that cannot run against an external server at all, though not tagged so by the suite

@@ -1,5 +1,6 @@
 //! SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE reaching a server busy with a script on a
-//! shared connection, and other clients answered `-BUSY` meanwhile, as direct.
+//! shared connection, and other clients answered `-BUSY` meanwhile, as direct; a paused write
+//! holding only its own client.
 
 use super::*;
 
@@ -251,4 +252,54 @@ async fn clients_with_nothing_in_flight_get_busy_as_direct() {
     for s in &mut busy.idle {
         assert_eq!(command(s, &["PING"]).await.unwrap(), "+PONG");
     }
+}
+
+/// While a CLIENT PAUSE WRITE sent through the portal lasts, a paused write holds only its own
+/// client: other clients' reads are answered at once, as direct, though the write waits on
+/// the shared connection they would have used; CLIENT UNPAUSE reaches the server past it and
+/// the write is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_write_holds_only_its_own_client() {
+    if skip_without(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start();
+    let p = start_portal(
+        &[&redis],
+        &format!(
+            "pooling: {{mode: multiplex, serverConnections: {}}}\n",
+            2 * data_plane_threads()
+        ),
+    )
+    .await;
+    p.wait_leader("r0").await;
+    let mut admin = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(
+        command(&mut admin, &["CLIENT", "PAUSE", "20000", "WRITE"])
+            .await
+            .unwrap(),
+        "+OK"
+    );
+    // One write held: the other shared connection of its thread stays free.
+    let mut writer = TcpStream::connect(p.addr).await.unwrap();
+    writer
+        .write_all(&resp(&["SET", "paused", "1"]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..8 {
+        let mut reader = TcpStream::connect(p.addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(3), command(&mut reader, &["PING"]))
+            .await
+            .unwrap_or_else(|_| panic!("reader {i} waits behind a paused write"))
+            .unwrap();
+        assert_eq!(got, "+PONG", "reader {i}");
+    }
+    let info = command(&mut admin, &["INFO", "clients"]).await.unwrap();
+    assert!(info.contains("blocked_clients:"), "{info}");
+    assert_eq!(
+        command(&mut admin, &["CLIENT", "UNPAUSE"]).await.unwrap(),
+        "+OK"
+    );
+    assert_eq!(replies(&mut writer, 1).await.unwrap()[0], "+OK");
 }

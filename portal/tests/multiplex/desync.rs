@@ -220,6 +220,20 @@ async fn client_reply_off_and_skip_silence_replies_as_direct() {
         String::from_utf8_lossy(&through),
         String::from_utf8_lossy(&direct)
     );
+    // The same commands one write at a time, by a client on the shared connection: the
+    // SKIP still silences the command after it, sent later.
+    for addr in [redis.address(), p.addr.to_string()] {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        for cmd in [
+            &["CLIENT", "REPLY", "SKIP"][..],
+            &["PING", "pong"],
+            &["PING", "pong2"],
+        ] {
+            s.write_all(&resp(cmd)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(replies(&mut s, 1).await.unwrap(), ["$5\r\npong2"], "{addr}");
+    }
     bystander_unharmed(&p, stop, task).await;
 }
 
@@ -290,8 +304,9 @@ async fn a_four_megabyte_command_goes_through() {
 }
 
 /// The ids CLIENT ID gives through the portal name that client in the commands that name
-/// one: tracking redirected to a subscribed client reaches it, CLIENT UNBLOCK frees a blocked
-/// one, CLIENT LIST ID shows its connection.
+/// one: tracking redirected to a subscribed client reaches it (and CLIENT GETREDIR and CLIENT
+/// TRACKINGINFO name it by that id), CLIENT UNBLOCK frees a blocked one, CLIENT LIST ID shows
+/// its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ids_name_the_clients_the_portal_gave_them_to() {
     if skip_without(&["redis-server"]) {
@@ -314,6 +329,20 @@ async fn client_ids_name_the_clients_the_portal_gave_them_to() {
         .await
         .unwrap(),
         "+OK"
+    );
+    // Asked back, the redirect target is the id the client named.
+    assert_eq!(
+        command(&mut tracker, &["CLIENT", "GETREDIR"])
+            .await
+            .unwrap(),
+        format!(":{target_id}")
+    );
+    let info = command(&mut tracker, &["CLIENT", "TRACKINGINFO"])
+        .await
+        .unwrap();
+    assert!(
+        info.contains(&format!("$8\r\nredirect\r\n:{target_id}\r\n")),
+        "{info}"
     );
     command(&mut tracker, &["GET", "tracked"]).await.unwrap();
     let mut writer = TcpStream::connect(p.addr).await.unwrap();

@@ -105,7 +105,8 @@ pub enum Action {
     Pin(PinReason),
     /// Sent on a server connection opened for it alone: SCRIPT KILL, FUNCTION KILL and
     /// SHUTDOWN must reach a server busy with a script, and the server reads nothing more from
-    /// the connection running the script, which may be the shared one this client uses.
+    /// the connection running the script, which may be the shared one this client uses; so
+    /// must CLIENT UNPAUSE reach a server holding paused commands on that connection.
     OutOfBand,
 }
 
@@ -169,6 +170,8 @@ pub fn classify<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Ac
         b"MONITOR" => Action::Pin(PinReason::Monitor),
         b"SCRIPT" | b"FUNCTION" if is(args(1), "KILL") => Action::OutOfBand,
         b"SHUTDOWN" => Action::OutOfBand,
+        // What ends a pause must reach the server past the commands it holds.
+        b"CLIENT" if argc == 2 && is(args(1), "UNPAUSE") => Action::OutOfBand,
         b"CLIENT" => {
             let mut sub = [0u8; 24];
             let sub = upper(args(1).unwrap_or_default(), &mut sub);
@@ -235,6 +238,30 @@ pub fn client_id_arg<'a>(
         b"LIST" if argc >= 4 && is(args(2), "ID") => Some((3..argc, false)),
         _ => None,
     }
+}
+
+/// For CLIENT PAUSE `timeout` [WRITE|ALL]: `Some(Some(timeout))` in milliseconds; for CLIENT
+/// UNPAUSE: `Some(None)`; `None` for any other command (a timeout that is not a number: the
+/// server refuses it).
+pub fn pause<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> Option<Option<u64>> {
+    if !is(args(0), "CLIENT") {
+        return None;
+    }
+    if argc == 2 && is(args(1), "UNPAUSE") {
+        return Some(None);
+    }
+    if !(3..=4).contains(&argc) || !is(args(1), "PAUSE") {
+        return None;
+    }
+    let ms = std::str::from_utf8(args(2)?).ok()?.parse().ok()?;
+    Some(Some(ms))
+}
+
+/// Whether the reply to a command names a client by its id: CLIENT GETREDIR and CLIENT
+/// TRACKINGINFO (the redirect target), whose server-side id the portal turns back into the
+/// id it gave that client.
+pub fn reply_names_client<'a>(argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) -> bool {
+    argc == 2 && is(args(0), "CLIENT") && (is(args(1), "GETREDIR") || is(args(1), "TRACKINGINFO"))
 }
 
 /// The pub/sub kinds whose replies carry a subscription count.
@@ -327,6 +354,8 @@ mod tests {
             ("FUNCTION KILL", OutOfBand),
             ("shutdown nosave", OutOfBand),
             ("SHUTDOWN", OutOfBand),
+            ("client unpause", OutOfBand),
+            ("client pause 10", Plain),
             ("script load x", Plain),
             ("function list", Plain),
             ("eval x 0", Plain),
@@ -343,6 +372,20 @@ mod tests {
         ] {
             assert_eq!(action(cmd), want, "{cmd}");
         }
+    }
+
+    #[test]
+    fn pauses_are_read() {
+        let read = |words: &str| {
+            let args: Vec<&[u8]> = words.split_whitespace().map(str::as_bytes).collect();
+            pause(args.len(), |i| args.get(i).copied())
+        };
+        assert_eq!(read("client pause 100"), Some(Some(100)));
+        assert_eq!(read("CLIENT PAUSE 60000 WRITE"), Some(Some(60000)));
+        assert_eq!(read("client unpause"), Some(None));
+        assert_eq!(read("client pause x"), None);
+        assert_eq!(read("client pause"), None);
+        assert_eq!(read("client list"), None);
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //!
 //! May import: `wire` and the rest of `multiplex` below it (`commands`).
 
-use super::commands::{is, subscription_command, subscription_event, Action, Local, PinReason};
+use std::collections::VecDeque;
+
+use super::commands::{
+    is, reply_names_client, subscription_command, subscription_event, Action, Local, PinReason,
+};
 use crate::wire::resp::array_head;
 
 /// What the client's task does with one parsed, classified command.
@@ -31,7 +35,7 @@ pub(super) enum Step {
     Hello,
     /// Take a dedicated connection, then send it there.
     Pin(PinReason),
-    /// On a connection of its own (SCRIPT KILL, FUNCTION KILL, SHUTDOWN).
+    /// On a connection of its own (SCRIPT KILL, FUNCTION KILL, SHUTDOWN, CLIENT UNPAUSE).
     OutOfBand,
     /// On the shared connection, batched with the client's other plain commands.
     Plain,
@@ -145,6 +149,13 @@ pub(super) struct PinState {
     sub_expected: u64,
     /// An unsubscribe-all sent, not yet answered with a count of 0.
     unsub_all: [bool; 2],
+    /// Replies owed so far, and replies settled so far: the reply that settles number `n`
+    /// answers the command whose reply was owed as number `n`.
+    owed: u64,
+    settled: u64,
+    /// The numbers of the replies that name a client by the server's id (CLIENT GETREDIR,
+    /// CLIENT TRACKINGINFO), oldest first.
+    renamed: VecDeque<u64>,
     /// RESET sent, with nothing else in flight: replies (messages, pushes) pass until its
     /// `+RESET`, which ends the connection; whether the client gets that `+RESET` (a CLIENT
     /// REPLY SKIP silences it).
@@ -160,6 +171,7 @@ impl PinState {
     pub(super) fn holds_state(&self) -> bool {
         self.sticky
             || self.raw
+            || self.skip_held
             || self.resetting.is_some()
             || self.pending > 0
             || self.multi
@@ -336,15 +348,21 @@ impl PinState {
         if self.raw {
             // From here on replies are passed on uncounted: none is owed any more.
             self.pending = 0;
+            self.renamed.clear();
         } else if self.takes_reply(mode) {
             self.pending += 1;
+            if reply_names_client(argc, arg) {
+                self.renamed.push_back(self.owed);
+            }
+            self.owed += 1;
         }
     }
 
     /// Settles one whole reply (`kind` its type byte) from the dedicated connection: a
     /// subscription event updates the subscriptions, a push message nothing, any other reply
-    /// answers one command.
-    pub(super) fn on_reply(&mut self, kind: u8, reply: &[u8]) {
+    /// answers one command. True when that reply names a client by the server's id (see
+    /// `renamed`).
+    pub(super) fn on_reply(&mut self, kind: u8, reply: &[u8]) -> bool {
         let event = kind == b'>' || (kind == b'*' && !self.resp3 && self.in_pubsub());
         if event {
             let event = array_head(reply).and_then(|(head, count)| {
@@ -360,13 +378,20 @@ impl PinState {
                         self.unsub_all[k] = false;
                     }
                 }
-                return;
+                return false;
             }
         }
-        if kind == b'>' {
-            return;
+        if kind == b'>' || self.pending == 0 {
+            return false;
         }
-        self.pending = self.pending.saturating_sub(1);
+        self.pending -= 1;
+        let n = self.settled;
+        self.settled += 1;
+        if self.renamed.front() == Some(&n) {
+            self.renamed.pop_front();
+            return true;
+        }
+        false
     }
 }
 
@@ -598,6 +623,35 @@ mod tests {
     }
 
     #[test]
+    fn the_replies_naming_a_client_are_told_apart() {
+        let mut s = PinState::default();
+        send(
+            &mut s,
+            &script(&[
+                &["GET", "k"],
+                &["CLIENT", "GETREDIR"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["CLIENT", "TRACKINGINFO"],
+                &["CLIENT", "TRACKINGINFO"],
+            ]),
+        );
+        assert_eq!(s.pending, 3, "the skipped one owes nothing");
+        // A push in between settles nothing.
+        let replies: [(&[u8], bool); 4] = [
+            (b"$-1\r\n", false),
+            (b">2\r\n$10\r\ninvalidate\r\n*0\r\n", false),
+            (b":7\r\n", true),
+            (b"*2\r\n$5\r\nflags\r\n*0\r\n", true),
+        ];
+        for (reply, named) in replies {
+            let kind = reply[0];
+            assert_eq!(s.on_reply(kind, reply), named, "{:?}", reply);
+        }
+        assert_eq!(s.pending, 0);
+        assert!(!s.on_reply(b':', b":1\r\n"), "a reply nothing asked for");
+    }
+
+    #[test]
     fn monitor_after_commands_in_flight_owes_nothing() {
         let mut s = PinState::default();
         send(
@@ -685,6 +739,9 @@ mod tests {
         );
         let sent = send(&mut s, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
         assert!(sent.is_empty(), "a SKIP waits for the command it silences");
+        let mut fresh = PinState::default();
+        send(&mut fresh, &script(&[&["CLIENT", "REPLY", "SKIP"]]));
+        assert!(fresh.holds_state(), "on this connection: {fresh:?}");
         assert!(
             !s.local_reply(),
             "a SKIP silences a command the portal answers"

@@ -2,10 +2,10 @@
 //! place, answers the ones that concern only its own session (AUTH, HELLO, CLIENT ID /
 //! SETNAME / GETNAME, QUIT), sends runs of plain commands as one request to a shared server
 //! connection, pins the client to a dedicated connection while it holds per-connection
-//! state, and sends SCRIPT KILL, FUNCTION KILL and SHUTDOWN on a connection of their own, so
-//! that they reach a server busy with a script. Replies come back in order: a client sticks
-//! to one shared connection while it has commands in flight, and anything the portal answers
-//! itself waits until those are in.
+//! state, and sends SCRIPT KILL, FUNCTION KILL, SHUTDOWN and CLIENT UNPAUSE on a connection
+//! of their own, so that they reach a server busy with a script (or holding paused commands).
+//! Replies come back in order: a client sticks to one shared connection while it has commands
+//! in flight, and anything the portal answers itself waits until those are in.
 //!
 //! This file owns the client's task: `serve`, the `Session` it runs, its loop (reading the
 //! client, writing its replies, watching the drain and the health of its pinned backend) and

@@ -76,6 +76,7 @@ impl Session {
         let cmd = &self.cmd;
         let p = self.pinned.as_mut().expect("pinned");
         self.in_start += cmd.len;
+        self.hub.note_pause(cmd.args.len(), |i| cmd.arg(buf, i));
         if p.state.hold_skip(cmd.args.len(), |i| cmd.arg(buf, i)) {
             return;
         }
@@ -145,6 +146,8 @@ impl Session {
             return Ok(());
         }
         let mut pos = 0;
+        // Passed on up to here (a reply naming a client goes out rewritten).
+        let mut passed = 0;
         loop {
             let scanned = match scan_reply(&p.inbuf[pos..]) {
                 Ok(Some(s)) => s,
@@ -159,7 +162,7 @@ impl Session {
                 // Nothing but RESET is owed: the first `+RESET` is its answer.
                 if reply == b"+RESET\r\n" {
                     let end = pos + scanned.len;
-                    self.out.extend_from_slice(&p.inbuf[..pos]);
+                    self.out.extend_from_slice(&p.inbuf[passed..pos]);
                     if answered {
                         self.out.extend_from_slice(reply);
                     }
@@ -167,12 +170,14 @@ impl Session {
                     self.unpin();
                     return Ok(());
                 }
-            } else {
-                p.state.on_reply(scanned.kind, reply);
+            } else if p.state.on_reply(scanned.kind, reply) {
+                self.out.extend_from_slice(&p.inbuf[passed..pos]);
+                self.hub.rename_client(reply, &mut self.out);
+                passed = pos + scanned.len;
             }
             pos += scanned.len;
         }
-        self.out.extend_from_slice(&p.inbuf[..pos]);
+        self.out.extend_from_slice(&p.inbuf[passed..pos]);
         p.inbuf.drain(..pos);
         self.maybe_release();
         Ok(())

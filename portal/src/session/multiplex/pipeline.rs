@@ -37,9 +37,10 @@ pub const LOST: &[u8] =
 pub struct Request {
     pub data: Vec<u8>,
     pub replies: u32,
-    /// Scripts and functions among the commands, counted in [`ServerConn::runs_script`]
-    /// (by the sender, before it queues the request) until the last reply is in.
-    pub scripts: u32,
+    /// Commands the server may hold without answering (scripts, functions, any command while
+    /// a CLIENT PAUSE is in effect), counted in [`ServerConn::may_be_held`] (by the sender,
+    /// before it queues the request) until the last reply is in.
+    pub held: u32,
     pub sink: Arc<Sink>,
     pub in_flight: Option<OwnedSemaphorePermit>,
 }
@@ -47,7 +48,7 @@ pub struct Request {
 struct Slot {
     sink: Arc<Sink>,
     replies: u32,
-    scripts: u32,
+    held: u32,
     in_flight: Option<OwnedSemaphorePermit>,
 }
 
@@ -56,7 +57,7 @@ impl Slot {
         Slot {
             sink: r.sink,
             replies: r.replies,
-            scripts: r.scripts,
+            held: r.held,
             in_flight: r.in_flight,
         }
     }
@@ -83,8 +84,9 @@ pub struct ServerConn {
     pub permits: Arc<Semaphore>,
     max_in_flight: usize,
     dead: AtomicBool,
-    /// Scripts and functions queued or running on the connection.
-    pub scripts: AtomicU32,
+    /// Commands queued or running on the connection that the server may hold (see
+    /// [`Request::held`]).
+    pub held: AtomicU32,
     fifo: Mutex<Fifo>,
     kill: watch::Sender<bool>,
     stats: Arc<MuxStats>,
@@ -104,10 +106,11 @@ impl ServerConn {
         self.dead.load(Relaxed)
     }
 
-    /// Whether a script or function is queued or running here: the server may be busy with
-    /// it, reading nothing more from this connection.
-    pub fn runs_script(&self) -> bool {
-        self.scripts.load(Relaxed) > 0
+    /// Whether a command the server may hold (a script, a command under CLIENT PAUSE) is
+    /// queued or running here: the server may then read nothing more from this connection
+    /// for a while, answering other connections meanwhile.
+    pub fn may_be_held(&self) -> bool {
+        self.held.load(Relaxed) > 0
     }
 
     pub fn in_flight(&self) -> usize {
@@ -166,7 +169,7 @@ pub(super) fn start(
         permits: Arc::new(Semaphore::new(max_in_flight)),
         max_in_flight,
         dead: AtomicBool::new(false),
-        scripts: AtomicU32::new(0),
+        held: AtomicU32::new(0),
         fifo: Mutex::default(),
         kill,
         stats,
@@ -289,8 +292,8 @@ async fn reader(
                     if slot.replies == 0 {
                         // Dropped with its last places under maxInFlight.
                         let slot = current.take().expect("set above");
-                        if slot.scripts > 0 {
-                            conn.scripts.fetch_sub(slot.scripts, Relaxed);
+                        if slot.held > 0 {
+                            conn.held.fetch_sub(slot.held, Relaxed);
                         }
                         slot.sink.deliver(&buf[run_start..start], run);
                         run = 0;

@@ -23,7 +23,13 @@ impl Session {
         let start = self.in_start;
         let mut end = start + self.cmd.len;
         let mut count: u32 = 1;
-        let mut scripts = u32::from(self.arg(0).is_some_and(runs_script));
+        // While a CLIENT PAUSE sent through the portal lasts, any command may be held.
+        let paused = self.hub.paused();
+        let held_first = self.arg(0).is_some_and(runs_script);
+        let cmd = &self.cmd;
+        let buf = &self.inbuf[start..self.in_end];
+        self.hub.note_pause(cmd.args.len(), |i| cmd.arg(buf, i));
+        let mut held = u32::from(paused || held_first);
         let max = self.settings.max_in_flight as u32;
         while count < max {
             let buf = &self.inbuf[end..self.in_end];
@@ -38,7 +44,8 @@ impl Session {
             {
                 break;
             }
-            scripts += u32::from(cmd.arg(buf, 0).is_some_and(runs_script));
+            self.hub.note_pause(cmd.args.len(), |i| cmd.arg(buf, i));
+            held += u32::from(paused || cmd.arg(buf, 0).is_some_and(runs_script));
             end += cmd.len;
             count += 1;
         }
@@ -60,16 +67,16 @@ impl Session {
         self.sent += u64::from(count);
         // Counted before it is queued, so that a client choosing a connection after this one
         // passes this connection over (see `BackendPool::shared`).
-        conn.scripts.fetch_add(scripts, Relaxed);
+        conn.held.fetch_add(held, Relaxed);
         let request = Request {
             data,
             replies: count,
-            scripts,
+            held,
             sink: self.sink.clone(),
             in_flight,
         };
         if let Err(r) = conn.send(request) {
-            conn.scripts.fetch_sub(scripts, Relaxed);
+            conn.held.fetch_sub(held, Relaxed);
             r.sink.fail(TRYAGAIN, u64::from(count));
         }
         Ok(true)
@@ -79,10 +86,14 @@ impl Session {
     /// this client's commands go to, and answers with its reply. A server busy with a script
     /// reads nothing more from the connection running it, which may be the shared connection
     /// this client uses: SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE queued there would wait
-    /// for the script they are meant to end. A SHUTDOWN that succeeds closes the connection
+    /// for the script they are meant to end (and CLIENT UNPAUSE for the commands a pause
+    /// holds). A SHUTDOWN that succeeds closes the connection
     /// without a reply: the client is closed too, as Redis would close it.
     pub(super) async fn out_of_band(&mut self) {
         let command = self.inbuf[self.in_start..self.in_start + self.cmd.len].to_vec();
+        let buf = &self.inbuf[self.in_start..self.in_end];
+        let cmd = &self.cmd;
+        self.hub.note_pause(cmd.args.len(), |i| cmd.arg(buf, i));
         self.consume();
         let backend = match self.target().await {
             Ok(i) => self.config.backends[i].clone(),
@@ -126,11 +137,12 @@ impl Session {
 
     /// The shared connection to send on: the current one while it lives (replies in order),
     /// else a new choice once nothing is in flight; a new choice too when the current one
-    /// carries a script and nothing of this client is in flight (see `BackendPool::shared`).
+    /// carries a command the server may hold and nothing of this client is in flight (see
+    /// `BackendPool::shared`).
     /// `Ok(None)`: wait for replies first.
     pub(super) async fn conn(&mut self) -> Result<Option<Arc<ServerConn>>, String> {
         if let Some(c) = self.current.clone() {
-            if !c.is_dead() && (!c.runs_script() || !self.idle()) {
+            if !c.is_dead() && (!c.may_be_held() || !self.idle()) {
                 return Ok(Some(c));
             }
         }

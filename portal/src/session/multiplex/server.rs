@@ -4,7 +4,7 @@
 //! of one portal's pools, with the task that retires the pools of a backend that may no
 //! longer take commands (a demoted leader).
 //!
-//! May import: `config`, `health` and the rest of `multiplex` below it (`conn`,
+//! May import: `config`, `health` and the rest of `multiplex` below it (`commands`, `conn`,
 //! `pipeline`, `sink`, `stats`); from `session`, what retires the pools on a route change.
 
 use std::{
@@ -23,6 +23,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
+use super::commands::pause;
 use super::conn::{clean, dial, server_id, DialContext, ServerStream};
 use super::pipeline::{start, ServerConn, TRYAGAIN};
 use super::sink::lock;
@@ -83,10 +84,12 @@ impl BackendPool {
     }
 
     /// Shared connection `i % serverConnections`, opened if it is not (or no longer) alive;
-    /// or, when that one carries a script or function, the next one that does not. A server
-    /// busy with a script reads nothing more from its connection, and answers the others
-    /// `-BUSY`, as it answers direct clients: a client with nothing in flight is not queued
-    /// behind a script that may not end before it gets an answer.
+    /// or, when that one carries a command the server may hold (a script or function, any
+    /// command under CLIENT PAUSE), the next one that does not. A server busy with a script
+    /// reads nothing more from its connection and answers the others `-BUSY`; a paused one
+    /// holds a write but answers reads on other connections: as it does for direct clients,
+    /// a client with nothing in flight is not queued behind what may not end before it gets
+    /// an answer.
     pub async fn shared(
         self: &Arc<Self>,
         i: usize,
@@ -99,7 +102,7 @@ impl BackendPool {
             .find(|&j| {
                 lock(&self.shared[j])
                     .as_ref()
-                    .is_none_or(|c| c.is_dead() || !c.runs_script())
+                    .is_none_or(|c| c.is_dead() || !c.may_be_held())
             })
             .unwrap_or(i % n);
         if let Some(c) = lock(&self.shared[i]).as_ref().filter(|c| !c.is_dead()) {
@@ -270,6 +273,15 @@ impl Drop for PinnedConn {
 /// as direct, and held by no server connection (Redis counts its ids up from 1).
 pub const NO_CLIENT: u64 = i64::MAX as u64;
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Redirect targets remembered for [`Hub::rename_client`].
+const MAX_REDIRECTS: usize = 1 << 16;
+
 /// The multiplexer of one portal: its pools by backend, and the task that retires the pools
 /// of backends that may no longer take commands (a demoted leader).
 #[derive(Debug, Default)]
@@ -278,8 +290,14 @@ pub struct Hub {
     /// Pinned clients by the id the portal gave them: their dedicated connection's id on the
     /// server, and its `targeted` flag.
     dedicated: Mutex<HashMap<u64, (u64, Arc<AtomicBool>)>>,
+    /// The clients tracking was redirected to: the portal's id by the server's (which Redis
+    /// never gives twice, so an old entry cannot mislead), at most `MAX_REDIRECTS`.
+    redirects: Mutex<HashMap<u64, u64>>,
     pub stats: Arc<MuxStats>,
     next_client: AtomicU64,
+    /// When the latest CLIENT PAUSE sent through the portal ends, in milliseconds since the
+    /// Unix epoch (0: none, or CLIENT UNPAUSE since).
+    paused_until: AtomicU64,
     watching: crate::session::hub::RouteWatch,
 }
 
@@ -297,6 +315,24 @@ impl Hub {
         };
     }
 
+    /// Follows CLIENT PAUSE and CLIENT UNPAUSE (`argc` arguments, `args(i)`) as they are sent.
+    pub fn note_pause<'a>(&self, argc: usize, args: impl Fn(usize) -> Option<&'a [u8]>) {
+        match pause(argc, args) {
+            Some(Some(ms)) => {
+                let until = now_ms().saturating_add(ms);
+                self.paused_until.fetch_max(until, Relaxed);
+            }
+            Some(None) => self.paused_until.store(0, Relaxed),
+            None => {}
+        }
+    }
+
+    /// Whether a CLIENT PAUSE sent through the portal may be in effect.
+    pub fn paused(&self) -> bool {
+        let until = self.paused_until.load(Relaxed);
+        until != 0 && now_ms() <= until
+    }
+
     /// The server-side id that client `id` stands for in a command naming a client: its
     /// dedicated connection's, marked `targeted` when `redirect` (tracking goes there);
     /// [`NO_CLIENT`] for a client without one.
@@ -305,10 +341,48 @@ impl Hub {
             Some((server, targeted)) => {
                 if redirect {
                     targeted.store(true, Relaxed);
+                    let mut r = lock(&self.redirects);
+                    if r.len() >= MAX_REDIRECTS {
+                        r.clear();
+                    }
+                    r.insert(*server, id);
                 }
                 *server
             }
             None => NO_CLIENT,
+        }
+    }
+
+    /// Writes `reply` (to CLIENT GETREDIR or CLIENT TRACKINGINFO) to `out` with the redirect
+    /// target named by the id the portal gave it instead of the server's, as the client named
+    /// it in CLIENT TRACKING … REDIRECT.
+    pub fn rename_client(&self, reply: &[u8], out: &mut Vec<u8>) {
+        const KEY: &[u8] = b"$8\r\nredirect\r\n";
+        let at = if reply.first() == Some(&b':') {
+            Some(0)
+        } else {
+            reply
+                .windows(KEY.len())
+                .position(|w| w == KEY)
+                .map(|i| i + KEY.len())
+                .filter(|&i| reply.get(i) == Some(&b':'))
+        };
+        let renamed = at.and_then(|at| {
+            let end = at + reply[at..].iter().position(|&b| b == b'\r')?;
+            let server: u64 = std::str::from_utf8(&reply[at + 1..end])
+                .ok()?
+                .parse()
+                .ok()?;
+            let id = *lock(&self.redirects).get(&server)?;
+            Some((at, end, id))
+        });
+        match renamed {
+            Some((at, end, id)) => {
+                out.extend_from_slice(&reply[..=at]);
+                out.extend_from_slice(id.to_string().as_bytes());
+                out.extend_from_slice(&reply[end..]);
+            }
+            None => out.extend_from_slice(reply),
         }
     }
 
@@ -382,5 +456,36 @@ impl Hub {
             info!(backend = %pool.name, leaderless = waiting, "backend no longer takes commands: its server connections are replaced");
             pool.retire(TRYAGAIN);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_targets_are_named_by_the_portal_ids() {
+        let hub = Hub::default();
+        lock(&hub.redirects).insert(41, 7);
+        let renamed = |reply: &[u8]| {
+            let mut out = Vec::new();
+            hub.rename_client(reply, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(renamed(b":41\r\n"), ":7\r\n");
+        // Not a target the portal redirected to (-1: none, 0: the client itself).
+        assert_eq!(renamed(b":-1\r\n"), ":-1\r\n");
+        assert_eq!(renamed(b":0\r\n"), ":0\r\n");
+        assert_eq!(renamed(b":42\r\n"), ":42\r\n");
+        let resp2 = b"*6\r\n$5\r\nflags\r\n*2\r\n$2\r\non\r\n$6\r\nnoloop\r\n$8\r\nredirect\r\n:41\r\n$8\r\nprefixes\r\n*0\r\n";
+        assert_eq!(
+            renamed(resp2),
+            "*6\r\n$5\r\nflags\r\n*2\r\n$2\r\non\r\n$6\r\nnoloop\r\n$8\r\nredirect\r\n:7\r\n$8\r\nprefixes\r\n*0\r\n"
+        );
+        let resp3 = b"%3\r\n$5\r\nflags\r\n~1\r\n$2\r\non\r\n$8\r\nredirect\r\n:41\r\n$8\r\nprefixes\r\n*1\r\n$8\r\nredirect\r\n";
+        assert_eq!(
+            renamed(resp3),
+            "%3\r\n$5\r\nflags\r\n~1\r\n$2\r\non\r\n$8\r\nredirect\r\n:7\r\n$8\r\nprefixes\r\n*1\r\n$8\r\nredirect\r\n"
+        );
     }
 }
