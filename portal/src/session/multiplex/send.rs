@@ -87,8 +87,8 @@ impl Session {
     /// reads nothing more from the connection running it, which may be the shared connection
     /// this client uses: SCRIPT KILL, FUNCTION KILL and SHUTDOWN NOSAVE queued there would wait
     /// for the script they are meant to end (and CLIENT UNPAUSE for the commands a pause
-    /// holds). A SHUTDOWN that succeeds closes the connection
-    /// without a reply: the client is closed too, as Redis would close it.
+    /// holds). A SHUTDOWN that succeeds closes the connection without a reply: the client is
+    /// closed too, as Redis would close it.
     pub(super) async fn out_of_band(&mut self) {
         let command = self.inbuf[self.in_start..self.in_start + self.cmd.len].to_vec();
         let buf = &self.inbuf[self.in_start..self.in_end];
@@ -138,8 +138,7 @@ impl Session {
     /// The shared connection to send on: the current one while it lives (replies in order),
     /// else a new choice once nothing is in flight; a new choice too when the current one
     /// carries a command the server may hold and nothing of this client is in flight (see
-    /// `BackendPool::shared`).
-    /// `Ok(None)`: wait for replies first.
+    /// `BackendPool::shared`). `Ok(None)`: wait for replies first.
     pub(super) async fn conn(&mut self) -> Result<Option<Arc<ServerConn>>, String> {
         if let Some(c) = self.current.clone() {
             if !c.is_dead() && (!c.may_be_held() || !self.idle()) {
