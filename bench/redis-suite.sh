@@ -106,7 +106,8 @@ fi
 if [ -z "${PORTAL_BIN:-}" ]; then
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
   cargo build -q -p dbportal-portal --bin portal
-  PORTAL_BIN=$CARGO_TARGET_DIR/debug/portal
+  # Under target/debug, or target/<triple>/debug when CARGO_BUILD_TARGET is set.
+  PORTAL_BIN=$(ls -t "$CARGO_TARGET_DIR"/debug/portal "$CARGO_TARGET_DIR"/*/debug/portal 2>/dev/null | head -1 || true)
 fi
 
 work=$(mktemp -d /tmp/dbportal-redis-suite.XXXXXX)
