@@ -318,6 +318,30 @@ fn unix_seconds(t: std::time::SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A replica's standing and lag in `/status`: `null` for a leader, a node down, or an engine
+/// that reads no replication; the position behind the leader in bytes (PostgreSQL, Redis) or
+/// raft entries (etcd).
+fn replication(
+    engine: crate::config::Engine,
+    standing: Option<crate::health::Replicating>,
+    lag: Option<crate::health::Lag>,
+) -> serde_json::Value {
+    let (Some(standing), Some(lag)) = (standing, lag) else {
+        return serde_json::Value::Null;
+    };
+    let unit = if engine == crate::config::Engine::Etcd {
+        "lagEntries"
+    } else {
+        "lagBytes"
+    };
+    json!({
+        "state": standing.as_str(),
+        "lagSeconds": lag.time.map(|t| t.as_secs_f64()),
+        unit: lag.behind,
+        "broken": lag.broken,
+    })
+}
+
 /// The `/status` document.
 pub fn status(shared: &Shared) -> serde_json::Value {
     let config = shared.config.borrow().clone();
@@ -370,6 +394,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "checkFailures": c.failures,
                 "checkLatencyMs": (c.checks > 0).then_some(c.last.as_secs_f64() * 1000.0),
                 "lastChange": h.and_then(|h| h.changed_at).map(unix_seconds),
+                "replication": replication(config.engine, h.and_then(|h| h.replicating), c.lag),
             })
         })
         .collect();

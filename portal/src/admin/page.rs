@@ -13,7 +13,7 @@ use serde_json::Value;
 pub const REFRESH_SECONDS: u32 = 2;
 
 /// The columns of the CSV form, in order (the first line, after `# `).
-pub const CSV_COLUMNS: [&str; 17] = [
+pub const CSV_COLUMNS: [&str; 18] = [
     "backend",
     "address",
     "health",
@@ -31,6 +31,7 @@ pub const CSV_COLUMNS: [&str; 17] = [
     "check",
     "check_ms",
     "last_change",
+    "replication",
 ];
 
 fn escape(text: &str) -> String {
@@ -93,7 +94,30 @@ fn row(b: &Value, now: f64) -> Vec<String> {
             .map(|ms| format!("{ms:.1}"))
             .unwrap_or_default(),
         last_change,
+        replication(&b["replication"]),
     ]
+}
+
+/// A replica's standing and lag (`within 0.4s 1024B`, `broken: why`); empty for the others.
+fn replication(r: &Value) -> String {
+    if r.is_null() {
+        return String::new();
+    }
+    if let Some(why) = r["broken"].as_str() {
+        return format!("broken: {why}");
+    }
+    let mut out = text(&r["state"]);
+    match r["lagSeconds"].as_f64() {
+        Some(s) => out.push_str(&format!(" {s:.1}s")),
+        None => out.push_str(" lag unknown"),
+    }
+    if let Some(b) = r["lagBytes"].as_u64() {
+        out.push_str(&format!(" {b}B"));
+    }
+    if let Some(n) = r["lagEntries"].as_u64() {
+        out.push_str(&format!(" {n} entries"));
+    }
+    out
 }
 
 fn now_unix() -> f64 {
@@ -155,7 +179,7 @@ tr.leader td.role {{ font-weight: bold; }}
 <table id="backends"><thead><tr>
 <th>backend</th><th>address</th><th>health</th><th>role</th><th>state</th><th>weight</th>
 <th>sessions now</th><th>max</th><th>limit</th><th>total</th><th>bytes in</th><th>bytes out</th>
-<th>check</th><th>check ms</th><th>last change</th></tr></thead>
+<th>check</th><th>check ms</th><th>last change</th><th>replication</th></tr></thead>
 <tbody>
 "#,
         engine = escape(&text(&status["engine"])),
@@ -190,7 +214,7 @@ tr.leader td.role {{ font-weight: bold; }}
 <td class=\"health\">{health}</td><td class=\"role\">{role}</td><td class=\"state state-{state}\">{state}{overridden}</td>\
 <td class=\"num\">{weight}</td><td class=\"num\">{now_}</td><td class=\"num\">{max}</td><td class=\"num\">{limit}</td>\
 <td class=\"num\">{total}</td><td class=\"num\">{bin}</td><td class=\"num\">{bout}</td><td>{check}</td>\
-<td class=\"num\">{ms}</td><td>{changed}</td></tr>",
+<td class=\"num\">{ms}</td><td>{changed}</td><td class=\"replication\">{replication}</td></tr>",
             lead = if is_leader { " leader" } else { "" },
             name = escape(&r[0]),
             addr = escape(&r[1]),
@@ -205,6 +229,7 @@ tr.leader td.role {{ font-weight: bold; }}
             check = escape(&r[14]),
             ms = escape(&r[15]),
             changed = escape(&r[16]),
+            replication = escape(&r[17]),
         );
     }
     let c = &status["connections"];
@@ -249,7 +274,9 @@ mod tests {
                  "adminState": "drain", "adminOverride": true, "weight": 3, "backup": true,
                  "activeSessions": 0, "sessionsMax": 0, "maxConnections": 5, "sessionsTotal": 0,
                  "bytesIn": 0, "bytesOut": 0, "checks": 5, "checkLatencyMs": 1.0,
-                 "lastChange": 0.0, "lastError": "connection refused <&>"}
+                 "lastChange": 0.0, "lastError": "connection refused <&>",
+                 "replication": {"state": "lagging", "lagSeconds": 12.25, "lagBytes": 4096,
+                                 "broken": null}}
             ],
             "connections": {"sessions": 2, "sessionsTotal": 9, "accepted": 11, "max": 2000},
             "queue": {"waiting": 0, "timeouts": 0},
@@ -271,6 +298,10 @@ mod tests {
         assert!(page.contains("failed: connection refused &lt;&amp;&gt;"));
         assert!(!page.contains("<&>"));
         assert!(page.contains("http-equiv=\"refresh\""));
+        assert!(
+            page.contains("<td class=\"replication\">lagging 12.2s 4096B</td>"),
+            "{page}"
+        );
         assert!(!page.contains("<script"), "no script needed");
     }
 
@@ -288,5 +319,11 @@ mod tests {
             lines[1]
         );
         assert!(lines[2].starts_with("b1,127.0.0.1:2,down,unknown,drain,true,3,true,0,0,5,0,0,0,failed: connection refused <&>,1.0,"), "{}", lines[2]);
+        assert!(lines[2].ends_with(",lagging 12.2s 4096B"), "{}", lines[2]);
+        assert!(
+            lines[1].ends_with(",never,"),
+            "a leader has no replication: {}",
+            lines[1]
+        );
     }
 }

@@ -17,6 +17,7 @@ use tokio::{
 
 use super::{
     credentials::CredentialsSource,
+    lag::{Lag, Replicating, Trail},
     probe::{probe_node, ProbeError, ProbeSettings, Probed},
     state::{elect, NodeState},
     BackendHealth, Caveat, HealthView, LeaderStats, Role,
@@ -45,9 +46,9 @@ impl std::fmt::Debug for dyn CredentialsSource {
     }
 }
 
-/// Counts and durations of each backend's health checks, by name. Kept beside the view, not
-/// in it: a view is published (and every open session re-checked) only when health changes,
-/// not at each probe.
+/// Counts and durations of each backend's health checks, and the replication lag they
+/// measured, by name. Kept beside the view, not in it: a view is published (and every open
+/// session re-checked) only when health changes, not at each probe.
 #[derive(Debug, Default)]
 pub struct CheckTimes(std::sync::Mutex<std::collections::BTreeMap<String, CheckStat>>);
 
@@ -60,6 +61,9 @@ pub struct CheckStat {
     pub total: Duration,
     /// The latest check's duration.
     pub last: Duration,
+    /// The replication lag of a replica that is up (`None` for a leader, a node down, or an
+    /// engine that reads none).
+    pub lag: Option<Lag>,
 }
 
 impl CheckTimes {
@@ -70,6 +74,13 @@ impl CheckTimes {
         s.failures += u64::from(!ok);
         s.total += took;
         s.last = took;
+    }
+
+    fn set_lag(&self, name: &str, lag: Option<Lag>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(name).map(|s| s.lag) != Some(lag) {
+            map.entry(name.to_string()).or_default().lag = lag;
+        }
     }
 
     /// The checks of `name` so far.
@@ -138,6 +149,7 @@ pub fn spawn_checker(
         had_leader: false,
         conflict: false,
         stats: LeaderStats::default(),
+        trail: Trail::default(),
     };
     checker.slots = initial
         .backends
@@ -196,6 +208,8 @@ struct Checker {
     had_leader: bool,
     conflict: bool,
     stats: LeaderStats,
+    /// The positions of the node replicas are measured against (see [`Self::reference`]).
+    trail: Trail,
 }
 
 impl Checker {
@@ -300,6 +314,12 @@ impl Checker {
             return; // a removed backend's last probe
         };
         let is_leader = self.leader.as_deref() == Some(self.slots[index].backend.name.as_str());
+        if let Ok(probed) = &result {
+            if let Some(position) = probed.replication.position.filter(|_| reference(probed)) {
+                let name = self.slots[index].backend.name.clone();
+                self.trail.record(&name, Instant::now(), position);
+            }
+        }
         let slot = &mut self.slots[index];
         slot.probed_at = Some(Instant::now());
         let before = slot.state.clone();
@@ -444,11 +464,14 @@ impl Checker {
         }
         self.stats.fast_probing = self.fast_until.is_some();
 
+        let now = Instant::now();
+        let max_lag = self.max_lag();
         let view = HealthView {
             backends: self
                 .slots
                 .iter()
                 .map(|s| BackendHealth {
+                    replicating: self.replicating(s, now, max_lag),
                     name: s.backend.name.clone(),
                     up: s.state.up,
                     role: s.state.role,
@@ -473,6 +496,36 @@ impl Checker {
         });
     }
 
+    /// `readOnly.maxLag`: the bound a replica's lag must keep to serve reads.
+    fn max_lag(&self) -> Option<Duration> {
+        None
+    }
+
+    /// How `slot` stands as a replica to read from, its lag recorded beside the view.
+    fn replicating(
+        &self,
+        slot: &Slot,
+        now: Instant,
+        max_lag: Option<Duration>,
+    ) -> Option<Replicating> {
+        let state = &slot.state;
+        let replica = state.up
+            && !state.unconfirmed
+            && match state.role {
+                Role::Replica => true,
+                // etcd: every member serves reads, measured against the raft leader.
+                Role::SharedLeader => state.replication.position.is_some(),
+                Role::Leader | Role::Unknown => false,
+            };
+        if !replica {
+            self.checks.set_lag(&slot.backend.name, None);
+            return None;
+        }
+        let lag = self.trail.lag(&state.replication, now);
+        self.checks.set_lag(&slot.backend.name, Some(lag));
+        Some(Replicating::judge(&lag, max_lag))
+    }
+
     /// Every node answered since fast probing started, none is on its way up or down, and a
     /// leader is known where one is needed.
     fn settled(&self, have_leader: bool) -> bool {
@@ -485,6 +538,15 @@ impl Checker {
         let need_leader = self.config.routing == RoutingMode::Leader
             || self.slots.iter().any(|s| s.state.role.writable());
         !transitioning && (have_leader || !need_leader)
+    }
+}
+
+/// Whether replicas are measured against the positions of the node `probed` describes: the
+/// engine's own leader where it names one (etcd's raft leader), else the writable leader.
+fn reference(probed: &Probed) -> bool {
+    match probed.engine_leader {
+        Some(own) => own,
+        None => probed.role == Role::Leader,
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{Caveat, CheckTimes, HealthView, Role};
 use crate::{
-    config::Config,
+    config::{Config, Engine},
     metrics::{counter, counters, flag, gauge, gauges, histogram, histograms},
 };
 
@@ -109,6 +109,28 @@ impl Collector for HealthCollector {
                 })
             }),
         )?;
+        if let Some(checks) = &self.checks {
+            let lags: Vec<_> = config
+                .backends
+                .iter()
+                .filter_map(|b| Some((b.name.as_str(), checks.get(&b.name).lag?)))
+                .collect();
+            gauges(
+                &mut e,
+                "dbportal_backend_replication_lag_seconds",
+                "How far each replica that is up lags behind the leader, in time (absent for the leader and for replicas whose lag is not known yet).",
+                lags.iter()
+                    .filter_map(|(n, l)| Some(([("backend", *n)], l.time?.as_secs_f64()))),
+            )?;
+            gauges(
+                &mut e,
+                "dbportal_backend_replication_lag_bytes",
+                "How far each replica that is up lags behind the leader's position, in bytes (PostgreSQL WAL, Redis replication offset).",
+                lags.iter()
+                    .filter(|_| matches!(config.engine, Engine::Postgres | Engine::Redis))
+                    .filter_map(|(n, l)| Some(([("backend", *n)], l.behind? as i64))),
+            )?;
+        }
         let stats = &health.stats;
         gauge(
             &mut e,

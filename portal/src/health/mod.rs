@@ -19,6 +19,7 @@
 
 mod checker;
 pub mod credentials;
+pub mod lag;
 mod metrics;
 pub mod probe;
 mod state;
@@ -29,6 +30,7 @@ pub use checker::{
     spawn_checker, CheckStat, CheckTimes, HealthHandle, FAST_INTERVAL, FAST_MODE_LIMIT,
 };
 pub use credentials::{CredentialsSource, ProbeCredentials, StandaloneCredentials, Users};
+pub use lag::{Lag, Replicating, Replication};
 pub use metrics::HealthCollector;
 pub use probe::Probed;
 pub use state::{elect, Election, NodeState};
@@ -113,6 +115,10 @@ pub struct BackendHealth {
     pub engine_leader: Option<bool>,
     /// Up, but not serving everything (from the latest probe).
     pub caveat: Option<Caveat>,
+    /// How the node stands as a replica to read from (see [`Replicating`]): `None` for a
+    /// leader, a node down, or one whose probe reads no replication (tcp, custom `steps`).
+    /// The lag itself, which changes at every probe, is in [`CheckTimes`] beside the view.
+    pub replicating: Option<Replicating>,
     /// When it last came back up after being down (`slowStart` ramps from here); `None`
     /// when it has been up since the portal started.
     pub up_at: Option<std::time::Instant>,
@@ -168,6 +174,7 @@ impl HealthView {
                     last_error: None,
                     engine_leader: None,
                     caveat: None,
+                    replicating: None,
                     up_at: None,
                     changed_at: None,
                 })

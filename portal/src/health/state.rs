@@ -3,7 +3,7 @@
 //!
 //! May import: the rest of `health` only (pure).
 
-use super::{Caveat, Probed, Role};
+use super::{Caveat, Probed, Replication, Role};
 
 /// One backend's health as the probes have seen it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct NodeState {
     pub last_error: Option<String>,
     /// What the latest successful probe noticed beside the role; cleared by a failure.
     pub caveat: Option<Caveat>,
+    /// The replication the latest full answer read (a busy node's is kept).
+    pub replication: Replication,
     /// No probe has answered yet: the node is assumed up, and its first result decides at once
     /// (a node that is down at start-up is not routed to for `fall` intervals, and a healthy
     /// one does not wait `rise` intervals).
@@ -39,6 +41,7 @@ impl Default for NodeState {
             failures: 0,
             last_error: None,
             caveat: None,
+            replication: Replication::default(),
             unconfirmed: true,
         }
     }
@@ -68,6 +71,7 @@ impl NodeState {
         } else {
             self.success(probed.role, rise);
             self.engine_leader = probed.engine_leader;
+            self.replication = probed.replication;
         }
         self.caveat = probed.caveat;
     }

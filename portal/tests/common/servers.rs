@@ -419,6 +419,24 @@ impl Mariadb {
         Mariadb::start_with(user, password, None)
     }
 
+    /// A primary that writes a binary log (`server-id` 1) for replicas to follow.
+    pub fn primary(user: &str, password: &str) -> Mariadb {
+        Mariadb::start_full(user, password, None, &["--log-bin=binlog", "--server-id=1"])
+    }
+
+    /// A read-only replica of `primary` (GTID replication as `primary`'s user), running.
+    pub fn replica_of(primary: &Mariadb, server_id: u32) -> Mariadb {
+        let id = format!("--server-id={server_id}");
+        let db = Mariadb::start_full(&primary.user, &primary.password, None, &[&id]);
+        db.sql(&format!(
+            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='{}', \
+             MASTER_PASSWORD='{}', MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1; \
+             START SLAVE; SET GLOBAL read_only = 1",
+            primary.port, primary.user, primary.password
+        ));
+        db
+    }
+
     /// A server with TLS (`ssl_cert`, `ssl_key`, `ssl_ca`) that refuses plaintext clients
     /// (`require_secure_transport = ON`); the helper's own client uses TLS.
     pub fn start_tls(user: &str, password: &str, cert: &Path, key: &Path, ca: &Path) -> Mariadb {
@@ -426,6 +444,15 @@ impl Mariadb {
     }
 
     fn start_with(user: &str, password: &str, tls: Option<(&Path, &Path, &Path)>) -> Mariadb {
+        Mariadb::start_full(user, password, tls, &["--skip-log-bin"])
+    }
+
+    fn start_full(
+        user: &str,
+        password: &str,
+        tls: Option<(&Path, &Path, &Path)>,
+        extra: &[&str],
+    ) -> Mariadb {
         let dir = TempDir::new("mariadb");
         let data = dir.path().join("data");
         // Two tries: on a loaded machine the bootstrap server it runs can fail once.
@@ -463,7 +490,8 @@ impl Mariadb {
             .arg(format!("--socket={}", dir.path().join("sock").display()))
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
             .arg(format!("--init-file={}", init.display()))
-            .args(["--skip-log-bin", "--innodb-buffer-pool-size=16M"]);
+            .args(extra)
+            .arg("--innodb-buffer-pool-size=16M");
         if let Some((cert, key, ca)) = tls {
             cmd.arg(format!("--ssl-cert={}", cert.display()))
                 .arg(format!("--ssl-key={}", key.display()))

@@ -7,6 +7,7 @@ mod common;
 mod backend_tls;
 mod fakes;
 mod real_servers;
+mod replication;
 
 use common::tls as tlsca;
 

@@ -7,7 +7,8 @@
 //! alone does not say, and makes a member unhealthy when it reports errors (alarms such as
 //! `NOSPACE` or `CORRUPT`), has no raft leader, or is a learner (which serves no clients).
 //! Whether the member is etcd's own raft leader is reported beside the role
-//! ([`Probed::engine_leader`]); routing does not use it. An etcd whose gateway does not serve
+//! ([`Probed::engine_leader`]); routing does not use it. Its `raftIndex` is the member's
+//! replication position: replicas' lag is measured against the raft leader's. An etcd whose gateway does not serve
 //! the status (disabled, or older than the `/v3` paths) is judged by `/health` alone.
 //!
 //! May import: `config` and the rest of `health`.
@@ -15,7 +16,10 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{excerpt, Io, ProbeError, Probed};
-use crate::{config::Address, health::Role};
+use crate::{
+    config::Address,
+    health::{Replication, Role},
+};
 
 /// Most bytes read for both answers.
 const MAX_RESPONSE: usize = 64 * 1024;
@@ -215,10 +219,13 @@ fn id(value: Option<&serde_json::Value>) -> Option<String> {
 
 /// Judges the member from its status and `/health` answers.
 fn judge(status: &Response, health: &Response) -> Result<Probed, ProbeError> {
-    let engine_leader = match status.status {
-        200 => Some(judge_status(&status.body)?),
+    let (engine_leader, position) = match status.status {
+        200 => {
+            let (leader, position) = judge_status(&status.body)?;
+            (Some(leader), position)
+        }
         // No gateway, or paths of another etcd version: `/health` alone decides.
-        404 | 405 | 501 => None,
+        404 | 405 | 501 => (None, None),
         code => {
             return Err(ProbeError::Protocol(format!(
                 "member status answered {code}: {}",
@@ -239,12 +246,17 @@ fn judge(status: &Response, health: &Response) -> Result<Probed, ProbeError> {
     }
     Ok(Probed {
         engine_leader,
+        replication: Replication {
+            position,
+            ..Replication::default()
+        },
         ..Role::SharedLeader.into()
     })
 }
 
 /// The member's status: `Ok(whether it is the raft leader)` when it may serve, else why not.
-fn judge_status(body: &str) -> Result<bool, ProbeError> {
+/// Whether the member is the raft leader, and its raft index.
+fn judge_status(body: &str) -> Result<(bool, Option<u64>), ProbeError> {
     let status: serde_json::Value = serde_json::from_str(body).map_err(|e| {
         ProbeError::Protocol(format!(
             "member status is not JSON ({e}): {}",
@@ -286,7 +298,9 @@ fn judge_status(body: &str) -> Result<bool, ProbeError> {
         ));
     }
     let member = id(status.get("header").and_then(|h| h.get("member_id")));
-    Ok(member.as_deref() == Some(leader.as_str()))
+    // The gateway writes 64-bit integers as JSON strings.
+    let index = id(status.get("raftIndex")).and_then(|i| i.parse::<u64>().ok());
+    Ok((member.as_deref() == Some(leader.as_str()), index))
 }
 
 #[cfg(test)]
@@ -332,6 +346,14 @@ mod tests {
         assert_eq!(
             both(&status_ok("43"), &health_ok()).unwrap().engine_leader,
             Some(false)
+        );
+        let indexed = http(
+            "200 OK",
+            "{\"header\":{\"member_id\":\"42\"},\"leader\":\"43\",\"raftIndex\":\"1207\"}",
+        );
+        assert_eq!(
+            both(&indexed, &health_ok()).unwrap().replication.position,
+            Some(1207)
         );
         let err = both(&status_ok("0"), &health_ok()).unwrap_err().to_string();
         assert!(err.contains("no raft leader"), "{err}");

@@ -17,7 +17,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{credentials::CredentialsSource, Caveat, Role};
+use super::{credentials::CredentialsSource, Caveat, Replication, Role};
 use crate::config::{Address, Config, Engine, RoutingMode, Step};
 
 /// Why a probe failed; the text goes to the view's `last_error`, the log and `/status`.
@@ -124,6 +124,8 @@ pub struct Probed {
     pub engine_leader: Option<bool>,
     /// Alive and routable, but not serving everything right now.
     pub caveat: Option<Caveat>,
+    /// The node's replication as the engine states it (position, stated lag, a broken link).
+    pub replication: Replication,
 }
 
 impl From<Role> for Probed {
@@ -132,6 +134,7 @@ impl From<Role> for Probed {
             role,
             engine_leader: None,
             caveat: None,
+            replication: Replication::default(),
         }
     }
 }
@@ -199,15 +202,11 @@ async fn run(
         Engine::Postgres => {
             let creds = credentials()?;
             let stream = connect(address).await?;
-            postgres::probe(stream, address, tls, creds.as_ref())
-                .await
-                .map(Into::into)
+            postgres::probe(stream, address, tls, creds.as_ref()).await
         }
         Engine::Mysql => {
             let creds = credentials()?;
-            mysql::probe(address, tls, creds.as_ref(), deadline)
-                .await
-                .map(Into::into)
+            mysql::probe(address, tls, creds.as_ref(), deadline).await
         }
     }
 }

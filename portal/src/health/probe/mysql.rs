@@ -1,5 +1,9 @@
 //! The MySQL / MariaDB probe: a login and the `read_only` variables; a node with `read_only`
-//! and `super_read_only` (MySQL only; MariaDB has no such variable) off is the leader.
+//! and `super_read_only` (MySQL only; MariaDB has no such variable) off is the leader. On a
+//! read-only node, `SHOW REPLICA STATUS` (`SHOW SLAVE STATUS` where the server is older): both
+//! threads running (`Replica_IO_Running`/`Slave_IO_Running`, `..._SQL_Running`) and
+//! `Seconds_Behind_Source` (`Seconds_Behind_Master`) as the lag; threads stopped, no
+//! replication configured, or a status the probe's user may not read, make it broken.
 //!
 //! May import: `config` and the rest of `health`.
 
@@ -8,10 +12,10 @@ use std::time::Duration;
 use mysql_async::{prelude::Queryable, OptsBuilder, SslOpts};
 use tokio::time::Instant;
 
-use super::{tls::BackendTls, ProbeError};
+use super::{tls::BackendTls, ProbeError, Probed};
 use crate::{
     config::Address,
-    health::{ProbeCredentials, Role},
+    health::{ProbeCredentials, Replication, Role},
 };
 
 /// Time kept back from the probe's deadline to close a connection whose server stopped
@@ -23,7 +27,7 @@ pub(crate) async fn probe(
     tls: Option<&BackendTls>,
     credentials: Option<&ProbeCredentials>,
     deadline: Instant,
-) -> Result<Role, ProbeError> {
+) -> Result<Probed, ProbeError> {
     let mut opts = OptsBuilder::default()
         .ip_or_hostname(address.host.clone())
         .tcp_port(address.port)
@@ -66,23 +70,114 @@ pub(crate) async fn probe(
         .checked_sub(CLOSE_MARGIN)
         .unwrap_or(deadline)
         .max(Instant::now());
-    let rows = tokio::time::timeout_at(
-        query_deadline,
-        conn.query::<(String, String), _>(
-            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'super_read_only')",
-        ),
-    )
-    .await;
+    let answers = tokio::time::timeout_at(query_deadline, queries(&mut conn)).await;
     let _ = tokio::time::timeout(CLOSE_MARGIN / 2, conn.disconnect()).await;
-    let rows = match rows {
-        Ok(rows) => rows.map_err(|e| ProbeError::Protocol(format!("read_only: {e}")))?,
-        Err(_) => {
-            return Err(ProbeError::Protocol(
-                "logged in, but the read_only query was not answered in time".into(),
-            ))
-        }
+    match answers {
+        Ok(answers) => answers,
+        Err(_) => Err(ProbeError::Protocol(
+            "logged in, but the probe's queries were not answered in time".into(),
+        )),
+    }
+}
+
+/// The role, and on a replica its replication status.
+async fn queries(conn: &mut mysql_async::Conn) -> Result<Probed, ProbeError> {
+    let rows = conn
+        .query::<(String, String), _>(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('read_only', 'super_read_only')",
+        )
+        .await
+        .map_err(|e| ProbeError::Protocol(format!("read_only: {e}")))?;
+    let role = judge(&rows)?;
+    if role != Role::Replica {
+        return Ok(role.into());
+    }
+    let status = match conn
+        .query::<mysql_async::Row, _>("SHOW REPLICA STATUS")
+        .await
+    {
+        Ok(rows) => Ok(rows),
+        // Servers before MySQL 8.0.22 / MariaDB 10.5.1.
+        Err(mysql_async::Error::Server(_)) => conn.query("SHOW SLAVE STATUS").await,
+        Err(e) => Err(e),
     };
-    judge(&rows)
+    let replication = match status {
+        Ok(rows) => replication(&rows.iter().map(columns).collect::<Vec<_>>()),
+        Err(mysql_async::Error::Server(_)) => Replication {
+            broken: Some(UNREADABLE),
+            ..Replication::default()
+        },
+        Err(e) => return Err(ProbeError::Protocol(format!("SHOW REPLICA STATUS: {e}"))),
+    };
+    Ok(Probed {
+        replication,
+        ..role.into()
+    })
+}
+
+/// Why a read-only node counts as not replicating.
+const NOT_CONFIGURED: &str = "read-only, but replicates from no source";
+const STOPPED: &str = "a replication thread (IO or SQL) is not running";
+const UNREADABLE: &str =
+    "SHOW REPLICA STATUS refused: the probe's user needs REPLICATION CLIENT (MariaDB: REPLICA MONITOR)";
+
+/// A status row's columns, by name, as text (`None` for NULL).
+fn columns(row: &mysql_async::Row) -> Vec<(String, Option<String>)> {
+    row.columns_ref()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let value = match row.as_ref(i) {
+                Some(mysql_async::Value::Bytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                Some(mysql_async::Value::Int(n)) => Some(n.to_string()),
+                Some(mysql_async::Value::UInt(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            (c.name_str().into_owned(), value)
+        })
+        .collect()
+}
+
+/// The replication of a node from its status rows (one per source).
+fn replication(rows: &[Vec<(String, Option<String>)>]) -> Replication {
+    if rows.is_empty() {
+        return Replication {
+            broken: Some(NOT_CONFIGURED),
+            ..Replication::default()
+        };
+    }
+    let mut lag = std::time::Duration::ZERO;
+    for row in rows {
+        let get = |names: &[&str]| {
+            row.iter()
+                .find(|(n, _)| names.iter().any(|x| n.eq_ignore_ascii_case(x)))
+                .and_then(|(_, v)| v.clone())
+        };
+        let running = |names: &[&str]| get(names).is_some_and(|v| v.eq_ignore_ascii_case("Yes"));
+        if !running(&["Replica_IO_Running", "Slave_IO_Running"])
+            || !running(&["Replica_SQL_Running", "Slave_SQL_Running"])
+        {
+            return Replication {
+                broken: Some(STOPPED),
+                ..Replication::default()
+            };
+        }
+        let seconds = get(&["Seconds_Behind_Source", "Seconds_Behind_Master"])
+            .and_then(|v| v.parse::<u64>().ok());
+        match seconds {
+            Some(s) => lag = lag.max(std::time::Duration::from_secs(s)),
+            None => {
+                return Replication {
+                    broken: Some(STOPPED),
+                    ..Replication::default()
+                }
+            }
+        }
+    }
+    Replication {
+        lag: Some(lag),
+        ..Replication::default()
+    }
 }
 
 fn judge(rows: &[(String, String)]) -> Result<Role, ProbeError> {
@@ -144,5 +239,37 @@ mod tests {
         );
         assert_eq!(judge(&rows(&[("read_only", "ON")])), Ok(Role::Replica));
         assert!(judge(&[]).is_err());
+    }
+
+    fn status(v: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.map(str::to_string)))
+            .collect()
+    }
+
+    #[test]
+    fn judges_replica_status() {
+        let mariadb = status(&[
+            ("Slave_IO_Running", Some("Yes")),
+            ("Slave_SQL_Running", Some("Yes")),
+            ("Seconds_Behind_Master", Some("3")),
+        ]);
+        assert_eq!(
+            replication(&[mariadb]).lag,
+            Some(std::time::Duration::from_secs(3))
+        );
+        let mysql = status(&[
+            ("Replica_IO_Running", Some("Yes")),
+            ("Replica_SQL_Running", Some("No")),
+            ("Seconds_Behind_Source", None),
+        ]);
+        assert_eq!(replication(&[mysql]).broken, Some(STOPPED));
+        assert_eq!(replication(&[]).broken, Some(NOT_CONFIGURED));
+        let connecting = status(&[
+            ("Slave_IO_Running", Some("Connecting")),
+            ("Slave_SQL_Running", Some("Yes")),
+            ("Seconds_Behind_Master", None),
+        ]);
+        assert_eq!(replication(&[connecting]).broken, Some(STOPPED));
     }
 }

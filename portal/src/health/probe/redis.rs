@@ -1,4 +1,7 @@
-//! The Redis probe (also KeyDB and Valkey): AUTH, PING, ROLE (or INFO replication).
+//! The Redis probe (also KeyDB and Valkey): AUTH, PING, ROLE (or INFO replication). Beside
+//! the role, the replication: a master's offset (`master_repl_offset`), a replica's offset and
+//! whether its link to the master is up (ROLE's state `connected`, INFO's
+//! `master_link_status:up`); a replica whose link is down is broken, whatever its offset.
 //!
 //! A hand-written RESP exchange: the probe needs four commands and the replies' first words,
 //! which a full client crate (connection managers, pools, a wide type system) would not make
@@ -10,7 +13,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::{Io, ProbeError, Probed};
 use crate::{
-    health::{Caveat, ProbeCredentials, Role},
+    health::{Caveat, ProbeCredentials, Replication, Role},
     wire::resp::{encode, read_reply, Reply, RespError},
 };
 
@@ -61,14 +64,8 @@ pub(crate) async fn probe(
         },
         other => return Err(unexpected("PING", &other)),
     };
-    let role = match read_reply(&mut reader).await? {
-        Reply::Array(Some(items)) => match items.first() {
-            Some(Reply::Bulk(Some(role))) => role_of(&String::from_utf8_lossy(role)),
-            Some(Reply::Simple(role)) => role_of(role),
-            _ => Err(ProbeError::Protocol(format!(
-                "ROLE answered an array without a role: {items:?}"
-            ))),
-        },
+    let (role, replication) = match read_reply(&mut reader).await? {
+        Reply::Array(Some(items)) => from_role(&items),
         // A script started between PING and ROLE.
         Reply::Error(e) if caveat_of(&e) == Some(Caveat::Busy) => return Ok(Probed::busy()),
         // ROLE unknown (renamed, an old server) or not permitted (ACL): ask INFO instead.
@@ -78,16 +75,7 @@ pub(crate) async fn probe(
             encode(&mut request, &["INFO", "replication"]);
             reader.get_mut().write_all(&request).await?;
             match read_reply(&mut reader).await? {
-                Reply::Bulk(Some(info)) => {
-                    let info = String::from_utf8_lossy(&info);
-                    let role = info
-                        .lines()
-                        .find_map(|l| l.trim().strip_prefix("role:"))
-                        .ok_or_else(|| {
-                            ProbeError::Protocol("INFO replication has no role: line".into())
-                        })?;
-                    role_of(role)
-                }
+                Reply::Bulk(Some(info)) => from_info(&String::from_utf8_lossy(&info)),
                 Reply::Error(e) if caveat_of(&e) == Some(Caveat::Busy) => return Ok(Probed::busy()),
                 Reply::Error(e) => Err(error_reply("INFO replication", e)),
                 other => Err(unexpected("INFO replication", &other)),
@@ -97,8 +85,72 @@ pub(crate) async fn probe(
     }?;
     Ok(Probed {
         caveat,
+        replication,
         ..role.into()
     })
+}
+
+/// Why a replica counts as not replicating.
+const LINK_DOWN: &str = "the link to the master is down";
+
+/// The role and replication from ROLE's answer: `[master, offset, replicas]` or
+/// `[slave, host, port, state, offset]`.
+fn from_role(items: &[Reply]) -> Result<(Role, Replication), ProbeError> {
+    let text = |r: Option<&Reply>| match r {
+        Some(Reply::Bulk(Some(b))) => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(Reply::Simple(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let int = |r: Option<&Reply>| match r {
+        Some(Reply::Integer(n)) => u64::try_from(*n).ok(),
+        other => text(other).and_then(|t| t.parse().ok()),
+    };
+    let Some(name) = text(items.first()) else {
+        return Err(ProbeError::Protocol(format!(
+            "ROLE answered an array without a role: {items:?}"
+        )));
+    };
+    let role = role_of(&name)?;
+    let replication = match role {
+        Role::Leader => Replication {
+            position: int(items.get(1)),
+            ..Replication::default()
+        },
+        Role::Replica => Replication {
+            position: int(items.get(4)),
+            lag: None,
+            broken: (text(items.get(3)).as_deref() != Some("connected")).then_some(LINK_DOWN),
+        },
+        _ => Replication::default(),
+    };
+    Ok((role, replication))
+}
+
+/// The role and replication from `INFO replication`.
+fn from_info(info: &str) -> Result<(Role, Replication), ProbeError> {
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let role = role_of(
+        field("role")
+            .ok_or_else(|| ProbeError::Protocol("INFO replication has no role: line".into()))?,
+    )?;
+    let number = |key: &str| field(key).and_then(|v| v.parse::<u64>().ok());
+    let replication = match role {
+        Role::Leader => Replication {
+            position: number("master_repl_offset"),
+            ..Replication::default()
+        },
+        Role::Replica => Replication {
+            position: number("slave_repl_offset"),
+            lag: None,
+            broken: (field("master_link_status") != Some("up")).then_some(LINK_DOWN),
+        },
+        _ => Replication::default(),
+    };
+    Ok((role, replication))
 }
 
 /// The error replies that mean "alive, with a caveat" rather than "down". Each reply the probe
@@ -178,5 +230,54 @@ mod tests {
             error_reply("PING", "NOAUTH Authentication required.".into()),
             ProbeError::Auth(_)
         ));
+    }
+
+    fn bulk(s: &str) -> Reply {
+        Reply::Bulk(Some(s.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn reads_replication_from_role_and_info() {
+        let master = [
+            bulk("master"),
+            Reply::Integer(3129),
+            Reply::Array(Some(vec![])),
+        ];
+        let (role, r) = from_role(&master).unwrap();
+        assert_eq!(
+            (role, r.position, r.broken),
+            (Role::Leader, Some(3129), None)
+        );
+        let replica = |state: &str| {
+            [
+                bulk("slave"),
+                bulk("127.0.0.1"),
+                Reply::Integer(6380),
+                bulk(state),
+                Reply::Integer(3100),
+            ]
+        };
+        let (role, r) = from_role(&replica("connected")).unwrap();
+        assert_eq!(
+            (role, r.position, r.broken),
+            (Role::Replica, Some(3100), None)
+        );
+        assert_eq!(
+            from_role(&replica("connecting")).unwrap().1.broken,
+            Some(LINK_DOWN)
+        );
+
+        let info =
+            "# Replication\r\nrole:slave\r\nmaster_link_status:up\r\nslave_repl_offset:42\r\n";
+        let (role, r) = from_info(info).unwrap();
+        assert_eq!(
+            (role, r.position, r.broken),
+            (Role::Replica, Some(42), None)
+        );
+        let info = "role:slave\r\nmaster_link_status:down\r\nslave_repl_offset:42\r\n";
+        assert_eq!(from_info(info).unwrap().1.broken, Some(LINK_DOWN));
+        let info = "role:master\r\nmaster_repl_offset:99\r\n";
+        assert_eq!(from_info(info).unwrap().1.position, Some(99));
+        assert!(from_info("connected_slaves:0").is_err());
     }
 }
