@@ -41,6 +41,10 @@ pub struct Report {
     pub backends: Vec<BackendReport>,
     /// The ConfigMap holds a configuration that was refused; an older one is served.
     pub config_stale: bool,
+    /// With `readOnly`: the backends serving the read-only listener now (the replicas within
+    /// `maxLag`, or the leader as the fallback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reads: Option<Vec<String>>,
 }
 
 /// One backend as a portal sees it.
@@ -90,6 +94,10 @@ impl Report {
                 })
                 .collect(),
             config_stale: reload.stale,
+            reads: config
+                .read_only
+                .as_ref()
+                .map(|_| route::serving_reads(config, health)),
         }
     }
 }

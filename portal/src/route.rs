@@ -9,6 +9,10 @@
 //!   the plain hash of `source`; unequal ones spread sessions by a low-discrepancy sequence
 //!   (round robin) or a weighted hash (source), and `leastconn` compares sessions per weight.
 //!
+//! The read-only listener routes by a view of its own ([`read_only_view`]): only the replicas
+//! that qualify for reads are up in it, or the leader alone when none does and
+//! `readOnly.fallbackToLeader` allows.
+//!
 //! May import: `allow`, `config`, `control`, `health`. Pure: no I/O.
 
 use std::{net::IpAddr, time::Instant};
@@ -16,7 +20,7 @@ use std::{net::IpAddr, time::Instant};
 use crate::{
     config::{BackendState, Config, RoutingMode},
     control::Overrides,
-    health::HealthView,
+    health::{HealthView, Replicating},
 };
 
 /// One unit of configured weight, in the units [`weights`] returns.
@@ -37,6 +41,52 @@ fn available(
 ) -> bool {
     let b = &config.backends[i];
     is_up(health, &b.name) && overrides.is_none_or(|o| o.state(b) == BackendState::Ready)
+}
+
+/// Whether the backend named `name` may take reads: up, a replica replicating within
+/// `readOnly.maxLag`, and not the leader (etcd: every healthy member replicates, the one the
+/// main listener leads with excepted).
+pub fn qualifies_for_reads(health: &HealthView, name: &str) -> bool {
+    health.leader_name() != Some(name)
+        && health
+            .get(name)
+            .is_some_and(|b| b.up && b.replicating == Some(Replicating::Within))
+}
+
+/// The health view the read-only listener routes by: the replicas that qualify for reads are
+/// up, every other node down; when none qualifies and `readOnly.fallbackToLeader` is on, the
+/// leader alone is up. The leader stays named, so that a session on a replica just promoted
+/// can be told from one on the leader taken as the fallback.
+pub fn read_only_view(config: &Config, health: &HealthView) -> HealthView {
+    let fallback = config
+        .read_only
+        .as_ref()
+        .is_some_and(|r| r.fallback_to_leader);
+    let mut view = health.clone();
+    let serving: Vec<bool> = view
+        .backends
+        .iter()
+        .map(|b| qualifies_for_reads(health, &b.name))
+        .collect();
+    let none = !serving.contains(&true);
+    let leader = health.leader_name().map(str::to_string);
+    for (b, serves) in view.backends.iter_mut().zip(serving) {
+        let is_leader = leader.as_deref() == Some(b.name.as_str());
+        b.up = serves || (none && fallback && is_leader && b.up);
+    }
+    view
+}
+
+/// The names of the backends serving the read-only listener now (the replicas that qualify,
+/// or the leader as the fallback), in list order.
+pub fn serving_reads(config: &Config, health: &HealthView) -> Vec<String> {
+    let view = read_only_view(config, health);
+    config
+        .backends
+        .iter()
+        .filter(|b| view.get(&b.name).is_some_and(|h| h.up))
+        .map(|b| b.name.clone())
+        .collect()
 }
 
 /// Indexes (into `config.backends`) of the backends that may take a new session, in list
@@ -514,5 +564,78 @@ mod tests {
             weights(&c, &v, &control.current(), done)[1],
             9 * WEIGHT_UNIT
         );
+    }
+
+    fn reads(fallback: bool) -> Config {
+        crate::config::parse_yaml(&format!(
+            "engine: postgres\ntls: {{mode: disabled}}\nreadOnly: {{fallbackToLeader: {fallback}}}\nbackends:\n  - {{name: b0, address: \"127.0.0.1:7000\"}}\n  - {{name: b1, address: \"127.0.0.1:7001\"}}\n  - {{name: b2, address: \"127.0.0.1:7002\"}}\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap()
+        .for_reads()
+        .unwrap()
+    }
+
+    #[test]
+    fn reads_go_to_qualifying_replicas_only() {
+        let c = reads(true);
+        let mut v = view(&[true, true, true], Some(0));
+        v.backends[1].replicating = Some(Replicating::Within);
+        v.backends[2].replicating = Some(Replicating::Lagging);
+        assert_eq!(serving_reads(&c, &v), ["b1"]);
+        let ro = read_only_view(&c, &v);
+        assert_eq!(ro.leader_name(), Some("b0"), "the leader stays named");
+        assert_eq!(eligible(&c, &ro, &none_set()), [1]);
+
+        v.backends[2].replicating = Some(Replicating::Within);
+        assert_eq!(serving_reads(&c, &v), ["b1", "b2"]);
+        v.backends[2].up = false;
+        assert_eq!(
+            serving_reads(&c, &v),
+            ["b1"],
+            "a replica down serves nothing"
+        );
+        v.backends[1].replicating = Some(Replicating::Broken("link down"));
+        assert_eq!(serving_reads(&c, &v), ["b0"], "none qualifies: the leader");
+        assert!(
+            serving_reads(&reads(false), &v).is_empty(),
+            "no fallback: nobody"
+        );
+        v.leader = None;
+        assert!(
+            serving_reads(&c, &v).is_empty(),
+            "no leader to fall back to"
+        );
+    }
+
+    #[test]
+    fn a_promoted_replica_leaves_the_read_set() {
+        let c = reads(false);
+        let mut v = view(&[true, true, true], Some(0));
+        for b in &mut v.backends[1..] {
+            b.replicating = Some(Replicating::Within);
+        }
+        assert_eq!(serving_reads(&c, &v), ["b1", "b2"]);
+        // b1 promoted: it leads, and measures no lag of its own.
+        v.leader = Some(1);
+        v.backends[0].up = false;
+        assert_eq!(serving_reads(&c, &v), ["b2"]);
+        // etcd-like: the leader keeps a standing of its own but still takes no reads here.
+        assert!(!qualifies_for_reads(&v, "b1"));
+    }
+
+    #[test]
+    fn reads_honour_weights_and_administrative_state() {
+        let c = reads(true);
+        let mut v = view(&[true, true, true], Some(0));
+        for b in &mut v.backends[1..] {
+            b.replicating = Some(Replicating::Within);
+        }
+        let ro = read_only_view(&c, &v);
+        let control = crate::control::Control::default();
+        control.set_state("b1", Some(BackendState::Drain));
+        assert_eq!(eligible(&c, &ro, &control.current()), [2]);
+        assert_eq!(c.routing, RoutingMode::Roundrobin);
     }
 }

@@ -84,7 +84,21 @@ pub async fn run_with_tls(
         tls,
         mux: Arc::default(),
         pg: Arc::default(),
+        reads: None,
     };
+    let mut shared = shared;
+    let current = shared.config.borrow().clone();
+    let reads = match read_only_listener(&current).await {
+        Some(listener) => {
+            let reads = session::reads::for_reads(&shared);
+            shared.reads = Some(Box::new(reads.clone()));
+            Some((listener, reads))
+        }
+        None => None,
+    };
+    let reads_control = reads
+        .as_ref()
+        .map(|(_, reads)| tokio::spawn(session::control_sessions(reads.clone())));
     let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), admin_stopped));
     let generations = tokio::spawn(count_generations(shared.config.clone(), state.clone()));
     let control = tokio::spawn(session::control_sessions(shared.clone()));
@@ -96,8 +110,24 @@ pub async fn run_with_tls(
         }
     };
 
-    accept_loop(&listener, &shared, shards.as_ref(), shutdown).await;
+    match &reads {
+        None => accept_loop(&listener, &shared, shards.as_ref(), shutdown).await,
+        Some((reads_listener, reads)) => {
+            let (stop_tx, mut stop_rx) = watch::channel(false);
+            tokio::join!(
+                async {
+                    accept_loop(&listener, &shared, shards.as_ref(), shutdown).await;
+                    let _ = stop_tx.send(true);
+                },
+                accept_loop(reads_listener, reads, shards.as_ref(), async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                }),
+            );
+        }
+    }
     drop(listener);
+    let reads_listener = reads.map(|(l, _)| l);
+    drop(reads_listener);
 
     state.start_draining();
     let grace = shared.config.borrow().drain_timeout;
@@ -118,8 +148,27 @@ pub async fn run_with_tls(
     let _ = admin_task.await;
     generations.abort();
     control.abort();
+    if let Some(c) = reads_control {
+        c.abort();
+    }
     tls_task.abort();
     drop(shards);
+}
+
+/// The read-only listener (`readOnly`), bound at start: a later change of its port or address
+/// takes a restart. A port that cannot be bound is logged, and the portal serves without it.
+async fn read_only_listener(config: &Config) -> Option<TcpListener> {
+    let ro = config.read_only.as_ref()?;
+    match TcpListener::bind(ro.listen).await {
+        Ok(listener) => {
+            info!(listen = %ro.listen, routing = ro.routing.as_str(), max_lag = ?ro.max_lag, "read-only listener");
+            Some(listener)
+        }
+        Err(e) => {
+            tracing::error!(listen = %ro.listen, error = %e, "the read-only listener (readOnly) cannot listen; serving without it");
+            None
+        }
+    }
 }
 
 /// The data plane's threads: each runs a single-threaded runtime of its own (its own epoll

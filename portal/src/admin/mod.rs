@@ -444,6 +444,29 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "tls": shared.tls.status_json(),
         "multiplex": config.plane.multiplex().map(|_| crate::session::multiplex::status(&shared.mux)),
         "pooling": config.plane.pg_pool().map(|_| crate::session::pool::status(&shared.pg)),
+        "readOnly": read_only_status(shared, &config, &health),
+    })
+}
+
+/// The read-only listener in `/status`: its settings, the backends serving reads now, and its
+/// pools; `null` without one.
+fn read_only_status(
+    shared: &Shared,
+    config: &crate::config::Config,
+    health: &crate::health::HealthView,
+) -> serde_json::Value {
+    let (Some(ro), Some(reads)) = (&config.read_only, &shared.reads) else {
+        return serde_json::Value::Null;
+    };
+    json!({
+        "listen": ro.listen.to_string(),
+        "routing": ro.routing.as_str(),
+        "maxLagSeconds": ro.max_lag.as_secs_f64(),
+        "fallbackToLeader": ro.fallback_to_leader,
+        "serving": route::serving_reads(config, health),
+        "sessions": reads.sessions.len(),
+        "multiplex": config.plane.multiplex().map(|_| crate::session::multiplex::status(&reads.mux)),
+        "pooling": config.plane.pg_pool().map(|_| crate::session::pool::status(&reads.pg)),
     })
 }
 

@@ -102,6 +102,18 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Answer> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
 }
 
+/// Closes the sessions `decide` picks on both listeners, the main one and the read-only one.
+fn close_where(
+    shared: &Shared,
+    decide: impl Fn(crate::session::Seen<'_>) -> Option<CloseReason>,
+) -> usize {
+    let reads = shared
+        .reads
+        .as_ref()
+        .map_or(0, |r| r.sessions.close_where(&decide));
+    shared.sessions.close_where(&decide) + reads
+}
+
 /// Runs one verb (the token already checked).
 pub fn run(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Answer {
     match run_inner(shared, method, path, body) {
@@ -116,7 +128,7 @@ fn run_inner(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
         let closed = match (b.backend, b.client) {
             (Some(backend), None) => {
                 known(shared, &backend)?;
-                let n = shared.sessions.close_where(|seen| {
+                let n = close_where(shared, |seen| {
                     (seen.backend == Some(backend.as_str())).then_some(CloseReason::Admin)
                 });
                 info!(backend = %backend, closed = n, "admin: sessions of the backend closed");
@@ -130,7 +142,7 @@ fn run_inner(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
                     )
                 })?;
                 let ip = allow::canonical(ip);
-                let n = shared.sessions.close_where(|seen| {
+                let n = close_where(shared, |seen| {
                     (allow::canonical(seen.client) == ip).then_some(CloseReason::Admin)
                 });
                 info!(client = %ip, closed = n, "admin: sessions of the client closed");
@@ -164,9 +176,9 @@ fn run_inner(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Resul
             }
             control.set_state(name, Some(b.state));
             let cut = if b.cut_sessions {
-                shared
-                    .sessions
-                    .close_where(|seen| (seen.backend == Some(name)).then_some(CloseReason::Admin))
+                close_where(shared, |seen| {
+                    (seen.backend == Some(name)).then_some(CloseReason::Admin)
+                })
             } else {
                 0
             };

@@ -4,7 +4,8 @@
 //! `crate::config::X` names each of them.
 //!
 //! - the spec: `spec` (the resource and most sections) with `spec_tls`, `spec_pods`,
-//!   `pooling`, `spec_portal` (portal-only keys) and `spec_status`; `engine` (the engine and
+//!   `pooling`, `spec_portal` (portal-only keys), `spec_read_only` (the read-only listener)
+//!   and `spec_status`; `engine` (the engine and
 //!   the routing modes);
 //! - the values they are written in: `duration`, `address`, [`ByteSize`] (in `pooling`);
 //! - `validate` into `resolved` (the [`Config`]); `error`: why a configuration was refused;
@@ -24,6 +25,7 @@ mod resolved;
 mod spec;
 mod spec_pods;
 mod spec_portal;
+mod spec_read_only;
 mod spec_status;
 mod spec_tls;
 mod text;
@@ -42,6 +44,7 @@ pub use resolved::*;
 pub use spec::*;
 pub use spec_pods::*;
 pub use spec_portal::*;
+pub use spec_read_only::*;
 pub use spec_status::*;
 pub use spec_tls::*;
 pub use text::*;

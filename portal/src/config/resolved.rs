@@ -13,6 +13,7 @@ use super::engine::{Engine, RoutingMode};
 use super::pooling::{Multiplex, PgPool};
 use super::spec::{BackendState, DatabasePortalSpec, ProxyProtocol};
 use super::spec_portal::Credentials;
+use super::spec_read_only::ReadOnlyValues;
 use super::spec_tls::Tls;
 
 /// The most `peers` a configuration may list: a cancel key gives its portal's place in 8 bits.
@@ -61,8 +62,28 @@ pub struct Config {
     pub peers: Vec<(String, Address)>,
     /// This portal's name among the peers (`name`; in a cluster, the Pod's).
     pub name: Option<String>,
+    /// The read-only listener (`readOnly`, when enabled).
+    pub read_only: Option<ReadOnlyValues>,
+    /// This configuration is the read-only listener's (see [`Config::for_reads`]): its
+    /// `routing` and `listen` are `readOnly`'s, and its sessions go to replicas.
+    pub serves_reads: bool,
     /// The spec this was validated from, for reports and for the operator.
     pub spec: DatabasePortalSpec,
+}
+
+impl Config {
+    /// The configuration the read-only listener serves by: this one with `readOnly`'s routing
+    /// and listen address; `None` without a read-only listener.
+    pub fn for_reads(&self) -> Option<Config> {
+        let ro = self.read_only.as_ref()?;
+        Some(Config {
+            routing: ro.routing,
+            listen: ro.listen,
+            port: ro.port,
+            serves_reads: true,
+            ..self.clone()
+        })
+    }
 }
 
 /// The data plane that serves every client of a portal, from `pooling.mode`.

@@ -16,6 +16,7 @@ use super::engine::{Engine, RoutingMode};
 use super::pooling::Pooling;
 use super::spec_pods::PortalPods;
 use super::spec_portal::{AdminLimits, Credentials, Peer};
+use super::spec_read_only::ReadOnly;
 use super::spec_status::DatabasePortalStatus;
 use super::spec_tls::Tls;
 
@@ -101,6 +102,12 @@ pub struct DatabasePortalSpec {
     /// PROXY protocol on the client side (from a load balancer) and towards the backends.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+
+    /// A second, read-only connection string: a listener on another port, with the same TLS,
+    /// allow-list, limits, timeouts, PROXY protocol and pooling, that routes to the replicas
+    /// within a lag bound (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<ReadOnly>,
 
     /// Standalone portal only: listen address (default `0.0.0.0:<port>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -320,3 +320,67 @@ fn backend_operations_fields_are_checked_and_defaulted() {
     .unwrap_err();
     assert_eq!(err.fields(), ["adminTokenForReads"]);
 }
+
+#[test]
+fn read_only_defaults_and_errors_name_the_field() {
+    let c = parse_yaml(&format!("{MINIMAL}readOnly: {{}}\n"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    let ro = c.read_only.clone().expect("on when the block is present");
+    assert_eq!(ro.port, 6380, "port + 1");
+    assert_eq!(ro.listen, "0.0.0.0:6380".parse().unwrap());
+    assert_eq!(ro.routing, RoutingMode::Roundrobin);
+    assert_eq!(ro.max_lag, std::time::Duration::from_secs(10));
+    assert!(ro.fallback_to_leader);
+    let reads = c.for_reads().unwrap();
+    assert!(reads.serves_reads && !c.serves_reads);
+    assert_eq!((reads.routing, reads.port), (RoutingMode::Roundrobin, 6380));
+
+    let off = parse_yaml(&format!("{MINIMAL}readOnly: {{enabled: false}}\n"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert!(off.read_only.is_none() && off.for_reads().is_none());
+    let lc = parse_yaml(&format!(
+        "{MINIMAL}readOnly: {{routing: leastconn, maxLag: 500ms, port: 7000, fallbackToLeader: false}}\n"
+    ))
+    .unwrap()
+    .validate()
+    .unwrap()
+    .read_only
+    .unwrap();
+    assert_eq!(lc.routing, RoutingMode::Leastconn);
+    assert_eq!(lc.max_lag, std::time::Duration::from_millis(500));
+    assert_eq!(lc.port, 7000);
+    assert!(!lc.fallback_to_leader);
+
+    let refused = |extra: &str| {
+        parse_yaml(&format!("{MINIMAL}{extra}"))
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate().map_err(|e| e.to_string()))
+            .unwrap_err()
+    };
+    let e = refused("readOnly: {port: 6379}\n");
+    assert!(
+        e.contains("readOnly.port") && e.contains("main listener"),
+        "{e}"
+    );
+    let e = refused("port: 65535\nreadOnly: {}\n");
+    assert!(
+        e.contains("readOnly.port") && e.contains("past 65535"),
+        "{e}"
+    );
+    let e = refused("readOnly: {routing: leader}\n");
+    assert!(
+        e.contains("readOnly.routing") || e.contains("routing"),
+        "{e}"
+    );
+    let e = refused("readOnly: {listen: nowhere}\n");
+    assert!(e.contains("readOnly.listen"), "{e}");
+    let e = refused("readOnly: {maxLag: soon}\n");
+    assert!(e.contains("readOnly.maxLag") || e.contains("maxLag"), "{e}");
+    let tcp = "engine: tcp\nport: 9000\ntls: {mode: disabled}\nbackends:\n  - {name: a, address: \"127.0.0.1:1\"}\nreadOnly: {}\n";
+    let e = parse_yaml(tcp).unwrap().validate().unwrap_err().to_string();
+    assert!(e.contains("readOnly") && e.contains("replicas"), "{e}");
+}

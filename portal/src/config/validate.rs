@@ -16,6 +16,7 @@ use super::resolved::{
     ADMIN_HEADER_BYTES, MAX_PEERS,
 };
 use super::spec::DatabasePortalSpec;
+use super::spec_read_only::ReadOnlyValues;
 use super::spec_tls::TlsMode;
 use super::text::{check_dns_label, check_dns_name, parse_cidr, unescape};
 
@@ -284,6 +285,59 @@ impl DatabasePortalSpec {
             }),
         };
 
+        let read_only = self.read_only.as_ref().filter(|r| r.enabled).map(|ro| {
+            if self.engine == Engine::Tcp {
+                err(
+                    "readOnly",
+                    "needs an engine whose probe reports replicas (redis, postgres, mysql, etcd)"
+                        .into(),
+                );
+            }
+            let ro_port = match ro.port {
+                Some(0) => {
+                    err("readOnly.port", "must be between 1 and 65535".into());
+                    0
+                }
+                Some(p) => p,
+                None => port.checked_add(1).unwrap_or_else(|| {
+                    err(
+                        "readOnly.port",
+                        "the default is port + 1, past 65535 here: set it".into(),
+                    );
+                    0
+                }),
+            };
+            if ro_port == port && port != 0 {
+                err(
+                    "readOnly.port",
+                    format!("{ro_port} is the main listener's port too: choose another"),
+                );
+            }
+            let ro_listen = match &ro.listen {
+                None => SocketAddr::from(([0, 0, 0, 0], ro_port)),
+                Some(text) => text.parse().unwrap_or_else(|e| {
+                    err(
+                        "readOnly.listen",
+                        format!("invalid socket address {text:?}: {e}"),
+                    );
+                    SocketAddr::from(([0, 0, 0, 0], 0))
+                }),
+            };
+            if ro_listen == listen && ro_listen.port() != 0 {
+                err(
+                    "readOnly.listen",
+                    format!("{ro_listen} is the main listener's address too"),
+                );
+            }
+            ReadOnlyValues {
+                port: ro_port,
+                listen: ro_listen,
+                routing: ro.routing.mode(),
+                max_lag: ro.max_lag.get(),
+                fallback_to_leader: ro.fallback_to_leader,
+            }
+        });
+
         if let Some(pooling) = &self.pooling {
             pooling.check(self.engine, &mut err);
             if matches!(
@@ -363,6 +417,8 @@ impl DatabasePortalSpec {
             },
             peers,
             name: self.name.clone().filter(|n| !n.is_empty()),
+            read_only,
+            serves_reads: false,
             spec: self.clone(),
         })
     }

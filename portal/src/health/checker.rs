@@ -498,7 +498,7 @@ impl Checker {
 
     /// `readOnly.maxLag`: the bound a replica's lag must keep to serve reads.
     fn max_lag(&self) -> Option<Duration> {
-        None
+        self.config.read_only.as_ref().map(|r| r.max_lag)
     }
 
     /// How `slot` stands as a replica to read from, its lag recorded beside the view.

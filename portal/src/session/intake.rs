@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::{net::TcpStream, time::timeout};
 use tracing::{debug, warn};
 
-use super::{forward::proxy, multiplex, pool, Admitted, Peer, SessionPermits, Shared};
+use super::{forward::proxy, multiplex, pool, reads, Admitted, Peer, SessionPermits, Shared};
 use crate::{
     admission::{admit, ConnectionPermit, NegotiationPermit},
     config::{Config, DataPlane},
@@ -123,6 +123,9 @@ async fn negotiate(admitted: Admitted<TcpStream>, shared: Shared) {
         warn!("closed: tls.mode is terminate but no certificate is available");
         return;
     };
+    if let Some(why) = reads::refusal(&admitted.config, &shared) {
+        return Box::pin(refused(admitted, terminator, shared, why)).await;
+    }
     match &admitted.config.plane {
         DataPlane::Multiplex(_) => Box::pin(multiplexed(admitted, terminator, shared)).await,
         DataPlane::Pool(_) => Box::pin(pooled(admitted, terminator, shared)).await,
@@ -232,6 +235,54 @@ async fn pooled_negotiation(
     {
         Ok(r) => r.map_err(Some),
         Err(_) => Err(None),
+    }
+}
+
+/// A client of the read-only listener that nothing may serve now: told so in its engine's
+/// words, after the TLS that comes first in its engine (PostgreSQL's SSLRequest, TLS for Redis
+/// and etcd; MySQL's error comes before any TLS). Behind `tls.mode: passthrough` the client's
+/// TLS is the backend's, so a Redis or etcd client is closed without a word.
+async fn refused(
+    mut admitted: Admitted<TcpStream>,
+    terminator: Arc<crate::tls::Terminator>,
+    shared: Shared,
+    why: &'static str,
+) {
+    let config = admitted.config.clone();
+    let deadline = config.timeouts.handshake;
+    debug!(reason = why, "read-only client refused");
+    shared.state.metrics.reject(Rejection::NoBackend);
+    let early = std::mem::take(&mut admitted.early);
+    let (tcp, _admitted) = admitted.take_stream();
+    let engine = config.engine;
+    match engine {
+        crate::config::Engine::Mysql => reads::answer(engine, tcp, why, deadline).await,
+        crate::config::Engine::Postgres => {
+            let negotiated = timeout(
+                deadline,
+                Box::pin(pooled_negotiation(tcp, &terminator, early, &config)),
+            )
+            .await;
+            if let Ok(Ok(client)) = negotiated {
+                reads::answer(engine, client, why, deadline).await
+            }
+        }
+        _ => match terminator.mode() {
+            crate::config::TlsMode::Terminate => {
+                let accepted =
+                    timeout(deadline, terminator.accept_with(Tcp::new(tcp), early)).await;
+                if let Ok(Ok(accepted)) = accepted {
+                    if let Ok(client) = accepted.into_stream() {
+                        reads::answer(engine, client, why, deadline).await
+                    }
+                }
+            }
+            crate::config::TlsMode::Disabled => {
+                let client = Rewind::with_prefix(Tcp::new(tcp), early);
+                reads::answer(engine, client, why, deadline).await
+            }
+            crate::config::TlsMode::Passthrough => {}
+        },
     }
 }
 

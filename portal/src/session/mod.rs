@@ -7,7 +7,8 @@
 //! - [`dial`]: choosing and connecting a backend;
 //! - [`multiplex`]: Redis multiplexing (`pooling.mode: multiplex`), in place of the forward;
 //! - [`pool`]: PostgreSQL session and transaction pooling (`pooling.mode: session |
-//!   transaction`), in place of the forward.
+//!   transaction`), in place of the forward;
+//! - [`reads`]: the read-only listener's channels and its refusal in the engine's words.
 //!
 //! May import: `admission`, `allow`, `config`, `health`, `metrics`, `proxy_protocol`,
 //! `route`, `splice`, `tls`, `wire` (multiplexing). Never `server` or `admin`.
@@ -18,6 +19,7 @@ pub(crate) mod hub;
 mod intake;
 pub mod multiplex;
 pub mod pool;
+pub mod reads;
 mod registry;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 pub use forward::proxy;
 pub use intake::{serve, serve_proxied};
 pub use registry::{
-    backend_keeps_sessions, control_sessions, keep_session, Close, Registration, Sessions,
+    backend_keeps_sessions, control_sessions, keep_session, Close, Registration, Seen, Sessions,
 };
 
 use crate::{
@@ -119,6 +121,9 @@ pub struct Shared {
     pub mux: Arc<multiplex::Hub>,
     /// PostgreSQL pooling: the pools and their counters.
     pub pg: Arc<pool::PgHub>,
+    /// The read-only listener's sessions (`readOnly`), beside the main listener's: the admin
+    /// endpoint closes and reports them too. `None` on the read-only listener itself.
+    pub reads: Option<Box<Shared>>,
 }
 
 #[cfg(test)]
@@ -149,6 +154,7 @@ pub(crate) mod testing {
             tls: crate::tls::TlsRuntime::new_or_closed(&config),
             mux: Arc::default(),
             pg: Arc::default(),
+            reads: None,
         };
         let drivers = Drivers {
             config_tx,

@@ -45,7 +45,16 @@ pub fn keep_session(
 /// `leader` routing with `closeSessionsOnLeaderChange`, a node that is no longer the leader
 /// (demoted, or one of several claiming to lead) loses its sessions at once, so no client
 /// keeps writing to it.
+///
+/// On the read-only listener (whose view has only the nodes serving reads up, and names the
+/// leader), with `closeSessionsOnLeaderChange`, sessions on the leader are cut unless it is up
+/// there as the fallback: a replica just promoted loses its read sessions at once.
 pub fn backend_keeps_sessions(config: &Config, health: &HealthView, backend: &str) -> bool {
+    if config.serves_reads {
+        return !config.close_sessions_on_leader_change
+            || health.leader_name() != Some(backend)
+            || health.is_up(backend);
+    }
     if config.routing != crate::config::RoutingMode::Leader
         || !config.close_sessions_on_leader_change
     {

@@ -1,0 +1,90 @@
+//! Redis: a primary and two replicas.
+
+use super::*;
+
+/// The port of the server `redis-cli` reached through `port` (a new connection each time).
+async fn server_port(port: u16) -> String {
+    let (ok, out, err) = redis_cli(port, &["CONFIG", "GET", "port"]).await;
+    assert!(ok, "redis-cli through {port}: {err}");
+    out.lines().nth(1).unwrap_or("").trim().to_string()
+}
+
+fn ports(servers: &[&Redis]) -> Vec<String> {
+    servers.iter().map(|r| r.port.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reads_go_to_linked_replicas_and_follow_a_promotion() {
+    if skip_without(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let mut primary = Redis::start();
+    let r1 = Redis::replica_of(primary.port);
+    let r2 = Redis::replica_of(primary.port);
+    r1.wait_replicating();
+    r2.wait_replicating();
+    let backends = [
+        ("r0", loopback(primary.port)),
+        ("r1", loopback(r1.port)),
+        ("r2", loopback(r2.port)),
+    ];
+    let portal = ReadPortal::start("redis", &backends, "maxLag: 5s", "").await;
+    portal
+        .wait_serving(&["r1", "r2"], Duration::from_secs(10))
+        .await;
+    let ro = portal.reads.port();
+
+    // Reads spread over both replicas, never the primary; the main listener reaches the primary.
+    let seen = answers(8, || server_port(ro)).await;
+    assert_eq!(seen, set(&ports(&[&r1, &r2])));
+    assert_eq!(
+        server_port(portal.addr.port()).await,
+        primary.port.to_string()
+    );
+
+    // A write through the read-only listener is refused by the replica itself.
+    let (_, out, _) = redis_cli(ro, &["SET", "k", "v"]).await;
+    assert!(out.contains("READONLY"), "{out}");
+
+    // A replica whose link is cut leaves the set; restored, it returns.
+    let dead = free_port().to_string();
+    r2.cli(&["REPLICAOF", "127.0.0.1", &dead]);
+    portal.wait_serving(&["r1"], Duration::from_secs(10)).await;
+    assert_eq!(answers(4, || server_port(ro)).await, set(&ports(&[&r1])));
+    let s = portal.status().await;
+    let r2_status = &s["backends"][2]["replication"];
+    assert_eq!(r2_status["state"], "broken", "{s:#}");
+    r2.cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()]);
+    portal
+        .wait_serving(&["r1", "r2"], Duration::from_secs(15))
+        .await;
+    let m = portal.metrics().await;
+    assert!(
+        metric(&m, "dbportal_backend_replication_lag_bytes{backend=\"r1\"}").is_some(),
+        "{m}"
+    );
+
+    // A promotion: r1 leads, r2 follows it; r1 moves from the read-only listener to the main.
+    primary.kill();
+    r1.cli(&["REPLICAOF", "NO", "ONE"]);
+    r2.cli(&["REPLICAOF", "127.0.0.1", &r1.port.to_string()]);
+    portal.wait_leader("r1").await;
+    portal.wait_serving(&["r2"], Duration::from_secs(15)).await;
+    assert_eq!(server_port(portal.addr.port()).await, r1.port.to_string());
+    assert_eq!(answers(4, || server_port(ro)).await, set(&ports(&[&r2])));
+
+    // No replica qualifies: the leader serves reads (fallbackToLeader defaults to true)...
+    r2.cli(&["REPLICAOF", "127.0.0.1", &dead]);
+    portal.wait_serving(&["r1"], Duration::from_secs(10)).await;
+    assert_eq!(answers(2, || server_port(ro)).await, set(&ports(&[&r1])));
+
+    // ...and without the fallback, a client is told so in Redis' words.
+    let strict = ReadPortal::start("redis", &backends, "fallbackToLeader: false", "").await;
+    strict.wait_leader("r1").await;
+    strict.wait_serving(&[], Duration::from_secs(10)).await;
+    let (_, out, err) = redis_cli(strict.reads.port(), &["GET", "k"]).await;
+    assert!(
+        out.contains("LOADING") && out.contains("readOnly.maxLag"),
+        "{out} {err}"
+    );
+}
