@@ -48,7 +48,8 @@ pub fn keep_session(
 ///
 /// On the read-only listener (whose view has only the nodes serving reads up, and names the
 /// leader), with `closeSessionsOnLeaderChange`, sessions on the leader are cut unless it is up
-/// there as the fallback: a replica just promoted loses its read sessions at once.
+/// there as the fallback; [`keep_seen`] also cuts those opened before it led, so a replica
+/// just promoted loses its read sessions at once even when it becomes the fallback.
 pub fn backend_keeps_sessions(config: &Config, health: &HealthView, backend: &str) -> bool {
     if config.serves_reads {
         return !config.close_sessions_on_leader_change
@@ -83,6 +84,8 @@ struct Entry {
     /// A forwarded session's backend, for its whole life; `None` for a pooled or multiplexed
     /// client, whose backend of the moment is in its [`Close`].
     bound: Option<String>,
+    /// See [`Seen::opened_on_leader`].
+    opened_on_leader: bool,
     close: Arc<Close>,
 }
 
@@ -94,13 +97,26 @@ pub struct Seen<'a> {
     pub backend: Option<&'a str>,
     /// Whether the session belongs to that backend (a forwarded one): a leader change cuts it.
     pub bound: bool,
+    /// A read-only listener's session bound to the node that led when it opened (the leader
+    /// taken as the fallback), rather than to a replica.
+    pub opened_on_leader: bool,
 }
 
 /// Whether an open client of any plane may go on: the allow-list for every one, the backend's
 /// state for a session bound to it.
 pub fn keep_seen(config: &Config, health: &HealthView, seen: Seen<'_>) -> Result<(), CloseReason> {
     match (seen.bound, seen.backend) {
-        (true, Some(backend)) => keep_session(config, health, seen.client, backend),
+        (true, Some(backend)) => {
+            keep_session(config, health, seen.client, backend)?;
+            let promoted = config.serves_reads
+                && config.close_sessions_on_leader_change
+                && !seen.opened_on_leader
+                && health.leader_name() == Some(backend);
+            if promoted {
+                return Err(CloseReason::Backend);
+            }
+            Ok(())
+        }
         _ if !allow::is_allowed(&config.allowed_cidrs, seen.client) => Err(CloseReason::Policy),
         _ => Ok(()),
     }
@@ -197,15 +213,21 @@ impl Sessions {
         if *shared.kill.borrow() {
             return Err(CloseReason::Shutdown);
         }
+        let config = shared.config.borrow();
+        let health = shared.health.borrow();
         let seen = Seen {
             client,
             backend: bound.as_deref(),
             bound: bound.is_some(),
+            opened_on_leader: config.serves_reads
+                && bound.is_some()
+                && health.leader_name() == bound.as_deref(),
         };
-        keep_seen(&shared.config.borrow(), &shared.health.borrow(), seen)?;
+        keep_seen(&config, &health, seen)?;
         let close = Arc::new(Close::default());
         let entry = Some(Entry {
             client,
+            opened_on_leader: seen.opened_on_leader,
             bound,
             close: close.clone(),
         });
@@ -249,6 +271,7 @@ impl Sessions {
                 client: e.client,
                 backend: e.bound.as_deref().or(on.as_deref()),
                 bound: e.bound.is_some(),
+                opened_on_leader: e.opened_on_leader,
             };
             if let Some(why) = decide(seen) {
                 e.close.close(why);
@@ -426,6 +449,37 @@ mod tests {
         assert!(backend_keeps_sessions(&keep, &h, "a"));
     }
 
+    #[test]
+    fn read_sessions_on_a_promoted_replica_are_cut_even_as_the_fallback() {
+        let yaml = "engine: postgres\ntls: {mode: disabled}\nreadOnly: {}\nbackends: [{name: a, address: \"127.0.0.1:1\"}, {name: b, address: \"127.0.0.1:2\"}]\n";
+        let c = crate::config::parse_yaml(yaml)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .for_reads()
+            .unwrap();
+        let seen = |opened_on_leader| Seen {
+            client: "127.0.0.1".parse().unwrap(),
+            backend: Some("b"),
+            bound: true,
+            opened_on_leader,
+        };
+        // b, promoted, is up in the read-only view as the fallback.
+        let mut h = HealthView::assume_up(["a", "b"]);
+        h.leader = Some(1);
+        h.backends[0].up = false;
+        assert_eq!(keep_seen(&c, &h, seen(false)), Err(CloseReason::Backend));
+        assert_eq!(
+            keep_seen(&c, &h, seen(true)),
+            Ok(()),
+            "opened on the fallback"
+        );
+        // A replica again: both kept.
+        h.leader = Some(0);
+        assert_eq!(keep_seen(&c, &h, seen(false)), Ok(()));
+        assert_eq!(keep_seen(&c, &h, seen(true)), Ok(()));
+    }
+
     /// A pooled or multiplexed client follows the allow-list but not the leader, and is "on"
     /// a backend only while it holds one of its server connections.
     #[tokio::test]
@@ -439,6 +493,7 @@ mod tests {
             client: ip(client),
             backend,
             bound,
+            opened_on_leader: false,
         };
         // b stopped leading: a session bound to it is cut, a pooled client on it is not.
         assert_eq!(

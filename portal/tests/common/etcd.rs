@@ -14,6 +14,8 @@ pub struct EtcdMember {
     proc: Option<Proc>,
     /// The CA of the member's HTTPS client URL, when it has one.
     ca: Option<PathBuf>,
+    /// The `etcd` arguments it was started with.
+    args: Vec<String>,
 }
 
 impl EtcdMember {
@@ -31,6 +33,30 @@ impl EtcdMember {
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.stop();
+        }
+    }
+
+    /// Starts a stopped member again with its data: it rejoins the cluster.
+    pub fn restart(&mut self) {
+        if self.proc.is_none() {
+            let mut cmd = Command::new("etcd");
+            cmd.args(&self.args);
+            self.proc = Some(Proc::spawn(cmd, "TERM"));
+        }
+        wait_until("etcd member back", Duration::from_secs(20), || {
+            self.healthy()
+        });
+    }
+
+    /// Whether the member says it is healthy.
+    pub fn healthy(&self) -> bool {
+        match &self.ca {
+            None => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
+                http_blocking(addr, "GET", "/health", None, "")
+                    .is_ok_and(|(_, body)| body.contains("\"true\""))
+            }
+            Some(_) => self.etcdctl(&["endpoint", "health"]).is_some(),
         }
     }
 
@@ -87,47 +113,36 @@ impl Etcd {
         };
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let mut cmd = Command::new("etcd");
-            cmd.arg(format!("--name=m{i}"))
-                .arg(format!(
-                    "--data-dir={}",
-                    dir.path().join(format!("m{i}")).display()
-                ))
-                .arg(format!(
-                    "--listen-client-urls={scheme}://127.0.0.1:{client}"
-                ))
-                .arg(format!(
-                    "--advertise-client-urls={scheme}://127.0.0.1:{client}"
-                ))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-                ))
-                .arg(format!("--initial-cluster={initial}"))
-                .arg("--initial-cluster-state=new")
-                .arg("--initial-cluster-token=dbportal-test")
-                .args(&options.extra);
+            let data = dir.path().join(format!("m{i}"));
+            let mut args = vec![
+                format!("--name=m{i}"),
+                format!("--data-dir={}", data.display()),
+                format!("--listen-client-urls={scheme}://127.0.0.1:{client}"),
+                format!("--advertise-client-urls={scheme}://127.0.0.1:{client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster={initial}"),
+                "--initial-cluster-state=new".to_string(),
+                "--initial-cluster-token=dbportal-test".to_string(),
+            ];
+            args.extend(options.extra.iter().cloned());
             if let Some((cert, key, _)) = &options.tls {
-                cmd.arg(format!("--cert-file={}", cert.display()))
-                    .arg(format!("--key-file={}", key.display()));
+                args.push(format!("--cert-file={}", cert.display()));
+                args.push(format!("--key-file={}", key.display()));
             }
+            let mut cmd = Command::new("etcd");
+            cmd.args(&args);
             members.push(EtcdMember {
                 name: format!("m{i}"),
                 client_port: *client,
                 proc: Some(Proc::spawn(cmd, "TERM")),
                 ca: options.tls.as_ref().map(|(_, _, ca)| ca.clone()),
+                args,
             });
         }
         let etcd = Etcd { members, dir };
         for m in &etcd.members {
-            wait_until("etcd member", Duration::from_secs(20), || match &m.ca {
-                None => {
-                    let addr = SocketAddr::from(([127, 0, 0, 1], m.client_port));
-                    http_blocking(addr, "GET", "/health", None, "")
-                        .is_ok_and(|(_, body)| body.contains("\"true\""))
-                }
-                Some(_) => m.etcdctl(&["endpoint", "health"]).is_some(),
-            });
+            wait_until("etcd member", Duration::from_secs(20), || m.healthy());
         }
         etcd
     }

@@ -424,17 +424,36 @@ impl Mariadb {
         Mariadb::start_full(user, password, None, &["--log-bin=binlog", "--server-id=1"])
     }
 
-    /// A read-only replica of `primary` (GTID replication as `primary`'s user), running.
+    /// A read-only replica of `primary` (GTID replication as `primary`'s user), running. It
+    /// logs what it applies (`--log-slave-updates`), so that it can be promoted and followed.
     pub fn replica_of(primary: &Mariadb, server_id: u32) -> Mariadb {
         let id = format!("--server-id={server_id}");
-        let db = Mariadb::start_full(&primary.user, &primary.password, None, &[&id]);
-        db.sql(&format!(
-            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='{}', \
-             MASTER_PASSWORD='{}', MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1; \
-             START SLAVE; SET GLOBAL read_only = 1",
-            primary.port, primary.user, primary.password
-        ));
+        let extra = [id.as_str(), "--log-bin=binlog", "--log-slave-updates"];
+        let db = Mariadb::start_full(&primary.user, &primary.password, None, &extra);
+        db.follow(primary.port);
         db
+    }
+
+    /// Replicates (again) from the server on `port`, read-only, from where it stands.
+    pub fn follow(&self, port: u16) {
+        // Not running on a new server: an error to ignore.
+        let _ = self.try_sql("STOP SLAVE");
+        self.sql(&format!(
+            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={port}, \
+             MASTER_USER='{}', MASTER_PASSWORD='{}', MASTER_USE_GTID=slave_pos, \
+             MASTER_CONNECT_RETRY=1; START SLAVE; SET GLOBAL read_only = 1",
+            self.user, self.password
+        ));
+    }
+
+    /// Promotes a replica: replication removed, writable.
+    pub fn promote(&self) {
+        self.sql("STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0");
+    }
+
+    /// Crash: SIGKILL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
     }
 
     /// A server with TLS (`ssl_cert`, `ssl_key`, `ssl_ca`) that refuses plaintext clients
