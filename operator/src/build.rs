@@ -39,6 +39,8 @@ pub const ADMIN_PORT: u16 = 8404;
 pub const ADMIN_TOKEN_DIR: &str = "/var/run/dbportal/admin";
 /// The file in [`ADMIN_TOKEN_DIR`] and the key of the Secret.
 pub const ADMIN_TOKEN_KEY: &str = "token";
+/// Name of the read-only listener's port on the portal container and its Services.
+pub const READ_ONLY_PORT_NAME: &str = "portal-ro";
 /// Label the StatefulSet controller puts on each pod, used by the per-portal Services.
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// Name of the portal container.
@@ -86,7 +88,8 @@ pub struct Children {
     pub role: Role,
     pub role_binding: RoleBinding,
     pub stateful_set: StatefulSet,
-    /// The Service for all portals first, then one per portal.
+    /// The Service for all portals first, then one per portal, then with `spec.readOnly` the
+    /// read-only Service for all portals (`<name>-portal-ro`).
     pub services: Vec<Service>,
     /// Only when TLS is terminated with a cert-manager issuer.
     pub certificate: Option<Certificate>,
@@ -277,9 +280,18 @@ impl Builder<'_> {
         }
     }
 
+    /// The ports of the portal container and its Services: the main listener, then the
+    /// read-only one (`spec.readOnly`); (name, port).
+    fn listener_ports(&self) -> Vec<(&'static str, u16)> {
+        let mut ports = vec![("portal", self.valid.config.port)];
+        if let Some(ro) = &self.valid.config.read_only {
+            ports.push((READ_ONLY_PORT_NAME, ro.port));
+        }
+        ports
+    }
+
     fn services(&self) -> Vec<Service> {
-        let port = self.valid.config.port;
-        let service = |name: String, pod: Option<String>| {
+        let service = |name: String, pod: Option<String>, ports: &[(&str, u16)]| {
             let mut selector = selector_labels(self.name());
             if let Some(pod) = pod {
                 selector.insert(POD_NAME_LABEL.into(), pod);
@@ -289,24 +301,36 @@ impl Builder<'_> {
                 spec: Some(ServiceSpec {
                     type_: Some(self.dp.spec.portal.service_type.as_str().into()),
                     selector: Some(selector),
-                    ports: Some(vec![ServicePort {
-                        name: Some("portal".into()),
-                        protocol: Some("TCP".into()),
-                        port: port.into(),
-                        target_port: Some(IntOrString::String("portal".into())),
-                        ..Default::default()
-                    }]),
+                    ports: Some(
+                        ports
+                            .iter()
+                            .map(|&(port_name, port)| ServicePort {
+                                name: Some(port_name.into()),
+                                protocol: Some("TCP".into()),
+                                port: port.into(),
+                                target_port: Some(IntOrString::String(port_name.into())),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
                     ..Default::default()
                 }),
                 ..Default::default()
             }
         };
-        std::iter::once(service(names::portal(self.name()), None))
-            .chain((0..self.replicas()).map(|i| {
-                let pod = names::portal_pod(self.name(), i);
-                service(pod.clone(), Some(pod))
-            }))
-            .collect()
+        let all = self.listener_ports();
+        let main = &all[..1];
+        let mut services: Vec<Service> =
+            std::iter::once(service(names::portal(self.name()), None, main))
+                .chain((0..self.replicas()).map(|i| {
+                    let pod = names::portal_pod(self.name(), i);
+                    service(pod.clone(), Some(pod), &all)
+                }))
+                .collect();
+        if all.len() > 1 {
+            services.push(service(names::portal_ro(self.name()), None, &all[1..]));
+        }
+        services
     }
 
     /// Every portal Service's names (short, with namespace, `.svc`, `.svc.cluster.local`),
@@ -392,8 +416,8 @@ impl Builder<'_> {
         })
     }
 
-    /// The database port is open to every client (the portal's own allow-list decides, on the
-    /// address it sees); the admin port only to the scrapers named by the operator's settings.
+    /// The database ports (the main listener's and the read-only one's) are open to every
+    /// client (the portal's own allow-list decides, on the address it sees); the admin port only to the scrapers named by the operator's settings.
     /// Traffic from the pod's own node (the kubelet's probes) is always allowed by
     /// NetworkPolicy, so readiness and liveness probes keep working.
     fn network_policy(&self) -> NetworkPolicy {
@@ -412,7 +436,12 @@ impl Builder<'_> {
                 policy_types: Some(vec!["Ingress".into()]),
                 ingress: Some(vec![
                     NetworkPolicyIngressRule {
-                        ports: Some(vec![port(self.valid.config.port)]),
+                        ports: Some(
+                            self.listener_ports()
+                                .into_iter()
+                                .map(|(_, p)| port(p))
+                                .collect(),
+                        ),
                         from: None,
                     },
                     NetworkPolicyIngressRule {

@@ -62,6 +62,11 @@ pub fn portal(name: &str) -> String {
     format!("{name}-portal")
 }
 
+/// The Service of the read-only listener of every portal (`spec.readOnly`).
+pub fn portal_ro(name: &str) -> String {
+    format!("{name}-portal-ro")
+}
+
 /// Pod `i` of DatabasePortal `name` and its own Service.
 pub fn portal_pod(name: &str, i: i32) -> String {
     format!("{name}-portal-{i}")

@@ -21,7 +21,9 @@
 //!   report at all (Pods not started yet) is `Ready: False` only, not this;
 //! - `Degraded`/`ConfigStale` when a portal refused the configuration in its ConfigMap and
 //!   serves an older one;
-//! - a missing or unreadable annotation is "no report" and the portal's `message` says which.
+//! - a missing or unreadable annotation is "no report" and the portal's `message` says which;
+//! - `readOnly.serving` is the backends every ready portal sends reads to (the replicas within
+//!   `maxLag`, or the leader as the fallback), in `spec.backends` order.
 //!
 //! May import: `conditions`, `pods`.
 
@@ -48,6 +50,9 @@ pub struct Report {
     pub backends: Vec<BackendReport>,
     #[serde(default)]
     pub config_stale: bool,
+    /// With `readOnly`: the backends serving the read-only listener.
+    #[serde(default)]
+    pub reads: Option<Vec<String>>,
 }
 
 /// One backend as a portal sees it.
@@ -135,6 +140,9 @@ pub struct Aggregate {
     pub leader: String,
     /// (reason, message) of what is wrong in the portals' views.
     pub degraded: Vec<(&'static str, String)>,
+    /// The backends every ready portal with a read-only listener sends reads to, in
+    /// `spec.backends` order; empty when none is ready or they share none.
+    pub reads: Vec<String>,
 }
 
 impl Aggregate {
@@ -272,10 +280,24 @@ pub fn aggregate(
 
     Aggregate {
         ready_portals: ready.len() as i32,
+        reads: agreed_reads(backends, &ready),
         portals,
         leader,
         degraded,
     }
+}
+
+/// The backends that every ready portal reporting a read-only listener serves reads with.
+fn agreed_reads(backends: &[&str], ready: &[(&str, Report)]) -> Vec<String> {
+    let sets: Vec<&Vec<String>> = ready.iter().filter_map(|(_, r)| r.reads.as_ref()).collect();
+    if sets.is_empty() {
+        return Vec::new();
+    }
+    backends
+        .iter()
+        .filter(|b| sets.iter().all(|s| s.iter().any(|n| n == *b)))
+        .map(|b| b.to_string())
+        .collect()
 }
 
 /// The leader the ready portals agree on; pushes LeaderDisagreement when they do not.

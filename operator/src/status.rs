@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
-use portal::config::{DatabasePortal, DatabasePortalStatus, FieldError};
+use portal::config::{DatabasePortal, DatabasePortalStatus, FieldError, ReadOnlyStatus};
 
 use crate::apply::{Applied, CertificateState};
 use crate::conditions::{reason, DEGRADED, READY};
@@ -131,6 +131,25 @@ pub fn reconciled(
         Some(p) => (p.leader.clone(), p.portals.clone()),
         None => (previous.leader.clone(), previous.portals.clone()),
     };
+    let read_only = dp.spec.read_only.as_ref().filter(|r| r.enabled).map(|r| {
+        let serving = match &obs.portals {
+            Some(p) => p.reads.clone(),
+            None => previous
+                .read_only
+                .as_ref()
+                .map(|r| r.serving.clone())
+                .unwrap_or_default(),
+        };
+        ReadOnlyStatus {
+            endpoint: format!(
+                "{}.{ns}.svc:{}",
+                names::portal_ro(&name),
+                r.port.unwrap_or(port.saturating_add(1))
+            ),
+            summary: serving.join(","),
+            serving,
+        }
+    });
     DatabasePortalStatus {
         observed_generation: dp.meta().generation,
         leader,
@@ -139,6 +158,7 @@ pub fn reconciled(
         endpoints: (0..replicas)
             .map(|i| format!("{}.{ns}.svc:{port}", names::portal_pod(&name, i)))
             .collect(),
+        read_only,
         portals,
         conditions: vec![
             condition(dp, &previous.conditions, READY, ready, now),

@@ -998,6 +998,7 @@ fn status_takes_leader_and_portals_from_the_reports() {
         ready_portals: 1,
         leader: "orders-1".into(),
         degraded: vec![(reason::CONFIG_STALE, "orders-portal-0 refused".into())],
+        reads: Vec::new(),
     };
     let obs = Observation {
         ready_portals: 2,
@@ -1090,4 +1091,150 @@ fn names_follow_the_contract() {
     assert_eq!(names::portal_pod("orders", 1), "orders-portal-1");
     assert_eq!(names::tls_secret("orders"), "orders-portal-tls");
     assert_eq!(names::admin_secret("orders"), "orders-portal-admin");
+}
+
+#[test]
+fn read_only_adds_a_port_to_the_pods_and_services_and_a_service_of_its_own() {
+    let dp = orders().patch_spec("readOnly: {maxLag: 2s}");
+    let c = children(&dp);
+    let names: Vec<String> = c.services.iter().map(|s| s.name_any()).collect();
+    assert_eq!(
+        names,
+        [
+            "orders-portal",
+            "orders-portal-0",
+            "orders-portal-1",
+            "orders-portal-ro"
+        ]
+    );
+    let ports = |s: &Service| -> Vec<(Option<String>, i32)> {
+        s.spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.clone(), p.port))
+            .collect()
+    };
+    let main = (Some("portal".to_string()), 6379);
+    let reads = (Some("portal-ro".to_string()), 6380);
+    assert_eq!(ports(&c.services[0]), std::slice::from_ref(&main));
+    assert_eq!(ports(&c.services[1]), [main.clone(), reads.clone()]);
+    assert_eq!(ports(&c.services[3]), std::slice::from_ref(&reads));
+    let ro = c.services[3].spec.as_ref().unwrap();
+    assert!(!ro
+        .selector
+        .as_ref()
+        .unwrap()
+        .contains_key(crate::build::POD_NAME_LABEL));
+    assert_eq!(
+        ro.ports.as_ref().unwrap()[0].target_port,
+        Some(IntOrString::String("portal-ro".into()))
+    );
+    let pod = c.stateful_set.spec.unwrap().template.spec.unwrap();
+    let container_ports: Vec<(Option<String>, i32)> = pod.containers[0]
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone(), p.container_port))
+        .collect();
+    assert_eq!(
+        container_ports,
+        [main, reads, (Some("admin".into()), i32::from(ADMIN_PORT))]
+    );
+    let policy = c.network_policy.unwrap().spec.unwrap().ingress.unwrap();
+    let open: Vec<_> = policy[0]
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.port.clone())
+        .collect();
+    assert_eq!(
+        open,
+        [Some(IntOrString::Int(6379)), Some(IntOrString::Int(6380))]
+    );
+    assert!(
+        policy[0].from.is_none(),
+        "open to every client, as the main port"
+    );
+
+    // The certificate names the read-only Service too; the ConfigMap carries readOnly.
+    let dns = c.certificate.unwrap().spec.dns_names;
+    assert!(
+        dns.contains(&"orders-portal-ro.shop.svc".to_string()),
+        "{dns:?}"
+    );
+    let text = &c.config_map.data.unwrap()[CONFIG_KEY];
+    let config = portal::config::parse_yaml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let ro = config.read_only.expect("readOnly in the ConfigMap");
+    assert_eq!(
+        (ro.port, ro.max_lag),
+        (6380, std::time::Duration::from_secs(2))
+    );
+
+    // A port of its own; off: no Service, no port.
+    let c = children(&orders().patch_spec("readOnly: {port: 7000}"));
+    assert_eq!(
+        ports(&c.services[3]),
+        [(Some("portal-ro".to_string()), 7000)]
+    );
+    let c = children(&orders().patch_spec("readOnly: {enabled: false}"));
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(ports(&c.services[1]).len(), 1);
+}
+
+#[test]
+fn a_read_only_port_that_clashes_is_invalid_naming_the_field() {
+    let dp = orders().patch_spec("readOnly: {port: 6379}");
+    assert_eq!(invalid_fields(&dp), ["readOnly.port"]);
+    let dp = orders().patch_spec("engine: tcp\nport: 7000\nreadOnly: {}");
+    assert_eq!(invalid_fields(&dp), ["readOnly"]);
+}
+
+#[test]
+fn status_reports_the_read_only_endpoint_and_who_serves_it() {
+    use crate::portals::Aggregate;
+
+    let dp = orders().patch_spec("readOnly: {}").with_generation(1);
+    let obs = Observation {
+        ready_portals: 2,
+        degraded: vec![],
+        portals: None,
+    }
+    .with_portals(Aggregate {
+        ready_portals: 2,
+        leader: "orders-0".into(),
+        reads: vec!["orders-1".into()],
+        ..Default::default()
+    });
+    let s = status::reconciled(&dp, 6379, &obs, Timestamp::now());
+    let ro = s.read_only.clone().expect("status.readOnly");
+    assert_eq!(ro.endpoint, "orders-portal-ro.shop.svc:6380");
+    assert_eq!(
+        (ro.serving, ro.summary.as_str()),
+        (vec!["orders-1".to_string()], "orders-1")
+    );
+
+    // Without a view of the Pods, the last one is kept; without readOnly, none.
+    let mut dp2 = dp.clone();
+    dp2.status = Some(s);
+    let obs = Observation {
+        ready_portals: 2,
+        degraded: vec![],
+        portals: None,
+    };
+    let s = status::reconciled(&dp2, 6379, &obs, Timestamp::now());
+    assert_eq!(s.read_only.unwrap().summary, "orders-1");
+    assert!(status::reconciled(&orders(), 6379, &obs, Timestamp::now())
+        .read_only
+        .is_none());
+    let crd = crate::crd_yaml();
+    assert!(crd.contains(".status.readOnly.summary"), "a printer column");
 }

@@ -761,6 +761,114 @@ async fn printed_row(admin: &Client, ns: &str) -> anyhow::Result<Vec<(String, St
     Ok(columns.zip(cells).collect())
 }
 
+/// `readOnly`: the read-only Service and port on every portal Service, the StatefulSet's
+/// container and the NetworkPolicy; `status.readOnly` from the portals' reports (the test plays
+/// kubelet and portal), shown by `kubectl get`; off again, the Service goes.
+async fn read_only_service_and_status(admin: Client) -> anyhow::Result<()> {
+    let ns = "mike";
+    create(&admin, &portal(ns, json!({"readOnly": {"maxLag": "5s"}}))).await?;
+    observed(&admin, ns, 1).await?;
+    let services = Api::<Service>::namespaced(admin.clone(), ns);
+    let ports = |svc: &Service| -> Vec<(String, i32)> {
+        svc.spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+            .collect()
+    };
+    let ro = services.get("orders-portal-ro").await?;
+    ensure!(
+        ports(&ro) == [("portal-ro".to_string(), 6380)],
+        "{:?}",
+        ports(&ro)
+    );
+    let own = services.get("orders-portal-0").await?;
+    ensure!(
+        ports(&own)
+            == [
+                ("portal".to_string(), 6379),
+                ("portal-ro".to_string(), 6380)
+            ],
+        "{:?}",
+        ports(&own)
+    );
+    let both = services.get("orders-portal").await?;
+    ensure!(
+        ports(&both) == [("portal".to_string(), 6379)],
+        "{:?}",
+        ports(&both)
+    );
+    let sts = Api::<StatefulSet>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let container_ports: Vec<i32> = sts
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| {
+            p.containers[0]
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| p.container_port)
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(container_ports.contains(&6380), "{container_ports:?}");
+    let policy = Api::<NetworkPolicy>::namespaced(admin.clone(), ns)
+        .get("orders-portal")
+        .await?;
+    let open = serde_json::to_value(&policy.spec)?["ingress"][0]["ports"].to_string();
+    ensure!(open.contains("6379") && open.contains("6380"), "{open}");
+
+    // Both portals ready, each serving reads with orders-1.
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    let api = Api::<DatabasePortal>::namespaced(admin.clone(), ns);
+    let (p0, p1) = ("orders-portal-0", "orders-portal-1");
+    eventually("the StatefulSet's Pods", WAIT, || async {
+        pods.get(p0).await?;
+        pods.get(p1).await?;
+        Ok(())
+    })
+    .await?;
+    let mut reads: serde_json::Value = serde_json::from_str(&report(true, Some("orders-0"), true))?;
+    reads["reads"] = json!(["orders-1"]);
+    portal_says(&pods, p0, true, &reads.to_string()).await?;
+    portal_says(&pods, p1, true, &reads.to_string()).await?;
+    let (dp, _) = status_until(&api, "status.readOnly", |dp| {
+        let s = dp.status.as_ref().context("no status")?;
+        let ro = s.read_only.as_ref().context("no status.readOnly")?;
+        ensure!(ro.serving == ["orders-1"], "{ro:?}");
+        ensure!(
+            ro.endpoint == format!("orders-portal-ro.{ns}.svc:6380"),
+            "{ro:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(dp.status.unwrap().read_only.unwrap().summary == "orders-1");
+    let row = printed_row(&admin, ns).await?;
+    ensure!(
+        row.iter().any(|(c, v)| c == "Reads" && v == "orders-1"),
+        "kubectl get dbp row {row:?}"
+    );
+
+    // Turned off: the Service goes, the per-portal Services lose the port.
+    patch_spec(&admin, ns, json!({"readOnly": {"enabled": false}})).await?;
+    observed(&admin, ns, 2).await?;
+    eventually(
+        "the read-only Service removed and its port",
+        WAIT,
+        || async {
+            gone(&services, "orders-portal-ro").await?;
+            let own = services.get("orders-portal-0").await?;
+            ensure!(ports(&own).len() == 1, "{:?}", ports(&own));
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// The status follows what the portals report on their Pods (the test plays kubelet and
 /// portal: no Pod runs here): leader, portals, readyPortals, LeaderDisagreement,
 /// NoHealthyBackend, and one LeaderChanged event per change.
@@ -1663,7 +1771,7 @@ fn operator_on_a_real_apiserver() {
         .await?;
         let standby = start_operator(&plane, "standby").await?;
 
-        let (a, b, c, d, e, f, g, h, i) = tokio::join!(
+        let (a, b, c, d, e, f, g, h, i, j) = tokio::join!(
             timed(minimal_portal_gets_a_certificate(admin.clone())),
             timed(children_and_status(admin.clone())),
             timed(children_are_restored(admin.clone())),
@@ -1673,6 +1781,7 @@ fn operator_on_a_real_apiserver() {
             timed(tls_from_a_secret(admin.clone())),
             timed(portal_reports(admin.clone())),
             timed(pooling_reads_the_secrets_it_is_given(&plane, admin.clone())),
+            timed(read_only_service_and_status(admin.clone())),
         );
         for (name, r) in [
             ("minimal_portal_gets_a_certificate", a),
@@ -1684,6 +1793,7 @@ fn operator_on_a_real_apiserver() {
             ("tls_from_a_secret", g),
             ("portal_reports", h),
             ("pooling_reads_the_secrets_it_is_given", i),
+            ("read_only_service_and_status", j),
         ] {
             match r {
                 (Ok(()), took) => eprintln!("ok: {name} ({took:.1?})"),

@@ -22,7 +22,7 @@ use crate::names::{self, labels, selector_labels};
 const PORTAL_UID: i64 = 65532;
 
 impl Builder<'_> {
-    /// The pod template depends only on what needs new pods (image, resources, port, TLS
+    /// The pod template depends only on what needs new pods (image, resources, ports, TLS
     /// source, credentials Secret, service account), never on the configuration the portal
     /// reloads live.
     pub(super) fn stateful_set(&self) -> StatefulSet {
@@ -89,20 +89,23 @@ impl Builder<'_> {
                 field_env("POD_NAME", "metadata.name"),
                 field_env("POD_NAMESPACE", "metadata.namespace"),
             ]),
-            ports: Some(vec![
-                ContainerPort {
-                    name: Some("portal".into()),
-                    container_port: self.valid.config.port.into(),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                },
-                ContainerPort {
-                    name: Some("admin".into()),
-                    container_port: ADMIN_PORT.into(),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                },
-            ]),
+            ports: Some(
+                self.listener_ports()
+                    .into_iter()
+                    .map(|(port_name, port)| ContainerPort {
+                        name: Some(port_name.into()),
+                        container_port: port.into(),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .chain([ContainerPort {
+                        name: Some("admin".into()),
+                        container_port: ADMIN_PORT.into(),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    }])
+                    .collect(),
+            ),
             readiness_probe: Some(probe("/readyz", 2, 2)),
             liveness_probe: Some(probe("/healthz", 10, 3)),
             resources: Some(

@@ -540,3 +540,37 @@ fn leader_change_notes_name_old_and_new() {
         "leader changed from orders-0 to none"
     );
 }
+
+#[test]
+fn reads_are_the_backends_every_ready_portal_serves_reads_with() {
+    let with_reads = |reads: &[&str]| {
+        let mut v: serde_json::Value = serde_json::from_str(&leads("orders-0")).unwrap();
+        v["reads"] = serde_json::json!(reads);
+        v.to_string()
+    };
+    let (a, b) = (
+        with_reads(&["orders-1"]),
+        with_reads(&["orders-0", "orders-1"]),
+    );
+    let pods = [pod(0, true, Some(&a)), pod(1, true, Some(&b))];
+    let refs: Vec<(String, Option<&PortalPod>)> =
+        pods.iter().map(|(n, p)| (n.clone(), p.as_ref())).collect();
+    let agg = aggregate(RoutingMode::Leader, BACKENDS, &refs);
+    assert_eq!(agg.reads, ["orders-1"], "the ones both agree on");
+
+    // A portal not ready does not count; none reporting reads: none.
+    let pods = [pod(0, true, Some(&b)), pod(1, false, Some(&a))];
+    let refs: Vec<(String, Option<&PortalPod>)> =
+        pods.iter().map(|(n, p)| (n.clone(), p.as_ref())).collect();
+    assert_eq!(
+        aggregate(RoutingMode::Leader, BACKENDS, &refs).reads,
+        ["orders-0", "orders-1"]
+    );
+    let plain = leads("orders-0");
+    let pods = [pod(0, true, Some(&plain))];
+    let refs: Vec<(String, Option<&PortalPod>)> =
+        pods.iter().map(|(n, p)| (n.clone(), p.as_ref())).collect();
+    assert!(aggregate(RoutingMode::Leader, BACKENDS, &refs)
+        .reads
+        .is_empty());
+}

@@ -40,6 +40,7 @@ pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     printcolumn = r#"{"name":"Engine","type":"string","jsonPath":".spec.engine","description":"Database engine"}"#,
     printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader","description":"Backend the ready portals agree leads"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Ready portals / desired portals"}"#,
+    printcolumn = r#"{"name":"Reads","type":"string","jsonPath":".status.readOnly.summary","description":"Backends serving the read-only Service (readOnly)"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "A portal in front of a database cluster: portal pods with one Service each, TLS, an allow-list of client networks, connection limits and timeouts, following the cluster's leader."
 )]

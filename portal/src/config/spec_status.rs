@@ -1,5 +1,6 @@
 //! The status of a `DatabasePortal`, as the operator writes it: the leader the ready portals
-//! agree on, the endpoints, each portal's own report and the conditions.
+//! agree on, the endpoints, the read-only endpoint and who serves it, each portal's own report
+//! and the conditions.
 //!
 //! May import: nothing outside `config`.
 
@@ -26,6 +27,9 @@ pub struct DatabasePortalStatus {
     /// One connection string per portal Service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
+    /// With `spec.readOnly`: the read-only endpoint and the backends serving it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<ReadOnlyStatus>,
     /// What each portal reports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub portals: Vec<PortalReport>,
@@ -34,6 +38,22 @@ pub struct DatabasePortalStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// The read-only connection string (`spec.readOnly`) and who serves it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadOnlyStatus {
+    /// The Service `<name>-portal-ro`, as host:port.
+    pub endpoint: String,
+    /// The backends every ready portal sends reads to: the replicas within
+    /// `readOnly.maxLag`, or the leader when none is and `fallbackToLeader` allows (empty when
+    /// no backend takes reads).
+    #[serde(default)]
+    pub serving: Vec<String>,
+    /// The same, comma-separated ("" when none), for `kubectl get`.
+    #[serde(default)]
+    pub summary: String,
 }
 
 /// One portal's own view.

@@ -376,6 +376,8 @@ fn read_only_defaults_and_errors_name_the_field() {
         e.contains("readOnly.routing") || e.contains("routing"),
         "{e}"
     );
+    let e = refused("readOnly: {port: 8404}\n");
+    assert!(e.contains("readOnly.port") && e.contains("admin"), "{e}");
     let e = refused("readOnly: {listen: nowhere}\n");
     assert!(e.contains("readOnly.listen"), "{e}");
     let e = refused("readOnly: {maxLag: soon}\n");

@@ -323,7 +323,14 @@ impl DatabasePortalSpec {
                     SocketAddr::from(([0, 0, 0, 0], 0))
                 }),
             };
-            if ro_listen == listen && ro_listen.port() != 0 {
+            if ro_listen == admin && ro_listen.port() != 0 {
+                err(
+                    "readOnly.port",
+                    format!("{ro_listen} is the admin endpoint's address too: choose another"),
+                );
+            }
+            // A clash of the default address is the port's, reported above.
+            if ro.listen.is_some() && ro_listen == listen && ro_listen.port() != 0 {
                 err(
                     "readOnly.listen",
                     format!("{ro_listen} is the main listener's address too"),
