@@ -20,6 +20,11 @@
 #   8 minimal    a DatabasePortal without tls: the operator's own CA signs
 #                the portals' certificate; clients verify it with the
 #                Secret's ca.crt (curl: chain and name; redis-cli --cacert)
+#   9 operations the admin token Secret, drain through a portal and the spec
+#  10 reads      a DatabasePortal with readOnly: the Service <name>-portal-ro
+#                and the port on the per-portal Services; a client reaches
+#                the replica through it (a write is refused: READONLY);
+#                status.readOnly names the replica
 #
 # Each scenario prints PASS, FAIL (with diagnostics) or SKIP and what it saw;
 # the last line is "e2e result: N passed, N failed, N skipped"; the exit
@@ -177,6 +182,9 @@ case $cmd in
   portal) # HOST PORT ARGS...: redis-cli through a portal (TLS, certificate not checked)
     h=$1 p=$2; shift 2
     exec timeout 5 redis-cli --tls --insecure -h "$h" -p "$p" "$@" ;;
+  plain) # HOST PORT ARGS...: redis-cli through a portal without TLS
+    h=$1 p=$2; shift 2
+    exec timeout 5 redis-cli -h "$h" -p "$p" "$@" ;;
   db) # HOST PORT ARGS...: redis-cli straight to a database
     h=$1 p=$2; shift 2
     exec timeout 5 redis-cli -h "$h" -p "$p" "$@" ;;
@@ -894,6 +902,87 @@ EOF
     end
 }
 
+# The read-only connection string: a DatabasePortal with readOnly over the primary and the
+# replica (whichever is which after scenario 3).
+readonly RO=reads
+ro_pods_ready() { pods_ready "$RO-portal-0" "$RO-portal-1"; }
+ro_field() { kn get dbp "$RO" -o jsonpath="{$1}" 2>/dev/null; }
+svc_ports() { kn get service "$1" -o jsonpath='{range .spec.ports[*]}{.name}={.port} {end}' 2>/dev/null; }
+ro_children_gone() {
+    ! kn get "service/$RO-portal-ro" "statefulset/$RO-portal" -o name --ignore-not-found 2>/dev/null | grep -q .
+}
+
+scenario_reads() {
+    begin "10 reads: the read-only Service reaches the replica"
+    local t0 primary replica rhost rport phost pport ip want got out
+    if db "$A_HOST" "$A_PORT" INFO replication | grep -q 'role:master'; then
+        primary=redis-a replica=redis-b rhost=$B_HOST rport=$B_PORT phost=$A_HOST pport=$A_PORT
+    else
+        primary=redis-b replica=redis-a rhost=$A_HOST rport=$A_PORT phost=$B_HOST pport=$B_PORT
+    fi
+    check "$replica replicates from $primary" wait_until 30 eval \
+        '[[ $(db "$rhost" "$rport" INFO replication) == *master_link_status:up* ]]'
+    t0=$(now_ms)
+    kn apply -f - >/dev/null <<EOF
+apiVersion: dbportal.dev/v1alpha1
+kind: DatabasePortal
+metadata:
+  name: $RO
+spec:
+  engine: redis
+  tls: {mode: disabled}
+  readOnly: {maxLag: 10s}
+  healthCheck: {interval: 500ms}
+  backends:
+    - {name: redis-a, address: "$A_HOST:$A_PORT"}
+    - {name: redis-b, address: "$B_HOST:$B_PORT"}
+EOF
+    if wait_until 120 ro_pods_ready; then
+        saw "pods $RO-portal-0 and $RO-portal-1 Ready after $(($(now_ms) - t0)) ms"
+    else
+        bad "portal pods not Ready within 120 s: $(kn get pods -l "app.kubernetes.io/instance=$RO" -o wide 2>&1 | tr '\n' ' ')"
+        kn delete dbp "$RO" --wait=false >/dev/null 2>&1 || true
+        end
+        return
+    fi
+    out=$(svc_ports "$RO-portal-ro")
+    check "Service $RO-portal-ro serves port 6380 ($out)" test "$out" == "portal-ro=6380 "
+    out=$(svc_ports "$RO-portal-0")
+    check "Service $RO-portal-0 serves both ports ($out)" test "$out" == "portal=6379 portal-ro=6380 "
+    out=$(svc_ports "$RO-portal")
+    check "Service $RO-portal serves the main port only ($out)" test "$out" == "portal=6379 "
+    ip=$(svc_ip "$RO-portal-ro")
+    want=$(run_id "$rhost" "$rport")
+    got=""
+    if wait_until 30 eval '
+        got=$(cx client-a plain "$ip" 6380 INFO server | tr -d "\r" | sed -n "s/^run_id://p")
+        [[ -n $want && $got == "$want" ]]'; then
+        saw "Service $RO-portal-ro ($ip:6380) reaches the replica $replica (run_id ${want:0:8}) after $(($(now_ms) - t0)) ms"
+    else
+        bad "Service $RO-portal-ro ($ip:6380) reaches run_id '$got', the replica $replica is '$want'"
+    fi
+    out=$(cx client-a plain "$ip" 6380 SET e2e:s10 x 2>&1 || true)
+    check "a write through $RO-portal-ro is refused by the replica ($out)" eval '[[ $out == *READONLY* ]]'
+    want=$(run_id "$phost" "$pport")
+    got=$(cx client-a plain "$(svc_ip "$RO-portal")" 6379 INFO server | tr -d '\r' | sed -n 's/^run_id://p')
+    check "Service $RO-portal reaches the primary $primary" test "$got" == "$want"
+    if wait_until 60 eval '[[ $(ro_field .status.readOnly.summary) == "$replica" ]]'; then
+        saw "status.readOnly: endpoint $(ro_field .status.readOnly.endpoint), serving $(ro_field .status.readOnly.summary)"
+    else
+        bad "status.readOnly = '$(ro_field .status.readOnly)', want serving $replica"
+    fi
+    out=$(kn get dbp "$RO" 2>&1 | tr -s ' ' | tr '\n' ' ')
+    check "kubectl get dbp shows the Reads column ($out)" eval '[[ $out == *READS* && $out == *" $replica "* ]]'
+    t0=$(now_ms)
+    kn delete dbp "$RO" --wait=false >/dev/null
+    if wait_until 120 ro_children_gone; then
+        saw "the read-only Service and the StatefulSet collected $(($(now_ms) - t0)) ms after the deletion"
+    else
+        bad "left 120 s after the deletion: $(kn get services,statefulsets -o name 2>&1 | grep "$RO" | tr '\n' ' ')"
+    fi
+    end
+}
+
 # --- main ------------------------------------------------------------------------------
 
 main() {
@@ -927,14 +1016,14 @@ main() {
     fi
     log "primary redis-a $A_HOST:$A_PORT, replica redis-b $B_HOST:$B_PORT; clients $CLIENT_A_IP, $CLIENT_B_IP; setup $(($(now_ms) - t_start)) ms"
 
-    local s names=(apply allowlist promote tls configmap pod delete minimal operations) i=0
+    local s names=(apply allowlist promote tls configmap pod delete minimal operations reads) i=0
     for s in "${names[@]}"; do
         i=$((i + 1))
         if ! wanted "$i"; then
             skip "$i $s" "not selected by DBPORTAL_E2E_ONLY"
         elif [[ $s == delete && -z $APPLIED ]]; then
             skip "$i $s" "the DatabasePortal was not applied (scenario 1)"
-        elif [[ $s != apply && $s != delete && $s != minimal && $s != operations && -z $PREREQ ]]; then
+        elif [[ $s != apply && $s != delete && $s != minimal && $s != operations && $s != reads && -z $PREREQ ]]; then
             skip "$i $s" "the DatabasePortal's portals never became Ready (scenario 1)"
         else
             "scenario_$s" || true
