@@ -87,6 +87,17 @@ async fn redis_reads_go_to_linked_replicas_and_follow_a_promotion() {
         out.contains("LOADING") && out.contains("readOnly.maxLag"),
         "{out} {err}"
     );
+
+    // The former primary, back as a replica of r1, joins the set once its link is up.
+    primary.restart_with(&["--replicaof", "127.0.0.1", &r1.port.to_string()]);
+    primary.wait_replicating();
+    portal.wait_serving(&["r0"], Duration::from_secs(15)).await;
+    strict.wait_serving(&["r0"], Duration::from_secs(15)).await;
+    let (_, port, _) = redis_cli(strict.reads.port(), &["CONFIG", "GET", "port"]).await;
+    assert_eq!(
+        port.lines().nth(1).map(str::trim),
+        Some(primary.port.to_string().as_str())
+    );
 }
 
 /// The `tcp_port` of the server a multiplexed client's `INFO server` ran on.
