@@ -97,7 +97,7 @@ impl Report {
             reads: config
                 .read_only
                 .as_ref()
-                .map(|_| route::serving_reads(config, health)),
+                .map(|_| route::serving_reads(config, health, overrides)),
         }
     }
 }

@@ -54,10 +54,11 @@ pub fn qualifies_for_reads(health: &HealthView, name: &str) -> bool {
 }
 
 /// The health view the read-only listener routes by: the replicas that qualify for reads are
-/// up, every other node down; when none qualifies and `readOnly.fallbackToLeader` is on, the
-/// leader alone is up. The leader stays named, so that a session on a replica just promoted
-/// can be told from one on the leader taken as the fallback.
-pub fn read_only_view(config: &Config, health: &HealthView) -> HealthView {
+/// up, every other node down; when none qualifies (or every one that does is drained or in
+/// maintenance) and `readOnly.fallbackToLeader` is on, the leader alone is up. The leader
+/// stays named, so that a session on a replica just promoted can be told from one on the
+/// leader taken as the fallback.
+pub fn read_only_view(config: &Config, health: &HealthView, overrides: &Overrides) -> HealthView {
     let fallback = config
         .read_only
         .as_ref()
@@ -68,7 +69,18 @@ pub fn read_only_view(config: &Config, health: &HealthView) -> HealthView {
         .iter()
         .map(|b| qualifies_for_reads(health, &b.name))
         .collect();
-    let none = !serving.contains(&true);
+    let ready = |name: &str| {
+        config
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .is_some_and(|b| overrides.state(b) == BackendState::Ready)
+    };
+    let none = !view
+        .backends
+        .iter()
+        .zip(&serving)
+        .any(|(b, &serves)| serves && ready(&b.name));
     let leader = health.leader_name().map(str::to_string);
     for (b, serves) in view.backends.iter_mut().zip(serving) {
         let is_leader = leader.as_deref() == Some(b.name.as_str());
@@ -77,15 +89,16 @@ pub fn read_only_view(config: &Config, health: &HealthView) -> HealthView {
     view
 }
 
-/// The names of the backends serving the read-only listener now (the replicas that qualify,
-/// or the leader as the fallback), in list order.
-pub fn serving_reads(config: &Config, health: &HealthView) -> Vec<String> {
-    let view = read_only_view(config, health);
-    config
-        .backends
-        .iter()
-        .filter(|b| view.get(&b.name).is_some_and(|h| h.up))
-        .map(|b| b.name.clone())
+/// The names of the backends a new client of the read-only listener may reach now (the
+/// replicas that qualify and take new sessions, or the leader as the fallback), in list order.
+pub fn serving_reads(config: &Config, health: &HealthView, overrides: &Overrides) -> Vec<String> {
+    // By the read-only listener's configuration: its routing mode, not the main one's.
+    let reads = config.for_reads();
+    let config = reads.as_ref().unwrap_or(config);
+    let view = read_only_view(config, health, overrides);
+    eligible(config, &view, overrides)
+        .into_iter()
+        .map(|i| config.backends[i].name.clone())
         .collect()
 }
 
@@ -583,28 +596,32 @@ mod tests {
         let mut v = view(&[true, true, true], Some(0));
         v.backends[1].replicating = Some(Replicating::Within);
         v.backends[2].replicating = Some(Replicating::Lagging);
-        assert_eq!(serving_reads(&c, &v), ["b1"]);
-        let ro = read_only_view(&c, &v);
+        assert_eq!(serving_reads(&c, &v, &none_set()), ["b1"]);
+        let ro = read_only_view(&c, &v, &none_set());
         assert_eq!(ro.leader_name(), Some("b0"), "the leader stays named");
         assert_eq!(eligible(&c, &ro, &none_set()), [1]);
 
         v.backends[2].replicating = Some(Replicating::Within);
-        assert_eq!(serving_reads(&c, &v), ["b1", "b2"]);
+        assert_eq!(serving_reads(&c, &v, &none_set()), ["b1", "b2"]);
         v.backends[2].up = false;
         assert_eq!(
-            serving_reads(&c, &v),
+            serving_reads(&c, &v, &none_set()),
             ["b1"],
             "a replica down serves nothing"
         );
         v.backends[1].replicating = Some(Replicating::Broken("link down"));
-        assert_eq!(serving_reads(&c, &v), ["b0"], "none qualifies: the leader");
+        assert_eq!(
+            serving_reads(&c, &v, &none_set()),
+            ["b0"],
+            "none qualifies: the leader"
+        );
         assert!(
-            serving_reads(&reads(false), &v).is_empty(),
+            serving_reads(&reads(false), &v, &none_set()).is_empty(),
             "no fallback: nobody"
         );
         v.leader = None;
         assert!(
-            serving_reads(&c, &v).is_empty(),
+            serving_reads(&c, &v, &none_set()).is_empty(),
             "no leader to fall back to"
         );
     }
@@ -616,11 +633,11 @@ mod tests {
         for b in &mut v.backends[1..] {
             b.replicating = Some(Replicating::Within);
         }
-        assert_eq!(serving_reads(&c, &v), ["b1", "b2"]);
+        assert_eq!(serving_reads(&c, &v, &none_set()), ["b1", "b2"]);
         // b1 promoted: it leads, and measures no lag of its own.
         v.leader = Some(1);
         v.backends[0].up = false;
-        assert_eq!(serving_reads(&c, &v), ["b2"]);
+        assert_eq!(serving_reads(&c, &v, &none_set()), ["b2"]);
         // etcd-like: the leader keeps a standing of its own but still takes no reads here.
         assert!(!qualifies_for_reads(&v, "b1"));
     }
@@ -632,10 +649,19 @@ mod tests {
         for b in &mut v.backends[1..] {
             b.replicating = Some(Replicating::Within);
         }
-        let ro = read_only_view(&c, &v);
+        let ro = read_only_view(&c, &v, &none_set());
         let control = crate::control::Control::default();
         control.set_state("b1", Some(BackendState::Drain));
         assert_eq!(eligible(&c, &ro, &control.current()), [2]);
+        assert_eq!(serving_reads(&c, &v, &control.current()), ["b2"]);
         assert_eq!(c.routing, RoutingMode::Roundrobin);
+
+        // Every qualifying replica drained: the leader takes reads as the fallback...
+        control.set_state("b2", Some(BackendState::Maint));
+        let ro = read_only_view(&c, &v, &control.current());
+        assert_eq!(eligible(&c, &ro, &control.current()), [0]);
+        assert_eq!(serving_reads(&c, &v, &control.current()), ["b0"]);
+        // ...or nobody, without the fallback.
+        assert!(serving_reads(&reads(false), &v, &control.current()).is_empty());
     }
 }

@@ -463,7 +463,7 @@ fn read_only_status(
         "routing": ro.routing.as_str(),
         "maxLagSeconds": ro.max_lag.as_secs_f64(),
         "fallbackToLeader": ro.fallback_to_leader,
-        "serving": route::serving_reads(config, health),
+        "serving": route::serving_reads(config, health, &shared.state.control.current()),
         "sessions": reads.sessions.len(),
         "multiplex": config.plane.multiplex().map(|_| crate::session::multiplex::status(&reads.mux)),
         "pooling": config.plane.pg_pool().map(|_| crate::session::pool::status(&reads.pg)),

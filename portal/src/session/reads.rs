@@ -5,7 +5,7 @@
 //! listeners), TLS runtime, checker and kill switch; a registry and pools of their own; and two
 //! channels that follow the main ones — each configuration's [`Config::for_reads`] (readOnly's
 //! routing) and each health view's [`route::read_only_view`] (only the replicas that qualify are
-//! up, or the leader as the fallback). The planes need not know they serve reads.
+//! up, or the leader as the fallback; recomputed on administrative state changes too). The planes need not know they serve reads.
 //!
 //! When nothing may take reads (no replica qualifies and `fallbackToLeader` is off, or the
 //! listener was turned off by a reload), a new client is refused in its engine's own words
@@ -45,7 +45,9 @@ fn derive(main: &Config) -> Config {
 /// channels until the returned value's channels are all dropped or `main`'s senders close.
 pub fn for_reads(main: &Shared) -> Shared {
     let first = derive(&main.config.borrow());
-    let first_view = route::read_only_view(&first, &main.health.borrow());
+    let mut control = main.state.control.subscribe();
+    let first_view =
+        route::read_only_view(&first, &main.health.borrow(), &control.borrow_and_update());
     let (config_tx, config) = watch::channel(Arc::new(first));
     let (health_tx, health) = watch::channel(first_view);
     let mut main_config = main.config.clone();
@@ -55,10 +57,12 @@ pub fn for_reads(main: &Shared) -> Shared {
             tokio::select! {
                 r = main_config.changed() => if r.is_err() { break },
                 r = main_health.changed() => if r.is_err() { break },
+                r = control.changed() => if r.is_err() { break },
                 _ = config_tx.closed() => break,
             }
             let c = derive(&main_config.borrow_and_update());
-            let v = route::read_only_view(&c, &main_health.borrow_and_update());
+            let overrides = control.borrow_and_update().clone();
+            let v = route::read_only_view(&c, &main_health.borrow_and_update(), &overrides);
             config_tx.send_if_modified(|old| {
                 let changed = **old != c;
                 if changed {
