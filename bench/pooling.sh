@@ -23,7 +23,7 @@ MODES=${MODES-"simple prepared"}
 PG_BIN=/usr/lib/postgresql/15/bin
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p dbportal-portal --bin portal
-PORTAL_BIN=$CARGO_TARGET_DIR/release/portal
+PORTAL_BIN=$CARGO_TARGET_DIR/${CARGO_BUILD_TARGET:+$CARGO_BUILD_TARGET/}release/portal
 
 work=$(mktemp -d /tmp/dbportal-bench-pooling.XXXXXX)
 chown postgres:postgres "$work"

@@ -254,8 +254,8 @@ struct Client<C> {
     credentials: Arc<dyn CredentialsSource>,
     user: String,
     database: String,
-    /// The startup parameters its server connections are opened with: all the client sent
-    /// in session mode, all but application_name in transaction mode (see `login`).
+    /// The startup parameters its server connections are opened with: those the portal does
+    /// not replay (`options` and any other setting; see `login::split_startup`).
     startup: Startup,
     /// What the client's server connections log in with (its authentication's outcome).
     login: Arc<secret::Login>,
