@@ -196,20 +196,19 @@ async fn deallocate_then_prepare_again_runs_the_new_statement() {
 }
 
 /// A SET of a parameter the server does not report stays with the client that made it: the
-/// next client of that server connection sees the default.
+/// next client of that server connection sees the default. So does a SET of a reported one
+/// the portal replays (IntervalStyle, DateStyle, application_name): a new client starts from
+/// a new connection's values, as a direct one does.
+const CHECK: &str = "SHOW search_path; SHOW work_mem; SHOW statement_timeout; SHOW lock_timeout; \
+     SHOW IntervalStyle; SHOW DateStyle; SHOW application_name";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_of_an_unreported_parameter_never_reaches_the_next_client() {
     let Some((pg, portal)) = app_portal("mode: transaction, poolSize: 1", "").await else {
         return;
     };
     pg.psql("CREATE SCHEMA notme; GRANT USAGE ON SCHEMA notme TO app");
-    let defaults = portal
-        .psql(
-            "app",
-            "apppw",
-            "SHOW search_path; SHOW work_mem; SHOW statement_timeout; SHOW lock_timeout",
-        )
-        .await;
+    let defaults = portal.psql("app", "apppw", CHECK).await;
     assert!(defaults.0, "{}", defaults.2);
     for set in [
         "SET search_path = notme",
@@ -218,6 +217,9 @@ async fn a_set_of_an_unreported_parameter_never_reaches_the_next_client() {
         "SET work_mem = '7MB'",
         "SET SESSION statement_timeout = 1234",
         "SET lock_timeout TO 99",
+        "SET IntervalStyle = iso_8601",
+        "SET DateStyle = 'SQL, DMY'",
+        "SET application_name = 'earlier client'",
     ] {
         let a = portal.client("app", "apppw").await.unwrap();
         a.simple_query(set).await.unwrap();
@@ -227,13 +229,7 @@ async fn a_set_of_an_unreported_parameter_never_reaches_the_next_client() {
         }
         drop(a);
         // The pool's only connection comes to the next client without it.
-        let b = portal
-            .psql(
-                "app",
-                "apppw",
-                "SHOW search_path; SHOW work_mem; SHOW statement_timeout; SHOW lock_timeout",
-            )
-            .await;
+        let b = portal.psql("app", "apppw", CHECK).await;
         assert_eq!(b, defaults, "after {set}");
     }
 }

@@ -85,6 +85,9 @@ pub struct ServerConn {
     /// The values the server reported with ParameterStatus, as they are now; shared with the
     /// clients that were told the same values.
     pub params: Params,
+    /// The values the server reported at login: what a new client of this connection starts
+    /// from, whatever earlier clients set since.
+    pub initial: Params,
     /// The server's BackendKeyData, for cancels.
     pub key: (u32, u32),
     /// The prepared statements the portal made on it.
@@ -123,9 +126,11 @@ impl ServerConn {
         broken: bool,
     ) -> ServerConn {
         let now = Instant::now();
+        let params = Arc::new(params);
         ServerConn {
             stream,
-            params: Arc::new(params),
+            initial: params.clone(),
+            params,
             key,
             statements: Default::default(),
             created: now,

@@ -186,12 +186,14 @@ where
             Ok(c) => c,
             Err((sqlstate, text)) => return Err(self.fatal(sqlstate, &text).await),
         };
-        let mut sql = String::new();
-        for (name, value) in &wanted {
-            if conn.params.get(name) != Some(value) {
-                sql.push_str(&format!("SET {name} TO '{}';", value.replace('\'', "''")));
-            }
+        // The client starts from the values of a new connection (its server's defaults and
+        // the pool's startup parameters) with its own startup values on top, not from what
+        // an earlier client of this connection left set.
+        let mut start = conn.initial.clone();
+        for (name, value) in wanted {
+            super::conn::set_param(&mut start, name, value);
         }
+        let sql = super::pinning::replay_sql(&start, &conn.params);
         if !sql.is_empty() {
             if let Err(e) = conn.run(&sql, self.config.timeouts.server).await {
                 self.give_back(conn);
