@@ -97,6 +97,21 @@ impl Portal {
             .await
     }
 
+    /// A Python script (psycopg from Debian) run with the portal's port as its argument,
+    /// from a file `name` in the portal's directory: its standard output, once it succeeded.
+    async fn python(&self, name: &str, script: &str) -> String {
+        let path = self.dir().join(name);
+        std::fs::write(&path, script).unwrap();
+        let (ok, out, err) = run(
+            "/usr/bin/python3",
+            &[path.display().to_string(), self.port()],
+            &[],
+        )
+        .await;
+        assert!(ok, "{name}: {out}\n{err}");
+        out
+    }
+
     /// A tokio-postgres client through the portal from the loopback address `from`.
     async fn client_from(&self, from: &str, user: &str, password: &str) -> tokio_postgres::Client {
         let tcp = connect_from(from, self.addr).await.unwrap();

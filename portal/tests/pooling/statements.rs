@@ -161,15 +161,7 @@ for c in conns:
     assert c.execute("SELECT %s::text", ("after",), prepare=True).fetchone()[0] == "after"
 print(conns[0].execute("SELECT count(*) FROM t WHERE v LIKE 'py%%'").fetchone()[0])
 "#;
-    let path = portal.dir().join("prepared.py");
-    std::fs::write(&path, script).unwrap();
-    let (ok, out, err) = run(
-        "/usr/bin/python3",
-        &[path.display().to_string(), portal.port()],
-        &[],
-    )
-    .await;
-    assert!(ok, "psycopg: {out}\n{err}");
+    let out = portal.python("prepared.py", script).await;
     assert_eq!(out, "24");
 }
 

@@ -266,14 +266,6 @@ for i in range(3):
     assert r.get_value(0, 0) == b"2", r.get_value(0, 0)
 print("ok")
 "#;
-    let path = portal.dir().join("unnamed.py");
-    std::fs::write(&path, script).unwrap();
-    let (ok, out, err) = run(
-        "/usr/bin/python3",
-        &[path.display().to_string(), portal.port()],
-        &[],
-    )
-    .await;
-    assert!(ok, "psycopg: {out}\n{err}");
+    let out = portal.python("unnamed.py", script).await;
     assert_eq!(out, "ok");
 }

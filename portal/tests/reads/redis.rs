@@ -9,6 +9,16 @@ async fn server_port(port: u16) -> String {
     out.lines().nth(1).unwrap_or("").trim().to_string()
 }
 
+/// A primary and two replicas, both replicating from it.
+fn primary_and_two_replicas() -> (Redis, Redis, Redis) {
+    let primary = Redis::start();
+    let r1 = Redis::replica_of(primary.port);
+    let r2 = Redis::replica_of(primary.port);
+    r1.wait_replicating();
+    r2.wait_replicating();
+    (primary, r1, r2)
+}
+
 fn ports(servers: &[&Redis]) -> Vec<String> {
     servers.iter().map(|r| r.port.to_string()).collect()
 }
@@ -18,11 +28,7 @@ async fn redis_reads_go_to_linked_replicas_and_follow_a_promotion() {
     if skip_without(&["redis-server", "redis-cli"]) {
         return;
     }
-    let mut primary = Redis::start();
-    let r1 = Redis::replica_of(primary.port);
-    let r2 = Redis::replica_of(primary.port);
-    r1.wait_replicating();
-    r2.wait_replicating();
+    let (mut primary, r1, r2) = primary_and_two_replicas();
     let backends = [
         ("r0", loopback(primary.port)),
         ("r1", loopback(r1.port)),
@@ -155,11 +161,7 @@ async fn redis_multiplexed_reads_stay_connected_through_a_promotion() {
     if skip_without(&["redis-server", "redis-cli"]) {
         return;
     }
-    let mut primary = Redis::start();
-    let r1 = Redis::replica_of(primary.port);
-    let r2 = Redis::replica_of(primary.port);
-    r1.wait_replicating();
-    r2.wait_replicating();
+    let (mut primary, r1, r2) = primary_and_two_replicas();
     let backends = [
         ("r0", loopback(primary.port)),
         ("r1", loopback(r1.port)),
