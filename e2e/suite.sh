@@ -952,9 +952,11 @@ EOF
     out=$(svc_ports "$RO-portal")
     check "Service $RO-portal serves the main port only ($out)" test "$out" == "portal=6379 "
     ip=$(svc_ip "$RO-portal-ro")
-    want=$(run_id "$rhost" "$rport")
+    want=""
     got=""
+    # The replica's own run_id is read in the loop too: one slow exec must not leave it empty.
     if wait_until 30 eval '
+        [[ -n $want ]] || want=$(run_id "$rhost" "$rport")
         got=$(cx client-a plain "$ip" 6380 INFO server | tr -d "\r" | sed -n "s/^run_id://p")
         [[ -n $want && $got == "$want" ]]'; then
         saw "Service $RO-portal-ro ($ip:6380) reaches the replica $replica (run_id ${want:0:8}) after $(($(now_ms) - t0)) ms"
