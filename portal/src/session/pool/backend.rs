@@ -2,11 +2,17 @@
 //! COPY data streamed through as they come, each other message decoded and handed to the
 //! client's [`Machine`](super::machine::Machine), which says what reaches the client;
 //! ParameterStatus kept; the connection given back when the machine says a transaction ended
-//! (transaction mode); a lost connection (failover) reported to the machine.
+//! (transaction mode); a lost connection (failover, or its pool retired) reported to the
+//! machine.
 //!
 //! May import: `metrics`, `wire` and the rest of `pool`.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::atomic::Ordering::Relaxed,
+    task::{Context, Poll},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -32,20 +38,24 @@ pub(super) enum ServerEvent {
     Retired,
 }
 
-pub(super) async fn server_event(held: Option<&mut Held>) -> ServerEvent {
+/// Polls the held connection (none: pending for ever) for the server's next bytes, onto its
+/// buffer. The pool wakes its holders when it is retired ([`Pool::hold`](super::server::Pool)),
+/// so the retirement is a flag read here, not a future set up at every turn.
+pub(super) fn poll_server(held: Option<&mut Held>, cx: &mut Context<'_>) -> Poll<ServerEvent> {
     let Some(h) = held else {
-        return std::future::pending().await;
+        return Poll::Pending;
     };
+    if h.pool.is_retired() {
+        return Poll::Ready(ServerEvent::Retired);
+    }
     if h.sbuf.capacity() - h.sbuf.len() < 4096 {
         if h.sbuf.capacity() == 0 {
             h.sbuf = spare::bytes();
         }
         h.sbuf.reserve(16 << 10);
     }
-    tokio::select! {
-        r = h.conn.stream.read_buf(&mut h.sbuf) => ServerEvent::Data(r),
-        _ = h.retired.wait_for(|r| *r) => ServerEvent::Retired,
-    }
+    let read = std::pin::pin!(h.conn.stream.read_buf(&mut h.sbuf));
+    read.poll(cx).map(ServerEvent::Data)
 }
 
 impl<C> Client<C>
@@ -56,7 +66,18 @@ where
         let Some(h) = &mut self.held else {
             return Ok(());
         };
-        let wrote = timeout(self.config.timeouts.server, h.conn.stream.write_all(out)).await;
+        // The common case: the socket takes it all at once, and no timer is set.
+        let stream = &mut h.conn.stream;
+        let first = std::future::poll_fn(|cx| match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Pending => Poll::Ready(Ok(0)),
+            done => done,
+        })
+        .await;
+        let wrote = match first {
+            Ok(n) if n == out.len() => Ok(Ok(())),
+            Ok(n) => timeout(self.config.timeouts.server, stream.write_all(&out[n..])).await,
+            Err(e) => Ok(Err(e)),
+        };
         match wrote {
             Ok(Ok(())) => Ok(()),
             _ => {

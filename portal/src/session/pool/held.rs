@@ -1,21 +1,20 @@
 //! A server connection a pooled PostgreSQL client holds: the connection, its pool, the
-//! retirement of its backend, and the server's bytes not yet forwarded. What is in flight on
-//! it is the client's [`Machine`](super::machine::Machine)'s to know.
+//! client's place among the pool's holders (woken when its backend is retired), and the
+//! server's bytes not yet forwarded. What is in flight on it is the client's [`Machine`](super::machine::Machine)'s to know.
 //!
 //! May import: the rest of `pool`.
 
 use std::sync::Arc;
-
-use tokio::sync::watch;
 
 use super::conn::ServerConn;
 use super::server::Pool;
 
 /// A server connection a client holds.
 pub(super) struct Held {
-    pub(super) conn: ServerConn,
+    pub(super) conn: Box<ServerConn>,
     pub(super) pool: Arc<Pool>,
-    pub(super) retired: watch::Receiver<bool>,
+    /// Its place among the pool's holders (woken when the pool is retired).
+    pub(super) holder: usize,
     /// Server bytes not yet forwarded.
     pub(super) sbuf: Vec<u8>,
     /// Bytes of a server message being forwarded without inspection.

@@ -82,14 +82,14 @@ where
     /// `None` when it sent a CancelRequest (served).
     async fn handshake(&mut self) -> Result<Option<BTreeMap<String, String>>, CloseReason> {
         let mut header = [0u8; 8];
-        self.rd
+        self.io
             .read_exact(&mut header)
             .await
             .map_err(|_| CloseReason::Error)?;
         let (len, code) = startup_header(&header);
         if (len, code) == (CANCEL_REQUEST_LEN, CANCEL_REQUEST) {
             let mut key = [0u8; 8];
-            self.rd
+            self.io
                 .read_exact(&mut key)
                 .await
                 .map_err(|_| CloseReason::Error)?;
@@ -108,7 +108,7 @@ where
                 .await);
         }
         let mut body = vec![0u8; len as usize - 8];
-        self.rd
+        self.io
             .read_exact(&mut body)
             .await
             .map_err(|_| CloseReason::Error)?;

@@ -59,10 +59,11 @@ use std::{
     io,
     net::IpAddr,
     sync::{atomic::Ordering::Relaxed, Arc},
+    task::Poll,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     time::{timeout, Duration, Instant},
 };
 use tracing::{debug, warn};
@@ -71,7 +72,7 @@ use conn::{lock, DialContext, Params, ServerConn, Startup};
 pub use pinning::REPLAYED;
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
-use server::{CheckoutError, Pool};
+use server::{CheckoutError, Grant, Pool, Turn};
 pub use stats::{PoolStats, WAIT_BUCKETS};
 
 use super::{
@@ -138,11 +139,11 @@ async fn client_task<C>(
     let metrics = shared.state.metrics.clone();
     metrics.sessions.fetch_add(1, Relaxed);
     metrics.active_sessions.fetch_add(1, Relaxed);
-    let (rd, wr) = tokio::io::split(stream);
+    let waker = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
     let machine = Machine::new(settings.transaction, settings.max_prepared_statements);
     let mut c = Client {
-        rd,
-        wr,
+        io: stream,
+        waker,
         cin: Vec::new(),
         ip,
         settings,
@@ -188,7 +189,7 @@ async fn client_task<C>(
     };
     // An orderly end of a TLS client's connection says so (close_notify); after a refused
     // record this sends the alert if it is still unsent. Bounded: the client may not read.
-    let _ = timeout(CLOSE_GRACE, c.wr.shutdown()).await;
+    let _ = timeout(CLOSE_GRACE, c.io.shutdown()).await;
     metrics.closed(reason);
     metrics.active_sessions.fetch_sub(1, Relaxed);
     drop(permits);
@@ -235,15 +236,12 @@ fn read_failure(e: &io::Error, ip: IpAddr) -> CloseReason {
     }
 }
 
-/// Reads what the client sent onto `cin` ([`crate::tls::poll_read_onto`]): a client between
-/// messages (most pooled clients, most of the time) holds no input buffer at all.
-async fn read_input<R: AsyncRead + Unpin>(rd: &mut R, cin: &mut Vec<u8>) -> io::Result<usize> {
-    std::future::poll_fn(|cx| crate::tls::poll_read_onto_or(rd, cx, cin, spare::bytes)).await
-}
-
 struct Client<C> {
-    rd: ReadHalf<C>,
-    wr: WriteHalf<C>,
+    /// The client's connection, read and written by this task alone (no split halves and
+    /// their lock).
+    io: C,
+    /// The task's waker: a pool wakes the holders of its connections when it is retired.
+    waker: std::task::Waker,
     cin: Vec<u8>,
     ip: IpAddr,
     settings: PgPool,
@@ -272,7 +270,15 @@ struct Client<C> {
     registration: Option<Registration>,
 }
 
-use backend::{server_event, ServerEvent};
+use backend::{poll_server, ServerEvent};
+
+/// What woke a client's session loop.
+enum Event {
+    Closed(CloseReason),
+    Server(ServerEvent),
+    Client(io::Result<usize>),
+    Idle,
+}
 use held::Held;
 use machine::Machine;
 pub use server::CancelSlot;
@@ -282,7 +288,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn send(&mut self, bytes: &[u8]) -> Result<(), CloseReason> {
-        self.wr
+        self.io
             .write_all(bytes)
             .await
             .map_err(|_| CloseReason::Error)?;
@@ -296,8 +302,8 @@ where
     /// Sends a FATAL ErrorResponse and ends the session.
     async fn fatal(&mut self, sqlstate: &str, text: &str) -> CloseReason {
         let _ = self.send(&error_response("FATAL", sqlstate, text)).await;
-        let _ = self.wr.flush().await;
-        let _ = self.wr.shutdown().await;
+        let _ = self.io.flush().await;
+        let _ = self.io.shutdown().await;
         CloseReason::Error
     }
 
@@ -312,7 +318,7 @@ where
                     return Ok((tag, body));
                 }
                 Ok(None) => {
-                    let read = self.rd.read_buf(&mut self.cin).await;
+                    let read = self.io.read_buf(&mut self.cin).await;
                     if read.map_err(|e| match read_failure(&e, self.ip) {
                         CloseReason::Done => CloseReason::Error,
                         refused => refused,
@@ -326,7 +332,7 @@ where
         }
     }
 
-    fn hold(&mut self, conn: ServerConn, pool: Arc<Pool>) {
+    fn hold(&mut self, conn: Box<ServerConn>, pool: Arc<Pool>) {
         if let Some((_, slot)) = &self.cancel {
             *lock(slot) = Some((pool.clone(), conn.key));
         }
@@ -336,8 +342,8 @@ where
             r.on_backend(Some(&pool.backend.name));
         }
         self.held = Some(Held {
+            holder: pool.hold(&self.waker),
             conn,
-            retired: pool.retired(),
             pool,
             sbuf: Vec::new(),
             skip: 0,
@@ -346,7 +352,7 @@ where
     }
 
     /// Returns a connection that is not held to its pool.
-    fn give_back(&mut self, conn: ServerConn) {
+    fn give_back(&mut self, conn: Box<ServerConn>) {
         if let Some(pool) = &self.pool {
             pool.checkin(conn, self.settings.server_lifetime);
         }
@@ -366,6 +372,7 @@ where
             h.pool.active.fetch_sub(1, Relaxed);
             h.conn.broken |= broken || !h.sbuf.is_empty() || h.skip > 0;
             spare::give_if_empty(&mut h.sbuf);
+            h.pool.unhold(h.holder);
             h.pool.checkin(h.conn, self.settings.server_lifetime);
         }
     }
@@ -412,26 +419,61 @@ where
     /// `pooling.queueTimeout`, for the health view to change (the backend back, or another
     /// leader), so that a transaction begun in the middle of a failover runs on the new leader
     /// instead of failing. A refused login (wrong password, no such role) fails at once.
-    async fn acquire_conn(&mut self) -> Result<ServerConn, (&'static str, String)> {
-        // The common case: an idle connection of the current pool, taken without a wait.
-        if let Some(pool) = &self.pool {
-            if let Some(c) = pool.take_idle(Some(self.settings.server_lifetime)) {
-                self.hub.stats.record_wait(Duration::ZERO);
+    async fn acquire_conn(&mut self) -> Result<Box<ServerConn>, (&'static str, String)> {
+        let started = Instant::now();
+        // The common case, without a future of its own: the current pool's idle connection,
+        // or its queue (whose watchdog ends the wait at the deadline: no timer per wait).
+        let mut first = None;
+        if let Some(pool) = self.pool.clone() {
+            let deadline = started + self.settings.queue_timeout;
+            let grant = match pool.turn(Some(self.settings.server_lifetime), deadline) {
+                Turn::Conn(c) => Grant::Conn(c),
+                Turn::Queued(waiting) => waiting.granted().await,
+                Turn::Dial => Grant::Dial,
+                Turn::Retired => Grant::Retired,
+            };
+            let got = match grant {
+                Grant::Conn(c) => Ok(c),
+                Grant::Timeout => Err(CheckoutError::Timeout),
+                Grant::Retired => Err(CheckoutError::Retired),
+                dial => Box::pin(pool.use_grant(dial, &self.ctx, &self.login)).await,
+            };
+            if let Ok(c) = got {
+                self.hub.stats.record_wait(started.elapsed());
                 return Ok(c);
             }
+            first = Some(got);
         }
-        let started = Instant::now();
+        Box::pin(self.acquire_slow(started, first)).await
+    }
+
+    /// [`Client::acquire_conn`] past its common case: choosing a backend, dialling, waiting
+    /// out a failover. `first` is the outcome of a checkout already tried on the current pool.
+    async fn acquire_slow(
+        &mut self,
+        started: Instant,
+        mut first: Option<Result<Box<ServerConn>, CheckoutError>>,
+    ) -> Result<Box<ServerConn>, (&'static str, String)> {
         let mut health = self.shared.health.clone();
         let mut last_failure: Option<String> = None;
         let mut retired = 0;
         loop {
             health.borrow_and_update();
-            let pool = self.target().await?;
-            let left = self
-                .settings
-                .queue_timeout
-                .saturating_sub(started.elapsed());
-            let failure = match pool.checkout(&self.ctx, &self.login, left).await {
+            let pool = match (&first, &self.pool) {
+                (Some(_), Some(p)) => p.clone(),
+                _ => self.target().await?,
+            };
+            let checked_out = match first.take() {
+                Some(got) => got,
+                None => {
+                    let left = self
+                        .settings
+                        .queue_timeout
+                        .saturating_sub(started.elapsed());
+                    pool.checkout(&self.ctx, &self.login, left).await
+                }
+            };
+            let failure = match checked_out {
                 Ok(c) => {
                     self.hub.stats.record_wait(started.elapsed());
                     return Ok(c);
@@ -522,10 +564,11 @@ where
         let mut last_read = Instant::now();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
-        let mut kill = self.shared.kill.clone();
-        let killed = kill.changed();
-        tokio::pin!(killed);
-        // Allow-list re-checks, `POST /sessions/close` and the drain reach the client here.
+        // Whether the idle timer's waker is registered for its deadline: it is polled again
+        // only once that deadline is past, not at every turn.
+        let mut idle_armed = false;
+        // Allow-list re-checks, `POST /sessions/close`, the drain and the shutdown reach the
+        // client here (the registry closes every session on shutdown).
         let signal = self.registration.as_ref().map(Registration::signal);
         let closed = registry::closed(signal.as_ref());
         tokio::pin!(closed);
@@ -533,16 +576,35 @@ where
             if let Err(reason) = self.process().await {
                 return reason;
             }
-            // No input buffer while idle (most pooled clients are): see `read_input`.
+            // No input buffer while idle (most pooled clients are): what the client sends is read
+            // onto `cin` ([`crate::tls::poll_read_onto_or`]), which takes one when bytes come.
             spare::give_if_empty(&mut self.cin);
-            tokio::select! {
-                biased;
-                _ = &mut killed => return CloseReason::Shutdown,
-                why = &mut closed => {
+            let (held, io, cin) = (&mut self.held, &mut self.io, &mut self.cin);
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(why) = closed.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Closed(why));
+                }
+                if let Poll::Ready(ev) = poll_server(held.as_mut(), cx) {
+                    return Poll::Ready(Event::Server(ev));
+                }
+                if let Poll::Ready(r) = crate::tls::poll_read_onto_or(io, cx, cin, spare::bytes) {
+                    return Poll::Ready(Event::Client(r));
+                }
+                if !idle_armed || Instant::now() >= idle.deadline() {
+                    idle_armed = true;
+                    if idle.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Idle);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Closed(why) => {
                     debug!(reason = why.as_str(), "pooled client closed by the portal");
                     return why;
                 }
-                ev = server_event(self.held.as_mut()) => {
+                Event::Server(ev) => {
                     let r = match ev {
                         ServerEvent::Data(Ok(n)) if n > 0 => self.server_data().await,
                         ServerEvent::Data(_) => self.server_lost("the server connection was closed").await,
@@ -552,20 +614,19 @@ where
                         return reason;
                     }
                 }
-                r = read_input(&mut self.rd, &mut self.cin) => match r {
-                    Ok(0) => return CloseReason::Done,
-                    Err(e) => return read_failure(&e, self.ip),
-                    Ok(n) => {
-                        metrics.add_bytes(crate::metrics::Direction::ClientToBackend, n as u64);
-                        last_read = Instant::now();
-                    }
-                },
-                _ = &mut idle => {
+                Event::Client(Ok(0)) => return CloseReason::Done,
+                Event::Client(Err(e)) => return read_failure(&e, self.ip),
+                Event::Client(Ok(n)) => {
+                    metrics.add_bytes(crate::metrics::Direction::ClientToBackend, n as u64);
+                    last_read = Instant::now();
+                }
+                Event::Idle => {
                     let next = last_read + idle_timeout;
                     if next <= Instant::now() {
                         return CloseReason::ClientTimeout;
                     }
                     idle.as_mut().reset(next);
+                    idle_armed = false;
                 }
             }
         }

@@ -168,7 +168,8 @@ fn temporary(rest: &[&str]) -> bool {
 /// statement is told by its first word alone ([`may_pin`]).
 const PINNING_WORDS: [&[u8]; 5] = [b"listen", b"prepare", b"declare", b"create", b"set"];
 
-/// Functions, named anywhere in a statement, that leave session state.
+/// Functions, called anywhere in a statement, that leave session state (a call needs a `(`:
+/// text without one names none).
 const PINNING_FUNCTIONS: [&[u8]; 2] = [b"advisory", b"set_config"];
 
 /// Whether `sql` may leave session state: it starts with one of [`PINNING_WORDS`] or
@@ -180,9 +181,10 @@ fn may_pin(sql: &[u8]) -> bool {
     word.is_empty()
         || PINNING_WORDS.iter().any(|k| word.eq_ignore_ascii_case(k))
         || sql::several_statements(sql)
-        || PINNING_FUNCTIONS
-            .iter()
-            .any(|f| sql::contains_ignore_case(sql, f))
+        || (memchr::memchr(b'(', sql).is_some()
+            && PINNING_FUNCTIONS
+                .iter()
+                .any(|f| sql::contains_ignore_case(sql, f)))
 }
 
 /// The first statement of `sql` that leaves session state behind, if any.
@@ -197,11 +199,12 @@ pub fn pin_reason(sql: &[u8]) -> Option<PinReason> {
 /// checks it), at the cost of a lower-cased copy.
 pub fn in_full(sql: &[u8]) -> Option<PinReason> {
     let text = skeleton(&String::from_utf8_lossy(sql));
-    if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
+    let calls = text.contains('(');
+    if calls && (text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock")) {
         return Some(PinReason::AdvisoryLock);
     }
     // set_config(name, value, is_local): pinned whatever is_local says (read conservatively).
-    if text.contains("set_config") {
+    if calls && text.contains("set_config") {
         return Some(PinReason::Set);
     }
     for statement in text.split(';') {

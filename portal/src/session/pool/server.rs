@@ -10,16 +10,14 @@ use std::{
     collections::{HashMap, VecDeque},
     io,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, Weak,
     },
+    task::Waker,
     time::{Duration, Instant},
 };
 
-use tokio::{
-    sync::{oneshot, watch},
-    time::timeout,
-};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info};
 
 use super::conn::{dial, lock, DialContext, ServerConn, Startup};
@@ -48,12 +46,23 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A checkout queued for a grant. Dropped with a grant in it (the client left at that
-/// moment), the grant goes back: a connection is closed and its slot, like a slot to dial, is
-/// given to the next waiter, so no slot is lost.
-struct Waiting<'a> {
+/// A checkout queued for a grant ([`Pool::turn`]). Dropped with a grant in it (the client
+/// left at that moment), the grant goes back: a connection is closed and its slot, like a
+/// slot to dial, is given to the next waiter, so no slot is lost.
+pub struct Waiting<'a> {
     pool: &'a Pool,
     rx: oneshot::Receiver<Grant>,
+}
+
+impl Waiting<'_> {
+    /// The grant, when it comes; [`Grant::Timeout`] once the deadline given to
+    /// [`Pool::turn`] passes (the pool's watchdog sends it: no timer per wait).
+    pub async fn granted(mut self) -> Grant {
+        self.pool.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let got = (&mut self.rx).await;
+        self.pool.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        got.unwrap_or(Grant::Retired)
+    }
 }
 
 impl Drop for Waiting<'_> {
@@ -62,30 +71,54 @@ impl Drop for Waiting<'_> {
         match self.rx.try_recv() {
             Ok(Grant::Conn(conn)) => {
                 drop(conn);
-                self.pool.stats.server_closed.fetch_add(1, Relaxed);
+                self.pool.stats.server_closed.fetch_add(1, Ordering::Relaxed);
                 self.pool.closed_one();
             }
             Ok(Grant::Dial) => self.pool.closed_one(),
-            Ok(Grant::Retired) | Err(_) => {}
+            Ok(Grant::Retired | Grant::Timeout) | Err(_) => {}
         }
     }
 }
 
 /// What a waiting client is given.
-enum Grant {
-    Conn(ServerConn),
+pub enum Grant {
+    Conn(Box<ServerConn>),
     /// A slot to open a connection of its own (one closed, or a dial failed).
     Dial,
     /// The pool was retired (its backend stopped leading): choose again.
     Retired,
+    /// Its deadline passed first.
+    Timeout,
+}
+
+/// A checkout's first step ([`Pool::turn`]): a connection at once, a slot to dial, or a
+/// place in the queue.
+pub enum Turn<'a> {
+    Conn(Box<ServerConn>),
+    Dial,
+    Queued(Waiting<'a>),
+    Retired,
+}
+
+/// A queued checkout: where its grant goes, and when it stops waiting.
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    deadline: tokio::time::Instant,
 }
 
 #[derive(Default)]
 struct Inner {
-    idle: Vec<ServerConn>,
+    idle: Vec<Box<ServerConn>>,
     /// Connections open or being opened (idle + held + dialling).
     open: usize,
-    waiters: VecDeque<oneshot::Sender<Grant>>,
+    waiters: VecDeque<Waiter>,
+    /// The deadline the queue's watchdog sleeps until, if any: a waiter with an earlier one
+    /// wakes it.
+    watched: Option<tokio::time::Instant>,
+    /// The tasks of the clients holding one of its connections, woken when it is retired
+    /// (a free place is `None`; [`Pool::hold`] gives the index).
+    holders: Vec<Option<Waker>>,
+    free_holders: Vec<usize>,
 }
 
 /// Why a client got no server connection.
@@ -108,7 +141,11 @@ pub struct Pool {
     pub startup: Startup,
     size: usize,
     inner: Mutex<Inner>,
-    retired: watch::Sender<bool>,
+    /// Wakes the queue's watchdog ([`queue_watchdog`]) when a client queues and it is not
+    /// watching.
+    watchdog: Arc<tokio::sync::Notify>,
+    /// Set once, when the backend stops taking transactions; the holders are woken then.
+    retired: AtomicBool,
     /// Clients holding one of its connections now.
     pub active: AtomicU64,
     stats: Arc<PoolStats>,
@@ -128,11 +165,33 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     pub fn is_retired(&self) -> bool {
-        *self.retired.borrow()
+        self.retired.load(Ordering::Acquire)
     }
 
-    pub fn retired(&self) -> watch::Receiver<bool> {
-        self.retired.subscribe()
+    /// Records the task of a client that holds one of the pool's connections now, to be
+    /// woken if the pool is retired; the place to give back with [`Pool::unhold`].
+    pub fn hold(&self, waker: &Waker) -> usize {
+        let mut g = lock(&self.inner);
+        match g.free_holders.pop() {
+            Some(i) => {
+                g.holders[i] = Some(waker.clone());
+                i
+            }
+            None => {
+                g.holders.push(Some(waker.clone()));
+                g.holders.len() - 1
+            }
+        }
+    }
+
+    /// The client of place `holder` holds none of the pool's connections any more.
+    pub fn unhold(&self, holder: usize) {
+        let mut g = lock(&self.inner);
+        if let Some(slot) = g.holders.get_mut(holder) {
+            if slot.take().is_some() {
+                g.free_holders.push(holder);
+            }
+        }
     }
 
     /// (open, idle) connections.
@@ -152,50 +211,57 @@ impl Pool {
         ctx: &DialContext,
         login: &Login,
         queue: Duration,
-    ) -> Result<ServerConn, CheckoutError> {
+    ) -> Result<Box<ServerConn>, CheckoutError> {
         let lifetime = ctx.config.plane.pg_pool().map(|p| p.server_lifetime);
-        let rx = {
+        let grant = match self.turn(lifetime, tokio::time::Instant::now() + queue) {
+            Turn::Conn(c) => return Ok(c),
+            Turn::Retired => return Err(CheckoutError::Retired),
+            Turn::Dial => Grant::Dial,
+            Turn::Queued(waiting) => waiting.granted().await,
+        };
+        self.use_grant(grant, ctx, login).await
+    }
+
+    /// A checkout's first step, without waiting: an idle connection, else a slot to dial
+    /// while the pool has room, else a place in the FIFO queue until `deadline`.
+    pub fn turn(&self, lifetime: Option<Duration>, deadline: tokio::time::Instant) -> Turn<'_> {
+        let (rx, wake) = {
             let mut g = lock(&self.inner);
             if self.is_retired() {
-                return Err(CheckoutError::Retired);
+                return Turn::Retired;
             }
             if let Some(c) = self.pop_idle(&mut g, lifetime) {
-                return Ok(c);
+                return Turn::Conn(c);
             }
             if g.open < self.size {
                 g.open += 1;
-                None
-            } else {
-                let (tx, rx) = oneshot::channel();
-                g.waiters.push_back(tx);
-                Some(rx)
+                return Turn::Dial;
             }
-        };
-        let grant = match rx {
-            None => Grant::Dial,
-            Some(rx) => {
-                // Whatever is given to a checkout dropped while it waits goes back (Waiting).
-                let mut rx = Waiting { pool: self, rx };
-                self.stats.waiting.fetch_add(1, Relaxed);
-                let got = timeout(queue, &mut rx.rx).await;
-                self.stats.waiting.fetch_sub(1, Relaxed);
-                match got {
-                    Ok(Ok(g)) => g,
-                    Ok(Err(_)) => Grant::Retired,
-                    Err(_) => {
-                        rx.rx.close();
-                        match rx.rx.try_recv() {
-                            // Given at the last moment: take it.
-                            Ok(g) => g,
-                            Err(_) => return Err(CheckoutError::Timeout),
-                        }
-                    }
-                }
+            let (tx, rx) = oneshot::channel();
+            g.waiters.push_back(Waiter { tx, deadline });
+            let wake = g.watched.is_none_or(|until| deadline < until);
+            if wake {
+                g.watched = Some(deadline);
             }
+            (rx, wake)
         };
+        if wake {
+            self.watchdog.notify_one();
+        }
+        Turn::Queued(Waiting { pool: self, rx })
+    }
+
+    /// What a grant becomes: its connection, a connection dialled in its slot, or the error.
+    pub async fn use_grant(
+        self: &Arc<Self>,
+        grant: Grant,
+        ctx: &DialContext,
+        login: &Login,
+    ) -> Result<Box<ServerConn>, CheckoutError> {
         match grant {
             Grant::Conn(c) => Ok(c),
             Grant::Retired => Err(CheckoutError::Retired),
+            Grant::Timeout => Err(CheckoutError::Timeout),
             Grant::Dial => {
                 // The slot goes back if the dial fails or the checkout is dropped during it
                 // (the client's handshake deadline, the client gone).
@@ -214,11 +280,11 @@ impl Pool {
                 {
                     Ok(c) => {
                         slot.keep();
-                        self.stats.server_opened.fetch_add(1, Relaxed);
-                        Ok(c)
+                        self.stats.server_opened.fetch_add(1, Ordering::Relaxed);
+                        Ok(Box::new(c))
                     }
                     Err(e) => {
-                        self.stats.server_errors.fetch_add(1, Relaxed);
+                        self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
                         drop(slot);
                         Err(CheckoutError::Dial(e))
                     }
@@ -227,9 +293,23 @@ impl Pool {
         }
     }
 
+    /// Sends [`Grant::Timeout`] to the waiters whose deadline is past; the next deadline, if
+    /// any waits (the watchdog then sleeps until it).
+    fn expire_waiters(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let mut g = lock(&self.inner);
+        while g.waiters.front().is_some_and(|w| w.deadline <= now) {
+            if let Some(w) = g.waiters.pop_front() {
+                let _ = w.tx.send(Grant::Timeout);
+            }
+        }
+        let next = g.waiters.iter().map(|w| w.deadline).min();
+        g.watched = next;
+        next
+    }
+
     /// An idle connection of the pool, without waiting, if one is there (the common case of
     /// [`Pool::checkout`]).
-    pub fn take_idle(&self, lifetime: Option<Duration>) -> Option<ServerConn> {
+    pub fn take_idle(&self, lifetime: Option<Duration>) -> Option<Box<ServerConn>> {
         let mut g = lock(&self.inner);
         if self.is_retired() {
             return None;
@@ -239,7 +319,7 @@ impl Pool {
 
     /// The most recently used idle connection that is neither stale nor past `lifetime`; the
     /// others on the way are closed.
-    fn pop_idle(&self, g: &mut Inner, lifetime: Option<Duration>) -> Option<ServerConn> {
+    fn pop_idle(&self, g: &mut Inner, lifetime: Option<Duration>) -> Option<Box<ServerConn>> {
         if g.idle.is_empty() {
             return None;
         }
@@ -247,7 +327,7 @@ impl Pool {
         while let Some(mut c) = g.idle.pop() {
             if c.is_stale() || lifetime.is_some_and(|l| now.duration_since(c.created) >= l) {
                 g.open -= 1;
-                self.stats.server_closed.fetch_add(1, Relaxed);
+                self.stats.server_closed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             return Some(c);
@@ -260,7 +340,7 @@ impl Pool {
         let mut g = lock(&self.inner);
         g.open -= 1;
         while let Some(w) = g.waiters.pop_front() {
-            if w.send(Grant::Dial).is_ok() {
+            if w.tx.send(Grant::Dial).is_ok() {
                 g.open += 1;
                 break;
             }
@@ -269,18 +349,18 @@ impl Pool {
 
     /// Gives a connection back: to the first waiting client, else to the idle list. A broken
     /// one, one past `serverLifetime` or of a retired pool is closed.
-    pub fn checkin(&self, mut conn: ServerConn, lifetime: Duration) {
+    pub fn checkin(&self, mut conn: Box<ServerConn>, lifetime: Duration) {
         let now = Instant::now();
         if conn.broken || self.is_retired() || now.duration_since(conn.created) >= lifetime {
             drop(conn);
-            self.stats.server_closed.fetch_add(1, Relaxed);
+            self.stats.server_closed.fetch_add(1, Ordering::Relaxed);
             self.closed_one();
             return;
         }
         conn.last_used = now;
         let mut g = lock(&self.inner);
         while let Some(w) = g.waiters.pop_front() {
-            match w.send(Grant::Conn(conn)) {
+            match w.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
                 Err(Grant::Conn(c)) => conn = c,
                 Err(_) => unreachable!("sent a connection"),
@@ -309,7 +389,7 @@ impl Pool {
             (closed, want)
         };
         if closed > 0 {
-            self.stats.server_closed.fetch_add(closed as u64, Relaxed);
+            self.stats.server_closed.fetch_add(closed as u64, Ordering::Relaxed);
             debug!(pool = ?self, closed, "idle server connections closed");
         }
         let login = lock(&self.login).clone();
@@ -325,11 +405,11 @@ impl Pool {
             .await
             {
                 Ok(c) => {
-                    self.stats.server_opened.fetch_add(1, Relaxed);
-                    self.checkin(c, settings.server_lifetime);
+                    self.stats.server_opened.fetch_add(1, Ordering::Relaxed);
+                    self.checkin(Box::new(c), settings.server_lifetime);
                 }
                 Err(e) => {
-                    self.stats.server_errors.fetch_add(1, Relaxed);
+                    self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
                     self.closed_one();
                     debug!(error = %e, "minIdle: a server connection could not be opened");
                     break;
@@ -340,16 +420,50 @@ impl Pool {
 
     /// Closes every idle connection and tells the holders and the waiters to leave.
     fn retire(&self) {
-        self.retired.send_replace(true);
         let mut g = lock(&self.inner);
+        self.retired.store(true, Ordering::Release);
+        for w in g.holders.iter().flatten() {
+            w.wake_by_ref();
+        }
         let idle = std::mem::take(&mut g.idle);
         g.open -= idle.len();
         self.stats
             .server_closed
-            .fetch_add(idle.len() as u64, Relaxed);
+            .fetch_add(idle.len() as u64, Ordering::Relaxed);
         for w in std::mem::take(&mut g.waiters) {
-            let _ = w.send(Grant::Retired);
+            let _ = w.tx.send(Grant::Retired);
         }
+        drop(g);
+        self.watchdog.notify_one();
+    }
+}
+
+/// Ends the waits of a pool's queue at their deadlines (`pooling.queueTimeout`): one task per
+/// pool, asleep until the first deadline while clients wait, or until a client queues with
+/// an earlier one. Ends with the pool (dropped or retired).
+async fn queue_watchdog(pool: Weak<Pool>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = {
+            let Some(pool) = pool.upgrade() else { break };
+            if pool.is_retired() {
+                break;
+            }
+            pool.expire_waiters(tokio::time::Instant::now())
+        };
+        match next {
+            Some(deadline) => tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = wake.notified() => {}
+            },
+            None => wake.notified().await,
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Its watchdog waits for a queued client: let it see the pool gone.
+        self.watchdog.notify_one();
     }
 }
 
@@ -418,7 +532,8 @@ impl PgHub {
             startup: startup.clone(),
             size: settings.pool_size,
             inner: Mutex::default(),
-            retired: watch::channel(false).0,
+            watchdog: Arc::default(),
+            retired: AtomicBool::new(false),
             active: AtomicU64::new(0),
             stats: self.stats.clone(),
             login: Mutex::new(login.clone()),
@@ -426,6 +541,7 @@ impl PgHub {
         if let Some(old) = pools.insert(key.clone(), pool.clone()) {
             old.retire();
         }
+        tokio::spawn(queue_watchdog(Arc::downgrade(&pool), pool.watchdog.clone()));
         // The pool's upkeep: idle timeout, lifetime, minIdle; ends when the pool is retired
         // or dropped, or forgotten once no client uses it and it has no connection left (pools
         // come and go with the startup parameters of the clients).
@@ -502,6 +618,7 @@ impl PgHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::timeout;
 
     /// A checkout dropped while it dials (the client's handshake deadline, the client gone)
     /// gives its slot back: a pool of one then lets the next checkout dial at once instead of
