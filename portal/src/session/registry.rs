@@ -126,6 +126,8 @@ pub fn keep_seen(config: &Config, health: &HealthView, seen: Seen<'_>) -> Result
 #[derive(Debug, Default)]
 pub struct Close {
     closing: AtomicBool,
+    /// An unbound client holds a server connection now (of `CloseState::backend`).
+    holding: AtomicBool,
     state: Mutex<CloseState>,
 }
 
@@ -133,10 +135,8 @@ pub struct Close {
 struct CloseState {
     reason: Option<CloseReason>,
     waker: Option<Waker>,
-    /// An unbound client's backend: the last one it held a server connection of, and whether
-    /// it holds one now.
+    /// An unbound client's backend: the last one it held a server connection of.
     backend: Option<Box<str>>,
-    holding: bool,
 }
 
 impl Close {
@@ -155,12 +155,11 @@ impl Close {
 
     /// An unbound client's backend of the moment, for [`Sessions::close_where`].
     fn backend(&self) -> Option<Box<str>> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.holding {
-            st.backend.clone()
-        } else {
-            None
+        if !self.holding.load(Ordering::Acquire) {
+            return None;
         }
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.backend.clone()
     }
 
     /// The reason to close, if asked; otherwise registers `cx`'s waker when `register` is set.
@@ -303,16 +302,19 @@ impl Registration {
 
     /// An unbound client holds a server connection of `backend` now (`Some`), or none.
     pub fn on_backend(&self, backend: Option<&str>) {
-        let mut st = self.close.state.lock().unwrap_or_else(|e| e.into_inner());
-        match backend {
-            Some(name) => {
-                if st.backend.as_deref() != Some(name) {
-                    st.backend = Some(name.into());
-                }
-                st.holding = true;
+        if let Some(name) = backend {
+            let mut st = self.close.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.backend.as_deref() != Some(name) {
+                st.backend = Some(name.into());
             }
-            None => st.holding = false,
         }
+        self.close.holding.store(backend.is_some(), Ordering::Release);
+    }
+
+    /// An unbound client holds a server connection again, of the backend it named last
+    /// ([`Registration::on_backend`]): an atomic store.
+    pub fn on_same_backend(&self) {
+        self.close.holding.store(true, Ordering::Release);
     }
 }
 

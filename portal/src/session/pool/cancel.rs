@@ -76,7 +76,7 @@ impl PgHub {
         let Some(slot) = known else {
             return self.to_peer(key, ctx).await;
         };
-        let target = lock(&slot).clone();
+        let target = slot.target();
         let Some((pool, server_key)) = target else {
             self.stats.cancels_dropped.fetch_add(1, Relaxed);
             debug!("CancelRequest for an idle client: dropped");

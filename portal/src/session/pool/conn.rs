@@ -99,6 +99,9 @@ pub struct ServerConn {
     pub broken: bool,
     /// What [`LEFTOVERS`] answered when it was new (`None`: not asked, or not answered).
     pub(super) fresh: Option<String>,
+    /// Its holder's place among its pool's holders (woken when the pool is retired), while a
+    /// client holds it.
+    pub(super) holder: Option<usize>,
 }
 
 /// The state a server session keeps through DISCARD ALL, as the server shows it: how many
@@ -137,6 +140,7 @@ impl ServerConn {
             last_used: now,
             broken,
             fresh: None,
+            holder: None,
         }
     }
 

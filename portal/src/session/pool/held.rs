@@ -1,6 +1,6 @@
-//! A server connection a pooled PostgreSQL client holds: the connection, its pool, the
-//! client's place among the pool's holders (woken when its backend is retired), and the
-//! server's bytes not yet forwarded. What is in flight on it is the client's [`Machine`](super::machine::Machine)'s to know.
+//! A server connection a pooled PostgreSQL client holds: the connection (which knows its
+//! holder's place in the pool, woken when its backend is retired), its pool, and the server's
+//! bytes not yet forwarded. What is in flight on it is the client's [`Machine`](super::machine::Machine)'s to know.
 //!
 //! May import: the rest of `pool`.
 
@@ -13,8 +13,6 @@ use super::server::Pool;
 pub(super) struct Held {
     pub(super) conn: Box<ServerConn>,
     pub(super) pool: Arc<Pool>,
-    /// Its place among the pool's holders (woken when the pool is retired).
-    pub(super) holder: usize,
     /// Server bytes not yet forwarded.
     pub(super) sbuf: Vec<u8>,
     /// Bytes of a server message being forwarded without inspection.

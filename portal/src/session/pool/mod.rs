@@ -68,7 +68,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use conn::{lock, DialContext, Params, ServerConn, Startup};
+use conn::{DialContext, Params, ServerConn, Startup};
 pub use pinning::REPLAYED;
 pub use report::{status, PoolCollector};
 pub use server::PgHub;
@@ -165,6 +165,7 @@ async fn client_task<C>(
         machine,
         cancel: None,
         registration: None,
+        reported: 0,
     };
     let started = Box::pin(c.startup()).await;
     drop(negotiating);
@@ -174,6 +175,7 @@ async fn client_task<C>(
                 Ok(registration) => {
                     if let Some(h) = &c.held {
                         registration.on_backend(Some(&h.pool.backend.name));
+                        c.reported = h.pool.id;
                     }
                     c.registration = Some(registration);
                     c.session().await
@@ -268,6 +270,8 @@ struct Client<C> {
     cancel: Option<((u32, u32), Arc<CancelSlot>)>,
     /// The client's place in the session registry, once logged in.
     registration: Option<Registration>,
+    /// The pool whose backend the registry was told of last ([`Pool::id`]; 0: none).
+    reported: u64,
 }
 
 use backend::{poll_server, ServerEvent};
@@ -332,17 +336,22 @@ where
         }
     }
 
-    fn hold(&mut self, conn: Box<ServerConn>, pool: Arc<Pool>) {
+    fn hold(&mut self, mut conn: Box<ServerConn>, pool: Arc<Pool>) {
+        pool.hold(&mut conn, &self.waker);
         if let Some((_, slot)) = &self.cancel {
-            *lock(slot) = Some((pool.clone(), conn.key));
+            slot.held(&pool, conn.key);
         }
         self.hub.stats.active.fetch_add(1, Relaxed);
         pool.active.fetch_add(1, Relaxed);
         if let Some(r) = &self.registration {
-            r.on_backend(Some(&pool.backend.name));
+            if self.reported == pool.id {
+                r.on_same_backend();
+            } else {
+                r.on_backend(Some(&pool.backend.name));
+                self.reported = pool.id;
+            }
         }
         self.held = Some(Held {
-            holder: pool.hold(&self.waker),
             conn,
             pool,
             sbuf: Vec::new(),
@@ -363,7 +372,7 @@ where
         self.machine.released();
         if let Some(mut h) = self.held.take() {
             if let Some((_, slot)) = &self.cancel {
-                *lock(slot) = None;
+                slot.released();
             }
             if let Some(r) = &self.registration {
                 r.on_backend(None);
@@ -372,7 +381,6 @@ where
             h.pool.active.fetch_sub(1, Relaxed);
             h.conn.broken |= broken || !h.sbuf.is_empty() || h.skip > 0;
             spare::give_if_empty(&mut h.sbuf);
-            h.pool.unhold(h.holder);
             h.pool.checkin(h.conn, self.settings.server_lifetime);
         }
     }
@@ -426,7 +434,8 @@ where
         let mut first = None;
         if let Some(pool) = self.pool.clone() {
             let deadline = started + self.settings.queue_timeout;
-            let grant = match pool.turn(Some(self.settings.server_lifetime), deadline) {
+            let lifetime = Some(self.settings.server_lifetime);
+            let grant = match pool.turn(lifetime, deadline, Some(&self.waker)) {
                 Turn::Conn(c) => Grant::Conn(c),
                 Turn::Queued(waiting) => waiting.granted().await,
                 Turn::Dial => Grant::Dial,

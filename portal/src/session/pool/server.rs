@@ -69,10 +69,12 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.rx.close();
         match self.rx.try_recv() {
-            Ok(Grant::Conn(conn)) => {
+            Ok(Grant::Conn(mut conn)) => {
+                let mut g = lock(&self.pool.inner);
+                g.drop_holder(&mut conn);
                 drop(conn);
                 self.pool.stats.server_closed.fetch_add(1, Ordering::Relaxed);
-                self.pool.closed_one();
+                g.closed_one();
             }
             Ok(Grant::Dial) => self.pool.closed_one(),
             Ok(Grant::Retired | Grant::Timeout) | Err(_) => {}
@@ -104,6 +106,8 @@ pub enum Turn<'a> {
 struct Waiter {
     tx: oneshot::Sender<Grant>,
     deadline: tokio::time::Instant,
+    /// Its task, recorded as the holder of the connection it is given.
+    waker: Option<Waker>,
 }
 
 #[derive(Default)]
@@ -121,6 +125,42 @@ struct Inner {
     free_holders: Vec<usize>,
 }
 
+impl Inner {
+    /// Records `waker` as a holder's: its place.
+    fn add_holder(&mut self, waker: &Waker) -> usize {
+        match self.free_holders.pop() {
+            Some(i) => {
+                self.holders[i] = Some(waker.clone());
+                i
+            }
+            None => {
+                self.holders.push(Some(waker.clone()));
+                self.holders.len() - 1
+            }
+        }
+    }
+
+    /// The holder of a connection coming back, forgotten.
+    fn drop_holder(&mut self, conn: &mut ServerConn) {
+        if let Some(i) = conn.holder.take() {
+            if self.holders.get_mut(i).and_then(Option::take).is_some() {
+                self.free_holders.push(i);
+            }
+        }
+    }
+
+    /// A slot freed (a connection closed, a dial failed): the first waiter may open one.
+    fn closed_one(&mut self) {
+        self.open -= 1;
+        while let Some(w) = self.waiters.pop_front() {
+            if w.tx.send(Grant::Dial).is_ok() {
+                self.open += 1;
+                break;
+            }
+        }
+    }
+}
+
 /// Why a client got no server connection.
 #[derive(Debug)]
 pub enum CheckoutError {
@@ -134,6 +174,8 @@ pub enum CheckoutError {
 
 /// The server connections to one backend for one database and user.
 pub struct Pool {
+    /// Unique among the pools of the process (from 1).
+    pub id: u64,
     pub backend: Backend,
     pub database: String,
     pub user: String,
@@ -168,29 +210,11 @@ impl Pool {
         self.retired.load(Ordering::Acquire)
     }
 
-    /// Records the task of a client that holds one of the pool's connections now, to be
-    /// woken if the pool is retired; the place to give back with [`Pool::unhold`].
-    pub fn hold(&self, waker: &Waker) -> usize {
-        let mut g = lock(&self.inner);
-        match g.free_holders.pop() {
-            Some(i) => {
-                g.holders[i] = Some(waker.clone());
-                i
-            }
-            None => {
-                g.holders.push(Some(waker.clone()));
-                g.holders.len() - 1
-            }
-        }
-    }
-
-    /// The client of place `holder` holds none of the pool's connections any more.
-    pub fn unhold(&self, holder: usize) {
-        let mut g = lock(&self.inner);
-        if let Some(slot) = g.holders.get_mut(holder) {
-            if slot.take().is_some() {
-                g.free_holders.push(holder);
-            }
+    /// Records the task of a client that holds `conn` now, to be woken if the pool is
+    /// retired (a connection taken without [`Pool::turn`]'s waker: a new one).
+    pub fn hold(&self, conn: &mut ServerConn, waker: &Waker) {
+        if conn.holder.is_none() {
+            conn.holder = Some(lock(&self.inner).add_holder(waker));
         }
     }
 
@@ -213,7 +237,7 @@ impl Pool {
         queue: Duration,
     ) -> Result<Box<ServerConn>, CheckoutError> {
         let lifetime = ctx.config.plane.pg_pool().map(|p| p.server_lifetime);
-        let grant = match self.turn(lifetime, tokio::time::Instant::now() + queue) {
+        let grant = match self.turn(lifetime, tokio::time::Instant::now() + queue, None) {
             Turn::Conn(c) => return Ok(c),
             Turn::Retired => return Err(CheckoutError::Retired),
             Turn::Dial => Grant::Dial,
@@ -224,13 +248,22 @@ impl Pool {
 
     /// A checkout's first step, without waiting: an idle connection, else a slot to dial
     /// while the pool has room, else a place in the FIFO queue until `deadline`.
-    pub fn turn(&self, lifetime: Option<Duration>, deadline: tokio::time::Instant) -> Turn<'_> {
+    /// `waker` (the client's task) is recorded as the holder of the connection it gets.
+    pub fn turn(
+        &self,
+        lifetime: Option<Duration>,
+        deadline: tokio::time::Instant,
+        waker: Option<&Waker>,
+    ) -> Turn<'_> {
         let (rx, wake) = {
             let mut g = lock(&self.inner);
             if self.is_retired() {
                 return Turn::Retired;
             }
-            if let Some(c) = self.pop_idle(&mut g, lifetime) {
+            if let Some(mut c) = self.pop_idle(&mut g, lifetime) {
+                if let Some(w) = waker {
+                    c.holder = Some(g.add_holder(w));
+                }
                 return Turn::Conn(c);
             }
             if g.open < self.size {
@@ -238,7 +271,11 @@ impl Pool {
                 return Turn::Dial;
             }
             let (tx, rx) = oneshot::channel();
-            g.waiters.push_back(Waiter { tx, deadline });
+            g.waiters.push_back(Waiter {
+                tx,
+                deadline,
+                waker: waker.cloned(),
+            });
             let wake = g.watched.is_none_or(|until| deadline < until);
             if wake {
                 g.watched = Some(deadline);
@@ -337,32 +374,34 @@ impl Pool {
 
     /// A slot freed (a connection closed, a dial failed): the first waiter may open one.
     fn closed_one(&self) {
-        let mut g = lock(&self.inner);
-        g.open -= 1;
-        while let Some(w) = g.waiters.pop_front() {
-            if w.tx.send(Grant::Dial).is_ok() {
-                g.open += 1;
-                break;
-            }
-        }
+        lock(&self.inner).closed_one();
     }
 
-    /// Gives a connection back: to the first waiting client, else to the idle list. A broken
-    /// one, one past `serverLifetime` or of a retired pool is closed.
+    /// Gives a connection back: to the first waiting client (its holder now), else to the
+    /// idle list. A broken one, one past `serverLifetime` or of a retired pool is closed.
     pub fn checkin(&self, mut conn: Box<ServerConn>, lifetime: Duration) {
         let now = Instant::now();
-        if conn.broken || self.is_retired() || now.duration_since(conn.created) >= lifetime {
+        let close =
+            conn.broken || self.is_retired() || now.duration_since(conn.created) >= lifetime;
+        let mut g = lock(&self.inner);
+        g.drop_holder(&mut conn);
+        if close {
             drop(conn);
             self.stats.server_closed.fetch_add(1, Ordering::Relaxed);
-            self.closed_one();
+            g.closed_one();
             return;
         }
         conn.last_used = now;
-        let mut g = lock(&self.inner);
         while let Some(w) = g.waiters.pop_front() {
+            if let Some(waker) = &w.waker {
+                conn.holder = Some(g.add_holder(waker));
+            }
             match w.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
-                Err(Grant::Conn(c)) => conn = c,
+                Err(Grant::Conn(mut c)) => {
+                    g.drop_holder(&mut c);
+                    conn = c;
+                }
                 Err(_) => unreachable!("sent a connection"),
             }
         }
@@ -470,8 +509,42 @@ impl Drop for Pool {
 /// Backend (name/address), database, user, startup parameters.
 type PoolKey = (String, String, String, Startup);
 
-/// The server connection a client's cancel goes to: set while it holds one.
-pub type CancelSlot = Mutex<Option<(Arc<Pool>, (u32, u32))>>;
+/// The server connection a client's cancel goes to: the server's key while the client holds
+/// one of its pool's connections (0: none held; no server gives pid 0), and that pool, written
+/// only when it changes, so that taking and giving back a connection costs two atomic stores.
+#[derive(Debug, Default)]
+pub struct CancelSlot {
+    key: AtomicU64,
+    pool_id: AtomicU64,
+    pool: Mutex<Option<Arc<Pool>>>,
+}
+
+impl CancelSlot {
+    /// The client holds a connection of `pool` whose server gave `key`.
+    pub fn held(&self, pool: &Arc<Pool>, key: (u32, u32)) {
+        if self.pool_id.load(Ordering::Relaxed) != pool.id {
+            *lock(&self.pool) = Some(pool.clone());
+            self.pool_id.store(pool.id, Ordering::Relaxed);
+        }
+        let packed = (u64::from(key.0) << 32) | u64::from(key.1);
+        self.key.store(packed, Ordering::Release);
+    }
+
+    /// The client holds none now.
+    pub fn released(&self) {
+        self.key.store(0, Ordering::Release);
+    }
+
+    /// Where a cancel goes now: the pool and the server's key, if a connection is held.
+    pub fn target(&self) -> Option<(Arc<Pool>, (u32, u32))> {
+        let packed = self.key.load(Ordering::Acquire);
+        if packed == 0 {
+            return None;
+        }
+        let pool = lock(&self.pool).clone()?;
+        Some((pool, ((packed >> 32) as u32, packed as u32)))
+    }
+}
 
 /// The pools of one portal, the pool watcher, and the clients' own keys for BackendKeyData.
 #[derive(Debug, Default)]
@@ -525,7 +598,9 @@ impl PgHub {
                 return p.clone();
             }
         }
+        static IDS: AtomicU64 = AtomicU64::new(1);
         let pool = Arc::new(Pool {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             backend: backend.clone(),
             database: database.into(),
             user: user.into(),

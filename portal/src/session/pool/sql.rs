@@ -24,8 +24,16 @@ pub fn first_word(sql: &[u8]) -> &[u8] {
     &rest[..len]
 }
 
-/// Whether the first word of `sql` is one of `keywords` (lower case), in any case.
+/// Whether the first word of `sql` is one of `keywords` (lower case), in any case. Its first
+/// letter settles most texts: the word is read only when a keyword starts with it.
 pub fn starts_with_any(sql: &[u8], keywords: &[&[u8]]) -> bool {
+    let Some(&lead) = sql.iter().find(|b| !b.is_ascii_whitespace()) else {
+        return false;
+    };
+    let lead = lead.to_ascii_lowercase();
+    if !keywords.iter().any(|k| k.first() == Some(&lead)) {
+        return false;
+    }
     let word = first_word(sql);
     keywords.iter().any(|k| word.eq_ignore_ascii_case(k))
 }

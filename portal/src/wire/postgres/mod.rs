@@ -246,7 +246,7 @@ fn malformed(tag: u8, body: &[u8], what: &'static str) -> FrameError {
 
 /// The NUL-terminated string at the start of `buf` and what follows it.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = buf.iter().position(|&b| b == 0)?;
+    let nul = memchr::memchr(0, buf)?;
     Some((&buf[..nul], &buf[nul + 1..]))
 }
 
