@@ -40,7 +40,7 @@ starts is stopped by PID; its temp dirs are private and removed.
 Environment: MODES ("pg redis"), PORTAL_BIN (default: build the release portal under
 CARGO_TARGET_DIR), PG_N (transactions per client in the short run, 200), PG_PROTOCOLS
 ("simple extended"), LOGIN_T (transactions per client in the login runs, 20), REDIS_N1 and
-REDIS_N16 (GETs in the short run, 10000 and 80000), SERVER_CONNECTIONS (redis, 4 for both),
+REDIS_N16 (GETs in the short run, 10000 and 80000), REDIS_PIPELINES ("1 16"), SERVER_CONNECTIONS (redis, 4 for both),
 HEALTH_INTERVAL (1h), IDLE_SECONDS (5; 0 skips the idle rows), KEEP_OUT (a directory to copy
 the callgrind outputs of the longer runs into, for callgrind_annotate); to profile one part:
 CONTENDERS ("portal anchor"), WIRES ("plaintext TLS"), LOGINS (1; 0 skips the login rows).
@@ -74,6 +74,7 @@ PG_N = int(os.environ.get("PG_N", "200"))
 PG_PROTOCOLS = os.environ.get("PG_PROTOCOLS", "simple extended").split()
 LOGIN_T = int(os.environ.get("LOGIN_T", "20"))
 REDIS_N = {1: int(os.environ.get("REDIS_N1", "10000")), 16: int(os.environ.get("REDIS_N16", "80000"))}
+REDIS_PIPELINES = [int(p) for p in os.environ.get("REDIS_PIPELINES", "1 16").split()]
 SERVER_CONNECTIONS = int(os.environ.get("SERVER_CONNECTIONS", "4"))
 HEALTH_INTERVAL = os.environ.get("HEALTH_INTERVAL", "1h")
 IDLE_SECONDS = float(os.environ.get("IDLE_SECONDS", "5"))
@@ -316,7 +317,7 @@ def table(title, columns, rows, extra_col=None):
              "|---|---|---|---|" + ("---|" if extra_col else "")]
     for name, work in rows:
         a, b = work.get(columns[0], {}), work.get(columns[1], {})
-        c = work.get(extra_col) if extra_col else None
+        c = work.get(extra_col, {}) if extra_col else None
         keys = ["Ir"] + sorted(
             (k for k in set(a) | set(b) | set(c or ()) if k != "Ir"
              and max(abs(w.get(k, 0)) for w in (a, b, c or {})) >= 0.005),
@@ -512,10 +513,11 @@ def section_redis(setup):
                  f"{SERVER_CONNECTIONS}}}, healthCheck.interval {HEALTH_INTERVAL}, rise 1.")
     contenders = {"portal": portal_redis(redis_port), "nutcracker -v 4": nutcracker(redis_port, 4),
                   "nutcracker -v 5": nutcracker(redis_port, 5)}
+    contenders = {k: v for k, v in contenders.items() if ("portal" if k == "portal" else "anchor") in CONTENDERS}
     for name, c in contenders.items():
         smoke(c, redis_benchmark(1, 1000), f"{name}-smoke".replace(" ", ""), False)
     rows = []
-    for pipeline in (1, 16):
+    for pipeline in REDIS_PIPELINES:
         n = REDIS_N[pipeline]
         work = {}
         for name, c in contenders.items():

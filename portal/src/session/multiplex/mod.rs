@@ -41,13 +41,16 @@ mod sink;
 mod stats;
 
 use std::{
+    future::Future,
     net::IpAddr,
+    pin::Pin,
     sync::{atomic::Ordering::Relaxed, Arc},
+    task::Poll,
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     time::Instant,
 };
 use tracing::debug;
@@ -56,7 +59,7 @@ pub use commands::PinReason;
 use commands::{classify, client_id_arg, Local};
 use conn::DialContext;
 use machine::{step, Held, Step};
-use pinned::{read_pinned, Pinned};
+use pinned::{poll_pinned, Pinned};
 use pipeline::ServerConn;
 pub use report::{status, MultiplexCollector};
 pub use server::Hub;
@@ -207,6 +210,18 @@ struct Session {
     registration: Option<Registration>,
 }
 
+/// What woke a client's session loop.
+enum Event {
+    Wrote(std::io::Result<usize>),
+    Replied,
+    Pinned(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+    Closed(CloseReason),
+    /// A pinned client's health view changed (false: the channel closed).
+    Health(bool),
+    Idle,
+}
+
 /// Why processing stopped: the session ends.
 enum Stop {
     Close(CloseReason),
@@ -218,21 +233,20 @@ impl Session {
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let metrics = self.shared.state.metrics.clone();
-        let (mut rd, mut wr) = tokio::io::split(client);
+        let mut client = client;
         let idle_timeout = self.config.timeouts.client;
         let mut last_read = Instant::now();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
-        let mut kill = self.shared.kill.clone();
+        // Whether the idle timer's waker is registered for its deadline: it is polled again
+        // only once that deadline is past, not at every turn.
+        let mut idle_armed = false;
         let mut health = self.shared.health.clone();
-        // Futures kept across the loop's turns: registering a waiter anew on every turn costs
-        // a lock each (the drain's watch is shared by every session).
-        let killed = kill.changed();
-        tokio::pin!(killed);
         let sink = self.sink.clone();
-        let replied = sink.notify.notified();
-        tokio::pin!(replied);
-        // Allow-list re-checks, `POST /sessions/close` and the drain reach the client here.
+        // The sink records the task's waker at the first poll (`Sink::replied`).
+        let mut first_poll = true;
+        // Allow-list re-checks, `POST /sessions/close`, the drain and the shutdown reach the
+        // client here (the registry closes every session on shutdown).
         let signal = self.registration.as_ref().map(Registration::signal);
         let closed = registry::closed(signal.as_ref());
         tokio::pin!(closed);
@@ -262,7 +276,7 @@ impl Session {
             }
             let out_pending = self.out.len() - self.out_pos;
             if self.quitting && out_pending == 0 && self.idle() {
-                let _ = wr.shutdown().await;
+                let _ = client.shutdown().await;
                 return CloseReason::Done;
             }
             let unparsed = self.in_end - self.in_start;
@@ -277,9 +291,60 @@ impl Session {
                 let size = (self.inbuf.len() * 2).max(4096);
                 self.inbuf.resize(size, 0);
             }
-            tokio::select! {
-                biased;
-                r = wr.write(&self.out[self.out_pos..]), if out_pending > 0 => match r {
+            let event = {
+                // A pinned client's backend leaving the routable set ends it.
+                let health_changed = async {
+                    if has_pinned {
+                        health.changed().await
+                    } else {
+                        std::future::pending().await
+                    }
+                };
+                tokio::pin!(health_changed);
+                let (out, out_pos) = (&self.out, self.out_pos);
+                let (inbuf, in_end) = (&mut self.inbuf, self.in_end);
+                let pinned = &mut self.pinned;
+                let register = std::mem::take(&mut first_poll);
+                std::future::poll_fn(|cx| {
+                    if out_pending > 0 {
+                        if let Poll::Ready(r) =
+                            Pin::new(&mut client).poll_write(cx, &out[out_pos..])
+                        {
+                            return Poll::Ready(Event::Wrote(r));
+                        }
+                    }
+                    if sink.replied(cx, register) {
+                        return Poll::Ready(Event::Replied);
+                    }
+                    if want_pinned && has_pinned {
+                        if let Poll::Ready(r) = poll_pinned(pinned.as_mut(), cx) {
+                            return Poll::Ready(Event::Pinned(r));
+                        }
+                    }
+                    if want_read {
+                        let mut buf = ReadBuf::new(&mut inbuf[in_end..]);
+                        if let Poll::Ready(r) = Pin::new(&mut client).poll_read(cx, &mut buf) {
+                            return Poll::Ready(Event::Read(r.map(|()| buf.filled().len())));
+                        }
+                    }
+                    if let Poll::Ready(why) = closed.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Closed(why));
+                    }
+                    if let Poll::Ready(r) = health_changed.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Health(r.is_ok()));
+                    }
+                    if !idle_armed || Instant::now() >= idle.deadline() {
+                        idle_armed = true;
+                        if idle.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Event::Idle);
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await
+            };
+            match event {
+                Event::Wrote(r) => match r {
                     Ok(0) | Err(_) => return CloseReason::Error,
                     Ok(n) => {
                         metrics.add_bytes(crate::metrics::Direction::BackendToClient, n as u64);
@@ -290,8 +355,8 @@ impl Session {
                         }
                     }
                 },
-                _ = &mut replied => replied.set(sink.notify.notified()),
-                r = read_pinned(self.pinned.as_mut()), if want_pinned && has_pinned => match r {
+                Event::Replied => {}
+                Event::Pinned(r) => match r {
                     Ok(0) | Err(_) => {
                         debug!("the dedicated server connection closed");
                         return CloseReason::Error;
@@ -302,7 +367,7 @@ impl Session {
                         }
                     }
                 },
-                r = rd.read(&mut self.inbuf[self.in_end..]), if want_read => match r {
+                Event::Read(r) => match r {
                     Ok(0) => {
                         self.quitting = true;
                         if self.idle() || self.pinned.is_some() {
@@ -316,13 +381,12 @@ impl Session {
                         last_read = Instant::now();
                     }
                 },
-                _ = &mut killed => return CloseReason::Shutdown,
-                why = &mut closed => {
+                Event::Closed(why) => {
                     debug!(reason = why.as_str(), "multiplexed client closed by the portal");
                     return why;
                 }
-                r = health.changed(), if has_pinned => {
-                    if r.is_err() {
+                Event::Health(open) => {
+                    if !open {
                         return CloseReason::Shutdown;
                     }
                     let backend = self.pinned.as_ref().map(|p| p.conn.backend().clone());
@@ -337,12 +401,13 @@ impl Session {
                         return CloseReason::Backend;
                     }
                 }
-                _ = &mut idle => {
+                Event::Idle => {
                     let next = last_read + idle_timeout;
                     if next <= Instant::now() && self.idle() && self.pinned.as_ref().is_none_or(|p| !p.state.holds_state()) {
                         return CloseReason::ClientTimeout;
                     }
                     idle.as_mut().reset(next.max(Instant::now() + Duration::from_millis(10)));
+                    idle_armed = false;
                 }
             }
         }

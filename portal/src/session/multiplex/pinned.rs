@@ -27,17 +27,21 @@ pub(super) struct Pinned {
     pub(super) state: PinState,
 }
 
-/// Waits for `p`'s server to send something (forever when not pinned).
-pub(super) async fn read_pinned(p: Option<&mut Pinned>) -> std::io::Result<usize> {
+/// Polls `p`'s server for what it sends, onto its buffer (pending for ever when not pinned).
+pub(super) fn poll_pinned(
+    p: Option<&mut Pinned>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<usize>> {
     match p {
         Some(p) => {
             let Pinned { conn, inbuf, .. } = p;
             if inbuf.capacity() - inbuf.len() < 4096 {
                 inbuf.reserve(16 << 10);
             }
-            conn.stream().read_buf(inbuf).await
+            let read = std::pin::pin!(conn.stream().read_buf(inbuf));
+            std::future::Future::poll(read, cx)
         }
-        None => std::future::pending().await,
+        None => std::task::Poll::Pending,
     }
 }
 

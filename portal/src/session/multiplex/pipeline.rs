@@ -191,10 +191,15 @@ async fn writer(
 ) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut slots: Vec<Slot> = Vec::new();
+    // Kept across the loop's turns: a new one would join the watch's waiters (a lock) at
+    // every batch.
+    let killed = killed.changed();
+    tokio::pin!(killed);
     loop {
         let first = tokio::select! {
+            biased;
             r = rx.recv() => match r { Some(r) => r, None => break },
-            _ = killed.changed() => break,
+            _ = &mut killed => break,
         };
         buf.clear();
         let mut commands = u64::from(first.replies);
@@ -225,8 +230,9 @@ async fn writer(
         }
         conn.stats.record_batch(commands);
         let wrote = tokio::select! {
+            biased;
             r = wr.write_all(&buf) => r.is_ok(),
-            _ = killed.changed() => false,
+            _ = &mut killed => false,
         };
         if !wrote {
             break;
@@ -247,6 +253,8 @@ async fn reader(
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut start = 0;
     let mut current: Option<Slot> = None;
+    let killed = killed.changed();
+    tokio::pin!(killed);
     let error = 'read: loop {
         if start == buf.len() {
             buf.clear();
@@ -259,8 +267,9 @@ async fn reader(
             buf.reserve(64 << 10);
         }
         let read = tokio::select! {
+            biased;
             r = rd.read_buf(&mut buf) => r,
-            _ = killed.changed() => break 'read TRYAGAIN,
+            _ = &mut killed => break 'read TRYAGAIN,
         };
         match read {
             Ok(0) | Err(_) => break LOST,

@@ -5,9 +5,13 @@
 //!
 //! May import: nothing outside `multiplex`.
 
-use std::sync::{Mutex, MutexGuard};
-
-use tokio::sync::Notify;
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex, MutexGuard,
+    },
+    task::{Context, Waker},
+};
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -18,7 +22,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct Sink {
     inner: Mutex<SinkInner>,
-    pub notify: Notify,
+    /// Something was delivered since the client's task last looked ([`Sink::replied`]).
+    ready: AtomicBool,
     limit: usize,
 }
 
@@ -29,13 +34,16 @@ pub struct SinkInner {
     pub delivered: u64,
     /// The client left more than `limit` bytes unread: it is to be closed.
     pub cut: bool,
+    /// The client's task, woken by a delivery (registered once: a task's waker does not
+    /// change).
+    waker: Option<Waker>,
 }
 
 impl Sink {
     pub fn new(limit: usize) -> Sink {
         Sink {
             inner: Mutex::default(),
-            notify: Notify::new(),
+            ready: AtomicBool::new(false),
             limit,
         }
     }
@@ -54,9 +62,21 @@ impl Sink {
                 g.buf.extend_from_slice(bytes);
             }
         }
-        drop(g);
-        self.notify.notify_one();
+        self.ready.store(true, Ordering::Release);
+        if let Some(w) = &g.waker {
+            w.wake_by_ref();
+        }
         cut_now
+    }
+
+    /// Whether something was delivered since the last call (which the client's task makes
+    /// with `register` at its first poll, recording its waker for the deliveries to come):
+    /// an atomic swap, no waiter list to join at every turn.
+    pub fn replied(&self, cx: &Context<'_>, register: bool) -> bool {
+        if register {
+            lock(&self.inner).waker = Some(cx.waker().clone());
+        }
+        self.ready.swap(false, Ordering::AcqRel)
     }
 
     /// `replies` copies of the error reply `error`.
