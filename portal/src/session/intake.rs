@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpStream, time::timeout};
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use super::{forward::proxy, multiplex, pool, reads, Admitted, Peer, SessionPermits, Shared};
 use crate::{
@@ -204,7 +204,11 @@ async fn pooled(
         Ok(client) => {
             // The login waits for a server connection: not the client's negotiation.
             admitted.negotiating.leave_client();
-            Box::pin(pool::serve(admitted.with_stream(client), shared)).await
+            // The session runs as a task of its own, on this thread: the intake's task ends
+            // here, and with it everything the negotiation and the admission kept, so that an
+            // idle pooled client (most are) holds one allocation, its session's.
+            let session = pool::serve(admitted.with_stream(client), shared);
+            tokio::spawn(session.instrument(tracing::Span::current()));
         }
         Err(e) => negotiation_failed(&shared, e.as_ref()),
     }

@@ -308,7 +308,9 @@ impl Registration {
                 st.backend = Some(name.into());
             }
         }
-        self.close.holding.store(backend.is_some(), Ordering::Release);
+        self.close
+            .holding
+            .store(backend.is_some(), Ordering::Release);
     }
 
     /// An unbound client holds a server connection again, of the backend it named last

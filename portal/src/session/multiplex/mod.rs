@@ -382,7 +382,10 @@ impl Session {
                     }
                 },
                 Event::Closed(why) => {
-                    debug!(reason = why.as_str(), "multiplexed client closed by the portal");
+                    debug!(
+                        reason = why.as_str(),
+                        "multiplexed client closed by the portal"
+                    );
                     return why;
                 }
                 Event::Health(open) => {
@@ -403,10 +406,14 @@ impl Session {
                 }
                 Event::Idle => {
                     let next = last_read + idle_timeout;
-                    if next <= Instant::now() && self.idle() && self.pinned.as_ref().is_none_or(|p| !p.state.holds_state()) {
+                    if next <= Instant::now()
+                        && self.idle()
+                        && self.pinned.as_ref().is_none_or(|p| !p.state.holds_state())
+                    {
                         return CloseReason::ClientTimeout;
                     }
-                    idle.as_mut().reset(next.max(Instant::now() + Duration::from_millis(10)));
+                    idle.as_mut()
+                        .reset(next.max(Instant::now() + Duration::from_millis(10)));
                     idle_armed = false;
                 }
             }

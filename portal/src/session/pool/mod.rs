@@ -616,8 +616,13 @@ where
                 Event::Server(ev) => {
                     let r = match ev {
                         ServerEvent::Data(Ok(n)) if n > 0 => self.server_data().await,
-                        ServerEvent::Data(_) => self.server_lost("the server connection was closed").await,
-                        ServerEvent::Retired => self.server_lost("the backend stopped leading (failover)").await,
+                        ServerEvent::Data(_) => {
+                            self.server_lost("the server connection was closed").await
+                        }
+                        ServerEvent::Retired => {
+                            self.server_lost("the backend stopped leading (failover)")
+                                .await
+                        }
                     };
                     if let Err(reason) = r {
                         return reason;

@@ -73,7 +73,10 @@ impl Drop for Waiting<'_> {
                 let mut g = lock(&self.pool.inner);
                 g.drop_holder(&mut conn);
                 drop(conn);
-                self.pool.stats.server_closed.fetch_add(1, Ordering::Relaxed);
+                self.pool
+                    .stats
+                    .server_closed
+                    .fetch_add(1, Ordering::Relaxed);
                 g.closed_one();
             }
             Ok(Grant::Dial) => self.pool.closed_one(),
@@ -334,9 +337,16 @@ impl Pool {
     /// any waits (the watchdog then sleeps until it).
     fn expire_waiters(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
         let mut g = lock(&self.inner);
-        while g.waiters.front().is_some_and(|w| w.deadline <= now) {
-            if let Some(w) = g.waiters.pop_front() {
-                let _ = w.tx.send(Grant::Timeout);
+        // Not only at the front: a checkout may queue with less time left than those before
+        // it (one that already waited out a failover).
+        let mut i = 0;
+        while i < g.waiters.len() {
+            if g.waiters[i].deadline <= now {
+                if let Some(w) = g.waiters.remove(i) {
+                    let _ = w.tx.send(Grant::Timeout);
+                }
+            } else {
+                i += 1;
             }
         }
         let next = g.waiters.iter().map(|w| w.deadline).min();
@@ -428,7 +438,9 @@ impl Pool {
             (closed, want)
         };
         if closed > 0 {
-            self.stats.server_closed.fetch_add(closed as u64, Ordering::Relaxed);
+            self.stats
+                .server_closed
+                .fetch_add(closed as u64, Ordering::Relaxed);
             debug!(pool = ?self, closed, "idle server connections closed");
         }
         let login = lock(&self.login).clone();
@@ -771,6 +783,80 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        accepting.abort();
+    }
+
+    /// The queue's waits end at their own deadlines, without a timer each: a waiter that
+    /// queues behind a longer wait, with a shorter deadline, still gets its Timeout on time
+    /// (it wakes the watchdog, asleep until the longer one), and the longer one goes on
+    /// waiting. A retired pool tells its waiters to choose again.
+    #[tokio::test]
+    async fn queued_checkouts_end_at_their_own_deadlines() {
+        // A backend that accepts and never answers: the one dial hangs and holds the slot.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let yaml = format!("engine: postgres\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"{addr}\"}}]\npooling: {{mode: transaction, poolSize: 1, auth: {{usersFile: /nonexistent}}}}\n");
+        let config = Arc::new(
+            crate::config::parse_yaml(&yaml)
+                .unwrap()
+                .validate()
+                .unwrap(),
+        );
+        let ctx = DialContext {
+            config: config.clone(),
+            connector: None,
+        };
+        let hub = Arc::new(PgHub::default());
+        let login = Arc::new(Login::default());
+        let pool = hub.pool(
+            &config.backends[0],
+            "db",
+            "app",
+            &Startup::from([]),
+            &login,
+            &ctx,
+        );
+        let checkout = |queue: Duration| {
+            let (pool, ctx, login) = (pool.clone(), ctx.clone(), login.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let got = pool.checkout(&ctx, &login, queue).await;
+                (got.map(|_| ()), started.elapsed())
+            })
+        };
+        let dialling = checkout(Duration::from_secs(60));
+        while pool.counts().0 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let long = checkout(Duration::from_secs(30));
+        while pool.waiting() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let short = checkout(Duration::from_millis(200));
+        let (got, waited) = timeout(Duration::from_secs(10), short)
+            .await
+            .expect("the short wait ended")
+            .unwrap();
+        assert!(matches!(got, Err(CheckoutError::Timeout)), "{got:?}");
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+            "ended after {waited:?}"
+        );
+        assert!(!long.is_finished(), "the longer wait goes on");
+        assert_eq!(pool.waiting(), 1);
+        pool.retire();
+        let (got, _) = timeout(Duration::from_secs(5), long)
+            .await
+            .expect("the retired pool's waiter was told")
+            .unwrap();
+        assert!(matches!(got, Err(CheckoutError::Retired)), "{got:?}");
+        dialling.abort();
         accepting.abort();
     }
 }
