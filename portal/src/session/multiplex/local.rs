@@ -1,14 +1,16 @@
 //! The commands a multiplexed client's own session answers, in the portal: AUTH and HELLO
 //! (checked against `pooling.auth`), CLIENT ID / SETNAME / GETNAME / SETINFO, SELECT 0, RESET
-//! (of a client that is not pinned, or whose dedicated connection is raw) and QUIT.
+//! (of a client that is not pinned, or whose dedicated connection is raw) and QUIT; and a
+//! command naming a client by the id the portal gave it, rewritten to name the server
+//! connection that client holds.
 //!
-//! May import: `health` and the rest of `multiplex`.
+//! May import: `health`, `wire` and the rest of `multiplex`.
 
 use tracing::debug;
 
-use super::commands::Local;
+use super::commands::{client_id_arg, Local};
 use super::Session;
-use crate::health::Users;
+use crate::{health::Users, wire::resp::parse_command_as};
 
 const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
 
@@ -196,6 +198,44 @@ impl Session {
                 self.quitting = true;
             }
         }
+    }
+
+    /// Rewrites, in the input, a command that names a client by the id the portal gave it so
+    /// that it names the server connection that client holds (see `Hub::server_id_of`).
+    pub(super) fn translate_client_id(&mut self) {
+        let buf = &self.inbuf[self.in_start..self.in_end];
+        let cmd = &self.cmd;
+        let Some((at, redirect)) = client_id_arg(cmd.args.len(), |i| cmd.arg(buf, i)) else {
+            return;
+        };
+        let args: Vec<Vec<u8>> = (0..cmd.args.len())
+            .map(|i| {
+                let arg = cmd.arg(buf, i).unwrap_or_default();
+                let id = std::str::from_utf8(arg)
+                    .ok()
+                    .and_then(|a| a.parse::<u64>().ok());
+                match id {
+                    // Not a number, or 0 (an id the portal never gives): left for the
+                    // server's own answer.
+                    Some(id) if id > 0 && at.contains(&i) => {
+                        self.hub.server_id_of(id, redirect).to_string().into_bytes()
+                    }
+                    _ => arg.to_vec(),
+                }
+            })
+            .collect();
+        let mut bytes = format!("*{}\r\n", args.len()).into_bytes();
+        for a in &args {
+            bytes.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            bytes.extend_from_slice(a);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let (start, len) = (self.in_start, cmd.len);
+        let grown = bytes.len() as isize - len as isize;
+        self.inbuf.splice(start..start + len, bytes);
+        self.in_end = (self.in_end as isize + grown) as usize;
+        let ok = parse_command_as(&self.inbuf[start..self.in_end], &mut self.cmd, true);
+        debug_assert_eq!(ok, Ok(true), "a command the portal wrote parses");
     }
 }
 

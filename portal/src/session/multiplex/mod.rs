@@ -12,7 +12,8 @@
 //! `process`, which parses and classifies each command and hands it on.
 //!
 //! - [`commands`]: what to do with each command (pure);
-//! - `local`: the commands the portal answers itself (AUTH, HELLO, CLIENT …);
+//! - `local`: the commands the portal answers itself (AUTH, HELLO, CLIENT …) and the client
+//!   ids it rewrites;
 //! - `send`: plain commands on a shared connection, a command alone on a connection of
 //!   its own, and the backend they go to; `pinned`: the client's dedicated connection;
 //! - [`server`]: the pools of server connections per backend and the [`Hub`] of them, on
@@ -56,7 +57,7 @@ use tokio::{
 use tracing::debug;
 
 pub use commands::PinReason;
-use commands::{classify, client_id_arg, Local};
+use commands::{classify, Local};
 use conn::DialContext;
 use machine::{step, Held, Step};
 use pinned::{poll_pinned, Pinned};
@@ -569,44 +570,6 @@ impl Session {
             self.in_start = 0;
         }
         Ok(())
-    }
-
-    /// Rewrites, in the input, a command that names a client by the id the portal gave it so
-    /// that it names the server connection that client holds (see `Hub::server_id_of`).
-    fn translate_client_id(&mut self) {
-        let buf = &self.inbuf[self.in_start..self.in_end];
-        let cmd = &self.cmd;
-        let Some((at, redirect)) = client_id_arg(cmd.args.len(), |i| cmd.arg(buf, i)) else {
-            return;
-        };
-        let args: Vec<Vec<u8>> = (0..cmd.args.len())
-            .map(|i| {
-                let arg = cmd.arg(buf, i).unwrap_or_default();
-                let id = std::str::from_utf8(arg)
-                    .ok()
-                    .and_then(|a| a.parse::<u64>().ok());
-                match id {
-                    // Not a number, or 0 (an id the portal never gives): left for the
-                    // server's own answer.
-                    Some(id) if id > 0 && at.contains(&i) => {
-                        self.hub.server_id_of(id, redirect).to_string().into_bytes()
-                    }
-                    _ => arg.to_vec(),
-                }
-            })
-            .collect();
-        let mut bytes = format!("*{}\r\n", args.len()).into_bytes();
-        for a in &args {
-            bytes.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            bytes.extend_from_slice(a);
-            bytes.extend_from_slice(b"\r\n");
-        }
-        let (start, len) = (self.in_start, cmd.len);
-        let grown = bytes.len() as isize - len as isize;
-        self.inbuf.splice(start..start + len, bytes);
-        self.in_end = (self.in_end as isize + grown) as usize;
-        let ok = parse_command_as(&self.inbuf[start..self.in_end], &mut self.cmd, true);
-        debug_assert_eq!(ok, Ok(true), "a command the portal wrote parses");
     }
 
     /// Drops the parsed command from the input.

@@ -18,9 +18,9 @@ use tracing::{debug, info};
 
 use super::{
     conn::{lock, random},
+    pools::PgHub,
     scram::{self, Exchange, Verifier},
     secret::{md5_salted, same, Login, Secret},
-    server::PgHub,
     Client, MAX_AUTH_MESSAGE,
 };
 use crate::{

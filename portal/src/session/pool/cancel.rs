@@ -22,7 +22,7 @@ use tracing::debug;
 
 use super::{
     conn::{lock, random, DialContext},
-    server::{CancelSlot, PgHub},
+    pools::{CancelSlot, PgHub},
 };
 use crate::config::{Address, Backend, Config};
 

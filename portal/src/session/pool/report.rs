@@ -13,7 +13,7 @@ use std::{
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use serde_json::json;
 
-use super::{pinning::PinReason, server::PgHub, stats::WAIT_BUCKETS};
+use super::{pinning::PinReason, pools::PgHub, stats::WAIT_BUCKETS};
 use crate::{
     metrics::{counter, counters, gauge, gauges},
     session::hub::bucketed_histogram,
