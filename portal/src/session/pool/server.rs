@@ -112,6 +112,9 @@ struct Waiter {
 
 #[derive(Default)]
 struct Inner {
+    /// Boxed: a connection moves between the idle list, the grants and its holders, and a
+    /// pointer moves for less than the connection does.
+    #[allow(clippy::vec_box)]
     idle: Vec<Box<ServerConn>>,
     /// Connections open or being opened (idle + held + dialling).
     open: usize,
