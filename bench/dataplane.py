@@ -15,8 +15,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-PORTAL = os.environ.get("PORTAL_BIN", os.path.join(TARGET, "release", "portal"))
-LOADGEN = os.environ.get("LOADGEN_BIN", os.path.join(TARGET, "release", "examples", "loadgen"))
+# Cargo puts a build for an explicit target (CARGO_BUILD_TARGET, as CI sets it) under its name.
+RELEASE = os.path.join(TARGET, os.environ.get("CARGO_BUILD_TARGET", ""), "release")
+PORTAL = os.environ.get("PORTAL_BIN", os.path.join(RELEASE, "portal"))
+LOADGEN = os.environ.get("LOADGEN_BIN", os.path.join(RELEASE, "examples", "loadgen"))
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 REPS = int(os.environ.get("REPS", "3"))
 THREADS = int(os.environ.get("THREADS", "2"))
