@@ -355,6 +355,10 @@ mod tests {
                 "WITH x AS (SELECT 1) SELECT * FROM x",
                 "SELECT 'advisory'",
                 "SELECT set_config('a', 'b', false)",
+                "SELECT pg_advisory_lock",
+                "SELECT 'pg_advisory_lock(' AS x",
+                "SELECT \"set_config\" FROM t WHERE a IN (1)",
+                "select PG_ADVISORY_LOCK (1)",
             ] {
                 texts.push(format!("{head}{body}"));
             }
