@@ -278,6 +278,9 @@ struct Client<C> {
 }
 
 use backend::{poll_server, ServerEvent};
+use held::Held;
+use machine::Machine;
+pub use pools::CancelSlot;
 
 /// What woke a client's session loop.
 enum Event {
@@ -286,9 +289,6 @@ enum Event {
     Client(io::Result<usize>),
     Idle,
 }
-use held::Held;
-use machine::Machine;
-pub use pools::CancelSlot;
 
 impl<C> Client<C>
 where

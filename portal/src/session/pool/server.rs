@@ -393,16 +393,6 @@ impl Pool {
         next
     }
 
-    /// An idle connection of the pool, without waiting, if one is there (the common case of
-    /// [`Pool::checkout`]).
-    pub fn take_idle(&self, lifetime: Option<Duration>) -> Option<Box<ServerConn>> {
-        let mut g = lock(&self.inner);
-        if self.is_retired() {
-            return None;
-        }
-        self.pop_idle(&mut g, lifetime)
-    }
-
     /// The most recently used idle connection that is neither stale nor past `lifetime`; the
     /// others on the way are closed.
     fn pop_idle(&self, g: &mut Inner, lifetime: Option<Duration>) -> Option<Box<ServerConn>> {
