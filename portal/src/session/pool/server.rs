@@ -557,13 +557,15 @@ mod tests {
     use super::*;
     use tokio::time::timeout;
 
-    /// A checkout dropped while it dials (the client's handshake deadline, the client gone)
-    /// gives its slot back: a pool of one then lets the next checkout dial at once instead of
-    /// queueing behind a slot no connection will fill. So does a grant sent to a checkout that
-    /// is dropped before it takes it.
-    #[tokio::test]
-    async fn a_checkout_dropped_mid_dial_or_granted_gives_its_slot_back() {
-        // A backend that accepts and never answers: every dial hangs.
+    /// A pool of one connection to a backend that accepts and never answers (every dial
+    /// hangs), with what its checkouts need; the task accepting for that backend.
+    async fn silent_pool() -> (
+        Arc<Pool>,
+        DialContext,
+        Arc<Login>,
+        Arc<PgHub>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = silent.local_addr().unwrap();
         let accepting = tokio::spawn(async move {
@@ -593,6 +595,17 @@ mod tests {
             &login,
             &ctx,
         );
+        (pool, ctx, login, hub, accepting)
+    }
+
+    /// A checkout dropped while it dials (the client's handshake deadline, the client gone)
+    /// gives its slot back: a pool of one then lets the next checkout dial at once instead of
+    /// queueing behind a slot no connection will fill. So does a grant sent to a checkout that
+    /// is dropped before it takes it.
+    #[tokio::test]
+    async fn a_checkout_dropped_mid_dial_or_granted_gives_its_slot_back() {
+        // A backend that accepts and never answers: every dial hangs.
+        let (pool, ctx, login, _hub, accepting) = silent_pool().await;
         let short = Duration::from_millis(200);
         for _ in 0..3 {
             let dialling = timeout(short, pool.checkout(&ctx, &login, Duration::from_secs(5)));
@@ -643,35 +656,7 @@ mod tests {
     #[tokio::test]
     async fn queued_checkouts_end_at_their_own_deadlines() {
         // A backend that accepts and never answers: the one dial hangs and holds the slot.
-        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = silent.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = silent.accept().await {
-                held.push(s);
-            }
-        });
-        let yaml = format!("engine: postgres\ntls: {{mode: disabled}}\nbackends: [{{name: a, address: \"{addr}\"}}]\npooling: {{mode: transaction, poolSize: 1, auth: {{usersFile: /nonexistent}}}}\n");
-        let config = Arc::new(
-            crate::config::parse_yaml(&yaml)
-                .unwrap()
-                .validate()
-                .unwrap(),
-        );
-        let ctx = DialContext {
-            config: config.clone(),
-            connector: None,
-        };
-        let hub = Arc::new(PgHub::default());
-        let login = Arc::new(Login::default());
-        let pool = hub.pool(
-            &config.backends[0],
-            "db",
-            "app",
-            &Startup::from([]),
-            &login,
-            &ctx,
-        );
+        let (pool, ctx, login, _hub, accepting) = silent_pool().await;
         let checkout = |queue: Duration| {
             let (pool, ctx, login) = (pool.clone(), ctx.clone(), login.clone());
             tokio::spawn(async move {
