@@ -24,7 +24,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Weak},
     task::{ready, Context, Poll},
     time::Duration,
 };
@@ -60,15 +60,22 @@ fn with_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// A TCP socket as the data plane uses it: tokio's [`TcpStream`], except that a read that
-/// returns fewer bytes than the buffer could take clears the read readiness. The kernel
-/// returns a short read only when the receive queue is empty, so the next read would be
-/// `EAGAIN`; skipping it saves one system call per burst and direction. The readiness
-/// snapshot is taken before the read (inside `try_io`), so an event that arrives meanwhile is
-/// kept, and a peer's FIN stays visible (tokio never clears the closed state).
+/// A TCP socket as the data plane uses it: tokio's [`TcpStream`], except that a read or write
+/// that moves fewer bytes than asked clears the readiness. The kernel returns a short read
+/// only when the receive queue is empty (and a short write only when the send buffer is
+/// full), so the next call would be `EAGAIN`; skipping it saves one system call per burst and
+/// direction. The readiness snapshot is taken before the call (inside `try_io`), so an event
+/// that arrives meanwhile is kept, and a peer's FIN stays visible (tokio never clears the
+/// closed state).
+///
+/// The stream is reference-counted so that another task may write to it while this one owns
+/// it ([`Tcp::writer`]: the multiplexer's readers write replies straight to an idle client);
+/// every call goes through `&TcpStream`, whose readiness tokio keeps for any number of
+/// callers. The socket closes when this owner drops it, unless a writer is in the middle of
+/// a write (then right after it).
 #[derive(Debug)]
 pub struct Tcp {
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     /// Read system calls issued, for the tests.
     #[cfg(test)]
     reads: usize,
@@ -77,7 +84,7 @@ pub struct Tcp {
 impl Tcp {
     pub fn new(stream: TcpStream) -> Tcp {
         Tcp {
-            stream,
+            stream: Arc::new(stream),
             #[cfg(test)]
             reads: 0,
         }
@@ -87,26 +94,37 @@ impl Tcp {
         &self.stream
     }
 
-    pub fn into_inner(self) -> TcpStream {
-        self.stream
+    /// A handle through which another task may write while this `Tcp` lives.
+    pub fn writer(&self) -> Weak<TcpStream> {
+        Arc::downgrade(&self.stream)
     }
 
-    /// Reads into `dst` (not empty); `Ok(0)` is the end of the stream.
-    fn poll_read_slice(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        let want = dst.len();
+    /// Calls `io` (a read or a write of `want` bytes) once the socket is ready for
+    /// `interest`, clearing the readiness after an `EAGAIN` or a short call.
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        interest: Interest,
+        want: usize,
+        mut io: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            let stream = &self.stream;
-            #[cfg(test)]
-            {
-                self.reads += 1;
+            if interest.is_readable() {
+                ready!(self.stream.poll_read_ready(cx))?;
+                #[cfg(test)]
+                {
+                    self.reads += 1;
+                }
+            } else {
+                ready!(self.stream.poll_write_ready(cx))?;
             }
+            let stream = &*self.stream;
             let mut short = 0;
-            // The outer `try_io` snapshots the readiness before the read and clears exactly that
-            // snapshot when the closure reports `WouldBlock`, which it does after a short read
-            // (keeping the bytes in `short`).
-            let r = stream.try_io(Interest::READABLE, || {
-                let n = stream.try_read(dst)?;
+            // The outer `try_io` snapshots the readiness before the call and clears exactly
+            // that snapshot when the closure reports `WouldBlock`, which it does after a
+            // short call (keeping the count in `short`).
+            let r = stream.try_io(interest, || {
+                let n = io(stream)?;
                 if n != 0 && n < want {
                     short = n;
                     return Err(io::ErrorKind::WouldBlock.into());
@@ -132,23 +150,15 @@ impl AsyncRead for Tcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if buf.initialized().len() < buf.capacity() {
-            // Uninitialized memory (a `Vec`'s spare capacity, a buffer on the stack): tokio's
-            // own read fills it without zeroing it first, and it too waits for readiness after
-            // a short read.
-            #[cfg(test)]
-            {
-                this.reads += 1;
-            }
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        }
-        let dst = buf.initialize_unfilled();
-        if dst.is_empty() {
+        let want = buf.remaining();
+        if want == 0 {
             return Poll::Ready(Ok(()));
         }
-        let n = ready!(this.poll_read_slice(cx, dst))?;
-        buf.advance(n);
+        // Into the unfilled part, initialized or not (tokio's read does not zero it first);
+        // the read advances `buf`.
+        ready!(self
+            .get_mut()
+            .poll_io(cx, Interest::READABLE, want, |s| s.try_read_buf(buf)))?;
         Poll::Ready(Ok(()))
     }
 }
@@ -159,7 +169,8 @@ impl AsyncWrite for Tcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        self.get_mut()
+            .poll_io(cx, Interest::WRITABLE, buf.len(), |s| s.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -167,7 +178,9 @@ impl AsyncWrite for Tcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let want = bufs.iter().map(|b| b.len()).sum();
+        self.get_mut()
+            .poll_io(cx, Interest::WRITABLE, want, |s| s.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -179,10 +192,12 @@ impl AsyncWrite for Tcp {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What tokio's own shutdown does, through `&TcpStream`.
+        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
     }
 }
+
 /// Reads per direction per poll before yielding to other sessions.
 const BUDGET: usize = 16;
 

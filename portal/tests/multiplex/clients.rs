@@ -177,6 +177,80 @@ async fn five_thousand_clients_share_four_server_connections() {
     drop(open);
 }
 
+/// Many clients pipelining plain commands mixed with ones the portal answers itself (CLIENT
+/// SETNAME / GETNAME) get every reply in order, with `maxInFlight` at its default and at 1 (a
+/// single command in flight on the one shared connection: every other client waits its
+/// turn). Replies to plain clients may be written to their sockets by the shared
+/// connection's reader; the portal's own answers must never be overtaken by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_stay_in_order_around_local_answers_and_under_max_in_flight() {
+    if skip_without(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start();
+    for extra in ["", ", maxInFlight: 1"] {
+        let p = start_portal(
+            &[&redis],
+            &format!("pooling: {{mode: multiplex, serverConnections: 1{extra}}}\n"),
+        )
+        .await;
+        p.wait_leader("r0").await;
+        const CLIENTS: usize = 24;
+        const ROUNDS: usize = 40;
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let addr = p.addr;
+                tokio::spawn(async move {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    let key = format!("order:{c}");
+                    let mut batch = Vec::new();
+                    let mut want = Vec::new();
+                    for r in 0..ROUNDS {
+                        let value = format!("{c}-{r}");
+                        let name = format!("n{c}x{r}");
+                        for cmd in [
+                            vec!["SET", key.as_str(), value.as_str()],
+                            vec!["GET", key.as_str()],
+                            vec!["CLIENT", "SETNAME", name.as_str()],
+                            vec!["INCR", "order:count"],
+                            vec!["CLIENT", "GETNAME"],
+                            vec!["ECHO", value.as_str()],
+                        ] {
+                            batch.extend_from_slice(&resp(&cmd));
+                        }
+                        want.push("+OK".to_string());
+                        want.push(format!("${}\r\n{value}", value.len()));
+                        want.push("+OK".to_string());
+                        want.push(String::new()); // INCR: any integer
+                        want.push(format!("${}\r\n{name}", name.len()));
+                        want.push(format!("${}\r\n{value}", value.len()));
+                    }
+                    // Written in pieces, so that the portal sees the pipeline in several reads.
+                    for piece in batch.chunks(977) {
+                        s.write_all(piece).await.unwrap();
+                    }
+                    let got = replies(&mut s, want.len()).await.unwrap();
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        if w.is_empty() {
+                            assert!(g.starts_with(':'), "client {c}, reply {i}: {g:?}");
+                        } else {
+                            assert_eq!(g, w, "client {c}, reply {i}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            redis.cli(&["GET", "order:count"]),
+            (CLIENTS * ROUNDS * if extra.is_empty() { 1 } else { 2 }).to_string(),
+            "maxInFlight{extra}"
+        );
+    }
+}
+
 /// A client that stops reading is cut at clientOutputLimit; another client's replies on the
 /// same shared connection keep coming meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@
 //! file imports only files below it: `commands`, `sink` and `conn` at the bottom, then
 //! `stats`, `pipeline`, `server` and `report`.
 //!
-//! May import: `config`, `health`, `metrics`, `route`, `tls`, `wire` and the session's
+//! May import: `config`, `health`, `metrics`, `route`, `splice`, `tls`, `wire` and the session's
 //! [`Shared`](super::Shared) and [`Admitted`](super::Admitted).
 
 pub mod commands;
@@ -51,7 +51,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncWriteExt, ReadBuf},
     time::Instant,
 };
 use tracing::debug;
@@ -64,7 +64,7 @@ use pinned::{poll_pinned, Pinned};
 use pipeline::ServerConn;
 pub use report::{status, MultiplexCollector};
 pub use server::Hub;
-use sink::Sink;
+use sink::{ClientStream, Sink};
 pub use stats::{MuxStats, BATCH_BUCKETS};
 
 use super::{
@@ -75,7 +75,6 @@ use crate::{
     config::{Config, Multiplex},
     health::{CredentialsSource, StandaloneCredentials},
     metrics::CloseReason,
-    route,
     wire::resp::{parse_command_as, Command},
 };
 
@@ -88,10 +87,7 @@ const IN_HIGH: usize = 1 << 20;
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 
 /// Serves one admitted client in multiplex mode until it leaves or is closed.
-pub async fn serve<C>(admitted: Admitted<C>, shared: Shared)
-where
-    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub async fn serve<C: ClientStream>(admitted: Admitted<C>, shared: Shared) {
     let Admitted {
         stream: client,
         peer,
@@ -128,7 +124,11 @@ where
     let mut session = Session {
         id: hub.next_client_id(),
         ip,
-        sink: Arc::new(Sink::new(settings.client_output_limit)),
+        sink: Arc::new(Sink::new(
+            settings.client_output_limit,
+            client.straight(),
+            shared.state.metrics.clone(),
+        )),
         settings,
         ctx: DialContext {
             config: config.clone(),
@@ -229,10 +229,7 @@ enum Stop {
 }
 
 impl Session {
-    async fn run<C>(&mut self, client: C) -> CloseReason
-    where
-        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn run<C: ClientStream>(&mut self, client: C) -> CloseReason {
         let metrics = self.shared.state.metrics.clone();
         let mut client = client;
         let idle_timeout = self.config.timeouts.client;
@@ -246,15 +243,25 @@ impl Session {
         let sink = self.sink.clone();
         // The sink records the task's waker at the first poll (`Sink::replied`).
         let mut first_poll = true;
+        // Replies go straight to the client's socket (`Sink::let_straight`).
+        let mut straight = false;
         // Allow-list re-checks, `POST /sessions/close`, the drain and the shutdown reach the
         // client here (the registry closes every session on shutdown).
         let signal = self.registration.as_ref().map(Registration::signal);
         let closed = registry::closed(signal.as_ref());
         tokio::pin!(closed);
         loop {
-            match self.process().await {
-                Ok(()) => {}
-                Err(Stop::Close(reason)) => return reason,
+            if self.in_start < self.in_end {
+                if let Err(Stop::Close(reason)) = self.process().await {
+                    return reason;
+                }
+            } else {
+                // Nothing to parse (most turns: a reply came, or a write went out).
+                self.blocked = false;
+                self.partial = false;
+                self.maybe_release();
+                self.in_start = 0;
+                self.in_end = 0;
             }
             if !self.pull_sink(false) {
                 self.hub.stats.slow_consumers.fetch_add(1, Relaxed);
@@ -306,7 +313,14 @@ impl Session {
                 let (inbuf, in_end) = (&mut self.inbuf, self.in_end);
                 let pinned = &mut self.pinned;
                 let register = std::mem::take(&mut first_poll);
+                // Replies may go straight to the socket while the task waits with nothing
+                // of its own to write and nothing that depends on their arrival.
+                let may_go_straight = want_read && out_pending == 0 && !has_pinned;
                 std::future::poll_fn(|cx| {
+                    if straight {
+                        straight = false;
+                        sink.let_straight(false);
+                    }
                     if out_pending > 0 {
                         if let Poll::Ready(r) =
                             Pin::new(&mut client).poll_write(cx, &out[out_pos..])
@@ -339,6 +353,9 @@ impl Session {
                         if idle.as_mut().poll(cx).is_ready() {
                             return Poll::Ready(Event::Idle);
                         }
+                    }
+                    if may_go_straight {
+                        straight = sink.let_straight(true);
                     }
                     Poll::Pending
                 })
@@ -393,14 +410,8 @@ impl Session {
                     if !open {
                         return CloseReason::Shutdown;
                     }
-                    let backend = self.pinned.as_ref().map(|p| p.conn.backend().clone());
                     let view = health.borrow_and_update().clone();
-                    let config = self.shared.config.borrow().clone();
-                    let overrides = self.shared.state.control.current();
-                    let still = route::eligible(&config, &view, &overrides)
-                        .iter()
-                        .any(|&i| Some(config.backends[i].name.as_str()) == backend.as_deref());
-                    if !still {
+                    if !self.pinned_backend_routable(&view) {
                         debug!("the pinned client's backend no longer takes commands");
                         return CloseReason::Backend;
                     }
@@ -459,7 +470,7 @@ impl Session {
         self.blocked = false;
         self.partial = false;
         let mut pin_out: Vec<u8> = Vec::new();
-        while !self.quitting && self.fatal.is_none() {
+        while !self.quitting && self.fatal.is_none() && self.in_start < self.in_end {
             let buf = &self.inbuf[self.in_start..self.in_end];
             match parse_command_as(buf, &mut self.cmd, self.authed) {
                 Ok(true) => {}

@@ -3,7 +3,7 @@
 //! MONITOR, RESP3), the commands sent on it and the state they set or end followed, its
 //! replies counted, and the connection given back (cleaned) once the state has ended.
 //!
-//! May import: `metrics`, `wire` and the rest of `multiplex`.
+//! May import: `health`, `metrics`, `route`, `wire` and the rest of `multiplex`.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
@@ -12,7 +12,7 @@ use super::commands::{Action, PinReason};
 use super::machine::PinState;
 use super::server::PinnedConn;
 use super::{Session, Stop};
-use crate::{metrics::CloseReason, wire::resp::scan_reply};
+use crate::{health::HealthView, metrics::CloseReason, route, wire::resp::scan_reply};
 
 /// CLIENT REPLY SKIP, sent just before the command it silences.
 const SKIP: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n";
@@ -46,6 +46,17 @@ pub(super) fn poll_pinned(
 }
 
 impl Session {
+    /// Whether the backend of the client's dedicated connection still takes commands in the
+    /// health `view` (with the configuration and overrides in force).
+    pub(super) fn pinned_backend_routable(&self, view: &HealthView) -> bool {
+        let backend = self.pinned.as_ref().map(|p| p.conn.backend().clone());
+        let config = self.shared.config.borrow().clone();
+        let overrides = self.shared.state.control.current();
+        route::eligible(&config, view, &overrides)
+            .iter()
+            .any(|&i| Some(config.backends[i].name.as_str()) == backend.as_deref())
+    }
+
     /// Takes a dedicated connection for `reason`.
     pub(super) async fn pin(&mut self, reason: PinReason) -> Result<(), String> {
         let i = self.target().await?;

@@ -12,7 +12,7 @@ use tracing::debug;
 
 use super::commands::{classify, client_id_arg, runs_script, Action};
 use super::conn::{dial, send_alone};
-use super::pipeline::{Request, ServerConn, TRYAGAIN};
+use super::pipeline::{ServerConn, TRYAGAIN};
 use super::{Session, Stop};
 use crate::{session::hub::first_choice, wire::resp::parse_command};
 
@@ -31,7 +31,7 @@ impl Session {
         self.hub.note_pause(cmd.args.len(), |i| cmd.arg(buf, i));
         let mut held = u32::from(paused || held_first);
         let max = self.settings.max_in_flight as u32;
-        while count < max {
+        while count < max && end < self.in_end {
             let buf = &self.inbuf[end..self.in_end];
             match parse_command(buf, &mut self.cmd) {
                 Ok(true) => {}
@@ -60,24 +60,14 @@ impl Session {
             }
         };
         self.in_start = end;
-        let data = self.inbuf[start..end].to_vec();
-        // Waits while maxInFlight commands are in flight; none when the connection is gone
-        // (then the request comes back failed).
-        let in_flight = conn.permits.clone().acquire_many_owned(count).await.ok();
+        // Waits while maxInFlight commands are in flight; a connection gone meanwhile (or
+        // before) fails the commands.
         self.sent += u64::from(count);
-        // Counted before it is queued, so that a client choosing a connection after this one
-        // passes this connection over (see `BackendPool::shared`).
-        conn.held.fetch_add(held, Relaxed);
-        let request = Request {
-            data,
-            replies: count,
-            held,
-            sink: self.sink.clone(),
-            in_flight,
-        };
-        if let Err(r) = conn.send(request) {
-            conn.held.fetch_sub(held, Relaxed);
-            r.sink.fail(TRYAGAIN, u64::from(count));
+        if !conn
+            .send(&self.inbuf[start..end], count, held, &self.sink)
+            .await
+        {
+            self.sink.fail(TRYAGAIN, u64::from(count));
         }
         Ok(true)
     }
