@@ -8,7 +8,10 @@ portal/nutcracker, portal/HAProxy and portal/direct.
 
 Run through bench/multiplex.sh (it builds the portal and raises the open-files limit).
 Environment: REPS (default 2), REQUESTS (default 200000; pipelined runs use 4x),
-SCENARIOS (e.g. "get:1000:1,set:5000:16")."""
+SCENARIOS (e.g. "get:1000:1,set:5000:16"), THREADS (the portal's event-loop threads,
+default 1, as many as nutcracker's), PORTAL_BIN (default: the release build). A second
+nutcracker, configured as the first, runs beside them as the control: its ratio to the first
+is what two identical proxies look like in the same minutes."""
 
 from __future__ import annotations
 
@@ -27,7 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-PORTAL = TARGET / "release" / "portal"
+PORTAL = Path(os.environ.get("PORTAL_BIN") or next(
+    (p for p in (TARGET / os.environ.get("CARGO_BUILD_TARGET", "-") / "release" / "portal",
+                 TARGET / "release" / "portal") if p.exists()),
+    TARGET / "release" / "portal"))
+THREADS = os.environ.get("THREADS", "1")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -87,9 +94,10 @@ listen redis
         self.ports["haproxy"] = port
         self.pids["haproxy"] = self.spawn(["haproxy", "-f", str(cfg), "-db"]).pid
 
-        port = free_port()
-        cfg = work / "nutcracker.yml"
-        cfg.write_text(f"""bench:
+        for name in ("nutcracker", "nutcracker2"):
+            port = free_port()
+            cfg = work / f"{name}.yml"
+            cfg.write_text(f"""bench:
   listen: 127.0.0.1:{port}
   hash: fnv1a_64
   distribution: ketama
@@ -100,11 +108,11 @@ listen redis
   servers:
     - 127.0.0.1:{self.redis_port}:1
 """)
-        self.ports["nutcracker"] = port
-        # Verbosity 4 (notice): the default, 5, runs per-request logging code for lines it
-        # never writes; production setups run at 4 or below.
-        self.pids["nutcracker"] = self.spawn(["/usr/sbin/nutcracker", "-c", str(cfg), "-v", "4",
-                                              "-o", str(work / "nutcracker.log")]).pid
+            self.ports[name] = port
+            # Verbosity 4 (notice): the default, 5, runs per-request logging code for lines it
+            # never writes; production setups run at 4 or below.
+            self.pids[name] = self.spawn(["/usr/sbin/nutcracker", "-c", str(cfg), "-v", "4",
+                                          "-o", str(work / f"{name}.log")]).pid
 
         port, admin = free_port(), free_port()
         cfg = work / "portal.yaml"
@@ -118,14 +126,15 @@ pooling: {{mode: multiplex, serverConnections: 4}}
 """)
         self.ports["portal"] = port
         self.pids["portal"] = self.spawn([str(PORTAL), "--config", str(cfg),
-                                          "--log-level", "warn"]).pid
+                                          "--log-level", "warn"],
+                                         {**os.environ, "TOKIO_WORKER_THREADS": THREADS}).pid
         for name, p in self.ports.items():
             wait_port(p)
         time.sleep(1.5)  # the portal's first probes
 
-    def spawn(self, argv: list[str]) -> subprocess.Popen:
+    def spawn(self, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, env=env)
         self.procs.append(p)
         return p
 
@@ -190,7 +199,7 @@ def main() -> None:
         "SCENARIOS",
         "get:1000:1,set:1000:1,get:1000:16,set:1000:16,"
         "get:5000:1,set:5000:1,get:5000:16,set:5000:16").split(",")]
-    order = ["direct", "haproxy", "nutcracker", "portal"]
+    order = ["direct", "haproxy", "nutcracker", "nutcracker2", "portal"]
     work = Path(tempfile.mkdtemp(prefix="dbportal-bench-mux-"))
     c = Contenders(work)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -222,15 +231,18 @@ def main() -> None:
            "",
            "redis-benchmark -n {n} (pipelined: 4×), medians of the repetitions. CPU: seconds per "
            "1,000 ops from /proc/<pid>/stat (proxy: the proxy process; redis: redis-server). "
-           "conns: most connections to redis-server the contender held during the run (ss).".format(n=base),
+           "conns: most connections to redis-server the contender held during the run (ss). "
+           "The portal on {t} event-loop thread(s) ({p}); nutcracker 0.5 at -v 4, twice "
+           "(nutcracker2: the control).".format(n=base, t=THREADS, p=PORTAL),
            "",
            "| test | clients | -P | contender | ops/s | p99 ms | conns | proxy CPU s/1k ops "
            "| redis CPU s/1k ops |",
            "|---|---|---|---|---|---|---|---|---|"]
-    ratios = ["", "| test | clients | -P | portal/nutcracker ops | portal/HAProxy ops | "
-              "portal/direct ops | portal/nutcracker proxy CPU | portal/direct redis CPU | "
-              "per repetition portal/nutcracker ops |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    ratios = ["", "| test | clients | -P | portal/nutcracker ops | control nutcracker2/nutcracker "
+              "ops | portal/HAProxy ops | portal/direct ops | portal/nutcracker proxy CPU | "
+              "control proxy CPU | portal/direct redis CPU | per repetition portal/nutcracker "
+              "ops |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (test, clients, pipeline), by in results.items():
         for who in order:
             rs = by[who]
@@ -238,12 +250,15 @@ def main() -> None:
                        f"{med(rs, 'ops'):,.0f} | {med(rs, 'p99'):.2f} | "
                        f"{max(r['conns'] for r in rs)} | {med(rs, 'proxy_cpu'):.4f} | "
                        f"{med(rs, 'redis_cpu'):.4f} |")
-        p, n, h, d = (by[w] for w in order[::-1])
+        p, n, n2, h, d = (by[w] for w in
+                          ("portal", "nutcracker", "nutcracker2", "haproxy", "direct"))
         per_rep = ", ".join(f"{a['ops'] / b['ops']:.2f}" for a, b in zip(p, n))
         ratios.append(
             f"| {test.upper()} | {clients} | {pipeline} | {med(p, 'ops') / med(n, 'ops'):.2f} | "
+            f"{med(n2, 'ops') / med(n, 'ops'):.2f} | "
             f"{med(p, 'ops') / med(h, 'ops'):.2f} | {med(p, 'ops') / med(d, 'ops'):.2f} | "
             f"{med(p, 'proxy_cpu') / med(n, 'proxy_cpu'):.2f} | "
+            f"{med(n2, 'proxy_cpu') / med(n, 'proxy_cpu'):.2f} | "
             f"{med(p, 'redis_cpu') / med(d, 'redis_cpu'):.2f} | {per_rep} |")
     text = "\n".join(out + ratios) + "\n"
     print(text)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Redis multiplexing benchmark: direct vs HAProxy (L4) vs nutcracker (twemproxy) vs the portal
+# Redis multiplexing benchmark: direct vs HAProxy (L4) vs nutcracker (twemproxy, twice: the
+# second is the control) vs the portal (one event-loop thread unless THREADS says otherwise)
 # with pooling.mode multiplex, redis-benchmark GET/SET, 1,000 and 5,000 clients, pipeline 1
 # and 16, in one run (the contenders alternate in each repetition).
 #   bench/multiplex.sh                 # 2 repetitions (about 6 minutes on 2 cores)
