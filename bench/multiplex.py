@@ -111,7 +111,9 @@ listen redis
             self.ports[name] = port
             # Verbosity 4 (notice): the default, 5, runs per-request logging code for lines it
             # never writes; production setups run at 4 or below.
+            # Each on a stats port of its own (the default, 22222, takes one instance).
             self.pids[name] = self.spawn(["/usr/sbin/nutcracker", "-c", str(cfg), "-v", "4",
+                                          "-s", str(free_port()),
                                           "-o", str(work / f"{name}.log")]).pid
 
         port, admin = free_port(), free_port()

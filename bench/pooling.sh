@@ -8,6 +8,8 @@
 #   CLIENTS=200 SECONDS_PER_RUN=5 bench/pooling.sh  # quicker
 #   IDLE="5000 10000" bench/pooling.sh              # idle-client memory at these counts
 #   MODES= bench/pooling.sh                         # idle-client memory only
+#   PORTAL_THREADS=1 bench/pooling.sh               # the portal on one event-loop thread, as
+#                                                   # PgBouncer (default: one per core)
 # Needs: postgresql-15, pgbench, pgbouncer, openssl, python3-psycopg, a Rust toolchain.
 # Prints figures (Markdown); it is not a test. Run as root (PostgreSQL and PgBouncer run as
 # the postgres user).
@@ -104,7 +106,7 @@ timeouts: {client: 1h}
 pooling: {mode: transaction, poolSize: $POOL, queueTimeout: 30s, auth: {usersFile: "$work/users.yaml"}}
 backends: [{name: pg, address: "127.0.0.1:$PGPORT"}]
 EOF
-RUST_LOG=warn "$PORTAL_BIN" --config "$work/portal.yaml" >"$work/portal.log" 2>&1 &
+env RUST_LOG=warn ${PORTAL_THREADS:+TOKIO_WORKER_THREADS=$PORTAL_THREADS} "$PORTAL_BIN" --config "$work/portal.yaml" >"$work/portal.log" 2>&1 &
 portal_pid=$!
 pids+=("$portal_pid")
 for _ in $(seq 1 100); do
@@ -157,7 +159,7 @@ first_errors=()
 
 echo "## PostgreSQL transaction pooling: pgbench -S, $CLIENTS clients over TLS, pool $POOL, ${SECS}s per run"
 echo
-echo "$(nproc) cores; PostgreSQL 15, $(pgbouncer --version | head -1), the portal (release build)."
+echo "$(nproc) cores; PostgreSQL 15, $(pgbouncer --version | head -1), the portal (release build, ${PORTAL_THREADS:-one per core} event-loop thread(s))."
 echo
 echo "| contender | mode | TPS | p50 ms | p99 ms | proxy CPU s / 1,000 tx | backends | errors |"
 echo "|---|---|---|---|---|---|---|---|"
