@@ -1,5 +1,5 @@
 //! A shared server connection of multiplexing ([`ServerConn`]): clients queue their commands
-//! in its [`Queue`] (bytes appended to one buffer, a reply slot each, room taken under
+//! in its `Queue` (bytes appended to one buffer, a reply slot each, room taken under
 //! `maxInFlight`), one writer task writes whatever has gathered in one write, one reader task
 //! finds where each reply ends and hands it to the client waiting for it. A connection that
 //! breaks, or whose node stops leading, fails every command in flight.
@@ -98,7 +98,7 @@ pub struct ServerConn {
     max_in_flight: usize,
     dead: AtomicBool,
     /// Commands queued or running on the connection that the server may hold (see
-    /// [`Slot::held`]).
+    /// `Slot::held`).
     pub held: AtomicU32,
     /// `in_flight` of the queue, for the metrics (read without the lock).
     in_flight: AtomicUsize,
@@ -167,7 +167,7 @@ impl ServerConn {
         }
     }
 
-    /// Queues a request whose room was taken by [`Room`]. False when the connection died
+    /// Queues a request whose room was taken by `Room`. False when the connection died
     /// meanwhile.
     fn queue_now(&self, data: &[u8], count: u32, held: u32, sink: &Arc<Sink>) -> bool {
         let waker = {

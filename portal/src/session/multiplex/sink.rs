@@ -68,9 +68,9 @@ pub struct SinkInner {
     /// The client's task, woken by a delivery (registered once: a task's waker does not
     /// change).
     waker: Option<Waker>,
-    /// Replies go straight to the client's socket: set by its task when it waits with
-    /// nothing of its own to write (and nothing waits here), taken back when that changes
-    /// ([`Sink::let_straight`]).
+    /// Replies go straight to the client's socket: set by its task as it goes to wait with
+    /// nothing of its own to write (and nothing waits here), taken back whenever the task
+    /// runs, or by a reply the socket did not take whole ([`Sink::let_straight`]).
     open: bool,
 }
 
