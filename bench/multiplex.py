@@ -9,7 +9,9 @@ portal/nutcracker, portal/HAProxy and portal/direct.
 Run through bench/multiplex.sh (it builds the portal and raises the open-files limit).
 Environment: REPS (default 2), REQUESTS (default 200000; pipelined runs use 4x),
 SCENARIOS (e.g. "get:1000:1,set:5000:16"), THREADS (the portal's event-loop threads,
-default 1, as many as nutcracker's), PORTAL_BIN (default: the release build). A second
+default 1, as many as nutcracker's), PORTAL_BIN (default: the release build), IDLE (e.g.
+"5000": then, at each count, the RSS per idle client of the portal and of nutcracker, each
+client having sent one PING; MODES= skips the timed runs). A second
 nutcracker, configured as the first, runs beside them as the control: its ratio to the first
 is what two identical proxies look like in the same minutes."""
 
@@ -122,7 +124,7 @@ listen redis
 listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
 tls: {{mode: disabled}}
-limits: {{maxConnections: 9000, maxNegotiating: 9000, maxNegotiatingPerClient: 0}}
+limits: {{maxConnections: 15000, maxNegotiating: 15000, maxNegotiatingPerClient: 0}}
 backends: [{{name: r1, address: "127.0.0.1:{self.redis_port}"}}]
 pooling: {{mode: multiplex, serverConnections: 4}}
 """)
@@ -194,6 +196,61 @@ def bench_one(c: Contenders, who: str, test: str, clients: int, pipeline: int,
     }
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def idle_rss(c: Contenders, who: str, counts: list[int]) -> dict[int, float]:
+    """KiB of RSS per idle client, at each of `counts`: that many clients that sent one PING
+    each and wait, against the contender's RSS with 50 such clients (its buffers and pools
+    warmed), taken once before the first count (a later count's clients would reuse memory
+    the earlier ones freed)."""
+    def ping(s: socket.socket) -> None:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        got = b""
+        while not got.endswith(b"\r\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                raise RuntimeError(f"{who} closed an idle client")
+            got += chunk
+
+    def connect(n: int) -> list[socket.socket]:
+        socks = []
+        try:
+            for i in range(n):
+                socks.append(socket.create_connection(("127.0.0.1", c.ports[who])))
+                try:
+                    ping(socks[-1])
+                except OSError as e:
+                    raise RuntimeError(f"{who}: idle client {i + 1} of {n}: {e}") from e
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        return socks
+
+    pid = c.pids[who]
+    warm = connect(50)
+    per_client = {}
+    try:
+        time.sleep(1)
+        base = rss_kib(pid)
+        for n in counts:
+            socks = connect(n)
+            time.sleep(2)
+            per_client[n] = (rss_kib(pid) - base) / n
+            for s in socks:
+                s.close()
+            time.sleep(1)
+    finally:
+        for s in warm:
+            s.close()
+    return per_client
+
+
 def main() -> None:
     reps = int(os.environ.get("REPS", "2"))
     base = int(os.environ.get("REQUESTS", "200000"))
@@ -201,9 +258,17 @@ def main() -> None:
         "SCENARIOS",
         "get:1000:1,set:1000:1,get:1000:16,set:1000:16,"
         "get:5000:1,set:5000:1,get:5000:16,set:5000:16").split(",")]
+    if os.environ.get("MODES", "timed") == "":
+        scenarios = []
+    idle_counts = [int(n) for n in os.environ.get("IDLE", "").split()]
+    idle: dict[int, dict[str, float]] = {}
     order = ["direct", "haproxy", "nutcracker", "nutcracker2", "portal"]
     work = Path(tempfile.mkdtemp(prefix="dbportal-bench-mux-"))
-    c = Contenders(work)
+    try:
+        c = Contenders(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
     results: dict[tuple, dict[str, list[dict]]] = {}
@@ -221,6 +286,9 @@ def main() -> None:
                     print(f"rep {rep + 1} {test} -c {clients} -P {pipeline} {who}: "
                           f"{r['ops']:.0f} ops/s p99 {r['p99']:.2f} ms conns {r['conns']}",
                           file=sys.stderr, flush=True)
+        if idle_counts:
+            by_who = {who: idle_rss(c, who, idle_counts) for who in ("portal", "nutcracker")}
+            idle = {n: {who: v[n] for who, v in by_who.items()} for n in idle_counts}
     finally:
         c.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -262,6 +330,10 @@ def main() -> None:
             f"{med(p, 'proxy_cpu') / med(n, 'proxy_cpu'):.2f} | "
             f"{med(n2, 'proxy_cpu') / med(n, 'proxy_cpu'):.2f} | "
             f"{med(p, 'redis_cpu') / med(d, 'redis_cpu'):.2f} | {per_rep} |")
+    if idle:
+        ratios += ["", "| idle clients (one PING each) | portal KiB per client | nutcracker KiB per "
+                   "client |", "|---|---|---|"]
+        ratios += [f"| {n} | {v['portal']:.2f} | {v['nutcracker']:.2f} |" for n, v in idle.items()]
     text = "\n".join(out + ratios) + "\n"
     print(text)
     Path(tempfile.gettempdir(), "dbportal-bench-multiplex-last-run.md").write_text(text)

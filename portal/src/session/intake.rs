@@ -163,21 +163,29 @@ async fn forwarded(
 }
 
 /// `pooling.mode: multiplex`: the client's TLS (if any) is terminated here and its commands
-/// go to shared server connections instead of a backend connection of its own.
+/// go to shared server connections instead of a backend connection of its own. The session
+/// runs as a task of its own, on this thread, as a pooled one does (see `pooled`): the
+/// intake's task ends, and with it what the admission and the negotiation kept.
 async fn multiplexed(
     mut admitted: Admitted<TcpStream>,
     terminator: Arc<crate::tls::Terminator>,
     shared: Shared,
 ) {
+    let span = tracing::Span::current();
     if terminator.mode() != crate::config::TlsMode::Terminate {
-        return multiplex::serve(admitted.map_stream(Tcp::new), shared).await;
+        let session = multiplex::serve(admitted.map_stream(Tcp::new), shared);
+        tokio::spawn(session.instrument(span));
+        return;
     }
     // Boxed, so that the handshake's state does not stay allocated with the client.
     let early = std::mem::take(&mut admitted.early);
     let (tcp, admitted) = admitted.take_stream();
     match Box::pin(terminator.accept_with(Tcp::new(tcp), early)).await {
         Ok(accepted) => match accepted.into_stream() {
-            Ok(client) => multiplex::serve(admitted.with_stream(client), shared).await,
+            Ok(client) => {
+                let session = multiplex::serve(admitted.with_stream(client), shared);
+                tokio::spawn(session.instrument(span));
+            }
             Err(_) => shared.state.metrics.reject(Rejection::Handshake),
         },
         Err(e) => negotiation_failed(&shared, Some(&e)),

@@ -83,6 +83,10 @@ use crate::{
 const OUT_HIGH: usize = 256 << 10;
 /// Unparsed command bytes past which the client is not read until they are handled.
 const IN_HIGH: usize = 1 << 20;
+/// A client's first input buffer (most commands are far shorter; an idle client keeps it),
+/// and the room below which it doubles before a read.
+const IN_FIRST: usize = 1024;
+const IN_SPARE: usize = 512;
 
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 
@@ -295,8 +299,8 @@ impl Session {
                 && (unparsed < IN_HIGH || self.partial);
             let want_pinned = out_pending < OUT_HIGH;
             let has_pinned = self.pinned.is_some();
-            if self.inbuf.len() - self.in_end < 2048 {
-                let size = (self.inbuf.len() * 2).max(4096);
+            if self.inbuf.len() - self.in_end < IN_SPARE {
+                let size = (self.inbuf.len() * 2).max(IN_FIRST);
                 self.inbuf.resize(size, 0);
             }
             let event = {
