@@ -82,7 +82,7 @@ KEEP_OUT = os.environ.get("KEEP_OUT")
 CONTENDERS = os.environ.get("CONTENDERS", "portal anchor").split()
 WIRES = os.environ.get("WIRES", "plaintext TLS").split()
 LOGINS = os.environ.get("LOGINS", "1") != "0"
-CLIENTS, POOL, PASSWORD = 10, 5, "benchpw"
+CLIENTS, POOL, PASSWORD = 10, int(os.environ.get("POOL", "5")), "benchpw"
 PG_USER = pwd.getpwnam("postgres")
 # Files PostgreSQL and PgBouncer read or write (and the tools' outputs): private to the
 # postgres user.

@@ -216,3 +216,46 @@ async fn a_login_waits_for_a_server_connection_past_the_handshake_deadline() {
         .expect("logged in past timeouts.handshake");
     assert_eq!(value, "2");
 }
+
+/// A server connection that the server closes while it is idle in the pool is not handed to
+/// the next transaction: the pool sees it closed when it takes it, and opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_closed_while_idle_is_not_handed_out() {
+    let Some((pg, portal)) = app_portal("mode: transaction, poolSize: 1", "").await else {
+        return;
+    };
+    let c = portal.client("app", "apppw").await.unwrap();
+    let pid = |pg: &Postgres| {
+        pg.psql("SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'")
+    };
+    for round in 0..3 {
+        assert_eq!(query_one(&c, "SELECT 1").await, "1");
+        let first = pid(&pg);
+        assert!(!first.is_empty(), "round {round}: no server connection");
+        pg.psql(&format!("SELECT pg_terminate_backend({first})"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backends_of(&pg, "app") != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the backend stayed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The portal's event loop has seen the close once its next turn ran: a moment.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            query_one(&c, "SELECT 2").await,
+            "2",
+            "round {round}: the next transaction failed on the closed connection"
+        );
+        assert_ne!(pid(&pg), first, "round {round}: the same server process");
+    }
+    let m = portal.metrics().await;
+    assert!(
+        sample(
+            &m,
+            "dbportal_pool_server_connection_events_total{event=\"closed\"}"
+        ) >= 3.0,
+        "{m}"
+    );
+}

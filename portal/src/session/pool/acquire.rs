@@ -117,17 +117,25 @@ where
     /// leader), so that a transaction begun in the middle of a failover runs on the new leader
     /// instead of failing. A refused login (wrong password, no such role) fails at once.
     pub(super) async fn acquire_conn(&mut self) -> Result<Box<ServerConn>, (&'static str, String)> {
-        let started = Instant::now();
-        // The common case, without a future of its own: the current pool's idle connection,
-        // or its queue (whose watchdog ends the wait at the deadline: no timer per wait).
+        // The common case, without a future of its own: the current pool's idle connection
+        // (no wait, no clock read), or its queue (whose watchdog ends the wait at the
+        // deadline: no timer per wait).
         let mut first = None;
+        let mut started = None;
         if let Some(pool) = self.pool.clone() {
-            let deadline = started + self.settings.queue_timeout;
-            let lifetime = Some(self.settings.server_lifetime);
-            let grant = match pool.turn(lifetime, deadline, Some(&self.waker)) {
-                Turn::Conn(c) => Grant::Conn(c),
-                Turn::Queued(waiting) => waiting.granted().await,
-                Turn::Dial => Grant::Dial,
+            let grant = match pool.turn(self.settings.queue_timeout, Some(&self.waker)) {
+                Turn::Conn(c) => {
+                    self.hub.stats.record_wait(Duration::ZERO);
+                    return Ok(c);
+                }
+                Turn::Queued(waiting) => {
+                    started = Some(waiting.since);
+                    waiting.granted().await
+                }
+                Turn::Dial => {
+                    started = Some(Instant::now());
+                    Grant::Dial
+                }
                 Turn::Retired => Grant::Retired,
             };
             let got = match grant {
@@ -137,11 +145,13 @@ where
                 dial => Box::pin(pool.use_grant(dial, &self.ctx, &self.login)).await,
             };
             if let Ok(c) = got {
-                self.hub.stats.record_wait(started.elapsed());
+                let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
+                self.hub.stats.record_wait(waited);
                 return Ok(c);
             }
             first = Some(got);
         }
+        let started = started.unwrap_or_else(Instant::now);
         Box::pin(self.acquire_slow(started, first)).await
     }
 

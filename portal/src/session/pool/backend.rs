@@ -89,17 +89,25 @@ where
 
     /// Forwards what the server sent as the machine says, keeping the parameters it reports;
     /// gives the connection back at the end of a transaction (transaction mode).
+    ///
+    /// Rows, COPY data and the messages the machine lets pass ([`Machine::passes_through`])
+    /// go out as they came, without a copy when nothing of the machine's is mixed in: most
+    /// replies are written to the client straight from the read buffer.
+    ///
+    /// [`Machine::passes_through`]: super::machine::Machine::passes_through
     pub(super) async fn server_data(&mut self) -> Result<(), CloseReason> {
         let h = self.held.as_mut().expect("held");
         let mut pos = 0;
         let len = h.sbuf.len();
         let mut bad = false;
         let mut fatal = None;
-        let mut forward = spare::bytes();
+        // What the machine wrote, after the bytes passed on before it; `sbuf[run..pos]` is
+        // passed on as it is, after `forward`.
+        let mut forward = Vec::new();
+        let mut run = 0;
         loop {
             if h.skip > 0 {
                 let take = h.skip.min(len - pos);
-                forward.extend_from_slice(&h.sbuf[pos..pos + take]);
                 pos += take;
                 h.skip -= take;
                 if h.skip > 0 {
@@ -116,13 +124,16 @@ where
                 bad = true;
                 break;
             }
-            // Rows and COPY data are forwarded as they come, whatever their size.
             if is_streamed(tag) {
                 h.skip = mlen + 1;
                 continue;
             }
             if len - pos < mlen + 1 {
                 break;
+            }
+            if self.machine.passes_through(tag) {
+                pos += mlen + 1;
+                continue;
             }
             let whole = &h.sbuf[pos..pos + 1 + mlen];
             let body = &whole[HEADER_LEN..];
@@ -138,25 +149,42 @@ where
                 super::conn::set_param(&mut h.conn.params, k.clone(), v.clone());
                 super::conn::set_param(&mut self.params, k, v);
             }
+            if forward.capacity() == 0 {
+                forward = spare::bytes();
+            }
+            forward.extend_from_slice(&h.sbuf[run..pos]);
+            run = pos;
             match self
                 .machine
                 .on_server(msg, whole, &mut h.conn.statements, &mut forward)
             {
-                ServerStep::Next => pos += mlen + 1,
+                ServerStep::Next => {
+                    pos += mlen + 1;
+                    run = pos;
+                }
                 ServerStep::Ended => {
-                    // Left unread: the connection is not given back.
                     fatal = Some(error_text(body));
                     break;
                 }
             }
         }
-        h.sbuf.drain(..pos);
+        // Written from the read buffer, taken out of `held` meanwhile.
+        let mut sbuf = std::mem::take(&mut h.sbuf);
         let sent = if forward.is_empty() {
-            Ok(())
+            if run < pos {
+                self.send(&sbuf[run..pos]).await
+            } else {
+                Ok(())
+            }
         } else {
+            forward.extend_from_slice(&sbuf[run..pos]);
             self.send(&forward).await
         };
         spare::give_bytes(forward);
+        sbuf.drain(..pos);
+        if let Some(h) = &mut self.held {
+            h.sbuf = sbuf;
+        }
         sent?;
         if bad {
             self.hub.stats.protocol_errors.fetch_add(1, Relaxed);

@@ -219,9 +219,18 @@ impl ServerConn {
     }
 
     /// Whether the server closed it or sent something unasked while it was idle.
+    ///
+    /// Over plain TCP the socket is read only when the runtime saw it become readable since
+    /// the last read, and no waker is registered (the next holder registers its own); over
+    /// TLS the read goes through the TLS layer, which may consume records that carry no data.
     pub(super) fn is_stale(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        self.stream.read(&mut byte).now_or_never().is_some()
+        match &self.stream {
+            MaybeTls::Plain(tcp) => {
+                !matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            _ => self.stream.read(&mut byte).now_or_never().is_some(),
+        }
     }
 
     /// Runs `sql` (SET, DISCARD ALL) and reads up to its ReadyForQuery, keeping the

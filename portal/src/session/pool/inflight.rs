@@ -7,7 +7,13 @@
 
 use std::{cell::RefCell, collections::VecDeque};
 
-use crate::wire::postgres::{backend::Backend, ReadyStatus};
+use crate::wire::postgres::{
+    backend::{
+        BIND_COMPLETE, CLOSE_COMPLETE, COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, NO_DATA,
+        PARSE_COMPLETE, PORTAL_SUSPENDED, READY_FOR_QUERY, ROW_DESCRIPTION,
+    },
+    ReadyStatus,
+};
 
 use super::statements::Definition;
 
@@ -30,21 +36,17 @@ impl Sent {
         matches!(self, Sent::Query | Sent::FunctionCall | Sent::Sync)
     }
 
-    /// Whether `msg` from the server completes the answer.
-    pub(super) fn completed_by(self, msg: &Backend<'_>) -> bool {
+    /// Whether a server message with `tag` completes the answer.
+    pub(super) fn completed_by(self, tag: u8) -> bool {
         match self {
-            Sent::Query | Sent::FunctionCall | Sent::Sync => {
-                matches!(msg, Backend::ReadyForQuery(_))
-            }
-            Sent::Parse => matches!(msg, Backend::ParseComplete),
-            Sent::Bind => matches!(msg, Backend::BindComplete),
-            Sent::Close => matches!(msg, Backend::CloseComplete),
-            Sent::Describe => matches!(msg, Backend::RowDescription { .. } | Backend::NoData),
+            Sent::Query | Sent::FunctionCall | Sent::Sync => tag == READY_FOR_QUERY,
+            Sent::Parse => tag == PARSE_COMPLETE,
+            Sent::Bind => tag == BIND_COMPLETE,
+            Sent::Close => tag == CLOSE_COMPLETE,
+            Sent::Describe => matches!(tag, ROW_DESCRIPTION | NO_DATA),
             Sent::Execute => matches!(
-                msg,
-                Backend::CommandComplete { .. }
-                    | Backend::EmptyQueryResponse
-                    | Backend::PortalSuspended
+                tag,
+                COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED
             ),
         }
     }
@@ -61,6 +63,7 @@ impl super::spare::Lent for Expect {
 }
 
 /// What a client waits for from its server connection, in order.
+#[derive(Debug)]
 pub(super) enum Expect {
     /// The answer to a message sent to the server. `swallow`: the portal's own (a
     /// re-prepare, an LRU close), not forwarded unless it fails. `forget`: a Parse whose
@@ -75,6 +78,7 @@ pub(super) enum Expect {
 }
 
 /// What is in flight on the server connection the client holds.
+#[derive(Debug)]
 pub(super) struct InFlight {
     pub(super) expect: VecDeque<Expect>,
     pub(super) status: ReadyStatus,

@@ -177,9 +177,12 @@ const PINNING_FUNCTIONS: [&[u8]; 2] = [b"advisory", b"set_config"];
 /// statement, or names one of [`PINNING_FUNCTIONS`]. Everything else (the common case) is
 /// settled here without reading the text in full.
 fn may_pin(sql: &[u8]) -> bool {
-    let word = sql::first_word(sql);
-    word.is_empty()
-        || PINNING_WORDS.iter().any(|k| word.eq_ignore_ascii_case(k))
+    let by_word = match sql::lead(sql) {
+        Some(c) if c.is_ascii_alphabetic() => sql::starts_with_any(sql, &PINNING_WORDS),
+        // No first word to go by.
+        _ => true,
+    };
+    by_word
         || sql::several_statements(sql)
         || (memchr::memchr(b'(', sql).is_some()
             && PINNING_FUNCTIONS

@@ -49,6 +49,8 @@ impl Drop for Slot<'_> {
 pub struct Waiting<'a> {
     pool: &'a Pool,
     rx: oneshot::Receiver<Grant>,
+    /// When it queued.
+    pub since: tokio::time::Instant,
 }
 
 impl Waiting<'_> {
@@ -278,8 +280,7 @@ impl Pool {
         login: &Login,
         queue: Duration,
     ) -> Result<Box<ServerConn>, CheckoutError> {
-        let lifetime = ctx.config.plane.pg_pool().map(|p| p.server_lifetime);
-        let grant = match self.turn(lifetime, tokio::time::Instant::now() + queue, None) {
+        let grant = match self.turn(queue, None) {
             Turn::Conn(c) => return Ok(c),
             Turn::Retired => return Err(CheckoutError::Retired),
             Turn::Dial => Grant::Dial,
@@ -289,20 +290,16 @@ impl Pool {
     }
 
     /// A checkout's first step, without waiting: an idle connection, else a slot to dial
-    /// while the pool has room, else a place in the FIFO queue until `deadline`.
+    /// while the pool has room, else a place in the FIFO queue for at most `queue`.
     /// `waker` (the client's task) is recorded as the holder of the connection it gets.
-    pub fn turn(
-        &self,
-        lifetime: Option<Duration>,
-        deadline: tokio::time::Instant,
-        waker: Option<&Waker>,
-    ) -> Turn<'_> {
-        let (rx, wake) = {
+    /// The clock is read only to queue.
+    pub fn turn(&self, queue: Duration, waker: Option<&Waker>) -> Turn<'_> {
+        let (rx, since, wake) = {
             let mut g = lock(&self.inner);
             if self.is_retired() {
                 return Turn::Retired;
             }
-            if let Some(mut c) = self.pop_idle(&mut g, lifetime) {
+            if let Some(mut c) = self.pop_idle(&mut g) {
                 if let Some(w) = waker {
                     c.holder = Some(g.add_holder(w));
                 }
@@ -313,6 +310,8 @@ impl Pool {
                 return Turn::Dial;
             }
             let (tx, rx) = oneshot::channel();
+            let since = tokio::time::Instant::now();
+            let deadline = since + queue;
             g.waiters.push_back(Waiter {
                 tx,
                 deadline,
@@ -322,12 +321,16 @@ impl Pool {
             if wake {
                 g.watched = Some(deadline);
             }
-            (rx, wake)
+            (rx, since, wake)
         };
         if wake {
             self.watchdog.notify_one();
         }
-        Turn::Queued(Waiting { pool: self, rx })
+        Turn::Queued(Waiting {
+            pool: self,
+            rx,
+            since,
+        })
     }
 
     /// What a grant becomes: its connection, a connection dialled in its slot, or the error.
@@ -393,15 +396,12 @@ impl Pool {
         next
     }
 
-    /// The most recently used idle connection that is neither stale nor past `lifetime`; the
-    /// others on the way are closed.
-    fn pop_idle(&self, g: &mut Inner, lifetime: Option<Duration>) -> Option<Box<ServerConn>> {
-        if g.idle.is_empty() {
-            return None;
-        }
-        let now = Instant::now();
+    /// The most recently used idle connection that is not stale; the others on the way are
+    /// closed. (Age is not read here: a connection past `serverLifetime` is closed when it
+    /// is given back, and while idle by the pool's upkeep within a second.)
+    fn pop_idle(&self, g: &mut Inner) -> Option<Box<ServerConn>> {
         while let Some(mut c) = g.idle.pop() {
-            if c.is_stale() || lifetime.is_some_and(|l| now.duration_since(c.created) >= l) {
+            if c.is_stale() {
                 g.open -= 1;
                 self.stats.server_closed.fetch_add(1, Ordering::Relaxed);
                 continue;

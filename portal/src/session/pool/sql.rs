@@ -9,8 +9,9 @@
 //! May import: nothing of the crate.
 
 /// The first word of `sql`: the ASCII letters after leading whitespace. Empty when the text
-/// starts with anything else (a comment, a parenthesis, a quoted name): the caller then reads
-/// the text in full.
+/// starts with anything else (a comment, a parenthesis, a quoted name). What
+/// [`starts_with_any`] compares keywords with, read in full (the tests' reference).
+#[cfg(test)]
 pub fn first_word(sql: &[u8]) -> &[u8] {
     let start = sql
         .iter()
@@ -24,18 +25,34 @@ pub fn first_word(sql: &[u8]) -> &[u8] {
     &rest[..len]
 }
 
-/// Whether the first word of `sql` is one of `keywords` (lower case), in any case. Its first
-/// letter settles most texts: the word is read only when a keyword starts with it.
+/// The first byte of `sql` after leading whitespace, in lower case.
+#[inline]
+pub fn lead(sql: &[u8]) -> Option<u8> {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    Some(sql[start].to_ascii_lowercase())
+}
+
+/// Whether the first word of `sql` is one of `keywords` (lower-case letters), in any case.
+/// Inlined where it is called: text whose first letter starts none of them (most) is
+/// settled by one byte compare per keyword, the others by comparing the keyword's length of
+/// bytes and the byte after them, without reading the word to its end.
+#[inline]
 pub fn starts_with_any(sql: &[u8], keywords: &[&[u8]]) -> bool {
-    let Some(&lead) = sql.iter().find(|b| !b.is_ascii_whitespace()) else {
+    let Some(start) = sql.iter().position(|b| !b.is_ascii_whitespace()) else {
         return false;
     };
-    let lead = lead.to_ascii_lowercase();
-    if !keywords.iter().any(|k| k.first() == Some(&lead)) {
-        return false;
-    }
-    let word = first_word(sql);
-    keywords.iter().any(|k| word.eq_ignore_ascii_case(k))
+    let lead = sql[start].to_ascii_lowercase();
+    keywords
+        .iter()
+        .any(|k| k.first() == Some(&lead) && is_word_at(sql, start, k))
+}
+
+/// Whether `keyword` (letters) is the whole word at `start` of `sql`, in any case.
+fn is_word_at(sql: &[u8], start: usize, keyword: &[u8]) -> bool {
+    let end = start + keyword.len();
+    sql.get(start..end)
+        .is_some_and(|w| w.eq_ignore_ascii_case(keyword))
+        && !sql.get(end).is_some_and(u8::is_ascii_alphabetic)
 }
 
 /// Whether `sql` may hold more than one statement: a `;` with more than whitespace, `;` and
@@ -87,6 +104,34 @@ mod tests {
             &[b"deallocate", b"discard"]
         ));
         assert!(!starts_with_any(b"discarded", &[b"discard"]));
+    }
+
+    /// Every text of up to five bytes over letters of the keywords, other letters,
+    /// whitespace and punctuation: the keyword compare says what the whole first word says.
+    #[test]
+    fn starts_with_any_agrees_with_the_first_word() {
+        let alphabet = b"sEtx _(\n";
+        let sets: [&[&[u8]]; 3] = [&[b"set"], &[b"s", b"setx"], &[b"reset", b"set", b"tx"]];
+        let mut text = Vec::new();
+        for len in 0..=5u32 {
+            for mut n in 0..alphabet.len().pow(len) {
+                text.clear();
+                for _ in 0..len {
+                    text.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                for keywords in sets {
+                    let word = first_word(&text);
+                    let want = keywords.iter().any(|k| word.eq_ignore_ascii_case(k));
+                    assert_eq!(
+                        starts_with_any(&text, keywords),
+                        want,
+                        "{:?} {keywords:?}",
+                        String::from_utf8_lossy(&text)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,30 +8,30 @@
 
 use super::{encode_framed, malformed, put_cstr, FrameError, Reader, ReadyStatus};
 
-const AUTHENTICATION: u8 = b'R';
-const PARAMETER_STATUS: u8 = b'S';
-const BACKEND_KEY_DATA: u8 = b'K';
-const READY_FOR_QUERY: u8 = b'Z';
-const ERROR_RESPONSE: u8 = b'E';
-const NOTICE_RESPONSE: u8 = b'N';
-const COMMAND_COMPLETE: u8 = b'C';
-const EMPTY_QUERY_RESPONSE: u8 = b'I';
-const ROW_DESCRIPTION: u8 = b'T';
-const DATA_ROW: u8 = b'D';
-const PARAMETER_DESCRIPTION: u8 = b't';
-const NO_DATA: u8 = b'n';
-const PARSE_COMPLETE: u8 = b'1';
-const BIND_COMPLETE: u8 = b'2';
-const CLOSE_COMPLETE: u8 = b'3';
-const PORTAL_SUSPENDED: u8 = b's';
-const COPY_IN_RESPONSE: u8 = b'G';
-const COPY_OUT_RESPONSE: u8 = b'H';
-const COPY_BOTH_RESPONSE: u8 = b'W';
-const COPY_DATA: u8 = b'd';
-const COPY_DONE: u8 = b'c';
-const NOTIFICATION_RESPONSE: u8 = b'A';
-const FUNCTION_CALL_RESPONSE: u8 = b'V';
-const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const AUTHENTICATION: u8 = b'R';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const NOTICE_RESPONSE: u8 = b'N';
+pub const COMMAND_COMPLETE: u8 = b'C';
+pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const DATA_ROW: u8 = b'D';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const NO_DATA: u8 = b'n';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const PORTAL_SUSPENDED: u8 = b's';
+pub const COPY_IN_RESPONSE: u8 = b'G';
+pub const COPY_OUT_RESPONSE: u8 = b'H';
+pub const COPY_BOTH_RESPONSE: u8 = b'W';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
+pub const NOTIFICATION_RESPONSE: u8 = b'A';
+pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 
 /// An authentication request (`R`), by its code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use crate::wire::postgres::{
-    backend::Backend,
+    backend::{Backend, ERROR_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY},
     error_response,
     frontend::{Frontend, TargetKind},
     ready_for_query, ReadyStatus,
@@ -413,6 +413,25 @@ impl Machine {
         self.held.as_mut().expect("a server connection is held")
     }
 
+    /// Whether a server message with `tag` goes to the client as it is and changes nothing
+    /// here, so that the task may pass it on without decoding it or calling
+    /// [`Machine::on_server`] (which would do the same): while the answer at the front is the
+    /// client's (not the portal's own), any message that does not complete it, except those
+    /// the machine reads (ParameterStatus, ErrorResponse, ReadyForQuery).
+    pub(super) fn passes_through(&self, tag: u8) -> bool {
+        let front = self.held.as_ref().and_then(|h| h.expect.front());
+        let Some(Expect::Server {
+            sent,
+            swallow: false,
+            ..
+        }) = front
+        else {
+            return false;
+        };
+        !matches!(tag, PARAMETER_STATUS | ERROR_RESPONSE | READY_FOR_QUERY)
+            && !sent.completed_by(tag)
+    }
+
     /// One complete message from the held server connection (`raw` the whole of it): what
     /// goes to the client, following ReadyForQuery and the answers the client waits for (the
     /// portal's own answers go in between, its own messages' answers are dropped).
@@ -488,7 +507,7 @@ impl Machine {
             if !own {
                 client.extend_from_slice(raw);
             }
-        } else if front.completed_by(&msg) {
+        } else if front.completed_by(raw[0]) {
             h.expect.pop_front();
             if !swallow {
                 client.extend_from_slice(raw);
@@ -550,6 +569,8 @@ mod tests {
         held: bool,
         /// What happened to the server connection, in order: `+` taken, `-` given back.
         events: String,
+        /// The tags of the server's messages the task would pass on without the machine.
+        passed: String,
     }
 
     /// The tags of the messages in `bytes`, as text (`SELECT`'s answer reads `TDCZ`).
@@ -629,6 +650,7 @@ mod tests {
                 conn: ServerStatements::default(),
                 held: false,
                 events: String::new(),
+                passed: String::new(),
             };
             if !transaction {
                 s.m.acquired();
@@ -678,8 +700,28 @@ mod tests {
                     client.extend_from_slice(raw);
                 } else {
                     let msg = Backend::decode(raw[0], &raw[HEADER_LEN..]).unwrap();
+                    // What the task passes on without the machine, the machine would pass on
+                    // as it is, changing nothing.
+                    let state = |m: &Machine| format!("{:?} {:?} {:?}", m.held, m.tally, m.pinned);
+                    let passed = self.m.passes_through(raw[0]).then(|| state(&self.m));
+                    let at = client.len();
                     let step = self.m.on_server(msg, raw, &mut self.conn, &mut client);
                     assert_eq!(step, ServerStep::Next);
+                    if let Some(before) = passed {
+                        assert_eq!(
+                            &client[at..],
+                            raw,
+                            "{} not passed on as it is",
+                            raw[0] as char
+                        );
+                        assert_eq!(
+                            state(&self.m),
+                            before,
+                            "{} changed the state",
+                            raw[0] as char
+                        );
+                        self.passed.push(raw[0] as char);
+                    }
                 }
                 rest = &rest[n..];
             }
@@ -703,6 +745,10 @@ mod tests {
         assert_eq!(s.events, "+");
         let answer = cat(&[&rows(1), &complete("SELECT 1")]);
         assert_eq!(tags(&s.server(&answer)), "TDC");
+        assert_eq!(
+            s.passed, "TC",
+            "the description and the completion pass on as they are"
+        );
         assert_eq!(s.events, "+", "no ReadyForQuery yet");
         assert_eq!(tags(&s.server(&ready(ReadyStatus::Idle))), "Z");
         assert_eq!(s.events, "+-");
@@ -771,6 +817,7 @@ mod tests {
             &complete("SELECT 2"),
         ]);
         assert_eq!(tags(&s.server(&answer)), "12TDDC");
+        assert_eq!(s.passed, "", "each of them completes an answer waited for");
         assert_eq!(s.events, "+", "the Sync is not answered yet");
         assert_eq!(tags(&s.server(&ready(ReadyStatus::Idle))), "Z");
         assert_eq!(s.events, "+-");
