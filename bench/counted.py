@@ -39,7 +39,9 @@ starts is stopped by PID; its temp dirs are private and removed.
 
 Environment: MODES ("pg redis"), PORTAL_BIN (default: build the release portal under
 CARGO_TARGET_DIR), PG_N (transactions per client in the short run, 200), PG_PROTOCOLS
-("simple extended"), LOGIN_T (transactions per client in the login runs, 20), REDIS_N1 and
+("simple extended"), POOL (the pool size of both poolers, 5: with 10 clients half of them wait
+for a connection at a time; 10: none waits), LOGIN_T (transactions per client in the login
+runs, 20), REDIS_N1 and
 REDIS_N16 (GETs in the short run, 10000 and 80000), REDIS_PIPELINES ("1 16"), SERVER_CONNECTIONS (redis, 4 for both),
 HEALTH_INTERVAL (1h), IDLE_SECONDS (5; 0 skips the idle rows), KEEP_OUT (a directory to copy
 the callgrind outputs of the longer runs into, for callgrind_annotate); to profile one part:

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # PostgreSQL transaction pooling benchmark, in one run: direct (max_connections raised),
 # PgBouncer (Debian's pgbouncer, pool_mode transaction, same pool size, same TLS certificate)
-# and the portal (pooling.mode transaction): pgbench -S over TLS, simple and prepared modes;
-# TPS, p50/p99 latency, the proxy's CPU seconds per 1,000 transactions, backend connections
-# used; then the RSS per idle TLS client of the portal and of PgBouncer.
+# and the portal (pooling.mode transaction): pgbench -S over TLS (or plaintext, WIRE), simple
+# and prepared modes; TPS, p50/p99 latency, the proxy's CPU seconds per 1,000 transactions,
+# backend connections used; then the RSS per idle client of the portal and of PgBouncer.
 #   bench/pooling.sh                                # 1,000 clients, pool 20, 15 s per run
 #   CLIENTS=200 SECONDS_PER_RUN=5 bench/pooling.sh  # quicker
 #   IDLE="5000 10000" bench/pooling.sh              # idle-client memory at these counts
 #   MODES= bench/pooling.sh                         # idle-client memory only
 #   PORTAL_THREADS=1 bench/pooling.sh               # the portal on one event-loop thread, as
 #                                                   # PgBouncer (default: one per core)
+#   WIRE=plaintext bench/pooling.sh                 # clients without TLS, to PgBouncer and the
+#                                                   # portal alike (default: TLS)
 # Needs: postgresql-15, pgbench, pgbouncer, openssl, python3-psycopg, a Rust toolchain.
 # Prints figures (Markdown); it is not a test. Run as root (PostgreSQL and PgBouncer run as
 # the postgres user).
@@ -22,6 +24,12 @@ SECS=${SECONDS_PER_RUN:-15}
 THREADS=${THREADS:-2}
 IDLE=${IDLE:-"5000 10000"}
 MODES=${MODES-"simple prepared"}
+WIRE=${WIRE:-TLS}
+case "$WIRE" in
+  TLS) SSLMODE=require ;;
+  plaintext) SSLMODE=disable ;;
+  *) echo "WIRE must be TLS or plaintext, not $WIRE" >&2; exit 2 ;;
+esac
 PG_BIN=/usr/lib/postgresql/15/bin
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p dbportal-portal --bin portal
@@ -63,7 +71,8 @@ done
 export PGPASSWORD=benchpw
 pgbench -h 127.0.0.1 -p "$PGPORT" -U postgres -i -s 10 -q postgres >/dev/null 2>&1
 
-# PgBouncer: transaction mode, the same pool size, TLS to clients with the same certificate.
+# PgBouncer: transaction mode, the same pool size, TLS to clients (WIRE=TLS) with the same
+# certificate.
 BPORT=$(free_port)
 # The stored SCRAM verifier, as PgBouncer's docs recommend (with the plaintext password it runs
 # PBKDF2 at every client login).
@@ -81,9 +90,7 @@ auth_file = $work/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL
 max_client_conn = 20000
-client_tls_sslmode = require
-client_tls_cert_file = $work/server.pem
-client_tls_key_file = $work/server.key
+$(if [ "$WIRE" = TLS ]; then printf '%s\n' "client_tls_sslmode = require" "client_tls_cert_file = $work/server.pem" "client_tls_key_file = $work/server.key"; fi)
 logfile = $work/pgbouncer.log
 EOF
 chown postgres "$work/pgbouncer.ini" "$work/userlist.txt"
@@ -99,7 +106,7 @@ cat > "$work/portal.yaml" <<EOF
 engine: postgres
 listen: 127.0.0.1:$PPORT
 admin: 127.0.0.1:$PADMIN
-tls: {mode: terminate, certFile: "$work/server.pem", keyFile: "$work/server.key"}
+$(if [ "$WIRE" = TLS ]; then echo "tls: {mode: terminate, certFile: \"$work/server.pem\", keyFile: \"$work/server.key\"}"; else echo "tls: {mode: disabled}"; fi)
 limits: {maxConnections: 20000, maxNegotiating: 20000, maxNegotiatingPerClient: 0, maxConnectionsPerClient: 0, connectionRatePerClient: 0}
 healthCheck: {interval: 1s, credentials: {username: postgres, password: benchpw}}
 timeouts: {client: 1h}
@@ -131,7 +138,7 @@ run() { # name port proxy_pid mode
   ( sleep $((SECS / 2 + 2)); backends > "$logdir/backends" ) &
   local sampler=$!
   local out
-  out=$(cd "$logdir" && PGSSLMODE=require pgbench -h 127.0.0.1 -p "$port" -U postgres -S -n \
+  out=$(cd "$logdir" && PGSSLMODE=$SSLMODE pgbench -h 127.0.0.1 -p "$port" -U postgres -S -n \
         -c "$CLIENTS" -j "$THREADS" -T "$SECS" -M "$mode" -l postgres 2>&1) || true
   wait "$sampler" || true
   local c1=0; [ "$pid" != - ] && c1=$(cpu "$pid")
@@ -157,7 +164,7 @@ run() { # name port proxy_pid mode
 }
 first_errors=()
 
-echo "## PostgreSQL transaction pooling: pgbench -S, $CLIENTS clients over TLS, pool $POOL, ${SECS}s per run"
+echo "## PostgreSQL transaction pooling: pgbench -S, $CLIENTS clients ($WIRE), pool $POOL, ${SECS}s per run"
 echo
 echo "$(nproc) cores; PostgreSQL 15, $(pgbouncer --version | head -1), the portal (release build, ${PORTAL_THREADS:-one per core} event-loop thread(s))."
 echo
@@ -172,21 +179,21 @@ echo
 for e in "${first_errors[@]}"; do echo "- first error, $e"; done
 echo
 
-# Memory per idle TLS client: each proxy's RSS with N logged-in clients that ran one query
+# Memory per idle client (TLS or not, as WIRE says): each proxy's RSS with N logged-in clients that ran one query
 # and sit idle, minus its RSS before the first count (a later count's clients reuse memory the
 # earlier ones freed, so each count is measured from the same start); the same psycopg clients
 # for both, one proxy at a time.
 # psycopg waits with select() unless told otherwise, which stops at file descriptor 1,024.
-echo "| idle TLS clients | portal RSS MiB | portal KiB per client | PgBouncer RSS MiB | PgBouncer KiB per client |"
+echo "| idle $WIRE clients | portal RSS MiB | portal KiB per client | PgBouncer RSS MiB | PgBouncer KiB per client |"
 echo "|---|---|---|---|---|"
 idle() { # port pid n base
-  PSYCOPG_WAIT_FUNC=wait_epoll /usr/bin/python3 - "$1" "$3" "$2" "$4" <<'EOF'
+  PSYCOPG_WAIT_FUNC=wait_epoll /usr/bin/python3 - "$1" "$3" "$2" "$4" "$SSLMODE" <<'EOF'
 import sys, psycopg, time
-port, n, pid, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+port, n, pid, base, sslmode = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 rss = lambda: int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1])
 conns = []
 for _ in range(n):
-    c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres password=benchpw dbname=postgres sslmode=require", autocommit=True)
+    c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres password=benchpw dbname=postgres sslmode={sslmode}", autocommit=True)
     c.execute("SELECT 1")
     conns.append(c)
 time.sleep(2)

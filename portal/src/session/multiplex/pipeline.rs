@@ -136,52 +136,48 @@ impl ServerConn {
     /// the server may hold, once `maxInFlight` leaves room for them (waiting behind the
     /// clients that waited first). False when the connection is gone: nothing was queued.
     pub async fn send(&self, data: &[u8], count: u32, held: u32, sink: &Arc<Sink>) -> bool {
-        let queued = {
-            let mut q = lock(&self.queue);
-            if q.dead {
-                return false;
-            }
-            if q.waiting.is_empty() && self.fits(&q, count) {
-                q.in_flight += count as usize;
-                self.record(&q, held);
-                Some(q.push(data, count, held, sink))
-            } else {
-                None
-            }
-        };
-        match queued {
-            Some(writer) => {
-                if let Some(w) = writer {
-                    w.wake();
-                }
-                true
-            }
+        match self.enqueue(data, count, held, sink, false) {
+            Some(queued) => queued,
             None => {
                 let room = Room {
                     conn: self,
                     count,
                     ticket: None,
                 };
-                room.await && self.queue_now(data, count, held, sink)
+                room.await && self.enqueue(data, count, held, sink, true) == Some(true)
             }
         }
     }
 
-    /// Queues a request whose room was taken by `Room`. False when the connection died
-    /// meanwhile.
-    fn queue_now(&self, data: &[u8], count: u32, held: u32, sink: &Arc<Sink>) -> bool {
-        let waker = {
+    /// Queues a request under one lock, and wakes the writer: true when queued, false when
+    /// the connection is gone; `None` when it must wait for room first (no room taken yet,
+    /// `has_room` false, and others waiting or `maxInFlight` reached).
+    fn enqueue(
+        &self,
+        data: &[u8],
+        count: u32,
+        held: u32,
+        sink: &Arc<Sink>,
+        has_room: bool,
+    ) -> Option<bool> {
+        let writer = {
             let mut q = lock(&self.queue);
             if q.dead {
-                return false;
+                return Some(false);
+            }
+            if !has_room {
+                if !(q.waiting.is_empty() && self.fits(&q, count)) {
+                    return None;
+                }
+                q.in_flight += count as usize;
             }
             self.record(&q, held);
             q.push(data, count, held, sink)
         };
-        if let Some(w) = waker {
+        if let Some(w) = writer {
             w.wake();
         }
-        true
+        Some(true)
     }
 
     fn fits(&self, q: &Queue, count: u32) -> bool {
