@@ -124,6 +124,7 @@ where
                 bad = true;
                 break;
             }
+            // Rows and COPY data are forwarded as they come, whatever their size.
             if is_streamed(tag) {
                 h.skip = mlen + 1;
                 continue;
@@ -163,6 +164,7 @@ where
                     run = pos;
                 }
                 ServerStep::Ended => {
+                    // Left unread: the connection is not given back.
                     fatal = Some(error_text(body));
                     break;
                 }
