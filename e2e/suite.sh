@@ -954,8 +954,9 @@ EOF
     ip=$(svc_ip "$RO-portal-ro")
     want=""
     got=""
-    # The replica's own run_id is read in the loop too: one slow exec must not leave it empty.
-    if wait_until 30 eval '
+    # The replica's own run_id is read in the loop too: one slow exec must not leave it empty
+    # (each direct read gives up after 5 s; the loop leaves room for several).
+    if wait_until 60 eval '
         [[ -n $want ]] || want=$(run_id "$rhost" "$rport")
         got=$(cx client-a plain "$ip" 6380 INFO server | tr -d "\r" | sed -n "s/^run_id://p")
         [[ -n $want && $got == "$want" ]]'; then
@@ -965,9 +966,17 @@ EOF
     fi
     out=$(cx client-a plain "$ip" 6380 SET e2e:s10 x 2>&1 || true)
     check "a write through $RO-portal-ro is refused by the replica ($out)" eval '[[ $out == *READONLY* ]]'
-    want=$(run_id "$phost" "$pport")
-    got=$(cx client-a plain "$(svc_ip "$RO-portal")" 6379 INFO server | tr -d '\r' | sed -n 's/^run_id://p')
-    check "Service $RO-portal reaches the primary $primary" test "$got" == "$want"
+    ip=$(svc_ip "$RO-portal")
+    want=""
+    got=""
+    if wait_until 60 eval '
+        [[ -n $want ]] || want=$(run_id "$phost" "$pport")
+        got=$(cx client-a plain "$ip" 6379 INFO server | tr -d "\r" | sed -n "s/^run_id://p")
+        [[ -n $want && $got == "$want" ]]'; then
+        saw "Service $RO-portal ($ip:6379) reaches the primary $primary (run_id ${want:0:8})"
+    else
+        bad "Service $RO-portal ($ip:6379) reaches run_id '$got', the primary $primary is '$want'"
+    fi
     if wait_until 60 eval '[[ $(ro_field .status.readOnly.summary) == "$replica" ]]'; then
         saw "status.readOnly: endpoint $(ro_field .status.readOnly.endpoint), serving $(ro_field .status.readOnly.summary)"
     else
