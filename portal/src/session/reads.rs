@@ -166,6 +166,11 @@ pub async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = stream.write_all(&reply).await;
         let _ = stream.flush().await;
         let _ = stream.shutdown().await;
+        // What the client still sends (the rest of a request read in part) is read and
+        // dropped until it closes: closing with unread bytes would reset the connection, and
+        // the reset can take the answer with it before the client reads it.
+        let mut rest = [0u8; 1024];
+        while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
     })
     .await;
 }
@@ -216,10 +221,51 @@ mod tests {
     async fn answered(engine: Engine, client_sends: &[u8]) -> Vec<u8> {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         client.write_all(client_sends).await.unwrap();
-        answer(engine, server, "no replica", Duration::from_secs(5)).await;
+        let refusing = tokio::spawn(answer(engine, server, "no replica", Duration::from_secs(5)));
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
+        client.shutdown().await.unwrap();
+        refusing.await.unwrap();
         out
+    }
+
+    /// A request whose body comes after the portal answered its head: the client can still
+    /// send it and read the answer (the portal reads what follows until the client closes,
+    /// instead of closing on unread bytes, which resets the connection).
+    #[tokio::test]
+    async fn the_answer_outlives_the_rest_of_the_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client
+            .write_all(b"POST /v3/maintenance/status HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        let refusing = tokio::spawn(answer(
+            Engine::Etcd,
+            server,
+            "no replica",
+            Duration::from_secs(5),
+        ));
+        // The body in two writes, after the answer: a socket closed with unread bytes resets
+        // the connection at the first, and the second then fails.
+        for part in [b"{", b"}"] {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client
+                .write_all(part)
+                .await
+                .expect("the body written, not refused by a reset");
+        }
+        let mut out = Vec::new();
+        client
+            .read_to_end(&mut out)
+            .await
+            .expect("the answer, not a reset");
+        assert!(out.starts_with(b"HTTP/1.1 503 "), "{out:?}");
+        drop(client);
+        refusing.await.unwrap();
     }
 
     #[tokio::test]
