@@ -430,7 +430,15 @@ blocked_clients_is() {
     [[ $(db "$1" "$2" INFO clients | tr -d '\r' | sed -n 's/^blocked_clients://p') == "$3" ]]
 }
 state_is() { [[ $(cx "$1" state "$2") == "$3"* ]]; }
-run_id() { db "$1" "$2" INFO server | tr -d '\r' | sed -n 's/^run_id://p'; }
+# run_id HOST PORT: the run_id of the redis-server there; one started on the node is asked from
+# the node itself (its address is this host's), one in a pod from client-a.
+run_id() {
+    if [[ $DB_MODE == host ]]; then
+        timeout 5 redis-cli -h "$1" -p "$2" INFO server 2>/dev/null
+    else
+        db "$1" "$2" INFO server
+    fi | tr -d '\r' | sed -n 's/^run_id://p'
+}
 
 ALL_CHILDREN=("configmap/$DP-portal" "statefulset/$DP-portal" "service/$DP-portal"
     "service/$DP-portal-0" "service/$DP-portal-1" "serviceaccount/$DP-portal" "role/$DP-portal"
@@ -912,6 +920,19 @@ ro_children_gone() {
     ! kn get "service/$RO-portal-ro" "statefulset/$RO-portal" -o name --ignore-not-found 2>/dev/null | grep -q .
 }
 
+# reaches_run_id IP PORT HOST PORT: within 60 s, client-a reaches through IP:PORT the
+# redis-server at HOST:PORT (the same run_id); sets `want` and `got` for the message. Both are
+# read in the loop: one slow read must not leave either empty (each gives up after 5 s).
+reaches_run_id() {
+    local via=$1 via_port=$2 host=$3 port=$4
+    want=""
+    got=""
+    wait_until 60 eval '
+        [[ -n $want ]] || want=$(run_id "$host" "$port")
+        got=$(cx client-a plain "$via" "$via_port" INFO server | tr -d "\r" | sed -n "s/^run_id://p")
+        [[ -n $want && $got == "$want" ]]'
+}
+
 scenario_reads() {
     begin "10 reads: the read-only Service reaches the replica"
     local t0 primary replica rhost rport phost pport ip want got out
@@ -954,12 +975,7 @@ EOF
     ip=$(svc_ip "$RO-portal-ro")
     want=""
     got=""
-    # The replica's own run_id is read in the loop too: one slow exec must not leave it empty
-    # (each direct read gives up after 5 s; the loop leaves room for several).
-    if wait_until 60 eval '
-        [[ -n $want ]] || want=$(run_id "$rhost" "$rport")
-        got=$(cx client-a plain "$ip" 6380 INFO server | tr -d "\r" | sed -n "s/^run_id://p")
-        [[ -n $want && $got == "$want" ]]'; then
+    if reaches_run_id "$ip" 6380 "$rhost" "$rport"; then
         saw "Service $RO-portal-ro ($ip:6380) reaches the replica $replica (run_id ${want:0:8}) after $(($(now_ms) - t0)) ms"
     else
         bad "Service $RO-portal-ro ($ip:6380) reaches run_id '$got', the replica $replica is '$want'"
@@ -967,12 +983,7 @@ EOF
     out=$(cx client-a plain "$ip" 6380 SET e2e:s10 x 2>&1 || true)
     check "a write through $RO-portal-ro is refused by the replica ($out)" eval '[[ $out == *READONLY* ]]'
     ip=$(svc_ip "$RO-portal")
-    want=""
-    got=""
-    if wait_until 60 eval '
-        [[ -n $want ]] || want=$(run_id "$phost" "$pport")
-        got=$(cx client-a plain "$ip" 6379 INFO server | tr -d "\r" | sed -n "s/^run_id://p")
-        [[ -n $want && $got == "$want" ]]'; then
+    if reaches_run_id "$ip" 6379 "$phost" "$pport"; then
         saw "Service $RO-portal ($ip:6379) reaches the primary $primary (run_id ${want:0:8})"
     else
         bad "Service $RO-portal ($ip:6379) reaches run_id '$got', the primary $primary is '$want'"
