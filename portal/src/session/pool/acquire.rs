@@ -6,7 +6,10 @@
 //!
 //! May import: `config` and the rest of `pool`; the session's [`hub`](crate::session::hub).
 
-use std::sync::{atomic::Ordering::Relaxed, Arc};
+use std::{
+    collections::VecDeque,
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -17,7 +20,6 @@ use super::conn::{self, ServerConn};
 use super::held::Held;
 use super::pinning;
 use super::server::{CheckoutError, Grant, Pool, Turn};
-use super::spare;
 use super::Client;
 use crate::session::hub::first_choice;
 
@@ -40,13 +42,15 @@ where
                 self.reported = pool.id;
             }
         }
+        let sbuf = std::mem::take(&mut conn.buffers.read);
+        self.machine
+            .acquired(std::mem::take(&mut conn.buffers.expect));
         self.held = Some(Held {
             conn,
             pool,
-            sbuf: Vec::new(),
+            sbuf,
             skip: 0,
         });
-        self.machine.acquired();
     }
 
     /// Returns a connection that is not held to its pool.
@@ -58,7 +62,7 @@ where
 
     /// Lets go of the held connection (to its pool, or closed when `broken`).
     pub(super) fn release(&mut self, broken: bool) {
-        self.machine.released();
+        let expect = self.machine.released();
         if let Some(mut h) = self.held.take() {
             if let Some((_, slot)) = &self.cancel {
                 slot.released();
@@ -69,7 +73,12 @@ where
             self.hub.stats.active.fetch_sub(1, Relaxed);
             h.pool.active.fetch_sub(1, Relaxed);
             h.conn.broken |= broken || !h.sbuf.is_empty() || h.skip > 0;
-            spare::give_if_empty(&mut h.sbuf);
+            if !h.conn.broken {
+                conn::Buffers::keep(&mut h.conn.buffers.read, h.sbuf);
+                if let Some(expect) = expect.filter(VecDeque::is_empty) {
+                    h.conn.buffers.expect = expect;
+                }
+            }
             h.pool.checkin(h.conn, self.settings.server_lifetime);
         }
     }

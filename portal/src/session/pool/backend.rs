@@ -28,6 +28,7 @@ use crate::{
     },
 };
 
+use super::conn::Buffers;
 use super::held::Held;
 use super::machine::{Lost, ServerStep};
 use super::spare;
@@ -103,7 +104,7 @@ where
         let mut fatal = None;
         // What the machine wrote, after the bytes passed on before it; `sbuf[run..pos]` is
         // passed on as it is, after `forward`.
-        let mut forward = Vec::new();
+        let mut forward = std::mem::take(&mut h.conn.buffers.out);
         let mut run = 0;
         loop {
             if h.skip > 0 {
@@ -150,15 +151,23 @@ where
                 super::conn::set_param(&mut h.conn.params, k.clone(), v.clone());
                 super::conn::set_param(&mut self.params, k, v);
             }
-            if forward.capacity() == 0 {
-                forward = spare::bytes();
-            }
-            forward.extend_from_slice(&h.sbuf[run..pos]);
-            run = pos;
-            match self
+            // The machine's output goes after what is passed on before it; when that output is
+            // the message itself (a ReadyForQuery as the server sent it), it is passed on too,
+            // and the reply may still be written from the read buffer.
+            let before = forward.len();
+            let step = self
                 .machine
-                .on_server(msg, whole, &mut h.conn.statements, &mut forward)
-            {
+                .on_server(msg, whole, &mut h.conn.statements, &mut forward);
+            if step == ServerStep::Next && before == 0 && forward[..] == *whole {
+                forward.clear();
+                pos += mlen + 1;
+                continue;
+            }
+            if run < pos {
+                forward.splice(before..before, h.sbuf[run..pos].iter().copied());
+            }
+            run = pos;
+            match step {
                 ServerStep::Next => {
                     pos += mlen + 1;
                     run = pos;
@@ -182,10 +191,13 @@ where
             forward.extend_from_slice(&sbuf[run..pos]);
             self.send(&forward).await
         };
-        spare::give_bytes(forward);
         sbuf.drain(..pos);
-        if let Some(h) = &mut self.held {
-            h.sbuf = sbuf;
+        match &mut self.held {
+            Some(h) => {
+                h.sbuf = sbuf;
+                Buffers::keep(&mut h.conn.buffers.out, forward);
+            }
+            None => spare::give_bytes(forward),
         }
         sent?;
         if bad {

@@ -4,10 +4,10 @@
 //! `auth.query`).
 //!
 //! May import: `config`, `tls`, `wire`, the rest of `pool` below it (`secret`, `scram`,
-//! `statements`) and the session's [`hub`](crate::session::hub).
+//! `statements`, `inflight`) and the session's [`hub`](crate::session::hub).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     io,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -22,6 +22,7 @@ use tokio::{
 };
 
 use super::{
+    inflight::Expect,
     scram::{self, ClientExchange},
     secret::{md5_hash, md5_salted, Login},
 };
@@ -102,6 +103,35 @@ pub struct ServerConn {
     /// Its holder's place among its pool's holders (woken when the pool is retired), while a
     /// client holds it.
     pub(super) holder: Option<usize>,
+    /// Buffers that stay with the connection from holder to holder, empty between them: what
+    /// is read from the server ([`Held::sbuf`](super::held::Held)), what is written to either
+    /// side ([`Buffers::out`]) and the queue of what is in flight. A pooled client idles
+    /// without buffers of its own, and a transaction does not take and give back buffers of
+    /// the thread's spares.
+    pub(super) buffers: Buffers,
+}
+
+/// A server connection's [`ServerConn::buffers`]: capacity only, between holders.
+#[derive(Default)]
+pub(super) struct Buffers {
+    pub(super) read: Vec<u8>,
+    pub(super) out: Vec<u8>,
+    /// The holder's queue of what is in flight ([`InFlight`](super::inflight::InFlight)).
+    pub(super) expect: VecDeque<Expect>,
+}
+
+impl Buffers {
+    /// Larger than this, a buffer is not kept (a rare large message made it grow).
+    const KEEP: usize = 64 << 10;
+
+    /// `buf`, emptied, kept as the buffer at `slot` unless it grew past [`Buffers::KEEP`] or
+    /// `slot` has one already.
+    pub(super) fn keep(slot: &mut Vec<u8>, mut buf: Vec<u8>) {
+        if buf.capacity() <= Self::KEEP && slot.capacity() == 0 {
+            buf.clear();
+            *slot = buf;
+        }
+    }
 }
 
 /// The state a server session keeps through DISCARD ALL, as the server shows it: how many
@@ -141,6 +171,7 @@ impl ServerConn {
             broken,
             fresh: None,
             holder: None,
+            buffers: Buffers::default(),
         }
     }
 
@@ -521,5 +552,24 @@ mod tests {
         assert_eq!(error("3D000").kind(), ErrorKind::PermissionDenied);
         assert_eq!(error("22023").kind(), ErrorKind::InvalidInput);
         assert_eq!(error("42704").kind(), ErrorKind::InvalidInput);
+    }
+
+    /// A buffer goes back to its connection emptied, with its capacity; one grown past the
+    /// limit is dropped, and one kept already is not replaced.
+    #[test]
+    fn a_connection_keeps_one_emptied_buffer_of_bounded_size() {
+        use super::Buffers;
+        let mut slot = Vec::new();
+        let mut buf = Vec::with_capacity(100);
+        buf.extend_from_slice(b"left over");
+        let ptr = buf.as_ptr();
+        Buffers::keep(&mut slot, buf);
+        assert!(slot.is_empty());
+        assert_eq!(slot.as_ptr(), ptr, "the same allocation");
+        Buffers::keep(&mut slot, Vec::with_capacity(10));
+        assert_eq!(slot.as_ptr(), ptr, "the kept one stays");
+        let mut empty = Vec::new();
+        Buffers::keep(&mut empty, Vec::with_capacity(Buffers::KEEP + 1));
+        assert_eq!(empty.capacity(), 0, "a grown one is dropped");
     }
 }

@@ -19,6 +19,7 @@ use crate::{
     },
 };
 
+use super::conn::Buffers;
 use super::machine::{ClientStep, Out};
 use super::spare;
 use super::Client;
@@ -37,9 +38,10 @@ where
         }
         let cin = std::mem::take(&mut self.cin);
         let mut pos = 0;
-        // The portal's own answers are rare: their buffer is made when one comes.
+        // The server-bound bytes go into the held connection's buffer (taken when one is
+        // acquired); the portal's own answers are rare: their buffer is made when one comes.
         let mut out = Out {
-            server: spare::bytes(),
+            server: self.out_buffer(),
             client: Vec::new(),
         };
         let mut result = self.process_from(&cin, &mut pos, &mut out).await;
@@ -49,9 +51,20 @@ where
         if result.is_ok() && !out.server.is_empty() {
             result = self.write_server(&out.server).await;
         }
-        spare::give_bytes(out.server);
+        match &mut self.held {
+            Some(h) => Buffers::keep(&mut h.conn.buffers.out, out.server),
+            None => spare::give_bytes(out.server),
+        }
         spare::give_bytes(out.client);
         result
+    }
+
+    /// The held connection's buffer for what goes out, if a connection is held.
+    fn out_buffer(&mut self) -> Vec<u8> {
+        self.held
+            .as_mut()
+            .map(|h| std::mem::take(&mut h.conn.buffers.out))
+            .unwrap_or_default()
     }
 
     /// The messages of `cin` from `pos` on, as far as they are complete; `out.server` holds
@@ -83,6 +96,9 @@ where
                 self.send_answers(out).await?;
                 match self.acquire().await {
                     Ok(()) => {
+                        if out.server.capacity() == 0 {
+                            out.server = self.out_buffer();
+                        }
                         let conn = self.held.as_mut().map(|h| &mut h.conn.statements);
                         step = self.machine.on_client(msg, raw, then_sync, conn, out);
                     }

@@ -3,9 +3,9 @@
 //! the portal's own answers queued between them; with the transaction status the server last
 //! reported.
 //!
-//! May import: `wire` and the rest of `pool` (`spare`, `statements`).
+//! May import: `wire` and the rest of `pool` (`statements`).
 
-use std::{cell::RefCell, collections::VecDeque};
+use std::collections::VecDeque;
 
 use crate::wire::postgres::{
     backend::{
@@ -49,16 +49,6 @@ impl Sent {
                 COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED
             ),
         }
-    }
-}
-
-thread_local! {
-    static SPARE_QUEUES: RefCell<Vec<VecDeque<Expect>>> = const { RefCell::new(Vec::new()) };
-}
-
-impl super::spare::Lent for Expect {
-    fn store() -> &'static std::thread::LocalKey<RefCell<Vec<VecDeque<Self>>>> {
-        &SPARE_QUEUES
     }
 }
 

@@ -1,13 +1,13 @@
-//! Buffers lent by the thread: a pooled client takes one for what it reads, what it sends
-//! and what its server connection answers while a transaction runs, and gives it back when
-//! it is empty again. Idle clients therefore hold no buffer, and busy ones do not allocate
+//! Buffers lent by the thread: a pooled client takes one for what it reads (and a new
+//! server connection for what it answers) while it has bytes to work on, and gives it back
+//! when it is empty again. Idle clients therefore hold no buffer, and busy ones do not allocate
 //! and free one per transaction: the thread keeps a few for whichever client runs next.
 //!
 //! May import: nothing of the crate.
 
-use std::{cell::RefCell, collections::VecDeque};
+use std::cell::RefCell;
 
-/// Buffers kept per thread (of each kind).
+/// Buffers kept per thread.
 const KEPT: usize = 64;
 
 /// The largest buffer kept; a larger one (a big COPY, a large row) is freed.
@@ -44,33 +44,6 @@ pub fn give_if_empty(buf: &mut Vec<u8>) {
     if buf.is_empty() && buf.capacity() > 0 {
         give_bytes(std::mem::take(buf));
     }
-}
-
-/// A queue lent the same way ([`queue`], [`give_queue`]), one thread-local store per type.
-pub trait Lent: Sized + 'static {
-    fn store() -> &'static std::thread::LocalKey<RefCell<Vec<VecDeque<Self>>>>;
-}
-
-/// An empty queue, with the capacity of one given back before if there is one.
-pub fn queue<T: Lent>() -> VecDeque<T> {
-    T::store()
-        .with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
-        .unwrap_or_default()
-}
-
-/// Gives `q` back for the next [`queue`] of its type on this thread.
-pub fn give_queue<T: Lent>(mut q: VecDeque<T>) {
-    if q.capacity() == 0 || q.capacity() > 256 {
-        return;
-    }
-    q.clear();
-    T::store().with(|s| {
-        if let Ok(mut s) = s.try_borrow_mut() {
-            if s.len() < KEPT {
-                s.push(q);
-            }
-        }
-    });
 }
 
 #[cfg(test)]

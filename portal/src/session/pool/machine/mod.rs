@@ -10,10 +10,10 @@
 //! Parse followed by Sync itself. Named prepared statements are renamed per server connection
 //! and prepared where missing. A lost server connection fails what was in flight on it.
 //!
-//! May import: `wire` and the rest of `pool` (`inflight`, `pinning`, `spare`, `sql`,
+//! May import: `wire` and the rest of `pool` (`inflight`, `pinning`, `sql`,
 //! `statements`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::wire::postgres::{
     backend::{Backend, ERROR_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY},
@@ -26,7 +26,6 @@ mod prepared;
 
 use super::inflight::{Expect, InFlight, Sent};
 use super::pinning::{self, PinReason};
-use super::spare;
 use super::statements::{self, Definition, ServerStatements, Special};
 
 /// Counters the task adds to the pool's statistics.
@@ -141,9 +140,10 @@ impl Machine {
     }
 
     /// A server connection is held now.
-    pub(super) fn acquired(&mut self) {
+    /// `expect` is an empty queue to use (its capacity kept with the connection).
+    pub(super) fn acquired(&mut self, expect: VecDeque<Expect>) {
         self.held = Some(InFlight {
-            expect: spare::queue(),
+            expect,
             status: ReadyStatus::Idle,
             unsynced: false,
             has_unnamed: false,
@@ -151,10 +151,9 @@ impl Machine {
     }
 
     /// The server connection was let go.
-    pub(super) fn released(&mut self) {
-        if let Some(h) = self.held.take() {
-            spare::give_queue(h.expect);
-        }
+    /// Gives back the queue of what was in flight (empty when the connection is clean).
+    pub(super) fn released(&mut self) -> Option<VecDeque<Expect>> {
+        self.held.take().map(|h| h.expect)
     }
 
     /// Whether the held connection has nothing in flight, no transaction open and no
@@ -653,7 +652,7 @@ mod tests {
                 passed: String::new(),
             };
             if !transaction {
-                s.m.acquired();
+                s.m.acquired(VecDeque::new());
                 s.held = true;
             }
             s
@@ -673,7 +672,7 @@ mod tests {
                 let conn = self.held.then_some(&mut self.conn);
                 last = self.m.on_client(msg, raw, then_sync, conn, &mut out);
                 if last == ClientStep::Acquire {
-                    self.m.acquired();
+                    self.m.acquired(VecDeque::new());
                     self.held = true;
                     self.events.push('+');
                     last = self
