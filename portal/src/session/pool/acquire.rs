@@ -6,10 +6,7 @@
 //!
 //! May import: `config` and the rest of `pool`; the session's [`hub`](crate::session::hub).
 
-use std::{
-    collections::VecDeque,
-    sync::{atomic::Ordering::Relaxed, Arc},
-};
+use std::sync::{atomic::Ordering::Relaxed, Arc};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -75,7 +72,7 @@ where
             h.conn.broken |= broken || !h.sbuf.is_empty() || h.skip > 0;
             if !h.conn.broken {
                 conn::Buffers::keep(&mut h.conn.buffers.read, h.sbuf);
-                if let Some(expect) = expect.filter(VecDeque::is_empty) {
+                if let Some(expect) = expect.filter(|q| q.is_empty() && q.capacity() <= 256) {
                     h.conn.buffers.expect = expect;
                 }
             }

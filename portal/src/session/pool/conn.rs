@@ -121,8 +121,9 @@ pub(super) struct Buffers {
 }
 
 impl Buffers {
-    /// Larger than this, a buffer is not kept (a rare large message made it grow).
-    const KEEP: usize = 64 << 10;
+    /// Larger than this, a buffer is not kept (a large message made it grow): a connection
+    /// keeps at most this much per buffer between holders.
+    const KEEP: usize = 32 << 10;
 
     /// `buf`, emptied, kept as the buffer at `slot` unless it grew past [`Buffers::KEEP`] or
     /// `slot` has one already.
