@@ -49,9 +49,76 @@ pub trait CredentialsSource: Send + Sync + 'static {
 
 /// Reads a users file: a YAML map of user name to password. Errors name the path and the
 /// key, never a password.
+///
+/// Read at every login, so that a rotated file applies to the next one: what a file gave is
+/// kept with its metadata (device, inode, size, modification and change times) and given
+/// again while a `stat` finds them unchanged, for at most [`USERS_KEPT_FOR`]; a login then
+/// costs one `stat`, not an open, reads and a YAML parse. A Secret volume's update (a new
+/// file behind the symlink) and an edit in place change the metadata; the time bound covers
+/// an edit a coarse clock cannot tell from the last one.
 pub fn read_users(path: &str) -> Result<Users, String> {
+    let stamp = std::fs::metadata(path).ok().map(|m| stamp_of(&m));
+    let now = std::time::Instant::now();
+    if let Some(stamp) = stamp {
+        let kept = lock_users_files();
+        if let Some(k) = kept.iter().find(|k| k.path == path) {
+            if k.stamp == stamp && now.duration_since(k.read_at) < USERS_KEPT_FOR {
+                return Ok(k.users.clone());
+            }
+        }
+    }
     let text = read_small(std::path::Path::new(path))?;
-    parse_users(&text).map_err(|why| format!("the users file {path} {why}"))
+    let users = parse_users(&text).map_err(|why| format!("the users file {path} {why}"))?;
+    if let Some(stamp) = stamp {
+        let mut kept = lock_users_files();
+        kept.retain(|k| k.path != path);
+        if kept.len() >= USERS_FILES_KEPT {
+            kept.remove(0);
+        }
+        kept.push(KeptUsers {
+            path: path.to_string(),
+            stamp,
+            read_at: now,
+            users: users.clone(),
+        });
+    }
+    Ok(users)
+}
+
+/// How long a users file's parsed content is given again without reading the file.
+pub const USERS_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Users files kept at once (a configuration names one; a reload may name another).
+const USERS_FILES_KEPT: usize = 4;
+
+/// A users file's metadata: (device, inode, size, mtime s, mtime ns, ctime s, ctime ns).
+type Stamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn stamp_of(m: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+struct KeptUsers {
+    path: String,
+    /// The metadata seen before the file was read.
+    stamp: Stamp,
+    read_at: std::time::Instant,
+    users: Users,
+}
+
+static USERS_FILES: std::sync::Mutex<Vec<KeptUsers>> = std::sync::Mutex::new(Vec::new());
+
+fn lock_users_files() -> std::sync::MutexGuard<'static, Vec<KeptUsers>> {
+    USERS_FILES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A users map from YAML text (`name: password` lines).
@@ -255,5 +322,47 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
 
         assert_eq!(StandaloneCredentials.credentials(&health(None)), Ok(None));
+    }
+
+    /// A users file is parsed once and given again while it is unchanged; an edit in place,
+    /// a new file renamed over it (a Secret volume's update) and a second's age each make
+    /// the next read see the file as it is.
+    #[test]
+    fn a_users_file_is_read_again_once_it_changes() {
+        let dir = std::env::temp_dir().join(format!("dbportal-users-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("users.yaml");
+        let name = path.display().to_string();
+        std::fs::write(&path, "app: one\n").unwrap();
+        let first = read_users(&name).unwrap();
+        assert_eq!(first.get("app").map(String::as_str), Some("one"));
+        let again = read_users(&name).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "unchanged: the parsed users again"
+        );
+
+        // The same length, written in place.
+        std::fs::write(&path, "app: two\n").unwrap();
+        let edited = read_users(&name).unwrap();
+        assert_eq!(edited.get("app").map(String::as_str), Some("two"));
+
+        // A new file renamed over it.
+        let next = dir.join("users.yaml.new");
+        std::fs::write(&next, "app: three\n").unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        let renamed = read_users(&name).unwrap();
+        assert_eq!(renamed.get("app").map(String::as_str), Some("three"));
+
+        // Unchanged, but older than USERS_KEPT_FOR: read again (a new map, the same users).
+        std::thread::sleep(USERS_KEPT_FOR + std::time::Duration::from_millis(50));
+        let aged = read_users(&name).unwrap();
+        assert!(!Arc::ptr_eq(&renamed, &aged));
+        assert_eq!(aged, renamed);
+
+        // A file gone is an error, not the users kept.
+        std::fs::remove_file(&path).unwrap();
+        assert!(read_users(&name).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
