@@ -3,6 +3,42 @@
 
 use super::*;
 
+/// A change to `pooling.auth.usersFile` applies to the next AUTH at once: an edit in place,
+/// then a new file renamed over it (as a Secret volume is updated), each within the same
+/// second as the AUTH before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_users_file_applies_to_the_next_auth() {
+    if skip_without(&["redis-server"]) {
+        return;
+    }
+    let redis = Redis::start_with(&["--requirepass", "server-secret"]);
+    let users = TempDir::new("mux-users-change");
+    let file = users.path().join("users.yaml");
+    std::fs::write(&file, "alice: pw-one\n").unwrap();
+    let extra = format!(
+        "healthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{password: server-secret}}}}\npooling: {{mode: multiplex, auth: {{usersFile: {}}}}}\n",
+        file.display()
+    );
+    let p = start_portal(&[&redis], &extra).await;
+    p.wait_leader("r0").await;
+    let auth = |password: &'static str| {
+        let addr = p.addr;
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            command(&mut s, &["AUTH", "alice", password]).await.unwrap()
+        }
+    };
+    assert_eq!(auth("pw-one").await, "+OK");
+    std::fs::write(&file, "alice: pw-two\n").unwrap();
+    assert!(auth("pw-one").await.starts_with("-WRONGPASS"));
+    assert_eq!(auth("pw-two").await, "+OK");
+    let next = users.path().join("users.yaml.new");
+    std::fs::write(&next, "alice: pw-333\n").unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    assert!(auth("pw-two").await.starts_with("-WRONGPASS"));
+    assert_eq!(auth("pw-333").await, "+OK");
+}
+
 /// AUTH and HELLO are answered by the portal against `pooling.auth.usersFile` (the default
 /// user and ACL users); the server connections log in with the probe credentials, and no
 /// client password ever reaches the server.
