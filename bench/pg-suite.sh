@@ -102,7 +102,9 @@ stop() { # pid...: only processes this script started
     kill -9 "$p" 2>/dev/null || true
   done
 }
+source bench/stop-pg.sh   # stop_pg (the working directory is the repository)
 cleanup() {
+  for data in "$work"/*/data; do stop_pg "$data"; done
   stop "${pids[@]}"
   [ -n "${KEEP:-}" ] && echo "pg-suite: kept $work" >&2 || rm -rf "$work"
 }
@@ -212,6 +214,7 @@ EOF
     echo "$path (proxy) FAILED the proxy exited: $(tail -1 "$dir/portal.log" "$dir/pgbouncer.log" 2>/dev/null | tr '\n' ' ')"
   fi
   [ -n "$proxy" ] && stop "$proxy"
+  stop_pg "$dir/data"
   stop "$pgpid"
   if [ -n "${KEEP:-}" ] && [ -f "$out/regression.diffs" ]; then
     echo "pg-suite: $path diffs in $out/regression.diffs" >&2

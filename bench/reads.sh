@@ -29,8 +29,10 @@ PORTAL_BIN=$(find "$CARGO_TARGET_DIR" -path "*/$PROFILE/portal" -type f -perm -u
 work=$(mktemp -d /tmp/dbportal-bench-reads.XXXXXX)
 chown postgres:postgres "$work"
 pids=()
+source bench/stop-pg.sh   # stop_pg (the working directory is the repository)
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for data in "$work"/p[0-9]; do stop_pg "$data"; done
   sleep 1
   rm -rf "$work"
 }
