@@ -3,6 +3,23 @@
 
 use super::*;
 
+/// A redis-server with a password, and a portal multiplexing it whose
+/// `pooling.auth.usersFile` holds `users` (returned: the file, to change, and its directory,
+/// kept while the test runs).
+async fn portal_with_users(users: &str) -> (Redis, TempDir, std::path::PathBuf, Standalone) {
+    let redis = Redis::start_with(&["--requirepass", "server-secret"]);
+    let dir = TempDir::new("mux-users");
+    let file = dir.path().join("users.yaml");
+    std::fs::write(&file, users).unwrap();
+    let extra = format!(
+        "healthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{password: server-secret}}}}\npooling: {{mode: multiplex, auth: {{usersFile: {}}}}}\n",
+        file.display()
+    );
+    let p = start_portal(&[&redis], &extra).await;
+    p.wait_leader("r0").await;
+    (redis, dir, file, p)
+}
+
 /// A change to `pooling.auth.usersFile` applies to the next AUTH at once: an edit in place,
 /// then a new file renamed over it (as a Secret volume is updated), each within the same
 /// second as the AUTH before it.
@@ -11,16 +28,7 @@ async fn a_changed_users_file_applies_to_the_next_auth() {
     if skip_without(&["redis-server"]) {
         return;
     }
-    let redis = Redis::start_with(&["--requirepass", "server-secret"]);
-    let users = TempDir::new("mux-users-change");
-    let file = users.path().join("users.yaml");
-    std::fs::write(&file, "alice: pw-one\n").unwrap();
-    let extra = format!(
-        "healthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{password: server-secret}}}}\npooling: {{mode: multiplex, auth: {{usersFile: {}}}}}\n",
-        file.display()
-    );
-    let p = start_portal(&[&redis], &extra).await;
-    p.wait_leader("r0").await;
+    let (_redis, users, file, p) = portal_with_users("alice: pw-one\n").await;
     let auth = |password: &'static str| {
         let addr = p.addr;
         async move {
@@ -47,16 +55,8 @@ async fn auth_with_acl_users_is_answered_by_the_portal() {
     if skip_without(&["redis-server", "redis-cli"]) {
         return;
     }
-    let redis = Redis::start_with(&["--requirepass", "server-secret"]);
-    let users = TempDir::new("mux-users");
-    let file = users.path().join("users.yaml");
-    std::fs::write(&file, "default: pw-default\nalice: pw-alice\n").unwrap();
-    let extra = format!(
-        "healthCheck: {{interval: 200ms, rise: 1, fall: 1, credentials: {{password: server-secret}}}}\npooling: {{mode: multiplex, auth: {{usersFile: {}}}}}\n",
-        file.display()
-    );
-    let p = start_portal(&[&redis], &extra).await;
-    p.wait_leader("r0").await;
+    let (redis, _users, _file, p) =
+        portal_with_users("default: pw-default\nalice: pw-alice\n").await;
 
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     assert_eq!(
