@@ -39,13 +39,11 @@ where
                 self.reported = pool.id;
             }
         }
-        let sbuf = std::mem::take(&mut conn.buffers.read);
         self.machine
             .acquired(std::mem::take(&mut conn.buffers.expect));
         self.held = Some(Held {
             conn,
             pool,
-            sbuf,
             skip: 0,
         });
     }
@@ -69,9 +67,12 @@ where
             }
             self.hub.stats.active.fetch_sub(1, Relaxed);
             h.pool.active.fetch_sub(1, Relaxed);
-            h.conn.broken |= broken || !h.sbuf.is_empty() || h.skip > 0;
+            let read = &mut h.conn.buffers.read;
+            h.conn.broken |= broken || !read.is_empty() || h.skip > 0;
+            if read.capacity() > conn::Buffers::KEEP {
+                *read = Vec::new();
+            }
             if !h.conn.broken {
-                conn::Buffers::keep(&mut h.conn.buffers.read, h.sbuf);
                 if let Some(expect) = expect.filter(|q| q.is_empty() && q.capacity() <= 256) {
                     h.conn.buffers.expect = expect;
                 }

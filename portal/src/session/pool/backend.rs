@@ -49,13 +49,13 @@ pub(super) fn poll_server(held: Option<&mut Held>, cx: &mut Context<'_>) -> Poll
     if h.pool.is_retired() {
         return Poll::Ready(ServerEvent::Retired);
     }
-    if h.sbuf.capacity() - h.sbuf.len() < 4096 {
-        if h.sbuf.capacity() == 0 {
-            h.sbuf = spare::bytes();
+    if h.conn.buffers.read.capacity() - h.conn.buffers.read.len() < 4096 {
+        if h.conn.buffers.read.capacity() == 0 {
+            h.conn.buffers.read = spare::bytes();
         }
-        h.sbuf.reserve(16 << 10);
+        h.conn.buffers.read.reserve(16 << 10);
     }
-    let read = std::pin::pin!(h.conn.stream.read_buf(&mut h.sbuf));
+    let read = std::pin::pin!(h.conn.stream.read_buf(&mut h.conn.buffers.read));
     read.poll(cx).map(ServerEvent::Data)
 }
 
@@ -99,7 +99,7 @@ where
     pub(super) async fn server_data(&mut self) -> Result<(), CloseReason> {
         let h = self.held.as_mut().expect("held");
         let mut pos = 0;
-        let len = h.sbuf.len();
+        let len = h.conn.buffers.read.len();
         let mut bad = false;
         let mut fatal = None;
         // What the machine wrote, after the bytes passed on before it; `sbuf[run..pos]` is
@@ -119,8 +119,8 @@ where
             if len - pos < HEADER_LEN {
                 break;
             }
-            let tag = h.sbuf[pos];
-            let mlen = message_len(&h.sbuf[pos..]) as usize;
+            let tag = h.conn.buffers.read[pos];
+            let mlen = message_len(&h.conn.buffers.read[pos..]) as usize;
             if !(4..=MAX_MESSAGE).contains(&mlen) {
                 bad = true;
                 break;
@@ -137,7 +137,7 @@ where
                 pos += mlen + 1;
                 continue;
             }
-            let whole = &h.sbuf[pos..pos + 1 + mlen];
+            let whole = &h.conn.buffers.read[pos..pos + 1 + mlen];
             let body = &whole[HEADER_LEN..];
             let Ok(msg) = Backend::decode(tag, body) else {
                 bad = true;
@@ -164,7 +164,10 @@ where
                 continue;
             }
             if run < pos {
-                forward.splice(before..before, h.sbuf[run..pos].iter().copied());
+                forward.splice(
+                    before..before,
+                    h.conn.buffers.read[run..pos].iter().copied(),
+                );
             }
             run = pos;
             match step {
@@ -180,7 +183,7 @@ where
             }
         }
         // Written from the read buffer, taken out of `held` meanwhile.
-        let mut sbuf = std::mem::take(&mut h.sbuf);
+        let mut sbuf = std::mem::take(&mut h.conn.buffers.read);
         let sent = if forward.is_empty() {
             if run < pos {
                 self.send(&sbuf[run..pos]).await
@@ -194,7 +197,7 @@ where
         sbuf.drain(..pos);
         match &mut self.held {
             Some(h) => {
-                h.sbuf = sbuf;
+                h.conn.buffers.read = sbuf;
                 Buffers::keep(&mut h.conn.buffers.out, forward);
             }
             None => spare::give_bytes(forward),
@@ -213,7 +216,7 @@ where
                 .await;
         }
         let h = self.held.as_ref().expect("held");
-        if self.machine.release_due() && h.sbuf.is_empty() && h.skip == 0 {
+        if self.machine.release_due() && h.conn.buffers.read.is_empty() && h.skip == 0 {
             self.hub.stats.transactions.fetch_add(1, Relaxed);
             self.release(false);
         }

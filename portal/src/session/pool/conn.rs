@@ -104,8 +104,8 @@ pub struct ServerConn {
     /// client holds it.
     pub(super) holder: Option<usize>,
     /// Buffers that stay with the connection from holder to holder, empty between them: what
-    /// is read from the server ([`Held::sbuf`](super::held::Held)), what is written to either
-    /// side ([`Buffers::out`]) and the queue of what is in flight. A pooled client idles
+    /// is read from the server and not yet forwarded ([`Buffers::read`]), what is written to
+    /// either side ([`Buffers::out`]) and the queue of what is in flight. A pooled client idles
     /// without buffers of its own, and a transaction does not take and give back buffers of
     /// the thread's spares.
     pub(super) buffers: Buffers,
@@ -114,6 +114,7 @@ pub struct ServerConn {
 /// A server connection's [`ServerConn::buffers`]: capacity only, between holders.
 #[derive(Default)]
 pub(super) struct Buffers {
+    /// The server's bytes not yet forwarded to the holder.
     pub(super) read: Vec<u8>,
     pub(super) out: Vec<u8>,
     /// The holder's queue of what is in flight ([`InFlight`](super::inflight::InFlight)).
@@ -123,7 +124,7 @@ pub(super) struct Buffers {
 impl Buffers {
     /// Larger than this, a buffer is not kept (a large message made it grow): a connection
     /// keeps at most this much per buffer between holders.
-    const KEEP: usize = 32 << 10;
+    pub(super) const KEEP: usize = 32 << 10;
 
     /// `buf`, emptied, kept as the buffer at `slot` unless it grew past [`Buffers::KEEP`] or
     /// `slot` has one already.

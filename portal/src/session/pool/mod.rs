@@ -424,7 +424,7 @@ where
     /// [`conn::LEFTOVERS`]), is closed, so the next client finds a session as a new one.
     async fn finish(&mut self) {
         let Some(h) = &mut self.held else { return };
-        let clean = self.machine.is_clean() && h.sbuf.is_empty() && h.skip == 0;
+        let clean = self.machine.is_clean() && h.conn.buffers.read.is_empty() && h.skip == 0;
         if clean && self.machine.keeps_connection() {
             let deadline = self.config.timeouts.server;
             let ok = h.conn.run("DISCARD ALL", deadline).await.is_ok()
