@@ -1,6 +1,10 @@
 //! What both floors share (`src/main.rs` on tokio, `src/bin/floor-loop.rs` on one mio event
 //! loop): the message framing, the greeting a client gets, and a blocking login to the
 //! server (done before the floor serves, so it is not counted).
+//!
+//! The framing is written here rather than taken from the portal's `wire` module: the floors
+//! depend on nothing of the portal, so that they count a runtime and an idle list alone and
+//! build in seconds.
 
 use std::{
     io::{Read, Write},

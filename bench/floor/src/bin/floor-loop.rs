@@ -104,8 +104,13 @@ impl Floor {
         }
     }
 
+    /// Closes a client; a server connection it held answers no one (its reply is dropped and
+    /// the connection given back).
     fn close(&mut self, c: usize) {
         if let Some(mut client) = self.clients[c].take() {
+            if let Some(s) = client.server {
+                self.servers[s].client = None;
+            }
             let _ = self.poll.registry().deregister(&mut client.stream);
             self.waiting.retain(|&w| w != c);
             self.free.push(c);
@@ -150,7 +155,7 @@ impl Floor {
         let Some(n) = complete(&client.input) else {
             return;
         };
-        if client.input[..n][0] == b'X' {
+        if client.input[0] == b'X' {
             return self.close(c);
         }
         match self.idle.pop() {
@@ -188,18 +193,17 @@ impl Floor {
             return;
         };
         let c = server.client.take();
+        let mut failed = false;
         if let Some(client) = c.and_then(|c| self.clients[c].as_mut()) {
             client.server = None;
-            if send(&mut client.stream, &server.buf[..end]).is_err() {
-                server.buf.drain(..end);
-                self.close(c.unwrap_or_default());
-                return self.give_back(s);
-            }
+            failed = send(&mut client.stream, &server.buf[..end]).is_err();
         }
         server.buf.drain(..end);
         self.give_back(s);
-        if let Some(c) = c {
-            self.client_input(c);
+        match c {
+            Some(c) if failed => self.close(c),
+            Some(c) => self.client_input(c),
+            None => {}
         }
     }
 
