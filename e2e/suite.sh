@@ -809,8 +809,11 @@ EOF
     cxi client-a put /tmp/min-ca.crt <"$WORK/min-ca.crt"
     ip=$(svc_ip "$MIN-portal")
     name=$MIN-portal.$NS.svc
-    out=$(cx client-a verify /tmp/min-ca.crt "$name" "$PORT" "$ip" 2>&1 || true)
-    if [[ $out == *"SSL certificate verify ok"* ]]; then
+    # Within 30 s: the Service may route to the pods a moment after they are Ready.
+    out=""
+    if wait_until 30 eval '
+        out=$(cx client-a verify /tmp/min-ca.crt "$name" "$PORT" "$ip" 2>&1 || true)
+        [[ $out == *"SSL certificate verify ok"* ]]'; then
         saw "curl verified $name ($ip:$PORT) against ca.crt: $(echo "$out" | grep -o 'subject: .*' | head -n1)"
     else
         bad "verifying $name against ca.crt: $out"
