@@ -4,9 +4,12 @@ PostgreSQL, its pgbench loads, its difference of two runs): user-space instructi
 system calls per pooled transaction, `pgbench -S -M simple -c 10` through a pool of 5,
 plaintext, each proxy on one event-loop thread. The floors are transaction poolers with
 nothing but an idle list and a wait queue: on tokio with a task per client as the portal
-runs (src/main.rs), and on one mio event loop calling each socket's handler as PgBouncer
-runs (src/bin/floor-loop.rs). The portal's figure less the tokio floor's is what the
-portal's own per-transaction work costs; the tokio floor's less the loop's, the runtime's.
+runs (src/main.rs), on one mio event loop calling each socket's handler as PgBouncer runs
+(src/bin/floor-loop.rs), and the tokio floor's async code polled by an executor of its own
+on a mio poller nested in tokio (src/bin/floor-exec.rs). The portal's figure less the tokio
+floor's is what the portal's own per-transaction work costs; the tokio floor's less the
+loop's, the runtime's; the tokio floor's less the executor floor's, what the task scheduler
+and I/O driver cost per socket event beyond polling the same futures.
 
     bench/floor/run.py                  # builds the floor and the release portal first
     PORTAL_BIN=... bench/floor/run.py   # a portal built already
@@ -40,7 +43,8 @@ def main():
                    env=dict(env, CARGO_TARGET_DIR=TARGET), check=True, timeout=3600)
     counted.build_portal()
     pg_port = counted.start_postgres()
-    contenders = {"loop floor": floor_pg("floor-loop", pg_port), "tokio floor": floor_pg("dbportal-floor", pg_port),
+    contenders = {"loop floor": floor_pg("floor-loop", pg_port), "exec floor": floor_pg("floor-exec", pg_port),
+                  "tokio floor": floor_pg("dbportal-floor", pg_port),
                   "portal": counted.portal_pg(pg_port, False), "PgBouncer": counted.pgbouncer(pg_port, False)}
     n, clients = counted.PG_N, counted.CLIENTS
     work = {name: counted.per_op(c, f"floor-{name.replace(' ', '-')}", counted.pgbench(False, "simple", n),

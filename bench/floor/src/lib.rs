@@ -1,6 +1,7 @@
-//! What both floors share (`src/main.rs` on tokio, `src/bin/floor-loop.rs` on one mio event
-//! loop): the message framing, the greeting a client gets, and a blocking login to the
-//! server (done before the floor serves, so it is not counted).
+//! What the floors share (`src/main.rs` on tokio, `src/bin/floor-loop.rs` on one mio event
+//! loop, `src/bin/floor-exec.rs` on an executor of its own): the message framing, the
+//! greeting a client gets, and a blocking login to the server (done before the floor serves,
+//! so it is not counted).
 //!
 //! The framing is written here rather than taken from the portal's `wire` module: the floors
 //! depend on nothing of the portal, so that they count a runtime and an idle list alone and
@@ -117,7 +118,7 @@ pub fn login(port: u16, password: &str) -> std::io::Result<TcpStream> {
     }
 }
 
-/// The arguments both floors take: (listen port, server port, password, pool size).
+/// The arguments the floors take: (listen port, server port, password, pool size).
 pub fn args() -> (u16, u16, String, usize) {
     let args: Vec<String> = std::env::args().collect();
     let parsed = match &args[..] {
