@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod exec;
 #[cfg(test)]
 mod fuzz;
 pub mod health;

@@ -4,8 +4,8 @@
 //! ([`standalone`]) or a cluster ([`cluster`]), which prepare what it serves.
 //!
 //! May import: `admin`, `admission`, `allow`, `cluster`, `config`, `control`, `error`,
-//! `health`, `metrics`, `reload`, `session`, `standalone`, `tls`: any module. Nothing
-//! imports it.
+//! `exec`, `health`, `metrics`, `reload`, `session`, `standalone`, `tls`: any module.
+//! Nothing imports it.
 
 use std::{
     future::Future,
@@ -208,7 +208,11 @@ impl Shards {
                 .name(format!("portal-data-{i}"))
                 .spawn(move || {
                     runtime.block_on(async {
-                        let _ = stopped.await;
+                        // The pooled sessions' executor runs beside the thread's tasks.
+                        tokio::select! {
+                            _ = crate::exec::run() => {}
+                            _ = stopped => {}
+                        }
                     });
                     // Dropping the runtime drops the sessions still on it.
                 })?;

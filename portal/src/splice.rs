@@ -17,7 +17,7 @@
 //! memory (the pooled and multiplexed clients' buffers) is tokio's own, which does the same
 //! and does not zero the memory first.
 //!
-//! May import: `metrics`.
+//! May import: `exec` (its socket type), `metrics`.
 
 use std::{
     cell::RefCell,
@@ -73,36 +73,86 @@ fn with_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
 /// every call goes through `&TcpStream`, whose readiness tokio keeps for any number of
 /// callers. The socket closes when this owner drops it, unless a writer is in the middle of
 /// a write (then right after it).
+///
+/// A pooled PostgreSQL client's socket is instead registered with its thread's executor
+/// ([`Tcp::here`], [`crate::exec::Socket`]), which does the same with its own readiness.
 #[derive(Debug)]
 pub struct Tcp {
-    stream: Arc<TcpStream>,
+    io: Io,
     /// Read system calls issued, for the tests.
     #[cfg(test)]
     reads: usize,
 }
 
+#[derive(Debug)]
+enum Io {
+    Tokio(Arc<TcpStream>),
+    Polled(Box<crate::exec::Socket>),
+}
+
 impl Tcp {
     pub fn new(stream: TcpStream) -> Tcp {
         Tcp {
-            stream: Arc::new(stream),
+            io: Io::Tokio(Arc::new(stream)),
             #[cfg(test)]
             reads: 0,
         }
     }
 
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.stream
+    /// `stream` moved to this thread's executor, if it has one (else as [`Tcp::new`]).
+    pub fn here(stream: TcpStream) -> io::Result<Tcp> {
+        if !crate::exec::is_here() {
+            return Ok(Tcp::new(stream));
+        }
+        let io = match crate::exec::Socket::here(stream.into_std()?) {
+            Ok(socket) => Io::Polled(Box::new(socket)),
+            Err(std) => Io::Tokio(Arc::new(TcpStream::from_std(std)?)),
+        };
+        Ok(Tcp {
+            io,
+            #[cfg(test)]
+            reads: 0,
+        })
     }
 
-    /// A handle through which another task may write while this `Tcp` lives.
+    #[cfg(test)]
+    fn get_ref(&self) -> &TcpStream {
+        match &self.io {
+            Io::Tokio(s) => s,
+            Io::Polled(_) => panic!("a socket of the executor's"),
+        }
+    }
+
+    /// The local address of the socket.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match &self.io {
+            Io::Tokio(s) => s.local_addr(),
+            Io::Polled(s) => s.local_addr(),
+        }
+    }
+
+    /// Reads only if the runtime saw the socket readable since the last read that drained
+    /// it (`WouldBlock` otherwise), registering no waker.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.io {
+            Io::Tokio(s) => s.try_read(buf),
+            Io::Polled(s) => s.try_read(buf),
+        }
+    }
+
+    /// A handle through which another task may write while this `Tcp` lives (none for a
+    /// socket of the executor's).
     pub fn writer(&self) -> Weak<TcpStream> {
-        Arc::downgrade(&self.stream)
+        match &self.io {
+            Io::Tokio(s) => Arc::downgrade(s),
+            Io::Polled(_) => Weak::new(),
+        }
     }
 
     /// Calls `io` (a read or a write of `want` bytes) once the socket is ready for
     /// `interest`, clearing the readiness after an `EAGAIN` or a short call.
     fn poll_io(
-        &mut self,
+        stream: &TcpStream,
         cx: &mut Context<'_>,
         interest: Interest,
         want: usize,
@@ -110,15 +160,10 @@ impl Tcp {
     ) -> Poll<io::Result<usize>> {
         loop {
             if interest.is_readable() {
-                ready!(self.stream.poll_read_ready(cx))?;
-                #[cfg(test)]
-                {
-                    self.reads += 1;
-                }
+                ready!(stream.poll_read_ready(cx))?;
             } else {
-                ready!(self.stream.poll_write_ready(cx))?;
+                ready!(stream.poll_write_ready(cx))?;
             }
-            let stream = &*self.stream;
             let mut short = 0;
             // The outer `try_io` snapshots the readiness before the call and clears exactly
             // that snapshot when the closure reports `WouldBlock`, which it does after a
@@ -154,12 +199,22 @@ impl AsyncRead for Tcp {
         if want == 0 {
             return Poll::Ready(Ok(()));
         }
-        // Into the unfilled part, initialized or not (tokio's read does not zero it first);
-        // the read advances `buf`.
-        ready!(self
-            .get_mut()
-            .poll_io(cx, Interest::READABLE, want, |s| s.try_read_buf(buf)))?;
-        Poll::Ready(Ok(()))
+        let this = self.get_mut();
+        match &mut this.io {
+            // Into the unfilled part, initialized or not (tokio's read does not zero it
+            // first); the read advances `buf`.
+            Io::Tokio(s) => {
+                ready!(Tcp::poll_io(s, cx, Interest::READABLE, want, |s| {
+                    #[cfg(test)]
+                    {
+                        this.reads += 1;
+                    }
+                    s.try_read_buf(buf)
+                }))?;
+                Poll::Ready(Ok(()))
+            }
+            Io::Polled(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -169,8 +224,12 @@ impl AsyncWrite for Tcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_io(cx, Interest::WRITABLE, buf.len(), |s| s.try_write(buf))
+        match &mut self.get_mut().io {
+            Io::Tokio(s) => {
+                Tcp::poll_io(s, cx, Interest::WRITABLE, buf.len(), |s| s.try_write(buf))
+            }
+            Io::Polled(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -178,9 +237,15 @@ impl AsyncWrite for Tcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let want = bufs.iter().map(|b| b.len()).sum();
-        self.get_mut()
-            .poll_io(cx, Interest::WRITABLE, want, |s| s.try_write_vectored(bufs))
+        match &mut self.get_mut().io {
+            Io::Tokio(s) => {
+                let want = bufs.iter().map(|b| b.len()).sum();
+                Tcp::poll_io(s, cx, Interest::WRITABLE, want, |s| {
+                    s.try_write_vectored(bufs)
+                })
+            }
+            Io::Polled(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -192,9 +257,14 @@ impl AsyncWrite for Tcp {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // What tokio's own shutdown does, through `&TcpStream`.
-        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            // What tokio's own shutdown does, through `&TcpStream`.
+            Io::Tokio(s) => {
+                Poll::Ready(socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Write))
+            }
+            Io::Polled(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -70,7 +70,7 @@ where
     if config.proxy_protocol.send {
         let local = peer
             .local
-            .or_else(|| server.get_ref().local_addr().ok())
+            .or_else(|| server.local_addr().ok())
             .unwrap_or(peer.client);
         to_server = proxy_protocol::encode_v2(peer.client, local);
     }

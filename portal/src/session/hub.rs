@@ -22,7 +22,12 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, NoLabelSet},
     metrics::MetricType,
 };
-use tokio::{net::TcpStream, sync::watch, time::timeout};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::watch,
+    time::timeout,
+};
 
 use super::Shared;
 use crate::{
@@ -112,12 +117,26 @@ pub(crate) async fn open_server(
     connector: Option<&BackendConnector>,
     ssl_request: bool,
 ) -> io::Result<MaybeTls<TcpStream>> {
+    open_server_as(backend, connector, ssl_request, Ok).await
+}
+
+/// [`open_server`] with the TCP stream made into `S` (`wrap`) once connected.
+pub(crate) async fn open_server_as<S>(
+    backend: &Backend,
+    connector: Option<&BackendConnector>,
+    ssl_request: bool,
+    wrap: impl FnOnce(TcpStream) -> io::Result<S>,
+) -> io::Result<MaybeTls<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let address = &backend.address;
-    let mut tcp = match address.ip() {
+    let tcp = match address.ip() {
         Some(ip) => TcpStream::connect((ip, address.port)).await?,
         None => TcpStream::connect((address.host.as_str(), address.port)).await?,
     };
     let _ = tcp.set_nodelay(true);
+    let mut tcp = wrap(tcp)?;
     let Some(connector) = connector else {
         return Ok(MaybeTls::Plain(tcp));
     };

@@ -2,8 +2,8 @@
 //! the client address, and the TLS / engine negotiation hook — then hands it to
 //! [`proxy`](super::proxy).
 //!
-//! May import: `admission`, `config`, `metrics`, `proxy_protocol`, `splice`, `tls` and the
-//! session's own modules.
+//! May import: `admission`, `config`, `exec` (where a pooled session runs), `metrics`,
+//! `proxy_protocol`, `splice`, `tls` and the session's own modules.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -216,7 +216,7 @@ async fn pooled(
             // here, and with it everything the negotiation and the admission kept, so that an
             // idle pooled client (most are) holds one allocation, its session's.
             let session = pool::serve(admitted.with_stream(client), shared);
-            tokio::spawn(session.instrument(tracing::Span::current()));
+            crate::exec::spawn(session.instrument(tracing::Span::current()));
         }
         Err(e) => negotiation_failed(&shared, e.as_ref()),
     }
@@ -231,14 +231,16 @@ async fn pooled_negotiation(
     early: Vec<u8>,
     config: &Config,
 ) -> Result<MaybeTls<Rewind<Tcp>>, Option<crate::tls::TlsError>> {
+    // On this thread's executor, where the session will run (`exec`).
+    let stream = Tcp::here(stream).map_err(|_| None)?;
     if terminator.mode() == crate::config::TlsMode::Terminate {
-        return match terminator.accept_with(Tcp::new(stream), early).await {
+        return match terminator.accept_with(stream, early).await {
             Ok(accepted) => accepted.into_stream().map_err(|_| None),
             Err(e) => Err(Some(e)),
         };
     }
     // No TLS to clients: decline SSLRequest and GSSENCRequest, then start up in plaintext.
-    let client = Rewind::with_prefix(Tcp::new(stream), early);
+    let client = Rewind::with_prefix(stream, early);
     match timeout(
         config.timeouts.handshake,
         crate::tls::postgres_accept(client, None, false, false),

@@ -10,8 +10,9 @@
 //!   transaction`), in place of the forward;
 //! - [`reads`]: the read-only listener's channels and its refusal in the engine's words.
 //!
-//! May import: `admission`, `allow`, `config`, `health`, `metrics`, `proxy_protocol`,
-//! `route`, `splice`, `tls`, `wire` (multiplexing). Never `server` or `admin`.
+//! May import: `admission`, `allow`, `config`, `exec` (pooling), `health`, `metrics`,
+//! `proxy_protocol`, `route`, `splice`, `tls`, `wire` (multiplexing). Never `server` or
+//! `admin`.
 
 mod dial;
 mod forward;

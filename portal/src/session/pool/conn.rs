@@ -3,7 +3,7 @@
 //! an md5 hash, or SCRAM keys), and driven for the portal's own statements (SET, DISCARD ALL,
 //! `auth.query`).
 //!
-//! May import: `config`, `tls`, `wire`, the rest of `pool` below it (`secret`, `scram`,
+//! May import: `config`, `splice` (its socket type), `tls`, `wire`, the rest of `pool` below it (`secret`, `scram`,
 //! `statements`, `inflight`) and the session's [`hub`](crate::session::hub).
 
 use std::{
@@ -17,7 +17,6 @@ use futures::FutureExt;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     time::timeout,
 };
 
@@ -28,7 +27,8 @@ use super::{
 };
 use crate::{
     config::{Backend, Config},
-    session::hub::{open_server, within_connect},
+    session::hub::{open_server_as, within_connect},
+    splice::Tcp,
     tls::{BackendConnector, MaybeTls},
     wire::postgres::{
         backend::{Authentication, Backend as Message, Fields},
@@ -38,8 +38,9 @@ use crate::{
     },
 };
 
-/// A server connection's stream: TCP, or TLS when `tls.backend` is on.
-pub type ServerStream = MaybeTls<TcpStream>;
+/// A server connection's stream: TCP, or TLS when `tls.backend` is on; on the executor of
+/// the thread that dialled it where there is one ([`Tcp::here`]).
+pub type ServerStream = MaybeTls<Tcp>;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -258,7 +259,7 @@ impl ServerConn {
     /// TLS the read goes through the TLS layer, which may consume records that carry no data.
     pub(super) fn is_stale(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        match &self.stream {
+        match &mut self.stream {
             MaybeTls::Plain(tcp) => {
                 !matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
@@ -337,7 +338,7 @@ pub async fn dial(
     login: &Login,
 ) -> io::Result<ServerConn> {
     let work = async {
-        let stream = open_server(backend, ctx.connector.as_ref(), true).await?;
+        let stream = open_server_as(backend, ctx.connector.as_ref(), true, Tcp::here).await?;
         log_in(stream, database, user, startup, login).await
     };
     let mut conn = within_connect(ctx.config.timeouts.connect, work).await?;

@@ -33,8 +33,8 @@
 //! `conn`, `server`, `pools`, `cancel`, with `machine` (on `inflight`), `held`, `stats`,
 //! `statements` and `pinning` beside.
 //!
-//! May import: `admission` (the permits it is handed), `config`, `health`, `metrics`, `tls`,
-//! `wire` and the session's
+//! May import: `admission` (the permits it is handed), `config`, `health`, `metrics`,
+//! `splice` (the server connections' socket), `tls`, `wire` and the session's
 //! [`Shared`](super::Shared), [`Admitted`](super::Admitted) and [`hub`](super::hub).
 
 mod acquire;
