@@ -38,8 +38,10 @@ PORTAL_BIN=$CARGO_TARGET_DIR/${CARGO_BUILD_TARGET:+$CARGO_BUILD_TARGET/}release/
 work=$(mktemp -d /tmp/dbportal-bench-pooling.XXXXXX)
 chown postgres:postgres "$work"
 pids=()
+source bench/stop-pg.sh   # stop_pg (the working directory is the repository)
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  stop_pg "$work/data"
   sleep 1
   rm -rf "$work"
 }

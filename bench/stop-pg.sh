@@ -1,4 +1,5 @@
-# Sourced by the benchmarks that start PostgreSQL servers (bench/pg-suite.sh, bench/reads.sh).
+# Sourced by the benchmarks that start PostgreSQL servers (bench/pg-suite.sh, bench/reads.sh,
+# bench/pooling.sh).
 #
 # stop_pg DATA: a fast shutdown of the server the script started on DATA, by the pid in its
 # postmaster.pid. What `runuser -u postgres -- postgres … &` gives as $! is runuser's pid, and a
