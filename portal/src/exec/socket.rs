@@ -226,10 +226,6 @@ impl Socket {
         self.stream.local_addr()
     }
 
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.stream.peer_addr()
-    }
-
     /// Reads only if the poller reported the socket readable since the last read that drained
     /// it (`WouldBlock` otherwise, without a system call), registering no waker.
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

@@ -164,8 +164,8 @@ async fn forwarded(
 
 /// `pooling.mode: multiplex`: the client's TLS (if any) is terminated here and its commands
 /// go to shared server connections instead of a backend connection of its own. The session
-/// runs as a task of its own, on this thread, as a pooled one does (see `pooled`): the
-/// intake's task ends, and with it what the admission and the negotiation kept.
+/// runs as a task of its own, on this thread: the intake's task ends, and with it what the
+/// admission and the negotiation kept (as for a pooled one, see `pooled`).
 async fn multiplexed(
     mut admitted: Admitted<TcpStream>,
     terminator: Arc<crate::tls::Terminator>,
@@ -212,9 +212,9 @@ async fn pooled(
         Ok(client) => {
             // The login waits for a server connection: not the client's negotiation.
             admitted.negotiating.leave_client();
-            // The session runs as a task of its own, on this thread: the intake's task ends
-            // here, and with it everything the negotiation and the admission kept, so that an
-            // idle pooled client (most are) holds one allocation, its session's.
+            // The session runs as a future of this thread's executor (`exec`): the intake's
+            // task ends here, and with it everything the negotiation and the admission kept,
+            // so that an idle pooled client (most are) holds one allocation, its session's.
             let session = pool::serve(admitted.with_stream(client), shared);
             crate::exec::spawn(session.instrument(tracing::Span::current()));
         }

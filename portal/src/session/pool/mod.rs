@@ -1,11 +1,11 @@
 //! PostgreSQL pooling (`pooling.mode: transaction | session`): the portal is the server to
-//! its clients. One task per client answers the startup and the SCRAM-SHA-256 exchange
-//! itself, then takes a server connection of the pool of its backend, database and user for
-//! each transaction (transaction mode: from the first message to the ReadyForQuery with
-//! status `I` that ends it, held through blocks, COPY and an extended-protocol sequence until
-//! its Sync) or for the whole session (session mode), and replays the reported parameters
-//! (client_encoding, DateStyle, TimeZone, application_name, …) on a server connection whose
-//! values differ from the client's.
+//! its clients. One future per client (on its thread's executor, [`crate::exec`]) answers
+//! the startup and the SCRAM-SHA-256 exchange itself, then takes a server connection of the
+//! pool of its backend, database and user for each transaction (transaction mode: from the
+//! first message to the ReadyForQuery with status `I` that ends it, held through blocks, COPY
+//! and an extended-protocol sequence until its Sync) or for the whole session (session mode),
+//! and replays the reported parameters (client_encoding, DateStyle, TimeZone,
+//! application_name, …) on a server connection whose values differ from the client's.
 //!
 //! When the leader changes, the old leader's pools are retired: a client whose transaction was
 //! in flight there gets an ErrorResponse, a client idle between transactions notices nothing
