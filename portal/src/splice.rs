@@ -14,8 +14,9 @@
 //! read. [`Tcp`] is the socket type the data plane reads from: a read shorter than the buffer
 //! means the kernel's receive queue is drained, so it waits for the next readiness event
 //! instead of issuing a read that would only return `EAGAIN`. A read into uninitialized
-//! memory (the pooled and multiplexed clients' buffers) is tokio's own, which does the same
-//! and does not zero the memory first.
+//! memory (the multiplexed clients' buffers) is tokio's own, which does the same and does not
+//! zero the memory first; a pooled client's socket is its executor's ([`crate::exec`]),
+//! which reads into an initialized buffer of its thread and copies what came.
 //!
 //! May import: `exec` (its socket type), `metrics`.
 
