@@ -26,8 +26,8 @@ mod socket;
 #[cfg(test)]
 mod tests;
 
-use socket::Poller;
 pub use socket::Socket;
+use socket::{lock, Poller};
 
 use std::{
     cell::{Cell, RefCell},
@@ -40,7 +40,7 @@ use std::{
     rc::Rc,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
     },
     task::{Context, Poll, Wake, Waker},
     time::Duration,
@@ -67,10 +67,6 @@ thread_local! {
     static READY: RefCell<VecDeque<usize>> = const { RefCell::new(VecDeque::new()) };
     /// It is polling its futures (a wake needs no wake of its task then).
     static RUNNING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What other threads reach of an executor: its queue of futures woken there and its
