@@ -240,8 +240,7 @@ impl Local {
                 }
             };
             self.tasks.borrow_mut()[id] = Some(task);
-            let wake = self.wakers.borrow()[id].0.clone();
-            wake.queued.store(true, SeqCst);
+            self.wakers.borrow()[id].0.queued.store(true, SeqCst);
             READY.with_borrow_mut(|r| r.push_back(id));
         }
     }

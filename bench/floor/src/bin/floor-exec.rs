@@ -1,6 +1,7 @@
-//! The floor with the tokio floor's async code (`src/main.rs`: a future per client, the same
-//! idle list and queue of waiting wakers) polled by an executor of its own instead of tokio's
-//! task scheduler and I/O driver: the sockets are registered with a mio poller of the
+//! The floor with the tokio floor's structure (`src/main.rs`: a future per client, the same
+//! idle list and queue of waiting wakers; reads through one buffer per thread and small
+//! writes written at once, as the loop floor's) polled by an executor of its own instead of
+//! tokio's task scheduler and I/O driver: the sockets are registered with a mio poller of the
 //! executor's, whose epoll descriptor is itself registered with tokio (one `AsyncFd`), and
 //! one tokio task drains it and polls the futures its events woke. Tokio's timers, channels
 //! and the rest keep working inside those futures, and the runtime's cost is paid once per
